@@ -1,0 +1,4 @@
+"""Ray actor shells, one class per file: they own state and concurrency and delegate decisions to `policies/`
+and bytes to `storage_adapters/`. May import only `policies/` and `storage_adapters/` (they receive the validated
+config object from cluster/, never import it); resources are declared where the actors are created (cluster/).
+"""

@@ -1,0 +1,137 @@
+"""StorageActor: one node's DRAM tier and its door to the NVMe and S3 tiers.
+
+An async Ray actor pinned to its node. `get(layer, expert)` returns `[ObjectRef]` to the verified blob as a uint8
+numpy array in the node's Ray object store: every consumer on the node maps it zero-copy. The actor keeps refs
+of recently used blobs within a byte budget (the DRAM tier, LRU); dropping a ref lets Ray reclaim the memory once
+no consumer holds it. Concurrent requests for the same blob share one read. Reads go through `ExpertStore`, which
+verifies checksums and falls back across tiers, so the DRAM tier only ever holds correct bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import ray
+
+from policies.eviction import ByteBudgetLRU
+from storage_adapters.store import ExpertStore
+from storage_adapters.tiers import adapter_for, keys_for
+
+BlobId = tuple[int, int]  # (layer, expert)
+
+
+class StorageActor:
+    def __init__(self, cfg, node_id: str = "", endpoint_overrides: dict[str, str] | None = None):
+        """cfg: the validated ClusterConfig (cluster/config.py). endpoint_overrides: tier name -> endpoint URL
+        resolved at start (e.g. the embedded S3 server)."""
+        self.cfg, self.node_id = cfg, node_id
+        tiers = cfg.storage_tiers
+        self._adapters = [adapter_for(t, (endpoint_overrides or {}).get(t.name)) for t in tiers]
+        self._keys = keys_for(tiers)
+        dram = cfg.dram
+        self.lru = ByteBudgetLRU(int(dram.budget_bytes) if dram else 0)
+        self._refs: dict[BlobId, ray.ObjectRef] = {}
+        self._inflight: dict[BlobId, asyncio.Future] = {}
+        self._store: ExpertStore | None = None
+        self._open_lock = asyncio.Lock()
+        self._dense_ref = None
+        self.counters = {"hits": 0, "misses": 0, "coalesced": 0, "bytes_read": 0, "read_seconds": 0.0,
+                         "uncached": 0, "errors": 0}
+
+    async def _ensure(self) -> ExpertStore:
+        if self._store is None:
+            async with self._open_lock:
+                if self._store is None:
+                    self._store = await ExpertStore.open(self._adapters, self._keys)
+        return self._store
+
+    async def manifest_json(self) -> bytes:
+        return (await self._ensure()).manifest.to_json()
+
+    async def dense(self) -> list:
+        """[ref] to the verified dense .safetensors bytes (held for the actor's life: every runtime needs them)."""
+        store = await self._ensure()
+        if self._dense_ref is None:
+            raw, _ = await store.read_dense()
+            self._dense_ref = ray.put(raw)
+        return [self._dense_ref]
+
+    async def _load(self, bid: BlobId) -> ray.ObjectRef:
+        store = await self._ensure()
+        t0 = time.perf_counter()
+        blob, _tier = await store.read_blob(*bid)
+        self.counters["read_seconds"] += time.perf_counter() - t0
+        self.counters["bytes_read"] += blob.nbytes
+        ref = ray.put(blob)
+        admitted, evicted = self.lru.admit(bid, blob.nbytes)
+        for v in evicted:
+            self._refs.pop(v, None)
+        if admitted:
+            self._refs[bid] = ref
+        else:
+            self.counters["uncached"] += 1
+        return ref
+
+    async def get(self, layer: int, expert: int) -> list:
+        """[ref] to the blob of (layer, expert), from DRAM when resident, else read (verified) from storage."""
+        bid = (layer, expert)
+        ref = self._refs.get(bid)
+        if ref is not None:
+            self.lru.touch(bid)
+            self.counters["hits"] += 1
+            return [ref]
+        fut = self._inflight.get(bid)
+        if fut is not None:
+            self.counters["coalesced"] += 1
+            return [await asyncio.shield(fut)]
+        self.counters["misses"] += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[bid] = fut
+        try:
+            ref = await self._load(bid)
+            fut.set_result(ref)
+        except BaseException as e:
+            self.counters["errors"] += 1
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: waiters re-raise it, nobody else needs to
+            raise
+        finally:
+            del self._inflight[bid]
+        return [ref]
+
+    async def get_many(self, items: list[BlobId]) -> list:
+        """Refs for several blobs, read concurrently (the tiers' parallelism does the rest)."""
+        out = await asyncio.gather(*[self.get(l, e) for l, e in items])
+        return [r[0] for r in out]
+
+    async def stage(self, items: list[BlobId]) -> int:
+        """Prefetch into the DRAM tier; returns how many were already resident. Errors are counted, not raised:
+        a failed prefetch must not fail anyone — the blob is read again on demand."""
+        resident = sum(1 for b in items if tuple(b) in self._refs)
+        await asyncio.gather(*[self.get(l, e) for l, e in items], return_exceptions=True)
+        return resident
+
+    async def evict(self, items: list[BlobId]) -> int:
+        n = 0
+        for b in items:
+            b = tuple(b)
+            if self._refs.pop(b, None) is not None:
+                self.lru.remove(b)
+                n += 1
+        return n
+
+    async def resident(self) -> list[BlobId]:
+        return self.lru.keys()
+
+    async def stats(self) -> dict:
+        s = dict(self.counters)
+        s.update(node_id=self.node_id, dram_used_bytes=self.lru.used, dram_budget_bytes=self.lru.budget,
+                 dram_blobs=len(self.lru), evictions=self.lru.evictions)
+        if self._store is not None:
+            st = self._store.stats
+            s.update(tier_reads=dict(st.reads), tier_bytes=dict(st.bytes),
+                     checksum_failures=dict(st.checksum_failures), fallbacks=st.fallbacks)
+        return s
+
+    async def ping(self) -> str:
+        return self.node_id

@@ -1,0 +1,233 @@
+"""The one configuration of the cluster: `ray_config.yaml` loaded into pydantic models, validated once at start
+and passed down. An invalid file fails before anything starts, naming the file, the key path and what is wrong.
+
+Byte sizes accept integers or strings like "512MiB" / "8GB". Relative paths resolve against the config file's
+folder. Environment variables are read here and only here (encryption keys named by `key_env`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED = "embedded"  # endpoint_url value: start a local S3-compatible server (moto) for the demo
+
+
+class ConfigError(ValueError):
+    """The configuration file is invalid; the message names file, key path and problem."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayConfig(_Model):
+    address: str | None = None          # None: start a local Ray; "auto" or "ray://host:10001": join a cluster
+    namespace: str = "moe-expert-cluster"
+    runtime_env: dict = Field(default_factory=dict)
+    num_cpus: int | None = None
+    object_store_memory: ByteSize | None = None
+
+
+class EncryptionConfig(_Model):
+    key_file: str | None = None
+    key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if bool(self.key_file) == bool(self.key_env):
+            raise ValueError("give exactly one of key_file or key_env")
+        return self
+
+
+class DramTier(_Model):
+    kind: Literal["dram"]
+    name: str = "dram"
+    budget_bytes: ByteSize               # per node, in the Ray object store
+
+
+class NvmeTier(_Model):
+    kind: Literal["nvme"]
+    name: str = "nvme"
+    path: str                            # store root on each node's local disk
+    budget_bytes: ByteSize | None = None
+    chunk_bytes: ByteSize = ByteSize(4 << 20)
+    parallelism: int = Field(8, ge=1, le=256)
+    o_direct: bool = True
+    encryption: EncryptionConfig | None = None
+
+    @field_validator("chunk_bytes")
+    @classmethod
+    def _aligned(cls, v):
+        if v % 4096:
+            raise ValueError("must be a multiple of 4096 (O_DIRECT alignment)")
+        return v
+
+
+class RetryConfig(_Model):
+    max_attempts: int = Field(6, ge=1, le=50)
+    base_delay_s: float = Field(0.05, gt=0)
+    max_delay_s: float = Field(2.0, gt=0)
+
+
+class S3Tier(_Model):
+    kind: Literal["s3"]
+    name: str = "s3"
+    uri: str                             # s3://bucket/prefix
+    endpoint_url: str | None = None      # None: AWS; "embedded": a local moto server started by the job
+    region: str = "us-east-1"
+    max_connections: int = Field(16, ge=1, le=1024)
+    part_bytes: ByteSize = ByteSize(8 << 20)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    retry: RetryConfig = RetryConfig()
+    encryption: EncryptionConfig | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v):
+        if not v.startswith("s3://") or len(v) <= 5 or v[5] == "/":
+            raise ValueError("must look like s3://bucket/prefix")
+        return v
+
+
+Tier = Annotated[Union[DramTier, NvmeTier, S3Tier], Field(discriminator="kind")]
+
+
+class WorkersConfig(_Model):
+    count: int = Field(2, ge=1)
+    hbm_budget_bytes: ByteSize = ByteSize(256 << 20)
+    num_gpus_per_worker: float = Field(0, ge=0)   # 0 on CPU machines; 1 per GPU worker on GPU nodes
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+class StorageActorsConfig(_Model):
+    per_node: int = Field(1, ge=1)
+    max_concurrency: int = Field(32, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+
+
+class PrefetchConfig(_Model):
+    policy: str = "on_demand"
+    lookahead_tokens: int = Field(3, ge=0, le=64)
+    lookahead_layers: int = Field(2, ge=0, le=128)
+    max_inflight_bytes: ByteSize = ByteSize(256 << 20)
+
+
+class TelemetryConfig(_Model):
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    stats_path: str | None = None
+
+
+class ModelConfig(_Model):
+    checkpoint: str | None = None        # a Hugging Face checkpoint dir to convert on first start (optional)
+
+
+class ClusterConfig(_Model):
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    workers: WorkersConfig = WorkersConfig()
+    tiers: list[Tier]
+    tier_sets: dict[str, list[str]] = Field(default_factory=dict)
+    active_tier_set: str = "default"
+    storage_actors: StorageActorsConfig = StorageActorsConfig()
+    prefetch: PrefetchConfig = PrefetchConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [t.name for t in self.tiers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tiers: duplicate tier names {dup}")
+        if sum(isinstance(t, DramTier) for t in self.tiers) > 1:
+            raise ValueError("tiers: at most one dram tier (it is per node)")
+        if not any(isinstance(t, (NvmeTier, S3Tier)) for t in self.tiers):
+            raise ValueError("tiers: need at least one storage tier (nvme or s3) that holds the store")
+        sets = dict(self.tier_sets) or {"default": names}
+        for s, members in sets.items():
+            unknown = [m for m in members if m not in names]
+            if unknown:
+                raise ValueError(f"tier_sets.{s}: unknown tiers {unknown} (defined: {names})")
+        if self.active_tier_set not in sets:
+            raise ValueError(f"active_tier_set: {self.active_tier_set!r} is not one of {sorted(sets)}")
+        return self
+
+    # -- views ------------------------------------------------------------------------------------------------
+    def tier(self, name: str):
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tier named {name!r}")
+
+    @property
+    def active_tiers(self) -> list[str]:
+        """Tier names of the active TierSet, in the order given (fastest first)."""
+        return list((self.tier_sets or {"default": [t.name for t in self.tiers]})[self.active_tier_set])
+
+    @property
+    def storage_tiers(self) -> list[NvmeTier | S3Tier]:
+        active = self.active_tiers
+        return [t for t in self.tiers if isinstance(t, (NvmeTier, S3Tier)) and t.name in active]
+
+    @property
+    def dram(self) -> DramTier | None:
+        return next((t for t in self.tiers if isinstance(t, DramTier) and t.name in self.active_tiers), None)
+
+
+def _fmt_loc(loc) -> str:
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in ("dram", "nvme", "s3") and out.endswith("]"):
+            continue  # pydantic's discriminator tag in the path; the index already says which tier
+        else:
+            out += ("." if out else "") + str(p)
+    return out or "(top level)"
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    for t in raw.get("tiers") or []:
+        if isinstance(t, dict) and t.get("kind") == "nvme" and isinstance(t.get("path"), str):
+            t["path"] = str((base / os.path.expanduser(t["path"])).resolve())
+        enc = t.get("encryption") if isinstance(t, dict) else None
+        if isinstance(enc, dict) and isinstance(enc.get("key_file"), str):
+            enc["key_file"] = str((base / os.path.expanduser(enc["key_file"])).resolve())
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> ClusterConfig:
+    """Parse and validate; ConfigError names the file, the key path and the problem for every error found."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read configuration: {e.strerror}") from e
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for k, v in (overrides or {}).items():
+        raw[k] = v
+    raw = _resolve_paths(raw, path.resolve().parent)
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{path}: {_fmt_loc(err['loc'])}: {err['msg']}" +
+                 (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict)
+                  else "") for err in e.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from e
+
+
+def resolve_keys(cfg: ClusterConfig, environ=None) -> dict[str, bytes]:
+    """tier name -> AES key for every encrypted tier; read once at start, never logged."""
+    from storage_adapters.tiers import keys_for
+    return keys_for(cfg.storage_tiers, os.environ if environ is None else environ)

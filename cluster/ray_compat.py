@@ -1,0 +1,42 @@
+"""Every Ray-version-sensitive call in one place (Ray is pinned in pyproject.toml; upgrade here, nowhere else)."""
+from __future__ import annotations
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .config import ClusterConfig
+
+
+def init_ray(cfg: ClusterConfig, **extra) -> None:
+    """Start or join Ray as the config says; a no-op when this process is already connected."""
+    if ray.is_initialized():
+        return
+    r = cfg.ray
+    kw = dict(namespace=r.namespace, runtime_env=r.runtime_env or None, include_dashboard=False,
+              logging_level="WARNING", log_to_driver=True)
+    if r.address:
+        kw["address"] = r.address
+    else:
+        if r.num_cpus is not None:
+            kw["num_cpus"] = r.num_cpus
+        if r.object_store_memory is not None:
+            kw["object_store_memory"] = int(r.object_store_memory)
+    kw.update(extra)
+    ray.init(**kw)
+
+
+def alive_node_ids() -> list[str]:
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+
+def current_node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def pin_to_node(node_id: str) -> NodeAffinitySchedulingStrategy:
+    """Hard affinity: a storage actor serves its own node's DRAM tier, so it must not drift elsewhere."""
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+
+
+def get_actor(name: str, namespace: str):
+    return ray.get_actor(name, namespace=namespace)

@@ -1,0 +1,25 @@
+"""Page-aligned host buffers: what O_DIRECT reads need and what CUDA pins cheaply."""
+from __future__ import annotations
+
+import numpy as np
+
+PAGE = 4096
+
+
+def align_up(n: int, align: int = PAGE) -> int:
+    return (n + align - 1) // align * align
+
+
+def aligned_empty(nbytes: int, align: int = PAGE) -> np.ndarray:
+    """A uint8 array of nbytes whose data pointer is a multiple of `align` (numpy only guarantees 64 B)."""
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    out = raw[start:start + nbytes]
+    assert out.ctypes.data % align == 0, "aligned_empty: misaligned buffer"
+    return out
+
+
+def aligned_zeros(nbytes: int, align: int = PAGE) -> np.ndarray:
+    out = aligned_empty(nbytes, align)
+    out[:] = 0
+    return out

@@ -1,0 +1,255 @@
+"""S3Adapter: the object-store tier, for AWS S3 or any S3-compatible server (`endpoint_url`).
+
+Reads use aiobotocore: a blob is split into ranged GETs that run in parallel over one bounded connection pool,
+each streamed straight into its slice of the caller's buffer. Real object stores cap throughput per connection
+(~90 MB/s) and charge a first-byte latency per request, so parallel ranges are what make a blob arrive fast.
+Throttling (503 SlowDown), 5xx, timeouts, resets and truncated bodies are retried with jittered exponential
+backoff; "not found", "no such bucket" and "access denied" are not, and say so. Writes use boto3's transfer
+manager (multipart for large blobs) in a thread. Credentials come from the standard AWS chain.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import ObjectInfo, as_u8
+from .buffers import aligned_empty
+from .errors import BlobNotFound, TierAccessError
+
+_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    base_delay_s: float = 0.05
+    max_delay_s: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        # "full jitter": uniform in [0, min(cap, base * 2^attempt)], so retrying clients spread out
+        return rng.uniform(0, min(self.max_delay_s, self.base_delay_s * (2 ** attempt)))
+
+
+class _Truncated(Exception):
+    pass
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    assert uri.startswith("s3://"), f"not an s3:// URI: {uri!r}"
+    bucket, _, prefix = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r}: no bucket name")
+    return bucket, prefix.strip("/")
+
+
+class S3Adapter:
+    def __init__(self, uri: str, *, tier: str = "s3", endpoint_url: str | None = None, region: str = "us-east-1",
+                 max_connections: int = 16, part_bytes: int = 8 << 20, connect_timeout_s: float = 5.0,
+                 read_timeout_s: float = 10.0, retry: RetryPolicy = RetryPolicy(), seed: int = 0):
+        self.uri, self.tier = uri, tier
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        self.endpoint_url, self.region = endpoint_url, region
+        self.max_connections, self.part_bytes = max_connections, part_bytes
+        self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
+        self.retry = retry
+        self._rng = random.Random(seed)
+        self._client = None
+        self._client_cm = None
+        self._loop = None
+        self._sem: asyncio.Semaphore | None = None
+        self._boto3 = None
+        self.retries = 0  # counted for telemetry and tests
+
+    def key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    # -- clients --------------------------------------------------------------------------------------------------
+    def _botocore_config(self, **extra):
+        from botocore.config import Config
+        # retries are ours (jittered, with truncation detection), so botocore must not retry underneath
+        return Config(region_name=self.region, connect_timeout=self.connect_timeout_s,
+                      read_timeout=self.read_timeout_s, retries={"total_max_attempts": 1},
+                      max_pool_connections=self.max_connections, s3={"addressing_style": "path"}, **extra)
+
+    async def _aclient(self):
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:  # aiobotocore clients are bound to one event loop
+            from aiobotocore.session import get_session
+            self._client_cm = get_session().create_client("s3", endpoint_url=self.endpoint_url,
+                                                           config=self._botocore_config())
+            self._client = await self._client_cm.__aenter__()
+            self._loop, self._sem = loop, asyncio.Semaphore(self.max_connections)
+        return self._client
+
+    def _sync_client(self):
+        if self._boto3 is None:
+            import boto3
+            self._boto3 = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url,
+                                                         config=self._botocore_config())
+        return self._boto3
+
+    # -- errors ---------------------------------------------------------------------------------------------------
+    def _classify(self, e: Exception, key: str) -> Exception | None:
+        """The final error for a non-retryable failure, or None when the failure is worth retrying."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+        where = f"tier {self.tier!r}: s3://{self.bucket}/{self.key(key)}"
+        if isinstance(e, ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return BlobNotFound(f"{where} does not exist")
+            if code == "NoSuchBucket":
+                return TierAccessError(f"{where}: bucket {self.bucket!r} does not exist at "
+                                       f"{self.endpoint_url or 'AWS'}")
+            if code in _DENIED:
+                return TierAccessError(f"{where}: access denied ({code}); check the credentials and the bucket "
+                                       f"policy")
+            if code == "InvalidRange":
+                return TierAccessError(f"{where}: requested range lies beyond the object; it is truncated")
+            if code in _RETRY_CODES or (status or 0) >= 500:
+                return None
+            return TierAccessError(f"{where}: {code}: {e}")
+        if isinstance(e, NoCredentialsError):
+            return TierAccessError(f"{where}: no AWS credentials found in the standard chain")
+        return None  # timeouts, resets, truncated bodies, connection errors: transient
+
+    async def _with_retries(self, key: str, what, op):
+        last = None
+        for attempt in range(self.retry.max_attempts):
+            try:
+                return await op()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - classified below, nothing is swallowed
+                final = self._classify(e, key)
+                if final is not None:
+                    raise final from e
+                last = e
+                self.retries += 1
+                await asyncio.sleep(self.retry.delay(attempt, self._rng))
+        raise TierAccessError(f"tier {self.tier!r}: {what} s3://{self.bucket}/{self.key(key)} failed after "
+                              f"{self.retry.max_attempts} attempts: {type(last).__name__}: {last}") from last
+
+    # -- reads ----------------------------------------------------------------------------------------------------
+    async def _get_range(self, key: str, view: memoryview, start: int) -> int:
+        client = await self._aclient()
+        end = start + len(view)
+
+        async def once():
+            async with self._sem:
+                resp = await client.get_object(Bucket=self.bucket, Key=self.key(key), Range=f"bytes={start}-{end - 1}")
+                body, pos = resp["Body"], 0
+                async with body:
+                    while pos < len(view):
+                        chunk = await body.read(min(1 << 20, len(view) - pos))
+                        if not chunk:
+                            break
+                        view[pos:pos + len(chunk)] = chunk
+                        pos += len(chunk)
+                if pos != len(view):
+                    raise _Truncated(f"body ended after {pos} of {len(view)} bytes")
+                return pos
+
+        return await self._with_retries(key, f"GET bytes {start}-{end - 1} of", once)
+
+    async def read_into(self, key: str, out, offset: int = 0) -> int:
+        mv = as_u8(out)
+        step = self.part_bytes
+        parts = [self._get_range(key, mv[s:s + step], offset + s) for s in range(0, len(mv), step)]
+        if len(parts) == 1:
+            return await parts[0]
+        results = await asyncio.gather(*parts, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return sum(results)
+
+    async def read(self, key: str, offset: int = 0, length: int | None = None) -> np.ndarray:
+        if length is None:
+            info = await self.stat(key)
+            if info is None:
+                raise BlobNotFound(f"tier {self.tier!r}: s3://{self.bucket}/{self.key(key)} does not exist")
+            length = info.size - offset
+        buf = aligned_empty(length)
+        await self.read_into(key, buf, offset)
+        return buf
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        client = await self._aclient()
+
+        async def once():
+            r = await client.head_object(Bucket=self.bucket, Key=self.key(key))
+            return ObjectInfo(int(r["ContentLength"]), dict(r.get("Metadata") or {}))
+
+        try:
+            return await self._with_retries(key, "HEAD", once)
+        except BlobNotFound:
+            return None
+
+    async def exists(self, key: str) -> bool:
+        return await self.stat(key) is not None
+
+    async def check_bucket(self) -> None:
+        """Fail early, with a clear message, when the bucket is missing or not ours to read."""
+        client = await self._aclient()
+
+        async def once():
+            await client.head_bucket(Bucket=self.bucket)
+
+        try:
+            await self._with_retries("", "HEAD bucket", once)
+        except BlobNotFound as e:
+            raise TierAccessError(f"tier {self.tier!r}: bucket {self.bucket!r} does not exist at "
+                                  f"{self.endpoint_url or 'AWS'}") from e
+
+    # -- writes (boto3 transfer manager: multipart above the threshold, parts in parallel) ------------------------
+    def _upload(self, key: str, fileobj, metadata) -> None:
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import ClientError
+        cfg = TransferConfig(multipart_threshold=self.part_bytes, multipart_chunksize=self.part_bytes,
+                             max_concurrency=min(self.max_connections, 10))
+        try:
+            self._sync_client().upload_fileobj(fileobj, self.bucket, self.key(key),
+                                               ExtraArgs={"Metadata": dict(metadata or {})}, Config=cfg)
+        except ClientError as e:
+            raise (self._classify(e, key) or TierAccessError(f"tier {self.tier!r}: upload of {key} failed: {e}"))
+        except Exception as e:  # noqa: BLE001 - S3UploadFailedError wraps the ClientError
+            inner = e.__cause__ or e.__context__
+            if isinstance(inner, ClientError) and (final := self._classify(inner, key)) is not None:
+                raise final from e
+            raise TierAccessError(f"tier {self.tier!r}: upload of s3://{self.bucket}/{self.key(key)} failed: "
+                                  f"{e}") from e
+
+    async def write(self, key: str, data, metadata: dict[str, str] | None = None) -> None:
+        buf = io.BytesIO(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
+        await asyncio.get_running_loop().run_in_executor(None, self._upload, key, buf, metadata)
+
+    async def write_file(self, key: str, path: str, metadata: dict[str, str] | None = None) -> None:
+        def go():
+            with open(path, "rb") as f:
+                self._upload(key, f, metadata)
+        await asyncio.get_running_loop().run_in_executor(None, go)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._sync_client().delete_object(Bucket=self.bucket, Key=self.key(key)))
+
+    def abort_incomplete_uploads(self) -> int:
+        """Abort multipart uploads left by an interrupted conversion under our prefix (they cost storage)."""
+        c, n = self._sync_client(), 0
+        resp = c.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
+        for u in resp.get("Uploads", []):
+            c.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+            n += 1
+        return n
+
+    async def close(self) -> None:
+        if self._client_cm is not None and self._loop is asyncio.get_running_loop():
+            await self._client_cm.__aexit__(None, None, None)
+        self._client = self._client_cm = None

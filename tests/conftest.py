@@ -1,0 +1,34 @@
+"""Shared fixtures. Ray stays on loopback; S3 traffic goes to a moto server this session starts on 127.0.0.1."""
+import os
+
+# Before anything imports Ray or botocore: Ray must advertise 127.0.0.1 (the machine's other address is not a
+# target), and local S3 servers take the standard credential chain with throwaway credentials.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from storage_adapters.local_s3 import MotoServer, ShapingProxy, make_bucket  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto S3 server for the whole run, over HTTP on 127.0.0.1; stopped by its pid at the end."""
+    with MotoServer() as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(moto_server):
+    return make_bucket(moto_server.endpoint_url, "experts")
+
+
+@pytest.fixture()
+def fault_proxy(moto_server):
+    """An unshaped proxy in front of moto for fault injection; each test gets a fresh one."""
+    with ShapingProxy(moto_server.endpoint_url, bandwidth_bps=None, first_byte_latency_s=0.0) as p:
+        yield p
