@@ -31,11 +31,13 @@ class Preset:
 PRESETS = {
     "tiny": Preset(256, 64, 128, 2, 4, 2, 4),                 # ~100 KiB experts: tests, instant demo
     "demo": Preset(512, 256, 512, 4, 8, 4, 8),                # 1.5 MiB experts, 32 of them
-    "bench-32m": Preset(512, 2048, 2048, 2, 16, 4, 8),        # ~48 MiB experts (fp32): storage benchmark
+    # storage benchmark: fp16 experts of 31.5 MiB (3 x 2048 x 2688 x 2 B); layers set by the blob count
+    "bench-32m": Preset(512, 2048, 2688, 2, 16, 4, 8),
 }
 
 
 def write_checkpoint(out: str, preset: Preset, seed: int = 0, dtype=np.float32) -> str:
+    """Random weights ~N(0, 0.02), norms 1; written tensor by tensor (memory: one tensor)."""
     os.makedirs(out, exist_ok=True)
     p = preset
     H, I, E, L = p.hidden_size, p.intermediate_size, p.num_local_experts, p.num_hidden_layers
@@ -55,7 +57,12 @@ def write_checkpoint(out: str, preset: Preset, seed: int = 0, dtype=np.float32) 
     w = SafetensorsWriter(os.path.join(out, "model.safetensors"), [(n, st, s) for n, s in specs])
     rng = np.random.default_rng(seed)
     for name, shape in specs:
-        arr = (np.ones(shape) if name.endswith("norm.weight") else rng.standard_normal(shape) * 0.02).astype(dtype)
+        if name.endswith("norm.weight"):
+            arr = np.ones(shape, dtype)
+        else:
+            arr = rng.standard_normal(shape, dtype=np.float32)
+            arr *= 0.02
+            arr = arr.astype(dtype, copy=False)
         w.write(name, arr)
     w.close()
     cfg = dict(asdict(p), model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_act="silu",
