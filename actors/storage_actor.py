@@ -134,4 +134,5 @@ class StorageActor:
         return s
 
     async def ping(self) -> str:
-        return self.node_id
+        """The node this actor actually runs on (placement is checked against it)."""
+        return ray.get_runtime_context().get_node_id()

@@ -28,3 +28,7 @@ class BlobIntegrityError(StoreError):
         self.blob, self.tier, self.expected, self.actual = blob, tier, expected, actual
         msg = f"blob {blob!r} from tier {tier!r}: checksum mismatch, expected {expected}, got {actual}"
         super().__init__(msg + (f" ({detail})" if detail else ""))
+        self.detail = detail
+
+    def __reduce__(self):  # picklable, so the error crosses Ray's process boundaries intact
+        return type(self), (self.blob, self.tier, self.expected, self.actual, self.detail)

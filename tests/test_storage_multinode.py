@@ -1,0 +1,58 @@
+"""Storage actors on a multi-node Ray cluster (ray.cluster_utils.Cluster, all on 127.0.0.1): one per node, pinned
+there, and a consumer on each node reads verified blobs from its own node's DRAM tier."""
+import asyncio
+import os
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.config import ClusterConfig
+from cluster.storage_tier import local_storage_actor, start_storage_actors
+from cluster import ray_compat
+from jobs.make_checkpoint import PRESETS, write_checkpoint
+from storage_adapters.checksum import digest
+from storage_adapters.converter import convert, open_target, plan_conversion
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 128 << 20})
+    c.add_node(num_cpus=2, object_store_memory=128 << 20)
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace="test-multinode", logging_level="ERROR")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_one_pinned_actor_per_node_serving_its_node(cluster, tmp_path):
+    ckpt = write_checkpoint(str(tmp_path / "ckpt"), PRESETS["tiny"])
+    man = asyncio.run(convert(plan_conversion(ckpt), [open_target(f"file://{tmp_path}/nvme")],
+                              progress=False)).manifest
+    cfg = ClusterConfig.model_validate({
+        "ray": {"namespace": "test-multinode"},
+        "tiers": [{"kind": "dram", "budget_bytes": 1 << 30}, {"kind": "nvme", "path": str(tmp_path / "nvme")}]})
+    nodes = ray_compat.alive_node_ids()
+    assert len(nodes) == 2
+    actors = start_storage_actors(cfg)
+    assert sorted(actors) == nodes
+    for node, [a] in actors.items():
+        assert ray.get(a.ping.remote()) == node  # hard affinity held
+
+    @ray.remote(num_cpus=0)
+    def consume(cfg, items):
+        a = local_storage_actor(cfg)
+        refs = ray.get(a.get_many.remote(items))
+        return ray_compat.current_node_id(), [digest(x) for x in ray.get(refs)]
+
+    items = [(b.layer, b.expert) for b in man.blobs]
+    want = [b.checksum for b in man.blobs]
+    for node in nodes:
+        where, sums = ray.get(consume.options(scheduling_strategy=ray_compat.pin_to_node(node)).remote(cfg, items))
+        assert where == node and sums == want
+    for node, [a] in actors.items():
+        st = ray.get(a.stats.remote())
+        assert st["misses"] == len(items) and st["dram_blobs"] == len(items)  # each node loaded its own tier
