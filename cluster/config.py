@@ -80,7 +80,8 @@ class S3Tier(_Model):
     endpoint_url: str | None = None      # None: AWS; "embedded": a local moto server started by the job
     region: str = "us-east-1"
     max_connections: int = Field(16, ge=1, le=1024)
-    part_bytes: ByteSize = ByteSize(8 << 20)
+    part_bytes: ByteSize = ByteSize(8 << 20)      # smallest ranged GET a blob is split into
+    adaptive_parts: bool = True                   # learn how many parts pay off (storage_adapters/tuning.py)
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
     retry: RetryConfig = RetryConfig()

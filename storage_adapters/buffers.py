@@ -12,10 +12,13 @@ def align_up(n: int, align: int = PAGE) -> int:
 
 def aligned_empty(nbytes: int, align: int = PAGE) -> np.ndarray:
     """A uint8 array of nbytes whose data pointer is a multiple of `align` (numpy only guarantees 64 B)."""
+    if nbytes < 0:
+        raise ValueError(f"aligned_empty: negative size {nbytes}")
     raw = np.empty(nbytes + align, dtype=np.uint8)
     start = (-raw.ctypes.data) % align
     out = raw[start:start + nbytes]
-    assert out.ctypes.data % align == 0, "aligned_empty: misaligned buffer"
+    # numpy gives an empty slice the base's address, so only a non-empty buffer has a meaningful alignment
+    assert nbytes == 0 or out.ctypes.data % align == 0, "aligned_empty: misaligned buffer"
     return out
 
 

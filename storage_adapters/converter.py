@@ -21,9 +21,9 @@ import numpy as np
 
 from . import crypto
 from .base import BlobAdapter
-from .buffers import PAGE, align_up, aligned_zeros
-from .checksum import Hasher, digest
-from .errors import CheckpointError, StoreError
+from .buffers import PAGE, align_up, aligned_empty, aligned_zeros
+from .checksum import Hasher, algo_of, digest
+from .errors import BlobNotFound, CheckpointError, StoreError
 from .families import FUSED, PER_EXPERT, FamilyGeometry, geometry, role_of
 from .manifest import (DENSE_KEY, FORMAT_VERSION, MANIFEST_KEY, ROLES, BlobEntry, DenseFile, Manifest, ModelInfo,
                        TensorEntry, TierCopy, blob_key)
@@ -32,6 +32,7 @@ from .s3 import S3Adapter
 from .safetensors_io import DTYPE_SIZES, SafetensorsWriter, TensorInfo, read_header, read_tensor_bytes
 
 DENSE_CHUNK = 16 << 20
+VERIFY_CHUNK = 4 << 20  # read-back of objects a re-run finds already present
 
 
 @dataclass(frozen=True)
@@ -252,23 +253,59 @@ class ConvertReport:
     cleaned: int = 0
 
 
+def _key_id(key: bytes | None) -> str:
+    """A fingerprint that tells keys apart without revealing them (so a re-run under a new key rewrites)."""
+    if not key:
+        return ""
+    import hashlib
+    return hashlib.sha256(b"moe-expert-store key id\0" + key).hexdigest()[:16]
+
+
 async def _present(t: Target, key: str, checksum: str, plain_size: int) -> TierCopy | None:
-    """The TierCopy of an object that is already there with the expected content, else None."""
+    """The TierCopy of an object that is already there with the expected content, else None.
+
+    Metadata alone is not trusted: a blob corrupted in place (bit rot, a torn write by another tool) keeps its size
+    and xattrs, so the object is read back and checked — plaintext in bounded chunks, encrypted objects whole
+    (AES-GCM authenticates the whole object), decrypted with this run's key so a store written under another key
+    is rewritten rather than recorded as readable."""
     info = await t.adapter.stat(key)
     stored = crypto.stored_size(plain_size) if t.key else plain_size
     if info is None or info.size != stored:
         return None
     md = info.metadata
-    if md.get("plain-checksum") == checksum and md.get("stored-checksum") and md.get("encrypted") == str(bool(t.key)):
+    if md and not (md.get("plain-checksum") == checksum and md.get("stored-checksum")
+                   and md.get("encrypted") == str(bool(t.key))):
+        return None  # written for other content, or with/without encryption
+    if isinstance(t.adapter, S3Adapter) and md.get("key-id", "") == _key_id(t.key):
+        # An S3 object is immutable and was written whole, with this metadata, by one PUT or completed multipart
+        # upload whose parts the server checksummed; downloading every object of a large store to re-verify it
+        # would make a re-run as expensive as the upload. Reads verify every byte anyway.
         return TierCopy(stored_size=stored, stored_checksum=md["stored-checksum"], encrypted=bool(t.key))
-    if md:
+    algo = algo_of(checksum)
+    try:
+        if t.key:
+            raw = await t.adapter.read(key, 0, stored)
+            stored_sum = digest(raw, algo)
+            if md and stored_sum != md["stored-checksum"]:
+                return None
+            try:
+                plain = crypto.decrypt(t.key, raw, key)
+            except crypto.DecryptError:
+                return None
+            if digest(plain, algo) != checksum:
+                return None
+            return TierCopy(stored_size=stored, stored_checksum=stored_sum, encrypted=True)
+        h = Hasher(algo)
+        buf = aligned_empty(max(1, min(stored, VERIFY_CHUNK)))
+        for s in range(0, stored, len(buf)):
+            n = min(len(buf), stored - s)
+            await t.adapter.read_into(key, buf[:n], s)
+            h.update(buf[:n])
+    except BlobNotFound:  # deleted between stat and read
         return None
-    # no metadata (filesystem without xattrs): read back and verify
-    raw = await t.adapter.read(key)
-    plain = crypto.decrypt(t.key, raw, key) if t.key else raw
-    if digest(plain, checksum.split(":")[0]) != checksum:
+    if h.result() != checksum:
         return None
-    return TierCopy(stored_size=stored, stored_checksum=digest(raw, checksum.split(":")[0]), encrypted=bool(t.key))
+    return TierCopy(stored_size=stored, stored_checksum=checksum, encrypted=False)
 
 
 async def _put(t: Target, key: str, data, checksum: str, report: ConvertReport, src_path: str | None = None) -> TierCopy:
@@ -286,7 +323,8 @@ async def _put(t: Target, key: str, data, checksum: str, report: ConvertReport, 
     else:
         stored = data
     stored_sum = digest(stored, algo) if stored is not None else checksum
-    md = {"plain-checksum": checksum, "stored-checksum": stored_sum, "encrypted": str(bool(t.key))}
+    md = {"plain-checksum": checksum, "stored-checksum": stored_sum, "encrypted": str(bool(t.key)),
+          "key-id": _key_id(t.key)}
     if stored is None:
         await t.adapter.write_file(key, src_path, md)
     else:

@@ -91,7 +91,17 @@ class NvmeAdapter:
                 futs += [loop.run_in_executor(self._pool, self._pread, fd_buf,
                                               mv[s:min(s + self.chunk_bytes, total)], offset + s)
                          for s in range(body, total, self.chunk_bytes)]
-            got = sum(await asyncio.gather(*futs))
+            # Wait for every chunk, failed or not, before closing: a thread still in preadv on a closed (and
+            # possibly reused) descriptor would read another file's bytes into the caller's buffer.
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            errs = [r for r in results if isinstance(r, BaseException)]
+            if errs:
+                e = errs[0]
+                if isinstance(e, OSError):
+                    raise TierAccessError(f"tier {self.tier!r}: cannot read {self.path(key)}: "
+                                          f"{e.strerror or e}") from e
+                raise e
+            got = sum(results)
         finally:
             os.close(fd)
             if fd_buf is not None:
@@ -106,6 +116,9 @@ class NvmeAdapter:
             if info is None:
                 raise BlobNotFound(f"tier {self.tier!r}: {self.path(key)} does not exist")
             length = info.size - offset
+            if length < 0:
+                raise TierAccessError(f"tier {self.tier!r}: {self.path(key)} holds {info.size} bytes; offset "
+                                      f"{offset} lies beyond its end")
         buf = aligned_empty(length)
         await self.read_into(key, buf, offset)
         return buf
@@ -134,9 +147,9 @@ class NvmeAdapter:
     def _write_sync(self, key: str, data=None, src: str | None = None, metadata=None) -> None:
         path = self.path(key)
         d = os.path.dirname(path)
+        tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             os.makedirs(d, exist_ok=True)
-            tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
             with open(tmp, "wb") as f:
                 if src is None:
                     f.write(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
@@ -146,10 +159,17 @@ class NvmeAdapter:
                             f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
+            done = []
             for k, v in (metadata or {}).items():
                 try:
                     os.setxattr(tmp, _XATTR + k, v.encode())
-                except OSError:
+                    done.append(k)
+                except OSError:  # no user xattrs here: store none rather than a misleading subset
+                    for k2 in done:
+                        try:
+                            os.removexattr(tmp, _XATTR + k2)
+                        except OSError:
+                            pass
                     break
             os.replace(tmp, path)
             dfd = os.open(d, os.O_RDONLY)
@@ -157,8 +177,14 @@ class NvmeAdapter:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        except OSError as e:
-            raise TierAccessError(f"tier {self.tier!r}: cannot write {path}: {e.strerror}") from e
+        except BaseException as e:
+            try:  # a failed write leaves neither a partial object nor its temp file behind
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise TierAccessError(f"tier {self.tier!r}: cannot write {path}: {e.strerror}") from e
+            raise
 
     async def write(self, key: str, data, metadata: dict[str, str] | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._write_sync, key, data, None, metadata)

@@ -19,6 +19,7 @@ import numpy as np
 from .base import ObjectInfo, as_u8
 from .buffers import aligned_empty
 from .errors import BlobNotFound, TierAccessError
+from .tuning import PartTuner
 
 _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                 "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
@@ -36,6 +37,13 @@ class RetryPolicy:
         return rng.uniform(0, min(self.max_delay_s, self.base_delay_s * (2 ** attempt)))
 
 
+_PART_ALIGN = 64 << 10  # part boundaries on 64 KiB, so parts stay page-aligned for the buffers they fill
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 class _Truncated(Exception):
     pass
 
@@ -51,7 +59,8 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 class S3Adapter:
     def __init__(self, uri: str, *, tier: str = "s3", endpoint_url: str | None = None, region: str = "us-east-1",
                  max_connections: int = 16, part_bytes: int = 8 << 20, connect_timeout_s: float = 5.0,
-                 read_timeout_s: float = 10.0, retry: RetryPolicy = RetryPolicy(), seed: int = 0):
+                 read_timeout_s: float = 10.0, retry: RetryPolicy = RetryPolicy(), seed: int = 0,
+                 adaptive_parts: bool = True):
         self.uri, self.tier = uri, tier
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.endpoint_url, self.region = endpoint_url, region
@@ -65,6 +74,8 @@ class S3Adapter:
         self._sem: asyncio.Semaphore | None = None
         self._boto3 = None
         self.retries = 0  # counted for telemetry and tests
+        self._tuner = PartTuner(max_connections) if adaptive_parts else None
+        self._bucket_ok = False  # check_bucket() succeeded once
 
     def key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -159,16 +170,31 @@ class S3Adapter:
         return await self._with_retries(key, f"GET bytes {start}-{end - 1} of", once)
 
     async def read_into(self, key: str, out, offset: int = 0) -> int:
+        """Bytes [offset, offset + len(out)) in up to ceil(len / part_bytes) parallel ranged GETs; how many of
+        those parts to use is learned by the PartTuner (see tuning.py) unless adaptive_parts is off."""
         mv = as_u8(out)
-        step = self.part_bytes
-        parts = [self._get_range(key, mv[s:s + step], offset + s) for s in range(0, len(mv), step)]
-        if len(parts) == 1:
-            return await parts[0]
-        results = await asyncio.gather(*parts, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return sum(results)
+        n = len(mv)
+        if n == 0:
+            return 0
+        cap = max(1, _ceil_div(n, self.part_bytes))
+        tuned = self._tuner is not None and cap > 1  # only reads where the choice matters teach the tuner
+        k = min(cap, self._tuner.begin()) if tuned else cap
+        step = _ceil_div(_ceil_div(n, k), _PART_ALIGN) * _PART_ALIGN
+        done = 0
+        try:
+            parts = [self._get_range(key, mv[s:s + step], offset + s) for s in range(0, n, step)]
+            if len(parts) == 1:
+                done = await parts[0]
+                return done
+            results = await asyncio.gather(*parts, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            done = sum(results)
+            return done
+        finally:
+            if tuned:
+                self._tuner.end(done)
 
     async def read(self, key: str, offset: int = 0, length: int | None = None) -> np.ndarray:
         if length is None:
@@ -176,6 +202,9 @@ class S3Adapter:
             if info is None:
                 raise BlobNotFound(f"tier {self.tier!r}: s3://{self.bucket}/{self.key(key)} does not exist")
             length = info.size - offset
+            if length < 0:
+                raise TierAccessError(f"tier {self.tier!r}: s3://{self.bucket}/{self.key(key)} holds {info.size} bytes; offset "
+                                      f"{offset} lies beyond its end")
         buf = aligned_empty(length)
         await self.read_into(key, buf, offset)
         return buf
@@ -190,6 +219,10 @@ class S3Adapter:
         try:
             return await self._with_retries(key, "HEAD", once)
         except BlobNotFound:
+            # HEAD answers a bare 404 for a missing key and a missing bucket alike; the bucket must not read as
+            # "object absent" (callers would rewrite or report the wrong thing), so check it once.
+            if not self._bucket_ok:
+                await self.check_bucket()
             return None
 
     async def exists(self, key: str) -> bool:
@@ -207,6 +240,7 @@ class S3Adapter:
         except BlobNotFound as e:
             raise TierAccessError(f"tier {self.tier!r}: bucket {self.bucket!r} does not exist at "
                                   f"{self.endpoint_url or 'AWS'}") from e
+        self._bucket_ok = True
 
     # -- writes (boto3 transfer manager: multipart above the threshold, parts in parallel) ------------------------
     def _upload(self, key: str, fileobj, metadata) -> None:
@@ -241,12 +275,20 @@ class S3Adapter:
             None, lambda: self._sync_client().delete_object(Bucket=self.bucket, Key=self.key(key)))
 
     def abort_incomplete_uploads(self) -> int:
-        """Abort multipart uploads left by an interrupted conversion under our prefix (they cost storage)."""
+        """Abort multipart uploads left by an interrupted conversion under our prefix (they cost storage).
+
+        Only keys inside this store (prefix + "/"), never a sibling store whose prefix merely starts the same."""
+        from botocore.exceptions import ClientError
         c, n = self._sync_client(), 0
-        resp = c.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
-        for u in resp.get("Uploads", []):
-            c.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
-            n += 1
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        try:
+            for page in c.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+                for u in page.get("Uploads", []):
+                    c.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    n += 1
+        except ClientError as e:
+            raise (self._classify(e, "") or TierAccessError(
+                f"tier {self.tier!r}: cannot clear incomplete uploads under s3://{self.bucket}/{prefix}: {e}")) from e
         return n
 
     async def close(self) -> None:

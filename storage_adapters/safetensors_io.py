@@ -85,8 +85,16 @@ def read_tensor_bytes(info: TensorInfo, index: int | None = None, rows: tuple[in
             start, length = start + rows[0] * row, (rows[1] - rows[0]) * row
     assert length % item == 0, f"{info.name}: slice is not a whole number of elements"
     buf = np.empty(length, np.uint8) if out is None else out[:length]
-    with open(info.file, "rb", buffering=0) as f:
-        got = f.readinto(memoryview(buf)) if start == 0 else os.preadv(f.fileno(), [memoryview(buf)], start)
+    mv, got = memoryview(buf), 0
+    try:
+        with open(info.file, "rb", buffering=0) as f:
+            while got < length:  # one pread returns at most ~2 GiB on Linux, and may return short counts
+                n = os.preadv(f.fileno(), [mv[got:]], start + got)
+                if n == 0:
+                    break
+                got += n
+    except OSError as e:
+        raise CheckpointError(f"{info.file}: cannot read {info.name}: {e.strerror or e}") from e
     if got != length:
         raise CheckpointError(f"{info.file}: short read of {info.name} ({got} of {length} bytes)")
     return buf

@@ -114,15 +114,35 @@ class ExpertStore:
         return await self._read_verified(self.manifest.blob(layer, expert), tiers)
 
     async def read_tensor(self, layer: int, expert: int, role: str, tiers: list[str] | None = None) -> np.ndarray:
-        """One tensor of an expert by byte range (whole blob on encrypted tiers, where ranges cannot verify)."""
+        """One tensor of an expert by byte range (whole blob on encrypted tiers, where ranges cannot verify).
+
+        Same guarantees as read_blob: a mismatch is retried once on the tier, then the next tier is tried; only
+        bytes matching the tensor's checksum are returned, else BlobIntegrityError names the blob#role, the tier,
+        expected and actual checksum (TierAccessError when no tier could be read at all)."""
         entry = self.manifest.blob(layer, expert)
         t = entry.tensors[role]
+        cands = self.eligible(entry, tiers)
+        if not cands:
+            raise TierAccessError(f"blob {entry.key!r}: no eligible tier holds it (held by {sorted(entry.tiers)}, "
+                                  f"tiers allowed: {tiers if tiers is not None else 'all'}, configured: "
+                                  f"{[a.tier for a in self.adapters]})")
         failures = []
-        for a in self.eligible(entry, tiers):
+        mismatch: BlobIntegrityError | None = None
+        for i, a in enumerate(cands):
             if entry.tiers[a.tier].encrypted:
-                blob, _ = await self._read_verified(entry, [a.tier])
+                try:
+                    blob, _ = await self._read_verified(entry, [a.tier])
+                except BlobIntegrityError as e:  # e.g. a wrong key on this tier: another tier may still serve it
+                    mismatch = e
+                    failures.append(f"{a.tier}: {e}")
+                    continue
+                except StoreError as e:
+                    failures.append(f"{a.tier}: {e}")
+                    continue
+                if i:
+                    self.stats.fallbacks += 1
                 return blob[t.offset:t.offset + t.length]
-            for _ in range(2):
+            for attempt in range(2):
                 try:
                     raw = await a.read(entry.key, t.offset, t.length)
                 except StoreError as e:
@@ -130,10 +150,19 @@ class ExpertStore:
                     break
                 ok, actual = verify(raw, t.checksum)
                 if ok:
+                    if i:
+                        self.stats.fallbacks += 1
+                    self.stats.reads[a.tier] = self.stats.reads.get(a.tier, 0) + 1
+                    self.stats.bytes[a.tier] = self.stats.bytes.get(a.tier, 0) + len(raw)
                     return raw
+                self.stats.checksum_failures[a.tier] = self.stats.checksum_failures.get(a.tier, 0) + 1
                 failures.append(f"{a.tier}: checksum {actual} != {t.checksum}")
-        raise BlobIntegrityError(f"{entry.key}#{role}", "/".join(a.tier for a in self.eligible(entry, tiers)),
-                                 t.checksum, "no tier returned matching bytes", "; ".join(failures))
+                mismatch = BlobIntegrityError(f"{entry.key}#{role}", a.tier, t.checksum, actual,
+                                              f"attempt {attempt + 1}; tiers tried: {[c.tier for c in cands[:i + 1]]}")
+                log.warning("%s", mismatch)
+        if mismatch is not None:
+            raise mismatch
+        raise TierAccessError(f"blob {entry.key!r} tensor {role!r}: every eligible tier failed: " + "; ".join(failures))
 
     async def read_dense(self, tiers: list[str] | None = None) -> tuple[np.ndarray, str]:
         """The verified dense .safetensors file as bytes (parse with safetensors.torch.load)."""

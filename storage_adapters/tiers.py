@@ -19,7 +19,8 @@ def adapter_for(t, endpoint_url: str | None = None) -> BlobAdapter:
         return S3Adapter(t.uri, tier=t.name, endpoint_url=endpoint_url or t.endpoint_url, region=t.region,
                          max_connections=t.max_connections, part_bytes=int(t.part_bytes),
                          connect_timeout_s=t.connect_timeout_s, read_timeout_s=t.read_timeout_s,
-                         retry=RetryPolicy(r.max_attempts, r.base_delay_s, r.max_delay_s))
+                         retry=RetryPolicy(r.max_attempts, r.base_delay_s, r.max_delay_s),
+                         adaptive_parts=t.adaptive_parts)
     raise ValueError(f"tier {t.name!r}: kind {t.kind!r} has no storage adapter")
 
 
