@@ -186,15 +186,19 @@ def boto3_transfer_manager(endpoint: str, bucket: str, keys: list[str], size: in
     return size * len(keys) / (time.perf_counter() - t0)
 
 
-def s3_adapter_bw(endpoint: str, bucket: str, keys: list[str], size: int, conns: int, part: int, inflight: int) -> float:
+def s3_adapter_bw(endpoint: str, bucket: str, keys: list[str], size: int, conns: int, part: int, inflight: int,
+                  tuned: list) -> float:
     from storage_adapters.s3 import S3Adapter
 
     async def go():
         ad = S3Adapter(f"s3://{bucket}/bench", endpoint_url=endpoint, max_connections=conns, part_bytes=part)
         try:
-            await adapter_read_all(ad, keys[:1], size, 1)  # connect and warm the pool
+            # steady state: one pass opens the pool and lets the adapter learn how many ranges pay off here
+            await adapter_read_all(ad, keys, size, inflight)
             return await adapter_read_all(ad, keys, size, inflight)
         finally:
+            for hist in ad.tuner_history.values():
+                tuned.extend(hist)
             await ad.close()
     return asyncio.run(go())
 
@@ -211,14 +215,20 @@ def bench_s3(moto_url: str, bucket: str, keys: list[str], size: int, bw: float, 
         _log("S3 shaped: transfer manager")
         tm = boto3_transfer_manager(proxy.endpoint_url, bucket, full, size)
         _log("S3 shaped: S3Adapter")
-        ours = s3_adapter_bw(proxy.endpoint_url, bucket, keys, size, conns, part, inflight)
+        shaped_hist: list = []
+        ours = s3_adapter_bw(proxy.endpoint_url, bucket, keys, size, conns, part, inflight, shaped_hist)
     _log("S3 unshaped: single stream and S3Adapter")
     u_single = max(boto3_single_stream(moto_url, bucket, full, size) for _ in range(2))
-    u_ours = max(s3_adapter_bw(moto_url, bucket, keys, size, conns, part, inflight) for _ in range(2))
+    unshaped_hist: list = []
+    u_ours = max(s3_adapter_bw(moto_url, bucket, keys, size, conns, part, inflight, unshaped_hist) for _ in range(2))
     out.update(single_stream_MBps=single / 1e6, transfer_manager_MBps=tm / 1e6, adapter_MBps=ours / 1e6,
                unshaped_single_stream_MBps=u_single / 1e6, unshaped_adapter_MBps=u_ours / 1e6,
                s3_vs_single_stream_ratio=ours / single, s3_vs_transfer_manager_ratio=ours / tm,
-               s3_unshaped_vs_single_stream_ratio=u_ours / u_single)
+               s3_unshaped_vs_single_stream_ratio=u_ours / u_single,
+               parts_learned={"shaped": shaped_hist[-1][0] if shaped_hist else None,
+                              "unshaped": unshaped_hist[-1][0] if unshaped_hist else None},
+               tuner_history={"shaped": [(p, round(r / 1e6)) for p, r in shaped_hist],
+                              "unshaped": [(p, round(r / 1e6)) for p, r in unshaped_hist]})
     return out
 
 

@@ -46,6 +46,24 @@ class BlobAdapter(Protocol):
     async def close(self) -> None: ...
 
 
+async def read_fresh(adapter, key: str, offset: int, length: int | None, where: str) -> np.ndarray:
+    """`read` for any adapter: size the range (to the end when length is None), then read_into a fresh
+    page-aligned buffer. `where` names the object in errors."""
+    from .buffers import aligned_empty
+    from .errors import BlobNotFound, TierAccessError
+    if length is None:
+        info = await adapter.stat(key)
+        if info is None:
+            raise BlobNotFound(f"tier {adapter.tier!r}: {where} does not exist")
+        length = info.size - offset
+        if length < 0:
+            raise TierAccessError(f"tier {adapter.tier!r}: {where} holds {info.size} bytes; offset {offset} lies "
+                                  f"beyond its end")
+    buf = aligned_empty(length)
+    await adapter.read_into(key, buf, offset)
+    return buf
+
+
 def as_u8(out) -> memoryview:
     """A writable flat byte view of a caller buffer (numpy array, bytearray, memoryview, CPU torch tensor's numpy)."""
     mv = memoryview(out)

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .base import ObjectInfo, as_u8
-from .buffers import PAGE, aligned_empty
+from .base import ObjectInfo, as_u8, read_fresh
+from .buffers import PAGE
 from .errors import BlobNotFound, TierAccessError
 
 log = logging.getLogger(__name__)
@@ -111,17 +111,7 @@ class NvmeAdapter:
         return got
 
     async def read(self, key: str, offset: int = 0, length: int | None = None) -> np.ndarray:
-        if length is None:
-            info = await self.stat(key)
-            if info is None:
-                raise BlobNotFound(f"tier {self.tier!r}: {self.path(key)} does not exist")
-            length = info.size - offset
-            if length < 0:
-                raise TierAccessError(f"tier {self.tier!r}: {self.path(key)} holds {info.size} bytes; offset "
-                                      f"{offset} lies beyond its end")
-        buf = aligned_empty(length)
-        await self.read_into(key, buf, offset)
-        return buf
+        return await read_fresh(self, key, offset, length, self.path(key))
 
     async def stat(self, key: str) -> ObjectInfo | None:
         path = self.path(key)

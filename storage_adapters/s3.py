@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import ObjectInfo, as_u8
-from .buffers import aligned_empty
+from .base import ObjectInfo, as_u8, read_fresh
 from .errors import BlobNotFound, TierAccessError
 from .tuning import PartTuner
 
@@ -74,8 +73,14 @@ class S3Adapter:
         self._sem: asyncio.Semaphore | None = None
         self._boto3 = None
         self.retries = 0  # counted for telemetry and tests
-        self._tuner = PartTuner(max_connections) if adaptive_parts else None
+        # one tuner per read shape (parts cap): whole blobs and single-tensor ranges learn separately
+        self._tuners: dict[int, PartTuner] | None = {} if adaptive_parts else None
         self._bucket_ok = False  # check_bucket() succeeded once
+
+    @property
+    def tuner_history(self) -> dict[int, list[tuple[int, float]]]:
+        """parts cap -> [(parts used, bytes/s)] per tuning window, for telemetry and benchmarks."""
+        return {cap: list(t.history) for cap, t in (self._tuners or {}).items()}
 
     def key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -177,8 +182,12 @@ class S3Adapter:
         if n == 0:
             return 0
         cap = max(1, _ceil_div(n, self.part_bytes))
-        tuned = self._tuner is not None and cap > 1  # only reads where the choice matters teach the tuner
-        k = min(cap, self._tuner.begin()) if tuned else cap
+        tuner = None
+        if self._tuners is not None and cap > 1:  # only reads where the choice matters have a tuner
+            tuner = self._tuners.get(cap)
+            if tuner is None:
+                tuner = self._tuners[cap] = PartTuner(min(cap, self.max_connections))
+        k = tuner.begin() if tuner is not None else cap
         step = _ceil_div(_ceil_div(n, k), _PART_ALIGN) * _PART_ALIGN
         done = 0
         try:
@@ -193,21 +202,11 @@ class S3Adapter:
             done = sum(results)
             return done
         finally:
-            if tuned:
-                self._tuner.end(done)
+            if tuner is not None:
+                tuner.end(done)
 
     async def read(self, key: str, offset: int = 0, length: int | None = None) -> np.ndarray:
-        if length is None:
-            info = await self.stat(key)
-            if info is None:
-                raise BlobNotFound(f"tier {self.tier!r}: s3://{self.bucket}/{self.key(key)} does not exist")
-            length = info.size - offset
-            if length < 0:
-                raise TierAccessError(f"tier {self.tier!r}: s3://{self.bucket}/{self.key(key)} holds {info.size} bytes; offset "
-                                      f"{offset} lies beyond its end")
-        buf = aligned_empty(length)
-        await self.read_into(key, buf, offset)
-        return buf
+        return await read_fresh(self, key, offset, length, f"s3://{self.bucket}/{self.key(key)}")
 
     async def stat(self, key: str) -> ObjectInfo | None:
         client = await self._aclient()

@@ -94,10 +94,7 @@ class ExpertStore:
                     else:
                         ok, actual = verify(raw, entry.checksum)
                 if ok:
-                    if i:
-                        self.stats.fallbacks += 1
-                    self.stats.reads[a.tier] = self.stats.reads.get(a.tier, 0) + 1
-                    self.stats.bytes[a.tier] = self.stats.bytes.get(a.tier, 0) + len(raw)
+                    self._served(a.tier, len(raw), fallback=i > 0)
                     return raw, a.tier
                 self.stats.checksum_failures[a.tier] = self.stats.checksum_failures.get(a.tier, 0) + 1
                 expected = copy.stored_checksum if not copy.encrypted or actual.startswith("undecrypt") \
@@ -108,6 +105,12 @@ class ExpertStore:
         if mismatch is not None:
             raise mismatch
         raise TierAccessError(f"blob {entry.key!r}: every eligible tier failed: " + "; ".join(failures))
+
+    def _served(self, tier: str, nbytes: int, fallback: bool) -> None:
+        st = self.stats
+        st.fallbacks += fallback
+        st.reads[tier] = st.reads.get(tier, 0) + 1
+        st.bytes[tier] = st.bytes.get(tier, 0) + nbytes
 
     async def read_blob(self, layer: int, expert: int, tiers: list[str] | None = None) -> tuple[np.ndarray, str]:
         """(verified plaintext blob [size] uint8, tier it came from)."""
@@ -150,10 +153,7 @@ class ExpertStore:
                     break
                 ok, actual = verify(raw, t.checksum)
                 if ok:
-                    if i:
-                        self.stats.fallbacks += 1
-                    self.stats.reads[a.tier] = self.stats.reads.get(a.tier, 0) + 1
-                    self.stats.bytes[a.tier] = self.stats.bytes.get(a.tier, 0) + len(raw)
+                    self._served(a.tier, len(raw), fallback=i > 0)
                     return raw
                 self.stats.checksum_failures[a.tier] = self.stats.checksum_failures.get(a.tier, 0) + 1
                 failures.append(f"{a.tier}: checksum {actual} != {t.checksum}")
