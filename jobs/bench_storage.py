@@ -52,7 +52,10 @@ def build_store(work: str, n_blobs: int, endpoint: str | None, bucket: str) -> t
                                                   checksum="xxh64", encrypt_key_file=None, max_inflight=4,
                                                   quiet=True)))
     keys = [f"experts/L{l:03d}/E{e:03d}.bin" for l in range(layers) for e in range(p.num_local_experts)]
-    return store, keys, rep["expert_blob_bytes"]
+    conv = {"checkpoint_bytes": os.path.getsize(os.path.join(ckpt, "model.safetensors")), "targets": stores,
+            "seconds": rep["seconds"], "peak_anon_bytes": rep["peak_anon_bytes"], "max_inflight": 4,
+            "expert_blob_bytes": rep["expert_blob_bytes"], "written": rep["written"], "skipped": rep["skipped"]}
+    return store, keys, rep["expert_blob_bytes"], conv
 
 
 # -- NVMe --------------------------------------------------------------------------------------------------------
@@ -338,7 +341,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     with MotoServer() as moto:
         bucket = make_bucket(moto.endpoint_url, "bench")
-        store, keys, size = build_store(work, n, moto.endpoint_url if "s3" in only else None, bucket)
+        store, keys, size, results["convert"] = build_store(work, n, moto.endpoint_url if "s3" in only else None,
+                                                            bucket)
         keys = keys[:n]
         results["blob_bytes"] = size
         if "nvme" in only:
@@ -363,7 +367,10 @@ def main(argv=None) -> int:
         if k in results:
             v = results[k]
             rows.append((k, f"{v:.2f}", f"{op} {tgt}", "yes" if (v >= tgt if op == ">=" else v <= tgt) else "NO"))
-    raw = []
+    c = results["convert"]
+    raw = [f"convert: {c['checkpoint_bytes'] / 2**20:.0f} MiB checkpoint -> {len(c['targets'])} target(s) in "
+           f"{c['seconds']:.1f} s, peak extra memory {c['peak_anon_bytes'] / 2**20:.0f} MiB "
+           f"(blob {c['expert_blob_bytes'] / 2**20:.1f} MiB, {c['max_inflight']} in flight)"]
     if "nvme" in results:
         r = results["nvme"]
         raw.append(f"NVMe: adapter {r['adapter_MBps']:.0f} MB/s, fio {r['fio_MBps']:.0f} MB/s "

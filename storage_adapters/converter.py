@@ -264,10 +264,11 @@ def _key_id(key: bytes | None) -> str:
 async def _present(t: Target, key: str, checksum: str, plain_size: int) -> TierCopy | None:
     """The TierCopy of an object that is already there with the expected content, else None.
 
-    Metadata alone is not trusted: a blob corrupted in place (bit rot, a torn write by another tool) keeps its size
-    and xattrs, so the object is read back and checked — plaintext in bounded chunks, encrypted objects whole
+    On disk metadata alone is not trusted: a blob corrupted in place (bit rot, a torn write by another tool) keeps
+    its size and xattrs, so the object is read back and checked — plaintext in bounded chunks, encrypted objects whole
     (AES-GCM authenticates the whole object), decrypted with this run's key so a store written under another key
-    is rewritten rather than recorded as readable."""
+    is rewritten rather than recorded as readable. On S3, objects are immutable and carry our metadata (checksums
+    and a key fingerprint) from the one request that created them, so that metadata is trusted."""
     info = await t.adapter.stat(key)
     stored = crypto.stored_size(plain_size) if t.key else plain_size
     if info is None or info.size != stored:
@@ -276,7 +277,7 @@ async def _present(t: Target, key: str, checksum: str, plain_size: int) -> TierC
     if md and not (md.get("plain-checksum") == checksum and md.get("stored-checksum")
                    and md.get("encrypted") == str(bool(t.key))):
         return None  # written for other content, or with/without encryption
-    if isinstance(t.adapter, S3Adapter) and md.get("key-id", "") == _key_id(t.key):
+    if isinstance(t.adapter, S3Adapter) and md and md.get("key-id", "") == _key_id(t.key):
         # An S3 object is immutable and was written whole, with this metadata, by one PUT or completed multipart
         # upload whose parts the server checksummed; downloading every object of a large store to re-verify it
         # would make a re-run as expensive as the upload. Reads verify every byte anyway.

@@ -319,6 +319,20 @@ def test_resume_after_interruption_s3(ckpt, originals, moto_server, s3_bucket):
     assert_roundtrip(m, blobs, dense, originals("qwen2_moe"))
 
 
+def test_s3_object_replaced_by_another_tool_is_rewritten(ckpt, originals, moto_server, s3_bucket):
+    """S3 re-runs trust our own metadata; an object of the right size without it (written by someone else) is
+    not ours and gets rewritten."""
+    uri, prefix = s3_uri(s3_bucket, "foreign")
+    first = run_convert(ckpt("mixtral"), [uri], endpoint=moto_server.endpoint_url)
+    b = first.manifest.blobs[0]
+    s3 = s3_client(moto_server.endpoint_url)
+    s3.put_object(Bucket=s3_bucket, Key=f"{prefix}/{b.key}", Body=b"\0" * b.size)  # same size, no metadata
+    rep = run_convert(ckpt("mixtral"), [uri], endpoint=moto_server.endpoint_url)
+    assert rep.written == {"s3": 1}
+    m, blobs, dense, sizes = read_s3_store(moto_server.endpoint_url, s3_bucket, prefix)
+    assert_roundtrip(m, blobs, dense, originals("mixtral"))
+
+
 # -- memory ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def big_ckpt(tmp_path_factory):
