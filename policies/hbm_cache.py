@@ -1,0 +1,210 @@
+"""The bookkeeping of a worker's HBM expert cache: which experts are resident, their bytes, pins, prefetch flags,
+and in what order to evict them. Tensors live in the worker (actors/expert_worker.py); this holds no memory.
+
+Policies (`make_policy(name)`):
+  lru             least recently used first
+  lfu             least frequently used first (ties: least recent); counts decay by half every `decay_every`
+                  accesses so that yesterday's hot experts do not squat forever
+  slru            segmented LRU: an entry used once sits in probation, a second use promotes it to the protected
+                  segment (at most `protected_frac` of the budget); probation is evicted first
+  prefetch_aware  SPEC-045 §3: prefetched entries carry a flag until first used. Eviction order: prefetched
+                  entries whose request was cancelled (stale) first, then used entries by LRU, then fresh
+                  prefetched entries last, oldest first — a prefetch that is about to be used is not thrown out
+                  by the next prefetch, and a wasted one does not linger.
+Invariants (asserted): bytes used never exceed the budget; a pinned entry (in use by a compute) is never evicted.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Iterator
+
+POLICIES = ("lru", "lfu", "slru", "prefetch_aware")
+
+
+@dataclass
+class Entry:
+    size: int
+    pins: int = 0
+    prefetched: bool = False   # loaded by a prefetch and not used since
+    stale: bool = False        # its prefetch was cancelled before use
+    request: str | None = None  # the request a prefetch was for
+    uses: float = 0.0          # (decayed) access count
+    protected: bool = False    # SLRU segment
+
+
+class _Policy:
+    name = "lru"
+
+    def __init__(self, **kw):
+        self.tick = 0
+
+    def on_insert(self, key, e: Entry, entries: "OrderedDict[Hashable, Entry]") -> None:
+        pass
+
+    def on_access(self, key, e: Entry, entries: "OrderedDict[Hashable, Entry]") -> None:
+        pass
+
+    def order(self, entries: "OrderedDict[Hashable, Entry]") -> Iterable:
+        """Keys, first to evict first (entries is kept in recency order, least recent first)."""
+        return list(entries)
+
+
+class LRU(_Policy):
+    name = "lru"
+
+
+class LFU(_Policy):
+    name = "lfu"
+
+    def __init__(self, decay_every: int = 4096, **kw):
+        super().__init__()
+        self.decay_every = decay_every
+
+    def on_access(self, key, e, entries):
+        self.tick += 1
+        if self.tick % self.decay_every == 0:
+            for x in entries.values():
+                x.uses /= 2
+
+    def order(self, entries):
+        rank = {k: i for i, k in enumerate(entries)}
+        return sorted(entries, key=lambda k: (entries[k].uses, rank[k]))
+
+
+class SLRU(_Policy):
+    name = "slru"
+
+    def __init__(self, protected_frac: float = 0.8, budget: int = 0, **kw):
+        super().__init__()
+        self.protected_cap = int(protected_frac * budget)
+
+    def on_access(self, key, e, entries):
+        if e.protected or e.uses < 2:
+            return
+        e.protected = True
+        prot = [k for k, x in entries.items() if x.protected]
+        used = sum(entries[k].size for k in prot)
+        for k in prot:  # demote the least recent protected entries back to probation to respect the cap
+            if used <= self.protected_cap:
+                break
+            if k != key:
+                entries[k].protected = False
+                used -= entries[k].size
+
+    def order(self, entries):
+        return [k for k, x in entries.items() if not x.protected] + [k for k, x in entries.items() if x.protected]
+
+
+class PrefetchAware(_Policy):
+    name = "prefetch_aware"
+
+    def order(self, entries):
+        stale = [k for k, x in entries.items() if x.prefetched and x.stale]
+        used = [k for k, x in entries.items() if not x.prefetched]
+        fresh = [k for k, x in entries.items() if x.prefetched and not x.stale]
+        return stale + used + fresh
+
+
+def make_policy(name: str, budget: int = 0, **kw) -> _Policy:
+    cls = {"lru": LRU, "lfu": LFU, "slru": SLRU, "prefetch_aware": PrefetchAware}.get(name)
+    if cls is None:
+        raise ValueError(f"unknown eviction policy {name!r}; supported: {', '.join(POLICIES)}")
+    return cls(budget=budget, **kw)
+
+
+class DoesNotFit(Exception):
+    """Not enough unpinned bytes to make room: the caller waits for pins to drop or serves the miss uncached."""
+
+
+@dataclass
+class CacheIndex:
+    budget: int
+    policy: _Policy = field(default_factory=LRU)
+    used: int = 0
+    entries: "OrderedDict[Hashable, Entry]" = field(default_factory=OrderedDict)
+    evictions: int = 0
+    wasted_prefetches: int = 0   # evicted while still flagged prefetched (never used)
+
+    def __post_init__(self):
+        assert self.budget >= 0, f"budget must be >= 0, got {self.budget}"
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def access(self, key) -> bool:
+        """A compute uses `key`: a hit refreshes recency, counts the use, clears the prefetch flag."""
+        e = self.entries.get(key)
+        if e is None:
+            return False
+        self.entries.move_to_end(key)
+        e.uses += 1
+        e.prefetched = e.stale = False
+        self.policy.on_access(key, e, self.entries)
+        return True
+
+    def pin(self, key) -> None:
+        self.entries[key].pins += 1
+
+    def unpin(self, key) -> None:
+        e = self.entries[key]
+        assert e.pins > 0, f"unpin of unpinned {key!r}"
+        e.pins -= 1
+
+    def plan_room(self, size: int) -> list:
+        """Keys to evict so that `size` more bytes fit, in policy order, never pinned ones; DoesNotFit if
+        impossible. Nothing changes until `commit`."""
+        if size > self.budget:
+            raise DoesNotFit(f"an entry of {size} bytes exceeds the whole budget of {self.budget} bytes")
+        need = self.used + size - self.budget
+        out = []
+        if need <= 0:
+            return out
+        for k in self.policy.order(self.entries):
+            e = self.entries[k]
+            if e.pins:
+                continue
+            out.append(k)
+            need -= e.size
+            if need <= 0:
+                return out
+        raise DoesNotFit(f"need {self.used + size - self.budget} bytes but only unpinned entries' "
+                         f"{sum(e.size for e in self.entries.values() if not e.pins)} bytes can be evicted")
+
+    def insert(self, key, size: int, prefetched: bool = False, request: str | None = None) -> list:
+        """Make room (evicting per policy) and insert; returns evicted keys. Raises DoesNotFit."""
+        assert key not in self.entries, f"{key!r} already resident"
+        victims = self.plan_room(size)
+        for k in victims:
+            self.remove(k, evicted=True)
+        e = Entry(size=size, prefetched=prefetched, request=request)
+        self.entries[key] = e
+        self.used += size
+        self.policy.on_insert(key, e, self.entries)
+        assert self.used <= self.budget, f"cache over budget: {self.used} > {self.budget}"
+        return victims
+
+    def remove(self, key, evicted: bool = False) -> int:
+        e = self.entries.pop(key)
+        assert e.pins == 0, f"removing pinned {key!r}"
+        self.used -= e.size
+        if evicted:
+            self.evictions += 1
+            self.wasted_prefetches += e.prefetched
+        return e.size
+
+    def mark_stale(self, request: str | None = None, keys: Iterable | None = None) -> int:
+        """Cancellation: prefetched-but-unused entries of `request` (or `keys`) become first to evict."""
+        n = 0
+        wanted = set(keys) if keys is not None else None
+        for k, e in self.entries.items():
+            if e.prefetched and ((request is not None and e.request == request) or (wanted and k in wanted)):
+                e.stale = True
+                n += 1
+        return n
+
+    def keys(self) -> Iterator:
+        return iter(self.entries)

@@ -1,0 +1,137 @@
+"""HBM cache bookkeeping and placement (no Ray): budgets, pins, eviction orders, balance, minimal movement."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
+from policies.placement import place
+
+
+def cache(policy, budget=100):
+    return CacheIndex(budget, make_policy(policy, budget))
+
+
+def test_lru_and_pins():
+    c = cache("lru")
+    for k in "abc":
+        c.insert(k, 30)
+    c.access("a")
+    assert c.insert("d", 30) == ["b"]
+    c.pin("c")
+    assert c.insert("e", 30) == ["a"]  # c is pinned, so the next LRU victim is a
+    c.pin("d")
+    c.pin("e")
+    with pytest.raises(DoesNotFit, match="unpinned"):
+        c.insert("f", 30)
+    with pytest.raises(DoesNotFit, match="whole budget"):
+        c.insert("g", 101)
+
+
+def test_lfu_keeps_frequent():
+    c = cache("lfu")
+    c.insert("hot", 40)
+    c.insert("cold", 40)
+    for _ in range(5):
+        c.access("hot")
+    c.access("cold")
+    assert c.insert("new", 40) == ["cold"]
+
+
+def test_slru_probation_first():
+    c = cache("slru", 120)
+    c.insert("a", 40)
+    c.insert("b", 40)
+    c.access("a")
+    c.access("a")  # second use: protected
+    c.access("b")  # one use: still probation
+    c.insert("c", 40)
+    c.access("c")
+    assert list(c.keys())[0] == "a"  # a is the least recent of all...
+    assert c.insert("d", 40) == ["b"]  # ...but protected: probation's LRU goes first
+
+
+def test_prefetch_aware_order():
+    c = cache("prefetch_aware", 160)
+    c.insert("used", 40)
+    c.access("used")
+    c.insert("pf-fresh", 40, prefetched=True, request="r1")
+    c.insert("pf-cancel", 40, prefetched=True, request="r2")
+    c.insert("used2", 40)
+    c.access("used2")
+    assert c.mark_stale(request="r2") == 1
+    assert c.plan_room(120) == ["pf-cancel", "used", "used2"]  # stale, then used LRU; fresh prefetch last
+    c.insert("x", 40)
+    assert c.wasted_prefetches == 1 and "pf-fresh" in c
+    c.access("pf-fresh")  # first use clears the flag
+    assert not c.entries["pf-fresh"].prefetched
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="lru, lfu, slru, prefetch_aware"):
+        make_policy("fifo")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["lru", "lfu", "slru", "prefetch_aware"]),
+       st.lists(st.tuples(st.sampled_from(["ins", "acc", "pin", "unpin", "stale"]), st.integers(0, 12),
+                          st.integers(1, 50), st.booleans()), max_size=120))
+def test_budget_and_pins_hold_under_any_sequence(policy, ops):
+    c = cache(policy, 128)
+    pins = {}
+    for op, k, size, pf in ops:
+        if op == "ins" and k not in c:
+            before = {x for x in c.keys() if pins.get(x)}
+            try:
+                c.insert(k, size, prefetched=pf, request=str(k % 3))
+            except DoesNotFit:
+                pass
+            assert before <= set(c.keys()), "a pinned entry was evicted"
+        elif op == "acc":
+            c.access(k)
+        elif op == "pin" and k in c:
+            c.pin(k)
+            pins[k] = pins.get(k, 0) + 1
+        elif op == "unpin" and pins.get(k):
+            c.unpin(k)
+            pins[k] -= 1
+        elif op == "stale":
+            c.mark_stale(request=str(k % 3))
+        assert c.used <= c.budget
+        assert c.used == sum(e.size for e in c.entries.values())
+
+
+def test_placement_balances_layers_and_bytes():
+    sizes = {(l, e): 100 for l in range(4) for e in range(8)}
+    p = place(sizes, [0, 1])
+    for l in range(4):
+        mine = [p.owner((l, e)) for e in range(8)]
+        assert mine.count(0) == mine.count(1) == 4
+    assert p.bytes_of(sizes) == {0: 1600, 1: 1600}
+
+
+def test_placement_uses_measured_load():
+    sizes = {(0, e): 100 for e in range(4)}
+    load = {(0, 0): 10, (0, 1): 1, (0, 2): 1, (0, 3): 1}
+    p = place(sizes, [0, 1], load)
+    hot = p.owner((0, 0))
+    assert all(p.owner((0, e)) != hot for e in (1, 2, 3))  # the hot expert's worker takes nothing else
+
+
+def test_replication_of_hot_experts():
+    sizes = {(0, e): 100 for e in range(6)}
+    load = {(0, e): float(6 - e) for e in range(6)}
+    p = place(sizes, [0, 1, 2], load, replicate_top=2, replicas=2)
+    assert len(p.replicas((0, 0))) == 2 and len(p.replicas((0, 1))) == 2
+    assert len(p.replicas((0, 5))) == 1
+
+
+def test_join_and_leave_move_little():
+    sizes = {(l, e): 100 for l in range(2) for e in range(8)}
+    p2 = place(sizes, [0, 1])
+    p3 = place(sizes, [0, 1, 2], previous=p2)
+    assert p3.moved_from(p2) <= 6  # ~1/3 of 16 must move to the newcomer; no more than that plus slack
+    assert min(p3.bytes_of(sizes).values()) >= 400
+    p_leave = place(sizes, [0, 2], previous=p3)
+    assert all(p_leave.owner(k) in (0, 2) for k in sizes)
+    kept = [k for k in sizes if p3.owner(k) in (0, 2)]
+    assert all(p_leave.owner(k) == p3.owner(k) for k in kept)  # survivors keep their experts
