@@ -1,0 +1,292 @@
+"""ExpertWorker: one per GPU. Owns an HBM expert cache and computes the experts it owns.
+
+Loads come from the node's DRAM tier (a StorageActor's object-store ref, mapped zero-copy) into a device blob; on
+CUDA through a pinned staging buffer and a non-blocking copy on a dedicated stream, so loads overlap compute; on a
+CPU-only machine the same path lands in CPU tensors. A blob's gate/up/down are views into it at the manifest's
+4 KiB-aligned offsets. The cache's bookkeeping (budget, pins, eviction order) is `policies.hbm_cache.CacheIndex`;
+its byte budget is never exceeded and an expert in use is never evicted.
+
+Demand loads (a compute's misses) go straight out, all at once; prefetches wait in a priority queue served by a
+few background tasks, so a prefetch never blocks a compute. Compute math runs in a thread (torch releases the
+GIL), so loads keep flowing while experts compute.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+
+from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
+from storage_adapters.manifest import Manifest
+
+Key = tuple[int, int]  # (layer, expert)
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert: x [n, H] -> [n, H]; weights in nn.Linear's [out, in] layout (gate/up [I, H], down [H, I])."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+@dataclass
+class _Resident:
+    blob: torch.Tensor                      # [size] uint8 on the device
+    tensors: tuple[torch.Tensor, ...]       # gate, up, down views into blob
+    ready: torch.cuda.Event | None = None   # set when the async H2D copy has landed
+    cached: bool = True                     # False: no room (all pinned), used by one compute and dropped
+
+
+@dataclass(order=True)
+class _Queued:
+    neg_priority: float
+    seq: int
+    key: Key = field(compare=False)
+    request: str | None = field(compare=False, default=None)
+
+
+class ExpertWorker:
+    def __init__(self, worker_id: int, manifest_json: bytes, hbm_budget_bytes: int, storage_by_node: dict,
+                 *, device: str = "auto", policy: str = "lru", prefetch_concurrency: int = 2):
+        self.worker_id = worker_id
+        self.manifest = Manifest.from_json(manifest_json, f"worker {worker_id}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"worker {worker_id}: device 'cuda' requested but CUDA is not available here")
+        self.device = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        largest = self.manifest.expert_bytes
+        if hbm_budget_bytes < largest:
+            raise ValueError(f"worker {worker_id}: HBM budget of {hbm_budget_bytes} bytes is smaller than one expert "
+                             f"({largest} bytes); raise workers.hbm_budget_bytes")
+        self.cache = CacheIndex(hbm_budget_bytes, make_policy(policy, hbm_budget_bytes))
+        node = ray.get_runtime_context().get_node_id()
+        # storage_by_node: node id -> [StorageActor]; use this node's (its DRAM tier is our zero-copy source)
+        handles = storage_by_node.get(node) or next(iter(storage_by_node.values()))
+        self.storage = handles[worker_id % len(handles)]
+        self.local_storage = node in storage_by_node
+        self._res: dict[Key, _Resident] = {}
+        self._loading: dict[Key, asyncio.Future] = {}
+        self._queue: list[_Queued] = []
+        self._queued: dict[Key, _Queued] = {}
+        self._seq = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._prefetchers: list[asyncio.Task] = []
+        self._prefetch_concurrency = prefetch_concurrency
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)
+            self._staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self._staging_free: asyncio.Queue | None = None
+        self.counters = dict(hits=0, misses=0, prefetch_hits=0, loads=0, demand_loads=0, prefetch_loads=0,
+                             bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
+                             prefetch_dropped=0, cancelled=0, peak_used_bytes=0)
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    def _views(self, key: Key, blob: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b = self.manifest.blob(*key)
+        out = []
+        for role in ("gate", "up", "down"):
+            t = b.tensors[role]
+            out.append(blob[t.offset:t.offset + t.length].view(_TORCH_DTYPES[t.dtype]).view(t.shape))
+        return tuple(out)
+
+    async def _fetch_to_device(self, key: Key) -> _Resident:
+        t0 = time.perf_counter()
+        [ref] = await self.storage.get.remote(*key)
+        view = await ref  # uint8 numpy, mapped read-only from the node's object store
+        n = view.nbytes
+        dev = torch.empty(n, dtype=torch.uint8, device=self.device)
+        ready = None
+        if self.device.type == "cuda":
+            if self._staging_free is None:
+                self._staging_free = asyncio.Queue()
+                for s in self._staging:
+                    self._staging_free.put_nowait(s)
+            stage = await self._staging_free.get()
+            try:
+                await asyncio.to_thread(np.copyto, stage[:n].numpy(), view)   # object store -> pinned host
+                with torch.cuda.stream(self._stream):
+                    dev.copy_(stage[:n], non_blocking=True)                    # pinned host -> HBM, async
+                    ready = torch.cuda.Event()
+                    ready.record(self._stream)
+                await asyncio.to_thread(ready.synchronize)  # the staging buffer is reusable only once copied
+            finally:
+                self._staging_free.put_nowait(stage)
+        else:
+            await asyncio.to_thread(np.copyto, dev.numpy(), view)
+        del view
+        self.counters["loads"] += 1
+        self.counters["bytes_loaded"] += n
+        self.counters["load_seconds"] += time.perf_counter() - t0
+        return _Resident(dev, self._views(key, dev), ready)
+
+    async def _load(self, key: Key, prefetched: bool, request: str | None = None) -> _Resident:
+        """Resident entry for key, loading it once however many callers ask (in-flight loads are shared)."""
+        if key in self._res:
+            return self._res[key]
+        fut = self._loading.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            res = await self._fetch_to_device(key)
+            try:
+                for victim in self.cache.insert(key, res.blob.numel(), prefetched=prefetched, request=request):
+                    del self._res[victim]
+                self._res[key] = res
+            except DoesNotFit:
+                if prefetched:
+                    raise
+                res.cached = False
+                self.counters["uncached"] += 1  # every byte is pinned by computes in flight: use it once
+            self.counters["peak_used_bytes"] = max(self.counters["peak_used_bytes"], self.cache.used)
+            fut.set_result(res)
+            return res
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()
+            raise
+        finally:
+            del self._loading[key]
+
+    # -- compute ------------------------------------------------------------------------------------------------
+    async def compute(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
+        """x [N, H] holds the tokens of each expert in `experts`, grouped, `counts` rows each (sum = N).
+        Returns [N, H]: expert_e(x_rows) for each group, unweighted (the runtime applies router weights)."""
+        assert len(experts) == len(counts) and sum(counts) == x.shape[0], \
+            f"worker {self.worker_id}: {len(experts)} experts / {sum(counts)} rows for x of shape {x.shape}"
+        keys = [(layer, int(e)) for e in experts]
+        for k in keys:
+            if k in self._res:
+                self.counters["hits"] += 1
+                self.counters["prefetch_hits"] += self.cache.entries[k].prefetched
+            else:
+                self.counters["misses"] += 1
+            self._dequeue(k)  # a queued prefetch of an expert needed now becomes a demand load
+        last: dict[Key, _Resident] = {}
+        for _ in range(3):  # a just-loaded expert can be evicted by a concurrent load before we pin it: reload
+            missing = [k for k in keys if k not in self._res and (k not in last or last[k].cached)]
+            if not missing:
+                break
+            self.counters["demand_loads"] += len(missing)
+            last.update(zip(missing, await asyncio.gather(*[self._load(k, prefetched=False) for k in missing])))
+        # from here to the pins there is no await, so nothing can be evicted in between
+        res = {k: self._res[k] if k in self._res else last[k] for k in keys}
+        pinned = [k for k in dict.fromkeys(keys) if k in self.cache]
+        for k in pinned:
+            self.cache.pin(k)
+            self.cache.access(k)
+        try:
+            out = await asyncio.to_thread(self._compute_sync, [res[k] for k in keys], counts, x)
+        finally:
+            for k in pinned:
+                self.cache.unpin(k)
+        self.counters["compute_calls"] += 1
+        self.counters["tokens"] += int(x.shape[0])
+        return out
+
+    def _compute_sync(self, residents: list[_Resident], counts: list[int], x: np.ndarray) -> np.ndarray:
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
+        dt = residents[0].tensors[0].dtype
+        xt = xt.to(dt)
+        out = torch.empty_like(xt)
+        start = 0
+        for r, n in zip(residents, counts):
+            if r.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(r.ready)
+            g, u, d = r.tensors
+            out[start:start + n] = expert_ffn(xt[start:start + n], g, u, d)
+            start += n
+        return out.to(torch.float32 if x.dtype == np.float32 else out.dtype).cpu().numpy()
+
+    # -- prefetch -----------------------------------------------------------------------------------------------
+    async def prefetch(self, items: list[tuple]) -> int:
+        """Queue (layer, expert, priority, request_id) loads, highest priority first; returns how many were
+        queued (resident, loading or already-queued experts are skipped, a higher priority is kept)."""
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            self._prefetchers = [asyncio.get_running_loop().create_task(self._prefetch_loop())
+                                 for _ in range(self._prefetch_concurrency)]
+        n = 0
+        for layer, expert, priority, request in items:
+            key = (int(layer), int(expert))
+            if key in self._res or key in self._loading:
+                continue
+            q = self._queued.get(key)
+            if q is not None:
+                if -q.neg_priority >= priority:
+                    continue
+                q.key = None  # superseded; the heap drops it when popped
+            q = _Queued(-float(priority), next(self._seq), key, request)
+            self._queued[key] = q
+            heapq.heappush(self._queue, q)
+            n += 1
+        self._wake.set()
+        return n
+
+    def _dequeue(self, key: Key) -> None:
+        q = self._queued.pop(key, None)
+        if q is not None:
+            q.key = None
+
+    async def _prefetch_loop(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            q = heapq.heappop(self._queue)
+            if q.key is None:
+                continue
+            self._queued.pop(q.key, None)
+            try:
+                await self._load(q.key, prefetched=True, request=q.request)
+                self.counters["prefetch_loads"] += 1
+            except DoesNotFit:
+                self.counters["prefetch_dropped"] += 1
+            except Exception:  # noqa: BLE001 - a failed prefetch must not fail anyone: demand retries it
+                self.counters["prefetch_dropped"] += 1
+
+    async def cancel(self, request: str | None = None, items: list[tuple] | None = None) -> int:
+        """Drop queued prefetches of a request (or of given (layer, expert) items); resident experts they loaded
+        and nobody used become first to evict. Returns how many queued prefetches were dropped."""
+        keys = {(int(i[0]), int(i[1])) for i in items} if items else None
+        n = 0
+        for key, q in list(self._queued.items()):
+            if (request is not None and q.request == request) or (keys and key in keys):
+                self._dequeue(key)
+                n += 1
+        self.cache.mark_stale(request=request, keys=keys)
+        self.counters["cancelled"] += n
+        return n
+
+    # -- introspection ------------------------------------------------------------------------------------------
+    async def stats(self) -> dict:
+        s = dict(self.counters)
+        s.update(worker_id=self.worker_id, device=str(self.device), used_bytes=self.cache.used,
+                 budget_bytes=self.cache.budget, resident=len(self.cache), evictions=self.cache.evictions,
+                 wasted_prefetches=self.cache.wasted_prefetches, queued_prefetches=len(self._queued),
+                 policy=self.cache.policy.name, local_storage=self.local_storage)
+        assert self.cache.used <= self.cache.budget, f"worker {self.worker_id}: cache over budget"
+        return s
+
+    async def resident(self) -> list[Key]:
+        return list(self.cache.keys())
+
+    async def drop(self, keys: list[tuple]) -> int:
+        """Evict experts this worker no longer owns (re-placement); pinned ones stay until their compute ends."""
+        n = 0
+        for k in keys:
+            k = (int(k[0]), int(k[1]))
+            if k in self.cache and not self.cache.entries[k].pins:
+                self.cache.remove(k)
+                self._res.pop(k, None)
+                n += 1
+        return n
+
+    async def ping(self) -> int:
+        return self.worker_id

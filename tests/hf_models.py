@@ -1,0 +1,100 @@
+"""Tiny randomly initialised Hugging Face MoE models, one per family, for checking cluster/model.py against
+transformers.
+
+`build(family, tmp_dir)` returns a `Tiny` with the transformers model (float32, eval mode), its config.json as a
+dict, the dense weights (every checkpoint tensor except routed experts, exactly what `dense.safetensors` of the
+store holds) and the routed experts as {(layer, expert): (gate [I, H], up [I, H], down [H, I])}. Both are read
+back from `save_pretrained`'s files with the safetensors library, so the runtime sees checkpoint names (transformers
+5.x writes the per-expert layout on disk even though it fuses experts in memory), not transformers' in-memory ones.
+
+Weights are drawn at a scale where logits and router scores are well separated (unit-ish activations), so greedy
+tokens and top-k choices are not decided by float noise: the default 0.02-std initialisation makes every logit tie.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+HIDDEN = 64
+
+_COMMON = dict(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+               rms_norm_eps=1e-6, hidden_act="silu")
+FAMILY_KWARGS = {
+    # 8 experts, renormalised top-2 (Mixtral always renormalises), EOS 2 as in the real config
+    "mixtral": dict(num_hidden_layers=2, vocab_size=128, intermediate_size=48, num_local_experts=8,
+                    num_experts_per_tok=2, eos_token_id=2, bos_token_id=1, rope_theta=1e6),
+    # shared expert with its sigmoid gate, qkv bias, layer 1 dense through mlp_only_layers, no renormalisation
+    "qwen2_moe": dict(num_hidden_layers=3, vocab_size=160, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_experts=6, num_experts_per_tok=3,
+                      mlp_only_layers=[1], norm_topk_prob=False, qkv_bias=True, eos_token_id=5),
+    # per-head q/k norm, head_dim decoupled from hidden/heads, renormalised top-k, tied embeddings
+    "qwen3_moe": dict(num_hidden_layers=2, vocab_size=256, intermediate_size=96, moe_intermediate_size=32,
+                      num_experts=8, num_experts_per_tok=2, head_dim=32, norm_topk_prob=True,
+                      tie_word_embeddings=True, eos_token_id=[7, 9]),
+    # q/k norm over the whole projection, clip_qkv that actually clips, attention bias, 4 experts
+    "olmoe": dict(num_hidden_layers=2, vocab_size=192, intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                  clip_qkv=1.5, attention_bias=True, eos_token_id=1, pad_token_id=0, bos_token_id=None),
+}
+FAMILIES = tuple(FAMILY_KWARGS)
+
+_EXPERT = re.compile(r"^.*layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_ROLE = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1, "w2": 2, "down_proj": 2}
+
+
+@dataclass
+class Tiny:
+    family: str
+    model: object                # transformers *ForCausalLM, float32, eval
+    config: dict                 # config.json as written by save_pretrained
+    dense: dict                  # checkpoint name -> tensor, routed experts excluded
+    experts: dict                # (layer, expert) -> (gate, up, down)
+    path: str                    # the save_pretrained directory (a checkpoint jobs.convert accepts)
+
+
+def make_model(family: str, seed: int = 0, **overrides):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = dict(_COMMON)
+    kw.update(FAMILY_KWARGS[family])
+    kw.update(overrides)
+    cfg = AutoConfig.for_model(family, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:                                   # RMSNorm gains around 1
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0, 0.2)
+            elif "embed_tokens" in name:                        # RMSNorm follows; small enough for tied heads
+                p.normal_(0, 0.3)
+            else:                                                # [.., out, in]: unit-variance outputs
+                p.normal_(0, 1.0 / math.sqrt(p.shape[-1]))
+    return model.eval()
+
+
+def build(family: str, tmp_dir: str, seed: int = 0, **overrides) -> Tiny:
+    from safetensors.torch import load_file
+    model = make_model(family, seed, **overrides)
+    path = os.path.join(tmp_dir, f"{family}-ckpt")
+    model.save_pretrained(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    dense, parts = {}, {}
+    for fname in sorted(os.listdir(path)):
+        if not fname.endswith(".safetensors"):
+            continue
+        for name, t in load_file(os.path.join(path, fname)).items():
+            m = _EXPERT.match(name)
+            if m:
+                parts.setdefault((int(m[1]), int(m[2])), [None, None, None])[_ROLE[m[3]]] = t
+            else:
+                dense[name] = t
+    assert parts, f"{family}: save_pretrained wrote no per-expert tensors; names: {sorted(dense)[:8]}"
+    experts = {k: tuple(v) for k, v in parts.items()}
+    assert all(all(t is not None for t in v) for v in experts.values())
+    return Tiny(family, model, config, dense, experts, path)
