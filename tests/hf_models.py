@@ -18,7 +18,12 @@ import os
 import re
 from dataclasses import dataclass
 
+import torch
+
 HIDDEN = 64
+TOL = 1e-4
+DECODE_STEPS = 16
+PROMPT_LENS = (5, 13, 9)
 
 _COMMON = dict(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
                rms_norm_eps=1e-6, hidden_act="silu")
@@ -98,3 +103,41 @@ def build(family: str, tmp_dir: str, seed: int = 0, **overrides) -> Tiny:
     experts = {k: tuple(v) for k, v in parts.items()}
     assert all(all(t is not None for t in v) for v in experts.values())
     return Tiny(family, model, config, dense, experts, path)
+
+
+def prompts(vocab: int, lens=PROMPT_LENS, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def check_against_hf(model, hf, prompts, family: str) -> float:
+    """Prefill `prompts` as one right-padded batch, decode DECODE_STEPS fixed tokens; compare every real position's
+    logits with transformers run on each sequence alone. Returns the max abs error."""
+    B, V = len(prompts), model.args.vocab_size
+    feed = torch.randint(3, V, (B, DECODE_STEPS), generator=torch.Generator().manual_seed(2))
+    lens = [len(p) for p in prompts]
+    cache = model.new_cache(B, max(lens) + DECODE_STEPS)
+    tokens = torch.zeros(B, max(lens), dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+    prefill = model.forward(cache, tokens, lens, all_logits=True)            # [B, T, V]
+    assert prefill.dtype == torch.float32 and prefill.shape == (B, max(lens), V)
+    steps = [model.decode(cache, feed[:, s]) for s in range(DECODE_STEPS)]   # each [B, V]
+    assert cache.lens == [n + DECODE_STEPS for n in lens]
+    err = 0.0
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            out = hf(torch.tensor([p]), use_cache=True)
+            e = (out.logits[0] - prefill[b, :len(p)]).abs().max().item()
+            assert e < TOL, f"{family} sequence {b}: prefill logits differ by {e:.2e}"
+            err = max(err, e)
+            pkv = out.past_key_values
+            for s in range(DECODE_STEPS):
+                out = hf(feed[b:b + 1, s:s + 1], past_key_values=pkv, use_cache=True)
+                pkv = out.past_key_values
+                e = (out.logits[0, -1] - steps[s][b]).abs().max().item()
+                assert e < TOL, f"{family} sequence {b}, decode step {s}: logits differ by {e:.2e}"
+                err = max(err, e)
+    return err
+
+

@@ -22,9 +22,7 @@ from cluster.model import (SUPPORTED_FAMILIES, KVCache, LocalExperts, ModelArgs,
                            generate, group_by_expert, load_dense_from_bytes, rope_frequencies, sample, swiglu,
                            tensor_from_blob)
 
-TOL = 1e-4
-DECODE_STEPS = 16
-PROMPT_LENS = (5, 13, 9)
+TOL, DECODE_STEPS, PROMPT_LENS = hf_models.TOL, hf_models.DECODE_STEPS, hf_models.PROMPT_LENS
 MAX_ERR: dict[str, float] = {}   # family -> max abs logit error, printed at the end of the module (-s)
 
 
@@ -46,44 +44,8 @@ def tiny(tmp_path_factory):
     return {f: hf_models.build(f, d) for f in hf_models.FAMILIES}
 
 
-def _prompts(vocab: int, lens=PROMPT_LENS, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
-
-
 def _runtime(t: hf_models.Tiny, **kw) -> MoEModel:
     return MoEModel.from_dense(t.config, t.dense, LocalExperts(t.experts), **kw)
-
-
-def _check_against_hf(model: MoEModel, hf, prompts, family: str) -> float:
-    """Prefill `prompts` as one right-padded batch, decode DECODE_STEPS fixed tokens; compare every real position's
-    logits with transformers run on each sequence alone. Returns the max abs error."""
-    B, V = len(prompts), model.args.vocab_size
-    feed = torch.randint(3, V, (B, DECODE_STEPS), generator=torch.Generator().manual_seed(2))
-    lens = [len(p) for p in prompts]
-    cache = model.new_cache(B, max(lens) + DECODE_STEPS)
-    tokens = torch.zeros(B, max(lens), dtype=torch.int64)
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.tensor(p)
-    prefill = model.forward(cache, tokens, lens, all_logits=True)            # [B, T, V]
-    assert prefill.dtype == torch.float32 and prefill.shape == (B, max(lens), V)
-    steps = [model.decode(cache, feed[:, s]) for s in range(DECODE_STEPS)]   # each [B, V]
-    assert cache.lens == [n + DECODE_STEPS for n in lens]
-    err = 0.0
-    with torch.no_grad():
-        for b, p in enumerate(prompts):
-            out = hf(torch.tensor([p]), use_cache=True)
-            e = (out.logits[0] - prefill[b, :len(p)]).abs().max().item()
-            assert e < TOL, f"{family} sequence {b}: prefill logits differ by {e:.2e}"
-            err = max(err, e)
-            pkv = out.past_key_values
-            for s in range(DECODE_STEPS):
-                out = hf(feed[b:b + 1, s:s + 1], past_key_values=pkv, use_cache=True)
-                pkv = out.past_key_values
-                e = (out.logits[0, -1] - steps[s][b]).abs().max().item()
-                assert e < TOL, f"{family} sequence {b}, decode step {s}: logits differ by {e:.2e}"
-                err = max(err, e)
-    return err
 
 
 # -- logits and greedy tokens against transformers --------------------------------------------------------------
@@ -91,14 +53,14 @@ def _check_against_hf(model: MoEModel, hf, prompts, family: str) -> float:
 def test_logits_match_transformers(tiny, family):
     t = tiny[family]
     model = _runtime(t)
-    MAX_ERR[family] = _check_against_hf(model, t.model, _prompts(model.args.vocab_size), family)
+    MAX_ERR[family] = hf_models.check_against_hf(model, t.model, hf_models.prompts(model.args.vocab_size), family)
 
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
 def test_greedy_generation_matches_transformers(tiny, family):
     t = tiny[family]
     model = _runtime(t)
-    prompts = _prompts(model.args.vocab_size, seed=3)
+    prompts = hf_models.prompts(model.args.vocab_size, seed=3)
     got = generate(model, prompts, max_new_tokens=16)
     for b, p in enumerate(prompts):
         ref = t.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16,
@@ -148,7 +110,7 @@ def test_logits_through_the_store(tiny, tmp_path):
         for got, want in zip(experts.weights[key], (g, u, d)):
             assert torch.equal(got, want)
     model = MoEModel.from_dense(manifest.model.config, dense, experts)
-    err = _check_against_hf(model, t.model, _prompts(model.args.vocab_size, seed=4), "qwen2_moe via store")
+    err = hf_models.check_against_hf(model, t.model, hf_models.prompts(model.args.vocab_size, seed=4), "qwen2_moe via store")
     MAX_ERR["qwen2_moe via store"] = err
 
 
@@ -228,7 +190,7 @@ def test_routing_hook_sees_real_tokens_before_each_backend_call(tiny):
         events.append(("route", layer, x.shape[0]))
 
     model = MoEModel.from_dense(t.config, t.dense, Recording(t.experts), on_route=hook)
-    prompts = _prompts(model.args.vocab_size, lens=(4, 7))
+    prompts = hf_models.prompts(model.args.vocab_size, lens=(4, 7))
     cache = model.new_cache(2, 12)
     model.prefill(cache, prompts)
     assert events == [(kind, l, 11) for l in (0, 2) for kind in ("route", "backend")]  # 11 real tokens, no padding
@@ -241,7 +203,7 @@ def test_routing_hook_sees_real_tokens_before_each_backend_call(tiny):
 # -- sampling -----------------------------------------------------------------------------------------------------
 def test_seeded_sampling(tiny):
     model = _runtime(tiny["mixtral"])
-    prompts = _prompts(model.args.vocab_size, seed=5)
+    prompts = hf_models.prompts(model.args.vocab_size, seed=5)
     kw = dict(max_new_tokens=12, temperature=1.0, eos_token_id=None)
     a = generate(model, prompts, seeds=[11, 12, 13], **kw)
     assert a == generate(model, prompts, seeds=[11, 12, 13], **kw)
@@ -269,7 +231,7 @@ def test_top_p_keeps_the_nucleus():
 # -- stopping and errors -----------------------------------------------------------------------------------------
 def test_eos_stops_a_request(tiny):
     model = _runtime(tiny["olmoe"])
-    prompts = _prompts(model.args.vocab_size, seed=3)
+    prompts = hf_models.prompts(model.args.vocab_size, seed=3)
     free = generate(model, prompts, max_new_tokens=10, eos_token_id=None)
     assert [len(x) for x in free] == [10, 10, 10]
     eos = free[1][3]
@@ -338,7 +300,7 @@ def test_scaled_rope_matches_transformers(tiny, rope):
 def test_bf16_runtime_tracks_float32(tiny):
     """The same code path in bfloat16 (weights, cache, experts): no dtype mismatches, logits close to float32."""
     t = tiny["qwen2_moe"]
-    prompts = _prompts(160, seed=6)
+    prompts = hf_models.prompts(160, seed=6)
     f32 = _runtime(t)
     bf16 = MoEModel.from_dense(t.config, t.dense, LocalExperts(t.experts, dtype=torch.bfloat16),
                                dtype=torch.bfloat16)

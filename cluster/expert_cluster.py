@@ -1,0 +1,206 @@
+"""ExpertCluster: the whole serving cluster from one `ray_config.yaml` — storage actors on every node, ExpertWorkers
+with their HBM caches, the expert placement, and the model runtime whose MoE layers dispatch to the workers.
+
+    with ExpertCluster(load_config("ray_config.yaml")) as c:
+        print(c.generate([[1, 2, 3]], max_new_tokens=16))
+
+`ClusterExperts` is the runtime's ExpertBackend: per MoE layer it groups the batch's (token, expert) pairs by
+expert, sends each worker one call carrying all the tokens of the experts it owns — every call in flight at
+once — and combines the results with the router weights. Placement (policies/placement.py) decides the owners and
+is re-run when workers join or leave.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from actors.expert_worker import ExpertWorker
+from policies.placement import Placement, place
+from storage_adapters.manifest import Manifest
+
+from . import ray_compat
+from .config import ClusterConfig
+from .model import MoEModel, generate, group_by_expert, load_dense_from_bytes
+from .storage_tier import start_storage_actors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DispatchStats:
+    calls: int = 0              # worker calls made
+    layers: int = 0             # MoE layer dispatches
+    pairs: int = 0              # (token, expert) pairs sent
+    load: dict = field(default_factory=dict)  # (layer, expert) -> pairs routed (measured load, feeds placement)
+
+
+class ClusterExperts:
+    """ExpertBackend over ExpertWorker actors (see cluster/model.py ExpertBackend for the contract)."""
+
+    def __init__(self, workers: dict[int, "ray.actor.ActorHandle"], placement: Placement, num_experts: int):
+        self.workers = workers
+        self.num_experts = num_experts
+        self.stats = DispatchStats()
+        self.publish(placement)
+
+    def publish(self, placement: Placement) -> None:
+        """Adopt a placement: per layer, a table expert -> primary owner, and the replicas of replicated ones."""
+        self.placement = placement
+        self._owner: dict[int, torch.Tensor] = {}
+        self._replicas: dict[tuple[int, int], tuple[int, ...]] = {}
+        for (layer, e), ws in placement.owners.items():
+            t = self._owner.setdefault(layer, torch.full((self.num_experts,), -1, dtype=torch.int64))
+            t[e] = ws[0]
+            if len(ws) > 1:
+                self._replicas[(layer, e)] = ws
+
+    def moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        N, k = topk_ids.shape
+        out = torch.zeros_like(x)                                        # [N, H]
+        if N == 0:
+            return out
+        order, expert_ids, counts = group_by_expert(topk_ids.cpu())
+        tok = order // k                                                 # [N*k] token of each pair
+        xs = x.detach().to("cpu", torch.float32)[tok]                   # [N*k, H] grouped by expert
+        eids, cnts = expert_ids.tolist(), counts.tolist()
+        owner = self._owner[layer][expert_ids].clone()                  # [U] worker per distinct expert
+        if self._replicas:  # spread replicated experts over their replicas by pairs already assigned this call
+            assigned: dict[int, int] = {}
+            for u, (e, n) in enumerate(zip(eids, cnts)):
+                ws = self._replicas.get((layer, e))
+                if ws:
+                    owner[u] = min(ws, key=lambda w: (assigned.get(w, 0), w))
+                assigned[int(owner[u])] = assigned.get(int(owner[u]), 0) + n
+        assert bool((owner >= 0).all()), f"layer {layer}: experts {expert_ids[owner < 0].tolist()} have no owner"
+        pair_owner = torch.repeat_interleave(owner, counts)              # [N*k]
+        calls, masks = [], []
+        for w in torch.unique(owner).tolist():
+            sel = (owner == w).nonzero().flatten().tolist()
+            mask = pair_owner == w
+            calls.append(self.workers[w].compute.remote(layer, [eids[u] for u in sel], [cnts[u] for u in sel],
+                                                        xs[mask].numpy()))
+            masks.append(mask)
+        ys = torch.empty_like(xs)
+        with warnings.catch_warnings():  # results arrive read-only (zero-copy from Ray); we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            for mask, y in zip(masks, ray.get(calls)):                   # every worker's call was in flight
+                ys[mask] = torch.from_numpy(y)
+        ys *= topk_w.detach().to("cpu", torch.float32).reshape(-1)[order].unsqueeze(1)
+        st = self.stats
+        st.calls += len(calls)
+        st.layers += 1
+        st.pairs += N * k
+        for e, n in zip(eids, cnts):
+            st.load[(layer, e)] = st.load.get((layer, e), 0) + n
+        return out.index_add_(0, tok.to(x.device), ys.to(x.device, x.dtype))
+
+
+class ExpertCluster:
+    def __init__(self, cfg: ClusterConfig, *, endpoint_overrides: dict[str, str] | None = None,
+                 policy: str = "lru", replicate_top: int = 0):
+        self.cfg, self.endpoint_overrides = cfg, endpoint_overrides or {}
+        self.policy, self.replicate_top = policy, replicate_top
+        self._started_ray = False
+        self.storage: dict[str, list] = {}
+        self.workers: dict[int, ray.actor.ActorHandle] = {}
+        self._next_worker = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> "ExpertCluster":
+        if not ray.is_initialized():
+            ray_compat.init_ray(self.cfg)
+            self._started_ray = True
+        self.storage = start_storage_actors(self.cfg, self.endpoint_overrides)
+        any_storage = next(iter(self.storage.values()))[0]
+        self.manifest = Manifest.from_json(ray.get(any_storage.manifest_json.remote()), "storage actor")
+        m = self.manifest
+        self.sizes = {(b.layer, b.expert): b.size for b in m.blobs}
+        for _ in range(self.cfg.workers.count):
+            self._spawn_worker()
+        ray.get([w.ping.remote() for w in self.workers.values()])  # budget and device errors surface here
+        self.experts = ClusterExperts(self.workers, place(self.sizes, sorted(self.workers),
+                                                          replicate_top=self.replicate_top), m.model.num_experts)
+        [dref] = ray.get(any_storage.dense.remote())
+        dense = load_dense_from_bytes(ray.get(dref))
+        dtype = torch.float32  # activations in f32; experts compute in their stored dtype on the workers
+        self.model = MoEModel.from_dense(m.model.config, dense, self.experts, dtype=dtype)
+        return self
+
+    def _spawn_worker(self) -> int:
+        w = self.cfg.workers
+        wid = self._next_worker
+        self._next_worker += 1
+        cls = ray.remote(ExpertWorker)
+        self.workers[wid] = cls.options(num_gpus=w.num_gpus_per_worker, num_cpus=0, max_concurrency=64,
+                                        name=f"expert-worker-{wid}", namespace=self.cfg.ray.namespace,
+                                        ).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage,
+                                                 device=w.device, policy=self.policy)
+        return wid
+
+    def shutdown(self) -> None:
+        for h in list(self.workers.values()) + [h for hs in self.storage.values() for h in hs]:
+            try:
+                ray.kill(h)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.workers.clear()
+        self.storage.clear()
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # -- membership ---------------------------------------------------------------------------------------------
+    def _replace(self) -> int:
+        """Re-place over the current workers, using measured load; returns how many holdings moved."""
+        old = self.experts.placement
+        new = place(self.sizes, sorted(self.workers), self.experts.stats.load or None,
+                    replicate_top=self.replicate_top, previous=old)
+        for wid, h in self.workers.items():
+            gone = [k for k in old.experts_of(wid) if wid not in new.replicas(k)]
+            if gone:
+                h.drop.remote(gone)
+        self.experts.publish(new)
+        return new.moved_from(old)
+
+    def add_worker(self) -> int:
+        wid = self._spawn_worker()
+        ray.get(self.workers[wid].ping.remote())
+        self._replace()
+        return wid
+
+    def remove_worker(self, wid: int) -> None:
+        h = self.workers.pop(wid)
+        self._replace()
+        ray.kill(h)
+
+    # -- use ----------------------------------------------------------------------------------------------------
+    def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
+        return generate(self.model, prompts, max_new_tokens, **kw)
+
+    def stats(self) -> dict:
+        ws = ray.get([w.stats.remote() for w in self.workers.values()])
+        ss = ray.get([h.stats.remote() for hs in self.storage.values() for h in hs])
+        d = self.experts.stats
+        return {"workers": ws, "storage": ss,
+                "dispatch": {"calls": d.calls, "moe_layers": d.layers, "pairs": d.pairs},
+                "hits": sum(w["hits"] for w in ws), "misses": sum(w["misses"] for w in ws),
+                "bytes_by_tier": _sum_dicts(s.get("tier_bytes", {}) for s in ss)}
+
+
+def _sum_dicts(ds) -> dict:
+    out: dict = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
