@@ -25,8 +25,8 @@ from .buffers import PAGE, align_up, aligned_empty, aligned_zeros
 from .checksum import Hasher, algo_of, digest
 from .errors import BlobNotFound, CheckpointError, StoreError
 from .families import FUSED, PER_EXPERT, FamilyGeometry, geometry, role_of
-from .manifest import (DENSE_KEY, FORMAT_VERSION, MANIFEST_KEY, ROLES, BlobEntry, DenseFile, Manifest, ModelInfo,
-                       TensorEntry, TierCopy, blob_key)
+from .manifest import (AUX_FILES, DENSE_KEY, FORMAT_VERSION, MANIFEST_KEY, ROLES, AuxFile, BlobEntry, DenseFile,
+                       Manifest, ModelInfo, TensorEntry, TierCopy, blob_key)
 from .nvme import NvmeAdapter
 from .s3 import S3Adapter
 from .safetensors_io import DTYPE_SIZES, SafetensorsWriter, TensorInfo, read_header, read_tensor_bytes
@@ -405,6 +405,14 @@ async def convert(plan: ConversionPlan, targets: list[Target], *, checksum_algo:
             dtensors, dsum, dsize = await loop.run_in_executor(None, _build_dense, plan, dpath, checksum_algo)
             dcopies = {t.tier: await _put(t, DENSE_KEY, None, dsum, report, src_path=dpath) for t in targets}
         dense = DenseFile(key=DENSE_KEY, size=dsize, checksum=dsum, tensors=dtensors, tiers=dcopies)
+        aux = {}
+        for name in AUX_FILES:
+            src = os.path.join(plan.checkpoint, name)
+            if os.path.isfile(src):
+                with open(src, "rb") as f:
+                    asum = digest(f.read(), checksum_algo)
+                copies = {t.tier: await _put(t, f"aux/{name}", None, asum, report, src_path=src) for t in targets}
+                aux[name] = AuxFile(key=f"aux/{name}", size=os.path.getsize(src), checksum=asum, tiers=copies)
 
         sem = asyncio.Semaphore(max_inflight)
         bar = None
@@ -435,7 +443,7 @@ async def convert(plan: ConversionPlan, targets: list[Target], *, checksum_algo:
                             moe_layers=g.moe_layers, hidden_size=g.hidden_size, intermediate_size=g.intermediate_size,
                             expert_layout=plan.layout),
             dtype=plan.dtype, alignment=PAGE, checksum_algo=checksum_algo,
-            locations={t.tier: t.adapter.uri for t in targets}, dense=dense, blobs=tuple(blobs))
+            locations={t.tier: t.adapter.uri for t in targets}, dense=dense, blobs=tuple(blobs), aux=aux)
         raw = manifest.to_json()
         # the manifest goes last: until it lands, no reader can see a store pointing at missing blobs
         for t in targets:

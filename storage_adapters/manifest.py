@@ -4,6 +4,7 @@ Layout of a store location (a directory for the NVMe tier, a bucket prefix for t
 
     manifest.json                  this file, written last and atomically
     dense.safetensors              every non-expert weight (embeddings, attention, norms, routers, shared experts)
+    aux/tokenizer.json ...         the checkpoint's small side files (tokenizer, generation config), if present
     experts/L{layer:03d}/E{expert:03d}.bin   one blob per (layer, expert): gate, up, down, each 4 KiB-aligned
 
 A blob's tensors are addressable by byte range (`TensorEntry.offset/length`), so a reader can fetch one tensor.
@@ -76,6 +77,17 @@ class DenseFile(_Strict):
     tiers: dict[str, TierCopy]
 
 
+class AuxFile(_Strict):
+    """A small file of the checkpoint kept beside the weights (tokenizer.json, generation_config.json, ...)."""
+    key: str
+    size: int
+    checksum: str
+    tiers: dict[str, TierCopy]
+
+
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
 class ModelInfo(_Strict):
     family: str                   # config.json model_type
     config: dict                  # the checkpoint's config.json, verbatim
@@ -97,6 +109,7 @@ class Manifest(_Strict):
     locations: dict[str, str]     # tier name -> URI of the store on that tier
     dense: DenseFile
     blobs: tuple[BlobEntry, ...]
+    aux: dict[str, AuxFile] = {}  # file name -> entry; key "aux/<name>"
     _idx: dict | None = PrivateAttr(default=None)
 
     @field_validator("format_version")

@@ -16,7 +16,7 @@ from . import crypto
 from .base import BlobAdapter
 from .checksum import verify
 from .errors import BlobIntegrityError, BlobNotFound, ManifestError, StoreError, TierAccessError
-from .manifest import MANIFEST_KEY, BlobEntry, DenseFile, Manifest, TensorEntry
+from .manifest import MANIFEST_KEY, AuxFile, BlobEntry, DenseFile, Manifest, TensorEntry
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ class ExpertStore:
     async def open(cls, adapters: list[BlobAdapter], keys: dict[str, bytes] | None = None) -> "ExpertStore":
         return cls(await load_manifest(adapters), adapters, keys)
 
-    def eligible(self, entry: BlobEntry | DenseFile, tiers: list[str] | None = None) -> list[BlobAdapter]:
+    def eligible(self, entry: BlobEntry | DenseFile | AuxFile, tiers: list[str] | None = None) -> list[BlobAdapter]:
         allowed = set(tiers) if tiers is not None else None
         return [a for a in self.adapters if a.tier in entry.tiers and (allowed is None or a.tier in allowed)]
 
-    async def _read_verified(self, entry: BlobEntry | DenseFile, tiers: list[str] | None) -> tuple[np.ndarray, str]:
+    async def _read_verified(self, entry: BlobEntry | DenseFile | AuxFile, tiers: list[str] | None) -> tuple[np.ndarray, str]:
         cands = self.eligible(entry, tiers)
         if not cands:
             raise TierAccessError(f"blob {entry.key!r}: no eligible tier holds it (held by {sorted(entry.tiers)}, "
@@ -163,6 +163,14 @@ class ExpertStore:
         if mismatch is not None:
             raise mismatch
         raise TierAccessError(f"blob {entry.key!r} tensor {role!r}: every eligible tier failed: " + "; ".join(failures))
+
+    async def read_aux(self, name: str, tiers: list[str] | None = None) -> bytes | None:
+        """A verified side file of the checkpoint (e.g. "tokenizer.json"), or None when the store has none."""
+        entry = self.manifest.aux.get(name)
+        if entry is None:
+            return None
+        raw, _ = await self._read_verified(entry, tiers)
+        return raw.tobytes()
 
     async def read_dense(self, tiers: list[str] | None = None) -> tuple[np.ndarray, str]:
         """The verified dense .safetensors file as bytes (parse with safetensors.torch.load)."""

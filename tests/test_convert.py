@@ -20,7 +20,7 @@ import pytest
 
 import checkpoints as C
 from storage_adapters.converter import convert, open_target, plan_conversion
-from storage_adapters.errors import CheckpointError, StoreError, TierAccessError
+from storage_adapters.errors import BlobIntegrityError, CheckpointError, StoreError, TierAccessError
 from storage_adapters.local_s3 import s3_client
 from storage_adapters.manifest import DENSE_KEY, MANIFEST_KEY
 from storage_adapters.store import ExpertStore
@@ -180,7 +180,7 @@ def test_roundtrip_file_store(kind, ckpt, originals, tmp_path):
     assert_model_info(kind, m, orig)
     C.check_layout(m, blobs, {"nvme": sizes}, dense)
     assert_roundtrip(m, blobs, dense, orig)
-    assert rep.written == {"nvme": len(m["blobs"]) + 1} and rep.skipped == {}
+    assert rep.written == {"nvme": len(m["blobs"]) + 1 + len(m["aux"])} and rep.skipped == {}
     assert m["locations"] == {"nvme": "file://" + root}
     # the verified read path returns the same bytes
     via = verified_via_store(f"file://{root}", m)
@@ -197,7 +197,7 @@ def test_roundtrip_s3_store(kind, ckpt, originals, moto_server, s3_bucket):
     assert_model_info(kind, m, orig)
     C.check_layout(m, blobs, {"s3": sizes}, dense)
     assert_roundtrip(m, blobs, dense, orig)
-    assert rep.written == {"s3": len(m["blobs"]) + 1}
+    assert rep.written == {"s3": len(m["blobs"]) + 1 + len(m["aux"])}
     via = verified_via_store(uri, m, moto_server.endpoint_url)
     assert all(via[k] == blobs[k] for k in blobs) and via[DENSE_KEY] == dense
 
@@ -215,7 +215,7 @@ def test_roundtrip_file_and_s3_at_once(kind, ckpt, originals, moto_server, s3_bu
     assert all(set(b["tiers"]) == {"nvme", "s3"} for b in fm["blobs"])
     C.check_layout(fm, fblobs, {"nvme": fsizes, "s3": ssizes}, fdense)
     assert_roundtrip(fm, fblobs, fdense, originals(kind))
-    n = len(fm["blobs"]) + 1
+    n = len(fm["blobs"]) + 1 + len(fm["aux"])
     assert rep.written == {"nvme": n, "s3": n}
 
 
@@ -234,7 +234,7 @@ def test_rerun_skips_everything(ckpt, tmp_path, moto_server, s3_bucket):
     root = str(tmp_path / "store")
     uri, _ = s3_uri(s3_bucket, "rerun")
     first = run_convert(ckpt("olmoe"), [f"file://{root}", uri], endpoint=moto_server.endpoint_url)
-    n = len(first.manifest.blobs) + 1
+    n = len(first.manifest.blobs) + 1 + len(first.manifest.aux)
     again = run_convert(ckpt("olmoe"), [f"file://{root}", uri], endpoint=moto_server.endpoint_url)
     assert again.skipped == {"nvme": n, "s3": n}
     assert again.written == {} and again.bytes_written == {} and again.cleaned == 0
@@ -255,7 +255,7 @@ def test_resume_after_interruption_file(ckpt, originals, tmp_path):
     rep = run_convert(ckpt("deepseek_v2"), [f"file://{root}"])
     assert rep.cleaned == 1 and not os.path.exists(stale)
     assert rep.written == {"nvme": 2}
-    assert rep.skipped == {"nvme": len(keys) - 2 + 1}
+    assert rep.skipped == {"nvme": len(keys) - 2 + 1 + len(rep.manifest.aux)}
     m, blobs, dense, sizes = read_file_store(root)
     C.check_layout(m, blobs, {"nvme": sizes}, dense)
     assert_roundtrip(m, blobs, dense, originals("deepseek_v2"))
@@ -274,7 +274,7 @@ def test_corrupt_blob_on_disk_is_rewritten(ckpt, originals, tmp_path):
         f.write(bytes([b[0] ^ 0x40]))
     rep = run_convert(ckpt("mixtral"), [f"file://{root}"])
     assert rep.written == {"nvme": 1}, "the corrupt blob must be rewritten, not skipped"
-    assert rep.skipped == {"nvme": len(first.manifest.blobs)}
+    assert rep.skipped == {"nvme": len(first.manifest.blobs) + len(first.manifest.aux)}
     m, blobs, dense, sizes = read_file_store(root)
     assert C.xxh64(blobs[victim.key]) == victim.checksum
     assert_roundtrip(m, blobs, dense, originals("mixtral"))
@@ -307,7 +307,7 @@ def test_resume_after_interruption_s3(ckpt, originals, moto_server, s3_bucket):
     try:
         rep = run_convert(ckpt("qwen2_moe"), [uri], endpoint=moto_server.endpoint_url)
         assert rep.cleaned == 1
-        assert rep.written == {"s3": 3} and rep.skipped == {"s3": len(keys) - 3 + 1}
+        assert rep.written == {"s3": 3} and rep.skipped == {"s3": len(keys) - 3 + 1 + len(rep.manifest.aux)}
         left = s3.list_multipart_uploads(Bucket=s3_bucket, Prefix=prefix + "/").get("Uploads", [])
         assert left == []
         others = s3.list_multipart_uploads(Bucket=s3_bucket, Prefix=prefix + "-sibling/").get("Uploads", [])
@@ -503,3 +503,27 @@ def test_cli_converts_and_reports(ckpt, originals, tmp_path):
     assert_roundtrip(m, blobs, dense, originals("legacy_bf16"))
     r2 = _cli("--checkpoint", ckpt("legacy_bf16"), "--store", f"file://{root}", "--quiet")
     assert r2.returncode == 0 and json.loads(r2.stdout)["skipped"] == {"nvme": 9}
+
+
+def test_side_files_travel_with_the_store(ckpt, tmp_path):
+    """tokenizer.json and generation_config.json are stored as verified aux objects beside the weights."""
+
+    from storage_adapters.nvme import NvmeAdapter
+    src = tmp_path / "ckpt"
+    shutil.copytree(ckpt("mixtral"), src)
+    tok = b'{"model": {"type": "BPE"}, "added_tokens": []}'
+    (src / "tokenizer.json").write_bytes(tok)
+    rep = run_convert(str(src), [f"file://{tmp_path}/store"])
+    assert set(rep.manifest.aux) >= {"tokenizer.json", "generation_config.json"}
+
+    async def go():
+        s = await ExpertStore.open([NvmeAdapter(str(tmp_path / "store"))])
+        try:
+            return await s.read_aux("tokenizer.json"), await s.read_aux("special_tokens_map.json")
+        finally:
+            await s.close()
+    got, absent = asyncio.run(go())
+    assert got == tok and absent is None
+    (tmp_path / "store" / "aux" / "tokenizer.json").write_bytes(tok.replace(b"BPE", b"XYZ"))
+    with pytest.raises(BlobIntegrityError, match="aux/tokenizer.json"):
+        asyncio.run(go())

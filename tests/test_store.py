@@ -334,9 +334,9 @@ def test_encrypted_tier(ckpt, tmp_path, caplog):
 
     # re-running with the same key verifies by decrypting and skips; with another key every object is rewritten
     again = _convert(ckpt[0], [Target(NvmeAdapter(root), key)])
-    assert again.skipped == {"nvme": len(m["blobs"]) + 1} and again.written == {}
+    assert again.skipped == {"nvme": len(m["blobs"]) + 1 + len(m["aux"])} and again.written == {}
     rekeyed = _convert(ckpt[0], [Target(NvmeAdapter(root), wrong)])
-    assert rekeyed.written == {"nvme": len(m["blobs"]) + 1}
+    assert rekeyed.written == {"nvme": len(m["blobs"]) + 1 + len(m["aux"])}
     (raw, _), _ = run_store([NvmeAdapter(root)], lambda s: s.read_blob(1, 1), keys={"nvme": wrong})
     check_blob(raw.tobytes(), m["blobs"][5], orig)
     assert rep.manifest.blobs[5].key == m["blobs"][5]["key"] == "experts/L001/E001.bin"
