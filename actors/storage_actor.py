@@ -56,6 +56,10 @@ class StorageActor:
             self._dense_ref = ray.put(raw)
         return [self._dense_ref]
 
+    async def aux(self, name: str) -> bytes | None:
+        """A verified side file of the checkpoint (tokenizer.json, ...) or None."""
+        return await (await self._ensure()).read_aux(name)
+
     async def _load(self, bid: BlobId) -> ray.ObjectRef:
         store = await self._ensure()
         t0 = time.perf_counter()
