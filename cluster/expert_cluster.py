@@ -39,12 +39,21 @@ class DispatchStats:
     load: dict = field(default_factory=dict)  # (layer, expert) -> pairs routed (measured load, feeds placement)
 
 
+class _WorkersLost(Exception):
+    def __init__(self, errors: dict[int, Exception]):
+        self.errors = errors
+
+
 class ClusterExperts:
     """ExpertBackend over ExpertWorker actors (see cluster/model.py ExpertBackend for the contract)."""
 
-    def __init__(self, workers: dict[int, "ray.actor.ActorHandle"], placement: Placement, num_experts: int):
+    def __init__(self, workers: dict[int, "ray.actor.ActorHandle"], placement: Placement, num_experts: int,
+                 on_worker_lost=None):
+        """on_worker_lost(worker_id, error): called when a worker's call fails because the actor died; it must
+        re-place (publish) without that worker, after which the layer is retried once."""
         self.workers = workers
         self.num_experts = num_experts
+        self.on_worker_lost = on_worker_lost
         self.stats = DispatchStats()
         self.publish(placement)
 
@@ -60,6 +69,21 @@ class ClusterExperts:
                 self._replicas[(layer, e)] = ws
 
     def moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._moe(layer, x, topk_ids, topk_w)
+        except _WorkersLost as lost:
+            if self.on_worker_lost is None:
+                raise RuntimeError(f"layer {layer}: expert workers {sorted(lost.errors)} died: "
+                                   f"{next(iter(lost.errors.values()))}") from None
+            for wid, err in lost.errors.items():
+                self.on_worker_lost(wid, err)  # re-place their experts on the survivors
+            try:
+                return self._moe(layer, x, topk_ids, topk_w)
+            except _WorkersLost as again:
+                raise RuntimeError(f"layer {layer}: expert workers {sorted(again.errors)} died again after "
+                                   f"re-placement: {next(iter(again.errors.values()))}") from None
+
+    def _moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         N, k = topk_ids.shape
         out = torch.zeros_like(x)                                        # [N, H]
         if N == 0:
@@ -78,18 +102,25 @@ class ClusterExperts:
                 assigned[int(owner[u])] = assigned.get(int(owner[u]), 0) + n
         assert bool((owner >= 0).all()), f"layer {layer}: experts {expert_ids[owner < 0].tolist()} have no owner"
         pair_owner = torch.repeat_interleave(owner, counts)              # [N*k]
-        calls, masks = [], []
+        calls, masks, wids = [], [], []
         for w in torch.unique(owner).tolist():
             sel = (owner == w).nonzero().flatten().tolist()
             mask = pair_owner == w
             calls.append(self.workers[w].compute.remote(layer, [eids[u] for u in sel], [cnts[u] for u in sel],
                                                         xs[mask].numpy()))
             masks.append(mask)
+            wids.append(w)
         ys = torch.empty_like(xs)
+        lost: dict[int, Exception] = {}
         with warnings.catch_warnings():  # results arrive read-only (zero-copy from Ray); we only read them
             warnings.simplefilter("ignore", UserWarning)
-            for mask, y in zip(masks, ray.get(calls)):                   # every worker's call was in flight
-                ys[mask] = torch.from_numpy(y)
+            for w, mask, call in zip(wids, masks, calls):                # every worker's call is already in flight
+                try:
+                    ys[mask] = torch.from_numpy(ray.get(call))
+                except ray.exceptions.RayActorError as e:
+                    lost[w] = e
+        if lost:
+            raise _WorkersLost(lost)
         ys *= topk_w.detach().to("cpu", torch.float32).reshape(-1)[order].unsqueeze(1)
         st = self.stats
         st.calls += len(calls)
@@ -109,6 +140,7 @@ class ExpertCluster:
         self.storage: dict[str, list] = {}
         self.workers: dict[int, ray.actor.ActorHandle] = {}
         self._next_worker = 0
+        self.lost_workers: list[int] = []
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> "ExpertCluster":
@@ -124,7 +156,8 @@ class ExpertCluster:
             self._spawn_worker()
         ray.get([w.ping.remote() for w in self.workers.values()])  # budget and device errors surface here
         self.experts = ClusterExperts(self.workers, place(self.sizes, sorted(self.workers),
-                                                          replicate_top=self.replicate_top), m.model.num_experts)
+                                                          replicate_top=self.replicate_top), m.model.num_experts,
+                                      on_worker_lost=self._worker_lost)
         [dref] = ray.get(any_storage.dense.remote())
         dense = load_dense_from_bytes(ray.get(dref))
         dtype = torch.float32  # activations in f32; experts compute in their stored dtype on the workers
@@ -178,6 +211,16 @@ class ExpertCluster:
         ray.get(self.workers[wid].ping.remote())
         self._replace()
         return wid
+
+    def _worker_lost(self, wid: int, err: Exception) -> None:
+        """A worker died: forget it and re-place its experts on the survivors (they reload them on demand)."""
+        log.warning("expert worker %d lost (%s); re-placing its experts on %s", wid, type(err).__name__,
+                    sorted(set(self.workers) - {wid}))
+        self.workers.pop(wid, None)
+        if not self.workers:
+            raise RuntimeError(f"every expert worker is gone (last: worker {wid}: {err})")
+        self.lost_workers.append(wid)
+        self._replace()
 
     def remove_worker(self, wid: int) -> None:
         h = self.workers.pop(wid)

@@ -81,3 +81,15 @@ def test_workers_join_and_leave(ray_local, stores):
         c.remove_worker(0)
         assert 0 not in {c.experts.placement.owner(k) for k in c.sizes}
         assert c.generate(prompts, max_new_tokens=8) == before
+
+
+def test_a_dead_worker_is_replaced_and_requests_go_on(ray_local, stores):
+    t, store, man = stores["qwen3_moe"]
+    with ExpertCluster(cluster_cfg(store, "c-fault", 64 * man.expert_bytes, workers=3)) as c:
+        prompts = hf_models.prompts(c.model.args.vocab_size, seed=7)
+        before = c.generate(prompts, max_new_tokens=8)
+        victim = c.experts.placement.owner(next(iter(c.sizes)))
+        ray.kill(c.workers[victim])
+        assert c.generate(prompts, max_new_tokens=8) == before  # the request that found it dead went on
+        assert c.lost_workers == [victim] and victim not in c.workers
+        assert victim not in {c.experts.placement.owner(k) for k in c.sizes}
