@@ -64,7 +64,7 @@ class ExpertWorker:
             raise ValueError(f"worker {worker_id}: HBM budget of {hbm_budget_bytes} bytes is smaller than one expert "
                              f"({largest} bytes); raise workers.hbm_budget_bytes")
         self.cache = CacheIndex(hbm_budget_bytes, make_policy(policy, hbm_budget_bytes))
-        node = ray.get_runtime_context().get_node_id()
+        node = self.node_id = ray.get_runtime_context().get_node_id()
         # storage_by_node: node id -> [StorageActor]; use this node's (its DRAM tier is our zero-copy source)
         handles = storage_by_node.get(node) or next(iter(storage_by_node.values()))
         self.storage = handles[worker_id % len(handles)]
@@ -267,7 +267,7 @@ class ExpertWorker:
     # -- introspection ------------------------------------------------------------------------------------------
     async def stats(self) -> dict:
         s = dict(self.counters)
-        s.update(worker_id=self.worker_id, device=str(self.device), used_bytes=self.cache.used,
+        s.update(worker_id=self.worker_id, device=str(self.device), node_id=self.node_id, used_bytes=self.cache.used,
                  budget_bytes=self.cache.budget, resident=len(self.cache), evictions=self.cache.evictions,
                  wasted_prefetches=self.cache.wasted_prefetches, queued_prefetches=len(self._queued),
                  policy=self.cache.policy.name, local_storage=self.local_storage)

@@ -169,9 +169,11 @@ class ExpertCluster:
         wid = self._next_worker
         self._next_worker += 1
         cls = ray.remote(ExpertWorker)
+        # GPU workers go where the GPUs are; CPU-only workers are spread over the nodes like GPUs would be
+        strategy = "DEFAULT" if w.num_gpus_per_worker else "SPREAD"
         self.workers[wid] = cls.options(num_gpus=w.num_gpus_per_worker, num_cpus=0, max_concurrency=64,
                                         name=f"expert-worker-{wid}", namespace=self.cfg.ray.namespace,
-                                        ).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage,
+                                        scheduling_strategy=strategy).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage,
                                                  device=w.device, policy=self.policy)
         return wid
 
