@@ -38,6 +38,10 @@ def ray_local():
     ray.shutdown()
 
 
+def test_ray_stays_on_loopback(ray_local):
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+
+
 def make_cfg(store, namespace, dram_bytes, tiers=("dram", "nvme", "s3"), endpoint=None):
     return ClusterConfig.model_validate({
         "ray": {"namespace": namespace},

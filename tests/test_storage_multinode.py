@@ -37,6 +37,7 @@ def test_one_pinned_actor_per_node_serving_its_node(cluster, tmp_path):
         "tiers": [{"kind": "dram", "budget_bytes": 1 << 30}, {"kind": "nvme", "path": str(tmp_path / "nvme")}]})
     nodes = ray_compat.alive_node_ids()
     assert len(nodes) == 2
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}  # the whole cluster on loopback
     actors = start_storage_actors(cfg)
     assert sorted(actors) == nodes
     for node, [a] in actors.items():
