@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
 from storage_adapters.manifest import Manifest
 
 Key = tuple[int, int]  # (layer, expert)
+MISS = "miss"  # compute_resident's answer when an expert is not resident (the caller falls back to compute)
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -70,6 +72,8 @@ class ExpertWorker:
         self.storage = handles[worker_id % len(handles)]
         self.local_storage = node in storage_by_node
         self._res: dict[Key, _Resident] = {}
+        # guards the cache index and _res between the event loop and the compiled-graph thread (compute_resident)
+        self._lock = threading.Lock()
         self._loading: dict[Key, asyncio.Future] = {}
         self._queue: list[_Queued] = []
         self._queued: dict[Key, _Queued] = {}
@@ -136,9 +140,10 @@ class ExpertWorker:
         try:
             res = await self._fetch_to_device(key)
             try:
-                for victim in self.cache.insert(key, res.blob.numel(), prefetched=prefetched, request=request):
-                    del self._res[victim]
-                self._res[key] = res
+                with self._lock:
+                    for victim in self.cache.insert(key, res.blob.numel(), prefetched=prefetched, request=request):
+                        del self._res[victim]
+                    self._res[key] = res
             except DoesNotFit:
                 if prefetched:
                     raise
@@ -176,18 +181,48 @@ class ExpertWorker:
             self.counters["demand_loads"] += len(missing)
             last.update(zip(missing, await asyncio.gather(*[self._load(k, prefetched=False) for k in missing])))
         # from here to the pins there is no await, so nothing can be evicted in between
-        res = {k: self._res[k] if k in self._res else last[k] for k in keys}
-        pinned = [k for k in dict.fromkeys(keys) if k in self.cache]
-        for k in pinned:
-            self.cache.pin(k)
-            self.cache.access(k)
+        with self._lock:
+            res = {k: self._res[k] if k in self._res else last[k] for k in keys}
+            pinned = [k for k in dict.fromkeys(keys) if k in self.cache]
+            for k in pinned:
+                self.cache.pin(k)
+                self.cache.access(k)
         try:
             out = await asyncio.to_thread(self._compute_sync, [res[k] for k in keys], counts, x)
         finally:
-            for k in pinned:
-                self.cache.unpin(k)
+            with self._lock:
+                for k in pinned:
+                    self.cache.unpin(k)
         self.counters["compute_calls"] += 1
         self.counters["tokens"] += int(x.shape[0])
+        return out
+
+    def compute_resident(self, payload):
+        """Compiled-graph entry point (synchronous, runs on the graph's own thread): payload is None (no work for
+        this worker in this layer) or (layer, experts, counts, x) as for `compute`. Computes only when every
+        expert is resident — the steady decode path; otherwise returns MISS and the runtime falls back to
+        `compute`, which loads. Never waits on a load."""
+        if payload is None:
+            return None
+        layer, experts, counts, x = payload
+        keys = [(layer, int(e)) for e in experts]
+        with self._lock:
+            if any(k not in self._res for k in keys):
+                return MISS
+            res = [self._res[k] for k in keys]
+            pinned = list(dict.fromkeys(keys))
+            for k in pinned:
+                self.cache.pin(k)
+                self.cache.access(k)
+            self.counters["hits"] += len(keys)
+        try:
+            out = self._compute_sync(res, counts, x)
+        finally:
+            with self._lock:
+                for k in pinned:
+                    self.cache.unpin(k)
+                self.counters["compute_calls"] += 1
+                self.counters["tokens"] += int(x.shape[0])
         return out
 
     def _compute_sync(self, residents: list[_Resident], counts: list[int], x: np.ndarray) -> np.ndarray:
@@ -260,7 +295,8 @@ class ExpertWorker:
             if (request is not None and q.request == request) or (keys and key in keys):
                 self._dequeue(key)
                 n += 1
-        self.cache.mark_stale(request=request, keys=keys)
+        with self._lock:
+            self.cache.mark_stale(request=request, keys=keys)
         self.counters["cancelled"] += n
         return n
 
@@ -282,10 +318,11 @@ class ExpertWorker:
         n = 0
         for k in keys:
             k = (int(k[0]), int(k[1]))
-            if k in self.cache and not self.cache.entries[k].pins:
-                self.cache.remove(k)
-                self._res.pop(k, None)
-                n += 1
+            with self._lock:
+                if k in self.cache and not self.cache.entries[k].pins:
+                    self.cache.remove(k)
+                    self._res.pop(k, None)
+                    n += 1
         return n
 
     async def ping(self) -> int:

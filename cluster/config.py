@@ -103,6 +103,9 @@ class WorkersConfig(_Model):
     hbm_budget_bytes: ByteSize = ByteSize(256 << 20)
     num_gpus_per_worker: float = Field(0, ge=0)   # 0 on CPU machines; 1 per GPU worker on GPU nodes
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # how a MoE layer reaches the workers: plain actor calls, or a Ray Compiled Graph on the steady decode path
+    # (every expert resident), falling back to plain calls for a worker that misses
+    dispatch: Literal["plain", "compiled"] = "plain"
 
 
 class StorageActorsConfig(_Model):

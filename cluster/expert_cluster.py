@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DispatchStats:
     calls: int = 0              # worker calls made
+    plain_calls: int = 0        # of which through plain actor calls (the rest: the compiled graph)
     layers: int = 0             # MoE layer dispatches
     pairs: int = 0              # (token, expert) pairs sent
     load: dict = field(default_factory=dict)  # (layer, expert) -> pairs routed (measured load, feeds placement)
@@ -48,17 +49,23 @@ class ClusterExperts:
     """ExpertBackend over ExpertWorker actors (see cluster/model.py ExpertBackend for the contract)."""
 
     def __init__(self, workers: dict[int, "ray.actor.ActorHandle"], placement: Placement, num_experts: int,
-                 on_worker_lost=None):
+                 on_worker_lost=None, dispatch: str = "plain"):
         """on_worker_lost(worker_id, error): called when a worker's call fails because the actor died; it must
         re-place (publish) without that worker, after which the layer is retried once."""
         self.workers = workers
         self.num_experts = num_experts
         self.on_worker_lost = on_worker_lost
+        assert dispatch in ("plain", "compiled"), f"dispatch must be 'plain' or 'compiled', got {dispatch!r}"
+        self.dispatch = dispatch
+        self._graph = None          # compiled graph over _graph_wids, built on first use
+        self._graph_wids: list[int] = []
         self.stats = DispatchStats()
         self.publish(placement)
 
     def publish(self, placement: Placement) -> None:
         """Adopt a placement: per layer, a table expert -> primary owner, and the replicas of replicated ones."""
+        if self._graph is not None and sorted(self.workers) != self._graph_wids:
+            self.close_graph()  # the set of workers changed: the graph is rebuilt on next use
         self.placement = placement
         self._owner: dict[int, torch.Tensor] = {}
         self._replicas: dict[tuple[int, int], tuple[int, ...]] = {}
@@ -102,33 +109,72 @@ class ClusterExperts:
                 assigned[int(owner[u])] = assigned.get(int(owner[u]), 0) + n
         assert bool((owner >= 0).all()), f"layer {layer}: experts {expert_ids[owner < 0].tolist()} have no owner"
         pair_owner = torch.repeat_interleave(owner, counts)              # [N*k]
-        calls, masks, wids = [], [], []
+        payloads, masks = {}, {}
         for w in torch.unique(owner).tolist():
             sel = (owner == w).nonzero().flatten().tolist()
             mask = pair_owner == w
-            calls.append(self.workers[w].compute.remote(layer, [eids[u] for u in sel], [cnts[u] for u in sel],
-                                                        xs[mask].numpy()))
-            masks.append(mask)
-            wids.append(w)
+            payloads[w] = (layer, [eids[u] for u in sel], [cnts[u] for u in sel], xs[mask].numpy())
+            masks[w] = mask
         ys = torch.empty_like(xs)
-        lost: dict[int, Exception] = {}
+        todo = dict(payloads)
         with warnings.catch_warnings():  # results arrive read-only (zero-copy from Ray); we only read them
             warnings.simplefilter("ignore", UserWarning)
-            for w, mask, call in zip(wids, masks, calls):                # every worker's call is already in flight
+            if self.dispatch == "compiled":
+                for w, y in self._run_graph(payloads).items():
+                    ys[masks[w]] = torch.from_numpy(y)
+                    del todo[w]
+            calls = {w: self.workers[w].compute.remote(*p) for w, p in todo.items()}  # all in flight at once
+            lost: dict[int, Exception] = {}
+            for w, call in calls.items():
                 try:
-                    ys[mask] = torch.from_numpy(ray.get(call))
+                    ys[masks[w]] = torch.from_numpy(ray.get(call))
                 except ray.exceptions.RayActorError as e:
                     lost[w] = e
         if lost:
             raise _WorkersLost(lost)
         ys *= topk_w.detach().to("cpu", torch.float32).reshape(-1)[order].unsqueeze(1)
         st = self.stats
-        st.calls += len(calls)
+        st.calls += len(payloads)
+        st.plain_calls += len(calls)
         st.layers += 1
         st.pairs += N * k
         for e, n in zip(eids, cnts):
             st.load[(layer, e)] = st.load.get((layer, e), 0) + n
         return out.index_add_(0, tok.to(x.device), ys.to(x.device, x.dtype))
+
+
+    # -- compiled graph ---------------------------------------------------------------------------------------------
+    def _run_graph(self, payloads: dict) -> dict:
+        """Run one layer through the compiled graph; returns {worker: result} for workers that computed (those that
+        missed an expert are left to the plain path). On any graph failure the graph is dropped and every worker
+        goes the plain way, which also handles dead workers."""
+        from actors.expert_worker import MISS
+        try:
+            if self._graph is None:
+                from ray.dag import InputNode, MultiOutputNode
+                self._graph_wids = sorted(self.workers)
+                with InputNode() as inp:
+                    dag = MultiOutputNode([self.workers[w].compute_resident.bind(inp[i])
+                                           for i, w in enumerate(self._graph_wids)])
+                self._graph = dag.experimental_compile()
+            outs = ray.get(self._graph.execute(*[payloads.get(w) for w in self._graph_wids]))
+        except Exception as e:  # noqa: BLE001 - fall back to plain calls, which report what is wrong
+            log.warning("compiled dispatch failed (%s: %s); using plain calls", type(e).__name__, e)
+            self.close_graph()
+            return {}
+        # copy out now: results are views of the graph's channel buffers, reused by the next execution
+        got = {w: np.array(y) for w, y in zip(self._graph_wids, outs) if y is not None and not (
+            isinstance(y, str) and y == MISS)}
+        del outs
+        return got
+
+    def close_graph(self) -> None:
+        if self._graph is not None:
+            try:
+                self._graph.teardown()
+            except Exception:  # noqa: BLE001 - a dead actor makes teardown complain; nothing left to free
+                pass
+            self._graph = None
 
 
 class ExpertCluster:
@@ -157,7 +203,7 @@ class ExpertCluster:
         ray.get([w.ping.remote() for w in self.workers.values()])  # budget and device errors surface here
         self.experts = ClusterExperts(self.workers, place(self.sizes, sorted(self.workers),
                                                           replicate_top=self.replicate_top), m.model.num_experts,
-                                      on_worker_lost=self._worker_lost)
+                                      on_worker_lost=self._worker_lost, dispatch=self.cfg.workers.dispatch)
         [dref] = ray.get(any_storage.dense.remote())
         dense = load_dense_from_bytes(ray.get(dref))
         dtype = torch.float32  # activations in f32; experts compute in their stored dtype on the workers
@@ -178,6 +224,8 @@ class ExpertCluster:
         return wid
 
     def shutdown(self) -> None:
+        if getattr(self, "experts", None) is not None:
+            self.experts.close_graph()
         for h in list(self.workers.values()) + [h for hs in self.storage.values() for h in hs]:
             try:
                 ray.kill(h)
@@ -238,7 +286,8 @@ class ExpertCluster:
         ss = ray.get([h.stats.remote() for hs in self.storage.values() for h in hs])
         d = self.experts.stats
         return {"workers": ws, "storage": ss,
-                "dispatch": {"calls": d.calls, "moe_layers": d.layers, "pairs": d.pairs},
+                "dispatch": {"calls": d.calls, "plain_calls": d.plain_calls, "moe_layers": d.layers,
+                             "pairs": d.pairs, "mode": self.experts.dispatch},
                 "hits": sum(w["hits"] for w in ws), "misses": sum(w["misses"] for w in ws),
                 "bytes_by_tier": _sum_dicts(s.get("tier_bytes", {}) for s in ss)}
 

@@ -38,10 +38,10 @@ def stores(tmp_path_factory):
     return out
 
 
-def cluster_cfg(store: str, namespace: str, hbm_bytes: int, workers: int = 2) -> ClusterConfig:
+def cluster_cfg(store: str, namespace: str, hbm_bytes: int, workers: int = 2, dispatch: str = "plain") -> ClusterConfig:
     return ClusterConfig.model_validate({
         "ray": {"namespace": namespace},
-        "workers": {"count": workers, "hbm_budget_bytes": hbm_bytes},
+        "workers": {"count": workers, "hbm_budget_bytes": hbm_bytes, "dispatch": dispatch},
         "tiers": [{"kind": "dram", "budget_bytes": 64 << 20}, {"kind": "nvme", "path": store}]})
 
 
@@ -93,3 +93,18 @@ def test_a_dead_worker_is_replaced_and_requests_go_on(ray_local, stores):
         assert c.generate(prompts, max_new_tokens=8) == before  # the request that found it dead went on
         assert c.lost_workers == [victim] and victim not in c.workers
         assert victim not in {c.experts.placement.owner(k) for k in c.sizes}
+
+
+@pytest.mark.parametrize("cache_experts", [2, 64])
+def test_compiled_graph_dispatch_matches_and_falls_back_on_misses(ray_local, stores, cache_experts):
+    t, store, man = stores["olmoe"]
+    cfg = cluster_cfg(store, f"c-compiled-{cache_experts}", cache_experts * man.expert_bytes, dispatch="compiled")
+    with ExpertCluster(cfg) as c:
+        prompts = hf_models.prompts(c.model.args.vocab_size)
+        assert hf_models.check_against_hf(c.model, t.model, prompts, "olmoe") < hf_models.TOL
+        d = c.stats()["dispatch"]
+        assert d["mode"] == "compiled" and d["calls"] > 0
+        if cache_experts == 64:   # everything resident after the first touch: the graph carries the decode steps
+            assert d["plain_calls"] < d["calls"] / 2, d
+        else:                     # constant misses: the workers answer MISS and plain calls load
+            assert d["plain_calls"] > 0, d
