@@ -17,6 +17,7 @@ import heapq
 import itertools
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,7 @@ from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
 from storage_adapters.manifest import Manifest
 
 Key = tuple[int, int]  # (layer, expert)
+_INLINE_ROWS = 64  # computes this small run on the event loop itself
 MISS = "miss"  # compute_resident's answer when an expert is not resident (the caller falls back to compute)
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -55,12 +57,18 @@ class _Queued:
 
 class ExpertWorker:
     def __init__(self, worker_id: int, manifest_json: bytes, hbm_budget_bytes: int, storage_by_node: dict,
-                 *, device: str = "auto", policy: str = "lru", prefetch_concurrency: int = 2):
+                 *, device: str = "auto", policy: str = "lru", prefetch_concurrency: int = 2, cpu_threads: int = 1):
         self.worker_id = worker_id
+        # inputs arrive read-only (zero-copy from Ray's object store) and are only read: torch need not warn
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.manifest = Manifest.from_json(manifest_json, f"worker {worker_id}")
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"worker {worker_id}: device 'cuda' requested but CUDA is not available here")
         self.device = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            # CPU workers share the node's cores with each other and the runtime: one intra-op thread each, so
+            # small expert matmuls do not pay for a thread pool that has no idle cores to run on
+            torch.set_num_threads(cpu_threads)
         largest = self.manifest.expert_bytes
         if hbm_budget_bytes < largest:
             raise ValueError(f"worker {worker_id}: HBM budget of {hbm_budget_bytes} bytes is smaller than one expert "
@@ -174,6 +182,7 @@ class ExpertWorker:
                 self.counters["misses"] += 1
             self._dequeue(k)  # a queued prefetch of an expert needed now becomes a demand load
         last: dict[Key, _Resident] = {}
+        missing_any = any(k not in self._res for k in keys)
         for _ in range(3):  # a just-loaded expert can be evicted by a concurrent load before we pin it: reload
             missing = [k for k in keys if k not in self._res and (k not in last or last[k].cached)]
             if not missing:
@@ -188,7 +197,11 @@ class ExpertWorker:
                 self.cache.pin(k)
                 self.cache.access(k)
         try:
-            out = await asyncio.to_thread(self._compute_sync, [res[k] for k in keys], counts, x)
+            if x.shape[0] <= _INLINE_ROWS and not missing_any:
+                # a decode step's few tokens on resident experts: a thread hop would cost more than the math
+                out = self._compute_sync([res[k] for k in keys], counts, x)
+            else:  # prefill-sized work, or loads in flight: keep the event loop free while torch computes
+                out = await asyncio.to_thread(self._compute_sync, [res[k] for k in keys], counts, x)
         finally:
             with self._lock:
                 for k in pinned:
