@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import resource
 import threading
 import time
 import warnings
@@ -136,15 +137,20 @@ class ExpertWorker:
         self.counters["load_seconds"] += time.perf_counter() - t0
         return _Resident(dev, self._views(key, dev), ready)
 
-    async def _load(self, key: Key, prefetched: bool, request: str | None = None) -> _Resident:
-        """Resident entry for key, loading it once however many callers ask (in-flight loads are shared)."""
+    async def _load(self, key: Key, prefetched: bool, request: str | None = None,
+                    pin: bool = False) -> tuple[_Resident, bool]:
+        """(entry, pinned) for key, loading it once however many callers ask (in-flight loads are shared).
+        With pin, the caller that performs the load gets the entry pinned in the same step it is inserted, so
+        no other load can evict it first; a caller that only waited on someone else's load gets pinned=False
+        and pins it itself if it is still resident."""
         if key in self._res:
-            return self._res[key]
+            return self._res[key], False
         fut = self._loading.get(key)
         if fut is not None:
-            return await asyncio.shield(fut)
+            return await asyncio.shield(fut), False
         fut = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
+        pinned = False
         try:
             res = await self._fetch_to_device(key)
             try:
@@ -152,6 +158,9 @@ class ExpertWorker:
                     for victim in self.cache.insert(key, res.blob.numel(), prefetched=prefetched, request=request):
                         del self._res[victim]
                     self._res[key] = res
+                    if pin:
+                        self.cache.pin(key)
+                        pinned = True
             except DoesNotFit:
                 if prefetched:
                     raise
@@ -159,7 +168,7 @@ class ExpertWorker:
                 self.counters["uncached"] += 1  # every byte is pinned by computes in flight: use it once
             self.counters["peak_used_bytes"] = max(self.counters["peak_used_bytes"], self.cache.used)
             fut.set_result(res)
-            return res
+            return res, pinned
         except BaseException as e:
             fut.set_exception(e)
             fut.exception()
@@ -174,30 +183,60 @@ class ExpertWorker:
         assert len(experts) == len(counts) and sum(counts) == x.shape[0], \
             f"worker {self.worker_id}: {len(experts)} experts / {sum(counts)} rows for x of shape {x.shape}"
         keys = [(layer, int(e)) for e in experts]
-        for k in keys:
-            if k in self._res:
-                self.counters["hits"] += 1
-                self.counters["prefetch_hits"] += self.cache.entries[k].prefetched
-            else:
-                self.counters["misses"] += 1
-            self._dequeue(k)  # a queued prefetch of an expert needed now becomes a demand load
-        last: dict[Key, _Resident] = {}
-        missing_any = any(k not in self._res for k in keys)
-        for _ in range(3):  # a just-loaded expert can be evicted by a concurrent load before we pin it: reload
-            missing = [k for k in keys if k not in self._res and (k not in last or last[k].cached)]
-            if not missing:
-                break
-            self.counters["demand_loads"] += len(missing)
-            last.update(zip(missing, await asyncio.gather(*[self._load(k, prefetched=False) for k in missing])))
-        # from here to the pins there is no await, so nothing can be evicted in between
-        with self._lock:
-            res = {k: self._res[k] if k in self._res else last[k] for k in keys}
-            pinned = [k for k in dict.fromkeys(keys) if k in self.cache]
-            for k in pinned:
+        uniq = list(dict.fromkeys(keys))
+        res: dict[Key, _Resident] = {}
+        pinned: list[Key] = []
+
+        def grab(k: Key) -> None:  # under the lock: pin a resident entry for this compute
+            r = self._res.get(k)
+            if r is not None:
                 self.cache.pin(k)
-                self.cache.access(k)
+                pinned.append(k)
+                res[k] = r
+
+        with self._lock:  # resident experts are pinned first, so loading the others cannot evict them
+            for k in uniq:
+                if k in self._res:
+                    self.counters["hits"] += 1
+                    self.counters["prefetch_hits"] += self.cache.entries[k].prefetched
+                    grab(k)
+                else:
+                    self.counters["misses"] += 1
+        for k in uniq:
+            self._dequeue(k)  # a queued prefetch of an expert needed now becomes a demand load
+        loaded_any = len(res) < len(uniq)
         try:
-            if x.shape[0] <= _INLINE_ROWS and not missing_any:
+            last: dict[Key, _Resident] = {}
+            for _ in range(3):  # a load we only waited on may be evicted before we pin it: load again
+                missing = [k for k in uniq if k not in res]
+                if not missing:
+                    break
+                self.counters["demand_loads"] += len(missing)
+                got = await asyncio.gather(*[self._load(k, prefetched=False, pin=True) for k in missing],
+                                           return_exceptions=True)
+                failed = next((g for g in got if isinstance(g, BaseException)), None)
+                with self._lock:
+                    for k, g in zip(missing, got):
+                        if isinstance(g, BaseException):
+                            continue
+                        r, did_pin = g  # record every pin, even if a sibling load failed, so finally unpins it
+                        last[k] = r
+                        if did_pin:
+                            pinned.append(k)
+                            res[k] = r
+                        elif not r.cached:
+                            res[k] = r  # no room (all pinned): used by this compute only
+                        else:
+                            grab(k)
+                if failed is not None:
+                    raise failed
+            for k in uniq:
+                if k not in res:
+                    res[k] = last[k]  # still evicted after retries: use the loaded copy this once
+            with self._lock:
+                for k in pinned:
+                    self.cache.access(k)
+            if x.shape[0] <= _INLINE_ROWS and not loaded_any:
                 # a decode step's few tokens on resident experts: a thread hop would cost more than the math
                 out = self._compute_sync([res[k] for k in keys], counts, x)
             else:  # prefill-sized work, or loads in flight: keep the event loop free while torch computes
@@ -319,7 +358,8 @@ class ExpertWorker:
         s.update(worker_id=self.worker_id, device=str(self.device), node_id=self.node_id, used_bytes=self.cache.used,
                  budget_bytes=self.cache.budget, resident=len(self.cache), evictions=self.cache.evictions,
                  wasted_prefetches=self.cache.wasted_prefetches, queued_prefetches=len(self._queued),
-                 policy=self.cache.policy.name, local_storage=self.local_storage)
+                 policy=self.cache.policy.name, local_storage=self.local_storage,
+                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         assert self.cache.used <= self.cache.budget, f"worker {self.worker_id}: cache over budget"
         return s
 

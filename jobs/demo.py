@@ -1,21 +1,28 @@
-"""python -m jobs.demo [--config ray_config.yaml] [--workdir DIR]
+"""python -m jobs.demo [--config ray_config.yaml] [--checkpoint DIR]
 
-The main job on the embedded default, no download and no credentials: generate a small Mixtral-format checkpoint,
-convert it into the store on the NVMe tier and on a local S3-compatible server (started here on 127.0.0.1),
-start Ray and one StorageActor per node, and read every expert back through the actors — verified against the
-source checkpoint byte for byte — from each TierSet. Prints what it did at every step.
+The main job on the embedded default — no download, no credentials, nothing beyond 127.0.0.1:
+  1. convert the embedded model (jobs/embedded_model, trained by jobs.train_tiny_moe) into the expert store on
+     the NVMe tier and on a local S3-compatible server started here, and again to show a re-run skips everything;
+  2. start a local Ray cluster from ray_config.yaml: storage actors, ExpertWorkers whose HBM caches together
+     hold at most half of the experts, the model runtime;
+  3. read every expert back through the storage actors, verified against the checkpoint byte for byte;
+  4. generate text for a handful of prompts and print tokens/s, cache hits and misses, bytes read per tier and
+     peak memory of the runtime and of each worker.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
-import shutil
+import resource
 import sys
 import time
 from types import SimpleNamespace
 
 import numpy as np
+
+EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_model")
+PROMPTS = ["def ", "import os\n", "class ", "    for i in range("]
 
 
 def _say(msg: str) -> None:
@@ -25,110 +32,121 @@ def _say(msg: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[1])
     ap.add_argument("--config", default="ray_config.yaml")
-    ap.add_argument("--workdir", default=".store/demo-work", help="where the generated checkpoint goes")
-    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--checkpoint", default=EMBEDDED)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--cache-fraction", type=float, default=0.5, help="of all experts, over all workers' caches")
     args = ap.parse_args(argv)
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the demo's Ray stays on 127.0.0.1
-    from cluster.config import EMBEDDED, ConfigError, load_config
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported: 127.0.0.1 only
+    from cluster.config import EMBEDDED as EMBEDDED_S3, ConfigError, load_config
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    _say(f"config {args.config}: tiers {[t.name for t in cfg.tiers]}, active TierSet "
-         f"{cfg.active_tier_set}={cfg.active_tiers}")
+    _say(f"config {args.config}: tiers {[t.name for t in cfg.tiers]}, TierSet {cfg.active_tier_set}="
+         f"{cfg.active_tiers}, {cfg.workers.count} workers")
 
     from jobs.convert import run as convert_run
-    from jobs.make_checkpoint import PRESETS, write_checkpoint
     from storage_adapters.local_s3 import MotoServer, make_bucket
     from storage_adapters.s3 import parse_s3_uri
     from storage_adapters.safetensors_io import read_header, read_tensor_bytes
 
-    ckpt = os.path.abspath(os.path.join(args.workdir, f"checkpoint-{args.preset}"))
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
-        write_checkpoint(ckpt, PRESETS[args.preset])
-    _say(f"checkpoint {ckpt}: {os.path.getsize(os.path.join(ckpt, 'model.safetensors')) / 2**20:.1f} MiB, "
-         f"preset {args.preset}")
+    ckpt = os.path.abspath(args.checkpoint)
+    size = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+    _say(f"model {ckpt}: {size / 2**20:.1f} MiB of safetensors")
 
     servers, overrides = [], {}
     try:
         for t in cfg.storage_tiers:
-            if t.kind == "s3" and t.endpoint_url == EMBEDDED:
+            if t.kind == "s3" and t.endpoint_url == EMBEDDED_S3:
                 m = MotoServer().start()
                 servers.append(m)
                 make_bucket(m.endpoint_url, parse_s3_uri(t.uri)[0])
                 overrides[t.name] = m.endpoint_url
                 _say(f"tier {t.name}: embedded S3 server on {m.endpoint_url} (pid {m.pid})")
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            if overrides:
-                os.environ.setdefault(k, "testing")  # the embedded server takes any credentials
-
-        stores = []
-        for t in cfg.storage_tiers:
-            stores.append(("file://" + t.path) if t.kind == "nvme" else t.uri)
+        if overrides:
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # the embedded server takes any credentials
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        stores = [("file://" + t.path) if t.kind == "nvme" else t.uri for t in cfg.storage_tiers]
         endpoint = next(iter(overrides.values()), None) or next(
             (t.endpoint_url for t in cfg.storage_tiers if t.kind == "s3"), None)
         for attempt in ("convert", "re-run (idempotent)"):
-            t0 = time.perf_counter()
             rep = asyncio.run(convert_run(SimpleNamespace(checkpoint=ckpt, store=stores, endpoint_url=endpoint,
                                                           checksum="xxh64", encrypt_key_file=None, max_inflight=4,
                                                           quiet=True)))
             _say(f"{attempt}: {rep['blobs']} expert blobs of {rep['expert_blob_bytes'] / 2**20:.2f} MiB + dense "
                  f"{rep['dense_bytes'] / 2**20:.2f} MiB into {list(rep['locations'].values())}; written "
                  f"{rep['written']}, skipped {rep['skipped']}, peak extra memory "
-                 f"{rep['peak_anon_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s")
+                 f"{rep['peak_anon_bytes'] / 2**20:.1f} MiB, {rep['seconds']:.2f} s")
 
         import ray
 
-        from cluster import ray_compat
-        from cluster.storage_tier import start_storage_actors
+        from cluster.expert_cluster import ExpertCluster
 
-        header = read_header(os.path.join(ckpt, "model.safetensors"))
-        for tier_set in [cfg.active_tier_set] + [s for s in cfg.tier_sets if s != cfg.active_tier_set]:
-            c = cfg.model_copy(update={"active_tier_set": tier_set, "ray": cfg.ray.model_copy(
-                update={"namespace": f"{cfg.ray.namespace}-{tier_set}"})})
-            ray_compat.init_ray(c)
-            actors = start_storage_actors(c, overrides)
-            node, handles = next(iter(actors.items()))
-            a = handles[0]
-            from storage_adapters.manifest import Manifest
-            man = Manifest.from_json(ray.get(a.manifest_json.remote()), "storage actor")
-            items = [(b.layer, b.expert) for b in man.blobs]
-            for rnd in ("cold", "warm"):
-                t0 = time.perf_counter()
-                refs = ray.get(a.get_many.remote(items))
-                blobs = ray.get(refs)
-                dt = time.perf_counter() - t0
-                bad = 0
-                for b, blob in zip(man.blobs, blobs):
-                    for role, te in b.tensors.items():
-                        src = header[te.source]
-                        if not np.array_equal(blob[te.offset:te.offset + te.length], read_tensor_bytes(src)):
-                            bad += 1
-                st = ray.get(a.stats.remote())
-                _say(f"TierSet {tier_set} {c.active_tiers} ({rnd}): {len(blobs)} blobs through StorageActor on node "
-                     f"{node[:8]} in {dt * 1e3:.0f} ms; {3 * len(blobs) - bad}/{3 * len(blobs)} tensors bit-exact "
-                     f"vs the checkpoint; hits {st['hits']} misses {st['misses']} coalesced {st['coalesced']}, "
-                     f"reads by tier {st.get('tier_reads')}, DRAM {st['dram_used_bytes'] / 2**20:.1f}/"
-                     f"{st['dram_budget_bytes'] / 2**20:.0f} MiB")
-                if bad:
-                    _say("ERROR: bytes differ from the checkpoint")
-                    return 1
-            del refs, blobs
-            ray.shutdown()
-        _say("done: store on every tier verified end to end")
+        n_blobs, blob = rep["blobs"], rep["expert_blob_bytes"]
+        per_worker = max(blob, int(args.cache_fraction * n_blobs * blob / cfg.workers.count) // blob * blob)
+        cfg = cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"hbm_budget_bytes": per_worker})})
+        cached = per_worker // blob * cfg.workers.count
+        _say(f"cluster: {cfg.workers.count} workers x {per_worker / 2**20:.2f} MiB HBM cache = {cached} of "
+             f"{n_blobs} experts at most")
+        with ExpertCluster(cfg, endpoint_overrides=overrides) as c:
+            storage = next(iter(c.storage.values()))[0]
+            # every expert back through the storage actor, against the checkpoint's own bytes
+            header = {}
+            for f in os.listdir(ckpt):
+                if f.endswith(".safetensors"):
+                    header.update(read_header(os.path.join(ckpt, f)))
+            items = [(b.layer, b.expert) for b in c.manifest.blobs]
+            t0 = time.perf_counter()
+            arrays = ray.get(ray.get(storage.get_many.remote(items)))
+            bad = sum(not np.array_equal(a[te.offset:te.offset + te.length], read_tensor_bytes(header[te.source]))
+                      for b, a in zip(c.manifest.blobs, arrays) for te in b.tensors.values())
+            _say(f"storage read-back: {3 * len(items) - bad}/{3 * len(items)} expert tensors bit-exact vs the "
+                 f"checkpoint ({(time.perf_counter() - t0) * 1e3:.0f} ms)")
+            if bad:
+                _say("ERROR: bytes differ from the checkpoint")
+                return 1
+            del arrays
+            tok_json = ray.get(storage.aux.remote("tokenizer.json"))
+            encode, decode = _codec(tok_json, c.model.args.vocab_size)
+            prompts = [encode(p) for p in PROMPTS]
+            t0 = time.perf_counter()
+            outs = c.generate(prompts, args.max_tokens)
+            dt = time.perf_counter() - t0
+            n_tok = sum(len(o) for o in outs)
+            for p, o in zip(PROMPTS, outs):
+                _say(f"{p!r} -> {decode(o)!r}")
+            st = c.stats()
+            _say(f"generated {n_tok} tokens for {len(prompts)} prompts in {dt:.2f} s: {n_tok / dt:.1f} tokens/s")
+            _say(f"expert cache: {st['hits']} hits, {st['misses']} misses "
+                 f"({st['hits'] / max(1, st['hits'] + st['misses']):.0%} hit rate); bytes read per tier "
+                 f"{st['bytes_by_tier']}; dispatch {st['dispatch']['calls']} worker calls over "
+                 f"{st['dispatch']['moe_layers']} MoE layers")
+            for w in st["workers"]:
+                _say(f"worker {w['worker_id']}: {w['resident']} experts, {w['used_bytes'] / 2**20:.2f}/"
+                     f"{w['budget_bytes'] / 2**20:.2f} MiB (peak {w['peak_used_bytes'] / 2**20:.2f}), "
+                     f"{w['loads']} loads, {w['evictions']} evictions, peak RSS {w['peak_rss_bytes'] / 2**20:.0f} MiB")
+            _say(f"runtime (this process) peak RSS "
+                 f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        _say("done")
         return 0
     finally:
-        try:
-            import ray
-            if ray.is_initialized():
-                ray.shutdown()
-        except ImportError:
-            pass
         for m in servers:
             m.stop()
             _say(f"stopped embedded S3 server (pid {m.pid})")
+
+
+def _codec(tok_json: bytes | None, vocab: int):
+    """(encode, decode) for the store's tokenizer; the embedded model's is byte level (ids 0-255 are bytes)."""
+    if tok_json:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(tok_json.decode())
+        if vocab <= 300:  # byte level: decode the bytes ourselves, so split UTF-8 sequences come out whole
+            return (lambda s: list(s.encode())), (lambda ids: bytes(i for i in ids if i < 256).decode("utf-8",
+                                                                                                       "replace"))
+        return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids))
+    return (lambda s: [b % vocab for b in s.encode()]), (lambda ids: " ".join(map(str, ids)))
 
 
 if __name__ == "__main__":
