@@ -177,6 +177,24 @@ class ClusterExperts:
             self._graph = None
 
 
+def check_store_matches_model(manifest: Manifest, args) -> None:
+    """The store's manifest and the runtime's reading of its config must describe the same model; a store
+    converted from another checkpoint (or edited) fails here, before a token is computed with wrong weights."""
+    m = manifest.model
+    wrong = [f"{what}: runtime {a} vs store {b}" for what, a, b in (
+        ("num_experts", args.num_experts, m.num_experts),
+        ("hidden_size", args.hidden_size, m.hidden_size),
+        ("expert intermediate size", args.moe_intermediate_size, m.intermediate_size),
+        ("MoE layers", tuple(args.moe_layers), tuple(m.moe_layers))) if a != b]
+    held = {(b.layer, b.expert) for b in manifest.blobs}
+    need = {(l, e) for l in args.moe_layers for e in range(args.num_experts)}
+    if need - held:
+        wrong.append(f"store lacks expert blobs {sorted(need - held)[:4]}")
+    if wrong:
+        raise ValueError(f"the store at {sorted(manifest.locations.values())} does not match its model config "
+                         f"({m.family}): " + "; ".join(wrong))
+
+
 class ExpertCluster:
     def __init__(self, cfg: ClusterConfig, *, endpoint_overrides: dict[str, str] | None = None,
                  policy: str = "lru", replicate_top: int = 0):
@@ -208,6 +226,7 @@ class ExpertCluster:
         dense = load_dense_from_bytes(ray.get(dref))
         dtype = torch.float32  # activations in f32; experts compute in their stored dtype on the workers
         self.model = MoEModel.from_dense(m.model.config, dense, self.experts, dtype=dtype)
+        check_store_matches_model(m, self.model.args)
         return self
 
     def _spawn_worker(self) -> int:

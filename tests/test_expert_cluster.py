@@ -108,3 +108,24 @@ def test_compiled_graph_dispatch_matches_and_falls_back_on_misses(ray_local, sto
             assert d["plain_calls"] < d["calls"] / 2, d
         else:                     # constant misses: the workers answer MISS and plain calls load
             assert d["plain_calls"] > 0, d
+
+
+def test_store_that_disagrees_with_its_config_is_refused(stores):
+    from cluster.expert_cluster import check_store_matches_model
+    from cluster.model import ModelArgs
+    t, store, man = stores["mixtral"]
+    args = ModelArgs.from_config(man.model.config)
+    check_store_matches_model(man, args)  # consistent: no error
+    bad = man.model_copy(update={"model": man.model.model_copy(update={"num_experts": args.num_experts + 1}),
+                                 "blobs": man.blobs[:-1]})
+    with pytest.raises(ValueError, match=r"num_experts: runtime 8 vs store 9.*lacks expert blobs \[\(1, 7\)\]"):
+        check_store_matches_model(bad, args)
+
+
+def test_hot_experts_replicated_over_workers(ray_local, stores):
+    t, store, man = stores["qwen2_moe"]
+    with ExpertCluster(cluster_cfg(store, "c-replicas", 64 * man.expert_bytes, workers=3), replicate_top=4) as c:
+        replicated = [k for k in c.sizes if len(c.experts.placement.replicas(k)) == 2]
+        assert len(replicated) == 4
+        assert hf_models.check_against_hf(c.model, t.model, hf_models.prompts(c.model.args.vocab_size),
+                                          "qwen2_moe") < hf_models.TOL
