@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.expert_worker import ExpertWorker
+from actors.expert_worker import ExpertWorker, pack_rows, unpack_rows
 from policies.placement import Placement, place
 from storage_adapters.manifest import Manifest
 
@@ -113,7 +113,7 @@ class ClusterExperts:
         for w in torch.unique(owner).tolist():
             sel = (owner == w).nonzero().flatten().tolist()
             mask = pair_owner == w
-            payloads[w] = (layer, [eids[u] for u in sel], [cnts[u] for u in sel], xs[mask].numpy())
+            payloads[w] = (layer, [eids[u] for u in sel], [cnts[u] for u in sel], pack_rows(xs[mask].numpy()))
             masks[w] = mask
         ys = torch.empty_like(xs)
         todo = dict(payloads)
@@ -121,13 +121,13 @@ class ClusterExperts:
             warnings.simplefilter("ignore", UserWarning)
             if self.dispatch == "compiled":
                 for w, y in self._run_graph(payloads).items():
-                    ys[masks[w]] = torch.from_numpy(y)
+                    ys[masks[w]] = torch.from_numpy(unpack_rows(y, int(masks[w].sum())))
                     del todo[w]
             calls = {w: self.workers[w].compute.remote(*p) for w, p in todo.items()}  # all in flight at once
             lost: dict[int, Exception] = {}
             for w, call in calls.items():
                 try:
-                    ys[masks[w]] = torch.from_numpy(ray.get(call))
+                    ys[masks[w]] = torch.from_numpy(unpack_rows(ray.get(call), int(masks[w].sum())))
                 except ray.exceptions.RayActorError as e:
                     lost[w] = e
         if lost:
@@ -163,8 +163,8 @@ class ClusterExperts:
             self.close_graph()
             return {}
         # copy out now: results are views of the graph's channel buffers, reused by the next execution
-        got = {w: np.array(y) for w, y in zip(self._graph_wids, outs) if y is not None and not (
-            isinstance(y, str) and y == MISS)}
+        got = {w: (y if isinstance(y, bytes) else np.array(y)) for w, y in zip(self._graph_wids, outs)
+               if y is not None and not (isinstance(y, str) and y == MISS)}
         del outs
         return got
 
