@@ -4,14 +4,17 @@ Reads use aiobotocore: a blob is split into ranged GETs that run in parallel ove
 each streamed straight into its slice of the caller's buffer. Real object stores cap throughput per connection
 (~90 MB/s) and charge a first-byte latency per request, so parallel ranges are what make a blob arrive fast.
 Throttling (503 SlowDown), 5xx, timeouts, resets and truncated bodies are retried with jittered exponential
-backoff; "not found", "no such bucket" and "access denied" are not, and say so. Writes use boto3's transfer
-manager (multipart for large blobs) in a thread. Credentials come from the standard AWS chain.
+backoff; "not found", "no such bucket" and "access denied" are not, and say so. Writes use boto3: one PUT, or a
+multipart upload whose parts are read only as they go out (memory: a few parts, whatever the object's size),
+retried the same way and aborted on failure. Credentials come from the standard AWS chain.
 """
 from __future__ import annotations
 
 import asyncio
-import io
+import os
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +39,7 @@ class RetryPolicy:
         return rng.uniform(0, min(self.max_delay_s, self.base_delay_s * (2 ** attempt)))
 
 
+_MIN_UPLOAD_PART = 5 << 20  # S3 refuses multipart parts below 5 MiB (all but the last)
 _PART_ALIGN = 64 << 10  # part boundaries on 64 KiB, so parts stay page-aligned for the buffers they fill
 
 
@@ -59,7 +63,7 @@ class S3Adapter:
     def __init__(self, uri: str, *, tier: str = "s3", endpoint_url: str | None = None, region: str = "us-east-1",
                  max_connections: int = 16, part_bytes: int = 8 << 20, connect_timeout_s: float = 5.0,
                  read_timeout_s: float = 10.0, retry: RetryPolicy = RetryPolicy(), seed: int = 0,
-                 adaptive_parts: bool = True):
+                 adaptive_parts: bool = True, upload_concurrency: int = 4):
         self.uri, self.tier = uri, tier
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.endpoint_url, self.region = endpoint_url, region
@@ -73,6 +77,7 @@ class S3Adapter:
         self._sem: asyncio.Semaphore | None = None
         self._boto3 = None
         self.retries = 0  # counted for telemetry and tests
+        self.upload_concurrency = upload_concurrency
         # one tuner per read shape (parts cap): whole blobs and single-tensor ranges learn separately
         self._tuners: dict[int, PartTuner] | None = {} if adaptive_parts else None
         self._bucket_ok = False  # check_bucket() succeeded once
@@ -242,31 +247,64 @@ class S3Adapter:
         self._bucket_ok = True
 
     # -- writes (boto3 transfer manager: multipart above the threshold, parts in parallel) ------------------------
-    def _upload(self, key: str, fileobj, metadata) -> None:
-        from boto3.s3.transfer import TransferConfig
-        from botocore.exceptions import ClientError
-        cfg = TransferConfig(multipart_threshold=self.part_bytes, multipart_chunksize=self.part_bytes,
-                             max_concurrency=min(self.max_connections, 10))
+    def _retrying(self, key: str, what: str, call):
+        """A write-side request with the read side's policy: jittered backoff on throttling, 5xx and resets."""
+        last = None
+        for attempt in range(self.retry.max_attempts):
+            try:
+                return call()
+            except Exception as e:  # noqa: BLE001 - classified below, nothing is swallowed
+                final = self._classify(e, key)
+                if final is not None:
+                    raise final from e
+                last = e
+                self.retries += 1
+                time.sleep(self.retry.delay(attempt, self._rng))
+        raise TierAccessError(f"tier {self.tier!r}: {what} s3://{self.bucket}/{self.key(key)} failed after "
+                              f"{self.retry.max_attempts} attempts: {type(last).__name__}: {last}") from last
+
+    def _upload(self, key: str, size: int, read, metadata) -> None:
+        """Store `size` bytes, produced by read(offset, n) -> bytes, as one object: a single PUT up to one part,
+        else a multipart upload whose parts are read only when their upload starts, `upload_concurrency` at a
+        time — so memory stays at a few parts, however large the object. An upload that fails is aborted."""
+        c, k, md = self._sync_client(), self.key(key), dict(metadata or {})
+        psize = max(self.part_bytes, _MIN_UPLOAD_PART)
+        if size <= psize:
+            self._retrying(key, "PUT", lambda: c.put_object(Bucket=self.bucket, Key=k, Body=read(0, size),
+                                                            Metadata=md))
+            return
+        up = self._retrying(key, "create multipart upload of",
+                            lambda: c.create_multipart_upload(Bucket=self.bucket, Key=k, Metadata=md))["UploadId"]
+
+        def part(i: int) -> dict:
+            off = i * psize
+            body = read(off, min(psize, size - off))
+            r = self._retrying(key, f"upload part {i + 1} of", lambda: c.upload_part(
+                Bucket=self.bucket, Key=k, UploadId=up, PartNumber=i + 1, Body=body))
+            return {"ETag": r["ETag"], "PartNumber": i + 1}
+
         try:
-            self._sync_client().upload_fileobj(fileobj, self.bucket, self.key(key),
-                                               ExtraArgs={"Metadata": dict(metadata or {})}, Config=cfg)
-        except ClientError as e:
-            raise (self._classify(e, key) or TierAccessError(f"tier {self.tier!r}: upload of {key} failed: {e}"))
-        except Exception as e:  # noqa: BLE001 - S3UploadFailedError wraps the ClientError
-            inner = e.__cause__ or e.__context__
-            if isinstance(inner, ClientError) and (final := self._classify(inner, key)) is not None:
-                raise final from e
-            raise TierAccessError(f"tier {self.tier!r}: upload of s3://{self.bucket}/{self.key(key)} failed: "
-                                  f"{e}") from e
+            with ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix=f"{self.tier}-up") as ex:
+                parts = list(ex.map(part, range(_ceil_div(size, psize))))
+            self._retrying(key, "complete multipart upload of", lambda: c.complete_multipart_upload(
+                Bucket=self.bucket, Key=k, UploadId=up, MultipartUpload={"Parts": parts}))
+        except BaseException:
+            try:  # leave no parts behind to be billed; a re-run would also clean them up
+                c.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=up)
+            except Exception:  # noqa: BLE001 - the original error is what matters
+                pass
+            raise
 
     async def write(self, key: str, data, metadata: dict[str, str] | None = None) -> None:
-        buf = io.BytesIO(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
-        await asyncio.get_running_loop().run_in_executor(None, self._upload, key, buf, metadata)
+        mv = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._upload, key, len(mv), lambda off, n: bytes(mv[off:off + n]), metadata)
 
     async def write_file(self, key: str, path: str, metadata: dict[str, str] | None = None) -> None:
         def go():
             with open(path, "rb") as f:
-                self._upload(key, f, metadata)
+                fd = f.fileno()
+                self._upload(key, os.fstat(fd).st_size, lambda off, n: os.pread(fd, n, off), metadata)
         await asyncio.get_running_loop().run_in_executor(None, go)
 
     async def delete(self, key: str) -> None:
