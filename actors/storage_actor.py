@@ -14,6 +14,7 @@ import time
 import ray
 
 from policies.eviction import ByteBudgetLRU
+from storage_adapters.buffers import return_large_frees_to_os
 from storage_adapters.store import ExpertStore
 from storage_adapters.tiers import adapter_for, keys_for
 
@@ -25,6 +26,7 @@ class StorageActor:
         """cfg: the validated ClusterConfig (cluster/config.py). endpoint_overrides: tier name -> endpoint URL
         resolved at start (e.g. the embedded S3 server)."""
         self.cfg, self.node_id = cfg, node_id
+        return_large_frees_to_os()  # blob buffers are freed after ray.put: give the memory back, not to a heap
         tiers = cfg.storage_tiers
         self._adapters = [adapter_for(t, (endpoint_overrides or {}).get(t.name)) for t in tiers]
         self._keys = keys_for(tiers)

@@ -26,3 +26,19 @@ def aligned_zeros(nbytes: int, align: int = PAGE) -> np.ndarray:
     out = aligned_empty(nbytes, align)
     out[:] = 0
     return out
+
+
+def return_large_frees_to_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve allocations >= threshold with mmap and unmap them on free.
+
+    By default glibc raises its mmap threshold to the size of the last large block freed (up to 32 MiB), after
+    which expert-sized buffers come from the heap and freed ones stay resident: a streaming job that handles a
+    few 32 MiB blobs at a time would look (and be, to the OOM killer) several times larger. Fixing the threshold
+    keeps resident memory at what is live. Returns False where this is not glibc (nothing changes)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD (setting it disables adjustment)
+    except (OSError, AttributeError):
+        return False

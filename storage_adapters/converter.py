@@ -21,7 +21,7 @@ import numpy as np
 
 from . import crypto
 from .base import BlobAdapter
-from .buffers import PAGE, align_up, aligned_empty, aligned_zeros
+from .buffers import PAGE, align_up, aligned_empty, aligned_zeros, return_large_frees_to_os
 from .checksum import Hasher, algo_of, digest
 from .errors import BlobNotFound, CheckpointError, StoreError
 from .families import FUSED, PER_EXPERT, FamilyGeometry, geometry, role_of
@@ -397,6 +397,7 @@ async def convert(plan: ConversionPlan, targets: list[Target], *, checksum_algo:
     assert len(set(tiers)) == len(tiers), f"two targets share a tier name: {tiers}"
     t0 = time.perf_counter()
     loop = asyncio.get_running_loop()
+    return_large_frees_to_os()  # freed blobs leave the process, so peak memory is what is live
     with PeakAnonMemory() as mem:
         report = ConvertReport(manifest=None)  # type: ignore[arg-type]
         report.cleaned = await _clean(targets)
