@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export NO_PROXY := 127.0.0.1,localhost
 
-.PHONY: demo test bench-storage clean-store
+.PHONY: demo test bench-storage bench-runtime clean-store
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(BIN)/.installed
 
 bench-storage: $(BIN)/.installed
 	$(BIN)/python -m jobs.bench_storage --quick --json bench-out/storage.json
+
+bench-runtime: $(BIN)/.installed
+	$(BIN)/python -m jobs.bench_runtime --json bench-out/runtime.json
 
 clean-store:
 	rm -rf .store

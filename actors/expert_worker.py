@@ -262,12 +262,16 @@ class ExpertWorker:
             else:  # prefill-sized work, or loads in flight: keep the event loop free while torch computes
                 out = await asyncio.to_thread(self._compute_sync, [res[k] for k in keys], counts, x)
         finally:
-            with self._lock:
-                for k in pinned:
-                    self.cache.unpin(k)
-        self.counters["compute_calls"] += 1
-        self.counters["tokens"] += int(x.shape[0])
+            self._release(pinned, int(x.shape[0]))
         return out.tobytes() if packed else out
+
+    def _release(self, pinned: list[Key], rows: int) -> None:
+        """A compute is done with its experts: unpin them and count it."""
+        with self._lock:
+            for k in pinned:
+                self.cache.unpin(k)
+            self.counters["compute_calls"] += 1
+            self.counters["tokens"] += rows
 
     def compute_resident(self, payload):
         """Compiled-graph entry point (synchronous, runs on the graph's own thread): payload is None (no work for
@@ -292,11 +296,7 @@ class ExpertWorker:
         try:
             out = self._compute_sync(res, counts, x)
         finally:
-            with self._lock:
-                for k in pinned:
-                    self.cache.unpin(k)
-                self.counters["compute_calls"] += 1
-                self.counters["tokens"] += int(x.shape[0])
+            self._release(pinned, int(x.shape[0]))
         return out.tobytes() if packed else out
 
     def _compute_sync(self, residents: list[_Resident], counts: list[int], x: np.ndarray) -> np.ndarray:

@@ -140,6 +140,17 @@ class S3Adapter:
             return TierAccessError(f"{where}: no AWS credentials found in the standard chain")
         return None  # timeouts, resets, truncated bodies, connection errors: transient
 
+    def _failed(self, e: Exception, key: str) -> None:
+        """Raise the final error for a failure that is not worth retrying; otherwise count the retry."""
+        final = self._classify(e, key)
+        if final is not None:
+            raise final from e
+        self.retries += 1
+
+    def _exhausted(self, key: str, what: str, last: Exception | None) -> TierAccessError:
+        return TierAccessError(f"tier {self.tier!r}: {what} s3://{self.bucket}/{self.key(key)} failed after "
+                               f"{self.retry.max_attempts} attempts: {type(last).__name__}: {last}")
+
     async def _with_retries(self, key: str, what, op):
         last = None
         for attempt in range(self.retry.max_attempts):
@@ -147,15 +158,11 @@ class S3Adapter:
                 return await op()
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - classified below, nothing is swallowed
-                final = self._classify(e, key)
-                if final is not None:
-                    raise final from e
+            except Exception as e:  # noqa: BLE001 - classified in _failed, nothing is swallowed
+                self._failed(e, key)
                 last = e
-                self.retries += 1
                 await asyncio.sleep(self.retry.delay(attempt, self._rng))
-        raise TierAccessError(f"tier {self.tier!r}: {what} s3://{self.bucket}/{self.key(key)} failed after "
-                              f"{self.retry.max_attempts} attempts: {type(last).__name__}: {last}") from last
+        raise self._exhausted(key, what, last) from last
 
     # -- reads ----------------------------------------------------------------------------------------------------
     async def _get_range(self, key: str, view: memoryview, start: int) -> int:
@@ -253,15 +260,11 @@ class S3Adapter:
         for attempt in range(self.retry.max_attempts):
             try:
                 return call()
-            except Exception as e:  # noqa: BLE001 - classified below, nothing is swallowed
-                final = self._classify(e, key)
-                if final is not None:
-                    raise final from e
+            except Exception as e:  # noqa: BLE001 - classified in _failed, nothing is swallowed
+                self._failed(e, key)
                 last = e
-                self.retries += 1
                 time.sleep(self.retry.delay(attempt, self._rng))
-        raise TierAccessError(f"tier {self.tier!r}: {what} s3://{self.bucket}/{self.key(key)} failed after "
-                              f"{self.retry.max_attempts} attempts: {type(last).__name__}: {last}") from last
+        raise self._exhausted(key, what, last) from last
 
     def _upload(self, key: str, size: int, read, metadata) -> None:
         """Store `size` bytes, produced by read(offset, n) -> bytes, as one object: a single PUT up to one part,
