@@ -29,7 +29,6 @@ class NvmeAdapter:
         self.chunk_bytes, self.parallelism = chunk_bytes, parallelism
         self._pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix=f"{tier}-io")
         self._direct = o_direct and hasattr(os, "O_DIRECT")
-        self._direct_checked = False
 
     def path(self, key: str) -> str:
         p = os.path.normpath(os.path.join(self.root, key))
