@@ -1,0 +1,309 @@
+"""History-based expert predictors: which experts the next MoE layers of a request will select.
+
+The interface (every predictor):
+  observe(event)              one routed (request, token, layer), in the order the runtime routes them: per request,
+                              token after token and layer after layer (requests may interleave). Unknown
+                              (unrecorded) positions are simply not observed.
+  predict(request, horizon)   -> Candidates for the `horizon` layers after the request's last observed event:
+                              distance d = 1..horizon is layer (l + d) mod L of token t + (l + d) // L, so a
+                              prediction made at the last layer wraps into the next token's first layers. Before
+                              the first event, the "last event" is (token -1, layer L-1): the next layers are
+                              token 0's first ones.
+  end(request)                the request finished: drop its per-request state (shared tables stay).
+  state_nbytes()              bytes of state held (shared tables + live requests); what the bounded-memory
+                              tests watch.
+
+Candidates are flat arrays over (distance, expert) pairs with a positive probability, each expert at most once per
+distance; `prob` estimates P(expert is among the top-k selected at that position) and lies in (0, 1], so
+predictors can be compared and ranked on one scale (a consumer takes the top-k per distance, or thresholds).
+
+Memory is bounded: shared state is fixed-size numpy tables ([L, E] or [L, E, E]) whose values may decay; per-request
+state is O(L * K) and dropped by `end`; and in case a caller never calls `end`, at most `max_requests` requests
+are tracked (the least recently observed is forgotten first).
+
+Predictors here: OnDemand (nothing), Oracle (the future from a RoutingTrace: upper bounds only), TopKFrequency
+(per-layer counts), CrossLayerTransition (P(expert at the next layer | experts at this layer), chained for
+distance > 1), PreviousToken (the same layer's experts of the request's previous token).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable
+
+import numpy as np
+
+from .traces import RoutingTrace
+
+
+@dataclass(frozen=True)
+class RoutingEvent:
+    request: Hashable           # request id (replay uses the trace's request index)
+    token: int                  # token position within the request, 0-based
+    layer: int                  # MoE layer index, 0-based
+    experts: np.ndarray         # int [K]: the selected experts (any order)
+    probs: np.ndarray | None = None   # float [K]: router weights of `experts`, same order; None if not recorded
+    hidden: np.ndarray | None = None  # float [H]: the hidden state entering this layer's router; None if absent
+
+
+@dataclass(frozen=True)
+class Candidates:
+    distance: np.ndarray  # int64 [N]: layers ahead of the last observed event, 1..horizon
+    layer: np.ndarray     # int64 [N]: the target MoE layer, (last layer + distance) mod L
+    expert: np.ndarray    # int64 [N]
+    prob: np.ndarray      # float64 [N]: estimated P(selected), in (0, 1]
+
+    def __len__(self) -> int:
+        return len(self.expert)
+
+    @staticmethod
+    def empty() -> "Candidates":
+        z = np.zeros(0, np.int64)
+        return Candidates(z, z, z, np.zeros(0))
+
+    def at(self, distance: int) -> "Candidates":
+        m = self.distance == distance
+        return Candidates(self.distance[m], self.layer[m], self.expert[m], self.prob[m])
+
+    def top(self, k: int) -> np.ndarray:
+        """int64 [<=k]: the k most probable experts among these (ties: lower expert id); use on one distance."""
+        order = np.lexsort((self.expert, -self.prob))[:k]
+        return self.expert[order]
+
+
+def _from_dense(P: np.ndarray, layers: np.ndarray) -> Candidates:
+    """P [D, E] (row d-1 = distance d), layers [D] -> Candidates of the positive entries."""
+    d, e = np.nonzero(P > 0)
+    return Candidates(d + 1, layers[d].astype(np.int64), e.astype(np.int64), np.minimum(P[d, e], 1.0))
+
+
+@dataclass
+class _Req:
+    token: int = -1
+    layer: int = -1
+    experts: np.ndarray | None = None  # int [K] of the last observed event
+    last: np.ndarray | None = None     # PreviousToken: int [L, K] most recent experts per layer, -1 none yet
+
+
+class Predictor:
+    """Base: per-request position tracking, the request cap and the empty prediction. Subclasses override
+    `_observe` / `_predict` and report their arrays in `_arrays` for state_nbytes."""
+    name = "base"
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, max_requests: int = 4096):
+        assert num_layers >= 1 and num_experts >= 1 and 1 <= top_k <= num_experts, \
+            f"bad geometry L={num_layers} E={num_experts} K={top_k}"
+        self.L, self.E, self.K = num_layers, num_experts, top_k
+        self.max_requests = max_requests
+        self._reqs: OrderedDict[Hashable, _Req] = OrderedDict()
+
+    # -- the interface -----------------------------------------------------------------------------------------
+    def observe(self, event: RoutingEvent) -> None:
+        assert 0 <= event.layer < self.L, f"layer {event.layer} outside [0, {self.L})"
+        ex = np.array(event.experts, dtype=np.int64)  # a copy: the caller may reuse its buffer
+        assert ex.shape == (self.K,), f"expected {self.K} experts, got shape {ex.shape}"
+        assert 0 <= ex.min() and ex.max() < self.E, f"expert ids {ex.tolist()} outside [0, {self.E})"
+        st = self._reqs.get(event.request)
+        if st is None:
+            st = self._reqs[event.request] = self._new_request()
+            while len(self._reqs) > self.max_requests:  # a caller that never calls end() cannot grow us
+                self._reqs.popitem(last=False)
+        else:
+            self._reqs.move_to_end(event.request)
+        # `adjacent`: this event directly follows the request's previous one (no unknown position between)
+        adjacent = (st.experts is not None and
+                    (event.token, event.layer) == ((st.token, st.layer + 1) if st.layer + 1 < self.L
+                                                   else (st.token + 1, 0)))
+        self._observe(st, event, ex, adjacent)
+        st.token, st.layer, st.experts = event.token, event.layer, ex
+
+    def predict(self, request: Hashable, horizon: int = 1) -> Candidates:
+        assert horizon >= 1, f"horizon must be >= 1, got {horizon}"
+        st = self._reqs.get(request) or _Req()
+        # target positions for distance 1..horizon as flat indices token * L + layer; nothing observed yet is
+        # position -1 (token -1, layer L-1), so the targets are token 0's first layers
+        here = st.token * self.L + st.layer if st.experts is not None else -1
+        pos = here + np.arange(1, horizon + 1)
+        return self._predict(request, st, pos // self.L, pos % self.L)
+
+    def end(self, request: Hashable) -> None:
+        self._reqs.pop(request, None)
+
+    def state_nbytes(self) -> int:
+        per_req = sum(64 + (0 if s.experts is None else s.experts.nbytes) + self._req_nbytes(s)
+                      for s in self._reqs.values())
+        return sum(a.nbytes for a in self._arrays()) + per_req
+
+    # -- for subclasses ----------------------------------------------------------------------------------------
+    def _new_request(self) -> _Req:
+        return _Req()
+
+    def _observe(self, st: _Req, ev: RoutingEvent, experts: np.ndarray, adjacent: bool) -> None:
+        pass
+
+    def _predict(self, request, st: _Req, tokens: np.ndarray, layers: np.ndarray) -> Candidates:
+        return Candidates.empty()
+
+    def _arrays(self) -> list[np.ndarray]:
+        return []
+
+    def _req_nbytes(self, st: _Req) -> int:
+        return 0
+
+
+def _decay_factor(half_life: float | None) -> float:
+    assert half_life is None or half_life > 0, f"half_life must be positive or None, got {half_life}"
+    return 1.0 if half_life is None else 0.5 ** (1.0 / half_life)
+
+
+class OnDemand(Predictor):
+    """Predicts nothing: the baseline where every expert is fetched when routed to."""
+    name = "on_demand"
+
+
+class Oracle(Predictor):
+    """The true future from `trace`, probability 1: an upper bound, not a policy. Request ids must be the trace's
+    request indices (as replay uses); unknown future positions are not predicted."""
+    name = "oracle"
+
+    def __init__(self, trace: RoutingTrace, **kw):
+        super().__init__(trace.num_layers, trace.num_experts, trace.top_k, **kw)
+        self.trace = trace
+
+    def _predict(self, request, st, tokens, layers):
+        assert isinstance(request, (int, np.integer)) and 0 <= request < self.trace.num_requests, \
+            f"Oracle request ids are trace request indices [0, {self.trace.num_requests}), got {request!r}"
+        a, b = self.trace.offsets[request], self.trace.offsets[request + 1]
+        ok = tokens < b - a
+        rows = self.trace.experts[a + tokens[ok], layers[ok]]            # [D', K]
+        known = rows[:, 0] >= 0
+        d = np.nonzero(ok)[0][known] + 1                                 # distances (1-based) of known targets
+        n = len(d)
+        return Candidates(np.repeat(d, self.K), np.repeat(layers[d - 1], self.K),
+                          rows[known].reshape(-1).astype(np.int64), np.ones(n * self.K))
+
+
+class TopKFrequency(Predictor):
+    """Per-layer selection counts F [L, E], shared by all requests, each layer's row decayed by 2^(-1/half_life)
+    per observation of that layer (half_life None: plain cumulative counts). P(e at layer l) = F[l, e] / n[l],
+    n[l] the (decayed) number of observations of layer l. The prediction ignores the request's own routing.
+
+    The README's "frequency" orientation column is half_life=None, counted online from an empty table over the
+    whole trace (no per-request reset)."""
+    name = "frequency"
+
+    def __init__(self, num_layers, num_experts, top_k, *, half_life: float | None = 1024.0, **kw):
+        super().__init__(num_layers, num_experts, top_k, **kw)
+        self.decay = _decay_factor(half_life)
+        self.counts = np.zeros((num_layers, num_experts))  # [L, E]
+        self.n = np.zeros(num_layers)                      # [L] decayed observation count
+
+    def _observe(self, st, ev, experts, adjacent):
+        l = ev.layer
+        if self.decay != 1.0:
+            self.counts[l] *= self.decay
+            self.n[l] *= self.decay
+        self.counts[l, experts] += 1.0
+        self.n[l] += 1.0
+
+    def _predict(self, request, st, tokens, layers):
+        P = self.counts[layers] / np.maximum(self.n[layers], 1e-300)[:, None]  # [D, E]
+        return _from_dense(P, layers)
+
+    def _arrays(self):
+        return [self.counts, self.n]
+
+
+class CrossLayerTransition(Predictor):
+    """Online counts C [L, E, E]: C[l, a, b] = how often expert b was selected at the position after layer l of a
+    token that selected a at layer l — layer l+1 of the same token, or, for l = L-1, layer 0 of the request's next
+    token. Counts come from adjacent observed events of one request (an unknown position between breaks the
+    pair); the table is shared by all requests; half_life (in observations of the source layer) decays it.
+
+    Distance 1 pools the rows of all K experts just selected: P(b) = K * sum_a C[l,a,b] / sum_a rowsum(C[l,a]),
+    which weighs each source expert by its evidence (a rarely seen expert cannot dominate) and is <= 1. Distance
+    d > 1 chains the row-normalised matrices: a per-slot distribution p (sums to 1) moves as p <- p @ C[l]/rowsum,
+    and P = K * p. Rows without evidence contribute nothing, so with an empty table nothing is predicted.
+
+    The README's "cross-layer transition" column is this at distance 1 with half_life=None, online from an empty
+    table over the whole trace (no per-request reset)."""
+    name = "transition"
+
+    def __init__(self, num_layers, num_experts, top_k, *, half_life: float | None = None, **kw):
+        super().__init__(num_layers, num_experts, top_k, **kw)
+        self.decay = _decay_factor(half_life)
+        self.counts = np.zeros((num_layers, num_experts, num_experts))  # [L, E, E]
+        self.rowsum = np.zeros((num_layers, num_experts))                # [L, E] = counts.sum(-1)
+
+    def _observe(self, st, ev, experts, adjacent):
+        if not adjacent:
+            return
+        l = st.layer  # the source layer: the previous event's
+        if self.decay != 1.0:
+            self.counts[l] *= self.decay
+            self.rowsum[l] *= self.decay
+        self.counts[l, st.experts[:, None], experts[None, :]] += 1.0  # experts are distinct: no add.at needed
+        self.rowsum[l, st.experts] += self.K
+
+    def _predict(self, request, st, tokens, layers):
+        if st.experts is None:
+            return Candidates.empty()
+        D = len(layers)
+        P = np.zeros((D, self.E))
+        src = st.layer
+        n = self.rowsum[src, st.experts].sum()
+        if n <= 0:
+            return Candidates.empty()
+        p = self.counts[src, st.experts].sum(0) / n  # [E] slot distribution at distance 1
+        P[0] = self.K * p
+        for d in range(1, D):
+            l = layers[d - 1]  # the source layer of this hop
+            rs = self.rowsum[l]
+            p = p @ (self.counts[l] / np.where(rs > 0, rs, 1.0)[:, None])  # [E, E] rows sum to 1 (or 0)
+            P[d] = self.K * p
+        return _from_dense(P, layers)
+
+    def _arrays(self):
+        return [self.counts, self.rowsum]
+
+
+class PreviousToken(Predictor):
+    """For a target layer, the experts the request selected at that layer most recently — the previous token's
+    for the layers still ahead in this token, this token's once the prediction wraps into the next one. Their
+    probability is a per-layer, decayed estimate of how often a token reuses its predecessor's experts there
+    (prior K/E), so it is on the same scale as the other predictors'. Per-request state: last [L, K].
+
+    The README's "previous token, same layer" column is this at distance 1."""
+    name = "previous_token"
+
+    def __init__(self, num_layers, num_experts, top_k, *, half_life: float | None = 4096.0, **kw):
+        super().__init__(num_layers, num_experts, top_k, **kw)
+        self.decay = _decay_factor(half_life)
+        self.reuse = np.full(num_layers, top_k / num_experts)  # [L] P(a predecessor's expert is reused)
+        self.n = np.ones(num_layers)                           # [L] pseudo-count behind `reuse`
+
+    def _new_request(self):
+        return _Req(last=np.full((self.L, self.K), -1, np.int64))
+
+    def _observe(self, st, ev, experts, adjacent):
+        l = ev.layer
+        prev = st.last[l]
+        if prev[0] >= 0:  # update the reuse rate with this layer's outcome
+            hit = (experts[:, None] == prev[None, :]).any(1).sum() / self.K  # (np.isin is 10x slower here)
+            self.n[l] = self.n[l] * self.decay + 1.0
+            self.reuse[l] += (hit - self.reuse[l]) / self.n[l]
+        st.last[l] = experts
+
+    def _predict(self, request, st, tokens, layers):
+        if st.last is None:
+            return Candidates.empty()
+        rows = st.last[layers]                   # [D, K]
+        d, s = np.nonzero(rows >= 0)
+        p = np.maximum(self.reuse[layers[d]], 1e-9)
+        return Candidates(d + 1, layers[d].astype(np.int64), rows[d, s], p)
+
+    def _arrays(self):
+        return [self.reuse, self.n]
+
+    def _req_nbytes(self, st):
+        return st.last.nbytes
