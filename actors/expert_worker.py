@@ -6,17 +6,19 @@ CPU-only machine the same path lands in CPU tensors. A blob's gate/up/down are v
 4 KiB-aligned offsets. The cache's bookkeeping (budget, pins, eviction order) is `policies.hbm_cache.CacheIndex`;
 its byte budget is never exceeded and an expert in use is never evicted.
 
-Demand loads (a compute's misses) go straight out, all at once; prefetches wait in a priority queue served by a
-few background tasks, so a prefetch never blocks a compute. Compute math runs in a thread (torch releases the
-GIL), so loads keep flowing while experts compute.
+A threaded actor (Ray runs its methods on `max_concurrency` threads; a synchronous actor call costs less than an
+asyncio one, which matters at one call per worker per MoE layer). Demand loads (a compute's misses) go out all at
+once on the worker's I/O pool; prefetches wait in a priority queue served by a few background threads, so a
+prefetch never blocks a compute. torch releases the GIL, so loads keep flowing while experts compute.
 """
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 import resource
+import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +32,6 @@ from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
 from storage_adapters.manifest import Manifest
 
 Key = tuple[int, int]  # (layer, expert)
-_INLINE_ROWS = 64  # computes this small run on the event loop itself
 MISS = "miss"  # compute_resident's answer when an expert is not resident (the caller falls back to compute)
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -75,7 +76,8 @@ class _Queued:
 
 class ExpertWorker:
     def __init__(self, worker_id: int, manifest_json: bytes, hbm_budget_bytes: int, storage_by_node: dict,
-                 *, device: str = "auto", policy: str = "lru", prefetch_concurrency: int = 2, cpu_threads: int = 1):
+                 *, device: str = "auto", policy: str = "lru", prefetch_concurrency: int = 2, cpu_threads: int = 1,
+                 io_threads: int = 8):
         self.worker_id = worker_id
         # inputs arrive read-only (zero-copy from Ray's object store) and are only read: torch need not warn
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -98,22 +100,33 @@ class ExpertWorker:
         self.storage = handles[worker_id % len(handles)]
         self.local_storage = node in storage_by_node
         self._res: dict[Key, _Resident] = {}
-        # guards the cache index and _res between the event loop and the compiled-graph thread (compute_resident)
-        self._lock = threading.Lock()
-        self._loading: dict[Key, asyncio.Future] = {}
+        # guards the cache index, _res, the load table, the prefetch queue and the counters across the actor's
+        # call threads, the I/O pool, the prefetch threads and the compiled-graph thread
+        self._lock = threading.RLock()
+        self._loading: dict[Key, Future] = {}
         self._queue: list[_Queued] = []
         self._queued: dict[Key, _Queued] = {}
         self._seq = itertools.count()
-        self._wake: asyncio.Event | None = None
-        self._prefetchers: list[asyncio.Task] = []
-        self._prefetch_concurrency = prefetch_concurrency
+        self._wake = threading.Condition(self._lock)
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix=f"worker{worker_id}-io")
+        self._prefetchers = [threading.Thread(target=self._prefetch_loop, daemon=True,
+                                              name=f"worker{worker_id}-prefetch{i}")
+                             for i in range(prefetch_concurrency)]
+        for t in self._prefetchers:
+            t.start()
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
-            self._staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            self._staging_free: asyncio.Queue | None = None
+            self._staging: queue.Queue = queue.Queue()
+            for _ in range(2):
+                self._staging.put(torch.empty(largest, dtype=torch.uint8, pin_memory=True))
         self.counters = dict(hits=0, misses=0, prefetch_hits=0, loads=0, demand_loads=0, prefetch_loads=0,
                              bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
                              prefetch_dropped=0, cancelled=0, peak_used_bytes=0)
+
+    def _count(self, **inc) -> None:
+        with self._lock:
+            for k, v in inc.items():
+                self.counters[k] += v
 
     # -- loading ------------------------------------------------------------------------------------------------
     def _views(self, key: Key, blob: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -124,77 +137,73 @@ class ExpertWorker:
             out.append(blob[t.offset:t.offset + t.length].view(_TORCH_DTYPES[t.dtype]).view(t.shape))
         return tuple(out)
 
-    async def _fetch_to_device(self, key: Key) -> _Resident:
+    def _fetch_to_device(self, key: Key) -> _Resident:
         t0 = time.perf_counter()
-        [ref] = await self.storage.get.remote(*key)
-        view = await ref  # uint8 numpy, mapped read-only from the node's object store
+        [ref] = ray.get(self.storage.get.remote(*key))
+        view = ray.get(ref)  # uint8 numpy, mapped read-only from the node's object store
         n = view.nbytes
         dev = torch.empty(n, dtype=torch.uint8, device=self.device)
         ready = None
         if self.device.type == "cuda":
-            if self._staging_free is None:
-                self._staging_free = asyncio.Queue()
-                for s in self._staging:
-                    self._staging_free.put_nowait(s)
-            stage = await self._staging_free.get()
+            stage = self._staging.get()
             try:
-                await asyncio.to_thread(np.copyto, stage[:n].numpy(), view)   # object store -> pinned host
+                np.copyto(stage[:n].numpy(), view)                             # object store -> pinned host
                 with torch.cuda.stream(self._stream):
                     dev.copy_(stage[:n], non_blocking=True)                    # pinned host -> HBM, async
                     ready = torch.cuda.Event()
                     ready.record(self._stream)
-                await asyncio.to_thread(ready.synchronize)  # the staging buffer is reusable only once copied
+                ready.synchronize()  # the staging buffer is reusable only once copied
             finally:
-                self._staging_free.put_nowait(stage)
+                self._staging.put(stage)
         else:
-            await asyncio.to_thread(np.copyto, dev.numpy(), view)
+            np.copyto(dev.numpy(), view)
         del view
-        self.counters["loads"] += 1
-        self.counters["bytes_loaded"] += n
-        self.counters["load_seconds"] += time.perf_counter() - t0
+        self._count(loads=1, bytes_loaded=n, load_seconds=time.perf_counter() - t0)
         return _Resident(dev, self._views(key, dev), ready)
 
-    async def _load(self, key: Key, prefetched: bool, request: str | None = None,
-                    pin: bool = False) -> tuple[_Resident, bool]:
-        """(entry, pinned) for key, loading it once however many callers ask (in-flight loads are shared).
-        With pin, the caller that performs the load gets the entry pinned in the same step it is inserted, so
-        no other load can evict it first; a caller that only waited on someone else's load gets pinned=False
-        and pins it itself if it is still resident."""
-        if key in self._res:
-            return self._res[key], False
-        fut = self._loading.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut), False
-        fut = asyncio.get_running_loop().create_future()
-        self._loading[key] = fut
+    def _load(self, key: Key, prefetched: bool, request: str | None = None,
+              pin: bool = False) -> tuple[_Resident, bool]:
+        """(entry, pinned) for key, loading it once however many threads ask (in-flight loads are shared).
+        With pin, the thread that performs the load gets the entry pinned in the same locked step it is
+        inserted, so no other load can evict it first; a thread that only waited on someone else's load gets
+        pinned=False and pins it itself if it is still resident."""
+        with self._lock:
+            if key in self._res:
+                return self._res[key], False
+            fut = self._loading.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._loading[key] = Future()
+        if not mine:
+            return fut.result(), False
         pinned = False
         try:
-            res = await self._fetch_to_device(key)
-            try:
-                with self._lock:
+            res = self._fetch_to_device(key)
+            with self._lock:
+                try:
                     for victim in self.cache.insert(key, res.blob.numel(), prefetched=prefetched, request=request):
                         del self._res[victim]
                     self._res[key] = res
                     if pin:
                         self.cache.pin(key)
                         pinned = True
-            except DoesNotFit:
-                if prefetched:
-                    raise
-                res.cached = False
-                self.counters["uncached"] += 1  # every byte is pinned by computes in flight: use it once
-            self.counters["peak_used_bytes"] = max(self.counters["peak_used_bytes"], self.cache.used)
+                except DoesNotFit:
+                    if prefetched:
+                        raise
+                    res.cached = False
+                    self.counters["uncached"] += 1  # every byte is pinned by computes in flight: use it once
+                self.counters["peak_used_bytes"] = max(self.counters["peak_used_bytes"], self.cache.used)
             fut.set_result(res)
             return res, pinned
         except BaseException as e:
             fut.set_exception(e)
-            fut.exception()
             raise
         finally:
-            del self._loading[key]
+            with self._lock:
+                del self._loading[key]
 
     # -- compute ------------------------------------------------------------------------------------------------
-    async def compute(self, layer: int, experts: list[int], counts: list[int], x) -> np.ndarray | bytes:
+    def compute(self, layer: int, experts: list[int], counts: list[int], x) -> np.ndarray | bytes:
         """x [N, H] float32 (or pack_rows of it) holds the tokens of each expert in `experts`, grouped, `counts`
         rows each (sum = N). Returns [N, H] packed the same way: expert_e(x_rows) for each group, unweighted (the
         runtime applies router weights)."""
@@ -222,21 +231,18 @@ class ExpertWorker:
                     grab(k)
                 else:
                     self.counters["misses"] += 1
-        for k in uniq:
-            self._dequeue(k)  # a queued prefetch of an expert needed now becomes a demand load
-        loaded_any = len(res) < len(uniq)
+                self._dequeue(k)  # a queued prefetch of an expert needed now becomes a demand load
         try:
             last: dict[Key, _Resident] = {}
             for _ in range(3):  # a load we only waited on may be evicted before we pin it: load again
                 missing = [k for k in uniq if k not in res]
                 if not missing:
                     break
-                self.counters["demand_loads"] += len(missing)
-                got = await asyncio.gather(*[self._load(k, prefetched=False, pin=True) for k in missing],
-                                           return_exceptions=True)
-                failed = next((g for g in got if isinstance(g, BaseException)), None)
+                self._count(demand_loads=len(missing))
+                futs = [self._io.submit(self._load, k, False, None, True) for k in missing]
+                got = [(k, f.exception() or f.result()) for k, f in zip(missing, futs)]  # waits for all
                 with self._lock:
-                    for k, g in zip(missing, got):
+                    for k, g in got:
                         if isinstance(g, BaseException):
                             continue
                         r, did_pin = g  # record every pin, even if a sibling load failed, so finally unpins it
@@ -248,6 +254,7 @@ class ExpertWorker:
                             res[k] = r  # no room (all pinned): used by this compute only
                         else:
                             grab(k)
+                failed = next((g for _, g in got if isinstance(g, BaseException)), None)
                 if failed is not None:
                     raise failed
             for k in uniq:
@@ -256,11 +263,7 @@ class ExpertWorker:
             with self._lock:
                 for k in pinned:
                     self.cache.access(k)
-            if x.shape[0] <= _INLINE_ROWS and not loaded_any:
-                # a decode step's few tokens on resident experts: a thread hop would cost more than the math
-                out = self._compute_sync([res[k] for k in keys], counts, x)
-            else:  # prefill-sized work, or loads in flight: keep the event loop free while torch computes
-                out = await asyncio.to_thread(self._compute_sync, [res[k] for k in keys], counts, x)
+            out = self._compute_sync([res[k] for k in keys], counts, x)
         finally:
             self._release(pinned, int(x.shape[0]))
         return out.tobytes() if packed else out
@@ -274,10 +277,10 @@ class ExpertWorker:
             self.counters["tokens"] += rows
 
     def compute_resident(self, payload):
-        """Compiled-graph entry point (synchronous, runs on the graph's own thread): payload is None (no work for
-        this worker in this layer) or (layer, experts, counts, x) as for `compute`. Computes only when every
-        expert is resident — the steady decode path; otherwise returns MISS and the runtime falls back to
-        `compute`, which loads. Never waits on a load."""
+        """Compiled-graph entry point (runs on the graph's own thread): payload is None (no work for this worker
+        in this layer) or (layer, experts, counts, x) as for `compute`. Computes only when every expert is
+        resident — the steady decode path; otherwise returns MISS and the runtime falls back to `compute`, which
+        loads. Never waits on a load."""
         if payload is None:
             return None
         layer, experts, counts, x = payload
@@ -292,7 +295,7 @@ class ExpertWorker:
             for k in pinned:
                 self.cache.pin(k)
                 self.cache.access(k)
-            self.counters["hits"] += len(keys)
+            self.counters["hits"] += len(pinned)
         try:
             out = self._compute_sync(res, counts, x)
         finally:
@@ -314,91 +317,90 @@ class ExpertWorker:
         return out.to(torch.float32 if x.dtype == np.float32 else out.dtype).cpu().numpy()
 
     # -- prefetch -----------------------------------------------------------------------------------------------
-    async def prefetch(self, items: list[tuple]) -> int:
+    def prefetch(self, items: list[tuple]) -> int:
         """Queue (layer, expert, priority, request_id) loads, highest priority first; returns how many were
         queued (resident, loading or already-queued experts are skipped, a higher priority is kept)."""
-        if self._wake is None:
-            self._wake = asyncio.Event()
-            self._prefetchers = [asyncio.get_running_loop().create_task(self._prefetch_loop())
-                                 for _ in range(self._prefetch_concurrency)]
         n = 0
-        for layer, expert, priority, request in items:
-            key = (int(layer), int(expert))
-            if key in self._res or key in self._loading:
-                continue
-            q = self._queued.get(key)
-            if q is not None:
-                if -q.neg_priority >= priority:
+        with self._lock:
+            for layer, expert, priority, request in items:
+                key = (int(layer), int(expert))
+                if key in self._res or key in self._loading:
                     continue
-                q.key = None  # superseded; the heap drops it when popped
-            q = _Queued(-float(priority), next(self._seq), key, request)
-            self._queued[key] = q
-            heapq.heappush(self._queue, q)
-            n += 1
-        self._wake.set()
+                q = self._queued.get(key)
+                if q is not None:
+                    if -q.neg_priority >= priority:
+                        continue
+                    q.key = None  # superseded; the heap drops it when popped
+                q = _Queued(-float(priority), next(self._seq), key, request)
+                self._queued[key] = q
+                heapq.heappush(self._queue, q)
+                n += 1
+            self._wake.notify_all()
         return n
 
-    def _dequeue(self, key: Key) -> None:
+    def _dequeue(self, key: Key) -> None:  # under the lock
         q = self._queued.pop(key, None)
         if q is not None:
             q.key = None
 
-    async def _prefetch_loop(self) -> None:
+    def _prefetch_loop(self) -> None:
         while True:
-            while not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-            q = heapq.heappop(self._queue)
-            if q.key is None:
-                continue
-            self._queued.pop(q.key, None)
+            with self._lock:
+                while True:
+                    while not self._queue:
+                        self._wake.wait()
+                    q = heapq.heappop(self._queue)
+                    if q.key is not None:
+                        break
+                self._queued.pop(q.key, None)
             try:
-                await self._load(q.key, prefetched=True, request=q.request)
-                self.counters["prefetch_loads"] += 1
-            except DoesNotFit:
-                self.counters["prefetch_dropped"] += 1
+                self._load(q.key, prefetched=True, request=q.request)
+                self._count(prefetch_loads=1)
             except Exception:  # noqa: BLE001 - a failed prefetch must not fail anyone: demand retries it
-                self.counters["prefetch_dropped"] += 1
+                self._count(prefetch_dropped=1)
 
-    async def cancel(self, request: str | None = None, items: list[tuple] | None = None) -> int:
+    def cancel(self, request: str | None = None, items: list[tuple] | None = None) -> int:
         """Drop queued prefetches of a request (or of given (layer, expert) items); resident experts they loaded
         and nobody used become first to evict. Returns how many queued prefetches were dropped."""
         keys = {(int(i[0]), int(i[1])) for i in items} if items else None
         n = 0
-        for key, q in list(self._queued.items()):
-            if (request is not None and q.request == request) or (keys and key in keys):
-                self._dequeue(key)
-                n += 1
         with self._lock:
+            for key, q in list(self._queued.items()):
+                if (request is not None and q.request == request) or (keys and key in keys):
+                    self._dequeue(key)
+                    n += 1
             self.cache.mark_stale(request=request, keys=keys)
-        self.counters["cancelled"] += n
+            self.counters["cancelled"] += n
         return n
 
     # -- introspection ------------------------------------------------------------------------------------------
-    async def stats(self) -> dict:
-        s = dict(self.counters)
-        s.update(worker_id=self.worker_id, device=str(self.device), node_id=self.node_id, used_bytes=self.cache.used,
-                 budget_bytes=self.cache.budget, resident=len(self.cache), evictions=self.cache.evictions,
-                 wasted_prefetches=self.cache.wasted_prefetches, queued_prefetches=len(self._queued),
-                 policy=self.cache.policy.name, local_storage=self.local_storage,
-                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        assert self.cache.used <= self.cache.budget, f"worker {self.worker_id}: cache over budget"
+    def stats(self) -> dict:
+        with self._lock:
+            s = dict(self.counters)
+            s.update(worker_id=self.worker_id, device=str(self.device), node_id=self.node_id,
+                     used_bytes=self.cache.used, budget_bytes=self.cache.budget, resident=len(self.cache),
+                     evictions=self.cache.evictions, wasted_prefetches=self.cache.wasted_prefetches,
+                     queued_prefetches=len(self._queued), policy=self.cache.policy.name,
+                     local_storage=self.local_storage,
+                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            assert self.cache.used <= self.cache.budget, f"worker {self.worker_id}: cache over budget"
         return s
 
-    async def resident(self) -> list[Key]:
-        return list(self.cache.keys())
+    def resident(self) -> list[Key]:
+        with self._lock:
+            return list(self.cache.keys())
 
-    async def drop(self, keys: list[tuple]) -> int:
+    def drop(self, keys: list[tuple]) -> int:
         """Evict experts this worker no longer owns (re-placement); pinned ones stay until their compute ends."""
         n = 0
-        for k in keys:
-            k = (int(k[0]), int(k[1]))
-            with self._lock:
+        with self._lock:
+            for k in keys:
+                k = (int(k[0]), int(k[1]))
                 if k in self.cache and not self.cache.entries[k].pins:
                     self.cache.remove(k)
                     self._res.pop(k, None)
                     n += 1
         return n
 
-    async def ping(self) -> int:
+    def ping(self) -> int:
         return self.worker_id

@@ -12,8 +12,7 @@ is re-run when workers join or leave.
 from __future__ import annotations
 
 import logging
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -25,7 +24,7 @@ from storage_adapters.manifest import Manifest
 
 from . import ray_compat
 from .config import ClusterConfig
-from .model import MoEModel, generate, group_by_expert, load_dense_from_bytes
+from .model import MoEModel, generate, load_dense_from_bytes
 from .storage_tier import start_storage_actors
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,6 @@ class DispatchStats:
     plain_calls: int = 0        # of which through plain actor calls (the rest: the compiled graph)
     layers: int = 0             # MoE layer dispatches
     pairs: int = 0              # (token, expert) pairs sent
-    load: dict = field(default_factory=dict)  # (layer, expert) -> pairs routed (measured load, feeds placement)
 
 
 class _WorkersLost(Exception):
@@ -60,20 +58,27 @@ class ClusterExperts:
         self._graph = None          # compiled graph over _graph_wids, built on first use
         self._graph_wids: list[int] = []
         self.stats = DispatchStats()
+        self._load_counts: dict[int, np.ndarray] = {}  # layer -> pairs routed to each expert
         self.publish(placement)
+
+    @property
+    def measured_load(self) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> (token, expert) pairs routed to it so far: placement balances by this."""
+        return {(l, int(e)): int(c[e]) for l, c in self._load_counts.items() for e in np.flatnonzero(c)}
 
     def publish(self, placement: Placement) -> None:
         """Adopt a placement: per layer, a table expert -> primary owner, and the replicas of replicated ones."""
         if self._graph is not None and sorted(self.workers) != self._graph_wids:
             self.close_graph()  # the set of workers changed: the graph is rebuilt on next use
         self.placement = placement
-        self._owner: dict[int, torch.Tensor] = {}
+        self._owner_np: dict[int, np.ndarray] = {}
         self._replicas: dict[tuple[int, int], tuple[int, ...]] = {}
         for (layer, e), ws in placement.owners.items():
-            t = self._owner.setdefault(layer, torch.full((self.num_experts,), -1, dtype=torch.int64))
+            t = self._owner_np.setdefault(layer, np.full(self.num_experts, -1, dtype=np.int64))
             t[e] = ws[0]
             if len(ws) > 1:
                 self._replicas[(layer, e)] = ws
+            self._load_counts.setdefault(layer, np.zeros(self.num_experts, dtype=np.int64))
 
     def moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         try:
@@ -91,57 +96,64 @@ class ClusterExperts:
                                    f"re-placement: {next(iter(again.errors.values()))}") from None
 
     def _moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        # numpy on the host: for a decode step's handful of rows its small ops cost half of torch's
         N, k = topk_ids.shape
-        out = torch.zeros_like(x)                                        # [N, H]
         if N == 0:
-            return out
-        order, expert_ids, counts = group_by_expert(topk_ids.cpu())
+            return torch.zeros_like(x)
+        flat = topk_ids.detach().cpu().numpy().reshape(-1)                # [N*k]
+        order = np.argsort(flat, kind="stable")                          # pairs grouped by expert, token order kept
+        sorted_e = flat[order]
+        eids, counts = np.unique(sorted_e, return_counts=True)           # [U], [U]
         tok = order // k                                                 # [N*k] token of each pair
-        xs = x.detach().to("cpu", torch.float32)[tok]                   # [N*k, H] grouped by expert
-        eids, cnts = expert_ids.tolist(), counts.tolist()
-        owner = self._owner[layer][expert_ids].clone()                  # [U] worker per distinct expert
+        xs = x.detach().to("cpu", torch.float32).numpy()[tok]           # [N*k, H] grouped by expert
+        owner = self._owner_np[layer][eids]                              # [U] worker per distinct expert
         if self._replicas:  # spread replicated experts over their replicas by pairs already assigned this call
+            owner = owner.copy()
             assigned: dict[int, int] = {}
-            for u, (e, n) in enumerate(zip(eids, cnts)):
+            for u, (e, n) in enumerate(zip(eids.tolist(), counts.tolist())):
                 ws = self._replicas.get((layer, e))
                 if ws:
                     owner[u] = min(ws, key=lambda w: (assigned.get(w, 0), w))
                 assigned[int(owner[u])] = assigned.get(int(owner[u]), 0) + n
-        assert bool((owner >= 0).all()), f"layer {layer}: experts {expert_ids[owner < 0].tolist()} have no owner"
-        pair_owner = torch.repeat_interleave(owner, counts)              # [N*k]
+        assert (owner >= 0).all(), f"layer {layer}: experts {eids[owner < 0].tolist()} have no owner"
+        pair_owner = np.repeat(owner, counts)                            # [N*k]
         payloads, masks = {}, {}
-        for w in torch.unique(owner).tolist():
-            sel = (owner == w).nonzero().flatten().tolist()
+        for w in np.unique(owner).tolist():
+            sel = owner == w
             mask = pair_owner == w
-            payloads[w] = (layer, [eids[u] for u in sel], [cnts[u] for u in sel], pack_rows(xs[mask].numpy()))
+            payloads[w] = (layer, eids[sel].tolist(), counts[sel].tolist(), pack_rows(xs[mask]))
             masks[w] = mask
-        ys = torch.empty_like(xs)
+        ys = np.empty_like(xs)
         todo = dict(payloads)
-        with warnings.catch_warnings():  # results arrive read-only (zero-copy from Ray); we only read them
-            warnings.simplefilter("ignore", UserWarning)
-            if self.dispatch == "compiled":
-                for w, y in self._run_graph(payloads).items():
-                    ys[masks[w]] = torch.from_numpy(unpack_rows(y, int(masks[w].sum())))
-                    del todo[w]
-            calls = {w: self.workers[w].compute.remote(*p) for w, p in todo.items()}  # all in flight at once
-            lost: dict[int, Exception] = {}
+        if self.dispatch == "compiled":
+            for w, y in self._run_graph(payloads).items():
+                ys[masks[w]] = unpack_rows(y, int(masks[w].sum()))
+                del todo[w]
+        calls = {w: self.workers[w].compute.remote(*p) for w, p in todo.items()}  # all in flight at once
+        lost: dict[int, Exception] = {}
+        try:
+            results = dict(zip(calls, ray.get(list(calls.values()))))
+        except ray.exceptions.RayActorError:  # find out which workers died; the others' results still count
+            results = {}
             for w, call in calls.items():
                 try:
-                    ys[masks[w]] = torch.from_numpy(unpack_rows(ray.get(call), int(masks[w].sum())))
+                    results[w] = ray.get(call)
                 except ray.exceptions.RayActorError as e:
                     lost[w] = e
         if lost:
             raise _WorkersLost(lost)
-        ys *= topk_w.detach().to("cpu", torch.float32).reshape(-1)[order].unsqueeze(1)
+        for w, y in results.items():
+            ys[masks[w]] = unpack_rows(y, int(masks[w].sum()))
+        ys *= topk_w.detach().to("cpu", torch.float32).numpy().reshape(-1)[order][:, None]
+        out = np.zeros((N, xs.shape[1]), np.float32)
+        np.add.at(out, tok, ys)                                          # combine the k pairs of each token
         st = self.stats
         st.calls += len(payloads)
         st.plain_calls += len(calls)
         st.layers += 1
         st.pairs += N * k
-        for e, n in zip(eids, cnts):
-            st.load[(layer, e)] = st.load.get((layer, e), 0) + n
-        return out.index_add_(0, tok.to(x.device), ys.to(x.device, x.dtype))
-
+        self._load_counts[layer][eids] += counts                         # measured load, for re-placement
+        return torch.from_numpy(out).to(x.device, x.dtype)
 
     # -- compiled graph ---------------------------------------------------------------------------------------------
     def _run_graph(self, payloads: dict) -> dict:
@@ -236,7 +248,7 @@ class ExpertCluster:
         cls = ray.remote(ExpertWorker)
         # GPU workers go where the GPUs are; CPU-only workers are spread over the nodes like GPUs would be
         strategy = "DEFAULT" if w.num_gpus_per_worker else "SPREAD"
-        self.workers[wid] = cls.options(num_gpus=w.num_gpus_per_worker, num_cpus=0, max_concurrency=64,
+        self.workers[wid] = cls.options(num_gpus=w.num_gpus_per_worker, num_cpus=0, max_concurrency=16,
                                         name=f"expert-worker-{wid}", namespace=self.cfg.ray.namespace,
                                         scheduling_strategy=strategy).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage,
                                                  device=w.device, policy=self.policy)
@@ -266,7 +278,7 @@ class ExpertCluster:
     def _replace(self) -> int:
         """Re-place over the current workers, using measured load; returns how many holdings moved."""
         old = self.experts.placement
-        new = place(self.sizes, sorted(self.workers), self.experts.stats.load or None,
+        new = place(self.sizes, sorted(self.workers), self.experts.measured_load or None,
                     replicate_top=self.replicate_top, previous=old)
         for wid, h in self.workers.items():
             gone = [k for k in old.experts_of(wid) if wid not in new.replicas(k)]

@@ -48,7 +48,7 @@ def storage(env, name, tiers=("dram", "nvme"), overrides=None):
 def worker(env, name, budget_blobs, policy="lru", **kw):
     man = env["manifest"]
     W = ray.remote(ExpertWorker)
-    return W.options(max_concurrency=64).remote(0, man.to_json(), budget_blobs * man.expert_bytes,
+    return W.options(max_concurrency=16).remote(0, man.to_json(), budget_blobs * man.expert_bytes,
                                                  kw.pop("storage_by_node", None) or storage(env, name),
                                                  policy=policy, **kw)
 
