@@ -53,6 +53,11 @@ def worker(env, name, budget_blobs, policy="lru", **kw):
                                                  policy=policy, **kw)
 
 
+def as_tensor(y):
+    """Results arrive read-only (zero-copy from Ray); copy before handing them to torch."""
+    return torch.from_numpy(np.array(y))
+
+
 def reference(env, layer, expert, x):
     w = env["weights"]
     p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
@@ -72,7 +77,7 @@ def test_compute_exact_and_budget_after_every_step(env):
         y = ray.get(w.compute.remote(layer, experts, counts, x))
         start = 0
         for e, n in zip(experts, counts):
-            assert torch.equal(torch.from_numpy(y[start:start + n]), reference(env, layer, e, x[start:start + n]))
+            assert torch.equal(as_tensor(y[start:start + n]), reference(env, layer, e, x[start:start + n]))
             start += n
         st = ray.get(w.stats.remote())
         assert st["used_bytes"] <= st["budget_bytes"] == 3 * man.expert_bytes
@@ -126,7 +131,7 @@ def test_concurrent_computes_never_evict_pinned_and_stay_in_budget(env):
     outs = ray.get(calls)
     for (layer, experts, x), y in zip(inputs, outs):
         for j, e in enumerate(experts):
-            assert torch.equal(torch.from_numpy(y[j:j + 1]), reference(env, layer, e, x[j:j + 1]))
+            assert torch.equal(as_tensor(y[j:j + 1]), reference(env, layer, e, x[j:j + 1]))
     st = ray.get(w.stats.remote())
     assert st["used_bytes"] <= st["budget_bytes"] and st["peak_used_bytes"] <= st["budget_bytes"]
 
@@ -137,7 +142,7 @@ def test_other_policies_run_exact(env, policy):
     x = np.full((1, env["manifest"].model.hidden_size), 0.5, np.float32)
     for e in (0, 1, 0, 2, 0, 3):
         y = ray.get(w.compute.remote(0, [e], [1], x))
-        assert torch.equal(torch.from_numpy(y), reference(env, 0, e, x))
+        assert torch.equal(as_tensor(y), reference(env, 0, e, x))
     st = ray.get(w.stats.remote())
     assert st["policy"] == policy and st["used_bytes"] <= st["budget_bytes"]
 
