@@ -117,17 +117,18 @@ class ClusterExperts:
                 assigned[int(owner[u])] = assigned.get(int(owner[u]), 0) + n
         assert (owner >= 0).all(), f"layer {layer}: experts {eids[owner < 0].tolist()} have no owner"
         pair_owner = np.repeat(owner, counts)                            # [N*k]
-        payloads, masks = {}, {}
+        payloads, masks, rows = {}, {}, {}
         for w in np.unique(owner).tolist():
             sel = owner == w
             mask = pair_owner == w
-            payloads[w] = (layer, eids[sel].tolist(), counts[sel].tolist(), pack_rows(xs[mask]))
-            masks[w] = mask
+            cnt = counts[sel].tolist()
+            payloads[w] = (layer, eids[sel].tolist(), cnt, pack_rows(xs[mask]))
+            masks[w], rows[w] = mask, sum(cnt)
         ys = np.empty_like(xs)
         todo = dict(payloads)
         if self.dispatch == "compiled":
             for w, y in self._run_graph(payloads).items():
-                ys[masks[w]] = unpack_rows(y, int(masks[w].sum()))
+                ys[masks[w]] = unpack_rows(y, rows[w])
                 del todo[w]
         calls = {w: self.workers[w].compute.remote(*p) for w, p in todo.items()}  # all in flight at once
         lost: dict[int, Exception] = {}
@@ -143,7 +144,7 @@ class ClusterExperts:
         if lost:
             raise _WorkersLost(lost)
         for w, y in results.items():
-            ys[masks[w]] = unpack_rows(y, int(masks[w].sum()))
+            ys[masks[w]] = unpack_rows(y, rows[w])
         ys *= topk_w.detach().to("cpu", torch.float32).numpy().reshape(-1)[order][:, None]
         out = np.zeros((N, xs.shape[1]), np.float32)
         np.add.at(out, tok, ys)                                          # combine the k pairs of each token

@@ -246,6 +246,33 @@ def load_dense_from_bytes(b) -> dict[str, Tensor]:
     return load(bytes(b))
 
 
+def load_checkpoint(path: str) -> tuple[dict, dict[str, Tensor], dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]]]:
+    """A per-expert Hugging Face checkpoint directory in this process: (config.json as a dict, dense tensors under
+    their checkpoint names, {(layer, expert): (gate, up, down)}) — for `MoEModel.from_dense(config, dense,
+    LocalExperts(experts))` without a store. Expert names follow storage_adapters/families.py."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    from storage_adapters.families import PER_EXPERT, role_of
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    dense, parts = {}, {}
+    for name in sorted(os.listdir(path)):
+        if not name.endswith(".safetensors"):
+            continue
+        for k, t in load_file(os.path.join(path, name)).items():
+            m = PER_EXPERT.match(k)
+            if m:
+                parts.setdefault((int(m["layer"]), int(m["expert"])), {})[role_of(m["proj"])] = t
+            else:
+                dense[k] = t
+    missing = [key for key, p in parts.items() if len(p) != 3]
+    assert not missing, f"{path}: experts {missing[:4]} lack some of gate/up/down"
+    return config, dense, {key: (p["gate"], p["up"], p["down"]) for key, p in parts.items()}
+
+
 @dataclass
 class LayerWeights:
     attn_norm: Tensor                     # [H]

@@ -22,27 +22,6 @@ import numpy as np
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_model")
 
 
-def load_checkpoint(ckpt: str):
-    """(config dict, dense tensors, experts {(layer, expert): (gate, up, down)}) from a per-expert HF checkpoint."""
-    from safetensors.torch import load_file
-
-    from storage_adapters.families import PER_EXPERT, role_of
-    with open(os.path.join(ckpt, "config.json")) as f:
-        config = json.load(f)
-    dense, parts = {}, {}
-    for name in sorted(os.listdir(ckpt)):
-        if not name.endswith(".safetensors"):
-            continue
-        for k, t in load_file(os.path.join(ckpt, name)).items():
-            m = PER_EXPERT.match(k)
-            if m:
-                parts.setdefault((int(m["layer"]), int(m["expert"])), {})[role_of(m["proj"])] = t
-            else:
-                dense[k] = t
-    experts = {key: (p["gate"], p["up"], p["down"]) for key, p in parts.items()}
-    return config, dense, experts
-
-
 def held_out_prompts(n: int, nbytes: int, seed: int) -> list[list[int]]:
     """n byte windows of `nbytes` from the stdlib files the embedded model never trained on."""
     from jobs.train_tiny_moe import split_files, stdlib_files
@@ -115,7 +94,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from cluster.model import LocalExperts, MoEModel
+    from cluster.model import LocalExperts, MoEModel, load_checkpoint
     torch.set_num_threads(1)
     config, dense, experts = load_checkpoint(a.checkpoint)
     model = MoEModel.from_dense(config, dense, LocalExperts(experts), dtype=torch.float32)

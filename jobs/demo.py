@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                 return 1
             del arrays
             tok_json = ray.get(storage.aux.remote("tokenizer.json"))
-            encode, decode = _codec(tok_json, c.model.args.vocab_size)
+            encode, decode = _codec(tok_json)
             prompts = [encode(p) for p in PROMPTS]
             t0 = time.perf_counter()
             outs = c.generate(prompts, args.max_tokens)
@@ -137,16 +137,13 @@ def main(argv=None) -> int:
             _say(f"stopped embedded S3 server (pid {m.pid})")
 
 
-def _codec(tok_json: bytes | None, vocab: int):
-    """(encode, decode) for the store's tokenizer; the embedded model's is byte level (ids 0-255 are bytes)."""
+def _codec(tok_json: bytes | None):
+    """(encode, decode) through the store's tokenizer; without one, prompts are bytes and outputs ids."""
     if tok_json:
         from tokenizers import Tokenizer
         tok = Tokenizer.from_str(tok_json.decode())
-        if vocab <= 300:  # byte level: decode the bytes ourselves, so split UTF-8 sequences come out whole
-            return (lambda s: list(s.encode())), (lambda ids: bytes(i for i in ids if i < 256).decode("utf-8",
-                                                                                                       "replace"))
         return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids))
-    return (lambda s: [b % vocab for b in s.encode()]), (lambda ids: " ".join(map(str, ids)))
+    return (lambda s: list(s.encode())), (lambda ids: " ".join(map(str, ids)))
 
 
 if __name__ == "__main__":

@@ -32,3 +32,19 @@ def fault_proxy(moto_server):
     """An unshaped proxy in front of moto for fault injection; each test gets a fresh one."""
     with ShapingProxy(moto_server.endpoint_url, bandwidth_bps=None, first_byte_latency_s=0.0) as p:
         yield p
+
+
+def convert_checkpoint(ckpt: str, *uris: str, endpoint_url: str | None = None):
+    """Convert a checkpoint directory into the given store URIs (file:// and/or s3://); returns the manifest."""
+    import asyncio
+
+    from storage_adapters.converter import convert, open_target, plan_conversion
+    targets = [open_target(u, endpoint_url=endpoint_url) for u in uris]
+    return asyncio.run(convert(plan_conversion(ckpt), targets, progress=False)).manifest
+
+
+def tiny_store(root, *uris: str, endpoint_url: str | None = None, seed: int = 0):
+    """Write the `tiny` preset checkpoint under root/ckpt and convert it; returns (checkpoint dir, manifest)."""
+    from jobs.make_checkpoint import PRESETS, write_checkpoint
+    ckpt = write_checkpoint(str(root / "ckpt"), PRESETS["tiny"], seed=seed)
+    return ckpt, convert_checkpoint(ckpt, *uris, endpoint_url=endpoint_url)

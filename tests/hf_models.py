@@ -12,10 +12,8 @@ tokens and top-k choices are not decided by float noise: the default 0.02-std in
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +43,6 @@ FAMILY_KWARGS = {
 }
 FAMILIES = tuple(FAMILY_KWARGS)
 
-_EXPERT = re.compile(r"^.*layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
-                     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
-_ROLE = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1, "w2": 2, "down_proj": 2}
 
 
 @dataclass
@@ -83,25 +78,12 @@ def make_model(family: str, seed: int = 0, **overrides):
 
 
 def build(family: str, tmp_dir: str, seed: int = 0, **overrides) -> Tiny:
-    from safetensors.torch import load_file
+    from cluster.model import load_checkpoint
     model = make_model(family, seed, **overrides)
     path = os.path.join(tmp_dir, f"{family}-ckpt")
     model.save_pretrained(path)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    dense, parts = {}, {}
-    for fname in sorted(os.listdir(path)):
-        if not fname.endswith(".safetensors"):
-            continue
-        for name, t in load_file(os.path.join(path, fname)).items():
-            m = _EXPERT.match(name)
-            if m:
-                parts.setdefault((int(m[1]), int(m[2])), [None, None, None])[_ROLE[m[3]]] = t
-            else:
-                dense[name] = t
-    assert parts, f"{family}: save_pretrained wrote no per-expert tensors; names: {sorted(dense)[:8]}"
-    experts = {k: tuple(v) for k, v in parts.items()}
-    assert all(all(t is not None for t in v) for v in experts.values())
+    config, dense, experts = load_checkpoint(path)
+    assert experts, f"{family}: save_pretrained wrote no per-expert tensors; names: {sorted(dense)[:8]}"
     return Tiny(family, model, config, dense, experts, path)
 
 

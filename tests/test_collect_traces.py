@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.model import LocalExperts, MoEModel, generate
-from jobs.collect_traces import EMBEDDED, held_out_prompts, load_checkpoint, main
+from cluster.model import LocalExperts, MoEModel, generate, load_checkpoint
+from jobs.collect_traces import EMBEDDED, held_out_prompts, main
 from policies.traces import load
 
 

@@ -24,7 +24,7 @@ def test_demo_runs_and_generates_from_the_tiers(tmp_path):
     n = int(re.search(r"convert: (\d+) expert blobs", out)[1])
     aux = 3  # generation_config.json, tokenizer.json, tokenizer_config.json
     assert f"written {{'nvme': {n + 1 + aux}, 's3': {n + 1 + aux}}}" in out, out
-    assert f"re-run (idempotent): " in out and f"skipped {{'nvme': {n + 1 + aux}, 's3': {n + 1 + aux}}}" in out
+    assert "re-run (idempotent): " in out and f"skipped {{'nvme': {n + 1 + aux}, 's3': {n + 1 + aux}}}" in out
     assert re.search(rf"storage read-back: {3 * n}/{3 * n} expert tensors bit-exact", out), out
     cached = int(re.search(r"= (\d+) of (\d+) experts at most", out)[1])
     assert cached <= n // 2

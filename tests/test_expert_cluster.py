@@ -1,17 +1,15 @@
 """The cluster end to end on a real single-node Ray: every family's float32 logits match transformers within 1e-4
 on prefill and 16 decode steps, and greedy tokens are identical — with experts spread over two workers whose HBM
 caches are so small that experts are evicted and re-read mid-run. Plus re-placement when workers join/leave."""
-import asyncio
-import os
 
 import pytest
 import ray
 import torch
 
+from conftest import convert_checkpoint
 import hf_models
 from cluster.config import ClusterConfig
 from cluster.expert_cluster import ExpertCluster
-from storage_adapters.converter import convert, open_target, plan_conversion
 
 pytestmark = pytest.mark.ray
 
@@ -33,7 +31,7 @@ def stores(tmp_path_factory):
     for f in hf_models.FAMILIES:
         t = hf_models.build(f, str(d))
         store = str(d / f"{f}-store")
-        man = asyncio.run(convert(plan_conversion(t.path), [open_target("file://" + store)], progress=False)).manifest
+        man = convert_checkpoint(t.path, "file://" + store)
         out[f] = (t, store, man)
     return out
 

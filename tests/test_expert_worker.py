@@ -1,6 +1,5 @@
 """ExpertWorker on a real single-node Ray: exact expert outputs, the HBM budget after every step, eviction and
 pins, prefetch (priority, never blocking compute, cancel), and bad budgets."""
-import asyncio
 import os
 import time
 
@@ -10,11 +9,10 @@ import ray
 import torch
 from safetensors.numpy import load_file
 
+from conftest import tiny_store
 from actors.expert_worker import ExpertWorker, expert_ffn
 from cluster.config import ClusterConfig
 from cluster.storage_tier import start_storage_actors
-from jobs.make_checkpoint import PRESETS, write_checkpoint
-from storage_adapters.converter import convert, open_target, plan_conversion
 from storage_adapters.local_s3 import ShapingProxy
 
 pytestmark = pytest.mark.ray
@@ -23,10 +21,8 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, moto_server, s3_bucket):
     root = tmp_path_factory.mktemp("ew")
-    ckpt = write_checkpoint(str(root / "ckpt"), PRESETS["tiny"])
-    targets = [open_target(f"file://{root}/nvme"),
-               open_target(f"s3://{s3_bucket}/expert-worker", endpoint_url=moto_server.endpoint_url)]
-    man = asyncio.run(convert(plan_conversion(ckpt), targets, progress=False)).manifest
+    ckpt, man = tiny_store(root, f"file://{root}/nvme", f"s3://{s3_bucket}/expert-worker",
+                           endpoint_url=moto_server.endpoint_url)
     ray.init(num_cpus=4, include_dashboard=False, namespace="test-ew", object_store_memory=256 << 20,
              logging_level="ERROR", runtime_env={"env_vars": {k: os.environ[k] for k in
                                                               ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",

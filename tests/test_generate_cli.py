@@ -1,18 +1,14 @@
 """`python -m jobs.generate` as a user runs it: its own local cluster over a store, greedy tokens equal to the
 runtime's in-process reference on the same checkpoint, and clear errors for bad prompts."""
-import asyncio
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from cluster.model import LocalExperts, MoEModel, generate
-from jobs.make_checkpoint import PRESETS, write_checkpoint
-from storage_adapters.converter import convert, open_target, plan_conversion
+from conftest import tiny_store
+from cluster.model import LocalExperts, MoEModel, generate, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,8 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen")
-    ckpt = write_checkpoint(str(d / "ckpt"), PRESETS["tiny"], seed=3)
-    asyncio.run(convert(plan_conversion(ckpt), [open_target(f"file://{d}/store")], progress=False))
+    ckpt, _ = tiny_store(d, f"file://{d}/store", seed=3)
     return ckpt, f"file://{d}/store", d
 
 
@@ -38,16 +33,8 @@ def test_generate_matches_in_process_reference(store):
              "--hbm-budget", "256KiB", "--json", str(out)], d)
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(out.read_text())
-    w = load_file(os.path.join(ckpt, "model.safetensors"))
-    experts, dense = {}, {}
-    for name, t in w.items():
-        if ".experts." in name:
-            parts = name.split(".")
-            experts.setdefault((int(parts[2]), int(parts[5])), {})[parts[6]] = t
-        else:
-            dense[name] = t
-    local = LocalExperts({k: (v["w1"], v["w3"], v["w2"]) for k, v in experts.items()})
-    model = MoEModel.from_dense(json.load(open(os.path.join(ckpt, "config.json"))), dense, local)
+    config, dense, experts = load_checkpoint(ckpt)
+    model = MoEModel.from_dense(config, dense, LocalExperts(experts))
     ref = generate(model, [[5, 6, 7, 8]], 12, eos_token_id=None)[0]
     assert got["token_ids"] == ref
     assert got["misses"] > 0 and got["bytes_by_tier"]["nvme"] > 0 and got["text"] is None

@@ -4,7 +4,8 @@ probabilities, bounded memory, and the errors for events without hidden states o
 import numpy as np
 import pytest
 
-from jobs.collect_traces import EMBEDDED, load_checkpoint, main
+from cluster.model import load_checkpoint
+from jobs.collect_traces import EMBEDDED, main
 from policies.predictors import CrossLayerTransition, RoutingEvent
 from policies.replay import recall_at_k
 from policies.speculation import NextGateSpeculation, gates_from_dense, topk_inclusion

@@ -1,17 +1,16 @@
 """StorageActor on a real single-node Ray: zero-copy blobs through the object store, the DRAM tier's byte budget,
 coalesced reads, verified fallback across tiers, and failures that take no other request down."""
-import asyncio
+import contextlib
 import os
 
 import numpy as np
 import pytest
 import ray
 
+from conftest import tiny_store
 from cluster.config import ClusterConfig
 from cluster.storage_tier import start_storage_actors
-from jobs.make_checkpoint import PRESETS, write_checkpoint
 from storage_adapters.checksum import digest
-from storage_adapters.converter import convert, open_target, plan_conversion
 from storage_adapters.local_s3 import ShapingProxy
 from storage_adapters.manifest import Manifest
 
@@ -21,11 +20,9 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, moto_server, s3_bucket):
     root = tmp_path_factory.mktemp("sa")
-    ckpt = write_checkpoint(str(root / "ckpt"), PRESETS["tiny"])
-    targets = [open_target(f"file://{root}/nvme"),
-               open_target(f"s3://{s3_bucket}/storage-actor", endpoint_url=moto_server.endpoint_url)]
-    rep = asyncio.run(convert(plan_conversion(ckpt), targets, progress=False))
-    return {"root": root, "manifest": rep.manifest, "nvme": str(root / "nvme"), "ckpt": ckpt}
+    ckpt, man = tiny_store(root, f"file://{root}/nvme", f"s3://{s3_bucket}/storage-actor",
+                           endpoint_url=moto_server.endpoint_url)
+    return {"root": root, "manifest": man, "nvme": str(root / "nvme"), "ckpt": ckpt}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +43,7 @@ def make_cfg(store, namespace, dram_bytes, tiers=("dram", "nvme", "s3"), endpoin
     return ClusterConfig.model_validate({
         "ray": {"namespace": namespace},
         "tiers": [{"kind": "dram", "budget_bytes": dram_bytes}, {"kind": "nvme", "path": store["nvme"]},
-                  {"kind": "s3", "uri": f"s3://experts/storage-actor", "endpoint_url": endpoint,
+                  {"kind": "s3", "uri": "s3://experts/storage-actor", "endpoint_url": endpoint,
                    "retry": {"base_delay_s": 0.01, "max_delay_s": 0.05}}],
         "tier_sets": {"default": list(tiers)}})
 
@@ -95,33 +92,36 @@ def test_concurrent_requests_share_one_read(ray_local, store, moto_server):
         assert digest(ray.get(got[0][0])) == b.checksum
 
 
-def test_corrupt_nvme_copy_falls_back_to_s3(ray_local, store, moto_server):
-    man = store["manifest"]
-    b = man.blobs[2]
-    path = os.path.join(store["nvme"], b.key)
+@contextlib.contextmanager
+def overwritten(path: str, offset: int, data_of):
+    """Overwrite bytes of a stored blob (data_of(original bytes) -> new bytes at offset); restored afterwards."""
     orig = open(path, "rb").read()
     try:
         with open(path, "r+b") as f:
-            f.seek(b.tensors["up"].offset + 5)
-            f.write(bytes([orig[b.tensors["up"].offset + 5] ^ 0xFF]))
-        a = actor_for(make_cfg(store, "t-fallback", 1 << 30, endpoint=moto_server.endpoint_url))
-        [ref] = ray.get(a.get.remote(b.layer, b.expert))
-        assert digest(ray.get(ref)) == b.checksum
-        st = ray.get(a.stats.remote())
-        assert st["fallbacks"] == 1 and st["checksum_failures"]["nvme"] == 2 and st["tier_reads"] == {"s3": 1}
+            f.seek(offset)
+            f.write(data_of(orig))
+        yield
     finally:
         with open(path, "wb") as f:
             f.write(orig)
 
 
+def test_corrupt_nvme_copy_falls_back_to_s3(ray_local, store, moto_server):
+    man = store["manifest"]
+    b = man.blobs[2]
+    off = b.tensors["up"].offset + 5
+    with overwritten(os.path.join(store["nvme"], b.key), off, lambda orig: bytes([orig[off] ^ 0xFF])):
+        a = actor_for(make_cfg(store, "t-fallback", 1 << 30, endpoint=moto_server.endpoint_url))
+        [ref] = ray.get(a.get.remote(b.layer, b.expert))
+        assert digest(ray.get(ref)) == b.checksum
+        st = ray.get(a.stats.remote())
+        assert st["fallbacks"] == 1 and st["checksum_failures"]["nvme"] == 2 and st["tier_reads"] == {"s3": 1}
+
+
 def test_failed_read_does_not_take_others_down(ray_local, store):
     man = store["manifest"]
     b = man.blobs[3]
-    path = os.path.join(store["nvme"], b.key)
-    orig = open(path, "rb").read()
-    try:
-        with open(path, "r+b") as f:
-            f.write(b"\x00" * 16)
+    with overwritten(os.path.join(store["nvme"], b.key), 0, lambda orig: b"\x00" * 16):
         a = actor_for(make_cfg(store, "t-fail", 1 << 30, tiers=("dram", "nvme")))
         good = a.get.remote(man.blobs[0].layer, man.blobs[0].expert)
         bad = a.get.remote(b.layer, b.expert)
@@ -132,9 +132,6 @@ def test_failed_read_does_not_take_others_down(ray_local, store):
         assert digest(ray.get(ray.get(good)[0])) == man.blobs[0].checksum
         assert ray.get(a.ping.remote())  # the actor is alive
         assert ray.get(a.stats.remote())["dram_blobs"] == 1  # nothing wrong was cached
-    finally:
-        with open(path, "wb") as f:
-            f.write(orig)
 
 
 def test_stage_prefetches_into_dram_and_dense_is_served(ray_local, store):

@@ -1,18 +1,15 @@
 """Storage actors on a multi-node Ray cluster (ray.cluster_utils.Cluster, all on 127.0.0.1): one per node, pinned
 there, and a consumer on each node reads verified blobs from its own node's DRAM tier."""
-import asyncio
-import os
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from conftest import tiny_store
 from cluster.config import ClusterConfig
 from cluster.storage_tier import local_storage_actor, start_storage_actors
 from cluster import ray_compat
-from jobs.make_checkpoint import PRESETS, write_checkpoint
 from storage_adapters.checksum import digest
-from storage_adapters.converter import convert, open_target, plan_conversion
 
 pytestmark = pytest.mark.ray
 
@@ -29,9 +26,7 @@ def cluster():
 
 
 def test_one_pinned_actor_per_node_serving_its_node(cluster, tmp_path):
-    ckpt = write_checkpoint(str(tmp_path / "ckpt"), PRESETS["tiny"])
-    man = asyncio.run(convert(plan_conversion(ckpt), [open_target(f"file://{tmp_path}/nvme")],
-                              progress=False)).manifest
+    _, man = tiny_store(tmp_path, f"file://{tmp_path}/nvme")
     cfg = ClusterConfig.model_validate({
         "ray": {"namespace": "test-multinode"},
         "tiers": [{"kind": "dram", "budget_bytes": 1 << 30}, {"kind": "nvme", "path": str(tmp_path / "nvme")}]})
@@ -62,25 +57,16 @@ def test_one_pinned_actor_per_node_serving_its_node(cluster, tmp_path):
 def test_expert_cluster_across_nodes_matches_in_process(cluster, tmp_path):
     """Workers spread over two nodes, each reading from its own node's DRAM tier; tokens equal the runtime run
     in one process with every expert resident."""
-    import json
-
-    from safetensors.torch import load_file
-
     from cluster.expert_cluster import ExpertCluster
-    from cluster.model import LocalExperts, MoEModel, generate
+    from cluster.model import LocalExperts, MoEModel, generate, load_checkpoint
 
-    ckpt = write_checkpoint(str(tmp_path / "ckpt"), PRESETS["tiny"], seed=11)
-    man = asyncio.run(convert(plan_conversion(ckpt), [open_target(f"file://{tmp_path}/nvme")],
-                              progress=False)).manifest
+    ckpt, man = tiny_store(tmp_path, f"file://{tmp_path}/nvme", seed=11)
     cfg = ClusterConfig.model_validate({
         "ray": {"namespace": "test-multinode-cluster"},
         "workers": {"count": 4, "hbm_budget_bytes": 2 * man.expert_bytes},
         "tiers": [{"kind": "dram", "budget_bytes": 1 << 30}, {"kind": "nvme", "path": str(tmp_path / "nvme")}]})
-    w = load_file(os.path.join(ckpt, "model.safetensors"))
-    experts = {(l, e): tuple(w[f"model.layers.{l}.block_sparse_moe.experts.{e}.{n}.weight"] for n in ("w1", "w3", "w2"))
-               for l in range(2) for e in range(4)}
-    dense = {k: v for k, v in w.items() if ".experts." not in k}
-    ref_model = MoEModel.from_dense(json.load(open(os.path.join(ckpt, "config.json"))), dense, LocalExperts(experts))
+    config, dense, experts = load_checkpoint(ckpt)
+    ref_model = MoEModel.from_dense(config, dense, LocalExperts(experts))
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
     ref = generate(ref_model, prompts, 10, eos_token_id=None)
     with ExpertCluster(cfg) as c:
