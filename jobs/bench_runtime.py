@@ -115,6 +115,13 @@ def main(argv=None) -> int:
                 c.experts.moe(layer, x, ids, w)
                 over.append((time.perf_counter() - t) * 1e3 - lm)
             st = c.stats()
+            if mode == "plain":  # Ray's own floor: one no-op call to every worker at once, no payload
+                floor = []
+                for _ in range(300):
+                    t = time.perf_counter()
+                    ray.get([w.ping.remote() for w in c.workers.values()])
+                    floor.append((time.perf_counter() - t) * 1e3)
+                out["noop_calls_to_all_workers_ms_median"] = float(np.median(floor))
         out["modes"][mode] = {"dispatch_ms_median": float(np.median(over)), "dispatch_ms_p99": float(np.percentile(over, 99)),
                               "tokens_per_s": tps, "calls": st["dispatch"]["calls"],
                               "plain_calls": st["dispatch"]["plain_calls"], "misses": st["misses"]}
@@ -126,6 +133,8 @@ def main(argv=None) -> int:
           f"experts, batch {a.batch}, {a.steps} decode steps, {a.workers} workers")
     print(f"  in-process (every expert resident): {out['in_process_tokens_per_s']:.1f} tokens/s; "
           f"in-process moe() {out['local_moe_ms_median']:.3f} ms")
+    print(f"  Ray floor: one no-op call to each of the {a.workers} workers at once "
+          f"{out['noop_calls_to_all_workers_ms_median']:.3f} ms median")
     for mode, r in out["modes"].items():
         target = 1.5 if mode == "plain" else 0.3
         print(f"  {mode:9s} dispatch {r['dispatch_ms_median']:.3f} ms median (p99 {r['dispatch_ms_p99']:.3f}) per MoE "
