@@ -247,8 +247,14 @@ class ExpertCluster:
         wid = self._next_worker
         self._next_worker += 1
         cls = ray.remote(ExpertWorker)
-        # GPU workers go where the GPUs are; CPU-only workers are spread over the nodes like GPUs would be
-        strategy = "DEFAULT" if w.num_gpus_per_worker else "SPREAD"
+        # GPU workers go where the GPUs are. CPU-only workers are dealt round-robin over the storage nodes: Ray's
+        # "SPREAD" is best-effort and may pack them onto one node; soft affinity still lets Ray place a worker
+        # elsewhere if its node is gone.
+        if w.num_gpus_per_worker:
+            strategy = "DEFAULT"
+        else:
+            nodes = sorted(self.storage)
+            strategy = ray_compat.prefer_node(nodes[wid % len(nodes)])
         self.workers[wid] = cls.options(num_gpus=w.num_gpus_per_worker, num_cpus=0, max_concurrency=16,
                                         name=f"expert-worker-{wid}", namespace=self.cfg.ray.namespace,
                                         scheduling_strategy=strategy).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage,

@@ -38,5 +38,10 @@ def pin_to_node(node_id: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
 
 
+def prefer_node(node_id: str) -> NodeAffinitySchedulingStrategy:
+    """Soft affinity: run there if the node is alive, anywhere otherwise."""
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
+
+
 def get_actor(name: str, namespace: str):
     return ray.get_actor(name, namespace=namespace)
