@@ -398,7 +398,10 @@ class ExpertBackend(Protocol):
 
 RouteHook = Callable[[int, Tensor, Tensor, Tensor], None]
 """on_route(layer, topk_ids [N, k], topk_w [N, k], x [N, H]): called right before each MoE layer's backend call
-with the very tensors the backend gets; it must return at once (publish, do not wait) and must not modify them."""
+with the very tensors the backend gets; it must return at once (publish, do not wait) and must not modify them.
+Which request and position row n belongs to: `model.route_rows[n]` is its KV-cache row (so
+`cache.requests[route_rows[n]]` its request id) and `model.route_pos[n]` its token position; both are set by
+`forward` for the step in progress ([N] int64 tensors)."""
 
 
 def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
@@ -524,6 +527,7 @@ class KVCache:
     v: list[Tensor]
     lens: list[int]
     max_len: int
+    requests: list = field(default_factory=list)  # request id of each row (whoever fills a row sets it; default b)
 
     @classmethod
     def allocate(cls, args: ModelArgs, batch: int, max_len: int, *, device=None, dtype=torch.float32) -> "KVCache":
@@ -534,7 +538,7 @@ class KVCache:
         shape = (batch, max_len, args.num_kv_heads, args.head_dim)
         return cls(k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.num_layers)],
                    v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.num_layers)],
-                   lens=[0] * batch, max_len=max_len)
+                   lens=[0] * batch, max_len=max_len, requests=list(range(batch)))
 
     def reset(self) -> None:
         self.lens = [0] * len(self.lens)
@@ -549,6 +553,8 @@ class MoEModel:
     weights: Weights
     experts: ExpertBackend
     on_route: RouteHook | None = None
+    route_rows: Tensor | None = field(default=None, init=False)   # [M] int64 cache row of each routed token
+    route_pos: Tensor | None = field(default=None, init=False)    # [M] int64 its position (see RouteHook)
     inv_freq: Tensor = field(init=False)       # [D/2] f32
     rope_scale: float = field(init=False)
 
@@ -603,6 +609,7 @@ class MoEModel:
         cols = torch.arange(M, device=dev) - (torch.cumsum(n_t, 0) - n_t)[rows]           # [M]
         flat = rows * T + cols                                               # [M]
         wpos = pos.reshape(-1)[flat]                                         # [M] cache slot of each real token
+        self.route_rows, self.route_pos = rows, wpos                         # for on_route: who each row is
         # key slot j is visible to query (b, t) iff j <= its position and j holds a token of row b; for padding
         # queries this still leaves >= 1 visible slot, so no row of the softmax is empty (no NaNs anywhere)
         j = torch.arange(S, device=dev)                                      # [S]
