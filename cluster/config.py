@@ -195,7 +195,8 @@ def _fmt_loc(loc) -> str:
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
-    for t in raw.get("tiers") or []:
+    tiers = raw.get("tiers")
+    for t in tiers if isinstance(tiers, list) else []:  # a non-list is reported by validation, not here
         if isinstance(t, dict) and t.get("kind") == "nvme" and isinstance(t.get("path"), str):
             t["path"] = str((base / os.path.expanduser(t["path"])).resolve())
         enc = t.get("encryption") if isinstance(t, dict) else None
