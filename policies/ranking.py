@@ -1,0 +1,412 @@
+"""Prefetch ranking: which experts to move where, now, across the whole cluster. Pure numpy: no Ray, no clock
+reads (times are passed in), deterministic (every sort has an explicit tie-break), so the simulator drives the
+very same code as the PrefetchCoordinator actor.
+
+    planner = PrefetchPlanner(PlannerConfig(max_inflight_bytes=256 << 20), access=AccessPolicy({...}))
+    plan = planner.plan([RequestView("r1", cands, tiers=("dram", "nvme"))], view, window=2.0)
+    for o in plan.orders(): ...   # Order(worker, layer, expert, priority, request, source, target)
+
+Inputs
+  RequestView   one live request: its Candidates (policies/predictors.py: distance, layer, expert, prob), its
+                TierSet (tier names it may read from; None: all), its tenant and its latency budget.
+  ClusterView   what the coordinator believes about the cluster: the owner worker of each (layer, expert), the
+                node of each worker, where copies are (`present[tier, layer, expert]`, tiers relative to the owner:
+                hbm = in the owner's cache; peer = in another worker's cache or another node's DRAM tier; dram =
+                in the owner's node's DRAM tier; nvme / s3 = in the store), HBM loads and DRAM stagings in flight,
+                bytes per expert, each worker's free HBM bytes, each node's free DRAM bytes, bytes in flight.
+
+How it ranks (one call = one decision step)
+  1. Access: a request whose tenant may not use the model or one of its TierSet's tiers is denied (Plan.denied
+     names the tenant and what), and contributes nothing: no order is ever made on its behalf.
+  2. Per request, keep candidates within its window (distance <= window * m) and above its threshold
+     (prob >= threshold / m), m = the latency-budget factor: a tight budget (small latency_budget_s) widens the
+     window and lowers the threshold (aggressive), a loose one narrows and raises them (conservative).
+  3. Source tier of each candidate: the fastest tier holding a copy that the request's TierSet allows (never a
+     tier outside it); already in the owner's HBM or in flight there: nothing to do.
+  4. Deduplicate across requests and workers: one row per (layer, expert); P(used within the window) =
+     1 - prod_r (1 - p_r) over the requests that predict it (independent requests), distance = the nearest.
+  5. Value = P x the stall a miss would cost from its source tier (latency + bytes / bandwidth), capped by the
+     time until it is needed (distance x layer_time_s, when given: a transfer cannot hide more than the lead
+     time), per byte moved.
+  6. Per worker, in decreasing value: HBM orders fill the free bytes; beyond them an order may displace
+     resident experts only when every one it displaces has a lower value than it (resident values come from the
+     same predictions: a resident expert nobody predicts is worth 0) AND its probability has reached
+     `hbm_confirm_prob` (the router is close to confirming it). Once a candidate can do neither, the rest of that
+     worker's list stops going to HBM (what was planned must really fit).
+  7. Candidates not sent to HBM whose copy is colder than DRAM are staged into the owner's node DRAM tier (if the
+     TierSet allows dram, within each node's free DRAM bytes): a prediction waits one hop away without evicting
+     anything from HBM.
+  8. A global cap on bytes in flight (`max_inflight_bytes` minus what is already in flight) keeps the best orders.
+  9. Issue order: warm before cold (shorter transfers first: peer, dram, nvme, s3), by value within a tier. The
+     `priority` handed to the workers encodes the same order: (number of tiers - source) + value / max value.
+
+WindowController adapts the base window between decision steps: shrink when the wasted fraction of prefetches
+rises above `waste_high`, grow when stall time per step rises (or misses persist), within [min, max].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, NamedTuple, Sequence
+
+import numpy as np
+
+from .predictors import Candidates
+
+TIER_NAMES = ("hbm", "peer", "dram", "nvme", "s3")   # fastest first; indices below
+HBM, PEER, DRAM, NVME, S3 = range(5)
+NUM_TIERS = len(TIER_NAMES)
+TARGETS = ("hbm", "dram")                            # where an order puts the expert
+TARGET_HBM, TARGET_DRAM = 0, 1
+
+
+class AccessDenied(PermissionError):
+    """A tenant asked for a model or tier it is not allowed; the message names tenant and what was refused."""
+
+
+@dataclass(frozen=True)
+class TenantRule:
+    models: frozenset[str] | None = None   # None: every model
+    tiers: frozenset[str] | None = None    # None: every tier
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """tenant -> what it may use. Unknown tenants are denied unless `default` is given. A request without a
+    tenant (None) is the cluster's own (allowed)."""
+    tenants: dict[str, TenantRule] = field(default_factory=dict)
+    default: TenantRule | None = None
+
+    def check(self, tenant: str | None, model: str | None, tiers: Sequence[str]) -> None:
+        """Raise AccessDenied unless `tenant` may use `model` from every tier in `tiers`."""
+        if tenant is None:
+            return
+        rule = self.tenants.get(tenant, self.default)
+        if rule is None:
+            raise AccessDenied(f"tenant {tenant!r} is not allowed to use this cluster (known tenants: "
+                               f"{sorted(self.tenants)})")
+        if model is not None and rule.models is not None and model not in rule.models:
+            raise AccessDenied(f"tenant {tenant!r} is not allowed model {model!r} (allowed: {sorted(rule.models)})")
+        if rule.tiers is not None:
+            bad = [t for t in tiers if t != "hbm" and t not in rule.tiers]
+            if bad:
+                raise AccessDenied(f"tenant {tenant!r} is not allowed tiers {bad} of its TierSet "
+                                   f"(allowed: {sorted(rule.tiers)})")
+
+
+@dataclass(frozen=True)
+class TierCosts:
+    """Per source tier (TIER_NAMES order): first-byte latency and bandwidth of moving an expert up from it."""
+    latency_s: tuple[float, ...] = (0.0, 50e-6, 20e-6, 200e-6, 30e-3)
+    bandwidth_Bps: tuple[float, ...] = (float("inf"), 10e9, 20e9, 3e9, 0.5e9)
+
+    def __post_init__(self):
+        assert len(self.latency_s) == NUM_TIERS == len(self.bandwidth_Bps), \
+            f"TierCosts needs {NUM_TIERS} latencies and bandwidths ({TIER_NAMES})"
+        assert all(b > 0 for b in self.bandwidth_Bps), f"bandwidths must be > 0, got {self.bandwidth_Bps}"
+
+    def seconds(self, tier: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        """float64 [N]: time to move nbytes [N] up from tier [N]."""
+        lat = np.asarray(self.latency_s)[tier]
+        bw = np.asarray(self.bandwidth_Bps)[tier]
+        return lat + nbytes / bw
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    threshold: float = 0.05            # minimum P(selected) of a candidate (scaled by the latency-budget factor)
+    hbm_confirm_prob: float = 0.5      # below it a prediction never displaces a resident expert (stage instead)
+    max_inflight_bytes: int = 256 << 20
+    layer_time_s: float | None = None  # time per MoE layer step: caps the stall a prefetch can hide
+    latency_ref_s: float = 0.1         # a request's latency budget equal to this: factor 1
+    budget_factor_range: tuple[float, float] = (0.5, 2.0)
+    costs: TierCosts = TierCosts()
+    stage_to_dram: bool = True
+    model: str | None = None           # the model name tenants are checked against
+
+    def __post_init__(self):
+        assert 0 < self.threshold <= 1 and 0 < self.hbm_confirm_prob <= 1, "probabilities must lie in (0, 1]"
+        assert self.max_inflight_bytes >= 0, "max_inflight_bytes must be >= 0"
+
+
+@dataclass
+class RequestView:
+    request: Hashable
+    cands: Candidates
+    tiers: Sequence[str] | None = None      # the request's TierSet; None: every tier
+    tenant: str | None = None
+    latency_budget_s: float | None = None   # None: the reference budget (factor 1)
+
+
+@dataclass
+class ClusterView:
+    owner: np.ndarray          # int64 [L, E] owning worker index (0..W-1)
+    node_of: np.ndarray        # int64 [W] node index (0..N-1) of each worker
+    present: np.ndarray        # bool [NUM_TIERS, L, E] copies, relative to the owner (module docstring)
+    nbytes: np.ndarray         # int64 [L, E] bytes of each expert
+    free_bytes: np.ndarray     # int64 [W] free HBM bytes per worker
+    dram_free_bytes: np.ndarray  # int64 [N] free DRAM-tier bytes per node
+    inflight: np.ndarray | None = None   # bool [L, E] HBM load pending at the owner
+    staging: np.ndarray | None = None    # bool [L, E] DRAM staging pending
+    inflight_bytes: int = 0
+
+    def __post_init__(self):
+        L, E = self.owner.shape
+        assert self.present.shape == (NUM_TIERS, L, E), f"present must be [{NUM_TIERS}, {L}, {E}]"
+        assert self.nbytes.shape == (L, E), f"nbytes must be [{L}, {E}]"
+        assert self.owner.min() >= 0 and self.owner.max() < len(self.node_of), "owner outside the workers"
+        assert len(self.free_bytes) == len(self.node_of), "free_bytes needs one entry per worker"
+        if self.inflight is None:
+            self.inflight = np.zeros((L, E), bool)
+        if self.staging is None:
+            self.staging = np.zeros((L, E), bool)
+
+    @classmethod
+    def empty(cls, owner: np.ndarray, nbytes: np.ndarray, free_bytes, node_of=None, dram_free_bytes=None,
+              store_tiers=(NVME,)) -> "ClusterView":
+        """Nothing cached anywhere; every expert in the given store tiers."""
+        L, E = owner.shape
+        W = len(free_bytes)
+        present = np.zeros((NUM_TIERS, L, E), bool)
+        for t in store_tiers:
+            present[t] = True
+        node_of = np.zeros(W, np.int64) if node_of is None else np.asarray(node_of, np.int64)
+        dram = np.zeros(int(node_of.max()) + 1, np.int64) if dram_free_bytes is None else dram_free_bytes
+        return cls(np.asarray(owner, np.int64), node_of, present, np.asarray(nbytes, np.int64),
+                   np.asarray(free_bytes, np.int64), np.asarray(dram, np.int64))
+
+
+class Order(NamedTuple):
+    worker: int        # owning worker (the target's node for a DRAM staging: node_of[worker])
+    layer: int
+    expert: int
+    priority: float    # larger first (see module docstring, step 9)
+    request: Hashable  # the request with the highest probability for it
+    source: str        # tier it is expected to come from
+    target: str        # "hbm": load into the worker's cache; "dram": stage into the node's DRAM tier
+    value: float       # expected stall saved per byte (s / B)
+
+
+@dataclass
+class Plan:
+    """Orders as parallel arrays, already in issue order (warm before cold, by value)."""
+    worker: np.ndarray   # int64 [M]
+    layer: np.ndarray    # int64 [M]
+    expert: np.ndarray   # int64 [M]
+    source: np.ndarray   # int64 [M] tier index
+    target: np.ndarray   # int64 [M] TARGET_HBM / TARGET_DRAM
+    prob: np.ndarray     # float64 [M] aggregated P(used within the window)
+    value: np.ndarray    # float64 [M] s / B
+    priority: np.ndarray  # float64 [M]
+    nbytes: np.ndarray   # int64 [M]
+    request: list        # [M] attributed request
+    denied: dict = field(default_factory=dict)   # request -> AccessDenied message
+    wanted: np.ndarray | None = None   # bool [L, E]: every (layer, expert) some request predicts in its window
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+    def orders(self) -> list[Order]:
+        return [Order(int(w), int(l), int(e), float(p), r, TIER_NAMES[s], TARGETS[t], float(v))
+                for w, l, e, p, r, s, t, v in zip(self.worker, self.layer, self.expert, self.priority,
+                                                   self.request, self.source, self.target, self.value)]
+
+    def bytes_by_target(self) -> dict[str, int]:
+        return {name: int(self.nbytes[self.target == i].sum()) for i, name in enumerate(TARGETS)}
+
+
+def _empty_plan(denied: dict, wanted) -> Plan:
+    z = np.zeros(0, np.int64)
+    return Plan(z, z, z, z, z, np.zeros(0), np.zeros(0), np.zeros(0), z, [], denied, wanted)
+
+
+def _seg_cumsum(x: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """Cumulative sum of x restarting at every change of seg (seg sorted)."""
+    c = np.cumsum(x)
+    if len(x) == 0:
+        return c
+    start = np.r_[True, seg[1:] != seg[:-1]]
+    base = np.maximum.accumulate(np.where(start, np.arange(len(x)), 0))
+    return c - (c[base] - x[base])
+
+
+class PrefetchPlanner:
+    def __init__(self, cfg: PlannerConfig = PlannerConfig(), access: AccessPolicy | None = None):
+        self.cfg, self.access = cfg, access
+
+    def budget_factor(self, latency_budget_s: float | None) -> float:
+        """> 1 for a tight budget (aggressive), < 1 for a loose one (conservative)."""
+        if latency_budget_s is None:
+            return 1.0
+        lo, hi = self.cfg.budget_factor_range
+        return float(np.clip(self.cfg.latency_ref_s / max(latency_budget_s, 1e-9), lo, hi))
+
+    def plan(self, requests: Sequence[RequestView], view: ClusterView, window: float) -> Plan:
+        """One decision step: the orders to issue now (module docstring). `window`: the base lookahead in layers."""
+        cfg = self.cfg
+        L, E = view.owner.shape
+        denied: dict = {}
+        parts = []   # per request: (rows, src, prob, dist, request index)
+        for ri, rv in enumerate(requests):
+            names = TIER_NAMES[1:] if rv.tiers is None else tuple(rv.tiers)
+            unknown = [t for t in names if t not in TIER_NAMES]
+            if unknown:
+                raise ValueError(f"request {rv.request!r}: unknown tiers {unknown} in its TierSet "
+                                 f"(known: {TIER_NAMES})")
+            if self.access is not None:
+                try:
+                    self.access.check(rv.tenant, cfg.model, names)
+                except AccessDenied as e:
+                    denied[rv.request] = str(e)
+                    continue
+            c = rv.cands
+            if len(c) == 0:
+                continue
+            m = self.budget_factor(rv.latency_budget_s)
+            keep = (c.distance <= window * m) & (c.prob >= cfg.threshold / m)
+            if not keep.any():
+                continue
+            lay, ex = c.layer[keep], c.expert[keep]
+            assert lay.min() >= 0 and lay.max() < L and ex.min() >= 0 and ex.max() < E, \
+                f"request {rv.request!r}: candidates outside [{L}, {E}]"
+            allowed = np.zeros(NUM_TIERS, bool)
+            allowed[[TIER_NAMES.index(t) for t in names]] = True
+            allowed[HBM] = True      # the owner's cache is where everything goes; never a read on anyone's behalf
+            # the source is the fastest allowed copy below HBM: for a resident expert, what a miss would cost
+            # once evicted (its value guards it), for the others where the prefetch reads from
+            ok = view.present[1:, lay, ex] & allowed[1:, None]         # [T-1, n] allowed copies
+            has = ok.any(0)
+            src = 1 + np.argmax(ok, axis=0)
+            sel = has
+            lay, ex, src = lay[sel], ex[sel], src[sel]
+            stage_ok = np.full(len(lay), bool(allowed[DRAM]))
+            parts.append((lay * E + ex, src, c.prob[keep][sel], c.distance[keep][sel], np.full(len(lay), ri),
+                          stage_ok))
+        if not parts:
+            return _empty_plan(denied, np.zeros((L, E), bool))
+        key = np.concatenate([p[0] for p in parts])
+        src = np.concatenate([p[1] for p in parts])
+        prob = np.concatenate([p[2] for p in parts]).astype(np.float64)
+        dist = np.concatenate([p[3] for p in parts])
+        rid = np.concatenate([p[4] for p in parts])
+        stage_ok = np.concatenate([p[5] for p in parts])
+        wanted = np.zeros(L * E, bool)
+        wanted[key] = True
+        if len(key) == 0:
+            return _empty_plan(denied, wanted.reshape(L, E))
+
+        # -- 4. dedup per (layer, expert): P = 1 - prod(1 - p), nearest distance, fastest allowed source ------------
+        uk, inv = np.unique(key, return_inverse=True)
+        logq = np.zeros(len(uk))
+        np.add.at(logq, inv, np.log1p(-np.minimum(prob, 1 - 1e-12)))
+        P = -np.expm1(logq)
+        D = np.full(len(uk), np.iinfo(np.int64).max)
+        np.minimum.at(D, inv, dist)
+        S = np.full(len(uk), NUM_TIERS)
+        np.minimum.at(S, inv, src)
+        SO = np.zeros(len(uk), bool)
+        np.logical_or.at(SO, inv, stage_ok)
+        # attribution: the request with the highest probability (ties: the earlier request)
+        o = np.lexsort((rid, -prob, inv))
+        first = np.r_[True, inv[o][1:] != inv[o][:-1]]
+        R = rid[o][first]
+        lay, ex = uk // E, uk % E
+        nb = view.nbytes[lay, ex].astype(np.int64)
+        # -- 5. value --------------------------------------------------------------------------------------------
+        stall = cfg.costs.seconds(S, nb)
+        if cfg.layer_time_s is not None:
+            stall = np.minimum(stall, D * cfg.layer_time_s)
+        value = P * stall / np.maximum(nb, 1)
+        # resident / in flight: worth keeping (their value guards them from eviction) but nothing to fetch
+        at_hbm = view.present[HBM, lay, ex] | view.inflight[lay, ex]
+        res_value = np.zeros((L, E))
+        res_value[lay[at_hbm], ex[at_hbm]] = value[at_hbm]
+        todo = ~at_hbm
+        lay, ex, P, D, S, SO, R, nb, value = (a[todo] for a in (lay, ex, P, D, S, SO, R, nb, value))
+        w = view.owner[lay, ex]
+        n = len(lay)
+
+        # -- 6. HBM per worker: free bytes first, then displacement of strictly lower-valued residents -------------
+        o = np.lexsort((ex, lay, -value, w))                   # by worker, value desc, (layer, expert) for ties
+        lay, ex, P, D, S, SO, R, nb, value, w = (a[o] for a in (lay, ex, P, D, S, SO, R, nb, value, w))
+        cum = _seg_cumsum(nb, w)                               # bytes needed up to and including each row
+        fits = cum <= view.free_bytes[w]
+        # residents per worker, lowest value first, as one flat array with per-worker offsets
+        rl, re_ = np.nonzero(view.present[HBM])
+        rw = view.owner[rl, re_]
+        ro = np.lexsort((re_, rl, res_value[rl, re_], rw))
+        rl, re_, rw = rl[ro], re_[ro], rw[ro]
+        rv_ = res_value[rl, re_]
+        rcum = np.cumsum(view.nbytes[rl, re_])                 # flat, across workers
+        W = len(view.node_of)
+        rcount = np.bincount(rw, minlength=W)
+        rend = np.cumsum(rcount)
+        rstart = rend - rcount
+        rbase = np.r_[0, rcum][rstart]                         # resident bytes of the workers before
+        extra = cum - view.free_bytes[w]                       # bytes to displace
+        j = np.searchsorted(rcum, rbase[w] + extra, side="left")   # last resident displaced (flat index)
+        jj = np.minimum(j, max(len(rv_) - 1, 0))
+        displace_ok = (j < rend[w]) & (P >= cfg.hbm_confirm_prob)
+        if len(rv_):
+            displace_ok &= rv_[jj] < value
+        else:
+            displace_ok[:] = False
+        good = fits | displace_ok
+        to_hbm = _seg_cumsum((~good).astype(np.int64), w) == 0  # the worker's prefix that really fits
+        # -- 7. the rest: stage colder-than-DRAM copies into the owner's node DRAM ------------------------------
+        node = view.node_of[w]
+        stage = (~to_hbm & cfg.stage_to_dram & SO & (S > DRAM) & ~view.present[DRAM, lay, ex]
+                 & ~view.staging[lay, ex])
+        if stage.any():
+            so = np.lexsort((ex, lay, -value, node))
+            sidx = so[stage[so]]
+            scum = _seg_cumsum(nb[sidx], node[sidx])
+            sfit = scum <= view.dram_free_bytes[node[sidx]]
+            stage[:] = False
+            stage[sidx[sfit]] = True
+        chosen = to_hbm | stage
+        # -- 8. global in-flight cap, best value first --------------------------------------------------------------
+        room = max(int(cfg.max_inflight_bytes) - int(view.inflight_bytes), 0)
+        idx = np.flatnonzero(chosen)
+        idx = idx[np.lexsort((ex[idx], lay[idx], -value[idx]))]
+        idx = idx[np.cumsum(nb[idx]) <= room]
+        # -- 9. issue order: warm before cold, then value ------------------------------------------------------------
+        idx = idx[np.lexsort((ex[idx], lay[idx], -value[idx], S[idx]))]
+        vmax = value[idx].max() if len(idx) else 1.0
+        pri = (NUM_TIERS - S[idx]) + 0.999 * value[idx] / max(vmax, 1e-300)
+        tgt = np.where(to_hbm[idx], TARGET_HBM, TARGET_DRAM).astype(np.int64)
+        return Plan(w[idx].astype(np.int64), lay[idx].astype(np.int64), ex[idx].astype(np.int64),
+                    S[idx].astype(np.int64), tgt, P[idx], value[idx], pri, nb[idx],
+                    [requests[int(r)].request for r in R[idx]], denied, wanted.reshape(L, E))
+
+
+@dataclass
+class WindowController:
+    """The base lookahead window (in MoE layers), adapted between steps from telemetry deltas: shrink by `shrink`
+    when the wasted fraction of recently resolved prefetches exceeds `waste_high`; otherwise grow by `grow` when
+    stall time per layer step rose above its running average (by `stall_rise`) or misses per step stay above
+    `miss_high`. Deterministic: a function of the inputs only."""
+    window: float = 2.0
+    min_window: float = 1.0
+    max_window: float = 8.0
+    waste_high: float = 0.5
+    stall_rise: float = 1.1
+    miss_high: float = 0.5
+    shrink: float = 0.8
+    grow: float = 1.25
+    avg_stall: float | None = None   # EMA of stall seconds per step
+    ema: float = 0.2
+
+    def update(self, *, wasted: int, used: int, stall_s: float, steps: int, misses: int = 0) -> float:
+        """wasted/used: prefetches resolved since the last update; stall_s/misses: over `steps` layer steps."""
+        if steps <= 0:
+            return self.window
+        per = stall_s / steps
+        resolved = wasted + used
+        if resolved and wasted / resolved > self.waste_high:
+            self.window *= self.shrink
+        elif (self.avg_stall is not None and per > self.avg_stall * self.stall_rise and per > 0) or \
+                misses / steps > self.miss_high:
+            self.window *= self.grow
+        self.avg_stall = per if self.avg_stall is None else (1 - self.ema) * self.avg_stall + self.ema * per
+        self.window = float(np.clip(self.window, self.min_window, self.max_window))
+        return self.window

@@ -1,0 +1,191 @@
+"""Prefetch ranking (policies/ranking.py), pure: dedup, budgets, in-flight cap, tier order, TierSets and tenants,
+never evicting a more valuable expert, DRAM staging, latency budgets, determinism, window adaptation."""
+import numpy as np
+import pytest
+
+from policies.predictors import Candidates
+from policies.ranking import (DRAM, HBM, NVME, PEER, S3, AccessPolicy, ClusterView, PlannerConfig,
+                              PrefetchPlanner, RequestView, TenantRule, TierCosts, WindowController)
+
+L, E, W = 4, 8, 2
+MB = 1 << 20
+
+
+def cands(rows):
+    """rows: (distance, layer, expert, prob)."""
+    a = np.array(rows, dtype=np.float64).reshape(-1, 4)
+    return Candidates(a[:, 0].astype(np.int64), a[:, 1].astype(np.int64), a[:, 2].astype(np.int64), a[:, 3])
+
+
+def view(free=(8 * MB, 8 * MB), dram_free=(64 * MB,), store=(NVME, S3), **kw):
+    owner = np.tile(np.arange(E) % W, (L, 1))                 # expert e lives on worker e % 2
+    return ClusterView.empty(owner, np.full((L, E), MB), np.array(free), dram_free_bytes=np.array(dram_free),
+                             store_tiers=store)
+
+
+def keys(plan, target=None):
+    return [(o.layer, o.expert) for o in plan.orders() if target is None or o.target == target]
+
+
+def test_dedup_across_requests_and_combined_probability():
+    p = PrefetchPlanner(PlannerConfig())
+    r1 = RequestView("a", cands([(1, 1, 3, 0.5), (1, 1, 4, 0.2)]))
+    r2 = RequestView("b", cands([(1, 1, 3, 0.5), (2, 2, 5, 0.9)]))
+    plan = p.plan([r1, r2], view(), window=2)
+    assert sorted(keys(plan)) == [(1, 3), (1, 4), (2, 5)]     # (1, 3) once, though both want it
+    i = keys(plan).index((1, 3))
+    assert plan.prob[i] == pytest.approx(1 - 0.5 * 0.5)       # 1 - prod(1 - p)
+    assert plan.orders()[keys(plan).index((2, 5))].request == "b"
+    assert all(o.worker == o.expert % W for o in plan.orders())   # issued to the owner
+
+
+def test_resident_and_inflight_are_skipped_and_window_and_threshold_filter():
+    v = view()
+    v.present[HBM, 1, 3] = True
+    v.inflight[1, 4] = True
+    r = RequestView("a", cands([(1, 1, 3, 0.9), (1, 1, 4, 0.9), (1, 1, 5, 0.01), (3, 3, 6, 0.9), (2, 2, 7, 0.6)]))
+    plan = PrefetchPlanner(PlannerConfig(threshold=0.05)).plan([r], v, window=2)
+    assert keys(plan) == [(2, 7)]     # resident, in flight, below threshold, outside the window: all skipped
+
+
+def test_worker_budget_never_exceeded_and_global_cap():
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        free = rng.integers(0, 6, size=W) * MB
+        cap = int(rng.integers(0, 10)) * MB
+        rows = [(1 + rng.integers(0, 2), rng.integers(0, L), rng.integers(0, E), rng.uniform(0.06, 1))
+                for _ in range(30)]
+        v = view(free=free, dram_free=(0,))
+        v.inflight_bytes = int(rng.integers(0, 3)) * MB
+        plan = PrefetchPlanner(PlannerConfig(max_inflight_bytes=cap)).plan([RequestView("r", cands(rows))], v, 3)
+        hbm = [o for o in plan.orders() if o.target == "hbm"]
+        for w in range(W):
+            assert sum(MB for o in hbm if o.worker == w) <= free[w], (trial, w)   # no residents: free bytes only
+        assert plan.nbytes.sum() <= max(cap - v.inflight_bytes, 0)
+        assert len(set(keys(plan))) == len(plan)
+
+
+def test_warm_before_cold_and_priority_follows_issue_order():
+    v = view(store=(S3,))
+    v.present[DRAM, 0, 0] = True
+    v.present[NVME, 0, 2] = True
+    v.present[PEER, 0, 4] = True
+    r = RequestView("a", cands([(1, 0, 0, 0.3), (1, 0, 2, 0.3), (1, 0, 4, 0.3), (1, 0, 6, 0.9)]))
+    plan = PrefetchPlanner().plan([r], v, 2)
+    assert [o.source for o in plan.orders()] == ["peer", "dram", "nvme", "s3"]
+    assert list(plan.priority) == sorted(plan.priority, reverse=True)
+    # the value is P x stall per byte: the colder source is worth more to hide
+    assert plan.value[3] > plan.value[2] > plan.value[1]
+
+
+def test_value_capped_by_lead_time():
+    costs = TierCosts()
+    v = view(store=(S3,))
+    r = RequestView("a", cands([(1, 0, 0, 0.5), (4, 3, 0, 0.5)]))
+    plan = PrefetchPlanner(PlannerConfig(layer_time_s=1e-3, costs=costs)).plan([r], v, 4)
+    by = {(o.layer, o.expert): o.value for o in plan.orders()}
+    assert by[(0, 0)] == pytest.approx(0.5 * 1e-3 / MB)        # S3 takes ~32 ms; only 1 ms can be hidden
+    assert by[(3, 0)] == pytest.approx(0.5 * 4e-3 / MB)
+
+
+def test_tierset_is_honoured_and_no_order_reads_outside_it():
+    v = view(store=(NVME, S3))
+    v.present[DRAM, 0, 1] = True
+    r_cold = RequestView("cold", cands([(1, 0, 1, 0.9), (1, 0, 3, 0.9)]), tiers=("s3",))
+    plan = PrefetchPlanner().plan([r_cold], v, 2)
+    assert {o.source for o in plan.orders()} == {"s3"}        # the DRAM / NVMe copies are outside its TierSet
+    assert all(o.target == "hbm" for o in plan.orders())      # never staged into DRAM (not in its TierSet)
+    r_none = RequestView("dram-only", cands([(1, 0, 5, 0.9)]), tiers=("dram",))
+    assert len(PrefetchPlanner().plan([r_none], v, 2)) == 0   # nowhere allowed holds it: nothing
+
+
+def test_tenant_denied_gets_clear_error_and_no_orders():
+    acc = AccessPolicy({"alice": TenantRule(models=frozenset({"m"}), tiers=frozenset({"dram", "nvme"})),
+                        "bob": TenantRule(models=frozenset({"other"}))})
+    p = PrefetchPlanner(PlannerConfig(model="m"), access=acc)
+    c = cands([(1, 0, 1, 0.9), (1, 0, 3, 0.9)])
+    plan = p.plan([RequestView("a1", c, tiers=("dram", "nvme"), tenant="alice"),
+                   RequestView("a2", c, tiers=("dram", "nvme", "s3"), tenant="alice"),
+                   RequestView("b1", cands([(1, 2, 2, 0.9)]), tenant="bob"),
+                   RequestView("m1", cands([(1, 2, 4, 0.9)]), tenant="mallory")], view(), 2)
+    assert set(plan.denied) == {"a2", "b1", "m1"}
+    assert "tiers ['s3']" in plan.denied["a2"] and "model 'm'" in plan.denied["b1"]
+    assert "'mallory' is not allowed" in plan.denied["m1"]
+    assert set(plan.request) == {"a1"} and sorted(keys(plan)) == [(0, 1), (0, 3)]
+
+
+def test_never_displaces_a_more_valuable_resident_and_stages_instead():
+    v = view(free=(0, 0))
+    v.present[HBM, 0, 0] = True                 # worker 0 holds (0, 0) and (0, 2)
+    v.present[HBM, 0, 2] = True
+    reqs = [RequestView("a", cands([(1, 0, 0, 0.8),             # resident, valuable
+                                    (1, 1, 4, 0.9),             # more valuable than (0, 2) (worth 0): displaces it
+                                    (1, 1, 6, 0.7),             # would have to displace (0, 0) (0.8): not allowed
+                                    (1, 2, 0, 0.3)]))]          # low probability: staged, not into HBM
+    plan = PrefetchPlanner(PlannerConfig(hbm_confirm_prob=0.5)).plan(reqs, v, 2)
+    assert keys(plan, "hbm") == [(1, 4)]
+    assert sorted(keys(plan, "dram")) == [(1, 6), (2, 0)]
+
+
+def test_low_probability_never_displaces_even_a_worthless_resident():
+    v = view(free=(0, 0))
+    v.present[HBM, 0, 2] = True
+    r = RequestView("a", cands([(1, 1, 4, 0.3)]))
+    plan = PrefetchPlanner(PlannerConfig(hbm_confirm_prob=0.5, stage_to_dram=False)).plan([r], v, 2)
+    assert len(plan) == 0
+    plan = PrefetchPlanner(PlannerConfig(hbm_confirm_prob=0.25, stage_to_dram=False)).plan([r], v, 2)
+    assert keys(plan, "hbm") == [(1, 4)]
+
+
+def test_dram_staging_respects_node_budget_and_skips_staged():
+    v = view(free=(0, 0), dram_free=(2 * MB,))
+    v.staging[0, 1] = True
+    r = RequestView("a", cands([(1, 0, e, 0.9 - e / 100) for e in range(6)]))
+    plan = PrefetchPlanner().plan([r], v, 2)
+    assert keys(plan, "dram") == [(0, 0), (0, 2)]   # (0, 1) is being staged; then 2 MB of room
+
+
+def test_tight_latency_budget_is_more_aggressive():
+    c = cands([(1, 0, 0, 0.9), (3, 1, 1, 0.9), (1, 0, 2, 0.03)])
+    p = PrefetchPlanner(PlannerConfig(threshold=0.05, latency_ref_s=0.1))
+    normal = p.plan([RequestView("a", c)], view(), 2)
+    tight = p.plan([RequestView("a", c, latency_budget_s=0.05)], view(), 2)
+    loose = p.plan([RequestView("a", c, latency_budget_s=1.0)], view(), 2)
+    assert sorted(keys(normal)) == [(0, 0)]
+    assert sorted(keys(tight)) == [(0, 0), (0, 2), (1, 1)]   # window 4, threshold 0.025
+    assert sorted(keys(loose)) == [(0, 0)] and p.budget_factor(1.0) == 0.5
+
+
+def test_deterministic_for_a_seed_and_independent_of_request_order():
+    rng = np.random.default_rng(7)
+    reqs = [RequestView(f"r{i}", cands([(rng.integers(1, 4), rng.integers(0, L), rng.integers(0, E),
+                                         rng.uniform(0.05, 1)) for _ in range(20)])) for i in range(5)]
+    p = PrefetchPlanner(PlannerConfig(max_inflight_bytes=12 * MB))
+    a = p.plan(reqs, view(free=(3 * MB, 2 * MB)), 3).orders()
+    b = p.plan(reqs, view(free=(3 * MB, 2 * MB)), 3).orders()
+    c = p.plan(reqs[::-1], view(free=(3 * MB, 2 * MB)), 3).orders()
+    assert a == b
+    assert [(o.worker, o.layer, o.expert, o.target) for o in a] == [(o.worker, o.layer, o.expert, o.target)
+                                                                    for o in c]
+
+
+def test_unknown_tier_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"request 'x': unknown tiers \['tape'\]"):
+        PrefetchPlanner().plan([RequestView("x", cands([(1, 0, 0, 0.5)]), tiers=("tape",))], view(), 2)
+
+
+def test_window_controller_shrinks_on_waste_grows_on_stalls_and_is_bounded():
+    wc = WindowController(window=4, min_window=1, max_window=8)
+    assert wc.update(wasted=8, used=2, stall_s=0.0, steps=10) == pytest.approx(3.2)    # 80% wasted: shrink
+    assert wc.update(wasted=0, used=5, stall_s=0.0, steps=10) == pytest.approx(3.2)    # fine: hold
+    assert wc.update(wasted=0, used=5, stall_s=1.0, steps=10) == pytest.approx(4.0)    # stalls rose: grow
+    for _ in range(30):
+        wc.update(wasted=10, used=0, stall_s=0, steps=1)
+    assert wc.window == 1
+    for _ in range(30):
+        wc.update(wasted=0, used=0, stall_s=0, steps=1, misses=5)
+    assert wc.window == 8
+    again = WindowController(window=4)
+    seq = [dict(wasted=3, used=1, stall_s=0.1, steps=4), dict(wasted=0, used=1, stall_s=0.5, steps=4)]
+    assert [again.update(**s) for s in seq] == [WindowController(window=4).update(**seq[0]),
+                                                pytest.approx(again.window)]
