@@ -1,0 +1,165 @@
+"""Prefetch telemetry, pure (no Ray, no clock: steps and seconds are passed in). The PrefetchCoordinator feeds it
+and exports `snapshot()` through `stats()` and ray.util.metrics; the simulator feeds it the same way.
+
+What it keeps
+  runtime     hits, misses, stall seconds, bytes loaded per tier: cumulative counters reported by each runtime
+              (ClusterExperts.counters), summed over runtimes.
+  prefetches  issued / used / wasted / cancelled. An issued prefetch of (layer, expert) is *used* when the router
+              selects that expert (any request) before it expires (`expiry` decision steps after issue), *wasted*
+              when it expires unused or is issued again (it was evicted unused), *cancelled* when the coordinator
+              cancels it first. issued = used + wasted + cancelled + pending, always.
+  predictor   per layer distance d: recall@k = |top-k predicted ∩ selected| / k, averaged over scored
+              (position, distance) pairs; precision = |predicted above threshold ∩ selected| / |predicted above
+              threshold|. Timely recall = of the experts selected, the fraction that were predicted (top-k or above
+              threshold, at any distance) AND resident at the owner before the layer ran.
+  window      (step, window) samples, the last `history` of them.
+Memory is bounded: pending predictions per request cover at most `max_distance` positions ahead and are dropped
+when scored or when the request ends; pending prefetches are one [L, E] table.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import numpy as np
+
+
+@dataclass
+class _Pending:
+    """Predictions of one request waiting for the truth: target position (token * L + layer) -> per distance
+    (top-k experts [k], above-threshold experts [m])."""
+    by_pos: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = field(default_factory=dict)
+
+
+class Telemetry:
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, max_distance: int = 16,
+                 expiry: int = 64, history: int = 512):
+        self.L, self.E, self.K, self.D = num_layers, num_experts, top_k, max_distance
+        self.expiry = expiry
+        # prefetches
+        self.issued = self.used = self.wasted = self.cancelled = 0
+        self._expire = np.full((num_layers, num_experts), -1, np.int64)   # [L, E] decision step; -1: none pending
+        # predictor quality, index = distance (0 unused)
+        self.recall_sum = np.zeros(max_distance + 1)
+        self.recall_n = np.zeros(max_distance + 1, np.int64)
+        self.tp = np.zeros(max_distance + 1, np.int64)
+        self.predicted = np.zeros(max_distance + 1, np.int64)
+        self.timely = 0
+        self.selected = 0
+        self._pending: dict[Hashable, _Pending] = {}
+        # runtime counters per runtime id (cumulative), and windows
+        self._runtime: dict[Hashable, dict] = {}
+        self.windows: deque = deque(maxlen=history)
+        self.steps = 0
+        self.events = 0
+
+    # -- predictions and truth ---------------------------------------------------------------------------------
+    def record_prediction(self, request: Hashable, pos: int, distance: np.ndarray, layer: np.ndarray,
+                          expert: np.ndarray, prob: np.ndarray, threshold: float) -> None:
+        """Candidates predicted for `request` whose last observed position is `pos` (token * L + layer)."""
+        p = self._pending.setdefault(request, _Pending())
+        for d in np.unique(distance).tolist():
+            if d > self.D:
+                break
+            m = distance == d
+            e, pr = expert[m], prob[m]
+            top = e[np.lexsort((e, -pr))[:self.K]]
+            p.by_pos.setdefault(pos + d, []).append((d, top, e[pr >= threshold]))
+
+    def record_truth(self, request: Hashable, pos: int, experts: np.ndarray, resident: np.ndarray) -> None:
+        """The router selected `experts` [K] at position `pos` of `request`; `resident` [K] bool: each was in its
+        owner's cache before the layer ran (as the coordinator knew it)."""
+        self.events += 1
+        self.selected += len(experts)
+        p = self._pending.get(request)
+        preds = p.by_pos.pop(pos, None) if p is not None else None
+        if p is not None and p.by_pos:   # anything older than pos can no longer be scored
+            for old in [q for q in p.by_pos if q < pos]:
+                del p.by_pos[old]
+        predicted = np.zeros(len(experts), bool)
+        for d, top, thr in preds or ():
+            hit_top = np.isin(experts, top)
+            self.recall_sum[d] += hit_top.sum() / self.K
+            self.recall_n[d] += 1
+            self.tp[d] += np.isin(thr, experts).sum()
+            self.predicted[d] += len(thr)
+            predicted |= hit_top | np.isin(experts, thr)
+        self.timely += int((predicted & resident).sum())
+
+    def end_request(self, request: Hashable) -> None:
+        self._pending.pop(request, None)
+
+    # -- prefetches ----------------------------------------------------------------------------------------------
+    def record_issue(self, layer: np.ndarray, expert: np.ndarray, step: int) -> None:
+        again = self._expire[layer, expert] >= 0
+        self.wasted += int(again.sum())          # issued again while pending: the earlier copy went unused
+        self.issued += len(layer)
+        self._expire[layer, expert] = step + self.expiry
+
+    def record_use(self, layer: int, experts: np.ndarray) -> int:
+        """The router selected `experts` at `layer`: pending prefetches of them are used. Returns how many."""
+        hit = self._expire[layer, experts] >= 0
+        n = int(hit.sum())
+        self.used += n
+        self._expire[layer, experts[hit]] = -1
+        return n
+
+    def record_cancel(self, layer: np.ndarray, expert: np.ndarray) -> int:
+        live = self._expire[layer, expert] >= 0
+        n = int(live.sum())
+        self.cancelled += n
+        self._expire[layer[live], expert[live]] = -1
+        return n
+
+    def expire(self, step: int) -> int:
+        """Pending prefetches past their expiry step are wasted."""
+        old = (self._expire >= 0) & (self._expire < step)
+        n = int(old.sum())
+        self.wasted += n
+        self._expire[old] = -1
+        return n
+
+    @property
+    def pending(self) -> int:
+        return int((self._expire >= 0).sum())
+
+    # -- runtime counters and windows -----------------------------------------------------------------------------
+    def record_runtime(self, runtime: Hashable, counters: dict) -> None:
+        """Cumulative counters of one runtime (hits, misses, stall_s, bytes_by_tier: {tier: bytes})."""
+        self._runtime[runtime] = counters
+
+    def record_window(self, step: int, window: float) -> None:
+        self.steps = step
+        self.windows.append((step, float(window)))
+
+    def runtime_totals(self) -> dict:
+        out = {"hits": 0, "misses": 0, "stall_s": 0.0, "bytes_by_tier": {}}
+        for c in self._runtime.values():
+            out["hits"] += int(c.get("hits", 0))
+            out["misses"] += int(c.get("misses", 0))
+            out["stall_s"] += float(c.get("stall_s", 0.0))
+            for t, b in (c.get("bytes_by_tier") or {}).items():
+                out["bytes_by_tier"][t] = out["bytes_by_tier"].get(t, 0) + int(b)
+        return out
+
+    # -- the summary ---------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        rt = self.runtime_totals()
+        dist = np.flatnonzero(self.recall_n)
+        resolved = self.used + self.wasted
+        return {
+            **rt,
+            "hit_rate": rt["hits"] / max(rt["hits"] + rt["misses"], 1),
+            "prefetches": {"issued": self.issued, "used": self.used, "wasted": self.wasted,
+                           "cancelled": self.cancelled, "pending": self.pending,
+                           "precision": self.used / resolved if resolved else None},
+            "recall_at_k": {int(d): float(self.recall_sum[d] / self.recall_n[d]) for d in dist},
+            "precision_by_distance": {int(d): (float(self.tp[d] / self.predicted[d]) if self.predicted[d] else None)
+                                      for d in dist},
+            "scored_predictions": {int(d): int(self.recall_n[d]) for d in dist},
+            "timely_recall": self.timely / self.selected if self.selected else None,
+            "routing_events": self.events,
+            "window": self.windows[-1][1] if self.windows else None,
+            "window_history": list(self.windows),
+        }
