@@ -231,7 +231,8 @@ class Engine:
                  on_request_end: Callable[[str], None] | None = None):
         """max_len: the context of one request (prompt + generated tokens), default the config's
         max_position_embeddings. eos_token_id: int, list, or None for no stop token (default: the config's).
-        max_queue: requests that may wait for a row before submit() raises EngineOverloaded (None: unbounded).
+        max_queue: requests that may wait beyond the free rows before submit() raises EngineOverloaded (None:
+        unbounded).
         on_request_end(request_id): called in the engine thread when a request finishes (default: the expert
         backend's `end_request`, if it has one)."""
         assert max_batch >= 1, f"max_batch must be >= 1, got {max_batch}"
@@ -312,10 +313,11 @@ class Engine:
             if req.id in self._in_flight:
                 self.stats.rejected_invalid += 1
                 raise RequestError("id", f"a request with id {req.id!r} is already in flight")
-            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
+            free = sum(r is None for r in self.rows)
+            if self.max_queue is not None and len(self.waiting) - free >= self.max_queue:
                 self.stats.rejected_overload += 1
-                raise EngineOverloaded(f"{len(self.waiting)} requests already wait for one of {self.max_batch} "
-                                       f"rows (max_queue {self.max_queue})")
+                raise EngineOverloaded(f"all {self.max_batch} rows are busy and {len(self.waiting) - free} "
+                                       f"requests wait (max_queue {self.max_queue})")
             self._in_flight.add(req.id)
             self.waiting.append(row)
             self._cv.notify_all()

@@ -134,15 +134,17 @@ def test_invalid_requests_never_enter_the_batch(model, field, kw, why):
 
 def test_duplicate_id_and_queue_bound(model, prompts):
     eng = Engine(model, max_batch=1, max_queue=1)
-    eng.submit(GenerationRequest("a", prompts[0], 3))
+    a = eng.submit(GenerationRequest("a", prompts[0], 3))   # will take the free row
     with pytest.raises(RequestError, match="id: .*already in flight"):
         eng.submit(GenerationRequest("a", prompts[1], 3))
+    b = eng.submit(GenerationRequest("b", prompts[1], 3))   # the one queued beyond the free rows
     with pytest.raises(EngineOverloaded, match="max_queue 1"):
-        eng.submit(GenerationRequest("b", prompts[1], 3))
-    eng.step()  # "a" takes the row: the queue has room again
-    h = eng.submit(GenerationRequest("b", prompts[1], 3))
-    drain(eng, [h])
-    assert h.result().token_ids == generate(model, [prompts[1]], 3)[0]
+        eng.submit(GenerationRequest("c", prompts[2], 3))
+    drain(eng, [a])  # "a" leaves its row: the queue has room again
+    c = eng.submit(GenerationRequest("c", prompts[2], 3))
+    drain(eng, [b, c])
+    assert [h.result().token_ids for h in (a, b, c)] == [generate(model, [p], 3)[0] for p in prompts[:3]]
+    assert eng.snapshot()["rejected_overload"] == 1
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(ckpt, prompts):

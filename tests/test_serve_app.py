@@ -1,0 +1,220 @@
+"""The Ray Serve app (jobs/serve_app.py) over real HTTP on 127.0.0.1, one app for the whole module.
+
+The embedded model is converted into a store; the app's replica runs an ExpertCluster over it with two workers
+whose caches hold a fraction of the experts. References are the runtime run in this process with every expert
+resident (`generate` on each prompt alone). Health is checked last: killing the workers must make /health and
+Serve's check_health fail, and Serve must replace the replica with a working one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+import requests
+import torch
+from ray import serve
+
+from conftest import convert_checkpoint
+from cluster.model import LocalExperts, MoEModel, generate, load_checkpoint
+
+pytestmark = pytest.mark.ray
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMBEDDED = os.path.join(ROOT, "jobs", "embedded_model")
+TEXTS = ["def ", "import os\n", "class ", "    for i in range(", "x = ", "return ", "# ", "if "]
+NAMESPACE = "serve-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """(in-process model with every expert resident, tokenizer)."""
+    from tokenizers import Tokenizer
+    config, dense, experts = load_checkpoint(EMBEDDED)
+    return (MoEModel.from_dense(config, dense, LocalExperts(experts)),
+            Tokenizer.from_file(os.path.join(EMBEDDED, "tokenizer.json")))
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    from jobs.serve_app import build_app
+    d = tmp_path_factory.mktemp("serve")
+    convert_checkpoint(EMBEDDED, f"file://{d}/store")
+    cfg = d / "cluster.yaml"
+    cfg.write_text(f"ray: {{namespace: {NAMESPACE}}}\n"
+                   f"workers: {{count: 2, hbm_budget_bytes: 1MiB}}\n"   # ~10 of 64 experts each: misses
+                   f"tiers:\n  - {{kind: dram, budget_bytes: 64MiB}}\n  - {{kind: nvme, path: {d}/store}}\n")
+    torch.set_num_threads(1)
+    ray.init(num_cpus=4, include_dashboard=False, namespace="serve-test-driver", object_store_memory=256 << 20,
+             logging_level="ERROR")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": str(cfg), "max_batch": 4, "max_queue": 4, "max_ongoing_requests": 48,
+                         "num_cpus": 0, "torch_threads": 1, "health_check_period_s": 1,
+                         "health_check_timeout_s": 10}), name="moe", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def complete(url, **body):
+    return requests.post(f"{url}/v1/completions", json=body, timeout=120)
+
+
+def ids_of(reference, text):
+    return reference[1].encode(text).ids
+
+
+def test_concurrent_completions_equal_generate_and_share_steps(url, reference):
+    model, tok = reference
+    before = requests.get(f"{url}/v1/stats", timeout=30).json()["engine"]
+    prompts = [ids_of(reference, t) for t in TEXTS]
+    with ThreadPoolExecutor(len(prompts)) as ex:   # half as token ids, half as text
+        rs = list(ex.map(lambda i: complete(url, prompt=prompts[i] if i % 2 else TEXTS[i], max_tokens=24,
+                                            temperature=0), range(len(prompts))))
+    for p, r in zip(prompts, rs):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ref = generate(model, [p], 24)[0]
+        ch = body["choices"][0]
+        assert ch["token_ids"] == ref and ch["text"] == tok.decode(ref)
+        assert ch["finish_reason"] == ("stop" if ref[-1] in model.args.eos_token_ids else "length")
+        assert body["object"] == "text_completion" and body["model"] == "moe-expert-cluster"
+        assert body["usage"] == {"prompt_tokens": len(p), "completion_tokens": len(ref),
+                                 "total_tokens": len(p) + len(ref)}
+    st = requests.get(f"{url}/v1/stats", timeout=30).json()
+    e = st["engine"]
+    # 8 requests on 4 rows: steps carried several requests and prefills rode along with decodes
+    assert e["max_requests_in_step"] > 1 and e["steps_with_several"] > before["steps_with_several"]
+    assert e["requests_done"] - before["requests_done"] == len(prompts)
+    assert st["misses"] > 0  # the workers' caches hold a fraction of the experts: they were read from the store
+
+
+def test_streaming_yields_the_same_tokens(url, reference):
+    model, tok = reference
+    p = ids_of(reference, "class Foo(")
+    ref = generate(model, [p], 20)[0]
+    with requests.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 20, "temperature": 0,
+                                                      "stream": True}, stream=True, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ref
+    assert "".join(c["choices"][0]["text"] for c in chunks) == tok.decode(ref)
+    assert len(chunks) >= 2 and all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["usage"]["completion_tokens"] == len(ref)
+
+
+def test_seeded_sampling_is_reproducible(url, reference):
+    model, _ = reference
+    p = ids_of(reference, "def main(")
+    ref = generate(model, [p], 16, temperature=0.8, top_p=0.9, seeds=7)[0]
+    body = dict(prompt=p, max_tokens=16, temperature=0.8, top_p=0.9, seed=7)
+    with ThreadPoolExecutor(4) as ex:  # once alone-ish, once among other requests
+        rs = list(ex.map(lambda b: complete(url, **b), [body, dict(body, seed=8), body, dict(prompt=p)]))
+    assert rs[0].json()["choices"][0]["token_ids"] == ref == rs[2].json()["choices"][0]["token_ids"]
+    assert rs[1].json()["choices"][0]["token_ids"] != ref
+
+
+@pytest.mark.parametrize("body,status,param,why", [
+    (dict(prompt=[5, 6], max_tokens=0), 400, "max_tokens", "greater than or equal to 1"),
+    (dict(prompt=[5, 6], temperature=-1), 400, "temperature", "greater than or equal to 0"),
+    (dict(prompt=[5, 6], top_p=1.5), 400, "top_p", "less than or equal to 1"),
+    (dict(prompt=[]), 400, "prompt", "empty"),
+    (dict(prompt=""), 400, "prompt", "empty"),
+    (dict(prompt=[5] * 300), 400, "prompt", "longer than the maximum context of 256 tokens"),
+    (dict(prompt=[5, 9999]), 400, "prompt", "outside the vocabulary"),
+    (dict(prompt=["a", "b"]), 400, "prompt", "valid"),
+    (dict(prompt=[5, 6], max_token=3), 400, "max_token", "Extra inputs are not permitted"),
+    (dict(prompt=[5, 6], max_tokens=100000), 400, "max_tokens", "limit of 1024"),
+    (dict(prompt=[5, 6], n=2), 400, "n", "1"),
+    (dict(max_tokens=3), 400, "prompt", "Field required"),
+    (dict(prompt=[5, 6], model="gpt-4"), 404, "model", "does not exist"),
+])
+def test_bad_requests_are_json_errors_naming_the_field(url, body, status, param, why):
+    r = complete(url, **body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith(f"{param}: ") and why in err["message"], err
+
+
+def test_invalid_json_is_a_400(url):
+    r = requests.post(f"{url}/v1/completions", data=b"{not json", headers={"content-type": "application/json"},
+                      timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_overload_is_503_with_retry_after(url, reference):
+    p = ids_of(reference, "def ")
+    # 4 rows + 4 queued fit; 20 long requests at once must overflow the engine's queue
+    with ThreadPoolExecutor(20) as ex:
+        rs = list(ex.map(lambda _: complete(url, prompt=p, max_tokens=120, temperature=0), range(20)))
+    codes = sorted(r.status_code for r in rs)
+    over = [r for r in rs if r.status_code == 503]
+    assert set(codes) == {200, 503} and codes.count(200) >= 8, codes
+    for r in over:
+        assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded"
+    ok = [r.json()["choices"][0]["token_ids"] for r in rs if r.status_code == 200]
+    assert all(t == ok[0] for t in ok)  # the same greedy request: the same tokens in every batch position
+
+
+def test_models_endpoint(url):
+    r = requests.get(f"{url}/v1/models", timeout=30)
+    assert r.status_code == 200
+    [m] = r.json()["data"]
+    assert m["id"] == "moe-expert-cluster" and m["object"] == "model" and m["max_model_len"] == 256
+
+
+def test_load_test_against_the_app_has_no_errors(url, tmp_path):
+    out = tmp_path / "load.json"
+    p = subprocess.run([sys.executable, "-m", "jobs.load_test", "--url", url, "--clients", "3", "--seconds", "4",
+                        "--max-tokens", "8", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rep = json.loads(out.read_text())
+    assert rep["errors"] == 0 and rep["requests"] >= 3 and rep["tokens"] == 8 * rep["requests"]
+    assert rep["p50_s"] <= rep["p95_s"] <= rep["p99_s"] and rep["tokens_per_s"] > 0
+    assert "p50" in p.stdout and "tokens/s" in p.stdout
+
+
+def test_health_fails_when_workers_die_and_serve_replaces_the_replica(url, reference):
+    r = requests.get(f"{url}/health", timeout=30)
+    assert r.status_code == 200 and sorted(r.json()["live_workers"]) == [0, 1]
+    pid = requests.get(f"{url}/v1/stats", timeout=30).json()["replica_pid"]
+    for w in (0, 1):
+        ray.kill(ray.get_actor(f"expert-worker-{w}", namespace=NAMESPACE))
+    r = requests.get(f"{url}/health", timeout=30)
+    if r.status_code == 503:   # the replica may already be on its way out; then Serve answers for it
+        body = r.json()
+        assert body.get("live_workers") == [] and sorted(body.get("dead_workers", {})) == ["0", "1"], body
+    # Serve's check_health fails within a period or two; the replacement replica starts a fresh cluster
+    deadline = time.monotonic() + 120
+    new_pid = pid
+    while time.monotonic() < deadline:
+        try:
+            s = requests.get(f"{url}/v1/stats", timeout=10)
+            if s.status_code == 200:
+                new_pid = s.json()["replica_pid"]
+                if new_pid != pid:
+                    break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    assert new_pid != pid, "Serve did not replace the replica whose workers died"
+    p = ids_of(reference, "def ")
+    r = complete(url, prompt=p, max_tokens=8, temperature=0)
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == generate(reference[0], [p], 8)[0]
