@@ -1,0 +1,592 @@
+"""Discrete-event simulator of the expert-serving cluster on a virtual clock: N GPU workers with HBM expert caches,
+each node's DRAM tier, a storage tier, and the links between them, decoding batches of requests whose routing comes
+from a RoutingTrace (real, or policies/synthetic.py's generator). Pure: no Ray, no wall clock in any decision.
+
+It drives the project's real policy code, not a copy: predictors from policies/registry.py (observe / predict on
+every routing event), the cluster-wide PrefetchPlanner of policies/ranking.py (one `plan` per MoE layer step,
+fed a ClusterView of the simulated state), each worker's CacheIndex with its eviction policy
+(policies/hbm_cache.py), the DRAM tier's ByteBudgetLRU (policies/eviction.py) and the placement of experts on
+workers (policies/placement.py).
+
+Model of one decode step (every active request advances one token; a finished request's slot takes the next
+request of the trace: continuous batching):
+  per MoE layer l:  dense part (attention, norms, shared experts)            dense_s
+                    router -> routing events; the coordinator observes them, predicts and plans; its orders
+                    are issued `decision_latency` later (virtual; the planner's real wall cost is measured
+                    separately and reported, it does not enter the clock, so runs are deterministic)
+                    each distinct expert of the batch: resident in its owner's cache (hit, pinned), in flight
+                    (late: a queued transfer is promoted to demand priority) or missing (demand load)
+                    each worker computes its experts in the order they become available; the layer ends when
+                    the slowest worker is done (+ the per-layer dispatch overhead, + the activations' network
+                    hop when a worker sits on another node than the runtime)
+Links: every worker has a host->HBM link (`h2d_channels` transfers at once, each at h2d_bw, + latency); every node
+a storage link (`channels` reads at once, each at bw_per_channel, + first-byte latency) and a NIC (peer copies,
+activations). A transfer waits in a priority queue per link: demand loads before prefetches, prefetches by the
+planner's priority; transfers in service are never preempted. A transfer over several links is store-and-forward.
+
+Counting: an expert use = one distinct (layer, expert) a batch step needs (per slot at batch 1, so hit rates match
+the LRU replay of policies/replay.py); hit = resident when the router asks. Bytes per link are counted when a
+transfer starts on it. docs/simulator.md states the assumptions.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .eviction import ByteBudgetLRU
+from .hbm_cache import CacheIndex, DoesNotFit, make_policy
+from .placement import place
+from .predictors import Predictor, RoutingEvent
+from .profiles import Hardware, Model, Storage
+from .traces import RoutingTrace
+
+DEMAND = -math.inf  # link priority of a demand load: before every prefetch
+
+
+# -- the event engine ------------------------------------------------------------------------------------------
+class Clock:
+    """Virtual time and a heap of (time, seq, fn, args); seq keeps equal-time events in scheduling order."""
+
+    def __init__(self):
+        self.now = 0.0
+        self._q: list = []
+        self._seq = itertools.count()
+
+    def at(self, t: float, fn, *args) -> None:
+        assert t >= self.now - 1e-12, f"event scheduled in the past: {t} < {self.now}"
+        heapq.heappush(self._q, (t, next(self._seq), fn, args))
+
+    def run_until(self, t: float) -> None:
+        """Process every event up to time t, then stand at t."""
+        while self._q and self._q[0][0] <= t:
+            te, _, fn, args = heapq.heappop(self._q)
+            self.now = max(self.now, te)
+            fn(*args)
+        self.now = max(self.now, t)
+
+    def run_while(self, cond) -> None:
+        """Process events one by one while cond() holds."""
+        while cond():
+            assert self._q, "simulator deadlock: waiting with no event pending"
+            te, _, fn, args = heapq.heappop(self._q)
+            self.now = max(self.now, te)
+            fn(*args)
+
+
+@dataclass(eq=False)
+class Transfer:
+    worker: int
+    layer: int
+    expert: int
+    nbytes: int
+    hops: list                  # links still to cross, in order
+    target: str                 # "hbm" (into the worker's cache) or "dram" (stage into its node's DRAM tier)
+    demand: bool
+    prio: float
+    version: int = 0            # bumped on promotion: older heap entries are skipped
+    queued_on: "Link | None" = None
+
+
+class Link:
+    """`channels` transfers at once, each at `bw` bytes/s after `latency` s; queued by priority (lower first)."""
+
+    def __init__(self, clock: Clock, name: str, kind: str, bw: float, latency: float, channels: int, on_hop):
+        assert bw > 0 and channels >= 1, f"link {name}: bw {bw} and channels {channels} must be positive"
+        self.clock, self.name, self.kind = clock, name, kind
+        self.bw, self.latency, self.free = bw, latency, channels
+        self.on_hop = on_hop
+        self._q: list = []
+        self._seq = itertools.count()
+        self.bytes = 0
+        self.busy_s = 0.0
+
+    def submit(self, tr: Transfer) -> None:
+        tr.queued_on = self
+        heapq.heappush(self._q, (tr.prio, next(self._seq), tr.version, tr))
+        self._start()
+
+    def promote(self, tr: Transfer) -> None:
+        """A queued prefetch is needed now: give it demand priority (no-op once in service)."""
+        if tr.queued_on is self and tr.prio != DEMAND:
+            tr.version += 1
+            tr.prio = DEMAND
+            self.submit(tr)
+
+    def _start(self) -> None:
+        while self.free and self._q:
+            _, _, ver, tr = heapq.heappop(self._q)
+            if ver != tr.version or tr.queued_on is not self:
+                continue
+            tr.queued_on = None
+            self.free -= 1
+            dt = self.latency + tr.nbytes / self.bw
+            self.bytes += tr.nbytes
+            self.busy_s += dt
+            self.clock.at(self.clock.now + dt, self._done, tr)
+
+    def _done(self, tr: Transfer) -> None:
+        self.free += 1
+        self.on_hop(self, tr)
+        self._start()
+
+
+# -- configuration and results ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SimConfig:
+    workers: int = 1
+    batch: int = 1                    # concurrent requests (decode slots)
+    cache_fraction: float = 0.25      # HBM expert budget over all workers, as a fraction of all experts' bytes
+    dram_fraction: float = 1.0        # each node's DRAM tier holds this fraction of the experts its workers own
+    window: float = 4.0               # the planner's lookahead window, in MoE layers
+    threshold: float = 0.05           # the planner's minimum P(selected)
+    max_inflight_bytes: int | None = None  # None: window * top_k * expert bytes * workers
+    decision_latency: float = 20e-6   # s from a routing event to the planner's orders being issued
+    eviction: str = "prefetch_aware"  # the workers' CacheIndex policy
+    stale_after: int = 1              # layer steps past its target after which an unused prefetch is stale
+    max_tokens: int | None = None     # stop after this many tokens (None: the whole trace)
+    runtime_node: int = 0             # where the model runtime (attention, router) runs
+    activation_bytes: int = 2         # bytes per activation element on the wire (bf16)
+
+    def __post_init__(self):
+        assert self.workers >= 1 and self.batch >= 1, "workers and batch must be >= 1"
+        assert 0 < self.cache_fraction <= 1, f"cache_fraction must be in (0, 1], got {self.cache_fraction}"
+        assert 0 <= self.dram_fraction <= 1, f"dram_fraction must be in [0, 1], got {self.dram_fraction}"
+
+
+@dataclass
+class Counters:
+    uses: int = 0
+    hits: int = 0
+    prefetch_hits: int = 0      # hits on an expert a prefetch brought and nobody used before
+    late: int = 0               # needed while its prefetch was still in flight (counted as a miss)
+    misses: int = 0             # not resident when needed (late ones included)
+    demand_loads: int = 0
+    uncached: int = 0           # demand loads that found every byte pinned: used once, not cached
+    prefetch_issued: int = 0    # HBM prefetch orders issued
+    prefetch_done: int = 0      # of which landed in a cache
+    prefetch_dropped: int = 0   # landed with no room (all pinned)
+    prefetch_used: int = 0      # landed prefetches later used (timely or late)
+    stage_issued: int = 0       # DRAM stagings issued
+    stall_s: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    layer_steps: int = 0
+    planner_calls: int = 0
+    orders: int = 0
+
+
+class Simulator:
+    def __init__(self, hw: Hardware, model: Model, store: Storage, cfg: SimConfig, trace: RoutingTrace,
+                 predictor: Predictor, planner=None, *, tier: str = "nvme"):
+        """tier: which ranking tier the storage profile stands for ("nvme" or "s3"). planner: a
+        policies.ranking.PrefetchPlanner (default: one configured from the profiles)."""
+        from . import ranking
+        geo = (trace.num_layers, trace.num_experts, trace.top_k)
+        if geo != (model.num_layers, model.num_experts, model.top_k):
+            raise ValueError(f"trace {trace.origin} is L={geo[0]} x E={geo[1]}, top-{geo[2]} but model "
+                             f"{model.name} is L={model.num_layers} x E={model.num_experts}, top-{model.top_k}")
+        assert (predictor.L, predictor.E, predictor.K) == geo, "predictor geometry differs from the trace's"
+        self.hw, self.model, self.store, self.cfg, self.trace, self.pred = hw, model, store, cfg, trace, predictor
+        self._rk = ranking
+        L, E, W = model.num_layers, model.num_experts, cfg.workers
+        self.L, self.E, self.W = L, E, W
+        self.eb = model.expert_bytes
+        self.clock = Clock()
+        self.c = Counters()
+        # placement: every expert has one owner (the real placement code, uniform load)
+        pl = place({(l, e): self.eb for l in range(L) for e in range(E)}, list(range(W)))
+        self.owner = np.zeros((L, E), np.int64)
+        for (l, e), ws in pl.owners.items():
+            self.owner[l, e] = ws[0]
+        self.node_of = np.arange(W) // hw.gpus_per_node
+        self.nodes = int(self.node_of.max()) + 1
+        # HBM caches: the budget split evenly, capped by the GPU's memory (90%: the dense weights and activations
+        # need the rest)
+        want = cfg.cache_fraction * L * E * self.eb / W
+        self.budget = int(min(want, 0.9 * hw.hbm_bytes))
+        self.budget = max(self.budget, self.eb * model.top_k)  # at least one token's experts of a layer
+        self.caches = [CacheIndex(self.budget, make_policy(cfg.eviction, self.budget)) for _ in range(W)]
+        self.peak_used = np.zeros(W, np.int64)
+        # DRAM tiers: each node holds its workers' experts (dram_fraction of them, capped by the node's DRAM)
+        self.dram = []
+        self.in_dram = np.zeros((self.nodes, L, E), bool)
+        self.in_hbm = np.zeros((L, E), bool)           # in the owner's cache
+        for n in range(self.nodes):
+            mine = [(int(l), int(e)) for l, e in zip(*np.nonzero(self.node_of[self.owner] == n))]
+            cap = int(min(cfg.dram_fraction * len(mine) * self.eb, 0.9 * hw.dram_bytes))
+            lru = ByteBudgetLRU(cap)
+            for k in mine:                              # warm: the DRAM tier starts full (model loaded in RAM)
+                if lru.used + self.eb > cap:
+                    break
+                lru.admit(k, self.eb)
+                self.in_dram[n][k] = True
+            self.dram.append(lru)
+        self.dram_pending = np.zeros((L, E), bool)
+        # links
+        ch = hw.h2d_channels
+        self.h2d = [Link(self.clock, f"h2d{w}", "h2d", hw.h2d_bw, hw.h2d_latency, ch, self._hop) for w in range(W)]
+        self.sto = [Link(self.clock, f"storage{n}", "storage", store.bw_per_channel, store.first_byte,
+                         store.channels, self._hop) for n in range(self.nodes)]
+        self.net = [Link(self.clock, f"net{n}", "net", hw.net_bw, hw.net_latency, 1, self._hop)
+                    for n in range(self.nodes)]
+        self.act_bytes = 0
+        self.inflight: dict[tuple[int, int], Transfer] = {}   # HBM loads, by (layer, expert)
+        self.inflight_pf_bytes = np.zeros(W, np.int64)
+        self.pf_target: dict[tuple[int, int], int] = {}       # prefetched key -> target layer-step index
+        self.stale_q: list = []
+        self.need: list[dict] = [dict() for _ in range(W)]    # worker -> {key: avail time or None}
+        self.pending = 0
+        self.uncached_now: set = set()
+        # the planner, configured from the profiles (tier costs as this hardware moves an expert up)
+        self.tier = {"nvme": self._rk.NVME, "s3": self._rk.S3}[tier]
+        sto_s = store.first_byte + self.eb / store.bw_per_channel
+        h2d_s = hw.h2d_latency + self.eb / hw.h2d_bw
+        net_s = hw.net_latency + self.eb / hw.net_bw
+        lat = [0.0, 0.0, 0.0, 0.0, 0.0]
+        bw = [float("inf")] * 5
+        for t, s in ((self._rk.PEER, net_s + h2d_s), (self._rk.DRAM, h2d_s), (self._rk.NVME, sto_s + h2d_s),
+                     (self._rk.S3, sto_s + h2d_s)):
+            bw[t] = self.eb / s                  # folded into one effective rate per expert
+        self.layer_time = self.dense_s(cfg.batch) + self.expert_s(cfg.batch) + hw.layer_overhead
+        cap = cfg.max_inflight_bytes
+        if cap is None:
+            cap = int(max(1.0, cfg.window) * model.top_k * self.eb * W)
+        self.planner = planner or self._rk.PrefetchPlanner(self._rk.PlannerConfig(
+            threshold=cfg.threshold, max_inflight_bytes=int(cap), layer_time_s=self.layer_time,
+            costs=self._rk.TierCosts(tuple(lat), tuple(bw)), stage_to_dram=cfg.dram_fraction < 1))
+        self.planner_wall: list[float] = []
+        self.step_times: list[float] = []
+
+    # -- cost model ----------------------------------------------------------------------------------------------
+    def expert_s(self, rows) -> float | np.ndarray:
+        """s to compute one expert on `rows` tokens: weights streamed from HBM or FLOP-bound, + a launch."""
+        if self.hw.expert_s_override is not None:
+            return self.hw.expert_s_override + 0.0 * np.asarray(rows, np.float64)
+        m = self.model
+        return np.maximum(m.expert_bytes / self.hw.hbm_bw, 2.0 * m.expert_params * np.asarray(rows, np.float64)
+                          / self.hw.flops) + 5e-6
+
+    def dense_s(self, rows: int) -> float:
+        """Attention + norms + shared experts of one layer for `rows` tokens (memory-bound at decode sizes)."""
+        m = self.model
+        shared = m.shared_experts * float(self.expert_s(rows)) if m.shared_experts else 0.0
+        return self.hw.dense_s_per_layer + shared
+
+    # -- transfers ---------------------------------------------------------------------------------------------
+    def _route(self, w: int, key) -> list:
+        """Links from the nearest copy to worker w's HBM (DRAM of its node, a peer node's DRAM, storage)."""
+        n = self.node_of[w]
+        if self.in_dram[n][key]:
+            self.dram[n].touch(key)
+            return [self.h2d[w]]
+        peers = np.flatnonzero(self.in_dram[:, key[0], key[1]])
+        if len(peers):
+            return [self.net[int(peers[0])], self.h2d[w]]
+        return [self.sto[n], self.h2d[w]]
+
+    def _issue(self, w: int, key, demand: bool, prio: float, target: str = "hbm") -> Transfer:
+        hops = self._route(w, key) if target == "hbm" else [self.sto[self.node_of[w]]]
+        tr = Transfer(w, key[0], key[1], self.eb, hops, target, demand, DEMAND if demand else prio)
+        if target == "hbm":
+            self.inflight[key] = tr
+            self.in_hbm[key] = False
+            if not demand:
+                self.inflight_pf_bytes[w] += self.eb
+        else:
+            self.dram_pending[key] = True
+        tr.hops[0].submit(tr)
+        return tr
+
+    def _hop(self, link: Link, tr: Transfer) -> None:
+        key = (tr.layer, tr.expert)
+        tr.hops.pop(0)
+        if link.kind == "storage":                      # landed in the node's DRAM tier
+            n = self.node_of[tr.worker]
+            ok, ev = self.dram[n].admit(key, tr.nbytes)
+            for v in ev:
+                self.in_dram[n][v] = False
+            self.in_dram[n][key] = ok
+            if tr.target == "dram":
+                self.dram_pending[key] = False
+        if tr.hops:
+            tr.hops[0].submit(tr)
+        elif tr.target == "hbm":
+            self._landed(tr, key)
+
+    def _landed(self, tr: Transfer, key) -> None:
+        w = tr.worker
+        del self.inflight[key]
+        if not tr.demand:
+            self.inflight_pf_bytes[w] -= tr.nbytes
+        cache = self.caches[w]
+        needed = key in self.need[w]
+        try:
+            for v in cache.insert(key, tr.nbytes, prefetched=not tr.demand):
+                self.in_hbm[v] = False
+            self.in_hbm[key] = True
+            if needed:
+                cache.pin(key)
+            if not tr.demand:
+                self.c.prefetch_done += 1
+                heapq.heappush(self.stale_q, (self.pf_target.get(key, self.c.layer_steps), w, key))
+        except DoesNotFit:
+            if tr.demand or needed:
+                self.c.uncached += 1
+                self.uncached_now.add(key)
+            else:
+                self.c.prefetch_dropped += 1
+        self.peak_used[w] = max(self.peak_used[w], cache.used)
+        if needed and self.need[w][key] is None:
+            self.need[w][key] = self.clock.now
+            self.pending -= 1
+
+    # -- the coordinator ---------------------------------------------------------------------------------------
+    def _view(self):
+        rk = self._rk
+        present = np.zeros((rk.NUM_TIERS, self.L, self.E), bool)
+        present[rk.HBM] = self.in_hbm
+        own_node = self.node_of[self.owner]                              # [L, E]
+        dram_own = np.take_along_axis(self.in_dram, own_node[None], 0)[0]
+        present[rk.DRAM] = dram_own
+        present[rk.PEER] = self.in_dram.any(0) & ~dram_own
+        present[self.tier] = True
+        inflight = np.zeros((self.L, self.E), bool)
+        if self.inflight:
+            k = np.array(list(self.inflight), np.int64)
+            inflight[k[:, 0], k[:, 1]] = True
+        used = np.array([c.used for c in self.caches], np.int64)
+        free = np.maximum(self.budget - used - self.inflight_pf_bytes, 0)
+        dram_free = np.array([d.budget - d.used for d in self.dram], np.int64)
+        return rk.ClusterView(self.owner, self.node_of, present, np.full((self.L, self.E), self.eb, np.int64),
+                              free, dram_free, inflight, self.dram_pending.copy(),
+                              int(self.inflight_pf_bytes.sum()))
+
+    def plan_step(self, events: list[RoutingEvent], requests: list) -> object:
+        """One coordinator decision step (the part whose wall cost is measured): observe the layer's routing
+        events, predict for every live request, rank across the cluster. Returns the Plan."""
+        for ev in events:
+            self.pred.observe(ev)
+        views = []
+        for r in requests:
+            cands = self.pred.predict(r, int(math.ceil(self.cfg.window)))
+            if len(cands):
+                views.append(self._rk.RequestView(r, cands))
+        return self.planner.plan(views, self._view(), self.cfg.window)
+
+    def _issue_plan(self, plan, step: int) -> None:
+        rk = self._rk
+        for i in range(len(plan)):
+            key = (int(plan.layer[i]), int(plan.expert[i]))
+            w = int(plan.worker[i])
+            if plan.target[i] == rk.TARGET_HBM:
+                if self.in_hbm[key] or key in self.inflight:
+                    continue
+                self.c.prefetch_issued += 1
+                # target layer step: the nearest position of this (layer) ahead of the current one
+                d = (key[0] - step % self.L) % self.L or self.L
+                self.pf_target[key] = step + d
+                self._issue(w, key, False, -float(plan.priority[i]))
+            else:
+                if self.dram_pending[key] or self.in_dram[self.node_of[w]][key]:
+                    continue
+                self.c.stage_issued += 1
+                self._issue(w, key, False, -float(plan.priority[i]), target="dram")
+
+    def _expire(self, step: int) -> None:
+        """Prefetched entries whose target passed unused become first to evict (the coordinator's cancel)."""
+        while self.stale_q and self.stale_q[0][0] + self.cfg.stale_after <= step:
+            _, w, key = heapq.heappop(self.stale_q)
+            e = self.caches[w].entries.get(key)
+            if e is not None and e.prefetched:
+                e.stale = True
+
+    # -- one MoE layer of one decode step ----------------------------------------------------------------------
+    def _layer(self, l: int, reqs: np.ndarray, toks: np.ndarray, rows: np.ndarray) -> None:
+        """reqs/toks/rows [B]: the live requests, their token positions and trace rows."""
+        c, clock, hw = self.c, self.clock, self.hw
+        step = c.layer_steps
+        B = len(reqs)
+        clock.run_until(clock.now + self.dense_s(B))
+        t_route = clock.now
+        x = self.trace.experts[rows, l].astype(np.int64)               # [B, K]
+        known = x[:, 0] >= 0
+        self._expire(step)
+        # routing events -> coordinator (measured wall cost; its orders land after decision_latency)
+        w8 = self.trace.weights[rows, l]
+        hid = self.trace.hidden
+        events = [RoutingEvent(int(reqs[i]), int(toks[i]), l, x[i],
+                               None if np.isnan(w8[i, 0]) else w8[i],
+                               None if hid is None else hid[rows[i], l]) for i in np.flatnonzero(known)]
+        t0 = time.perf_counter()
+        plan = self.plan_step(events, [int(r) for r in reqs])
+        self.planner_wall.append(time.perf_counter() - t0)
+        c.planner_calls += 1
+        c.orders += len(plan)
+        clock.at(t_route + self.cfg.decision_latency, self._issue_plan, plan, step)
+        # the batch's experts: uses, hits, demand loads
+        xs = x[known]
+        if B == 1:
+            uniq, counts = xs.reshape(-1), np.ones(xs.size, np.int64)    # per slot, in recorded order
+        else:
+            uniq, counts = np.unique(xs, return_counts=True)
+        need_w: dict[int, list] = {}
+        missed = []
+        for e, n in zip(uniq.tolist(), counts.tolist()):
+            key = (l, e)
+            w = int(self.owner[l, e])
+            cache = self.caches[w]
+            c.uses += 1
+            need_w.setdefault(w, []).append((key, n))
+            if key in cache.entries:
+                ent = cache.entries[key]
+                c.hits += 1
+                if ent.prefetched:
+                    c.prefetch_hits += 1
+                    c.prefetch_used += 1
+                cache.access(key)
+                cache.pin(key)
+                self.need[w][key] = t_route
+            else:
+                c.misses += 1
+                missed.append((w, key))
+                self.need[w][key] = None
+                self.pending += 1
+                tr = self.inflight.get(key)
+                if tr is not None:                                  # late prefetch: promote it
+                    c.late += 1
+                    c.prefetch_used += 1
+                    if tr.queued_on is not None:
+                        tr.queued_on.promote(tr)
+                else:
+                    c.demand_loads += 1
+                    self._issue(w, key, True, DEMAND)
+        clock.run_while(lambda: self.pending > 0)
+        # compute: each worker runs its experts as they become available
+        finish, busiest = t_route, 0.0
+        for w, items in need_w.items():
+            cache = self.caches[w]
+            avail = np.array([self.need[w][k] for k, _ in items])
+            comp = np.asarray(self.expert_s(np.array([n for _, n in items])), np.float64)
+            o = np.argsort(avail, kind="stable")
+            t = t_route
+            for a, cs in zip(avail[o].tolist(), comp[o].tolist()):
+                t = max(t, a) + cs
+            finish = max(finish, t)
+            busiest = max(busiest, float(comp.sum()))
+        for w, k in missed:                  # a demand-loaded or late entry: its first use
+            if k in self.caches[w].entries:
+                self.caches[w].access(k)
+        # activations to workers on other nodes than the runtime's and back
+        remote = [w for w in need_w if self.node_of[w] != self.cfg.runtime_node]
+        net = 0.0
+        if remote:
+            rows_remote = sum(n for w in remote for _, n in need_w[w])
+            nb = 2 * rows_remote * self.model.hidden * self.cfg.activation_bytes
+            self.act_bytes += nb
+            net = 2 * hw.net_latency + nb / hw.net_bw
+        end = finish + net + hw.layer_overhead
+        c.stall_s += max(0.0, end - (t_route + busiest + net + hw.layer_overhead))
+        clock.run_until(end)
+        for w, items in need_w.items():
+            cache = self.caches[w]
+            for k, _ in items:
+                if k in cache.entries and cache.entries[k].pins:
+                    cache.unpin(k)
+            self.need[w].clear()
+        self.uncached_now.clear()
+        c.layer_steps += 1
+
+    # -- the run -----------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        tr, cfg = self.trace, self.cfg
+        offs = tr.offsets
+        B = cfg.batch
+        nxt = 0                                    # next request of the trace to admit
+        slot_req = np.full(B, -1, np.int64)
+        slot_tok = np.zeros(B, np.int64)
+        limit = cfg.max_tokens or tr.num_tokens
+        while True:
+            for s in range(B):                     # continuous batching: refill empty slots
+                if slot_req[s] < 0 and nxt < tr.num_requests and self.c.tokens + (slot_req >= 0).sum() < limit:
+                    slot_req[s], slot_tok[s] = nxt, 0
+                    nxt += 1
+            live = np.flatnonzero(slot_req >= 0)
+            if not len(live):
+                break
+            reqs, toks = slot_req[live], slot_tok[live]
+            rows = offs[reqs] + toks
+            t0 = self.clock.now
+            for l in range(self.L):
+                self._layer(l, reqs, toks, rows)
+            self.step_times.append(self.clock.now - t0)
+            self.c.tokens += len(live)
+            self.c.steps += 1
+            slot_tok[live] += 1
+            done = live[slot_tok[live] >= offs[slot_req[live] + 1] - offs[slot_req[live]]]
+            for s in done:
+                self.pred.end(int(slot_req[s]))
+                slot_req[s] = -1
+            if self.c.tokens >= limit:
+                for s in np.flatnonzero(slot_req >= 0):
+                    self.pred.end(int(slot_req[s]))
+                break
+        return self.metrics()
+
+    def metrics(self) -> dict:
+        c, T = self.c, self.clock.now
+        links = {"h2d": sum(x.bytes for x in self.h2d), "storage": sum(x.bytes for x in self.sto),
+                 "net_experts": sum(x.bytes for x in self.net), "net_activations": self.act_bytes}
+        wall = np.array(self.planner_wall) if self.planner_wall else np.zeros(1)
+        hbm_loads = sum(x.bytes for x in self.h2d) // max(self.eb, 1)
+        return {
+            "tokens": c.tokens, "steps": c.steps, "virtual_s": T,
+            "tokens_per_s": c.tokens / T if T else float("nan"),
+            "latency_ms_per_token": 1e3 * float(np.mean(self.step_times)) if self.step_times else float("nan"),
+            "latency_ms_per_layer": 1e3 * T / max(c.layer_steps, 1),
+            "hit_rate": c.hits / max(c.uses, 1), "uses": c.uses, "hits": c.hits, "misses": c.misses,
+            "late_prefetches": c.late, "stall_s": c.stall_s, "stall_ms_per_token": 1e3 * c.stall_s / max(c.tokens, 1),
+            "demand_loads": c.demand_loads, "uncached": c.uncached, "hbm_loads": int(hbm_loads),
+            "prefetch_issued": c.prefetch_issued, "prefetch_done": c.prefetch_done,
+            "prefetch_used": c.prefetch_used, "prefetch_dropped": c.prefetch_dropped,
+            "dram_stagings": c.stage_issued,
+            "prefetch_precision": c.prefetch_used / c.prefetch_issued if c.prefetch_issued else float("nan"),
+            "prefetch_recall": c.prefetch_hits / max(c.prefetch_hits + c.misses, 1),
+            "bytes_per_link": links,
+            "memory_mb_peak": float(self.peak_used.sum()) / 1e6,
+            "hbm_budget_mb": self.budget * self.W / 1e6,
+            "expert_mb": self.eb / 1e6,
+            "planner": {"calls": c.planner_calls, "orders": c.orders,
+                        "wall_ms_mean": 1e3 * float(wall.mean()), "wall_ms_p99": 1e3 * float(np.percentile(wall, 99)),
+                        "virtual_layer_ms": 1e3 * T / max(c.layer_steps, 1),
+                        "decisions_per_virtual_s": c.planner_calls / T if T else float("nan"),
+                        "orders_per_virtual_s": c.orders / T if T else float("nan")},
+        }
+
+
+def simulate(hw: Hardware, model: Model, store: Storage, cfg: SimConfig, trace: RoutingTrace, policy: str, *,
+             tier: str = "nvme", **predictor_kw) -> dict:
+    """One policy on one trace: build the predictor through the registry and run."""
+    from .registry import make_predictor
+    pred = make_predictor(policy, num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k,
+                          trace=trace if policy in ("oracle", "ensemble") else None, **predictor_kw)
+    out = Simulator(hw, model, store, cfg, trace, pred, tier=tier).run()
+    out["policy"] = policy
+    return out
+
+
+def add_relative(results: dict) -> dict:
+    """speedup over on_demand and fraction_of_oracle = (speedup - ...) as the issue defines:
+    (policy speedup over On-Demand) / (Oracle speedup over On-Demand)."""
+    base = results.get("on_demand")
+    orc = results.get("oracle")
+    for name, m in results.items():
+        if base:
+            m["speedup"] = m["tokens_per_s"] / base["tokens_per_s"]
+        if base and orc:
+            m["fraction_of_oracle"] = m["speedup"] / (orc["tokens_per_s"] / base["tokens_per_s"])
+    return results
