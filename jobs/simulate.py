@@ -172,7 +172,8 @@ def study_seed_tables(a) -> dict:
                                 "expert_mb": model.expert_bytes / 1e6}
         for b in a.batches:
             _say(f"{mname} batch {b}")
-            cfg = SimConfig(workers=1, batch=b, cache_fraction=a.cache_fraction, window=a.window)
+            cfg = SimConfig(workers=1, batch=b, cache_fraction=a.cache_fraction, window=a.window,
+                            confirm_prob=a.confirm_prob)
             out["models"][mname]["batches"][b] = run_policies(hw, model, store, cfg, tr, pols, tier=a.tier)
     out["embedded_next_gate"] = _embedded_rows(a)
     return out
@@ -193,7 +194,7 @@ def _embedded_rows(a) -> dict:
     res = {}
     for b in (1, 4, 16):
         cfg = SimConfig(workers=1, batch=b, cache_fraction=a.cache_fraction, window=a.window,
-                        max_tokens=a.tokens or 2000)
+                        max_tokens=a.tokens or 2000, confirm_prob=a.confirm_prob)
         res[b] = run_policies(hw, model, P.storage(a.storage), cfg, tr, pols, tier=a.tier)
     return {"trace": os.path.abspath(path), "batches": res}
 
@@ -254,7 +255,7 @@ def study_scale(a) -> dict:
         for n in workers:
             b = n * a.per_worker_batch
             cfg = SimConfig(workers=n, batch=b, cache_fraction=a.cache_fraction, window=a.window,
-                            max_tokens=b * steps)
+                            max_tokens=b * steps, confirm_prob=a.confirm_prob)
             row = {"workers": n, "batch": b}
             for pol in a.scale_policies:
                 pred = make_predictor(pol, num_layers=model.num_layers, num_experts=model.num_experts,
@@ -358,6 +359,7 @@ def parse(argv=None):
     ap.add_argument("--cache-fraction", type=float, default=0.25)
     ap.add_argument("--dram-fraction", type=float, default=1.0)
     ap.add_argument("--window", type=float, default=4.0)
+    ap.add_argument("--confirm-prob", type=float, default=0.5, help="planner hbm_confirm_prob")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale-workers", type=lambda s: [int(x) for x in s.split(",")],
                     default=[1, 2, 4, 8, 16, 32, 64, 256])
@@ -403,7 +405,7 @@ def main(argv=None) -> int:
         if "on_demand" not in pols:
             pols = ["on_demand"] + pols
         cfg = SimConfig(workers=a.workers, batch=a.batch, cache_fraction=a.cache_fraction,
-                        dram_fraction=a.dram_fraction, window=a.window)
+                        dram_fraction=a.dram_fraction, window=a.window, confirm_prob=a.confirm_prob)
         res = {"hardware": P.describe(hw), "model": P.describe(model), "storage": P.describe(store),
                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "routing": info,
                "policies": run_policies(hw, model, store, cfg, tr, pols, tier=a.tier)}

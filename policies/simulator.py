@@ -144,6 +144,7 @@ class SimConfig:
     dram_fraction: float = 1.0        # each node's DRAM tier holds this fraction of the experts its workers own
     window: float = 4.0               # the planner's lookahead window, in MoE layers
     threshold: float = 0.05           # the planner's minimum P(selected)
+    confirm_prob: float = 0.5         # the planner's hbm_confirm_prob (cluster/config.py's default)
     max_inflight_bytes: int | None = None  # None: window * top_k * expert bytes * workers
     decision_latency: float = 20e-6   # s from a routing event to the planner's orders being issued
     eviction: str = "prefetch_aware"  # the workers' CacheIndex policy
@@ -257,7 +258,7 @@ class Simulator:
         if cap is None:
             cap = int(max(1.0, cfg.window) * model.top_k * self.eb * W)
         self.planner = planner or self._rk.PrefetchPlanner(self._rk.PlannerConfig(
-            threshold=cfg.threshold, max_inflight_bytes=int(cap), layer_time_s=self.layer_time,
+            threshold=cfg.threshold, hbm_confirm_prob=cfg.confirm_prob, max_inflight_bytes=int(cap), layer_time_s=self.layer_time,
             costs=self._rk.TierCosts(tuple(lat), tuple(bw)), stage_to_dram=cfg.dram_fraction < 1))
         self.planner_wall: list[float] = []
         self.step_times: list[float] = []
