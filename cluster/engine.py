@@ -234,7 +234,8 @@ class Engine:
         max_queue: requests that may wait beyond the free rows before submit() raises EngineOverloaded (None:
         unbounded).
         on_request_end(request_id): called in the engine thread when a request finishes (default: the expert
-        backend's `end_request`, if it has one)."""
+        backend's `end_request`, if it has one). A routing hook with a `cache` attribute (ExpertCluster's
+        RoutePublisher) is bound to this engine's cache, so routing events carry `cache.requests`."""
         assert max_batch >= 1, f"max_batch must be >= 1, got {max_batch}"
         self.model = model
         self.max_batch = max_batch
@@ -248,6 +249,9 @@ class Engine:
         self.cache = model.new_cache(max_batch, self.max_len)
         self.cache.lens = [1] * max_batch         # a free row keeps one (stale) slot: forward needs >= 1 per row
         self.cache.requests = [None] * max_batch
+        hook = model.on_route
+        if hook is not None and hasattr(hook, "cache"):  # the cluster's routing publisher names rows from it
+            hook.cache = self.cache
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: deque[_Row] = deque()
         self.stats = EngineStats()

@@ -1,9 +1,10 @@
-"""python -m jobs.load_test --url http://127.0.0.1:8000 --clients N --seconds T [--max-tokens M] [--json OUT]
+"""python -m jobs.load_test --url http://127.0.0.1:8000 --clients N[,N2,...] --seconds T [--max-tokens M] [--json OUT]
 
 A closed-loop load test of the completions server (jobs/serve_app.py): N clients, each sending its next request
 as soon as its previous one returns, for T seconds (and at most --max-requests in all). Loopback URLs only. Prints
 p50/p95/p99 latency, completion tokens/s, requests/s and the error count; --json writes the same numbers.
-Exit status 1 when any request failed.
+Several client counts (--clients 1,4,16) run one after the other against the same server, and the report adds
+each run's throughput relative to the first. Exit status 1 when any request failed.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import time
 from urllib.parse import urlparse
 
+ERROR_PAUSE_S = 0.1                      # a client waits this long after a failed request
 PROMPTS = ["def ", "import os\n", "class ", "    for i in range(", "x = ", "return ", "# ", "if __name__ == "]
 
 
@@ -68,9 +70,11 @@ async def run(url: str, clients: int, seconds: float, max_tokens: int, max_reque
                     if r.status != 200:
                         key = f"http {r.status}"
                         errors[key] = errors.get(key, 0) + 1
+                        await asyncio.sleep(ERROR_PAUSE_S)
                         continue
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
                 errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                await asyncio.sleep(ERROR_PAUSE_S)  # a refused connection must not spin
                 continue
             now = time.perf_counter()
             lat.append(now - t)
@@ -99,7 +103,7 @@ async def run(url: str, clients: int, seconds: float, max_tokens: int, max_reque
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.load_test", description=__doc__.split("\n\n")[1])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--clients", default="4", help="clients, or a comma list of client counts run in turn")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-requests", type=int, default=100_000, help="in all, over every client")
@@ -112,21 +116,36 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"load_test: error: {e}", file=sys.stderr)
         return 2
-    for name, v, lo, hi in (("--clients", a.clients, 1, 1024), ("--seconds", a.seconds, 0.1, 3600),
-                            ("--max-tokens", a.max_tokens, 1, 100_000), ("--max-requests", a.max_requests, 1, 10**7)):
+    try:
+        counts = [int(c) for c in str(a.clients).split(",")]
+    except ValueError:
+        print(f"load_test: error: --clients {a.clients!r}: expected a number or a comma list like 1,4,16",
+              file=sys.stderr)
+        return 2
+    for name, v, lo, hi in ([("--clients", c, 1, 1024) for c in counts] +
+                            [("--seconds", a.seconds, 0.1, 3600), ("--max-tokens", a.max_tokens, 1, 100_000),
+                             ("--max-requests", a.max_requests, 1, 10**7)]):
         if not lo <= v <= hi:
             print(f"load_test: error: {name} {v} must lie in [{lo}, {hi}]", file=sys.stderr)
             return 2
-    rep = asyncio.run(run(url, a.clients, a.seconds, a.max_tokens, a.max_requests, a.temperature, a.timeout))
-    lat = (f"p50 {rep['p50_s'] * 1e3:.0f} ms, p95 {rep['p95_s'] * 1e3:.0f} ms, p99 {rep['p99_s'] * 1e3:.0f} ms"
-           if rep["requests"] else "no successful request")
-    print(f"{rep['clients']} clients, {rep['seconds']:g} s: {rep['requests']} requests, {rep['errors']} errors "
-          f"{rep['errors_by_kind'] or ''}".rstrip())
-    print(f"latency {lat}; {rep['tokens_per_s']:.1f} tokens/s, {rep['requests_per_s']:.2f} requests/s")
+    runs = []
+    for n in counts:
+        rep = asyncio.run(run(url, n, a.seconds, a.max_tokens, a.max_requests, a.temperature, a.timeout))
+        if runs and runs[0]["tokens_per_s"] > 0:
+            rep["tokens_per_s_vs_first"] = round(rep["tokens_per_s"] / runs[0]["tokens_per_s"], 2)
+        runs.append(rep)
+        lat = (f"p50 {rep['p50_s'] * 1e3:.0f} ms, p95 {rep['p95_s'] * 1e3:.0f} ms, p99 {rep['p99_s'] * 1e3:.0f} ms"
+               if rep["requests"] else "no successful request")
+        vs = f" ({rep['tokens_per_s_vs_first']:.2f}x the first run)" if "tokens_per_s_vs_first" in rep else ""
+        print(f"clients {n}, {rep['seconds']:g} s: {rep['requests']} requests, {rep['errors']} errors "
+              f"{rep['errors_by_kind'] or ''}".rstrip())
+        print(f"  latency {lat}; {rep['tokens_per_s']:.1f} tokens/s{vs}, {rep['requests_per_s']:.2f} requests/s",
+              flush=True)
+    out = runs[0] if len(runs) == 1 else {"runs": runs, "errors": sum(r["errors"] for r in runs)}
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rep, f, indent=1)
-    return 1 if rep["errors"] else 0
+            json.dump(out, f, indent=1)
+    return 1 if out["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -148,8 +148,9 @@ class CompletionServer:
             torch.set_num_threads(a.torch_threads)
         self.cluster = ExpertCluster(cluster_config(a)).start()
         self.tokenizer = self._tokenizer()
+        end = getattr(self.cluster, "end_requests", None)  # tells the prefetch coordinator a request is over
         self.engine = Engine(self.cluster.model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
-                             on_request_end=getattr(self.cluster, "end_request", None)).start()
+                             on_request_end=(lambda rid: end([rid])) if end else None).start()
         self.created = int(time.time())
         self._metrics()
         log.info("CompletionServer ready: %d workers, max_batch %d, context %d", len(self.cluster.workers),

@@ -227,11 +227,19 @@ class CountingExperts(LocalExperts):
 def test_hits_misses_split_by_tokens_and_rows_name_their_request(ckpt, prompts):
     config, dense, experts = ckpt
     backend = CountingExperts(experts)
-    seen = []
     model = MoEModel.from_dense(config, dense, backend)
+
+    class Publisher:  # a routing hook shaped like ExpertCluster's RoutePublisher: names rows via `cache`
+        cache = None
+        seen: list = []
+
+        def __call__(self, layer, ids, w, x):
+            self.seen.append({self.cache.requests[r] for r in model.route_rows.tolist()})
+
+    model.on_route = hook = Publisher()
     eng = Engine(model, max_batch=2)
-    # the routing hook sees which request each routed token belongs to through cache.requests
-    model.on_route = lambda l, ids, w, x: seen.append({eng.cache.requests[r] for r in model.route_rows.tolist()})
+    assert hook.cache is eng.cache   # the engine bound its cache to the hook
+    seen = hook.seen
     a = eng.submit(GenerationRequest("long", prompts[2], 6))
     b = eng.submit(GenerationRequest("short", prompts[0], 6))
     drain(eng, [a, b])

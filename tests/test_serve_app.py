@@ -181,14 +181,52 @@ def test_models_endpoint(url):
 
 def test_load_test_against_the_app_has_no_errors(url, tmp_path):
     out = tmp_path / "load.json"
-    p = subprocess.run([sys.executable, "-m", "jobs.load_test", "--url", url, "--clients", "3", "--seconds", "4",
+    p = subprocess.run([sys.executable, "-m", "jobs.load_test", "--url", url, "--clients", "1,3", "--seconds", "3",
                         "--max-tokens", "8", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     rep = json.loads(out.read_text())
-    assert rep["errors"] == 0 and rep["requests"] >= 3 and rep["tokens"] == 8 * rep["requests"]
-    assert rep["p50_s"] <= rep["p95_s"] <= rep["p99_s"] and rep["tokens_per_s"] > 0
+    assert rep["errors"] == 0 and [r["clients"] for r in rep["runs"]] == [1, 3]
+    for r in rep["runs"]:
+        assert r["errors"] == 0 and r["requests"] >= 1 and r["tokens"] == 8 * r["requests"]
+        assert r["p50_s"] <= r["p95_s"] <= r["p99_s"] and r["tokens_per_s"] > 0
+    assert rep["runs"][1]["tokens_per_s_vs_first"] > 0
     assert "p50" in p.stdout and "tokens/s" in p.stdout
+
+
+def test_request_metrics_reach_rays_prometheus_export(url):
+    """ray.serve.metrics go through the node's metrics agent to its Prometheus endpoint (what /metrics scrapes)."""
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    done = requests.get(f"{url}/v1/stats", timeout=30).json()["engine"]["requests_done"]
+    deadline, seen = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        seen = {}
+        for line in text.splitlines():
+            if line.startswith("ray_moe_") and not line.startswith("#"):
+                name = line.split("{")[0]
+                if 'status="ok"' in line or "status=" not in line:
+                    seen[name] = seen.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if seen.get("ray_moe_request_latency_s_count", 0) >= done - 2:  # exported every few seconds
+            break
+        time.sleep(2)
+    assert seen.get("ray_moe_request_latency_s_count", 0) >= done - 2, sorted(seen)
+    assert seen["ray_moe_tokens_total"] > 0 and "ray_moe_time_to_first_token_s_count" in seen
+    assert seen.get("ray_moe_expert_cache_total", 0) > 0
+
+
+def test_serve_config_yaml_is_valid_and_names_this_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+    from ray.serve._private.utils import import_attr
+
+    from jobs.serve_app import CompletionServer
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load(open(os.path.join(ROOT, "cluster/deploy/serve.yaml"))))
+    [app] = cfg.applications
+    assert app.import_path == "jobs.serve_app:app" and type(import_attr(app.import_path)).__name__ == "Application"
+    [dep] = app.deployments
+    assert dep.name == CompletionServer.name and dep.max_ongoing_requests >= 1
+    assert dep.backpressure_config.retry_after_s >= 1 and cfg.http_options.host == "127.0.0.1"
 
 
 def test_health_fails_when_workers_die_and_serve_replaces_the_replica(url, reference):
