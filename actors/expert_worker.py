@@ -64,6 +64,7 @@ class _Resident:
     tensors: tuple[torch.Tensor, ...]       # gate, up, down views into blob
     ready: torch.cuda.Event | None = None   # set when the async H2D copy has landed
     cached: bool = True                     # False: no room (all pinned), used by one compute and dropped
+    tier: str = "dram"                      # the tier its bytes came from (dram, nvme, s3)
 
 
 @dataclass(order=True)
@@ -72,6 +73,8 @@ class _Queued:
     seq: int
     key: Key = field(compare=False)
     request: str | None = field(compare=False, default=None)
+    victims: list | None = field(compare=False, default=None)  # coordinator orders: evict only these (or none)
+    tiers: list | None = field(compare=False, default=None)    # the request's TierSet (None: every tier)
 
 
 class ExpertWorker:
@@ -121,7 +124,8 @@ class ExpertWorker:
                 self._staging.put(torch.empty(largest, dtype=torch.uint8, pin_memory=True))
         self.counters = dict(hits=0, misses=0, prefetch_hits=0, loads=0, demand_loads=0, prefetch_loads=0,
                              bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
-                             prefetch_dropped=0, cancelled=0, peak_used_bytes=0)
+                             prefetch_dropped=0, cancelled=0, peak_used_bytes=0, stall_seconds=0.0,
+                             tier_bytes={})
 
     def _count(self, **inc) -> None:
         with self._lock:
@@ -137,9 +141,9 @@ class ExpertWorker:
             out.append(blob[t.offset:t.offset + t.length].view(_TORCH_DTYPES[t.dtype]).view(t.shape))
         return tuple(out)
 
-    def _fetch_to_device(self, key: Key) -> _Resident:
+    def _fetch_to_device(self, key: Key, tiers: list | None = None) -> _Resident:
         t0 = time.perf_counter()
-        [ref] = ray.get(self.storage.get.remote(*key))
+        ref, tier = ray.get(self.storage.get_tiered.remote(*key, tiers))
         view = ray.get(ref)  # uint8 numpy, mapped read-only from the node's object store
         n = view.nbytes
         dev = torch.empty(n, dtype=torch.uint8, device=self.device)
@@ -159,14 +163,18 @@ class ExpertWorker:
             np.copyto(dev.numpy(), view)
         del view
         self._count(loads=1, bytes_loaded=n, load_seconds=time.perf_counter() - t0)
-        return _Resident(dev, self._views(key, dev), ready)
+        with self._lock:
+            tb = self.counters["tier_bytes"]
+            tb[tier] = tb.get(tier, 0) + n
+        return _Resident(dev, self._views(key, dev), ready, tier=tier)
 
     def _load(self, key: Key, prefetched: bool, request: str | None = None,
-              pin: bool = False) -> tuple[_Resident, bool]:
+              pin: bool = False, victims: list | None = None, tiers: list | None = None) -> tuple[_Resident, bool]:
         """(entry, pinned) for key, loading it once however many threads ask (in-flight loads are shared).
         With pin, the thread that performs the load gets the entry pinned in the same locked step it is
         inserted, so no other load can evict it first; a thread that only waited on someone else's load gets
-        pinned=False and pins it itself if it is still resident."""
+        pinned=False and pins it itself if it is still resident. victims (a coordinator's prefetch): evict only
+        these to make room, never anything else (DoesNotFit otherwise)."""
         with self._lock:
             if key in self._res:
                 return self._res[key], False
@@ -178,35 +186,42 @@ class ExpertWorker:
             return fut.result(), False
         pinned = False
         try:
-            res = self._fetch_to_device(key)
+            res = self._fetch_to_device(key, tiers)
             with self._lock:
                 try:
-                    for victim in self.cache.insert(key, res.blob.numel(), prefetched=prefetched, request=request):
+                    if victims is not None:
+                        gone = self.cache.insert_evicting_only(key, res.blob.numel(), victims, request=request)
+                    else:
+                        gone = self.cache.insert(key, res.blob.numel(), prefetched=prefetched, request=request)
+                    for victim in gone:
                         del self._res[victim]
                     self._res[key] = res
                     if pin:
                         self.cache.pin(key)
                         pinned = True
                 except DoesNotFit:
-                    if prefetched:
-                        raise
                     res.cached = False
-                    self.counters["uncached"] += 1  # every byte is pinned by computes in flight: use it once
+                    if not prefetched:
+                        self.counters["uncached"] += 1  # every byte is pinned by computes in flight: use it once
                 self.counters["peak_used_bytes"] = max(self.counters["peak_used_bytes"], self.cache.used)
-            fut.set_result(res)
+            fut.set_result(res)  # a compute that waited on this load uses it even when a prefetch found no room
+            if prefetched and not res.cached:
+                raise DoesNotFit(f"prefetch of {key}: no room without evicting what the coordinator did not name")
             return res, pinned
         except BaseException as e:
-            fut.set_exception(e)
+            if not fut.done():
+                fut.set_exception(e)
             raise
         finally:
             with self._lock:
                 del self._loading[key]
 
     # -- compute ------------------------------------------------------------------------------------------------
-    def compute(self, layer: int, experts: list[int], counts: list[int], x) -> np.ndarray | bytes:
+    def compute(self, layer: int, experts: list[int], counts: list[int], x, with_stats: bool = False):
         """x [N, H] float32 (or pack_rows of it) holds the tokens of each expert in `experts`, grouped, `counts`
         rows each (sum = N). Returns [N, H] packed the same way: expert_e(x_rows) for each group, unweighted (the
-        runtime applies router weights)."""
+        runtime applies router weights). with_stats: returns (that, (hits, misses, prefetch_hits, stall seconds,
+        {tier: bytes loaded for this call})) — what the runtime's counters add up, at no extra round trip."""
         packed = not isinstance(x, np.ndarray)
         x = unpack_rows(x, sum(counts))
         assert len(experts) == len(counts) and sum(counts) == x.shape[0], \
@@ -223,15 +238,19 @@ class ExpertWorker:
                 pinned.append(k)
                 res[k] = r
 
+        hits = phits = 0
         with self._lock:  # resident experts are pinned first, so loading the others cannot evict them
             for k in uniq:
                 if k in self._res:
-                    self.counters["hits"] += 1
-                    self.counters["prefetch_hits"] += self.cache.entries[k].prefetched
+                    hits += 1
+                    phits += self.cache.entries[k].prefetched
                     grab(k)
-                else:
-                    self.counters["misses"] += 1
                 self._dequeue(k)  # a queued prefetch of an expert needed now becomes a demand load
+            self.counters["hits"] += hits
+            self.counters["prefetch_hits"] += phits
+            self.counters["misses"] += len(uniq) - hits
+        missed = [k for k in uniq if k not in res]
+        t_wait = time.perf_counter()
         try:
             last: dict[Key, _Resident] = {}
             for _ in range(3):  # a load we only waited on may be evicted before we pin it: load again
@@ -260,13 +279,22 @@ class ExpertWorker:
             for k in uniq:
                 if k not in res:
                     res[k] = last[k]  # still evicted after retries: use the loaded copy this once
+            stall = time.perf_counter() - t_wait if missed else 0.0
             with self._lock:
                 for k in pinned:
                     self.cache.access(k)
+                self.counters["stall_seconds"] += stall
             out = self._compute_sync([res[k] for k in keys], counts, x)
         finally:
             self._release(pinned, int(x.shape[0]))
-        return out.tobytes() if packed else out
+        out = out.tobytes() if packed else out
+        if not with_stats:
+            return out
+        tb: dict[str, int] = {}
+        for k in missed:
+            r = res[k]
+            tb[r.tier] = tb.get(r.tier, 0) + int(r.blob.numel())
+        return out, (hits, len(uniq) - hits, phits, stall, tb)
 
     def _release(self, pinned: list[Key], rows: int) -> None:
         """A compute is done with its experts: unpin them and count it."""
@@ -318,11 +346,17 @@ class ExpertWorker:
 
     # -- prefetch -----------------------------------------------------------------------------------------------
     def prefetch(self, items: list[tuple]) -> int:
-        """Queue (layer, expert, priority, request_id) loads, highest priority first; returns how many were
-        queued (resident, loading or already-queued experts are skipped, a higher priority is kept)."""
+        """Queue (layer, expert, priority, request_id[, victims[, tiers]]) loads, highest priority first; returns
+        how many were queued (resident, loading or already-queued experts are skipped, a higher priority is kept).
+        victims (the PrefetchCoordinator's orders): the load may evict only these residents — the ones the
+        coordinator valued lower — and is dropped if they do not make room; without it the cache's policy picks.
+        tiers: the request's TierSet; the load never reads a tier outside it."""
         n = 0
         with self._lock:
-            for layer, expert, priority, request in items:
+            for item in items:
+                layer, expert, priority, request = item[:4]
+                victims = [(int(a), int(b)) for a, b in item[4]] if len(item) > 4 and item[4] is not None else None
+                tiers = list(item[5]) if len(item) > 5 and item[5] is not None else None
                 key = (int(layer), int(expert))
                 if key in self._res or key in self._loading:
                     continue
@@ -331,7 +365,7 @@ class ExpertWorker:
                     if -q.neg_priority >= priority:
                         continue
                     q.key = None  # superseded; the heap drops it when popped
-                q = _Queued(-float(priority), next(self._seq), key, request)
+                q = _Queued(-float(priority), next(self._seq), key, request, victims, tiers)
                 self._queued[key] = q
                 heapq.heappush(self._queue, q)
                 n += 1
@@ -354,22 +388,28 @@ class ExpertWorker:
                         break
                 self._queued.pop(q.key, None)
             try:
-                self._load(q.key, prefetched=True, request=q.request)
+                self._load(q.key, prefetched=True, request=q.request, victims=q.victims, tiers=q.tiers)
                 self._count(prefetch_loads=1)
             except Exception:  # noqa: BLE001 - a failed prefetch must not fail anyone: demand retries it
                 self._count(prefetch_dropped=1)
 
-    def cancel(self, request: str | None = None, items: list[tuple] | None = None) -> int:
-        """Drop queued prefetches of a request (or of given (layer, expert) items); resident experts they loaded
-        and nobody used become first to evict. Returns how many queued prefetches were dropped."""
+    def cancel(self, request: str | None = None, items: list[tuple] | None = None,
+               requests: list | None = None) -> int:
+        """Drop queued prefetches of a request (or of several `requests`, or of given (layer, expert) items);
+        resident experts they loaded and nobody used become first to evict. Returns how many queued prefetches
+        were dropped."""
         keys = {(int(i[0]), int(i[1])) for i in items} if items else None
+        reqs = set(requests or ()) | ({request} if request is not None else set())
         n = 0
         with self._lock:
             for key, q in list(self._queued.items()):
-                if (request is not None and q.request == request) or (keys and key in keys):
+                if q.request in reqs or (keys and key in keys):
                     self._dequeue(key)
                     n += 1
-            self.cache.mark_stale(request=request, keys=keys)
+            for r in reqs:
+                self.cache.mark_stale(request=r)
+            if keys:
+                self.cache.mark_stale(keys=keys)
             self.counters["cancelled"] += n
         return n
 
@@ -377,6 +417,7 @@ class ExpertWorker:
     def stats(self) -> dict:
         with self._lock:
             s = dict(self.counters)
+            s["tier_bytes"] = dict(self.counters["tier_bytes"])
             s.update(worker_id=self.worker_id, device=str(self.device), node_id=self.node_id,
                      used_bytes=self.cache.used, budget_bytes=self.cache.budget, resident=len(self.cache),
                      evictions=self.cache.evictions, wasted_prefetches=self.cache.wasted_prefetches,
@@ -389,6 +430,12 @@ class ExpertWorker:
     def resident(self) -> list[Key]:
         with self._lock:
             return list(self.cache.keys())
+
+    def snapshot(self) -> tuple:
+        """(resident keys, keys queued or loading, bytes used, budget): the coordinator's view, in one call."""
+        with self._lock:
+            return (list(self.cache.keys()), list(self._queued) + list(self._loading), self.cache.used,
+                    self.cache.budget)
 
     def drop(self, keys: list[tuple]) -> int:
         """Evict experts this worker no longer owns (re-placement); pinned ones stay until their compute ends."""

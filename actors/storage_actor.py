@@ -62,40 +62,52 @@ class StorageActor:
         """A verified side file of the checkpoint (tokenizer.json, ...) or None."""
         return await (await self._ensure()).read_aux(name)
 
-    async def _load(self, bid: BlobId) -> ray.ObjectRef:
+    async def _load(self, bid: BlobId, tiers: list[str] | None = None, cache: bool = True) -> tuple:
         store = await self._ensure()
         t0 = time.perf_counter()
-        blob, _tier = await store.read_blob(*bid)
+        blob, tier = await store.read_blob(*bid, tiers=tiers)
         self.counters["read_seconds"] += time.perf_counter() - t0
         self.counters["bytes_read"] += blob.nbytes
         ref = ray.put(blob)
-        admitted, evicted = self.lru.admit(bid, blob.nbytes)
+        admitted, evicted = self.lru.admit(bid, blob.nbytes) if cache else (False, [])
         for v in evicted:
             self._refs.pop(v, None)
         if admitted:
             self._refs[bid] = ref
         else:
             self.counters["uncached"] += 1
-        return ref
+        return ref, tier
 
-    async def get(self, layer: int, expert: int) -> list:
-        """[ref] to the blob of (layer, expert), from DRAM when resident, else read (verified) from storage."""
-        bid = (layer, expert)
+    def _storage_tiers(self, tiers: list[str] | None) -> list[str] | None:
+        """A TierSet (tier names) -> the storage tiers of it this actor may read; None: all configured."""
+        if tiers is None:
+            return None
+        names = [t for t in tiers if t != "dram"]
+        if not names:
+            raise ValueError(f"TierSet {list(tiers)} holds no storage tier to read from")
+        return names
+
+    async def _get(self, bid: BlobId, tiers: list[str] | None = None) -> tuple:
+        """(ref, tier it came from) — "dram" when resident here. A TierSet without "dram" neither reads nor fills
+        the DRAM tier: the blob is read from its allowed tiers and handed over uncached."""
+        if tiers is not None and "dram" not in tiers:
+            self.counters["misses"] += 1
+            return await self._load(bid, self._storage_tiers(tiers), cache=False)
         ref = self._refs.get(bid)
         if ref is not None:
             self.lru.touch(bid)
             self.counters["hits"] += 1
-            return [ref]
+            return ref, "dram"
         fut = self._inflight.get(bid)
         if fut is not None:
             self.counters["coalesced"] += 1
-            return [await asyncio.shield(fut)]
+            return await asyncio.shield(fut)
         self.counters["misses"] += 1
         fut = asyncio.get_running_loop().create_future()
         self._inflight[bid] = fut
         try:
-            ref = await self._load(bid)
-            fut.set_result(ref)
+            got = await self._load(bid, self._storage_tiers(tiers))
+            fut.set_result(got)
         except BaseException as e:
             self.counters["errors"] += 1
             fut.set_exception(e)
@@ -103,18 +115,30 @@ class StorageActor:
             raise
         finally:
             del self._inflight[bid]
-        return [ref]
+        return got
+
+    async def get(self, layer: int, expert: int, tiers: list[str] | None = None) -> list:
+        """[ref] to the blob of (layer, expert), from DRAM when resident, else read (verified) from storage.
+        tiers: the request's TierSet (names); None: every configured tier."""
+        return [(await self._get((layer, expert), tiers))[0]]
+
+    async def get_tiered(self, layer: int, expert: int, tiers: list[str] | None = None) -> list:
+        """[ref, tier name it came from] (ExpertWorkers count bytes per tier with it)."""
+        return list(await self._get((layer, expert), tiers))
 
     async def get_many(self, items: list[BlobId]) -> list:
         """Refs for several blobs, read concurrently (the tiers' parallelism does the rest)."""
         out = await asyncio.gather(*[self.get(l, e) for l, e in items])
         return [r[0] for r in out]
 
-    async def stage(self, items: list[BlobId]) -> int:
+    async def stage(self, items: list[BlobId], tiers: list[str] | None = None) -> int:
         """Prefetch into the DRAM tier; returns how many were already resident. Errors are counted, not raised:
-        a failed prefetch must not fail anyone — the blob is read again on demand."""
+        a failed prefetch must not fail anyone — the blob is read again on demand. A TierSet without "dram"
+        stages nothing (the DRAM tier is outside it)."""
+        if tiers is not None and "dram" not in tiers:
+            return 0
         resident = sum(1 for b in items if tuple(b) in self._refs)
-        await asyncio.gather(*[self.get(l, e) for l, e in items], return_exceptions=True)
+        await asyncio.gather(*[self._get((int(l), int(e)), tiers) for l, e in items], return_exceptions=True)
         return resident
 
     async def evict(self, items: list[BlobId]) -> int:
@@ -128,6 +152,11 @@ class StorageActor:
 
     async def resident(self) -> list[BlobId]:
         return self.lru.keys()
+
+    async def snapshot(self) -> tuple:
+        """(resident blob ids, blobs being read, DRAM bytes used, DRAM budget): the coordinator's view of this
+        node's DRAM tier, in one call."""
+        return list(self.lru.keys()), list(self._inflight), self.lru.used, self.lru.budget
 
     async def stats(self) -> dict:
         s = dict(self.counters)

@@ -114,11 +114,55 @@ class StorageActorsConfig(_Model):
     num_cpus: float = Field(0.5, ge=0)
 
 
+class TierCost(_Model):
+    latency_s: float = Field(ge=0)
+    bandwidth_Bps: float = Field(gt=0)
+
+
+class TenantAccess(_Model):
+    models: list[str] | None = None      # None: every model
+    tiers: list[str] | None = None       # None: every tier
+
+
 class PrefetchConfig(_Model):
-    policy: str = "on_demand"
-    lookahead_tokens: int = Field(3, ge=0, le=64)
-    lookahead_layers: int = Field(2, ge=0, le=128)
-    max_inflight_bytes: ByteSize = ByteSize(256 << 20)
+    """The PrefetchCoordinator (actors/prefetch_coordinator.py, docs/coordinator.md). policy on_demand: no
+    coordinator at all (no routing traffic)."""
+    policy: str = "on_demand"            # a predictor name of policies/registry.py PREDICTOR_NAMES
+    lookahead_layers: int = Field(2, ge=0, le=128)   # the initial window, in MoE layers ahead
+    lookahead_tokens: int = Field(3, ge=0, le=64)    # the window grows up to this many tokens (x MoE layers)
+    max_inflight_bytes: ByteSize = ByteSize(256 << 20)   # global cap on bytes of orders in flight
+    threshold: float = Field(0.05, gt=0, le=1)       # minimum P(selected) of a candidate
+    hbm_confirm_prob: float = Field(0.5, gt=0, le=1)  # below: never displaces a resident (staged to DRAM instead)
+    stage_to_dram: bool = True
+    layer_time_s: float | None = Field(None, gt=0)   # caps the stall a prefetch can hide (lead time)
+    latency_ref_s: float = Field(0.1, gt=0)          # a request latency budget equal to this: neutral
+    tier_costs: dict[Literal["peer", "dram", "nvme", "s3"], TierCost] | None = None   # planner's defaults if None
+    tenants: dict[str, TenantAccess] | None = None   # None: no access control; else unknown tenants are denied
+    refresh_s: float = Field(0.05, gt=0)             # how often the coordinator re-reads workers' residency
+    adapt_every: int = Field(16, ge=1)               # decision steps between window adaptations
+    expiry_steps: int = Field(64, ge=1)              # a prefetch unused for this many steps counts as wasted
+    publish_every_layers: int = Field(1, ge=1)       # the runtime sends one batch per this many MoE layers
+    max_pending_batches: int = Field(16, ge=1)       # batches in flight to the coordinator before dropping
+    publish_hidden: bool = True                      # send hidden states (predictors that use them need it)
+    max_restarts: int = Field(3, ge=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _known(cls, v):
+        from policies.registry import PREDICTOR_NAMES
+        if v not in PREDICTOR_NAMES:
+            raise ValueError(f"unknown prefetch policy {v!r}; valid: {', '.join(PREDICTOR_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _costs(self):
+        if self.tier_costs is not None:  # plain dicts for the pure planner
+            object.__setattr__(self, "tier_costs", {k: v.model_dump() if hasattr(v, "model_dump") else v
+                                                    for k, v in self.tier_costs.items()})
+        if self.tenants is not None:
+            object.__setattr__(self, "tenants", {k: v.model_dump() if hasattr(v, "model_dump") else v
+                                                 for k, v in self.tenants.items()})
+        return self
 
 
 class TelemetryConfig(_Model):

@@ -7,10 +7,16 @@ with their HBM caches, the expert placement, and the model runtime whose MoE lay
 `ClusterExperts` is the runtime's ExpertBackend: per MoE layer it groups the batch's (token, expert) pairs by
 expert, sends each worker one call carrying all the tokens of the experts it owns — every call in flight at
 once — and combines the results with the router weights. Placement (policies/placement.py) decides the owners and
-is re-run when workers join or leave.
+is re-run when workers join or leave. Its `counters` (hits, misses, stall seconds, bytes loaded per tier) add up
+what every worker's compute reply carries.
+
+With `prefetch.policy` other than on_demand, a PrefetchCoordinator actor is started and `RoutePublisher` is
+installed as the model's on_route hook: it sends routing events to the coordinator without waiting (see
+actors/prefetch_coordinator.py). Serving never depends on the coordinator: if it is gone, experts load on demand.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -19,6 +25,7 @@ import ray
 import torch
 
 from actors.expert_worker import ExpertWorker, pack_rows, unpack_rows
+from actors.prefetch_coordinator import PrefetchCoordinator
 from policies.placement import Placement, place
 from storage_adapters.manifest import Manifest
 
@@ -58,6 +65,9 @@ class ClusterExperts:
         self._graph = None          # compiled graph over _graph_wids, built on first use
         self._graph_wids: list[int] = []
         self.stats = DispatchStats()
+        # cumulative, from every worker's compute reply (no extra round trip): what a serving engine reads to
+        # attribute hits and misses to requests, and what the coordinator's telemetry reports
+        self.counters = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {}}
         self._load_counts: dict[int, np.ndarray] = {}  # layer -> pairs routed to each expert
         self.publish(placement)
 
@@ -126,11 +136,13 @@ class ClusterExperts:
             masks[w], rows[w] = mask, sum(cnt)
         ys = np.empty_like(xs)
         todo = dict(payloads)
+        c = self.counters
         if self.dispatch == "compiled":
             for w, y in self._run_graph(payloads).items():
                 ys[masks[w]] = unpack_rows(y, rows[w])
+                c["hits"] += len(payloads[w][1])   # the graph computes only when every expert is resident
                 del todo[w]
-        calls = {w: self.workers[w].compute.remote(*p) for w, p in todo.items()}  # all in flight at once
+        calls = {w: self.workers[w].compute.remote(*p, True) for w, p in todo.items()}  # all in flight at once
         lost: dict[int, Exception] = {}
         try:
             results = dict(zip(calls, ray.get(list(calls.values()))))
@@ -143,8 +155,15 @@ class ClusterExperts:
                     lost[w] = e
         if lost:
             raise _WorkersLost(lost)
-        for w, y in results.items():
+        tb = c["bytes_by_tier"]
+        for w, (y, (hits, misses, phits, stall, tier_bytes)) in results.items():
             ys[masks[w]] = unpack_rows(y, rows[w])
+            c["hits"] += hits
+            c["misses"] += misses
+            c["prefetch_hits"] += phits
+            c["stall_s"] += stall
+            for t, b in tier_bytes.items():
+                tb[t] = tb.get(t, 0) + b
         ys *= topk_w.detach().to("cpu", torch.float32).numpy().reshape(-1)[order][:, None]
         out = np.zeros((N, xs.shape[1]), np.float32)
         np.add.at(out, tok, ys)                                          # combine the k pairs of each token
@@ -190,6 +209,55 @@ class ClusterExperts:
             self._graph = None
 
 
+class RoutePublisher:
+    """The model's on_route hook: buffers each MoE layer's routing (numpy copies of the router's top-k, the rows'
+    positions, optionally the hidden states) and sends a batch to the PrefetchCoordinator every
+    `publish_every_layers` MoE layers and at the last MoE layer of each forward, fire-and-forget. The decode loop
+    never waits on it: a coordinator that lags makes `.remote()` fail at once (the actor's max_pending_calls),
+    and the batch is dropped and counted (`dropped`, also in the experts' counters as publish_dropped).
+
+    Who each routed row is: `model.route_rows[n]` is a KV-cache row; its request id is `cache.requests[row]` when
+    an engine bound its cache (`publisher.cache = cache`), else `row_requests[row]` (ExpertCluster.generate sets
+    them), else the row number itself."""
+
+    def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
+                 hidden: bool = False, runtime: str = "runtime-0"):
+        self.coordinator, self.model, self.experts = coordinator, model, experts
+        self.every, self.hidden, self.runtime = every, hidden, runtime
+        self.cache = None
+        self.row_requests: list | None = None
+        self.last_layer = model.args.moe_layers[-1] if model.args.moe_layers else -1
+        self._buf: list[dict] = []
+        self.sent = self.dropped = 0
+
+    def __call__(self, layer: int, topk_ids: torch.Tensor, topk_w: torch.Tensor, x: torch.Tensor) -> None:
+        m = self.model
+        self._buf.append({"layer": layer, "rows": m.route_rows.cpu().numpy(), "pos": m.route_pos.cpu().numpy(),
+                          "ids": topk_ids.cpu().numpy(), "w": topk_w.float().cpu().numpy(),
+                          "hidden": x.float().cpu().numpy() if self.hidden else None})
+        if len(self._buf) >= self.every or layer == self.last_layer:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        if self.cache is not None:
+            table = list(self.cache.requests)
+        elif self.row_requests is not None:
+            table = list(self.row_requests)
+        else:
+            table = list(range(int(max(int(ev["rows"].max(initial=0)) for ev in self._buf)) + 1))
+        c = self.experts.counters
+        batch = {"runtime": self.runtime, "requests": table, "layers": self._buf,
+                 "counters": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]), "publish_dropped": self.dropped}}
+        self._buf = []
+        try:
+            self.coordinator.publish.remote(batch)
+            self.sent += 1
+        except Exception:  # noqa: BLE001 - coordinator behind (pending-calls limit) or gone: serve on demand
+            self.dropped += 1
+
+
 def check_store_matches_model(manifest: Manifest, args) -> None:
     """The store's manifest and the runtime's reading of its config must describe the same model; a store
     converted from another checkpoint (or edited) fails here, before a token is computed with wrong weights."""
@@ -218,6 +286,9 @@ class ExpertCluster:
         self.workers: dict[int, ray.actor.ActorHandle] = {}
         self._next_worker = 0
         self.lost_workers: list[int] = []
+        self.coordinator = None
+        self.publisher: RoutePublisher | None = None
+        self._gen_ids = itertools.count()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> "ExpertCluster":
@@ -240,7 +311,53 @@ class ExpertCluster:
         dtype = torch.float32  # activations in f32; experts compute in their stored dtype on the workers
         self.model = MoEModel.from_dense(m.model.config, dense, self.experts, dtype=dtype)
         check_store_matches_model(m, self.model.args)
+        if self.cfg.prefetch.policy != "on_demand":
+            self._start_coordinator(dense)
         return self
+
+    # -- prefetching --------------------------------------------------------------------------------------------
+    def _owners(self) -> np.ndarray:
+        """[L, E] primary owner worker of each (MoE layer, expert)."""
+        a = self.model.args
+        return np.array([[self.experts.placement.owner((l, e)) for e in range(a.num_experts)]
+                         for l in a.moe_layers], np.int64)
+
+    def _worker_nodes(self) -> dict:
+        return dict(zip(self.workers, ray.get([w.stats.remote() for w in self.workers.values()])))
+
+    def _start_coordinator(self, dense: dict) -> None:
+        pf, a = self.cfg.prefetch, self.model.args
+        L, E = len(a.moe_layers), a.num_experts
+        nbytes = np.array([[self.sizes[(l, e)] for e in range(E)] for l in a.moe_layers], np.int64)
+        store_tiers: dict[str, np.ndarray] = {}
+        held = {(b.layer, b.expert): set(b.tiers) for b in self.manifest.blobs}
+        for t in self.cfg.storage_tiers:
+            mask = np.array([[t.name in held[(l, e)] for e in range(E)] for l in a.moe_layers], bool)
+            store_tiers[t.kind] = store_tiers.get(t.kind, np.zeros((L, E), bool)) | mask
+        geometry = {"moe_layers": list(a.moe_layers), "num_experts": E, "top_k": a.top_k, "nbytes": nbytes,
+                    "store_tiers": store_tiers, "tier_set": self.cfg.active_tiers}
+        router = {k: v.float().numpy() for k, v in dense.items()
+                  if ".gate." in k or "pre_gate" in k or "post_attention_layernorm" in k} \
+            if pf.policy in ("next_gate", "pre_gated", "ensemble", "learned") else None
+        nvme = next((t.path for t in self.cfg.storage_tiers if t.kind == "nvme"), None)
+        nodes = {w: s["node_id"] for w, s in self._worker_nodes().items()}
+        self.coordinator = ray.remote(PrefetchCoordinator).options(
+            name="prefetch-coordinator", namespace=self.cfg.ray.namespace, num_cpus=0,
+            max_restarts=pf.max_restarts, max_task_retries=0, max_pending_calls=pf.max_pending_batches,
+        ).remote(pf, geometry, dict(self.workers), nodes, self._owners(), self.storage, router_weights=router,
+                 store_dir=nvme, model=self.manifest.model.family)
+        ray.get(self.coordinator.ping.remote())   # a bad policy / missing weights fail here, at start
+        self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,
+                                        hidden=pf.publish_hidden and router is not None)
+        self.model.on_route = self.publisher
+
+    def end_requests(self, request_ids) -> None:
+        """Requests finished: the coordinator drops their state and cancels their queued prefetches."""
+        if self.coordinator is not None:
+            try:
+                self.coordinator.end_request.remote(list(request_ids))
+            except Exception:  # noqa: BLE001 - coordinator behind or gone: nothing to cancel on its side
+                pass
 
     def _spawn_worker(self) -> int:
         w = self.cfg.workers
@@ -264,6 +381,12 @@ class ExpertCluster:
     def shutdown(self) -> None:
         if getattr(self, "experts", None) is not None:
             self.experts.close_graph()
+        if self.coordinator is not None:
+            try:
+                ray.kill(self.coordinator)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.coordinator = None
         for h in list(self.workers.values()) + [h for hs in self.storage.values() for h in hs]:
             try:
                 ray.kill(h)
@@ -292,6 +415,13 @@ class ExpertCluster:
             if gone:
                 h.drop.remote(gone)
         self.experts.publish(new)
+        if self.coordinator is not None:
+            try:
+                self.coordinator.set_placement.remote(dict(self.workers), {w: s["node_id"] for w, s in
+                                                                           self._worker_nodes().items()},
+                                                      self._owners())
+            except Exception:  # noqa: BLE001 - the coordinator catches up on restart
+                pass
         return new.moved_from(old)
 
     def add_worker(self) -> int:
@@ -317,17 +447,41 @@ class ExpertCluster:
 
     # -- use ----------------------------------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
-        return generate(self.model, prompts, max_new_tokens, **kw)
+        if self.publisher is None:
+            return generate(self.model, prompts, max_new_tokens, **kw)
+        gen = next(self._gen_ids)
+        ids = [f"g{gen}-{b}" for b in range(len(prompts))]   # cache row b of this generation
+        self.publisher.row_requests = ids
+        try:
+            return generate(self.model, prompts, max_new_tokens, **kw)
+        finally:
+            self.publisher.flush()
+            self.publisher.row_requests = None
+            self.end_requests(ids)
+
+    def coordinator_stats(self, timeout_s: float = 30.0) -> dict | None:
+        """The coordinator's stats (telemetry), None without one, {"error": ...} if it cannot answer."""
+        if self.coordinator is None:
+            return None
+        try:
+            return ray.get(self.coordinator.stats.remote(), timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - dead or restarting: serving goes on without it
+            return {"error": f"{type(e).__name__}: {e}"}
 
     def stats(self) -> dict:
         ws = ray.get([w.stats.remote() for w in self.workers.values()])
         ss = ray.get([h.stats.remote() for hs in self.storage.values() for h in hs])
         d = self.experts.stats
+        c = self.experts.counters
         return {"workers": ws, "storage": ss,
                 "dispatch": {"calls": d.calls, "plain_calls": d.plain_calls, "moe_layers": d.layers,
                              "pairs": d.pairs, "mode": self.experts.dispatch},
                 "hits": sum(w["hits"] for w in ws), "misses": sum(w["misses"] for w in ws),
-                "bytes_by_tier": _sum_dicts(s.get("tier_bytes", {}) for s in ss)}
+                "bytes_by_tier": _sum_dicts(s.get("tier_bytes", {}) for s in ss),
+                "runtime": {**c, "bytes_by_tier": dict(c["bytes_by_tier"])},
+                "prefetch": {"policy": self.cfg.prefetch.policy, "coordinator": self.coordinator_stats(),
+                             "published": self.publisher.sent if self.publisher else 0,
+                             "dropped": self.publisher.dropped if self.publisher else 0}}
 
 
 def _sum_dicts(ds) -> dict:

@@ -187,6 +187,32 @@ class CacheIndex:
         assert self.used <= self.budget, f"cache over budget: {self.used} > {self.budget}"
         return victims
 
+    def insert_evicting_only(self, key, size: int, victims: Iterable = (), prefetched: bool = True,
+                             request: str | None = None) -> list:
+        """A coordinator's prefetch: make room by evicting only `victims` (the residents it valued lower; those
+        gone or pinned meanwhile are skipped), never anything else; DoesNotFit (nothing changed) if that is not
+        enough. Returns the evicted keys."""
+        assert key not in self.entries, f"{key!r} already resident"
+        chosen, room = [], self.budget - self.used
+        for v in victims:
+            if room >= size:
+                break
+            e = self.entries.get(v)
+            if e is not None and not e.pins and v != key:
+                chosen.append(v)
+                room += e.size
+        if room < size:
+            raise DoesNotFit(f"{key!r} needs {size} bytes; free {self.budget - self.used} plus the named victims' "
+                             f"{room - (self.budget - self.used)} bytes is not enough")
+        for v in chosen:
+            self.remove(v, evicted=True)
+        e = Entry(size=size, prefetched=prefetched, request=request)
+        self.entries[key] = e
+        self.used += size
+        self.policy.on_insert(key, e, self.entries)
+        assert self.used <= self.budget, f"cache over budget: {self.used} > {self.budget}"
+        return chosen
+
     def remove(self, key, evicted: bool = False) -> int:
         e = self.entries.pop(key)
         assert e.pins == 0, f"removing pinned {key!r}"

@@ -201,6 +201,7 @@ class Plan:
     request: list        # [M] attributed request
     denied: dict = field(default_factory=dict)   # request -> AccessDenied message
     wanted: np.ndarray | None = None   # bool [L, E]: every (layer, expert) some request predicts in its window
+    victims: list | None = None        # [M] per order, the residents (layer, expert) it may displace (HBM only)
 
     def __len__(self) -> int:
         return len(self.layer)
@@ -216,7 +217,7 @@ class Plan:
 
 def _empty_plan(denied: dict, wanted) -> Plan:
     z = np.zeros(0, np.int64)
-    return Plan(z, z, z, z, z, np.zeros(0), np.zeros(0), np.zeros(0), z, [], denied, wanted)
+    return Plan(z, z, z, z, z, np.zeros(0), np.zeros(0), np.zeros(0), z, [], denied, wanted, [])
 
 
 def _seg_cumsum(x: np.ndarray, seg: np.ndarray) -> np.ndarray:
@@ -241,17 +242,23 @@ class PrefetchPlanner:
         return float(np.clip(self.cfg.latency_ref_s / max(latency_budget_s, 1e-9), lo, hi))
 
     def plan(self, requests: Sequence[RequestView], view: ClusterView, window: float) -> Plan:
-        """One decision step: the orders to issue now (module docstring). `window`: the base lookahead in layers."""
+        """One decision step: the orders to issue now (module docstring). `window`: the base lookahead in layers.
+        Vectorized over (layer, expert) as flat keys layer * E + expert; the per-request loop only filters."""
         cfg = self.cfg
         L, E = view.owner.shape
+        LE = L * E
         denied: dict = {}
-        parts = []   # per request: (rows, src, prob, dist, request index)
+        below = view.present[1:].reshape(NUM_TIERS - 1, LE)     # copies below HBM
+        src_tables: dict[tuple, np.ndarray] = {}                 # TierSet -> [LE] fastest allowed copy (5: none)
+        parts = []
         for ri, rv in enumerate(requests):
             names = TIER_NAMES[1:] if rv.tiers is None else tuple(rv.tiers)
-            unknown = [t for t in names if t not in TIER_NAMES]
-            if unknown:
-                raise ValueError(f"request {rv.request!r}: unknown tiers {unknown} in its TierSet "
-                                 f"(known: {TIER_NAMES})")
+            allowed = np.zeros(NUM_TIERS, bool)
+            for t in names:
+                if t not in TIER_NAMES:
+                    raise ValueError(f"request {rv.request!r}: unknown tiers {[t]} in its TierSet "
+                                     f"(known: {TIER_NAMES})")
+                allowed[TIER_NAMES.index(t)] = True
             if self.access is not None:
                 try:
                     self.access.check(rv.tenant, cfg.model, names)
@@ -268,129 +275,142 @@ class PrefetchPlanner:
             lay, ex = c.layer[keep], c.expert[keep]
             assert lay.min() >= 0 and lay.max() < L and ex.min() >= 0 and ex.max() < E, \
                 f"request {rv.request!r}: candidates outside [{L}, {E}]"
-            allowed = np.zeros(NUM_TIERS, bool)
-            allowed[[TIER_NAMES.index(t) for t in names]] = True
-            allowed[HBM] = True      # the owner's cache is where everything goes; never a read on anyone's behalf
             # the source is the fastest allowed copy below HBM: for a resident expert, what a miss would cost
             # once evicted (its value guards it), for the others where the prefetch reads from
-            ok = view.present[1:, lay, ex] & allowed[1:, None]         # [T-1, n] allowed copies
-            has = ok.any(0)
-            src = 1 + np.argmax(ok, axis=0)
-            sel = has
-            lay, ex, src = lay[sel], ex[sel], src[sel]
-            stage_ok = np.full(len(lay), bool(allowed[DRAM]))
-            parts.append((lay * E + ex, src, c.prob[keep][sel], c.distance[keep][sel], np.full(len(lay), ri),
-                          stage_ok))
+            tk = tuple(allowed)
+            tab = src_tables.get(tk)
+            if tab is None:
+                ok = below & allowed[1:, None]
+                tab = src_tables[tk] = np.where(ok.any(0), 1 + ok.argmax(0), NUM_TIERS)
+            key = lay * E + ex
+            src = tab[key]
+            sel = src < NUM_TIERS                                  # nowhere allowed holds it: not a candidate
+            parts.append((key[sel], src[sel], c.prob[keep][sel], c.distance[keep][sel], ri, bool(allowed[DRAM])))
+        parts = [p for p in parts if len(p[0])]
         if not parts:
             return _empty_plan(denied, np.zeros((L, E), bool))
         key = np.concatenate([p[0] for p in parts])
-        src = np.concatenate([p[1] for p in parts])
-        prob = np.concatenate([p[2] for p in parts]).astype(np.float64)
+        prob = np.minimum(np.concatenate([p[2] for p in parts]).astype(np.float64), 1 - 1e-12)
         dist = np.concatenate([p[3] for p in parts])
-        rid = np.concatenate([p[4] for p in parts])
-        stage_ok = np.concatenate([p[5] for p in parts])
-        wanted = np.zeros(L * E, bool)
-        wanted[key] = True
-        if len(key) == 0:
-            return _empty_plan(denied, wanted.reshape(L, E))
+        rid = np.concatenate([np.full(len(p[0]), p[4]) for p in parts])
 
         # -- 4. dedup per (layer, expert): P = 1 - prod(1 - p), nearest distance, fastest allowed source ------------
-        uk, inv = np.unique(key, return_inverse=True)
-        logq = np.zeros(len(uk))
-        np.add.at(logq, inv, np.log1p(-np.minimum(prob, 1 - 1e-12)))
-        P = -np.expm1(logq)
-        D = np.full(len(uk), np.iinfo(np.int64).max)
-        np.minimum.at(D, inv, dist)
-        S = np.full(len(uk), NUM_TIERS)
-        np.minimum.at(S, inv, src)
-        SO = np.zeros(len(uk), bool)
-        np.logical_or.at(SO, inv, stage_ok)
-        # attribution: the request with the highest probability (ties: the earlier request)
-        o = np.lexsort((rid, -prob, inv))
-        first = np.r_[True, inv[o][1:] != inv[o][:-1]]
-        R = rid[o][first]
+        cnt = np.bincount(key, minlength=LE)
+        wanted = cnt > 0
+        uk = np.flatnonzero(wanted)                              # sorted: ties below break by (layer, expert)
+        P = -np.expm1(np.bincount(key, weights=np.log1p(-prob), minlength=LE)[uk])
+        Dd = np.full(LE, np.iinfo(np.int64).max)
+        np.minimum.at(Dd, key, dist)
+        D = Dd[uk]
+        if len(src_tables) == 1:
+            S = next(iter(src_tables.values()))[uk]
+            SO = np.full(len(uk), parts[0][5])
+        else:
+            Sd = np.full(LE, NUM_TIERS)
+            np.minimum.at(Sd, key, np.concatenate([p[1] for p in parts]))
+            S = Sd[uk]
+            SO = np.bincount(key, weights=np.concatenate([np.full(len(p[0]), float(p[5])) for p in parts]),
+                             minlength=LE)[uk] > 0
+        # attribution: the request with the highest probability (ties: the earlier request); prob in (0, 1)
+        o = np.argsort(key * 2.0 - prob, kind="stable")
+        ks = key[o]
+        R = rid[o][np.r_[True, ks[1:] != ks[:-1]]]              # first row of each key, in uk order
         lay, ex = uk // E, uk % E
-        nb = view.nbytes[lay, ex].astype(np.int64)
+        nb = view.nbytes.reshape(-1)[uk].astype(np.int64)
         # -- 5. value --------------------------------------------------------------------------------------------
         stall = cfg.costs.seconds(S, nb)
         if cfg.layer_time_s is not None:
             stall = np.minimum(stall, D * cfg.layer_time_s)
         value = P * stall / np.maximum(nb, 1)
         # resident / in flight: worth keeping (their value guards them from eviction) but nothing to fetch
-        at_hbm = view.present[HBM, lay, ex] | view.inflight[lay, ex]
-        res_value = np.zeros((L, E))
-        res_value[lay[at_hbm], ex[at_hbm]] = value[at_hbm]
+        at_hbm = view.present[HBM].reshape(-1)[uk] | view.inflight.reshape(-1)[uk]
+        res_value = np.zeros(LE)
+        res_value[uk[at_hbm]] = value[at_hbm]
         todo = ~at_hbm
-        lay, ex, P, D, S, SO, R, nb, value = (a[todo] for a in (lay, ex, P, D, S, SO, R, nb, value))
-        w = view.owner[lay, ex]
-        n = len(lay)
+        uk, lay, ex, P, D, S, SO, R, nb, value = (a[todo] for a in (uk, lay, ex, P, D, S, SO, R, nb, value))
+        w = view.owner.reshape(-1)[uk]
+        n = len(uk)
 
         # -- 6. HBM per worker: free bytes first, then displacement of strictly lower-valued residents -------------
-        o = np.lexsort((ex, lay, -value, w))                   # by worker, value desc, (layer, expert) for ties
-        lay, ex, P, D, S, SO, R, nb, value, w = (a[o] for a in (lay, ex, P, D, S, SO, R, nb, value, w))
-        cum = _seg_cumsum(nb, w)                               # bytes needed up to and including each row
+        o = _order(w, -value)                                    # by worker, value desc, (layer, expert) for ties
+        uk, lay, ex, P, D, S, SO, R, nb, value, w = (a[o] for a in (uk, lay, ex, P, D, S, SO, R, nb, value, w))
+        cum = _seg_cumsum(nb, w)                                 # bytes needed up to and including each row
         fits = cum <= view.free_bytes[w]
         # residents per worker, lowest value first, as one flat array with per-worker offsets
-        rl, re_ = np.nonzero(view.present[HBM])
-        rw = view.owner[rl, re_]
-        ro = np.lexsort((re_, rl, res_value[rl, re_], rw))
-        rl, re_, rw = rl[ro], re_[ro], rw[ro]
-        rv_ = res_value[rl, re_]
-        rcum = np.cumsum(view.nbytes[rl, re_])                 # flat, across workers
+        rk = np.flatnonzero(view.present[HBM].reshape(-1))
+        rw = view.owner.reshape(-1)[rk]
+        rk = rk[_order(rw, res_value[rk])]
+        rw = view.owner.reshape(-1)[rk]
+        rv_ = res_value[rk]
+        rcum = np.cumsum(view.nbytes.reshape(-1)[rk])            # flat, across workers
         W = len(view.node_of)
         rcount = np.bincount(rw, minlength=W)
         rend = np.cumsum(rcount)
         rstart = rend - rcount
-        rbase = np.r_[0, rcum][rstart]                         # resident bytes of the workers before
-        extra = cum - view.free_bytes[w]                       # bytes to displace
+        rbase = np.r_[0, rcum][rstart]                           # resident bytes of the workers before
+        extra = cum - view.free_bytes[w]                         # bytes to displace
         j = np.searchsorted(rcum, rbase[w] + extra, side="left")   # last resident displaced (flat index)
-        jj = np.minimum(j, max(len(rv_) - 1, 0))
         displace_ok = (j < rend[w]) & (P >= cfg.hbm_confirm_prob)
         if len(rv_):
-            displace_ok &= rv_[jj] < value
+            displace_ok &= rv_[np.minimum(j, len(rv_) - 1)] < value
         else:
             displace_ok[:] = False
         good = fits | displace_ok
         to_hbm = _seg_cumsum((~good).astype(np.int64), w) == 0  # the worker's prefix that really fits
+        # victims: the residents each HBM order displaces, lowest value first (the worker evicts only these)
+        jd = np.where(to_hbm & ~fits, j - rstart[w] + 1, 0)    # residents of its worker displaced up to here
+        seg_start = np.r_[True, w[1:] != w[:-1]] if n else np.zeros(0, bool)
+        jd_prev = np.where(seg_start, 0, np.r_[0, jd[:-1]] if n else jd)   # ... up to the row before
         # -- 7. the rest: stage colder-than-DRAM copies into the owner's node DRAM ------------------------------
         node = view.node_of[w]
-        stage = (~to_hbm & cfg.stage_to_dram & SO & (S > DRAM) & ~view.present[DRAM, lay, ex]
-                 & ~view.staging[lay, ex])
+        stage = (~to_hbm & cfg.stage_to_dram & SO & (S > DRAM) & ~view.present[DRAM].reshape(-1)[uk]
+                 & ~view.staging.reshape(-1)[uk])
         if stage.any():
-            so = np.lexsort((ex, lay, -value, node))
-            sidx = so[stage[so]]
-            scum = _seg_cumsum(nb[sidx], node[sidx])
-            sfit = scum <= view.dram_free_bytes[node[sidx]]
+            sidx = np.flatnonzero(stage)
+            sidx = sidx[_order(node[sidx], -value[sidx], uk[sidx])]
+            sfit = _seg_cumsum(nb[sidx], node[sidx]) <= view.dram_free_bytes[node[sidx]]
             stage[:] = False
             stage[sidx[sfit]] = True
         chosen = to_hbm | stage
         # -- 8. global in-flight cap, best value first --------------------------------------------------------------
         room = max(int(cfg.max_inflight_bytes) - int(view.inflight_bytes), 0)
         idx = np.flatnonzero(chosen)
-        idx = idx[np.lexsort((ex[idx], lay[idx], -value[idx]))]
+        idx = idx[_order(-value[idx], uk[idx])]
         idx = idx[np.cumsum(nb[idx]) <= room]
         # -- 9. issue order: warm before cold, then value ------------------------------------------------------------
-        idx = idx[np.lexsort((ex[idx], lay[idx], -value[idx], S[idx]))]
+        idx = idx[_order(S[idx], -value[idx], uk[idx])]
         vmax = value[idx].max() if len(idx) else 1.0
         pri = (NUM_TIERS - S[idx]) + 0.999 * value[idx] / max(vmax, 1e-300)
         tgt = np.where(to_hbm[idx], TARGET_HBM, TARGET_DRAM).astype(np.int64)
+        victims = [[divmod(int(k), E) for k in rk[rstart[w[i]] + jd_prev[i]:rstart[w[i]] + jd[i]]]
+                   if to_hbm[i] and jd[i] > jd_prev[i] else [] for i in idx.tolist()]
         return Plan(w[idx].astype(np.int64), lay[idx].astype(np.int64), ex[idx].astype(np.int64),
                     S[idx].astype(np.int64), tgt, P[idx], value[idx], pri, nb[idx],
-                    [requests[int(r)].request for r in R[idx]], denied, wanted.reshape(L, E))
+                    [requests[int(r)].request for r in R[idx]], denied, wanted.reshape(L, E), victims)
+
+
+def _order(*keys: np.ndarray) -> np.ndarray:
+    """Indices sorting by keys[0], then keys[1], ...; remaining ties keep the current order (stable). Successive
+    stable argsorts: much cheaper than np.lexsort for the few thousand rows of a step."""
+    idx = np.arange(len(keys[0]))
+    for k in reversed(keys):
+        idx = idx[np.argsort(k[idx], kind="stable")]
+    return idx
 
 
 @dataclass
 class WindowController:
     """The base lookahead window (in MoE layers), adapted between steps from telemetry deltas: shrink by `shrink`
     when the wasted fraction of recently resolved prefetches exceeds `waste_high`; otherwise grow by `grow` when
-    stall time per layer step rose above its running average (by `stall_rise`) or misses per step stay above
-    `miss_high`. Deterministic: a function of the inputs only."""
+    stall time per layer step rose above its running average (by `stall_rise`), or when misses go on while
+    prefetches are rarely wasted (below `waste_low`: looking further ahead is cheap and may hide them).
+    Deterministic: a function of the inputs only."""
     window: float = 2.0
     min_window: float = 1.0
     max_window: float = 8.0
     waste_high: float = 0.5
+    waste_low: float = 0.2
     stall_rise: float = 1.1
-    miss_high: float = 0.5
     shrink: float = 0.8
     grow: float = 1.25
     avg_stall: float | None = None   # EMA of stall seconds per step
@@ -402,10 +422,11 @@ class WindowController:
             return self.window
         per = stall_s / steps
         resolved = wasted + used
-        if resolved and wasted / resolved > self.waste_high:
+        waste = wasted / resolved if resolved else 0.0
+        if waste > self.waste_high:
             self.window *= self.shrink
         elif (self.avg_stall is not None and per > self.avg_stall * self.stall_rise and per > 0) or \
-                misses / steps > self.miss_high:
+                (misses > 0 and waste < self.waste_low):
             self.window *= self.grow
         self.avg_stall = per if self.avg_stall is None else (1 - self.ema) * self.avg_stall + self.ema * per
         self.window = float(np.clip(self.window, self.min_window, self.max_window))

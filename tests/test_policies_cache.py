@@ -135,3 +135,18 @@ def test_join_and_leave_move_little():
     assert all(p_leave.owner(k) in (0, 2) for k in sizes)
     kept = [k for k in sizes if p3.owner(k) in (0, 2)]
     assert all(p_leave.owner(k) == p3.owner(k) for k in kept)  # survivors keep their experts
+
+
+def test_insert_evicting_only_named_victims():
+    c = cache("lru", budget=90)
+    for k in "abc":
+        c.insert(k, 30)
+    with pytest.raises(DoesNotFit, match="named victims"):
+        c.insert_evicting_only("d", 30, victims=[])          # full: a coordinator prefetch never picks victims
+    assert list(c.keys()) == ["a", "b", "c"]
+    c.pin("b")
+    assert c.insert_evicting_only("d", 30, victims=["b", "c", "a"], request="r") == ["c"]  # b pinned: skipped
+    assert c.entries["d"].prefetched and c.entries["d"].request == "r" and c.used == 90
+    with pytest.raises(DoesNotFit):
+        c.insert_evicting_only("e", 60, victims=["a"])       # not enough: nothing changes
+    assert sorted(c.keys()) == ["a", "b", "d"]

@@ -183,9 +183,23 @@ def test_window_controller_shrinks_on_waste_grows_on_stalls_and_is_bounded():
         wc.update(wasted=10, used=0, stall_s=0, steps=1)
     assert wc.window == 1
     for _ in range(30):
-        wc.update(wasted=0, used=0, stall_s=0, steps=1, misses=5)
+        wc.update(wasted=0, used=3, stall_s=0, steps=1, misses=5)   # misses go on, prefetches all used: grow
     assert wc.window == 8
+    assert wc.update(wasted=1, used=2, stall_s=0, steps=1, misses=5) == 8   # 33% wasted: hold
     again = WindowController(window=4)
     seq = [dict(wasted=3, used=1, stall_s=0.1, steps=4), dict(wasted=0, used=1, stall_s=0.5, steps=4)]
     assert [again.update(**s) for s in seq] == [WindowController(window=4).update(**seq[0]),
                                                 pytest.approx(again.window)]
+
+
+def test_victims_are_the_lowest_valued_residents_and_split_between_orders():
+    v = view(free=(MB, 0))
+    for e in (0, 2, 4):                             # worker 0 holds (0, 0), (0, 2), (0, 4)
+        v.present[HBM, 0, e] = True
+    r = RequestView("a", cands([(1, 0, 4, 0.6), (1, 0, 2, 0.55),          # residents, worth 0.6 / 0.55
+                                (1, 1, 0, 0.95), (1, 1, 2, 0.9), (1, 1, 4, 0.8), (1, 1, 6, 0.7)]))
+    plan = PrefetchPlanner(PlannerConfig(hbm_confirm_prob=0.5)).plan([r], v, 2)
+    got = {(o.layer, o.expert): vic for o, vic in zip(plan.orders(), plan.victims) if o.target == "hbm"}
+    # (1, 0) fits in the free MB; (1, 2) displaces (0, 0) (worth 0); (1, 4) displaces (0, 2) (0.55 < 0.8);
+    # (1, 6) would displace (0, 4) (0.6 < 0.7): allowed
+    assert got == {(1, 0): [], (1, 2): [(0, 0)], (1, 4): [(0, 2)], (1, 6): [(0, 4)]}

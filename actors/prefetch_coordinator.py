@@ -1,0 +1,456 @@
+"""PrefetchCoordinator: one central async actor that turns the routing events of every runtime into prefetches.
+
+Runtimes publish batches of routing events without waiting (`publish.remote(batch)`, fire-and-forget; the
+actor is created with `max_pending_calls`, so a runtime whose coordinator lags gets an immediate error and drops
+the batch — counted — instead of queueing without bound or blocking the decode loop). Per batch the actor:
+  1. scores the predictions it made earlier against the true routing (telemetry: recall@k and precision per
+     layer distance, timely recall), marks prefetches used, and feeds the events to the predictor
+     (policies/registry.py, chosen by `prefetch.policy`);
+  2. predicts each live request's next `window` MoE layers (positions wrap into the next tokens);
+  3. asks the planner (policies/ranking.py) for orders against its view of the cluster — which worker owns
+     what, what is resident / in flight / staged where, free bytes — and issues them: `prefetch` to the owning
+     ExpertWorkers (HBM; each order names the only residents it may displace) and `stage` to the owner node's
+     StorageActor (DRAM), fire-and-forget;
+  4. cancels in-flight orders no request predicts any more, and everything of requests that ended;
+  5. every `adapt_every` steps adapts the window (WindowController) from the wasted fraction and stall deltas.
+Its view is refreshed from the workers' and storage actors' `snapshot()` every `refresh_s` in the background,
+and kept current between refreshes from what it ordered and what the routing says was just used.
+
+Telemetry (policies/telemetry.py) is returned by `stats()` and exported with ray.util.metrics (names in
+docs/coordinator.md). All decisions are a deterministic function of the events, the view, the policy and its
+seed; the clock is read only to time the actor itself and to pace the background refresh.
+
+If the actor dies, runtimes go on serving on demand (their publishes fail silently); Ray restarts it
+(`max_restarts`) with the same constructor arguments and it resumes from fresh state and a fresh view.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+
+import numpy as np
+import ray
+
+from policies.predictors import RoutingEvent
+from policies.ranking import (DRAM, HBM, NUM_TIERS, NVME, PEER, S3, TARGET_DRAM, TARGET_HBM, AccessDenied,
+                              AccessPolicy, ClusterView, PlannerConfig, PrefetchPlanner, RequestView, TenantRule,
+                              TierCosts, WindowController)
+from policies.telemetry import Telemetry
+
+
+def make_predictor(name: str, **kw):
+    from policies.registry import make_predictor as mk
+    return mk(name, **kw)
+
+
+class _Metrics:
+    """ray.util.metrics instruments (Prometheus through each node's metrics agent; the Ray dashboard's
+    Metrics view shows them). Counters are advanced by deltas of the telemetry totals."""
+
+    def __init__(self, policy: str):
+        from ray.util import metrics as m
+        tags = {"policy": policy}
+        self.tags = tags
+        c = lambda n, d, keys=(): m.Counter(n, description=d, tag_keys=("policy",) + keys)  # noqa: E731
+        g = lambda n, d, keys=(): m.Gauge(n, description=d, tag_keys=("policy",) + keys)    # noqa: E731
+        self.counters = {
+            "hits": c("moe_expert_hits", "expert uses that found the expert in its worker's HBM cache"),
+            "misses": c("moe_expert_misses", "expert uses that had to load the expert"),
+            "stall_s": c("moe_expert_stall_seconds", "seconds computes waited on expert loads"),
+            "issued": c("moe_prefetch_issued", "HBM prefetch orders issued"),
+            "used": c("moe_prefetch_used", "prefetches whose expert was routed to before expiring"),
+            "wasted": c("moe_prefetch_wasted", "prefetches that expired unused"),
+            "cancelled": c("moe_prefetch_cancelled", "prefetches cancelled before use"),
+            "staged": c("moe_prefetch_staged", "DRAM stagings issued"),
+            "dropped": c("moe_routing_batches_dropped", "routing batches runtimes dropped (coordinator behind)"),
+        }
+        self.tier_bytes = c("moe_expert_bytes_loaded", "bytes loaded into worker caches, by source tier", ("tier",))
+        self.window = g("moe_prefetch_window_layers", "current lookahead window (MoE layers)")
+        self.recall = g("moe_predictor_recall_at_k", "recall@k of the predictor by layer distance", ("distance",))
+        self.precision = g("moe_predictor_precision", "precision of above-threshold predictions by distance",
+                           ("distance",))
+        self.timely = g("moe_prefetch_timely_recall", "fraction of routed experts predicted and resident in time")
+        self.step = m.Histogram("moe_coordinator_step_seconds", description="coordinator handling per batch",
+                                boundaries=[1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2],
+                                tag_keys=("policy",))
+        self.last: dict = {}
+
+    def export(self, snap: dict, staged: int, dropped: int) -> None:
+        p = snap["prefetches"]
+        totals = {"hits": snap["hits"], "misses": snap["misses"], "stall_s": snap["stall_s"],
+                  "issued": p["issued"], "used": p["used"], "wasted": p["wasted"], "cancelled": p["cancelled"],
+                  "staged": staged, "dropped": dropped}
+        for k, v in totals.items():
+            d = v - self.last.get(k, 0)
+            if d > 0:
+                self.counters[k].inc(d, tags=self.tags)
+            self.last[k] = v
+        for t, v in snap["bytes_by_tier"].items():
+            d = v - self.last.get(("tier", t), 0)
+            if d > 0:
+                self.tier_bytes.inc(d, tags={**self.tags, "tier": t})
+            self.last[("tier", t)] = v
+        if snap["window"] is not None:
+            self.window.set(snap["window"], tags=self.tags)
+        for d, r in snap["recall_at_k"].items():
+            self.recall.set(r, tags={**self.tags, "distance": str(d)})
+        for d, r in snap["precision_by_distance"].items():
+            if r is not None:
+                self.precision.set(r, tags={**self.tags, "distance": str(d)})
+        if snap["timely_recall"] is not None:
+            self.timely.set(snap["timely_recall"], tags=self.tags)
+
+
+def planner_config(pf, model: str | None = None) -> PlannerConfig:
+    """The planner's settings from the cluster config's `prefetch:` section (cluster/config.py PrefetchConfig)."""
+    lat, bw = list(TierCosts().latency_s), list(TierCosts().bandwidth_Bps)
+    names = ("hbm", "peer", "dram", "nvme", "s3")
+    for name, c in (pf.tier_costs or {}).items():
+        i = names.index(name)
+        lat[i], bw[i] = float(c["latency_s"]), float(c["bandwidth_Bps"])
+    return PlannerConfig(threshold=pf.threshold, hbm_confirm_prob=pf.hbm_confirm_prob,
+                         max_inflight_bytes=int(pf.max_inflight_bytes), layer_time_s=pf.layer_time_s,
+                         latency_ref_s=pf.latency_ref_s, costs=TierCosts(tuple(lat), tuple(bw)),
+                         stage_to_dram=pf.stage_to_dram, model=model)
+
+
+def access_policy(pf) -> AccessPolicy | None:
+    if pf.tenants is None:
+        return None
+    rules = {t: TenantRule(models=frozenset(r["models"]) if r.get("models") is not None else None,
+                           tiers=frozenset(r["tiers"]) if r.get("tiers") is not None else None)
+             for t, r in pf.tenants.items()}
+    return AccessPolicy(rules)
+
+
+class PrefetchCoordinator:
+    def __init__(self, pf, geometry: dict, workers: dict, worker_node: dict, owners: np.ndarray, storage: dict,
+                 *, router_weights=None, store_dir: str | None = None, model: str | None = None):
+        """pf: the config's PrefetchConfig. geometry: moe_layers (decoder layer of each MoE layer), num_experts,
+        top_k, nbytes [L, E], store_tiers {tier name: bool [L, E] held}, tier_set (active tier names).
+        workers {wid: handle}, worker_node {wid: node id}, owners [L, E] primary owner wid per MoE layer,
+        storage {node id: [StorageActor]}."""
+        self.pf = pf
+        self.moe_layers = [int(x) for x in geometry["moe_layers"]]
+        self.L, self.E, self.K = len(self.moe_layers), int(geometry["num_experts"]), int(geometry["top_k"])
+        self.layer_idx = {d: i for i, d in enumerate(self.moe_layers)}   # decoder layer -> MoE layer
+        self.nbytes = np.asarray(geometry["nbytes"], np.int64)            # [L, E]
+        self.tier_set = list(geometry["tier_set"])
+        st = geometry["store_tiers"]
+        self.store = np.zeros((2, self.L, self.E), bool)                   # [nvme, s3] held by the store
+        for kind, held in st.items():   # {"nvme" | "s3": bool [L, E]} within the active TierSet
+            self.store[int(kind == "s3")] |= np.asarray(held, bool)
+        self.planner = PrefetchPlanner(planner_config(pf, model), access_policy(pf))
+        self.model = model
+        self.predictor = make_predictor(pf.policy, num_layers=self.L, num_experts=self.E, top_k=self.K,
+                                        router_weights=router_weights, store_dir=store_dir)
+        self.min_window = 1.0
+        self.max_window = float(max(pf.lookahead_layers, pf.lookahead_tokens * self.L, 1))
+        self.wc = WindowController(window=float(max(pf.lookahead_layers, 1)), min_window=self.min_window,
+                                   max_window=self.max_window)
+        self.tel = Telemetry(self.L, self.E, self.K, max_distance=int(math.ceil(self.max_window * 2)),
+                             expiry=int(pf.expiry_steps))
+        self.storage = storage
+        self._set_workers(workers, worker_node, owners)
+        self.requests: dict = {}        # live request -> (token, MoE layer) of its last event
+        self.meta: dict = {}            # request -> (tiers, tenant, latency budget)
+        self.denied: dict = {}
+        self.step = 0
+        self.staged = self.dropped = self.batches = 0
+        self.step_times: deque = deque(maxlen=4096)
+        self._adapt_mark = (0, 0, 0.0, 0, 0)   # used, wasted, stall_s, misses, step at the last adaptation
+        self._poll_task = None
+        self._last_poll = 0.0
+        self.restarted = False   # not running as an actor: benchmarks drive the class in process
+        if ray.is_initialized():
+            try:
+                self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            self.metrics = _Metrics(pf.policy)
+        except Exception:  # noqa: BLE001 - metrics are an export, never a reason to fail serving
+            self.metrics = None
+
+    # -- membership ---------------------------------------------------------------------------------------------
+    def _set_workers(self, workers: dict, worker_node: dict, owners: np.ndarray) -> None:
+        self.workers = dict(workers)
+        self.wids = sorted(self.workers)
+        widx = {w: i for i, w in enumerate(self.wids)}
+        owners = np.asarray(owners, np.int64)
+        assert owners.shape == (self.L, self.E), f"owners must be [{self.L}, {self.E}], got {owners.shape}"
+        self.owner = np.vectorize(widx.__getitem__, otypes=[np.int64])(owners)   # [L, E] worker index
+        self.nodes = sorted(set(worker_node.values()) | set(self.storage))
+        nidx = {n: i for i, n in enumerate(self.nodes)}
+        self.node_of = np.array([nidx[worker_node[w]] for w in self.wids], np.int64)  # [W]
+        W, N = len(self.wids), len(self.nodes)
+        self.resident = np.zeros((W, self.L, self.E), bool)
+        self.dram = np.zeros((N, self.L, self.E), bool)
+        self.used = np.zeros(W, np.int64)
+        self.budget = np.zeros(W, np.int64)
+        self.dram_used = np.zeros(N, np.int64)
+        self.dram_budget = np.zeros(N, np.int64)
+        self.inflight = np.zeros((self.L, self.E), bool)
+        self.inflight_step = np.zeros((self.L, self.E), np.int64)
+        self.staging = np.zeros((self.L, self.E), bool)
+        self.order_req: dict = {}       # (MoE layer, expert) -> request of an in-flight HBM order
+        self._ll, self._ee = np.meshgrid(np.arange(self.L), np.arange(self.E), indexing="ij")
+        self._polled = False
+
+    async def set_placement(self, workers: dict, worker_node: dict, owners: np.ndarray) -> None:
+        """Workers joined or left (re-placement): adopt the new owners; the view is rebuilt by the next refresh."""
+        self._set_workers(workers, worker_node, owners)
+        await self._poll()
+
+    # -- the view -----------------------------------------------------------------------------------------------
+    async def _poll(self) -> None:
+        step0 = self.step
+        wids, nodes = list(self.wids), list(self.nodes)
+        try:
+            ws = await asyncio.gather(*[self.workers[w].snapshot.remote() for w in wids], return_exceptions=True)
+            ss = await asyncio.gather(*[self.storage[n][0].snapshot.remote() if n in self.storage else
+                                        asyncio.sleep(0, result=None) for n in nodes], return_exceptions=True)
+        finally:
+            self._last_poll = time.monotonic()
+        if wids != self.wids:   # placement changed meanwhile: the next poll catches up
+            return
+        for i, r in enumerate(ws):
+            if isinstance(r, BaseException) or r is None:
+                continue
+            keys, pending, used, budget = r
+            self.resident[i] = False
+            for l, e in keys:
+                li = self.layer_idx.get(int(l))
+                if li is not None:
+                    self.resident[i, li, int(e)] = True
+            self.used[i], self.budget[i] = used, budget
+            # in-flight orders of this worker issued before the poll: landed, still pending, or dropped
+            pend = np.zeros((self.L, self.E), bool)
+            for l, e in pending:
+                li = self.layer_idx.get(int(l))
+                if li is not None:
+                    pend[li, int(e)] = True
+            mine = self.inflight & (self.owner == i) & (self.inflight_step < step0)
+            done = mine & ~pend
+            self.inflight[done] = False
+        for j, r in enumerate(ss):
+            if isinstance(r, BaseException) or r is None:
+                continue
+            keys, reading, used, budget = r
+            self.dram[j] = False
+            for l, e in keys:
+                li = self.layer_idx.get(int(l))
+                if li is not None:
+                    self.dram[j, li, int(e)] = True
+            self.dram_used[j], self.dram_budget[j] = used, budget
+        self.staging[:] = False   # landed (in dram now) or dropped; either way no longer in flight
+        self._polled = True
+
+    def _maybe_poll(self) -> None:
+        if (self._poll_task is None or self._poll_task.done()) and \
+                time.monotonic() - self._last_poll >= self.pf.refresh_s:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll())
+
+    def view(self) -> ClusterView:
+        L, E = self.L, self.E
+        own = self.owner
+        present = np.zeros((NUM_TIERS, L, E), bool)
+        present[HBM] = self.resident[own, self._ll, self._ee]
+        owner_node = self.node_of[own]
+        present[DRAM] = self.dram[owner_node, self._ll, self._ee] if len(self.nodes) else False
+        present[PEER] = (self.resident.any(0) | self.dram.any(0)) & ~present[HBM] & ~present[DRAM]
+        present[NVME], present[S3] = self.store[0], self.store[1]
+        nb = self.nbytes
+        infl_w = np.bincount(own[self.inflight], weights=nb[self.inflight], minlength=len(self.wids))
+        stag_n = np.bincount(owner_node[self.staging], weights=nb[self.staging], minlength=len(self.nodes))
+        free = np.maximum(self.budget - self.used - infl_w.astype(np.int64), 0)
+        dram_free = np.maximum(self.dram_budget - self.dram_used - stag_n.astype(np.int64), 0)
+        return ClusterView(own, self.node_of, present, nb, free, dram_free, self.inflight.copy(),
+                           self.staging.copy(), int(nb[self.inflight].sum() + nb[self.staging].sum()))
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    async def register_request(self, request, tenant: str | None = None, tiers: list[str] | None = None,
+                               latency_budget_s: float | None = None) -> None:
+        """Optional, before a request's first event: its tenant, TierSet and latency budget. Raises
+        AccessDenied (naming tenant and what) if the tenant may not use the model or those tiers."""
+        tiers = list(tiers) if tiers is not None else list(self.tier_set)
+        self.meta[request] = (tiers, tenant, latency_budget_s)   # a denied request stays known: no order for it
+        if self.planner.access is not None:
+            try:
+                self.planner.access.check(tenant, self.model, tiers)
+            except AccessDenied as e:
+                self.denied[request] = str(e)
+                raise
+
+    async def end_request(self, requests: list) -> None:
+        """Requests that finished: forget them, cancel their queued prefetches everywhere."""
+        self._end(list(requests))
+
+    def _end(self, requests: list, keep_meta: bool = False) -> None:
+        ended = set(requests)
+        for r in requests:
+            self.requests.pop(r, None)
+            if not keep_meta:
+                self.meta.pop(r, None)
+                self.denied.pop(r, None)
+            self.predictor.end(r)
+            self.tel.end_request(r)
+        keys = [k for k, r in self.order_req.items() if r in ended]
+        if keys:
+            a = np.array(keys, np.int64)
+            self.tel.record_cancel(a[:, 0], a[:, 1])
+            self.inflight[a[:, 0], a[:, 1]] = False
+            for k in keys:
+                del self.order_req[k]
+        for h in self.workers.values():
+            h.cancel.remote(requests=list(requests))
+
+    # -- the step -----------------------------------------------------------------------------------------------
+    async def publish(self, batch: dict) -> None:
+        """One batch of routing events from a runtime (cluster/expert_cluster.py RoutePublisher):
+        {"runtime": id, "requests": [request id of each cache row], "counters": the runtime's cumulative
+        counters, "layers": [{"layer": decoder layer, "rows": int64 [N] cache row, "pos": int64 [N] token
+        position, "ids": int64 [N, k], "w": float32 [N, k], "hidden": float32 [N, H] or None}, ...]}."""
+        t0 = time.perf_counter()
+        self.batches += 1
+        self.tel.record_runtime(batch.get("runtime"), batch.get("counters") or {})
+        self.dropped = max(self.dropped, int((batch.get("counters") or {}).get("publish_dropped", 0)))
+        table = batch["requests"]
+        for ev in batch["layers"]:
+            self._observe(ev, table)
+        self.step += 1
+        self._decide()
+        self.step_times.append(time.perf_counter() - t0)
+        if self.metrics is not None:
+            self.metrics.step.observe(self.step_times[-1], tags=self.metrics.tags)
+        self._maybe_poll()
+
+    def _observe(self, ev: dict, table) -> None:
+        li = self.layer_idx.get(int(ev["layer"]))
+        if li is None:
+            return
+        rows, pos, ids, w = ev["rows"], ev["pos"], ev["ids"], ev["w"]
+        hidden = ev.get("hidden")
+        resident_before = self.resident[self.owner[li, ids], li, ids]          # [N, k] as known
+        for n in range(len(rows)):
+            req = table[int(rows[n])]
+            tok = int(pos[n])
+            last = self.requests.get(req)
+            # a reused id starting over is a new request; a prefill goes token by token within each layer, so an
+            # earlier token at a LATER layer is the same request
+            if last is not None and tok < last[0] and li <= last[1]:
+                self._end([req], keep_meta=True)
+            self.tel.record_truth(req, tok * self.L + li, ids[n], resident_before[n])
+            self.predictor.observe(RoutingEvent(req, tok, li, ids[n], w[n],
+                                                None if hidden is None else hidden[n]))
+            self.requests[req] = (tok, li)
+        used = np.unique(ids)
+        self.tel.record_use(li, used)
+        # the layer ran: what it used is now in its owners' caches (demand loads), no longer in flight
+        self.resident[self.owner[li, used], li, used] = True
+        self.inflight[li, used] = False
+        for e in used.tolist():
+            self.order_req.pop((li, e), None)
+
+    def _decide(self) -> None:
+        self.tel.expire(self.step)
+        if self.step % self.pf.adapt_every == 0:
+            self._adapt()
+        window = self.wc.window
+        views, thr = [], self.planner.cfg.threshold
+        for req, (tok, li) in self.requests.items():
+            tiers, tenant, budget = self.meta.get(req, (self.tier_set, None, None))
+            horizon = max(1, int(window * self.planner.budget_factor(budget)))   # the planner's own cut
+            c = self.predictor.predict(req, horizon)
+            if len(c):
+                self.tel.record_prediction(req, tok * self.L + li, c.distance, c.layer, c.expert, c.prob, thr)
+            views.append(RequestView(req, c, tiers, tenant, budget))
+        if not views or not self._polled:
+            return
+        plan = self.planner.plan(views, self.view(), window)
+        self.denied.update(plan.denied)
+        self._cancel_unwanted(plan.wanted)
+        if len(plan):
+            self._issue(plan)
+
+    def _issue(self, plan) -> None:
+        dl = np.asarray(self.moe_layers)
+        hbm = plan.target == TARGET_HBM
+        by_worker: dict[int, list] = {}
+        for i in np.flatnonzero(hbm).tolist():
+            l, e = int(plan.layer[i]), int(plan.expert[i])
+            req = plan.request[i]
+            tiers = self.meta.get(req, (None,))[0]
+            victims = [(int(dl[a]), b) for a, b in plan.victims[i]]
+            by_worker.setdefault(int(plan.worker[i]), []).append(
+                (int(dl[l]), e, float(plan.priority[i]), req, victims, tiers))
+            self.order_req[(l, e)] = req
+        for wi, items in by_worker.items():
+            self.workers[self.wids[wi]].prefetch.remote(items)
+        if hbm.any():
+            self.inflight[plan.layer[hbm], plan.expert[hbm]] = True
+            self.inflight_step[plan.layer[hbm], plan.expert[hbm]] = self.step
+            self.tel.record_issue(plan.layer[hbm], plan.expert[hbm], self.step)
+        st = ~hbm
+        if st.any():
+            by_node: dict[int, list] = {}
+            for i in np.flatnonzero(st).tolist():
+                by_node.setdefault(int(self.node_of[plan.worker[i]]), []).append(
+                    (int(dl[plan.layer[i]]), int(plan.expert[i])))
+            for ni, items in by_node.items():
+                node = self.nodes[ni]
+                if node in self.storage:
+                    self.storage[node][0].stage.remote(items)
+            self.staging[plan.layer[st], plan.expert[st]] = True
+            self.staged += int(st.sum())
+
+    def _cancel_unwanted(self, wanted: np.ndarray) -> None:
+        """In-flight orders that no request predicts any more (the prediction changed): cancel what is still
+        queued at the worker."""
+        stale = self.inflight & ~wanted & (self.inflight_step < self.step)
+        if not stale.any():
+            return
+        l, e = np.nonzero(stale)
+        dl = np.asarray(self.moe_layers)
+        for wi in np.unique(self.owner[l, e]).tolist():
+            m = self.owner[l, e] == wi
+            self.workers[self.wids[wi]].cancel.remote(items=[(int(dl[a]), int(b)) for a, b in zip(l[m], e[m])])
+        self.tel.record_cancel(l, e)
+        self.inflight[l, e] = False
+        for k in zip(l.tolist(), e.tolist()):
+            self.order_req.pop(k, None)
+
+    def _adapt(self) -> None:
+        rt = self.tel.runtime_totals()
+        u0, w0, s0, m0, st0 = self._adapt_mark
+        used, wasted = self.tel.used, self.tel.wasted
+        self.wc.update(wasted=wasted - w0, used=used - u0, stall_s=rt["stall_s"] - s0,
+                       steps=self.step - st0, misses=rt["misses"] - m0)
+        self._adapt_mark = (used, wasted, rt["stall_s"], rt["misses"], self.step)
+        self.tel.record_window(self.step, self.wc.window)
+
+    # -- introspection ------------------------------------------------------------------------------------------
+    async def stats(self) -> dict:
+        snap = self.tel.snapshot()
+        t = np.array(self.step_times) if self.step_times else np.zeros(1)
+        snap.update(policy=self.pf.policy, steps=self.step, batches=self.batches, staged=self.staged,
+                    dropped_batches=self.dropped, live_requests=len(self.requests),
+                    denied={str(k): v for k, v in self.denied.items()}, restarted=self.restarted,
+                    inflight=int(self.inflight.sum()), staging=int(self.staging.sum()),
+                    step_ms_p50=float(np.percentile(t, 50) * 1e3), step_ms_p99=float(np.percentile(t, 99) * 1e3),
+                    predictor_state_bytes=int(self.predictor.state_nbytes()))
+        if self.metrics is not None:
+            try:
+                self.metrics.export(snap, self.staged, self.dropped)
+            except Exception:  # noqa: BLE001 - an export problem must not break stats
+                pass
+        return snap
+
+    async def step_times_s(self) -> list[float]:
+        """Seconds spent handling each of the last batches (jobs.bench_coordinator reads them)."""
+        return list(self.step_times)
+
+    async def ping(self) -> bool:
+        return True

@@ -1,0 +1,230 @@
+"""Coordinator decision time per layer step (issue #4 target: p99 <= 1 ms with 32 layers x 64 experts x 8 workers).
+
+    python -m jobs.bench_coordinator [--layers 32 --experts 64 --workers 8 --top-k 8 --requests 8 --steps 2000]
+                                     [--policy cross_layer] [--no-actor] --json OUT
+
+Three measurements on the same synthetic routing (a per-layer Markov chain over experts, so predictors have
+something to predict; a 25% HBM cache; every expert in NVMe and S3):
+  planner   policies/ranking.PrefetchPlanner.plan alone (pure numpy) on the candidates of `requests` live
+            requests, each predicting `window` layers ahead with the policy's predictor
+  step      the coordinator's whole per-batch handling (score + observe + predict + plan + issue) in process,
+            with handles whose `.remote` does nothing: the decision logic without Ray's submission cost
+  actor     the real PrefetchCoordinator actor fed one batch per layer step by `.remote()` (as runtimes do),
+            with sink worker / storage actors; its own per-batch timing (includes submitting the orders)
+Prints a table and writes JSON: {"planner"|"step"|"actor": {"p50_ms", "p99_ms", "mean_ms", "n"}, "config": ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from cluster.config import PrefetchConfig
+from policies.ranking import ClusterView, HBM, NUM_TIERS, NVME, PlannerConfig, PrefetchPlanner, RequestView, S3
+from policies.registry import make_predictor
+from policies.predictors import RoutingEvent
+
+
+def routing(L: int, E: int, K: int, B: int, tokens: int, seed: int = 0) -> np.ndarray:
+    """int64 [tokens, L, B, K]: each layer's experts drawn from a sparse transition of the previous layer's."""
+    rng = np.random.default_rng(seed)
+    T = rng.dirichlet(np.full(E, 0.05), size=(L, E))         # [L, E, E] peaked rows
+    out = np.zeros((tokens, L, B, K), np.int64)
+    prev = rng.integers(0, E, size=B)
+    for t in range(tokens):
+        for l in range(L):
+            for b in range(B):
+                p = T[l, prev[b]]
+                ch = rng.choice(E, size=K, replace=False, p=p)
+                out[t, l, b] = ch
+                prev[b] = ch[0]
+    return out
+
+
+def pct(xs) -> dict:
+    a = np.asarray(xs) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()), "n": len(a)}
+
+
+class _Nop:
+    def remote(self, *a, **k):
+        return None
+
+
+class _Handle:
+    """In-process stand-in for an actor handle: every method's `.remote` does nothing."""
+    def __getattr__(self, name):
+        return _Nop()
+
+
+def geometry(L, E, W, nbytes):
+    owner = np.tile(np.arange(E) % W, (L, 1))
+    return {"moe_layers": list(range(L)), "num_experts": E, "top_k": 0, "nbytes": np.full((L, E), nbytes),
+            "store_tiers": {"nvme": np.ones((L, E), bool), "s3": np.ones((L, E), bool)},
+            "tier_set": ["dram", "nvme", "s3"]}, owner
+
+
+def bench_planner(args, routes) -> dict:
+    L, E, W, K, B = args.layers, args.experts, args.workers, args.top_k, args.requests
+    pred = make_predictor(args.policy, num_layers=L, num_experts=E, top_k=K)
+    nbytes = 1 << 20
+    owner = np.tile(np.arange(E) % W, (L, 1))
+    rng = np.random.default_rng(1)
+    planner = PrefetchPlanner(PlannerConfig(max_inflight_bytes=64 * nbytes))
+    times = []
+    steps = 0
+    for t in range(routes.shape[0]):
+        for l in range(L):
+            for b in range(B):
+                pred.observe(RoutingEvent(b, t, l, routes[t, l, b]))
+            present = np.zeros((NUM_TIERS, L, E), bool)
+            present[HBM] = rng.random((L, E)) < 0.25
+            present[NVME] = present[S3] = True
+            cap = E * L // 4 // W * nbytes
+            used = np.bincount(owner[present[HBM]], minlength=W) * nbytes
+            view = ClusterView(owner, np.zeros(W, np.int64), present, np.full((L, E), nbytes),
+                               np.maximum(cap - used, 0), np.array([64 * nbytes]))
+            reqs = [RequestView(b, pred.predict(b, args.window)) for b in range(B)]
+            t0 = time.perf_counter()
+            planner.plan(reqs, view, args.window)
+            times.append(time.perf_counter() - t0)
+            steps += 1
+            if steps >= args.steps:
+                return pct(times[args.warmup:])
+    return pct(times[args.warmup:])
+
+
+def batches(args, routes):
+    L, B = args.layers, args.requests
+    reqs = [f"r{b}" for b in range(B)]
+    for t in range(routes.shape[0]):
+        for l in range(L):
+            yield {"runtime": "bench", "requests": reqs, "counters": {},
+                   "layers": [{"layer": l, "rows": np.arange(B), "pos": np.full(B, t), "ids": routes[t, l],
+                               "w": np.full(routes[t, l].shape, 1.0 / args.top_k, np.float32), "hidden": None}]}
+
+
+def coordinator_args(args):
+    L, E, W = args.layers, args.experts, args.workers
+    geo, owner = geometry(L, E, W, 1 << 20)
+    geo["top_k"] = args.top_k
+    pf = PrefetchConfig(policy=args.policy, lookahead_layers=args.window, lookahead_tokens=1,
+                        max_inflight_bytes=64 << 20, refresh_s=1e9)
+    return pf, geo, owner
+
+
+def bench_step(args, routes) -> dict:
+    import asyncio
+
+    from actors.prefetch_coordinator import PrefetchCoordinator
+    pf, geo, owner = coordinator_args(args)
+    W = args.workers
+    c = PrefetchCoordinator(pf, geo, {w: _Handle() for w in range(W)}, {w: "n0" for w in range(W)}, owner,
+                            {"n0": [_Handle()]})
+    c.metrics = None
+    c._polled = True
+    c.budget[:] = args.layers * args.experts // 4 // W << 20
+    c.dram_budget[:] = 64 << 20
+    c._maybe_poll = lambda: None
+
+    async def run():
+        n = 0
+        for b in batches(args, routes):
+            await c.publish(b)
+            n += 1
+            if n >= args.steps:
+                break
+    asyncio.run(run())
+    return pct(list(c.step_times)[args.warmup:])
+
+
+def bench_actor(args, routes) -> dict:
+    import ray
+
+    from actors.prefetch_coordinator import PrefetchCoordinator
+
+    @ray.remote(num_cpus=0)
+    class Sink:
+        def prefetch(self, items):
+            return len(items)
+
+        def cancel(self, request=None, items=None, requests=None):
+            return 0
+
+        def stage(self, items, tiers=None):
+            return 0
+
+        def snapshot(self):
+            return [], [], 0, args.layers * args.experts // 4 // args.workers << 20
+
+    pf, geo, owner = coordinator_args(args)
+    pf = pf.model_copy(update={"refresh_s": 0.05})
+    W = args.workers
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", namespace="bench-coordinator")
+    try:
+        sinks = {w: Sink.remote() for w in range(W)}
+        store = Sink.remote()
+        coord = ray.remote(PrefetchCoordinator).options(num_cpus=0, max_pending_calls=64).remote(
+            pf, geo, sinks, {w: "n0" for w in range(W)}, owner, {"n0": [store]})
+        ray.get(coord.ping.remote())
+        n, dropped = 0, 0
+        pending = []
+        for b in batches(args, routes):
+            try:
+                pending.append(coord.publish.remote(b))
+            except Exception:  # noqa: BLE001 - pending-calls limit: the runtime drops, as in serving
+                dropped += 1
+            n += 1
+            if len(pending) >= 32:        # pace like a runtime does (one batch per layer step)
+                ray.get(pending)
+                pending = []
+            if n >= args.steps:
+                break
+        ray.get(pending)
+        s = ray.get(coord.stats.remote())
+        times = ray.get(coord.step_times_s.remote())
+        out = pct(times[args.warmup:])
+        out.update(dropped=dropped, issued=s["prefetches"]["issued"], recall_at_1=s["recall_at_k"].get(1))
+        return out
+    finally:
+        ray.shutdown()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--window", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--policy", default="cross_layer")
+    ap.add_argument("--no-actor", action="store_true")
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args(argv)
+    tokens = args.steps // args.layers + 2
+    routes = routing(args.layers, args.experts, args.top_k, args.requests, tokens)
+    res = {"config": vars(args), "planner": bench_planner(args, routes), "step": bench_step(args, routes)}
+    if not args.no_actor:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        res["actor"] = bench_actor(args, routes)
+    print(f"coordinator decision time per layer step: L={args.layers} E={args.experts} W={args.workers} "
+          f"k={args.top_k} requests={args.requests} window={args.window} policy={args.policy}")
+    print(f"{'what':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>8}")
+    for k in ("planner", "step", "actor"):
+        if k in res:
+            r = res[k]
+            print(f"{k:<10}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['n']:>8}")
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The PrefetchCoordinator on a real single-node Ray with the embedded model: generation with the coordinator on
+gives exactly the reference tokens (the model in one process) and its prefetches get used (more cache hits than
+on-demand at the same cache budget, from the stats); stats are consistent; a tenant that is denied gets a clear
+error and no prefetch is made for it; killing the coordinator mid-generation changes no token, Ray restarts it and
+it resumes."""
+import os
+import time
+
+import pytest
+import ray
+import torch
+
+from conftest import convert_checkpoint
+from cluster.config import ClusterConfig
+from cluster.expert_cluster import ExpertCluster
+from cluster.model import LocalExperts, MoEModel, generate, load_checkpoint
+from policies.ranking import AccessDenied
+
+pytestmark = pytest.mark.ray
+
+EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "embedded_model")
+TEXTS = ["def ", "import os\n", "class Foo(object):\n    def __init__(self", "    for i in range("]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("coord")
+    store = str(d / "store")
+    man = convert_checkpoint(EMBEDDED, "file://" + store)
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(EMBEDDED, "tokenizer.json"))
+    prompts = [tok.encode(t).ids for t in TEXTS]
+    config, dense, experts = load_checkpoint(EMBEDDED)
+    ref = generate(MoEModel.from_dense(config, dense, LocalExperts(experts)), prompts, NEW)
+    ray.init(num_cpus=4, include_dashboard=False, namespace="test-coord", object_store_memory=256 << 20,
+             logging_level="ERROR")
+    yield {"store": store, "man": man, "prompts": prompts, "ref": ref}
+    ray.shutdown()
+
+
+def cfg(env, policy, ns, **prefetch):
+    return ClusterConfig.model_validate({
+        "ray": {"namespace": ns},
+        # 2 workers x 8 experts = 25% of the 64 experts: I/O-bound, as offloading users run
+        "workers": {"count": 2, "hbm_budget_bytes": 8 * env["man"].expert_bytes},
+        "tiers": [{"kind": "dram", "budget_bytes": 64 << 20}, {"kind": "nvme", "path": env["store"]}],
+        "prefetch": {"policy": policy, **prefetch}})
+
+
+@pytest.fixture(scope="module")
+def on_demand(env):
+    with ExpertCluster(cfg(env, "on_demand", "coord-od")) as c:
+        out = c.generate(env["prompts"], NEW)
+        yield c, out, c.stats()
+
+
+@pytest.fixture(scope="module")
+def prefetching(env):
+    c = ExpertCluster(cfg(env, "next_gate", "coord-ng",
+                          tenants={"alice": {"models": ["mixtral"], "tiers": ["dram", "nvme"]}})).start()
+    try:
+        out = c.generate(env["prompts"], NEW)
+        time.sleep(0.3)   # let the last batches and the end of the requests reach the coordinator
+        yield c, out, c.stats()
+    finally:
+        c.shutdown()
+
+
+def test_on_demand_has_no_coordinator_and_matches_reference(env, on_demand):
+    c, out, st = on_demand
+    assert out == env["ref"]
+    assert c.coordinator is None and c.model.on_route is None
+    assert st["prefetch"]["coordinator"] is None and st["prefetch"]["published"] == 0
+    assert sum(w["prefetch_loads"] for w in st["workers"]) == 0
+
+
+def test_prefetching_matches_reference_and_raises_hits(env, on_demand, prefetching):
+    c, out, st = prefetching
+    assert out == env["ref"], "the coordinator must never change a token"
+    base = on_demand[2]["runtime"]
+    rt = st["runtime"]
+    # the same routing, the same cache budget: every expert use is a hit or a miss in both runs
+    assert rt["hits"] + rt["misses"] == base["hits"] + base["misses"]
+    assert rt["hits"] > base["hits"], (rt, base)
+    assert rt["prefetch_hits"] > 0
+    cs = st["prefetch"]["coordinator"]
+    assert cs["prefetches"]["used"] > 0 and cs["batches"] > 0
+    assert sum(w["prefetch_loads"] for w in st["workers"]) > 0
+
+
+def test_stats_are_consistent(env, prefetching):
+    c, out, st = prefetching
+    cs = st["prefetch"]["coordinator"]
+    p = cs["prefetches"]
+    assert p["issued"] == p["used"] + p["wasted"] + p["cancelled"] + p["pending"]
+    assert p["issued"] >= p["used"] + p["wasted"] + p["cancelled"]
+    assert 0 < p["precision"] <= 1
+    # the runtime's counters come from the compute replies: they equal the workers' own
+    rt = st["runtime"]
+    assert rt["hits"] == sum(w["hits"] for w in st["workers"])
+    assert rt["misses"] == sum(w["misses"] for w in st["workers"])
+    for tier, b in rt["bytes_by_tier"].items():   # demand loads are part of everything the workers loaded
+        assert 0 < b <= sum(w["tier_bytes"].get(tier, 0) for w in st["workers"])
+    # the coordinator saw the same counters (piggybacked on the routing batches)
+    assert cs["hits"] <= rt["hits"] and cs["misses"] <= rt["misses"]
+    n_events = len(env["prompts"]) * 0 + cs["routing_events"]
+    assert n_events == sum(len(p) + NEW - 1 for p in env["prompts"]) * len(c.model.args.moe_layers)
+    assert set(cs["recall_at_k"]) >= {1, 2} and all(0 <= r <= 1 for r in cs["recall_at_k"].values())
+    assert 0 <= cs["timely_recall"] <= 1
+    assert cs["window"] is not None and cs["window_history"]
+    assert cs["live_requests"] == 0   # every request of the generation ended
+    assert st["prefetch"]["dropped"] == 0 and cs["dropped_batches"] == 0
+
+
+def test_denied_tenant_gets_clear_error_and_no_prefetch(env, prefetching):
+    c, _, _ = prefetching
+    ids = [f"evil-{b}" for b in range(len(env["prompts"]))]
+    for r in ids:
+        with pytest.raises(AccessDenied, match="tenant 'mallory' is not allowed to use this cluster"):
+            ray.get(c.coordinator.register_request.remote(r, tenant="mallory"))
+    with pytest.raises(AccessDenied, match=r"tenant 'alice' is not allowed tiers \['s3'\]"):
+        ray.get(c.coordinator.register_request.remote("alice-1", tenant="alice", tiers=["dram", "nvme", "s3"]))
+    ray.get(c.coordinator.register_request.remote("alice-2", tenant="alice", tiers=["dram", "nvme"]))  # allowed
+    time.sleep(0.3)
+    before = ray.get(c.coordinator.stats.remote())
+    loads = sum(w["prefetch_loads"] + w["queued_prefetches"] for w in c.stats()["workers"])
+    c.publisher.row_requests = ids
+    try:
+        assert generate(c.model, env["prompts"], 8) == [r[:8] for r in env["ref"]]
+    finally:
+        c.publisher.flush()
+        c.publisher.row_requests = None
+    time.sleep(0.3)
+    after = ray.get(c.coordinator.stats.remote())
+    assert after["batches"] > before["batches"]                 # its routing arrived ...
+    assert after["prefetches"]["issued"] == before["prefetches"]["issued"]   # ... and nothing was ordered for it
+    assert after["staged"] == before["staged"]
+    assert sum(w["prefetch_loads"] + w["queued_prefetches"] for w in c.stats()["workers"]) == loads
+    assert set(ids) <= set(after["denied"])
+    c.end_requests(ids)
+
+
+def test_coordinator_killed_mid_generation_changes_nothing_and_restarts(env, prefetching):
+    c, _, _ = prefetching
+    pub = c.model.on_route
+    calls = {"n": 0}
+
+    def hook(*a):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            ray.kill(c.coordinator, no_restart=False)   # a crash: Ray restarts it (max_restarts)
+        pub(*a)
+
+    c.model.on_route = hook
+    try:
+        assert c.generate(env["prompts"], NEW) == env["ref"]
+    finally:
+        c.model.on_route = pub
+    deadline = time.time() + 60
+    st = c.coordinator_stats(timeout_s=5)
+    while ("error" in st or not st.get("restarted")) and time.time() < deadline:
+        time.sleep(0.5)
+        st = c.coordinator_stats(timeout_s=5)
+    assert st.get("restarted") is True, st
+    before = st["batches"]
+    assert c.generate(env["prompts"], NEW) == env["ref"]
+    time.sleep(0.3)
+    after = c.coordinator_stats()
+    assert after["batches"] > before and after["prefetches"]["issued"] > 0   # it resumed prefetching
