@@ -24,7 +24,8 @@ step in proportion to the tokens each fed (a prefill of 40 tokens takes 40 share
 without counters (LocalExperts) report 0/0.
 
 A failing step (e.g. a worker died and could not be replaced) fails the requests of that step with
-finish_reason "error"; the rows are freed and the engine goes on with new requests.
+finish_reason "error"; the rows are freed and the engine goes on with new requests. `cancel(request_id)` (a
+client that went away) frees a request's row before the next step.
 """
 from __future__ import annotations
 
@@ -212,7 +213,8 @@ class _Row:
 class EngineStats:
     steps: int = 0
     requests_done: int = 0
-    requests_failed: int = 0                      # finished with "error" (failed steps, stopped engine)
+    requests_failed: int = 0                      # finished with "error" (failed steps, stopped engine, cancel)
+    requests_cancelled: int = 0                   # of which cancelled (the client went away)
     rejected_invalid: int = 0
     rejected_overload: int = 0
     tokens_generated: int = 0
@@ -258,6 +260,7 @@ class Engine:
         self._cv = threading.Condition()          # guards waiting, rows' membership, stats counters of submit
         self._step_lock = threading.Lock()        # one step at a time (loop thread or run())
         self._in_flight: set[str] = set()
+        self._cancelled: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -327,6 +330,16 @@ class Engine:
             self._cv.notify_all()
         return h
 
+    def cancel(self, request_id: str) -> bool:
+        """Give up on a request (its client went away): a waiting one finishes at once, a running one leaves its
+        row before the next step. Finishes with "error" / "cancelled". Returns whether it was in flight."""
+        with self._cv:
+            if request_id not in self._in_flight:
+                return False
+            self._cancelled.add(request_id)
+            self._cv.notify_all()
+        return True
+
     # -- the step -----------------------------------------------------------------------------------------------
     def step(self) -> int:
         """Admit waiting requests into free rows, run one forward over every row, sample, retire finished
@@ -336,6 +349,8 @@ class Engine:
 
     def _step(self) -> int:
         cache = self.cache
+        if self._cancelled:
+            self._drop_cancelled()
         with self._cv:
             for r in range(self.max_batch):
                 if self.rows[r] is None and self.waiting:
@@ -400,6 +415,28 @@ class Engine:
             else:
                 row.feed = [t]
         return len(active)
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            gone, self._cancelled = self._cancelled, set()
+            self.stats.requests_cancelled += len(gone & self._in_flight)
+            keep, dropped = deque(), []
+            for row in self.waiting:
+                (dropped if row.req.id in gone else keep).append(row)
+            self.waiting = keep
+        for row in dropped:
+            self._finish_unstarted(row, "cancelled")
+        for r in range(self.max_batch):
+            if self.rows[r] is not None and self.rows[r].req.id in gone:
+                self._retire(r, "error", "cancelled")
+
+    def _finish_unstarted(self, row: _Row, why: str) -> None:
+        with self._cv:
+            self._in_flight.discard(row.req.id)
+            self.stats.requests_failed += 1
+        row.handle._finish(GenerationResult(id=row.req.id, token_ids=[], finish_reason="error", error=why,
+                                            prompt_tokens=len(row.req.prompt_ids), latency_s=time.perf_counter()
+                                            - row.t_submit, tenant=row.req.tenant))
 
     def _sample(self, logits: torch.Tensor, active: list[int]) -> torch.Tensor:
         """Next token of every active row with that request's own settings; [B] int64 on the CPU."""
@@ -510,16 +547,13 @@ class Engine:
                 if self.rows[r] is not None:
                     self._retire(r, "error", "engine stopped")
             for row in waiting:
-                self._in_flight.discard(row.req.id)
-                self.stats.requests_failed += 1
-                row.handle._finish(GenerationResult(id=row.req.id, token_ids=[], finish_reason="error",
-                                                    error="engine stopped",
-                                                    prompt_tokens=len(row.req.prompt_ids), tenant=row.req.tenant))
+                self._finish_unstarted(row, "engine stopped")
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._stop or self.waiting or any(r is not None for r in self.rows))
+                self._cv.wait_for(lambda: self._stop or self.waiting or self._cancelled
+                                  or any(r is not None for r in self.rows))
                 if self._stop:
                     return
             try:

@@ -280,7 +280,11 @@ class CompletionServer:
         if body.stream:
             return StreamingResponse(self._sse(handle, rid), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        res = await handle.aresult()
+        try:
+            res = await handle.aresult()
+        except asyncio.CancelledError:  # the client went away (Serve cancels the handler): free the row
+            self.engine.cancel(rid)
+            raise
         if res.finish_reason == "error":
             self._record(res, "error")
             return _error(500, f"generation failed: {res.error}", kind="server_error")
@@ -308,14 +312,18 @@ class CompletionServer:
         UTF-8 character waits for its next byte), a final event with finish_reason and usage, then [DONE]."""
         ids: list[int] = []
         sent = ""
-        async for new in handle.astream():
-            ids += new
-            text = self._text(ids)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: hold it back
-                delta = ""
-            else:
-                delta, sent = text[len(sent):], text
-            yield f"data: {json.dumps(self._body(rid, new, None, delta))}\n\n"
+        try:
+            async for new in handle.astream():
+                ids += new
+                text = self._text(ids)
+                if text.endswith("\ufffd"):  # an incomplete multi-byte character: hold it back
+                    delta = ""
+                else:
+                    delta, sent = text[len(sent):], text
+                yield f"data: {json.dumps(self._body(rid, new, None, delta))}\n\n"
+        finally:  # the client disconnected mid-stream (the generator is closed or cancelled): free the row
+            if not handle.done():
+                self.engine.cancel(rid)
         res = handle.result(timeout=0)
         if res.finish_reason == "error":
             self._record(res, "error")

@@ -147,6 +147,22 @@ def test_duplicate_id_and_queue_bound(model, prompts):
     assert eng.snapshot()["rejected_overload"] == 1
 
 
+def test_cancel_frees_rows_and_queue_slots(model, prompts):
+    eng = Engine(model, max_batch=1)
+    a, b, c = (eng.submit(GenerationRequest(x, prompts[i], 30)) for i, x in enumerate("abc"))
+    eng.step()
+    eng.step()                                    # "a" holds the row with 2 tokens, "b" and "c" wait
+    assert eng.cancel("b") and eng.cancel("a") and not eng.cancel("nope")
+    eng.step()                                    # both leave before this step's forward; "c" takes the row
+    ra, rb = a.result(timeout=0), b.result(timeout=0)
+    assert (ra.finish_reason, ra.error, len(ra.token_ids)) == ("error", "cancelled", 2)
+    assert (rb.finish_reason, rb.error, rb.token_ids) == ("error", "cancelled", [])
+    drain(eng, [c])
+    assert c.result().token_ids == generate(model, [prompts[2]], 30)[0]
+    st = eng.snapshot()
+    assert st["requests_cancelled"] == 2 and st["requests_done"] == 1 and st["active"] == 0
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(ckpt, prompts):
     config, dense, experts = ckpt
     backend = LocalExperts(experts)
