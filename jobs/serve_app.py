@@ -52,6 +52,7 @@ class ServeArgs(BaseModel):
     max_len: int | None = Field(None, ge=1)      # context per request (default: the model's)
     max_tokens_limit: int = Field(1024, ge=1)    # the most a request may ask for
     retry_after_s: int = Field(1, ge=0)
+    num_replicas: int = Field(1, ge=1)           # Serve: replicas, each with its own ExpertCluster
     max_ongoing_requests: int = Field(64, ge=1)  # Serve: requests in a replica at once
     max_queued_requests: int = Field(64, ge=-1)  # Serve: requests queued at a proxy before its own 503
     num_cpus: float = Field(1.0, ge=0)           # reserved by the replica (the runtime's attention and routing)
@@ -146,7 +147,12 @@ class CompletionServer:
         self.args = a = ServeArgs(**args)
         if a.torch_threads:
             torch.set_num_threads(a.torch_threads)
-        self.cluster = ExpertCluster(cluster_config(a)).start()
+        cfg = cluster_config(a)
+        # each replica runs its own cluster: its own namespace keeps the named actors (workers, storage actors,
+        # coordinator) of two replicas apart
+        self.namespace = f"{cfg.ray.namespace}-{serve.get_replica_context().replica_id.unique_id}"
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"namespace": self.namespace})})
+        self.cluster = ExpertCluster(cfg).start()
         self.tokenizer = self._tokenizer()
         end = getattr(self.cluster, "end_requests", None)  # tells the prefetch coordinator a request is over
         self.engine = Engine(self.cluster.model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
@@ -240,7 +246,7 @@ class CompletionServer:
         ws = await asyncio.gather(*[w.stats.remote() for w in self.cluster.workers.values()],
                                   return_exceptions=True)
         ws = [w for w in ws if isinstance(w, dict)]
-        return {"engine": self.engine.snapshot(), "replica_pid": os.getpid(),
+        return {"engine": self.engine.snapshot(), "replica_pid": os.getpid(), "namespace": self.namespace,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "workers": len(self.cluster.workers), "lost_workers": list(self.cluster.lost_workers),
                 "hits": sum(w.get("hits", 0) for w in ws), "misses": sum(w.get("misses", 0) for w in ws)}
@@ -351,7 +357,7 @@ def build_app(args: dict):
         raise ValueError("invalid jobs.serve_app arguments: " + "; ".join(
             f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
     return CompletionServer.options(
-        max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
+        num_replicas=a.num_replicas, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": a.retry_after_s},
         health_check_period_s=a.health_check_period_s, health_check_timeout_s=a.health_check_timeout_s,
         ray_actor_options={"num_cpus": a.num_cpus}).bind(a.model_dump())

@@ -57,8 +57,9 @@ def url(tmp_path_factory):
                    f"workers: {{count: 2, hbm_budget_bytes: 1MiB}}\n"   # ~10 of 64 experts each: misses
                    f"tiers:\n  - {{kind: dram, budget_bytes: 64MiB}}\n  - {{kind: nvme, path: {d}/store}}\n")
     torch.set_num_threads(1)
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve-test-driver", object_store_memory=256 << 20,
-             logging_level="ERROR")
+    # address="local": a new cluster even when another `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve-test-driver",
+             object_store_memory=256 << 20, logging_level="ERROR")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": str(cfg), "max_batch": 4, "max_queue": 4, "max_ongoing_requests": 48,
@@ -248,9 +249,11 @@ def test_serve_config_yaml_is_valid_and_names_this_app():
 def test_health_fails_when_workers_die_and_serve_replaces_the_replica(url, reference):
     r = requests.get(f"{url}/health", timeout=30)
     assert r.status_code == 200 and sorted(r.json()["live_workers"]) == [0, 1]
-    pid = requests.get(f"{url}/v1/stats", timeout=30).json()["replica_pid"]
+    st = requests.get(f"{url}/v1/stats", timeout=30).json()
+    pid, ns = st["replica_pid"], st["namespace"]
+    assert ns.startswith(NAMESPACE + "-")   # the replica's own namespace
     for w in (0, 1):
-        ray.kill(ray.get_actor(f"expert-worker-{w}", namespace=NAMESPACE))
+        ray.kill(ray.get_actor(f"expert-worker-{w}", namespace=ns))
     r = requests.get(f"{url}/health", timeout=30)
     if r.status_code == 503:   # the replica may already be on its way out; then Serve answers for it
         body = r.json()
