@@ -28,6 +28,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from policies.cost_model import RateMeter, Rates, decide_miss
 from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
 from storage_adapters.manifest import Manifest
 
@@ -80,7 +81,11 @@ class _Queued:
 class ExpertWorker:
     def __init__(self, worker_id: int, manifest_json: bytes, hbm_budget_bytes: int, storage_by_node: dict,
                  *, device: str = "auto", policy: str = "lru", prefetch_concurrency: int = 2, cpu_threads: int = 1,
-                 io_threads: int = 8):
+                 io_threads: int = 8, miss_rates: dict | None = None):
+        """miss_rates: None — a miss always waits for the load into the cache. Otherwise policies/cost_model.py
+        decides per missed expert between waiting for the transfer and computing it on the CPU straight from the
+        DRAM tier (nothing cached then), from {link_Bps, link_latency_s, device_flops, cpu_flops} (configured
+        priors) and, with measure=True, the rates this worker measures on its own loads."""
         self.worker_id = worker_id
         # inputs arrive read-only (zero-copy from Ray's object store) and are only read: torch need not warn
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -122,7 +127,13 @@ class ExpertWorker:
             self._staging: queue.Queue = queue.Queue()
             for _ in range(2):
                 self._staging.put(torch.empty(largest, dtype=torch.uint8, pin_memory=True))
-        self.counters = dict(hits=0, misses=0, prefetch_hits=0, loads=0, demand_loads=0, prefetch_loads=0,
+        self.miss_rates = None
+        if miss_rates is not None:
+            r = dict(miss_rates)
+            self._measure = bool(r.pop("measure", False))
+            self.miss_rates = Rates(**r)
+            self._link_meter = RateMeter(self.miss_rates.link_Bps)
+        self.counters = dict(cpu_computes=0, hits=0, misses=0, prefetch_hits=0, loads=0, demand_loads=0, prefetch_loads=0,
                              bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
                              prefetch_dropped=0, cancelled=0, peak_used_bytes=0, stall_seconds=0.0,
                              tier_bytes={})
@@ -162,7 +173,11 @@ class ExpertWorker:
         else:
             np.copyto(dev.numpy(), view)
         del view
-        self._count(loads=1, bytes_loaded=n, load_seconds=time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self._count(loads=1, bytes_loaded=n, load_seconds=dt)
+        if self.miss_rates is not None and self._measure:
+            with self._lock:
+                self._link_meter.observe(n, dt)
         with self._lock:
             tb = self.counters["tier_bytes"]
             tb[tier] = tb.get(tier, 0) + n
@@ -252,6 +267,12 @@ class ExpertWorker:
         missed = [k for k in uniq if k not in res]
         t_wait = time.perf_counter()
         try:
+            if missed and self.miss_rates is not None:
+                rows = dict.fromkeys(uniq, 0)
+                for k, n in zip(keys, counts):
+                    rows[k] += n
+                for k, r in self._cpu_misses(missed, rows).items():
+                    res[k] = r   # computed on the CPU from the DRAM tier; not cached, nothing pinned
             last: dict[Key, _Resident] = {}
             for _ in range(3):  # a load we only waited on may be evicted before we pin it: load again
                 missing = [k for k in uniq if k not in res]
@@ -330,6 +351,30 @@ class ExpertWorker:
             self._release(pinned, int(x.shape[0]))
         return out.tobytes() if packed else out
 
+    def _cpu_misses(self, missed: list[Key], rows: dict[Key, int]) -> dict[Key, _Resident]:
+        """The cost model's per-miss choice: for each missed expert, get its DRAM-tier copy (the host copy the
+        transfer would start from) and compute it there when that beats copying it to the device and computing
+        there. Returns the experts to compute on the CPU (host views, not cached)."""
+        rates = self.miss_rates
+        if self._measure:
+            rates = Rates(self._link_meter.value, rates.link_latency_s, rates.device_flops, rates.cpu_flops)
+        out = {}
+        cpu = []
+        for k in missed:   # every blob reaches the device through the node's DRAM tier: a host copy exists
+            b = self.manifest.blob(*k)
+            I, H = b.tensors["gate"].shape
+            if decide_miss(rates, nbytes=b.size, tokens=rows[k], hidden=H, intermediate=I).choice == "cpu":
+                cpu.append(k)
+        refs = {k: self.storage.get_tiered.remote(*k) for k in cpu}
+        for k, call in refs.items():
+            ref, tier = ray.get(call)
+            view = ray.get(ref)                                   # uint8, zero-copy from the object store
+            blob = torch.from_numpy(view)
+            out[k] = _Resident(blob, self._views(k, blob), None, cached=False, tier=tier)
+        if out:
+            self._count(cpu_computes=len(out))
+        return out
+
     def _compute_sync(self, residents: list[_Resident], counts: list[int], x: np.ndarray) -> np.ndarray:
         xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
         dt = residents[0].tensors[0].dtype
@@ -340,17 +385,23 @@ class ExpertWorker:
             if r.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(r.ready)
             g, u, d = r.tensors
-            out[start:start + n] = expert_ffn(xt[start:start + n], g, u, d)
+            if g.device != xt.device:   # a host copy the cost model chose to compute in place
+                out[start:start + n] = expert_ffn(xt[start:start + n].cpu(), g, u, d).to(xt.device)
+            else:
+                out[start:start + n] = expert_ffn(xt[start:start + n], g, u, d)
             start += n
         return out.to(torch.float32 if x.dtype == np.float32 else out.dtype).cpu().numpy()
 
     # -- prefetch -----------------------------------------------------------------------------------------------
-    def prefetch(self, items: list[tuple]) -> int:
+    def prefetch(self, items: list[tuple], cancel: list[tuple] | None = None) -> int:
         """Queue (layer, expert, priority, request_id[, victims[, tiers]]) loads, highest priority first; returns
         how many were queued (resident, loading or already-queued experts are skipped, a higher priority is kept).
         victims (the PrefetchCoordinator's orders): the load may evict only these residents — the ones the
         coordinator valued lower — and is dropped if they do not make room; without it the cache's policy picks.
-        tiers: the request's TierSet; the load never reads a tier outside it."""
+        tiers: the request's TierSet; the load never reads a tier outside it. cancel: (layer, expert) items to
+        cancel first (as `cancel(items=...)`), so that a coordinator step is one call per worker."""
+        if cancel:
+            self.cancel(items=cancel)
         n = 0
         with self._lock:
             for item in items:

@@ -159,7 +159,9 @@ class PrefetchCoordinator:
         self.denied: dict = {}
         self.step = 0
         self.staged = self.dropped = self.batches = 0
-        self.step_times: deque = deque(maxlen=4096)
+        self.step_times: deque = deque(maxlen=4096)     # seconds per batch, all of it
+        self.submit_times: deque = deque(maxlen=4096)   # of which submitting the orders (Ray .remote calls)
+        self._submit_s = 0.0
         self._adapt_mark = (0, 0, 0.0, 0, 0)   # used, wasted, stall_s, misses, step at the last adaptation
         self._poll_task = None
         self._last_poll = 0.0
@@ -321,8 +323,10 @@ class PrefetchCoordinator:
         for ev in batch["layers"]:
             self._observe(ev, table)
         self.step += 1
+        self._submit_s = 0.0
         self._decide()
         self.step_times.append(time.perf_counter() - t0)
+        self.submit_times.append(self._submit_s)
         if self.metrics is not None:
             self.metrics.step.observe(self.step_times[-1], tags=self.metrics.tags)
         self._maybe_poll()
@@ -371,14 +375,15 @@ class PrefetchCoordinator:
             return
         plan = self.planner.plan(views, self.view(), window)
         self.denied.update(plan.denied)
-        self._cancel_unwanted(plan.wanted)
-        if len(plan):
-            self._issue(plan)
+        cancels = self._cancel_unwanted(plan.wanted)
+        self._issue(plan, cancels)
 
-    def _issue(self, plan) -> None:
+    def _issue(self, plan, cancels: dict[int, list]) -> None:
+        """One `prefetch` call per worker that has orders or cancellations this step, one `stage` per node."""
+        t0 = time.perf_counter()
         dl = np.asarray(self.moe_layers)
         hbm = plan.target == TARGET_HBM
-        by_worker: dict[int, list] = {}
+        by_worker: dict[int, list] = {wi: [] for wi in cancels}
         for i in np.flatnonzero(hbm).tolist():
             l, e = int(plan.layer[i]), int(plan.expert[i])
             req = plan.request[i]
@@ -388,7 +393,7 @@ class PrefetchCoordinator:
                 (int(dl[l]), e, float(plan.priority[i]), req, victims, tiers))
             self.order_req[(l, e)] = req
         for wi, items in by_worker.items():
-            self.workers[self.wids[wi]].prefetch.remote(items)
+            self.workers[self.wids[wi]].prefetch.remote(items, cancels.get(wi))
         if hbm.any():
             self.inflight[plan.layer[hbm], plan.expert[hbm]] = True
             self.inflight_step[plan.layer[hbm], plan.expert[hbm]] = self.step
@@ -405,22 +410,26 @@ class PrefetchCoordinator:
                     self.storage[node][0].stage.remote(items)
             self.staging[plan.layer[st], plan.expert[st]] = True
             self.staged += int(st.sum())
+        self._submit_s = time.perf_counter() - t0
 
-    def _cancel_unwanted(self, wanted: np.ndarray) -> None:
-        """In-flight orders that no request predicts any more (the prediction changed): cancel what is still
-        queued at the worker."""
+    def _cancel_unwanted(self, wanted: np.ndarray) -> dict[int, list]:
+        """In-flight orders that no request predicts any more (the prediction changed): worker index -> the
+        (decoder layer, expert) items to cancel where still queued (sent with this step's orders)."""
         stale = self.inflight & ~wanted & (self.inflight_step < self.step)
         if not stale.any():
-            return
+            return {}
         l, e = np.nonzero(stale)
         dl = np.asarray(self.moe_layers)
-        for wi in np.unique(self.owner[l, e]).tolist():
-            m = self.owner[l, e] == wi
-            self.workers[self.wids[wi]].cancel.remote(items=[(int(dl[a]), int(b)) for a, b in zip(l[m], e[m])])
+        out = {}
+        own = self.owner[l, e]
+        for wi in np.unique(own).tolist():
+            m = own == wi
+            out[wi] = [(int(dl[a]), int(b)) for a, b in zip(l[m], e[m])]
         self.tel.record_cancel(l, e)
         self.inflight[l, e] = False
         for k in zip(l.tolist(), e.tolist()):
             self.order_req.pop(k, None)
+        return out
 
     def _adapt(self) -> None:
         rt = self.tel.runtime_totals()
@@ -435,11 +444,14 @@ class PrefetchCoordinator:
     async def stats(self) -> dict:
         snap = self.tel.snapshot()
         t = np.array(self.step_times) if self.step_times else np.zeros(1)
+        dec = t - (np.array(self.submit_times) if self.submit_times else 0.0)
         snap.update(policy=self.pf.policy, steps=self.step, batches=self.batches, staged=self.staged,
                     dropped_batches=self.dropped, live_requests=len(self.requests),
                     denied={str(k): v for k, v in self.denied.items()}, restarted=self.restarted,
                     inflight=int(self.inflight.sum()), staging=int(self.staging.sum()),
                     step_ms_p50=float(np.percentile(t, 50) * 1e3), step_ms_p99=float(np.percentile(t, 99) * 1e3),
+                    decision_ms_p50=float(np.percentile(dec, 50) * 1e3),
+                    decision_ms_p99=float(np.percentile(dec, 99) * 1e3),
                     predictor_state_bytes=int(self.predictor.state_nbytes()))
         if self.metrics is not None:
             try:
@@ -448,9 +460,10 @@ class PrefetchCoordinator:
                 pass
         return snap
 
-    async def step_times_s(self) -> list[float]:
-        """Seconds spent handling each of the last batches (jobs.bench_coordinator reads them)."""
-        return list(self.step_times)
+    async def step_times_s(self) -> tuple[list[float], list[float]]:
+        """Seconds spent handling each of the last batches, and of those submitting the orders
+        (jobs.bench_coordinator reads them)."""
+        return list(self.step_times), list(self.submit_times)
 
     async def ping(self) -> bool:
         return True

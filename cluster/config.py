@@ -98,6 +98,16 @@ class S3Tier(_Model):
 Tier = Annotated[Union[DramTier, NvmeTier, S3Tier], Field(discriminator="kind")]
 
 
+class MissRates(_Model):
+    """Rates for the per-miss choice between waiting for a transfer and computing on the CPU from the DRAM tier
+    (policies/cost_model.py); `measure` refines link_Bps from the worker's own loads."""
+    link_Bps: float = Field(gt=0)
+    link_latency_s: float = Field(0.0, ge=0)
+    device_flops: float = Field(gt=0)
+    cpu_flops: float = Field(gt=0)
+    measure: bool = False
+
+
 class WorkersConfig(_Model):
     count: int = Field(2, ge=1)
     hbm_budget_bytes: ByteSize = ByteSize(256 << 20)
@@ -106,6 +116,8 @@ class WorkersConfig(_Model):
     # how a MoE layer reaches the workers: plain actor calls, or a Ray Compiled Graph on the steady decode path
     # (every expert resident), falling back to plain calls for a worker that misses
     dispatch: Literal["plain", "compiled"] = "plain"
+    # None: a miss always waits for its load into the cache; else the cost model decides per miss
+    miss_rates: MissRates | None = None
 
 
 class StorageActorsConfig(_Model):

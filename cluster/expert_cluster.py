@@ -375,7 +375,8 @@ class ExpertCluster:
         self.workers[wid] = cls.options(num_gpus=w.num_gpus_per_worker, num_cpus=0, max_concurrency=16,
                                         name=f"expert-worker-{wid}", namespace=self.cfg.ray.namespace,
                                         scheduling_strategy=strategy).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage,
-                                                 device=w.device, policy=self.policy)
+                                                 device=w.device, policy=self.policy,
+                                                 miss_rates=w.miss_rates.model_dump() if w.miss_rates else None)
         return wid
 
     def shutdown(self) -> None:

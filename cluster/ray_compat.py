@@ -17,6 +17,7 @@ def init_ray(cfg: ClusterConfig, **extra) -> None:
     if r.address:
         kw["address"] = r.address
     else:
+        kw["address"] = "local"   # a new local Ray even when a `ray start` cluster runs on this machine
         if r.num_cpus is not None:
             kw["num_cpus"] = r.num_cpus
         if r.object_store_memory is not None:

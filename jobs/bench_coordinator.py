@@ -10,8 +10,11 @@ something to predict; a 25% HBM cache; every expert in NVMe and S3):
   step      the coordinator's whole per-batch handling (score + observe + predict + plan + issue) in process,
             with handles whose `.remote` does nothing: the decision logic without Ray's submission cost
   actor     the real PrefetchCoordinator actor fed one batch per layer step by `.remote()` (as runtimes do),
-            with sink worker / storage actors; its own per-batch timing (includes submitting the orders)
-Prints a table and writes JSON: {"planner"|"step"|"actor": {"p50_ms", "p99_ms", "mean_ms", "n"}, "config": ...}.
+            with sink worker / storage actors; its own per-batch timing, split into actor_decision (everything
+            but submitting the orders) and actor_submit (the `.remote()` calls to the workers / storage actors:
+            one per worker with orders or cancellations that step)
+Prints a table and writes JSON: {"planner"|"step"|"actor"|"actor_decision"|"actor_submit": {"p50_ms", "p99_ms",
+"mean_ms", "n"}, "config": ...}.
 """
 from __future__ import annotations
 
@@ -149,7 +152,7 @@ def bench_actor(args, routes) -> dict:
 
     @ray.remote(num_cpus=0)
     class Sink:
-        def prefetch(self, items):
+        def prefetch(self, items, cancel=None):
             return len(items)
 
         def cancel(self, request=None, items=None, requests=None):
@@ -164,7 +167,7 @@ def bench_actor(args, routes) -> dict:
     pf, geo, owner = coordinator_args(args)
     pf = pf.model_copy(update={"refresh_s": 0.05})
     W = args.workers
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", namespace="bench-coordinator")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", namespace="bench-coordinator")
     try:
         sinks = {w: Sink.remote() for w in range(W)}
         store = Sink.remote()
@@ -186,9 +189,12 @@ def bench_actor(args, routes) -> dict:
                 break
         ray.get(pending)
         s = ray.get(coord.stats.remote())
-        times = ray.get(coord.step_times_s.remote())
-        out = pct(times[args.warmup:])
-        out.update(dropped=dropped, issued=s["prefetches"]["issued"], recall_at_1=s["recall_at_k"].get(1))
+        times, submit = ray.get(coord.step_times_s.remote())
+        t, sub = np.array(times[args.warmup:]), np.array(submit[args.warmup:])
+        out = {"actor": pct(t), "actor_decision": pct(t - sub), "actor_submit": pct(sub)}
+        out["actor"].update(dropped=dropped, issued=s["prefetches"]["issued"],
+                            orders_per_step=s["prefetches"]["issued"] / max(s["steps"], 1),
+                            recall_at_1=s["recall_at_k"].get(1))
         return out
     finally:
         ray.shutdown()
@@ -213,14 +219,14 @@ def main(argv=None) -> dict:
     res = {"config": vars(args), "planner": bench_planner(args, routes), "step": bench_step(args, routes)}
     if not args.no_actor:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        res["actor"] = bench_actor(args, routes)
+        res.update(bench_actor(args, routes))
     print(f"coordinator decision time per layer step: L={args.layers} E={args.experts} W={args.workers} "
           f"k={args.top_k} requests={args.requests} window={args.window} policy={args.policy}")
-    print(f"{'what':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>8}")
-    for k in ("planner", "step", "actor"):
+    print(f"{'what':<16}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>8}")
+    for k in ("planner", "step", "actor", "actor_decision", "actor_submit"):
         if k in res:
             r = res[k]
-            print(f"{k:<10}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['n']:>8}")
+            print(f"{k:<16}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['n']:>8}")
     with open(args.json, "w") as f:
         json.dump(res, f, indent=2)
     return res

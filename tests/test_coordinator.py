@@ -34,7 +34,7 @@ def env(tmp_path_factory):
     prompts = [tok.encode(t).ids for t in TEXTS]
     config, dense, experts = load_checkpoint(EMBEDDED)
     ref = generate(MoEModel.from_dense(config, dense, LocalExperts(experts)), prompts, NEW)
-    ray.init(num_cpus=4, include_dashboard=False, namespace="test-coord", object_store_memory=256 << 20,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="test-coord", object_store_memory=256 << 20,
              logging_level="ERROR")
     yield {"store": store, "man": man, "prompts": prompts, "ref": ref}
     ray.shutdown()

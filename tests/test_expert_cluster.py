@@ -17,7 +17,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def ray_local():
     torch.set_num_threads(1)
-    ray.init(num_cpus=4, include_dashboard=False, namespace="test-cluster", object_store_memory=256 << 20,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="test-cluster", object_store_memory=256 << 20,
              logging_level="ERROR")
     yield
     ray.shutdown()

@@ -23,7 +23,7 @@ def env(tmp_path_factory, moto_server, s3_bucket):
     root = tmp_path_factory.mktemp("ew")
     ckpt, man = tiny_store(root, f"file://{root}/nvme", f"s3://{s3_bucket}/expert-worker",
                            endpoint_url=moto_server.endpoint_url)
-    ray.init(num_cpus=4, include_dashboard=False, namespace="test-ew", object_store_memory=256 << 20,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="test-ew", object_store_memory=256 << 20,
              logging_level="ERROR", runtime_env={"env_vars": {k: os.environ[k] for k in
                                                               ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                                                "NO_PROXY")}})
@@ -149,3 +149,68 @@ def test_budget_smaller_than_one_expert_is_a_clear_error(env):
     w = W.remote(0, man.to_json(), man.expert_bytes - 1, storage(env, "small"))
     with pytest.raises(ray.exceptions.RayActorError, match="smaller than one expert"):
         ray.get(w.ping.remote())
+
+
+def _check_exact(env, y, layer, experts, counts, x):
+    start = 0
+    for e, n in zip(experts, counts):
+        assert torch.equal(as_tensor(y[start:start + n]), reference(env, layer, e, x[start:start + n]))
+        start += n
+
+
+@pytest.mark.parametrize("cpu_wins", [True, False])
+def test_cost_model_computes_misses_on_cpu_or_waits_from_configured_rates(env, cpu_wins):
+    """Configured rates decide: a slow link and a fast host -> misses are computed from the DRAM tier in place
+    (nothing cached); a fast link -> they wait for the load into the cache, as without a cost model."""
+    rates = (dict(link_Bps=1e3, link_latency_s=0.0, device_flops=1e12, cpu_flops=1e12) if cpu_wins else
+             dict(link_Bps=1e15, link_latency_s=0.0, device_flops=1e12, cpu_flops=1e6))
+    w = worker(env, f"cost-{cpu_wins}", budget_blobs=4, miss_rates=rates)
+    x = np.random.default_rng(1).standard_normal((3, env["manifest"].model.hidden_size)).astype(np.float32)
+    y, (hits, misses, phits, stall, tier_bytes) = ray.get(w.compute.remote(0, [1, 2], [2, 1], x, True))
+    _check_exact(env, y, 0, [1, 2], [2, 1], x)
+    st = ray.get(w.stats.remote())
+    assert (hits, misses) == (0, 2) and stall >= 0
+    if cpu_wins:
+        assert st["cpu_computes"] == 2 and st["used_bytes"] == 0 and st["loads"] == 0
+    else:
+        assert st["cpu_computes"] == 0 and st["resident"] == 2 and st["loads"] == 2
+        assert sum(tier_bytes.values()) == 2 * env["manifest"].expert_bytes   # the reply says what was loaded
+
+
+def test_named_victim_prefetch_never_evicts_anything_else(env):
+    man = env["manifest"]
+    w = worker(env, "victims", budget_blobs=2, prefetch_concurrency=1)
+    x = np.ones((1, man.model.hidden_size), np.float32)
+    ray.get(w.compute.remote(0, [0], [1], x))
+    ray.get(w.compute.remote(0, [1], [1], x))               # full: (0, 0), (0, 1)
+
+    def settle():
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            s = ray.get(w.stats.remote())
+            if s["queued_prefetches"] == 0 and s["prefetch_loads"] + s["prefetch_dropped"] >= settle.n:
+                return s
+            time.sleep(0.02)
+        raise AssertionError("prefetches did not settle")
+    settle.n = 1
+    ray.get(w.prefetch.remote([(1, 0, 1.0, "r", [])]))      # no victims named and no room: dropped
+    s = settle()
+    assert s["prefetch_dropped"] == 1 and sorted(map(tuple, ray.get(w.resident.remote()))) == [(0, 0), (0, 1)]
+    settle.n = 2
+    ray.get(w.prefetch.remote([(1, 0, 1.0, "r", [(0, 1)])]))  # only (0, 1) may go, though (0, 0) is the LRU
+    settle()
+    assert sorted(map(tuple, ray.get(w.resident.remote()))) == [(0, 0), (1, 0)]
+
+
+def test_tierset_without_dram_reads_storage_and_leaves_dram_alone(env):
+    sa = storage(env, "tierset")
+    node, [h] = next(iter(sa.items()))
+    ref, tier = ray.get(h.get_tiered.remote(0, 3, ["nvme"]))
+    assert tier == "nvme" and ray.get(h.resident.remote()) == []      # not cached in DRAM on its behalf
+    assert ray.get(h.stage.remote([(0, 3)], ["nvme"])) == 0 and ray.get(h.resident.remote()) == []
+    ray.get(h.stage.remote([(0, 3)]))
+    assert [tuple(k) for k in ray.get(h.resident.remote())] == [(0, 3)]
+    _, tier = ray.get(h.get_tiered.remote(0, 3))
+    assert tier == "dram"
+    blob = ray.get(ref)
+    assert blob.nbytes == env["manifest"].blob(0, 3).size

@@ -27,7 +27,7 @@ def store(tmp_path_factory, moto_server, s3_bucket):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False, namespace="test-storage", object_store_memory=256 << 20,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="test-storage", object_store_memory=256 << 20,
              logging_level="ERROR",
              runtime_env={"env_vars": {k: os.environ[k] for k in
                                        ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "NO_PROXY")}})
