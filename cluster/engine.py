@@ -46,6 +46,7 @@ from .model import MoEModel, sample
 log = logging.getLogger(__name__)
 
 _MODEL_EOS = object()
+DEFAULT_MAX_LEN = 4096   # a 32k-context model would otherwise reserve 32k KV slots per row
 
 
 @dataclass
@@ -232,7 +233,7 @@ class Engine:
                  eos_token_id=_MODEL_EOS, max_queue: int | None = None,
                  on_request_end: Callable[[str], None] | None = None):
         """max_len: the context of one request (prompt + generated tokens), default the config's
-        max_position_embeddings. eos_token_id: int, list, or None for no stop token (default: the config's).
+        max_position_embeddings up to DEFAULT_MAX_LEN (the KV cache holds max_batch x max_len slots per layer). eos_token_id: int, list, or None for no stop token (default: the config's).
         max_queue: requests that may wait beyond the free rows before submit() raises EngineOverloaded (None:
         unbounded).
         on_request_end(request_id): called in the engine thread when a request finishes (default: the expert
@@ -241,7 +242,7 @@ class Engine:
         assert max_batch >= 1, f"max_batch must be >= 1, got {max_batch}"
         self.model = model
         self.max_batch = max_batch
-        self.max_len = int(max_len or model.args.max_position_embeddings)
+        self.max_len = int(max_len or min(model.args.max_position_embeddings, DEFAULT_MAX_LEN))
         assert self.max_len >= 1, f"max_len must be >= 1, got {max_len}"
         eos = model.args.eos_token_ids if eos_token_id is _MODEL_EOS else \
             () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)

@@ -49,7 +49,7 @@ class ServeArgs(BaseModel):
     model_name: str = "moe-expert-cluster"   # the `model` clients name; any other is a 404
     max_batch: int = Field(8, ge=1, le=1024)     # KV rows: requests decoded together
     max_queue: int = Field(32, ge=0)             # requests waiting for a row before 503
-    max_len: int | None = Field(None, ge=1)      # context per request (default: the model's)
+    max_len: int | None = Field(None, ge=1)      # context per request (default: the model's, at most 4096)
     max_tokens_limit: int = Field(1024, ge=1)    # the most a request may ask for
     retry_after_s: int = Field(1, ge=0)
     num_replicas: int = Field(1, ge=1)           # Serve: replicas, each with its own ExpertCluster
