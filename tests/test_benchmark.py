@@ -1,0 +1,78 @@
+"""`python -m jobs.benchmark policies` on a tiny trace, end to end through the real cluster (one Ray instance for
+the module, started and stopped by the benchmark itself): its counts against references computed from the trace
+alone — the LRU replay of policies/replay.py for the workers' caches, the number of expert uses, bytes = loads x
+blob size — and the simulator's prediction of the same run sitting beside the measurement."""
+import json
+
+import numpy as np
+import pytest
+
+from jobs.benchmark import cut_trace, main
+from policies.replay import access_sequence, cache_hit_rate
+from policies.traces import synthetic_trace
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    tr = synthetic_trace(72, 3, 8, 1, correlation=0.8, num_requests=3, seed=11)   # top-1: replay order is exact
+    path = str(d / "tiny.npz")
+    tr.save_npz(path)
+    out = str(d / "out.json")
+    assert main(["policies", "--trace", path, "--expert-mib", "0.03", "--policies",
+                 "on_demand,oracle,resident,cross_layer", "--workers", "1", "--batch", "1", "--requests", "3",
+                 "--tokens", "72", "--work", str(d / "work"), "--json", out]) == 0
+    with open(out) as f:
+        # the benchmark replays the first 3 requests, at most 72 // 3 rows each: the references use that piece
+        return cut_trace(tr, None, 72, 3), json.load(f), d
+
+
+def test_on_demand_matches_the_lru_replay(run):
+    tr, res, _ = run
+    m = res["policies"]["on_demand"]
+    ref = cache_hit_rate(tr, 0.25, "lru")
+    assert m["uses"] == ref.accesses == len(access_sequence(tr))
+    assert m["hits"] == ref.hits, "one worker, batch 1, top-1: the worker's LRU cache is the replay's"
+    assert m["loads"] == m["misses"] == ref.accesses - ref.hits
+    assert m["bytes_moved"] == m["loads"] * res["expert_bytes"]
+    assert m["tokens"] == tr.num_tokens
+
+
+def test_resident_oracle_and_coordinator(run):
+    tr, res, _ = run
+    pol = res["policies"]
+    assert pol["resident"]["hit_rate"] == 1.0 and pol["resident"]["loads"] == 0
+    o = pol["oracle"]
+    assert o["hits"] + o["misses"] == o["uses"] == pol["on_demand"]["uses"]
+    assert o["prefetch_loads"] > 0 and o["prefetch_hits"] > 0
+    assert o["bytes_moved"] == o["loads"] * res["expert_bytes"]
+    c = pol["cross_layer"]
+    assert "error" not in c, c.get("error")
+    assert c["uses"] == pol["on_demand"]["uses"]
+    assert c["coordinator"] and c["coordinator"]["steps"] > 0, "routing reached the PrefetchCoordinator"
+    for p, m in pol.items():
+        assert m["speedup"] == pytest.approx(m["tokens_per_s"] / pol["on_demand"]["tokens_per_s"])
+
+
+def test_calibration_and_simulated_prediction(run):
+    tr, res, d = run
+    cal = res["calibration"]
+    assert cal["load_s_per_expert"] > 0 and cal["expert_s"] > 0 and cal["expert_bytes"] == res["expert_bytes"]
+    sim = res["simulated"]["policies"]
+    # the simulator replays the same trace with the same cache: on_demand's hit rate is the same number
+    assert sim["on_demand"]["hit_rate"] == pytest.approx(res["policies"]["on_demand"]["hit_rate"])
+    assert set(res["simulated"]["ratio_sim_over_measured"]) >= {"on_demand", "oracle"}
+    assert (d / "out.png").stat().st_size > 0
+
+
+def test_cut_trace_keeps_requests_and_layers():
+    tr = synthetic_trace(100, 4, 8, 2, num_requests=5, seed=1)
+    c = cut_trace(tr, 2, 40, 4)
+    assert (c.num_layers, c.num_requests) == (2, 4)
+    lens = np.diff(c.offsets)
+    assert (lens <= 10).all()
+    for r in range(4):
+        a = tr.offsets[r]
+        assert np.array_equal(c.experts[c.offsets[r]:c.offsets[r + 1]], tr.experts[a:a + lens[r], :2])
