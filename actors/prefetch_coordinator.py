@@ -329,7 +329,15 @@ class PrefetchCoordinator:
         self.submit_times.append(self._submit_s)
         if self.metrics is not None:
             self.metrics.step.observe(self.step_times[-1], tags=self.metrics.tags)
+            if self.step % 256 == 0:   # Prometheus sees progress without anyone calling stats()
+                self._export()
         self._maybe_poll()
+
+    def _export(self, snap: dict | None = None) -> None:
+        try:
+            self.metrics.export(snap or self.tel.snapshot(), self.staged, self.dropped)
+        except Exception:  # noqa: BLE001 - an export problem must not break serving
+            pass
 
     def _observe(self, ev: dict, table) -> None:
         li = self.layer_idx.get(int(ev["layer"]))
@@ -454,10 +462,7 @@ class PrefetchCoordinator:
                     decision_ms_p99=float(np.percentile(dec, 99) * 1e3),
                     predictor_state_bytes=int(self.predictor.state_nbytes()))
         if self.metrics is not None:
-            try:
-                self.metrics.export(snap, self.staged, self.dropped)
-            except Exception:  # noqa: BLE001 - an export problem must not break stats
-                pass
+            self._export(snap)
         return snap
 
     async def step_times_s(self) -> tuple[list[float], list[float]]:
