@@ -97,10 +97,21 @@ def cluster_config(a: ServeArgs):
     from cluster.config import EMBEDDED, load_config
     from jobs.generate import build_config
     if a.store:
-        return build_config(SimpleNamespace(config=a.config, store=a.store, endpoint_url=a.endpoint_url,
-                                            workers=a.workers, hbm_budget=a.hbm_budget))
-    base = load_config(a.config)
-    tiers = [t.model_dump() for t in base.tiers if not (t.kind == "s3" and t.endpoint_url == EMBEDDED)]
+        cfg = build_config(SimpleNamespace(config=a.config, store=a.store, endpoint_url=a.endpoint_url,
+                                           workers=a.workers, hbm_budget=a.hbm_budget))
+    else:
+        cfg = _config_tiers(a, load_config(a.config), embedded=EMBEDDED)
+    tiers = cfg.storage_tiers
+    if tiers and all(t.kind == "nvme" and not os.path.exists(os.path.join(t.path, "manifest.json")) for t in tiers):
+        raise FileNotFoundError(
+            f"no expert store at {[t.path for t in tiers]} (no manifest.json): run `python -m jobs.demo` or "
+            f"`python -m jobs.convert --checkpoint DIR --store file://{tiers[0].path}` first, or pass store=URI")
+    return cfg
+
+
+def _config_tiers(a: ServeArgs, base, embedded: str):
+    """The config file's tiers without the demo's embedded S3 server, and the worker overrides."""
+    tiers = [t.model_dump() for t in base.tiers if not (t.kind == "s3" and t.endpoint_url == embedded)]
     workers = base.workers.model_dump()
     if a.workers:
         workers["count"] = a.workers

@@ -232,6 +232,26 @@ def test_request_metrics_reach_rays_prometheus_export(url):
     assert seen.get("ray_moe_expert_cache_total", 0) > 0
 
 
+def test_app_arguments_and_store_are_checked_before_anything_starts(tmp_path):
+    from jobs.serve_app import ServeArgs, build_app, cluster_config
+    with pytest.raises(ValueError, match=r"max_batch: Input should be greater than or equal to 1"):
+        build_app({"max_batch": 0})
+    with pytest.raises(ValueError, match=r"bogus: Extra inputs are not permitted"):
+        build_app({"bogus": 1})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"tiers:\n  - {{kind: dram, budget_bytes: 1MiB}}\n  - {{kind: nvme, path: {tmp_path}/none}}\n"
+                   f"  - {{kind: s3, uri: s3://b/p, endpoint_url: embedded}}\n"
+                   f"tier_sets: {{default: [dram, nvme, s3], cold: [s3]}}\n")
+    with pytest.raises(FileNotFoundError, match=r"no expert store at .*none.*python -m jobs.demo"):
+        cluster_config(ServeArgs(config=str(cfg)))
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "manifest.json").write_text("{}")
+    c = cluster_config(ServeArgs(config=str(cfg), workers=3, hbm_budget="2MiB"))
+    # the demo-only embedded S3 tier is left out, with the TierSet that held only it
+    assert [t.name for t in c.tiers] == ["dram", "nvme"] and c.tier_sets == {"default": ["dram", "nvme"]}
+    assert c.workers.count == 3 and c.workers.hbm_budget_bytes == 2 << 20
+
+
 def test_serve_config_yaml_is_valid_and_names_this_app():
     import yaml
     from ray.serve.schema import ServeDeploySchema
