@@ -297,7 +297,7 @@ class Engine:
 
     def submit(self, req: GenerationRequest) -> RequestHandle:
         """Queue a request (thread-safe). Raises RequestError for an invalid one (it never enters the batch) and
-        EngineOverloaded when max_queue requests already wait."""
+        EngineOverloaded when max_queue requests already wait beyond the free rows."""
         try:
             self.validate(req)
         except RequestError:
