@@ -161,7 +161,8 @@ class PrefetchCoordinator:
         self.staged = self.dropped = self.batches = 0
         self.step_times: deque = deque(maxlen=4096)     # seconds per batch, all of it
         self.submit_times: deque = deque(maxlen=4096)   # of which submitting the orders (Ray .remote calls)
-        self._submit_s = 0.0
+        self.predictor_times: deque = deque(maxlen=4096)  # of which in the predictor (observe + predict)
+        self._submit_s = self._pred_s = 0.0
         self._adapt_mark = (0, 0, 0.0, 0, 0)   # used, wasted, stall_s, misses, step at the last adaptation
         self._poll_task = None
         self._last_poll = 0.0
@@ -320,13 +321,15 @@ class PrefetchCoordinator:
         self.tel.record_runtime(batch.get("runtime"), batch.get("counters") or {})
         self.dropped = max(self.dropped, int((batch.get("counters") or {}).get("publish_dropped", 0)))
         table = batch["requests"]
+        self._submit_s = 0.0
+        self._pred_s = 0.0
         for ev in batch["layers"]:
             self._observe(ev, table)
         self.step += 1
-        self._submit_s = 0.0
         self._decide()
         self.step_times.append(time.perf_counter() - t0)
         self.submit_times.append(self._submit_s)
+        self.predictor_times.append(self._pred_s)
         if self.metrics is not None:
             self.metrics.step.observe(self.step_times[-1], tags=self.metrics.tags)
             if self.step % 256 == 0:   # Prometheus sees progress without anyone calling stats()
@@ -355,8 +358,10 @@ class PrefetchCoordinator:
             if last is not None and tok < last[0] and li <= last[1]:
                 self._end([req], keep_meta=True)
             self.tel.record_truth(req, tok * self.L + li, ids[n], resident_before[n])
+            tp = time.perf_counter()
             self.predictor.observe(RoutingEvent(req, tok, li, ids[n], w[n],
                                                 None if hidden is None else hidden[n]))
+            self._pred_s += time.perf_counter() - tp
             self.requests[req] = (tok, li)
         used = np.unique(ids)
         self.tel.record_use(li, used)
@@ -375,7 +380,9 @@ class PrefetchCoordinator:
         for req, (tok, li) in self.requests.items():
             tiers, tenant, budget = self.meta.get(req, (self.tier_set, None, None))
             horizon = max(1, int(window * self.planner.budget_factor(budget)))   # the planner's own cut
+            tp = time.perf_counter()
             c = self.predictor.predict(req, horizon)
+            self._pred_s += time.perf_counter() - tp
             if len(c):
                 self.tel.record_prediction(req, tok * self.L + li, c.distance, c.layer, c.expert, c.prob, thr)
             views.append(RequestView(req, c, tiers, tenant, budget))
@@ -468,7 +475,7 @@ class PrefetchCoordinator:
     async def step_times_s(self) -> tuple[list[float], list[float]]:
         """Seconds spent handling each of the last batches, and of those submitting the orders
         (jobs.bench_coordinator reads them)."""
-        return list(self.step_times), list(self.submit_times)
+        return list(self.step_times), list(self.submit_times), list(self.predictor_times)
 
     async def ping(self) -> bool:
         return True

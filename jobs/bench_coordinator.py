@@ -8,11 +8,14 @@ something to predict; a 25% HBM cache; every expert in NVMe and S3):
   planner   policies/ranking.PrefetchPlanner.plan alone (pure numpy) on the candidates of `requests` live
             requests, each predicting `window` layers ahead with the policy's predictor
   step      the coordinator's whole per-batch handling (score + observe + predict + plan + issue) in process,
-            with handles whose `.remote` does nothing: the decision logic without Ray's submission cost
+            with handles whose `.remote` does nothing: the decision logic without Ray's submission cost; split
+            into step_predictor (the predictor's observe + predict) and step_excl_predictor (the rest)
   actor     the real PrefetchCoordinator actor fed one batch per layer step by `.remote()` (as runtimes do),
-            with sink worker / storage actors; its own per-batch timing, split into actor_decision (everything
-            but submitting the orders) and actor_submit (the `.remote()` calls to the workers / storage actors:
-            one per worker with orders or cancellations that step)
+            with sink worker / storage actors (prefetched experts become resident in a 25% cache); its own
+            per-batch timing, split into actor_decision (everything but submitting the orders; also without the
+            predictor) and actor_submit (the `.remote()` calls: one per worker with orders or cancellations)
+`*_cpu` rows are the thread's CPU time for the same calls (time.thread_time): on a shared, overloaded machine
+wall-clock percentiles mostly measure preemption, CPU time what the code costs.
 Prints a table and writes JSON: {"planner"|"step"|"actor"|"actor_decision"|"actor_submit": {"p50_ms", "p99_ms",
 "mean_ms", "n"}, "config": ...}.
 """
@@ -78,7 +81,7 @@ def bench_planner(args, routes) -> dict:
     owner = np.tile(np.arange(E) % W, (L, 1))
     rng = np.random.default_rng(1)
     planner = PrefetchPlanner(PlannerConfig(max_inflight_bytes=64 * nbytes))
-    times = []
+    times, cpu = [], []
     steps = 0
     for t in range(routes.shape[0]):
         for l in range(L):
@@ -92,13 +95,16 @@ def bench_planner(args, routes) -> dict:
             view = ClusterView(owner, np.zeros(W, np.int64), present, np.full((L, E), nbytes),
                                np.maximum(cap - used, 0), np.array([64 * nbytes]))
             reqs = [RequestView(b, pred.predict(b, args.window)) for b in range(B)]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             planner.plan(reqs, view, args.window)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
             steps += 1
             if steps >= args.steps:
-                return pct(times[args.warmup:])
-    return pct(times[args.warmup:])
+                break
+        if steps >= args.steps:
+            break
+    return {"planner": pct(times[args.warmup:]), "planner_cpu": pct(cpu[args.warmup:])}
 
 
 def batches(args, routes):
@@ -134,15 +140,22 @@ def bench_step(args, routes) -> dict:
     c.dram_budget[:] = 64 << 20
     c._maybe_poll = lambda: None
 
+    cpu = []
+
     async def run():
         n = 0
         for b in batches(args, routes):
+            c0 = time.thread_time()
             await c.publish(b)
+            cpu.append(time.thread_time() - c0)
             n += 1
             if n >= args.steps:
                 break
     asyncio.run(run())
-    return pct(list(c.step_times)[args.warmup:])
+    t = np.array(list(c.step_times)[args.warmup:])
+    p = np.array(list(c.predictor_times)[args.warmup:])
+    return {"step": pct(t), "step_cpu": pct(cpu[args.warmup:]), "step_predictor": pct(p),
+            "step_excl_predictor": pct(t - p)}
 
 
 def bench_actor(args, routes) -> dict:
@@ -150,9 +163,22 @@ def bench_actor(args, routes) -> dict:
 
     from actors.prefetch_coordinator import PrefetchCoordinator
 
+    cap = args.layers * args.experts // 4 // args.workers     # experts per worker: a 25% cache
+
     @ray.remote(num_cpus=0)
     class Sink:
+        """A worker's bookkeeping without bytes: prefetched experts become resident (named victims out first,
+        then the oldest), so the coordinator sees a full cache after warm-up, as in serving."""
+        def __init__(self):
+            self.res: dict = {}
+
         def prefetch(self, items, cancel=None):
+            for it in items:
+                for v in (it[4] if len(it) > 4 and it[4] else ()):
+                    self.res.pop(tuple(v), None)
+                self.res[(it[0], it[1])] = True
+                while len(self.res) > cap:
+                    self.res.pop(next(iter(self.res)))
             return len(items)
 
         def cancel(self, request=None, items=None, requests=None):
@@ -162,7 +188,7 @@ def bench_actor(args, routes) -> dict:
             return 0
 
         def snapshot(self):
-            return [], [], 0, args.layers * args.experts // 4 // args.workers << 20
+            return list(self.res), [], len(self.res) << 20, cap << 20
 
     pf, geo, owner = coordinator_args(args)
     pf = pf.model_copy(update={"refresh_s": 0.05})
@@ -189,9 +215,10 @@ def bench_actor(args, routes) -> dict:
                 break
         ray.get(pending)
         s = ray.get(coord.stats.remote())
-        times, submit = ray.get(coord.step_times_s.remote())
-        t, sub = np.array(times[args.warmup:]), np.array(submit[args.warmup:])
-        out = {"actor": pct(t), "actor_decision": pct(t - sub), "actor_submit": pct(sub)}
+        times, submit, pred = ray.get(coord.step_times_s.remote())
+        t, sub, pr = (np.array(a[args.warmup:]) for a in (times, submit, pred))
+        out = {"actor": pct(t), "actor_decision": pct(t - sub), "actor_decision_excl_predictor": pct(t - sub - pr),
+               "actor_submit": pct(sub)}
         out["actor"].update(dropped=dropped, issued=s["prefetches"]["issued"],
                             orders_per_step=s["prefetches"]["issued"] / max(s["steps"], 1),
                             recall_at_1=s["recall_at_k"].get(1))
@@ -216,17 +243,18 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     tokens = args.steps // args.layers + 2
     routes = routing(args.layers, args.experts, args.top_k, args.requests, tokens)
-    res = {"config": vars(args), "planner": bench_planner(args, routes), "step": bench_step(args, routes)}
+    res = {"config": vars(args), **bench_planner(args, routes), **bench_step(args, routes)}
     if not args.no_actor:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         res.update(bench_actor(args, routes))
     print(f"coordinator decision time per layer step: L={args.layers} E={args.experts} W={args.workers} "
           f"k={args.top_k} requests={args.requests} window={args.window} policy={args.policy}")
-    print(f"{'what':<16}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>8}")
-    for k in ("planner", "step", "actor", "actor_decision", "actor_submit"):
+    print(f"{'what':<32}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>8}")
+    for k in ("planner", "planner_cpu", "step", "step_cpu", "step_predictor", "step_excl_predictor", "actor", "actor_decision",
+              "actor_decision_excl_predictor", "actor_submit"):
         if k in res:
             r = res[k]
-            print(f"{k:<16}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['n']:>8}")
+            print(f"{k:<32}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['n']:>8}")
     with open(args.json, "w") as f:
         json.dump(res, f, indent=2)
     return res
