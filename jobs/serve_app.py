@@ -257,7 +257,14 @@ class CompletionServer:
         ws = await asyncio.gather(*[w.stats.remote() for w in self.cluster.workers.values()],
                                   return_exceptions=True)
         ws = [w for w in ws if isinstance(w, dict)]
-        return {"engine": self.engine.snapshot(), "replica_pid": os.getpid(), "namespace": self.namespace,
+        coord = getattr(self.cluster, "coordinator", None)
+        if coord is not None:  # the prefetch coordinator's view: routing batches received, requests still live
+            try:
+                cs = await asyncio.wait_for(coord.stats.remote(), 10)
+                coord = {k: cs.get(k) for k in ("policy", "batches", "steps", "live_requests", "dropped_batches")}
+            except Exception as e:  # noqa: BLE001 - stats must answer even when the coordinator does not
+                coord = {"error": f"{type(e).__name__}: {e}"}
+        return {"coordinator": coord,"engine": self.engine.snapshot(), "replica_pid": os.getpid(), "namespace": self.namespace,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "workers": len(self.cluster.workers), "lost_workers": list(self.cluster.lost_workers),
                 "hits": sum(w.get("hits", 0) for w in ws), "misses": sum(w.get("misses", 0) for w in ws)}

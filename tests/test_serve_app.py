@@ -55,6 +55,7 @@ def url(tmp_path_factory):
     cfg = d / "cluster.yaml"
     cfg.write_text(f"ray: {{namespace: {NAMESPACE}}}\n"
                    f"workers: {{count: 2, hbm_budget_bytes: 1MiB}}\n"   # ~10 of 64 experts each: misses
+                   f"prefetch: {{policy: topk_frequency}}\n"            # a coordinator, fed by the engine
                    f"tiers:\n  - {{kind: dram, budget_bytes: 64MiB}}\n  - {{kind: nvme, path: {d}/store}}\n")
     torch.set_num_threads(1)
     # address="local": a new cluster even when another `ray start` cluster runs on this machine
@@ -101,6 +102,18 @@ def test_concurrent_completions_equal_generate_and_share_steps(url, reference):
     assert e["max_requests_in_step"] > 1 and e["steps_with_several"] > before["steps_with_several"]
     assert e["requests_done"] - before["requests_done"] == len(prompts)
     assert st["misses"] > 0  # the workers' caches hold a fraction of the experts: they were read from the store
+
+
+def test_the_prefetch_coordinator_hears_of_every_request_and_its_end(url):
+    """Routing events name each row's request (the engine's cache.requests) and on_request_end tells the
+    coordinator when a request is over: after the requests above, it has received batches and holds none live."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        c = requests.get(f"{url}/v1/stats", timeout=30).json()["coordinator"]
+        if c["batches"] and c["live_requests"] == 0:
+            break
+        time.sleep(0.5)
+    assert c["policy"] == "topk_frequency" and c["batches"] > 0 and c["live_requests"] == 0, c
 
 
 def test_streaming_yields_the_same_tokens(url, reference):
