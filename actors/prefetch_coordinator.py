@@ -376,16 +376,16 @@ class PrefetchCoordinator:
         if self.step % self.pf.adapt_every == 0:
             self._adapt()
         window = self.wc.window
-        views, thr = [], self.planner.cfg.threshold
+        views, scored = [], []
         for req, (tok, li) in self.requests.items():
             tiers, tenant, budget = self.meta.get(req, (self.tier_set, None, None))
             horizon = max(1, int(window * self.planner.budget_factor(budget)))   # the planner's own cut
             tp = time.perf_counter()
             c = self.predictor.predict(req, horizon)
             self._pred_s += time.perf_counter() - tp
-            if len(c):
-                self.tel.record_prediction(req, tok * self.L + li, c.distance, c.layer, c.expert, c.prob, thr)
+            scored.append((req, tok * self.L + li, c.distance, c.expert, c.prob))
             views.append(RequestView(req, c, tiers, tenant, budget))
+        self.tel.record_predictions(scored, self.planner.cfg.threshold)
         if not views or not self._polled:
             return
         plan = self.planner.plan(views, self.view(), window)

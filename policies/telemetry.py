@@ -28,8 +28,8 @@ import numpy as np
 @dataclass
 class _Pending:
     """Predictions of one request waiting for the truth: target position (token * L + layer) -> per distance
-    (top-k experts [k], above-threshold experts [m])."""
-    by_pos: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    (distance, top-k mask bool [E], above-threshold mask bool [E], how many above threshold)."""
+    by_pos: dict[int, list[tuple]] = field(default_factory=dict)
 
 
 class Telemetry:
@@ -58,16 +58,47 @@ class Telemetry:
     def record_prediction(self, request: Hashable, pos: int, distance: np.ndarray, layer: np.ndarray,
                           expert: np.ndarray, prob: np.ndarray, threshold: float) -> None:
         """Candidates predicted for `request` whose last observed position is `pos` (token * L + layer)."""
-        p = self._pending.setdefault(request, _Pending())
-        o = np.argsort(distance * 2.0 - prob, kind="stable")     # by distance, then prob desc (prob in (0, 1])
-        ds, es, ps = distance[o], expert[o], prob[o]
-        cuts = np.flatnonzero(np.r_[True, ds[1:] != ds[:-1], True])
-        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
-            d = int(ds[a])
+        self.record_predictions([(request, pos, distance, expert, prob)], threshold)
+
+    def record_predictions(self, items: list, threshold: float) -> None:
+        """Several requests' candidates at once: items of (request, pos, distance [n], expert [n], prob [n]).
+        Stores, per (request, target position, distance), bool [E] masks of the top-k and of the experts above
+        `threshold` (scoring then is a lookup)."""
+        items = [it for it in items if len(it[2])]
+        if not items:
+            return
+        D, E = self.D + 2, self.E
+        lens = [len(it[2]) for it in items]
+        rq = np.repeat(np.arange(len(items)), lens)
+        dist = np.concatenate([it[2] for it in items])
+        ex = np.concatenate([it[3] for it in items])
+        pr = np.concatenate([it[4] for it in items])
+        grp = rq * D + np.minimum(dist, D - 1)                    # (request, distance) groups
+        o = np.argsort(grp * 2.0 - pr, kind="stable")            # by group, then prob desc (prob in (0, 1])
+        g, e, p_ = grp[o], ex[o], pr[o]
+        start = np.empty(len(g), bool)
+        start[0] = True
+        np.not_equal(g[1:], g[:-1], out=start[1:])
+        first = np.flatnonzero(start)
+        rank = np.arange(len(g)) - np.repeat(first, np.diff(np.append(first, len(g))))
+        gi = np.cumsum(start) - 1                                 # group index per row
+        top = np.zeros((len(first), E), bool)
+        thr = np.zeros((len(first), E), bool)
+        k = rank < self.K
+        top[gi[k], e[k]] = True
+        t = p_ >= threshold
+        thr[gi[t], e[t]] = True
+        nthr = thr.sum(1)
+        for j, row in enumerate(first.tolist()):
+            d = int(dist[o[row]])
             if d > self.D:
-                break
-            e = es[a:b]
-            p.by_pos.setdefault(pos + d, []).append((d, e[:self.K], e[ps[a:b] >= threshold]))
+                continue
+            r = int(rq[o[row]])
+            req, pos = items[r][0], items[r][1]
+            pend = self._pending.get(req)
+            if pend is None:
+                pend = self._pending[req] = _Pending()
+            pend.by_pos.setdefault(pos + d, []).append((d, top[j], thr[j], int(nthr[j])))
 
     def record_truth(self, request: Hashable, pos: int, experts: np.ndarray, resident: np.ndarray) -> None:
         """The router selected `experts` [K] at position `pos` of `request`; `resident` [K] bool: each was in its
@@ -75,18 +106,21 @@ class Telemetry:
         self.events += 1
         self.selected += len(experts)
         p = self._pending.get(request)
-        preds = p.by_pos.pop(pos, None) if p is not None else None
-        if p is not None and p.by_pos:   # anything older than pos can no longer be scored
+        if p is None or not p.by_pos:
+            return
+        preds = p.by_pos.pop(pos, None)
+        if p.by_pos:   # anything older than pos can no longer be scored
             for old in [q for q in p.by_pos if q < pos]:
                 del p.by_pos[old]
+        if not preds:
+            return
         predicted = np.zeros(len(experts), bool)
-        for d, top, thr in preds or ():   # (np.isin is ~10x slower than broadcasting for these sizes)
-            hit_top = (experts[:, None] == top[None, :]).any(1)
-            hit_thr = (experts[:, None] == thr[None, :]).any(1)
+        for d, top, thr, nthr in preds:
+            hit_top, hit_thr = top[experts], thr[experts]
             self.recall_sum[d] += hit_top.sum() / self.K
             self.recall_n[d] += 1
             self.tp[d] += int(hit_thr.sum())      # experts are distinct: hits among thr = thr ∩ selected
-            self.predicted[d] += len(thr)
+            self.predicted[d] += nthr
             predicted |= hit_top | hit_thr
         self.timely += int((predicted & resident).sum())
 
