@@ -4,7 +4,9 @@ on-demand at the same cache budget, from the stats); stats are consistent; a ten
 error and no prefetch is made for it; killing the coordinator mid-generation changes no token, Ray restarts it and
 it resumes."""
 import os
+import socket
 import time
+import urllib.request
 
 import pytest
 import ray
@@ -34,9 +36,12 @@ def env(tmp_path_factory):
     prompts = [tok.encode(t).ids for t in TEXTS]
     config, dense, experts = load_checkpoint(EMBEDDED)
     ref = generate(MoEModel.from_dense(config, dense, LocalExperts(experts)), prompts, NEW)
+    with socket.socket() as sock:   # a free port for Ray's Prometheus endpoint
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="test-coord", object_store_memory=256 << 20,
-             logging_level="ERROR")
-    yield {"store": store, "man": man, "prompts": prompts, "ref": ref}
+             logging_level="ERROR", _metrics_export_port=port)
+    yield {"store": store, "man": man, "prompts": prompts, "ref": ref, "metrics_port": port}
     ray.shutdown()
 
 
@@ -112,6 +117,27 @@ def test_stats_are_consistent(env, prefetching):
     assert cs["window"] is not None and cs["window_history"]
     assert cs["live_requests"] == 0   # every request of the generation ended
     assert st["prefetch"]["dropped"] == 0 and cs["dropped_batches"] == 0
+
+
+def test_metrics_reach_prometheus(env, prefetching):
+    """ray.util.metrics from the actor, scraped from Ray's Prometheus endpoint as a Prometheus server would."""
+    c, _, _ = prefetching
+    cs = c.coordinator_stats()   # stats() exports the current totals
+    want = {"ray_moe_prefetch_issued_total": cs["prefetches"]["issued"],
+            "ray_moe_expert_misses_total": cs["misses"]}
+    seen: dict = {}
+    deadline = time.time() + 40
+    while time.time() < deadline and set(seen) != set(want):
+        time.sleep(2)
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{env['metrics_port']}/metrics", timeout=5).read()
+        except OSError:
+            continue
+        for line in text.decode().splitlines():
+            name = line.split("{")[0]
+            if name in want and 'policy="next_gate"' in line:
+                seen[name] = float(line.rsplit(" ", 1)[1])
+    assert seen == {k: float(v) for k, v in want.items()}, (seen, want)
 
 
 def test_denied_tenant_gets_clear_error_and_no_prefetch(env, prefetching):
