@@ -233,7 +233,8 @@ class Engine:
                  eos_token_id=_MODEL_EOS, max_queue: int | None = None,
                  on_request_end: Callable[[str], None] | None = None):
         """max_len: the context of one request (prompt + generated tokens), default the config's
-        max_position_embeddings up to DEFAULT_MAX_LEN (the KV cache holds max_batch x max_len slots per layer). eos_token_id: int, list, or None for no stop token (default: the config's).
+        max_position_embeddings up to DEFAULT_MAX_LEN (the KV cache holds max_batch x max_len slots per layer).
+        eos_token_id: int, list, or None for no stop token (default: the config's).
         max_queue: requests that may wait beyond the free rows before submit() raises EngineOverloaded (None:
         unbounded).
         on_request_end(request_id): called in the engine thread when a request finishes (default: the expert

@@ -264,7 +264,8 @@ class CompletionServer:
                 coord = {k: cs.get(k) for k in ("policy", "batches", "steps", "live_requests", "dropped_batches")}
             except Exception as e:  # noqa: BLE001 - stats must answer even when the coordinator does not
                 coord = {"error": f"{type(e).__name__}: {e}"}
-        return {"coordinator": coord,"engine": self.engine.snapshot(), "replica_pid": os.getpid(), "namespace": self.namespace,
+        return {"coordinator": coord, "engine": self.engine.snapshot(), "replica_pid": os.getpid(),
+                "namespace": self.namespace,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "workers": len(self.cluster.workers), "lost_workers": list(self.cluster.lost_workers),
                 "hits": sum(w.get("hits", 0) for w in ws), "misses": sum(w.get("misses", 0) for w in ws)}
@@ -375,7 +376,8 @@ def build_app(args: dict):
         raise ValueError("invalid jobs.serve_app arguments: " + "; ".join(
             f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
     return CompletionServer.options(
-        num_replicas=a.num_replicas, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
+        num_replicas=a.num_replicas, max_ongoing_requests=a.max_ongoing_requests,
+        max_queued_requests=a.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": a.retry_after_s},
         health_check_period_s=a.health_check_period_s, health_check_timeout_s=a.health_check_timeout_s,
         ray_actor_options={"num_cpus": a.num_cpus}).bind(a.model_dump())
