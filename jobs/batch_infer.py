@@ -1,0 +1,529 @@
+"""python -m jobs.batch_infer --config ray_config.yaml --input IN --output OUT [--store URI] [--max-batch N]
+
+Batch inference on one ExpertCluster: prompts from JSONL or Parquet (read with Ray Data), decoded together with
+continuous batching (cluster/engine.py: finished requests leave the batch, waiting ones join), one output row per
+prompt. Meant to run as a Ray job (the runtime_env is the one of ray_config.yaml):
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \
+        --runtime-env-json "$(python -m jobs.batch_infer --config ray_config.yaml --print-runtime-env)" \
+        -- python -m jobs.batch_infer --config ray_config.yaml --input prompts.jsonl --output out.jsonl
+
+Input rows: `id` (string or integer, unique), `prompt` (text, or a list of token ids), optional `max_tokens`
+(default --max-tokens), `temperature` (default 0: greedy), `top_p`, `seed`, `tenant`. JSONL is read line by
+line (`ray.data.read_text`) so one malformed line, a wrong type or a missing field costs only that row.
+
+Output rows (JSONL: one object a line; Parquet: OUT is a folder of part files, readable with
+`pandas.read_parquet(OUT)` / `ray.data.read_parquet(OUT)`):
+    id, row (input line / row number, 1-based), tenant, completion (text when the store has a tokenizer),
+    token_ids, tokens, prompt_tokens, finish_reason ("eos" | "length" | null), latency_s, ttft_s, hits, misses
+    (this request's expert-cache hits/misses), error (null, or what was wrong), finished_at (unix time).
+
+Durability: rows are committed in small groups — JSONL appended, flushed and fsync'ed; Parquet as part files
+written to a temporary name and renamed — so a crash loses nothing committed. A torn last JSONL line is dropped on
+the next start. Resume: a re-run skips every id that already has a successful row in OUT; rows that failed are
+dropped from OUT (atomically) and retried. Duplicate ids in the input are reported and only the first is decoded.
+The exit code is 0 when every row succeeded, 1 (after a summary) when any row failed or was a duplicate, 2 for
+bad arguments or configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROW_FIELDS = ("id", "row", "tenant", "completion", "token_ids", "tokens", "prompt_tokens", "finish_reason",
+              "latency_s", "ttft_s", "hits", "misses", "error", "finished_at")
+
+
+def _say(msg: str) -> None:
+    print(f"[batch_infer] {msg}", file=sys.stderr, flush=True)
+
+
+# -- input rows ---------------------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One validated input row, ready to become a GenerationRequest."""
+    id: str
+    row: int
+    prompt: object                   # str or list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    tenant: str | None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _plain(v):
+    """Ray Data hands list columns over as numpy arrays and ints as numpy scalars: back to Python."""
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
+
+
+def parse_row(raw, row: int, default_max_tokens: int) -> tuple[Item | None, str | None, str | None]:
+    """(item, None, id) for a good row, (None, error, id-or-None) for a bad one. `raw` is a dict (Parquet) or the
+    text of a JSONL line."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            return None, f"row {row}: not valid JSON: {e.msg} at column {e.colno}", None
+    if not isinstance(raw, dict):
+        return None, f"row {row}: expected a JSON object, got {type(raw).__name__}", None
+    raw = {k: _plain(v) for k, v in raw.items()}
+    rid = raw.get("id")
+    if rid is None:
+        return None, f"row {row}: id: missing", None
+    if not (_is_int(rid) or isinstance(rid, str)) or rid == "":
+        return None, f"row {row}: id: expected a non-empty string or an integer, got {rid!r:.40}", None
+    rid = str(rid)
+
+    def bad(what):
+        return None, f"row {row} (id {rid}): {what}", rid
+
+    p = raw.get("prompt")
+    if p is None:
+        return bad("prompt: missing")
+    if isinstance(p, str):
+        if not p:
+            return bad("prompt: empty")
+    elif isinstance(p, list):
+        if not p:
+            return bad("prompt: empty token list")
+        if not all(_is_int(t) and t >= 0 for t in p):
+            return bad("prompt: a token list must hold non-negative integers")
+    else:
+        return bad(f"prompt: expected text or a list of token ids, got {type(p).__name__}")
+    mt = raw.get("max_tokens", default_max_tokens)
+    mt = default_max_tokens if mt is None else mt
+    if isinstance(mt, float) and mt.is_integer():
+        mt = int(mt)  # Parquet/pandas may widen an int column with nulls to float
+    if not _is_int(mt) or mt < 1:
+        return bad(f"max_tokens: expected an integer >= 1, got {mt!r:.40}")
+    temp = raw.get("temperature")
+    temp = 0.0 if temp is None else temp
+    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not math.isfinite(temp) or temp < 0:
+        return bad(f"temperature: expected a number >= 0, got {temp!r:.40}")
+    top_p = raw.get("top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        return bad(f"top_p: expected a number in (0, 1], got {top_p!r:.40}")
+    seed = raw.get("seed")
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    if seed is not None and not _is_int(seed):
+        return bad(f"seed: expected an integer, got {seed!r:.40}")
+    tenant = raw.get("tenant")
+    if tenant is not None and not isinstance(tenant, str):
+        return bad(f"tenant: expected a string, got {type(tenant).__name__}")
+    return Item(rid, row, p, mt, float(temp), float(top_p), seed, tenant), None, rid
+
+
+def read_rows(path: str):
+    """Yield (row number, raw) from a JSONL file (raw: the line's text) or Parquet file/folder (raw: a dict),
+    streamed through Ray Data in input order."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True   # row numbers mean something; results come back in order anyway
+    ctx.enable_progress_bars = False              # our own progress lines are the ones to read
+    kw = {}
+    if "://" not in path:  # a file on this (the driver's) node: read it here, not on whichever node Ray picks
+        from cluster import ray_compat
+        kw["ray_remote_args"] = {"scheduling_strategy": ray_compat.pin_to_node(ray_compat.current_node_id())}
+    if _is_parquet(path):
+        for n, r in enumerate(ray.data.read_parquet(path, **kw).iter_rows(), 1):
+            yield n, dict(r)
+    else:
+        for n, r in enumerate(ray.data.read_text(path, drop_empty_lines=False, **kw).iter_rows(), 1):
+            if r["text"].strip():
+                yield n, r["text"]
+
+
+def _is_parquet(path: str) -> bool:
+    return path.rstrip("/").endswith((".parquet", ".pq"))
+
+
+# -- output sinks -------------------------------------------------------------------------------------------------
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JsonlSink:
+    """OUT as one JSONL file: appended, flushed and fsync'ed per commit."""
+
+    def __init__(self, path: str):
+        self.path = path
+        rows = []
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            good = data.rfind(b"\n") + 1            # a torn last line (crash mid-write) is not committed
+            for line in data[:good].splitlines():
+                if line.strip():
+                    rows.append(json.loads(line))
+            if good != len(data):
+                _say(f"{path}: dropping a torn last line ({len(data) - good} bytes) left by an interrupted run")
+        self.done = _done_ids(rows)
+        if len(self.done) != len(rows) or (os.path.exists(path) and good != len(data)):
+            # keep only the successful rows (first per id), atomically: failed ones are retried
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.done.values())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        self._f = open(path, "a")
+
+    def commit(self, rows: list[dict]) -> None:
+        self._f.write("".join(json.dumps(r) + "\n" for r in rows))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ParquetSink:
+    """OUT as a folder of Parquet part files, each written under a temporary name and renamed into place."""
+
+    def __init__(self, path: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        self.pa, self.pq, self.path = pa, pq, path
+        self.schema = pa.schema([("id", pa.string()), ("row", pa.int64()), ("tenant", pa.string()),
+                                 ("completion", pa.string()), ("token_ids", pa.list_(pa.int64())),
+                                 ("tokens", pa.int64()), ("prompt_tokens", pa.int64()),
+                                 ("finish_reason", pa.string()), ("latency_s", pa.float64()),
+                                 ("ttft_s", pa.float64()), ("hits", pa.int64()), ("misses", pa.int64()),
+                                 ("error", pa.string()), ("finished_at", pa.float64())])
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"--output {path}: a Parquet output is a folder of part files, and this is a file")
+        os.makedirs(path, exist_ok=True)
+        for t in glob.glob(os.path.join(path, "*.tmp")):
+            os.remove(t)                              # a part that never got renamed was never committed
+        parts = sorted(glob.glob(os.path.join(path, "part-*.parquet")))
+        rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
+        self.done = _done_ids(rows)
+        self._seq = 0
+        self._stamp = f"{int(time.time() * 1e3):x}-{os.getpid()}"
+        if len(self.done) != len(rows):
+            # rewrite the successful rows as one part, then drop the old parts; a crash in between leaves
+            # duplicates of successful rows, which the next start dedups (first per id wins)
+            self.commit(list(self.done.values()))
+            for p in parts:
+                os.remove(p)
+            _fsync_dir(path)
+
+    def commit(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self._seq += 1
+        final = os.path.join(self.path, f"part-{self._stamp}-{self._seq:05d}.parquet")
+        tmp = final + ".tmp"
+        table = self.pa.Table.from_pylist([{k: r.get(k) for k in ROW_FIELDS} for r in rows], schema=self.schema)
+        self.pq.write_table(table, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.path)
+
+    def close(self) -> None:
+        pass
+
+
+def _done_ids(rows: list[dict]) -> dict[str, dict]:
+    """id -> its first successful row."""
+    done: dict[str, dict] = {}
+    for r in rows:
+        if r.get("error") is None and r.get("id") is not None and r["id"] not in done:
+            done[r["id"]] = r
+    return done
+
+
+def open_sink(path: str):
+    return ParquetSink(path) if _is_parquet(path) else JsonlSink(path)
+
+
+class Committer:
+    """Buffers finished rows and commits them every `every_rows` rows or `every_s` seconds."""
+
+    def __init__(self, sink, every_rows: int = 16, every_s: float = 2.0):
+        self.sink, self.every_rows, self.every_s = sink, every_rows, every_s
+        self.buf: list[dict] = []
+        self.last = time.monotonic()
+
+    def add(self, row: dict) -> None:
+        self.buf.append(row)
+        if len(self.buf) >= self.every_rows or time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            self.sink.commit(self.buf)
+            self.buf = []
+        self.last = time.monotonic()
+
+
+# -- progress -----------------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    every_s: float = 5.0
+    t0: float = field(default_factory=time.monotonic)
+    rows: int = 0
+    ok: int = 0
+    failed: int = 0
+    tokens: int = 0
+    hits: int = 0
+    misses: int = 0
+    last: float = field(default_factory=time.monotonic)
+    cluster_hm: object = None        # () -> (hits, misses) of the whole cluster so far, when it can say
+
+    def add(self, row: dict) -> None:
+        self.rows += 1
+        if row["error"] is None:
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.tokens += row["tokens"] or 0
+        self.hits += row["hits"] or 0
+        self.misses += row["misses"] or 0
+        if time.monotonic() - self.last >= self.every_s:
+            self.log()
+
+    def line(self, hm: tuple[int, int] | None = None) -> str:
+        dt = max(1e-9, time.monotonic() - self.t0)
+        h, m = hm or (self.hits, self.misses)
+        return (f"{self.rows} rows done ({self.ok} ok, {self.failed} failed), {self.tokens} tokens, "
+                f"{self.tokens / dt:.1f} tokens/s, {self.rows / dt:.2f} rows/s, "
+                f"expert-cache hit rate {h / max(1, h + m):.1%} ({h} hits, {m} misses)")
+
+    def log(self) -> None:
+        self.last = time.monotonic()
+        _say(self.line(self.cluster_hm() if self.cluster_hm else None))
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+def build_config(args):
+    """ray_config.yaml, with the store given by --store (or, without it, the config's own tiers minus an
+    embedded S3 server, which only lives inside jobs.demo) and Ray joined when running as a Ray job."""
+    from cluster.config import EMBEDDED, load_config
+    from jobs import generate
+    if args.store:
+        cfg = generate.build_config(args)
+    else:
+        cfg = load_config(args.config)
+        keep = [t for t in cfg.tiers if not (t.kind == "s3" and t.endpoint_url == EMBEDDED)]
+        if len(keep) != len(cfg.tiers):
+            names = {t.name for t in keep}
+            sets = {k: [n for n in v if n in names] for k, v in cfg.tier_sets.items()}
+            cfg = cfg.model_validate({**cfg.model_dump(), "tiers": [t.model_dump() for t in keep],
+                                      "tier_sets": {k: v for k, v in sets.items() if v}})
+    # `ray job submit` runs this driver with RAY_ADDRESS set: join that cluster and let the job's runtime_env
+    # (submitted from ray_config.yaml, see --print-runtime-env) apply, rather than starting a local Ray
+    addr = os.environ.get("RAY_ADDRESS")
+    if addr and not cfg.ray.address:
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={
+            "address": addr, "runtime_env": {}, "num_cpus": None, "object_store_memory": None})})
+    return cfg
+
+
+def _result_row(res, item: Item, decode) -> dict:
+    err = getattr(res, "error", None)
+    ok = res.finish_reason != "error" and not err
+    ids = list(res.token_ids) if ok else []
+    return {"id": item.id, "row": item.row, "tenant": item.tenant,
+            "completion": decode(ids) if ok and decode else None, "token_ids": ids, "tokens": len(ids),
+            "prompt_tokens": res.prompt_tokens, "finish_reason": res.finish_reason if ok else None,
+            "latency_s": round(res.latency_s, 6) if res.latency_s is not None else None,
+            "ttft_s": round(res.ttft_s, 6) if getattr(res, "ttft_s", None) is not None else None,
+            "hits": int(res.hits or 0), "misses": int(res.misses or 0),
+            "error": None if ok else f"row {item.row} (id {item.id}): {err or 'generation failed'}",
+            "finished_at": time.time()}
+
+
+def _error_row(rid, row: int, tenant, error: str) -> dict:
+    return {"id": rid, "row": row, "tenant": tenant, "completion": None, "token_ids": [], "tokens": 0,
+            "prompt_tokens": None, "finish_reason": None, "latency_s": None, "ttft_s": None, "hits": 0,
+            "misses": 0, "error": error, "finished_at": time.time()}
+
+
+def _hm_since(c, base: dict) -> tuple[int, int]:
+    st = c.stats()
+    return st["hits"] - base["hits"], st["misses"] - base["misses"]
+
+
+def run(args) -> dict:
+    """The whole job; returns the summary."""
+    import ray
+
+    from cluster.engine import Engine, GenerationRequest
+    from cluster.expert_cluster import ExpertCluster
+
+    cfg = build_config(args)
+    sink = open_sink(args.output)
+    done = set(sink.done)
+    if done:
+        _say(f"{args.output}: {len(done)} ids already done; they are skipped")
+    committer = Committer(sink, args.commit_rows, args.commit_s)
+    prog = Progress(args.progress_s)
+    seen: dict[str, int] = {}          # id -> row number of its first occurrence in this input
+    duplicates: list[tuple[str, int, int]] = []
+    skipped = 0
+    errors: list[str] = []
+
+    def emit(row: dict) -> None:
+        committer.add(row)
+        prog.add(row)
+        if row["error"]:
+            errors.append(row["error"])
+
+    with ExpertCluster(cfg) as c:
+        storage = next(iter(c.storage.values()))[0]
+        tok_json = ray.get(storage.aux.remote("tokenizer.json"))
+        tok = None
+        if tok_json:
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_str(tok_json.decode())
+        base = c.stats()
+        prog.t0 = prog.last = time.monotonic()   # rates from the first request on, not from cluster start
+        prog.cluster_hm = lambda: _hm_since(c, base)
+        engine = Engine(c.model, max_batch=args.max_batch, max_len=args.max_len)
+        items: dict[str, Item] = {}
+        t_start = time.monotonic()
+        t_first_req = [None]             # when the first request reached the engine (input reading excluded)
+
+        def requests():
+            nonlocal skipped
+            for n, raw in read_rows(args.input):
+                item, err, rid = parse_row(raw, n, args.max_tokens)
+                if rid is not None:
+                    if rid in seen:
+                        duplicates.append((rid, seen[rid], n))
+                        _say(f"row {n}: id {rid} duplicates row {seen[rid]}; only the first is decoded")
+                        continue
+                    seen[rid] = n
+                    if rid in done:
+                        skipped += 1
+                        continue
+                if err is None and isinstance(item.prompt, str):
+                    if tok is None:
+                        err = (f"row {n} (id {rid}): prompt: the store has no tokenizer.json, so prompts must be "
+                               f"lists of token ids")
+                    else:
+                        item.prompt = tok.encode(item.prompt).ids
+                if err is not None:
+                    emit(_error_row(rid, n, item.tenant if item else None, err))
+                    continue
+                req = GenerationRequest(id=rid, prompt_ids=list(item.prompt), max_tokens=item.max_tokens,
+                                        temperature=item.temperature, top_p=item.top_p, seed=item.seed,
+                                        tenant=item.tenant)
+                items[rid] = item
+                if t_first_req[0] is None:
+                    t_first_req[0] = prog.t0 = time.monotonic()
+                yield req
+
+        decode = tok.decode if tok else None
+        for res in engine.run(requests()):
+            item = items.pop(res.id)
+            emit(_result_row(res, item, decode))
+        committer.flush()
+        t_end = time.monotonic()
+        wall = t_end - t_start
+        dec = t_end - (t_first_req[0] or t_end)
+        prog.log()
+        st = c.stats()
+        prog.cluster_hm = None
+    sink.close()
+    summary = {"input": args.input, "output": args.output, "rows": prog.rows, "ok": prog.ok,
+               "failed": prog.failed, "skipped_done": skipped, "duplicates": len(duplicates),
+               "tokens": prog.tokens, "seconds": round(wall, 3), "decode_seconds": round(dec, 3),
+               "rows_per_s": round(prog.ok / dec, 3) if dec else None,
+               "tokens_per_s": round(prog.tokens / dec, 2) if dec else None, "hits": prog.hits, "misses": prog.misses,
+               "cluster_hits": st["hits"] - base["hits"], "cluster_misses": st["misses"] - base["misses"],
+               "hit_rate": round((st["hits"] - base["hits"]) /
+                                 max(1, st["hits"] - base["hits"] + st["misses"] - base["misses"]), 4),
+               "bytes_by_tier": st["bytes_by_tier"], "engine": engine.snapshot(),
+               "max_batch": args.max_batch, "errors": errors[:20],
+               "duplicate_ids": [{"id": d[0], "first_row": d[1], "row": d[2]} for d in duplicates[:20]]}
+    return summary
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m jobs.batch_infer", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--config", default="ray_config.yaml")
+    ap.add_argument("--input", help="JSONL file, or Parquet file/folder (*.parquet); local or s3://...")
+    ap.add_argument("--output", help="*.jsonl file, or *.parquet folder of part files")
+    ap.add_argument("--store", default=None, help="file:///path or s3://bucket/prefix (default: the config's tiers)")
+    ap.add_argument("--endpoint-url", default=None, help="S3 endpoint for --store s3://...")
+    ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="for rows that do not say")
+    ap.add_argument("--max-len", type=int, default=None, help="context per request (default: the model's)")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--hbm-budget", default=None, help="per worker, e.g. 8MiB (default: ray_config.yaml)")
+    ap.add_argument("--commit-rows", type=int, default=16, help="commit output every this many rows ...")
+    ap.add_argument("--commit-s", type=float, default=2.0, help="... or this many seconds")
+    ap.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
+    ap.add_argument("--json", default=None, help="write the summary here too")
+    ap.add_argument("--print-runtime-env", action="store_true",
+                    help="print ray_config.yaml's ray.runtime_env as JSON (for ray job submit) and exit")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = make_parser()
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+    from cluster.config import ConfigError, load_config
+    if args.print_runtime_env:
+        try:
+            print(json.dumps(load_config(args.config).ray.runtime_env))
+        except ConfigError as e:
+            print(f"batch_infer: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.input or not args.output:
+        ap.error("--input and --output are required")
+    if "://" not in args.input and not os.path.exists(args.input):
+        print(f"batch_infer: error: --input {args.input}: no such file or folder", file=sys.stderr)
+        return 2
+    if args.max_batch < 1:
+        ap.error("--max-batch must be >= 1")
+    try:
+        summary = run(args)
+    except (ConfigError, ValueError) as e:
+        print(f"batch_infer: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    bad = summary["failed"] + summary["duplicates"]
+    if bad:
+        _say(f"FAILED: {summary['failed']} rows failed, {summary['duplicates']} duplicate ids "
+             f"(of {summary['rows']} rows; {summary['ok']} ok). First errors:")
+        for e in summary["errors"][:5]:
+            _say(f"  {e}")
+        for d in summary["duplicate_ids"][:5]:
+            _say(f"  row {d['row']}: id {d['id']} duplicates row {d['first_row']}")
+        return 1
+    _say(f"done: {summary['ok']} rows ok, {summary['skipped_done']} already done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
