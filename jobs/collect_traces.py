@@ -1,5 +1,5 @@
 """python -m jobs.collect_traces [--checkpoint DIR] [--requests N] [--prompt-bytes P] [--max-tokens M] [--hidden]
-                                 --out TRACE.npz
+                                 [--split heldout|train] [--seed S] --out TRACE.npz
 
 Record routing traces from the project's own runtime: for each request, prefill a prompt and decode greedily,
 and at every MoE layer keep the selected experts, their router weights and (with --hidden) the hidden state the
@@ -7,7 +7,10 @@ router saw — what next-gate speculation and learned predictors are trained and
 (../shared/traces) carry routing only. Output: the npz format of policies/traces.py, with `hidden` [T, L, H].
 
 Prompts are windows of the Python standard library's files that the embedded model held out from training
-(every 20th file), so traces of the embedded model measure it on text it has not seen. Routing does not depend
+(every 20th file), so traces of the embedded model measure it on text it has not seen (`--split heldout`, the
+default). `--split train` draws the windows from the other files instead: training data for learned predictors
+(`python -m jobs.train_predictor`) that never overlaps a held-out evaluation trace. When more windows are asked for
+than the split has files long enough, files are revisited at other random offsets. Routing does not depend
 on where experts live, so this runs the model in one process with every expert resident.
 """
 from __future__ import annotations
@@ -24,20 +27,35 @@ EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_mo
 
 def held_out_prompts(n: int, nbytes: int, seed: int) -> list[list[int]]:
     """n byte windows of `nbytes` from the stdlib files the embedded model never trained on."""
+    return prompts_from("heldout", n, nbytes, seed)
+
+
+def prompts_from(split: str, n: int, nbytes: int, seed: int) -> list[list[int]]:
+    """n byte windows of `nbytes` from the stdlib files of `split` ("heldout": every 20th file, which the embedded
+    model never trained on; "train": the rest). One window per file in a random file order; past the last file,
+    another round at fresh random offsets."""
     from jobs.train_tiny_moe import split_files, stdlib_files
-    _, val = split_files(stdlib_files())
+    train, val = split_files(stdlib_files())
+    if split not in ("heldout", "train"):
+        raise ValueError(f"split must be 'heldout' or 'train', got {split!r}")
+    files = val if split == "heldout" else train
     rng = np.random.default_rng(seed)
+    order = rng.permutation(len(files))
     out = []
-    for i in rng.permutation(len(val)):
-        data = val[i].read_bytes()
-        if len(data) <= nbytes:
-            continue
-        start = int(rng.integers(0, len(data) - nbytes))
-        out.append(list(data[start:start + nbytes]))
-        if len(out) == n:
+    for _ in range(max(1, -(-n // max(len(files), 1))) + 1):  # rounds over the files
+        long_enough = 0
+        for i in order:
+            data = files[i].read_bytes()
+            if len(data) <= nbytes:
+                continue
+            long_enough += 1
+            start = int(rng.integers(0, len(data) - nbytes))
+            out.append(list(data[start:start + nbytes]))
+            if len(out) == n:
+                return out
+        if not long_enough:
             break
-    assert len(out) == n, f"only {len(out)} held-out files are longer than {nbytes} bytes"
-    return out
+    raise AssertionError(f"only {len(out)} windows: no {split} file is longer than {nbytes} bytes")
 
 
 def collect(model, prompts: list[list[int]], max_tokens: int, hidden: bool):
@@ -89,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-bytes", type=int, default=96)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--hidden", action="store_true", help="also record the hidden state at every MoE layer")
+    ap.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                    help="which stdlib files the prompts come from (train: for training predictors)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -103,9 +123,10 @@ def main(argv=None) -> int:
         print(f"collect_traces: error: --prompt-bytes {a.prompt_bytes} + --max-tokens {a.max_tokens} exceeds the "
               f"model's context of {ctx}", file=sys.stderr)
         return 2
-    prompts = held_out_prompts(a.requests, a.prompt_bytes, a.seed)
+    prompts = prompts_from(a.split, a.requests, a.prompt_bytes, a.seed)
     trace = collect(model, prompts, a.max_tokens, a.hidden)
     trace.meta["checkpoint"] = os.path.abspath(a.checkpoint)
+    trace.meta.update(split=a.split, seed=a.seed)
     trace.save_npz(a.out)
     print(json.dumps({"out": a.out, "tokens": trace.num_tokens, "requests": trace.num_requests,
                       "moe_layers": trace.num_layers, "experts": trace.num_experts, "top_k": trace.top_k,

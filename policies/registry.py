@@ -84,8 +84,9 @@ def make_predictor(name: str, *, num_layers: int, num_experts: int, top_k: int, 
             raise ValueError(f"oracle: trace has L={got[0]} E={got[1]} K={got[2]}, asked for L={num_layers} "
                              f"E={num_experts} K={top_k}")
         return Oracle(trace, **kw)
-    if name == "topk_frequency":
-        return TopKFrequency(*geo, **kw)
+    if name == "topk_frequency":  # the seed's decay (§5: 0.999 per token) unless told otherwise
+        from .seed_strategies import SEED_TOPK_HALF_LIFE
+        return TopKFrequency(*geo, **{"half_life": SEED_TOPK_HALF_LIFE, **kw})
     if name == "cross_layer":
         return CrossLayerTransition(*geo, **kw)
     if name == "previous_token":

@@ -141,6 +141,7 @@ class NextGateSpeculation(Predictor):
     min_evidence    scored predictions per (distance, layer) before its calibrated tau replaces 1.
     """
     name = "speculation"
+    needs_hidden = True  # observe() requires RoutingEvent.hidden
 
     def __init__(self, gates: Mapping[int, np.ndarray], top_k: int, *, norms: Mapping[int, np.ndarray] | None = None,
                  max_horizon: int | None = None, temperature: float | None = None, calib_horizon: int = 4,

@@ -1,0 +1,190 @@
+"""Ensemble that learns which predictor to trust, from the truth that arrives at every layer.
+
+Every member observes every event. Right after an event at position q (token * L + layer) the ensemble asks every
+member for distances 1..C and keeps, per request, what each said about each target position. When the target's
+routing arrives, each member is scored before anything else happens: recall@k (the member's top-k against the
+true k experts) and precision (of the experts it gave P >= 0.5) per distance, decayed with `half_life`.
+
+Mixing: Hedge (multiplicative weights) per (target layer group, distance): log w[g, d, m] -= eta * (1 - recall@k of
+member m on that target), and the ensemble's P = sum_m softmax(log w)[m] * P_m (a mixture of probabilities, so
+still in [0, 1]); mode="pick" uses only the member of largest weight (ties: the earlier member). Log-weights are
+kept relative to their maximum and clipped at -`floor`, so a member that was bad once can recover after a workload
+change. Everything is a deterministic function of the events (no randomness).
+
+Members whose class sets `needs_hidden` (next-gate, learned, pre-gated) skip events without a hidden state. A
+member with `begin(request, ...)` (request-level) gets the ensemble's begin() calls.
+
+scores() -> plain dict for telemetry: per member and for the ensemble itself, recall@k and precision per distance,
+the number of scored targets, and the members' mean weight per distance.
+
+Memory: the weights [G, C, M]; score sums [M + 1, C]; per request the members' latest dense predictions [C, M, E]
+float32 and the pending top-k [C, C, M + 1, K] int16 and P >= 0.5 masks [C, C, M + 1, E] bool; end() drops them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Mapping
+
+import numpy as np
+
+from .predictors import Candidates, Predictor, RoutingEvent, _decay_factor, _from_dense, _Req
+
+
+def dense(c: Candidates, D: int, E: int) -> np.ndarray:
+    """Candidates -> float32 [D, E] (row d-1 = distance d; distances past D dropped)."""
+    P = np.zeros((D, E), np.float32)
+    m = c.distance <= D
+    P[c.distance[m] - 1, c.expert[m]] = c.prob[m]
+    return P
+
+
+def topk_rows(P: np.ndarray, k: int) -> np.ndarray:
+    """int64 [..., k]: the k largest of each row (ties: lower id, as Candidates.top), -1 where P is 0."""
+    idx = np.argsort(-P, axis=-1, kind="stable")[..., :k]
+    return np.where(np.take_along_axis(P, idx, -1) > 0, idx, -1)
+
+
+@dataclass
+class _EReq(_Req):
+    P: np.ndarray | None = None       # float32 [C, M, E]: members' predictions from the last event
+    top: np.ndarray | None = None     # int16 [C, C, M+1, K]: pending top-k, [target % C, distance - 1]
+    sel: np.ndarray | None = None     # bool [C, C, M+1, E]: pending P >= 0.5
+    ppos: np.ndarray | None = None    # int64 [C, C]: target position of each pending slot, -1 none
+
+
+class Ensemble(Predictor):
+    """members {name: Predictor} (same geometry). horizon C: distances scored and mixed. groups: layer groups."""
+    name = "ensemble"
+
+    def __init__(self, members: Mapping[str, Predictor], num_layers: int, num_experts: int, top_k: int, *,
+                 horizon: int = 4, groups: int = 4, eta: float = 2.0, floor: float = 20.0, mode: str = "mix",
+                 half_life: float | None = 4096.0, max_requests: int = 1024):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        bad = {n: (p.L, p.E, p.K) for n, p in members.items() if (p.L, p.E, p.K) != (num_layers, num_experts, top_k)}
+        if bad:
+            raise ValueError(f"members {bad} do not have the ensemble's geometry L={num_layers} E={num_experts} "
+                             f"K={top_k}")
+        if mode not in ("mix", "pick"):
+            raise ValueError(f"mode must be 'mix' or 'pick', got {mode!r}")
+        super().__init__(num_layers, num_experts, top_k, max_requests=max_requests)
+        self.names = list(members)
+        self.members = [members[n] for n in self.names]
+        self.hidden_only = np.array([getattr(p, "needs_hidden", False) for p in self.members])
+        M, self.C, self.G = len(self.members), int(horizon), max(1, min(int(groups), num_layers))
+        assert self.C >= 1, f"horizon must be >= 1, got {horizon}"
+        self.eta, self.floor, self.mode = float(eta), float(floor), mode
+        self.decay = _decay_factor(half_life)
+        self.logw = np.zeros((self.G, self.C, M))       # Hedge log-weights per (layer group, distance, member)
+        self.group = (np.arange(num_layers) * self.G) // num_layers   # [L] layer -> group
+        # decayed score sums per (member, or M = the ensemble itself; distance)
+        self.hits = np.zeros((M + 1, self.C))             # true experts in the top-k
+        self.n = np.zeros((M + 1, self.C))                # scored targets
+        self.sel = np.zeros((M + 1, self.C))              # experts given P >= 0.5
+        self.selhit = np.zeros((M + 1, self.C))           # ... of which true
+
+    # -- the interface -----------------------------------------------------------------------------------------
+    def begin(self, request: Hashable, *args, **kw) -> None:
+        """Forward to members that implement begin() (request-level prediction before the first decode step)."""
+        for p in self.members:
+            if hasattr(p, "begin"):
+                p.begin(request, *args, **kw)
+
+    def observe(self, event: RoutingEvent) -> None:
+        has_h = event.hidden is not None
+        for p, h in zip(self.members, self.hidden_only):
+            if has_h or not h:
+                p.observe(event)
+        super().observe(event)
+
+    def end(self, request: Hashable) -> None:
+        for p in self.members:
+            p.end(request)
+        super().end(request)
+
+    def weights(self) -> np.ndarray:
+        """float [G, C, M]: current mixing weights."""
+        w = np.exp(self.logw - self.logw.max(-1, keepdims=True))
+        return w / w.sum(-1, keepdims=True)
+
+    def scores(self) -> dict:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rec = self.hits / (self.n * self.K)
+            prec = self.selhit / self.sel
+        wmean = self.weights().mean(0)                     # [C, M]
+
+        def row(i):
+            return {"recall_at_k": _list(rec[i]), "precision": _list(prec[i]), "scored": _list(self.n[i])}
+        out = {"k": self.K, "distances": list(range(1, self.C + 1)), "mode": self.mode,
+               "members": {n: dict(row(i), weight=_list(wmean[:, i])) for i, n in enumerate(self.names)},
+               "ensemble": row(len(self.names))}
+        return out
+
+    # -- Predictor hooks -----------------------------------------------------------------------------------------
+    def _new_request(self) -> _EReq:
+        C, M, E, K = self.C, len(self.members), self.E, self.K
+        return _EReq(P=np.zeros((C, M, E), np.float32), top=np.full((C, C, M + 1, K), -1, np.int16),
+                     sel=np.zeros((C, C, M + 1, E), bool), ppos=np.full((C, C), -1, np.int64))
+
+    def _observe(self, st: _EReq, ev: RoutingEvent, experts: np.ndarray, adjacent: bool) -> None:
+        C, L, M = self.C, self.L, len(self.members)
+        q = ev.token * L + ev.layer
+        slot = q % C
+        pend = st.ppos[slot] == q                                           # [C] distances with predictions for q
+        if pend.any():
+            d = np.flatnonzero(pend)                                        # distance - 1
+            truth = np.zeros(self.E + 1, bool)                              # index E: the -1 (no prediction) slot
+            truth[experts] = True
+            hit = truth[st.top[slot, d]].sum(-1)                            # [n, M+1] true experts in the top-k
+            sel = st.sel[slot, d]                                           # [n, M+1, E]
+            nsel = sel.sum(-1)
+            selhit = sel[..., experts].sum(-1)
+            self.hits[:, d] = self.hits[:, d] * self.decay + hit.T
+            self.n[:, d] = self.n[:, d] * self.decay + 1.0
+            self.sel[:, d] = self.sel[:, d] * self.decay + nsel.T
+            self.selhit[:, d] = self.selhit[:, d] * self.decay + selhit.T
+            g = self.group[ev.layer]
+            lw = self.logw[g, d] - self.eta * (1.0 - hit[:, :M] / self.K)   # [n, M] Hedge on 1 - recall@k
+            lw -= lw.max(-1, keepdims=True)
+            self.logw[g, d] = np.maximum(lw, -self.floor)
+            st.ppos[slot, d] = -1
+        # the members' predictions from here, kept for predict() and scored when their targets arrive
+        for i, p in enumerate(self.members):
+            st.P[:, i] = dense(p.predict(ev.request, C), C, self.E)
+        mixed = self._mix(st.P, (q + np.arange(1, C + 1)) % L)              # [C, E]
+        tgt = q + np.arange(1, C + 1)
+        s, dd = tgt % C, np.arange(C)
+        st.top[s, dd, :M] = topk_rows(st.P, self.K)
+        st.top[s, dd, M] = topk_rows(mixed, self.K)
+        st.sel[s, dd, :M] = st.P >= 0.5
+        st.sel[s, dd, M] = mixed >= 0.5
+        st.ppos[s, dd] = tgt
+
+    def _mix(self, P: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """P [D, M, E] members' predictions for target layers [D] (D <= C) -> [D, E]."""
+        D = len(layers)
+        w = self.weights()[self.group[layers], np.arange(D)]               # [D, M]
+        if self.mode == "pick":
+            w = np.eye(w.shape[1])[np.argmax(w, -1)]
+        return np.einsum("dm,dme->de", w.astype(np.float32), P)
+
+    def _predict(self, request, st, tokens, layers) -> Candidates:
+        if getattr(st, "P", None) is None:  # nothing observed: ask the members directly (e.g. request-level)
+            D = min(len(layers), self.C)
+            P = np.stack([dense(p.predict(request, D), D, self.E) for p in self.members], 1)
+            return _from_dense(self._mix(P, layers[:D]), layers[:D])
+        D = min(len(layers), self.C)
+        return _from_dense(self._mix(st.P[:D], layers[:D]), layers[:D])
+
+    def _arrays(self):
+        return [self.logw, self.hits, self.n, self.sel, self.selhit]
+
+    def _req_nbytes(self, st: _EReq) -> int:
+        return sum(a.nbytes for a in (st.P, st.top, st.sel, st.ppos) if a is not None)
+
+    def state_nbytes(self) -> int:
+        return super().state_nbytes() + sum(p.state_nbytes() for p in self.members)
+
+
+def _list(a: np.ndarray) -> list:
+    return [None if not np.isfinite(x) else round(float(x), 6) for x in a]
