@@ -136,6 +136,69 @@ class TenantAccess(_Model):
     tiers: list[str] | None = None       # None: every tier
 
 
+class TenantAuth(_Model):
+    """One tenant of the Serve endpoint (docs/security.md). Its API keys are stored as SHA-256 hex digests
+    (`python -m jobs.hash_api_key`), never in clear; two digests during a rotation (old and new key both work)."""
+    api_key_sha256: list[str] = Field(min_length=1, repr=False)
+    models: list[str] | None = None      # served model names it may use (auth.models); None: all of them
+    tier_sets: list[str] | None = None   # TierSets it may use, its default first; None: any (default: the active)
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _digests(cls, v):
+        out = []
+        for i, h in enumerate(v):   # never echo the value: a key pasted here by mistake must not reach a log
+            s = h.strip().lower()
+            if len(s) != 64 or not set(s) <= set("0123456789abcdef"):
+                raise ValueError(f"[{i}] must be a SHA-256 digest (64 hex characters, python -m jobs.hash_api_key), "
+                                 f"got {len(s)} characters")
+            out.append(s)
+        return out
+
+
+class AuthConfig(_Model):
+    """API keys and tenants of the Serve endpoint. Off by default: the local demo needs no key."""
+    enabled: bool = False
+    models: list[str] = Field(default_factory=lambda: ["moe-expert-cluster"], min_length=1)  # names served here
+    tenants: dict[str, TenantAuth] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _tenants(self):
+        if self.enabled and not self.tenants:
+            raise ValueError("enabled is true but no tenants are configured: nobody could call the endpoint")
+        owner: dict[str, str] = {}
+        for name, t in self.tenants.items():
+            unknown = [m for m in t.models or [] if m not in self.models]
+            if unknown:
+                raise ValueError(f"tenants.{name}.models: unknown models {unknown} (served: {self.models})")
+            for i, h in enumerate(t.api_key_sha256):
+                if owner.get(h, name) != name:
+                    raise ValueError(f"tenants.{name}.api_key_sha256[{i}]: the same key is listed for tenant "
+                                     f"{owner[h]!r}; a key must name one tenant")
+                owner[h] = name
+        return self
+
+    def tenant_of(self, key: str) -> str | None:
+        """The tenant whose key this is, or None. Digests compared in constant time, every one of them, so the
+        time taken says nothing about which digest (or how much of one) matched."""
+        import hashlib
+        import hmac
+        d = hashlib.sha256(key.encode()).hexdigest().encode()
+        found = None
+        for name, t in self.tenants.items():
+            for h in t.api_key_sha256:
+                if hmac.compare_digest(d, h.encode()):
+                    found = name
+        return found
+
+
+def hash_api_key(key: str) -> str:
+    """The SHA-256 hex digest of an API key, as `auth.tenants.<name>.api_key_sha256` lists it."""
+    import hashlib
+    assert key and key == key.strip(), "an API key must be non-empty, without surrounding whitespace"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 class PrefetchConfig(_Model):
     """The PrefetchCoordinator (actors/prefetch_coordinator.py, docs/coordinator.md). policy on_demand: no
     coordinator at all (no routing traffic)."""
@@ -196,6 +259,7 @@ class ClusterConfig(_Model):
     storage_actors: StorageActorsConfig = StorageActorsConfig()
     prefetch: PrefetchConfig = PrefetchConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -216,7 +280,29 @@ class ClusterConfig(_Model):
             raise ValueError(f"active_tier_set: {self.active_tier_set!r} is not one of {sorted(sets)}")
         return self
 
+    @model_validator(mode="after")
+    def _tenant_tier_sets(self):
+        """Tenants name defined TierSets; with auth on, the coordinator's access rules follow the tenants' TierSets
+        (unless prefetch.tenants is given), so no prefetch reads a tier outside them."""
+        sets = dict(self.tier_sets) or {"default": [t.name for t in self.tiers]}
+        for name, t in self.auth.tenants.items():
+            unknown = [s for s in t.tier_sets or [] if s not in sets]
+            if unknown:
+                raise ValueError(f"auth.tenants.{name}.tier_sets: unknown TierSets {unknown} (defined: {sorted(sets)})")
+        if self.auth.enabled and self.prefetch.tenants is None:
+            rules = {name: {"models": None, "tiers": None if t.tier_sets is None else
+                            sorted({n for s in t.tier_sets for n in sets[s]})} for name, t in self.auth.tenants.items()}
+            object.__setattr__(self, "prefetch", self.prefetch.model_copy(update={"tenants": rules}))
+        return self
+
     # -- views ------------------------------------------------------------------------------------------------
+    def tier_set(self, name: str) -> list[str]:
+        """Tier names of the TierSet `name`, fastest first."""
+        sets = self.tier_sets or {"default": [t.name for t in self.tiers]}
+        if name not in sets:
+            raise KeyError(f"no TierSet named {name!r} (defined: {sorted(sets)})")
+        return list(sets[name])
+
     def tier(self, name: str):
         for t in self.tiers:
             if t.name == name:
@@ -282,10 +368,12 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Clust
     try:
         return ClusterConfig.model_validate(raw)
     except ValidationError as e:
+        # the auth section may hold a key pasted by mistake: its values are never echoed, nor chained
+        secret = any(err["loc"][:1] == ("auth",) for err in e.errors())
         lines = [f"{path}: {_fmt_loc(err['loc'])}: {err['msg']}" +
                  (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict)
-                  else "") for err in e.errors()]
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from e
+                  and err["loc"][:1] != ("auth",) else "") for err in e.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from (None if secret else e)
 
 
 def resolve_keys(cfg: ClusterConfig, environ=None) -> dict[str, bytes]:

@@ -78,3 +78,88 @@ def test_keys_resolved_once_from_env_and_never_in_errors(tmp_path):
     with pytest.raises(KeyError_) as e:
         resolve_keys(cfg, {"MY_KEY": "ab" * 20})  # wrong length
     assert "ab" * 20 not in str(e.value)
+
+
+# -- tenants and API keys (auth:, docs/security.md) --------------------------------------------------------------
+KEY_A, KEY_B = "mec-tenant-a-0123456789", "mec-tenant-b-9876543210"
+
+
+def auth_yaml(extra: str = "") -> str:
+    import hashlib
+    ha, hb = (hashlib.sha256(k.encode()).hexdigest() for k in (KEY_A, KEY_B))
+    return GOOD + textwrap.dedent(f"""
+    auth:
+      enabled: true
+      tenants:
+        acme: {{api_key_sha256: ["{ha.upper()}"], models: [moe-expert-cluster], tier_sets: [cold]}}
+        beta: {{api_key_sha256: ["{hb}"]}}
+    """) + extra
+
+
+def test_tenants_keys_and_derived_coordinator_rules(tmp_path):
+    from cluster.config import hash_api_key
+    cfg = load_config(write(tmp_path, auth_yaml()))
+    a = cfg.auth
+    assert a.enabled and a.tenants["acme"].api_key_sha256 == [hash_api_key(KEY_A)]   # digests normalised lower
+    assert a.tenant_of(KEY_A) == "acme" and a.tenant_of(KEY_B) == "beta"
+    assert a.tenant_of("mec-wrong") is None and a.tenant_of(KEY_A + " ") is None and a.tenant_of("") is None
+    assert cfg.tier_set("cold") == ["s3"]
+    # the coordinator's access rules follow the tenants' TierSets: acme's prefetches may read only s3
+    assert cfg.prefetch.tenants == {"acme": {"models": None, "tiers": ["s3"]}, "beta": {"models": None, "tiers": None}}
+    # digests are kept out of the config's repr (and so out of any log line that prints it)
+    for text in (repr(cfg), str(cfg), repr(a), repr(a.tenants["acme"])):
+        assert hash_api_key(KEY_A) not in text and hash_api_key(KEY_A).upper() not in text
+
+
+def test_auth_off_by_default_keeps_the_demo_keyless():
+    cfg = load_config("ray_config.yaml")
+    assert not cfg.auth.enabled and cfg.auth.tenants == {} and cfg.prefetch.tenants is None
+
+
+@pytest.mark.parametrize("extra, where, what", [
+    ("auth: {enabled: true}", "auth", "no tenants are configured"),
+    ("auth: {tenants: {x: {api_key_sha256: [abc123]}}}", "auth.tenants.x.api_key_sha256",
+     "64 hex characters"),
+    ("auth: {tenants: {x: {api_key_sha256: []}}}", "auth.tenants.x.api_key_sha256", "at least 1"),
+    (f"auth: {{tenants: {{x: {{api_key_sha256: ['{'0' * 64}'], models: [gpt-9]}}}}}}", "auth",
+     "tenants.x.models: unknown models ['gpt-9']"),
+    (f"auth: {{tenants: {{x: {{api_key_sha256: ['{'0' * 64}'], tier_sets: [cold, warm]}}}}}}", "(top level)",
+     "auth.tenants.x.tier_sets: unknown TierSets ['warm']"),
+    (f"auth: {{tenants: {{x: {{api_key_sha256: ['{'0' * 64}']}}, y: {{api_key_sha256: ['{'0' * 64}']}}}}}}",
+     "auth", "tenants.y.api_key_sha256[0]: the same key is listed for tenant 'x'"),
+    (f"auth: {{tenants: {{x: {{api_key_sha256: ['{'0' * 64}'], secret: 1}}}}}}", "auth.tenants.x.secret",
+     "Extra inputs"),
+])
+def test_invalid_auth_names_key_path(tmp_path, extra, where, what):
+    p = write(tmp_path, GOOD + extra)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and f": {where}:" in msg and what in msg, msg
+
+
+def test_a_raw_key_pasted_as_digest_is_never_echoed(tmp_path):
+    """A key put where its digest belongs is refused without the key in the message or the exception chain."""
+    p = write(tmp_path, GOOD + f"auth: {{tenants: {{x: {{api_key_sha256: ['{KEY_A}']}}}}}}")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "auth.tenants.x.api_key_sha256" in str(e.value)
+    chain, exc = [], e.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    assert not any(KEY_A in c for c in chain), chain
+
+
+def test_hash_api_key_reads_stdin_only(tmp_path):
+    import subprocess
+    import sys
+
+    from cluster.config import hash_api_key
+    r = subprocess.run([sys.executable, "-m", "jobs.hash_api_key"], input=KEY_A + "\n", capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == hash_api_key(KEY_A) and KEY_A not in r.stdout, r
+    assert hash_api_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2
+    r = subprocess.run([sys.executable, "-m", "jobs.hash_api_key", KEY_A], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, "a key on the command line is refused (it would land in the shell history)"
