@@ -316,6 +316,66 @@ class Progress:
         _say(self.line(self.cluster_hm() if self.cluster_hm else None))
 
 
+# -- stats timeline (jobs/report.py's schema) ------------------------------------------------------------------------
+class StatsRecorder:
+    """Samples the cluster's counters every interval_s from a background thread into the timeline schema of
+    jobs/report.py: per-interval hits, misses, stall seconds and bytes per tier (the runtime's expert counters),
+    and, with a PrefetchCoordinator, prefetches issued/used/wasted and the lookahead window."""
+
+    def __init__(self, cluster, interval_s: float, label: str):
+        import threading
+        self.c, self.interval_s, self.label = cluster, interval_s, label
+        self.timeline: list[dict] = []
+        self.t0 = time.monotonic()
+        self._prev = self._read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="batch-infer-stats", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict:
+        cnt = getattr(self.c.experts, "counters", None) or {}
+        cur = {"hits": cnt.get("hits", 0), "misses": cnt.get("misses", 0), "stall_s": cnt.get("stall_s", 0.0),
+               "bytes_by_tier": dict(cnt.get("bytes_by_tier", {}))}
+        co = self.c.coordinator_stats(timeout_s=5.0) if getattr(self.c, "coordinator", None) is not None else None
+        if co and isinstance(co.get("prefetches"), dict):
+            pf = co["prefetches"]
+            cur.update(prefetch_issued=pf.get("issued", 0), prefetch_used=pf.get("used", 0),
+                       prefetch_wasted=pf.get("wasted", 0), window=co.get("window"))
+        return cur
+
+    def sample(self) -> None:
+        cur, prev = self._read(), self._prev
+        s = {"t": round(time.monotonic() - self.t0, 3)}
+        for k in ("hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted"):
+            if k in cur and k in prev:
+                s[k] = max(0, cur[k] - prev[k])
+        s["stall_s"] = round(max(0.0, cur["stall_s"] - prev["stall_s"]), 6)
+        s["bytes_by_tier"] = {t: b - prev["bytes_by_tier"].get(t, 0) for t, b in cur["bytes_by_tier"].items()}
+        if cur.get("window") is not None:
+            s["window"] = cur["window"]
+        self.timeline.append(s)
+        self._prev = cur
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def close(self, path: str | None, report_dir: str | None) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        stats = {"schema": "moe-stats/1", "label": self.label, "interval_s": self.interval_s,
+                 "timeline": self.timeline}
+        if path:
+            with open(path, "w") as f:
+                json.dump(stats, f, indent=1)
+        if report_dir:
+            from jobs.report import render_report
+            rep = render_report(stats, report_dir)
+            _say(f"plots: {rep['files']['report']}" + (f" (absent: {', '.join(rep['absent'])})"
+                                                       if rep["absent"] else ""))
+
+
 # -- the run ------------------------------------------------------------------------------------------------------
 def build_config(args):
     """ray_config.yaml, with the store given by --store (or, without it, the config's own tiers minus an
@@ -402,6 +462,8 @@ def run(args) -> dict:
         prog.t0 = prog.last = time.monotonic()   # rates from the first request on, not from cluster start
         prog.cluster_hm = lambda: _hm_since(c, base)
         engine = Engine(c.model, max_batch=args.max_batch, max_len=args.max_len)
+        rec = StatsRecorder(c, args.stats_interval, f"batch_infer {os.path.basename(args.input)}, max_batch "
+                            f"{args.max_batch}") if (args.stats or args.report) else None
         items: dict[str, Item] = {}
         t_start = time.monotonic()
         t_first_req = [None]             # when the first request reached the engine (input reading excluded)
@@ -437,10 +499,14 @@ def run(args) -> dict:
                 yield req
 
         decode = tok.decode if tok else None
-        for res in engine.run(requests()):
-            item = items.pop(res.id)
-            emit(_result_row(res, item, decode))
-        committer.flush()
+        try:
+            for res in engine.run(requests()):
+                item = items.pop(res.id)
+                emit(_result_row(res, item, decode))
+        finally:
+            committer.flush()
+            if rec is not None:
+                rec.close(args.stats, args.report)
         t_end = time.monotonic()
         wall = t_end - t_start
         dec = t_end - (t_first_req[0] or t_end)
@@ -478,6 +544,9 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--commit-s", type=float, default=2.0, help="... or this many seconds")
     ap.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
     ap.add_argument("--json", default=None, help="write the summary here too")
+    ap.add_argument("--stats", default=None, help="write a stats timeline (jobs/report.py schema) here")
+    ap.add_argument("--stats-interval", type=float, default=1.0, help="seconds per stats sample")
+    ap.add_argument("--report", default=None, help="draw the stats as PNGs into this folder (jobs.report)")
     ap.add_argument("--print-runtime-env", action="store_true",
                     help="print ray_config.yaml's ray.runtime_env as JSON (for ray job submit) and exit")
     return ap

@@ -1,0 +1,259 @@
+"""`python -m jobs.batch_infer` as users run it: submitted with `ray.job_submission.JobSubmissionClient` to a local
+Ray cluster (dashboard/job server on 127.0.0.1), over a tiny store built here. Its greedy tokens must equal the
+runtime's in-process reference (cluster.model.generate over LocalExperts on the same checkpoint); a re-run skips
+what is done without recomputing it; bad rows get error rows and a non-zero exit while the others are right.
+Parquet in/out runs in-process on the same cluster; the durable sinks and row parsing are checked without Ray."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import tiny_store
+from jobs.batch_infer import JsonlSink, ParquetSink, parse_row
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# token-id prompts (the tiny store has no tokenizer): varied lengths and budgets, so requests finish at different
+# steps and waiting ones join the batch (--max-batch 2 < number of prompts)
+PROMPTS = {"a": ([5, 6, 7, 8], 9), "b": ([9, 10], 4), "c": ([11, 12, 13, 14, 15, 16, 17], 12), "d": ([3], 6),
+           "e": ([20, 21, 22], 3), "f": ([30, 31, 32, 33, 34], 7), "g": ([40, 41], 10)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("batch")
+    ckpt, _ = tiny_store(d, f"file://{d}/store", seed=5)
+    from cluster.model import LocalExperts, MoEModel, generate, load_checkpoint
+    config, dense, experts = load_checkpoint(ckpt)
+    model = MoEModel.from_dense(config, dense, LocalExperts(experts))
+    ref = {k: generate(model, [p], n)[0] for k, (p, n) in PROMPTS.items()}   # each prompt alone, greedy
+    return f"file://{d}/store", d, ref, model.args.vocab_size
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """One local Ray head with its job server, every port on 127.0.0.1 chosen free (other Ray clusters may run on
+    this machine: the default agent port 52365 may be taken), started as `ray start --head --block` and stopped
+    by terminating that process, which takes the cluster's processes with it. This module's process joins it."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+    gcs, dash, agent, agent_grpc, metrics, renv, client_port = (_free_port() for _ in range(7))
+    log = tmp_path_factory.mktemp("ray") / "ray_start.log"
+    # token auth off for this loopback-only test cluster (a token in ~/.ray would otherwise be demanded)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={renv}", f"--ray-client-server-port={client_port}", "--num-cpus=4",
+         f"--object-store-memory={256 << 20}", "--disable-usage-stats"],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client, deadline = None, time.monotonic() + 120
+        while client is None:
+            assert proc.poll() is None, f"ray start exited {proc.returncode}: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"job server on 127.0.0.1:{dash} never answered"
+            try:
+                client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        while True:  # the node's job agent registers a little after the job server answers
+            try:
+                client.submit_job(entrypoint="true")
+                break
+            except RuntimeError as e:
+                assert "No available agent" in str(e) and time.monotonic() < deadline, str(e)
+                time.sleep(0.5)
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(address=f"127.0.0.1:{gcs}", logging_level="WARNING")
+        yield client
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        os.environ.pop("RAY_AUTH_MODE", None)
+        # SIGTERM to the head's own process group (start_new_session: only what this fixture started), so every
+        # Ray process of this cluster stops at once rather than one after another
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+
+
+pytestmark = pytest.mark.ray
+
+
+def _submit(client, args, d):
+    """Submit like `ray job submit --working-dir . -- python -m jobs.batch_infer ...` with ray_config.yaml's
+    runtime_env; wait for the end. Returns (status, logs)."""
+    from cluster.config import load_config
+    from ray.job_submission import JobStatus
+    renv = load_config(os.path.join(ROOT, "ray_config.yaml")).ray.runtime_env
+    env_vars = {**renv.get("env_vars", {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} -m jobs.batch_infer --config ray_config.yaml " + " ".join(args),
+        runtime_env={**renv, "env_vars": env_vars, "working_dir": ROOT,
+                     "excludes": ["jobs/embedded_model", "tests", "docs"]})
+    deadline = time.monotonic() + 240
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"job {job} still {status} after 240 s:\n{client.get_job_logs(job)[-3000:]}"
+        time.sleep(0.5)
+    return status, client.get_job_logs(job), client.get_job_info(job)
+
+
+def test_job_matches_reference_resumes_and_reports_bad_rows(store, ray_cluster):
+    from ray.job_submission import JobStatus
+    uri, d, ref, vocab = store
+    common = ["--store", uri, "--workers", "1", "--hbm-budget", "256KiB", "--max-batch", "2", "--progress-s", "0"]
+    out = d / "out.jsonl"
+
+    # 1. five good prompts: the job succeeds and every completion is the in-process reference, token for token
+    inp1 = d / "in1.jsonl"
+    _write_jsonl(inp1, [{"id": k, "prompt": PROMPTS[k][0], "max_tokens": PROMPTS[k][1]} for k in "abcde"])
+    status, logs, info = _submit(ray_cluster, common + ["--input", str(inp1), "--output", str(out),
+                                                        "--json", str(d / "s1.json")], d)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    rows1 = _read_jsonl(out)
+    assert sorted(r["id"] for r in rows1) == list("abcde")
+    for r in rows1:
+        assert r["error"] is None and r["token_ids"] == ref[r["id"]], (r["id"], r["token_ids"], ref[r["id"]])
+        assert r["tokens"] == len(ref[r["id"]]) and r["prompt_tokens"] == len(PROMPTS[r["id"]][0])
+        assert r["finish_reason"] in ("eos", "length") and r["latency_s"] > 0
+    s1 = json.loads((d / "s1.json").read_text())
+    assert s1["ok"] == 5 and s1["failed"] == 0 and s1["tokens"] == sum(len(v) for k, v in ref.items() if k in "abcde")
+    assert s1["cluster_misses"] > 0 and 0 <= s1["hit_rate"] <= 1
+    assert s1["engine"]["max_requests_in_step"] == 2 and s1["engine"]["steps_with_several"] > 0   # batched
+    assert "rows done" in logs and "tokens/s" in logs and "hit rate" in logs       # progress lines
+
+    # 2. the same five, two new ones, bad rows and a duplicate id: the five are skipped (not recomputed), the new
+    #    ones are right, each bad row gets an error row naming what is wrong, and the job exits non-zero
+    inp2 = d / "in2.jsonl"
+    _write_jsonl(inp2, [{"id": k, "prompt": PROMPTS[k][0], "max_tokens": PROMPTS[k][1]} for k in "abcdefg"] + [
+        {"id": "no-prompt"},
+        {"id": "text", "prompt": "hello"},                       # the tiny store has no tokenizer
+        {"id": "bad-max", "prompt": [1, 2], "max_tokens": "x"},
+        {"id": "oov", "prompt": [1, vocab + 3]},                  # refused by the engine, not by the reader
+        "{not json",
+        {"id": "f", "prompt": [1]},                               # duplicate of f
+    ])
+    status, logs, info = _submit(ray_cluster, common + ["--input", str(inp2), "--output", str(out),
+                                                        "--json", str(d / "s2.json")], d)
+    assert status == JobStatus.FAILED, logs[-3000:]
+    assert "exit" in (info.message or "").lower() or "1" in (info.message or ""), info.message
+    rows2 = _read_jsonl(out)
+    by_id = {}
+    for r in rows2:
+        by_id.setdefault(r["id"], []).append(r)
+    for k in "abcde":  # byte-identical rows: same finish time, so not recomputed
+        assert by_id[k] == [r for r in rows1 if r["id"] == k], k
+    for k in "fg":
+        [r] = by_id[k]
+        assert r["error"] is None and r["token_ids"] == ref[k], (k, r["token_ids"], ref[k])
+    errs = {k: by_id[k][0]["error"] for k in ("no-prompt", "text", "bad-max", "oov")}
+    assert "prompt: missing" in errs["no-prompt"]
+    assert "no tokenizer.json" in errs["text"]
+    assert "max_tokens: expected an integer" in errs["bad-max"]
+    assert "prompt_ids" in errs["oov"] and "outside the vocabulary" in errs["oov"]
+    assert any(r["id"] is None and "not valid JSON" in r["error"] and r["row"] == 12 for r in rows2)
+    assert len(rows2) == 7 + 5   # one row per input row; the duplicate gets none
+    s2 = json.loads((d / "s2.json").read_text())
+    assert (s2["skipped_done"], s2["ok"], s2["failed"], s2["duplicates"]) == (5, 2, 5, 1)
+    assert s2["duplicate_ids"] == [{"id": "f", "first_row": 6, "row": 13}]
+    assert "5 ids already done" in logs and "FAILED: 5 rows failed, 1 duplicate ids" in logs
+
+
+def test_parquet_in_and_out(store, ray_cluster):
+    """Parquet input (prompt as a list column) and Parquet output (a folder of parts), run in-process on the
+    module's cluster; tokens equal the reference."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from jobs.batch_infer import main
+    uri, d, ref, _ = store
+    keys = ["g", "c", "b"]
+    pq.write_table(pa.table({"id": keys, "prompt": [PROMPTS[k][0] for k in keys],
+                             "max_tokens": [PROMPTS[k][1] for k in keys], "tenant": ["t1", None, "t2"]}),
+                   d / "in.parquet")
+    out = d / "out.parquet"
+    rc = main(["--config", os.path.join(ROOT, "ray_config.yaml"), "--store", uri, "--input", str(d / "in.parquet"),
+               "--output", str(out), "--workers", "1", "--hbm-budget", "256KiB", "--max-batch", "3"])
+    assert rc == 0
+    rows = pq.read_table(out).to_pylist()          # the folder of parts as one table
+    assert sorted(r["id"] for r in rows) == sorted(keys) and len(pd.read_parquet(out)) == len(keys)
+    for r in rows:
+        assert r["token_ids"] == ref[r["id"]] and r["error"] is None, r
+    assert {r["id"]: r["tenant"] for r in rows} == {"g": "t1", "c": None, "b": "t2"}
+
+
+# -- no Ray below ------------------------------------------------------------------------------------------------
+def test_jsonl_sink_recovers_a_torn_line_and_retries_failed_rows(tmp_path):
+    p = tmp_path / "o.jsonl"
+    good = {"id": "a", "error": None, "token_ids": [1]}
+    bad = {"id": "b", "error": "row 2 (id b): prompt: missing"}
+    p.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n" + '{"id": "c", "err')   # crash mid-write
+    s = JsonlSink(str(p))
+    assert set(s.done) == {"a"}
+    assert _read_jsonl(p) == [good]            # torn line and failed row gone, atomically
+    s.commit([{"id": "c", "error": None}])
+    s.close()
+    assert [r["id"] for r in _read_jsonl(p)] == ["a", "c"]
+    assert not os.path.exists(str(p) + ".tmp")
+
+
+def test_parquet_sink_ignores_uncommitted_parts_and_compacts(tmp_path):
+    import pyarrow.parquet as pq
+    out = tmp_path / "o.parquet"
+    s = ParquetSink(str(out))
+    s.commit([{"id": "a", "row": 1, "error": None, "token_ids": [1, 2]},
+              {"id": "b", "row": 2, "error": "row 2 (id b): prompt: missing", "token_ids": []}])
+    (out / "part-x.parquet.tmp").write_bytes(b"half a file")                           # never renamed
+    s2 = ParquetSink(str(out))
+    assert set(s2.done) == {"a"}
+    parts = sorted(os.listdir(out))
+    assert len(parts) == 1 and parts[0].endswith(".parquet")                           # compacted, tmp dropped
+    assert pq.read_table(out / parts[0]).to_pylist()[0]["token_ids"] == [1, 2]
+
+
+@pytest.mark.parametrize("raw, err", [
+    ('{"id": "x", "prompt": [1, 2]}', None),
+    ('{"id": 7, "prompt": "text", "max_tokens": 3, "temperature": 0.5, "seed": 1, "tenant": "t"}', None),
+    ('[1, 2]', "row 4: expected a JSON object"),
+    ('{"prompt": [1]}', "row 4: id: missing"),
+    ('{"id": true, "prompt": [1]}', "row 4: id: expected a non-empty string or an integer"),
+    ('{"id": "x", "prompt": []}', "row 4 (id x): prompt: empty token list"),
+    ('{"id": "x", "prompt": [1, -2]}', "row 4 (id x): prompt: a token list must hold non-negative integers"),
+    ('{"id": "x", "prompt": 5}', "row 4 (id x): prompt: expected text or a list of token ids, got int"),
+    ('{"id": "x", "prompt": [1], "max_tokens": 0}', "row 4 (id x): max_tokens: expected an integer >= 1"),
+    ('{"id": "x", "prompt": [1], "temperature": -1}', "row 4 (id x): temperature: expected a number >= 0"),
+    ('{"id": "x", "prompt": [1], "top_p": 0}', "row 4 (id x): top_p: expected a number in (0, 1]"),
+    ('{"id": "x", "prompt": [1], "tenant": 3}', "row 4 (id x): tenant: expected a string, got int"),
+])
+def test_parse_row(raw, err):
+    item, got, rid = parse_row(raw, 4, 16)
+    if err is None:
+        assert got is None and item.id == json.loads(raw)["id"].__str__() and item.max_tokens in (16, 3)
+    else:
+        assert item is None and got.startswith(err), got
