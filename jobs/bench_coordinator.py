@@ -16,6 +16,10 @@ something to predict; a 25% HBM cache; every expert in NVMe and S3):
             predictor) and actor_submit (the `.remote()` calls: one per worker with orders or cancellations)
 `*_cpu` rows are the thread's CPU time for the same calls (time.thread_time): on a shared, overloaded machine
 wall-clock percentiles mostly measure preemption, CPU time what the code costs.
+With --embedded, instead: the embedded model (jobs/embedded_model) served by a local ExpertCluster (2 workers whose
+caches hold 25% of the experts, experts on local disk) for each of --policies (on_demand first: the baseline),
+the same prompts, greedy: tokens/s, hits, misses, stall seconds, prefetches issued/used, timely recall; the tokens
+of every policy must equal on_demand's.
 Prints a table and writes JSON: {"planner"|"step"|"actor"|"actor_decision"|"actor_submit": {"p50_ms", "p99_ms",
 "mean_ms", "n"}, "config": ...}.
 """
@@ -227,6 +231,72 @@ def bench_actor(args, routes) -> dict:
         ray.shutdown()
 
 
+EMBEDDED_PROMPTS = ["def ", "import os\n", "class Foo(object):\n    def __init__(self", "    for i in range(",
+                    "x = ", "return ", "# Copyright", "if __name__ == '__main__':\n    "]
+
+
+def bench_embedded(args) -> dict:
+    import tempfile
+
+    import ray
+    import torch
+    from tokenizers import Tokenizer
+
+    from cluster.config import ClusterConfig
+    from cluster.expert_cluster import ExpertCluster
+    from storage_adapters.converter import convert, open_target, plan_conversion
+    import asyncio
+    torch.set_num_threads(1)
+    emb = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_model")
+    tok = Tokenizer.from_file(os.path.join(emb, "tokenizer.json"))
+    prompts = [tok.encode(t).ids for t in EMBEDDED_PROMPTS[:args.batch]]
+    out: dict = {"policies": {}}
+    with tempfile.TemporaryDirectory() as d:
+        store = os.path.join(d, "store")
+        man = asyncio.run(convert(plan_conversion(emb), [open_target("file://" + store)], progress=False)).manifest
+        budget = max(1, len(man.blobs) // 4 // 2) * man.expert_bytes      # 25% of the experts over 2 workers
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
+                 namespace="bench-coordinator-embedded", object_store_memory=256 << 20)
+        try:
+            base = None
+            for pol in args.policies.split(","):
+                cfg = ClusterConfig.model_validate({
+                    "ray": {"namespace": f"bench-{pol}"}, "workers": {"count": 2, "hbm_budget_bytes": budget},
+                    "tiers": [{"kind": "dram", "budget_bytes": 64 << 20}, {"kind": "nvme", "path": store}],
+                    "prefetch": {"policy": pol, "publish_every_layers": args.publish_every,
+                                 "lookahead_layers": args.lookahead_layers}})
+                with ExpertCluster(cfg) as c:
+                    c.generate(prompts, 2)                              # warm-up (first touches)
+                    t0 = time.perf_counter()
+                    toks = c.generate(prompts, args.new_tokens)
+                    dt = time.perf_counter() - t0
+                    time.sleep(0.3)
+                    st = c.stats()
+                    if base is None:
+                        base = toks
+                    assert toks == base, f"{pol}: tokens differ from {args.policies.split(',')[0]}"
+                    rt, cs = st["runtime"], st["prefetch"]["coordinator"] or {}
+                    out["policies"][pol] = {
+                        "tokens_per_s": sum(len(t) for t in toks) / dt, "hits": rt["hits"], "misses": rt["misses"],
+                        "hit_rate": rt["hits"] / max(rt["hits"] + rt["misses"], 1), "stall_s": rt["stall_s"],
+                        "prefetch_issued": cs.get("prefetches", {}).get("issued", 0),
+                        "prefetch_used": cs.get("prefetches", {}).get("used", 0),
+                        "timely_recall": cs.get("timely_recall"), "recall_at_k_d1": cs.get("recall_at_k", {}).get(1),
+                        "decision_ms_p50": cs.get("decision_ms_p50"), "decision_ms_p99": cs.get("decision_ms_p99")}
+        finally:
+            ray.shutdown()
+    b = out["policies"][args.policies.split(",")[0]]
+    print(f"embedded model, {len(prompts)} requests x {args.new_tokens} tokens, 25% cache, 2 workers "
+          f"(ratios vs {args.policies.split(',')[0]})")
+    print(f"{'policy':<22}{'tok/s':>8}{'x':>6}{'hit rate':>10}{'stall s':>9}{'issued':>8}{'used':>7}{'timely':>8}")
+    for pol, r in out["policies"].items():
+        tr = r["timely_recall"]
+        print(f"{pol:<22}{r['tokens_per_s']:>8.1f}{r['tokens_per_s'] / b['tokens_per_s']:>6.2f}{r['hit_rate']:>10.3f}"
+              f"{r['stall_s']:>9.2f}{r['prefetch_issued']:>8}{r['prefetch_used']:>7}"
+              f"{(f'{tr:.3f}' if tr is not None else '-'):>8}")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -239,8 +309,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--policy", default="cross_layer")
     ap.add_argument("--no-actor", action="store_true")
+    ap.add_argument("--embedded", action="store_true", help="policies on the embedded model instead (see above)")
+    ap.add_argument("--policies", default="on_demand,cross_layer,next_gate")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--publish-every", type=int, default=1, help="--embedded: MoE layers per routing batch")
+    ap.add_argument("--lookahead-layers", type=int, default=2, help="--embedded: initial window")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
+    if args.embedded:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        res = {"config": vars(args), **bench_embedded(args)}
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        return res
     tokens = args.steps // args.layers + 2
     routes = routing(args.layers, args.experts, args.top_k, args.requests, tokens)
     res = {"config": vars(args), **bench_planner(args, routes), **bench_step(args, routes)}
