@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +67,7 @@ class ClusterExperts:
         self._graph = None          # compiled graph over _graph_wids, built on first use
         self._graph_wids: list[int] = []
         self.stats = DispatchStats()
+        self.tiers: list[str] | None = None   # TierSet of the current step's requests (the engine sets it)
         # cumulative, from every worker's compute reply (no extra round trip): what a serving engine reads to
         # attribute hits and misses to requests, and what the coordinator's telemetry reports
         self.counters = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {}}
@@ -142,7 +145,8 @@ class ClusterExperts:
                 ys[masks[w]] = unpack_rows(y, rows[w])
                 c["hits"] += len(payloads[w][1])   # the graph computes only when every expert is resident
                 del todo[w]
-        calls = {w: self.workers[w].compute.remote(*p, True) for w, p in todo.items()}  # all in flight at once
+        tiers = self.tiers
+        calls = {w: self.workers[w].compute.remote(*p, True, tiers) for w, p in todo.items()}  # all in flight at once
         lost: dict[int, Exception] = {}
         try:
             results = dict(zip(calls, ray.get(list(calls.values()))))
@@ -221,9 +225,11 @@ class RoutePublisher:
     them), else the row number itself."""
 
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
-                 hidden: bool = False, runtime: str = "runtime-0"):
+                 hidden: bool = False, runtime: str | None = None):
         self.coordinator, self.model, self.experts = coordinator, model, experts
-        self.every, self.hidden, self.runtime = every, hidden, runtime
+        # runtimes are told apart by this id (the coordinator sums their cumulative counters)
+        self.every, self.hidden = every, hidden
+        self.runtime = runtime or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self.cache = None
         self.row_requests: list | None = None
         self.last_layer = model.args.moe_layers[-1] if model.args.moe_layers else -1

@@ -203,3 +203,43 @@ def test_victims_are_the_lowest_valued_residents_and_split_between_orders():
     # (1, 0) fits in the free MB; (1, 2) displaces (0, 0) (worth 0); (1, 4) displaces (0, 2) (0.55 < 0.8);
     # (1, 6) would displace (0, 4) (0.6 < 0.7): allowed
     assert got == {(1, 0): [], (1, 2): [(0, 0)], (1, 4): [(0, 2)], (1, 6): [(0, 4)]}
+
+
+def test_displacement_property_budget_victims_and_values():
+    """Random views with residents: per worker, HBM orders never need more than free bytes plus their named
+    victims; victims are distinct residents of that worker, each worth less than the order displacing it."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        v = view(free=rng.integers(0, 3, size=W) * MB, dram_free=(0,))
+        v.present[HBM] = rng.random((L, E)) < 0.3
+        rows = [(1 + rng.integers(0, 3), rng.integers(0, L), rng.integers(0, E), rng.uniform(0.06, 1))
+                for _ in range(40)]
+        plan = PrefetchPlanner(PlannerConfig(hbm_confirm_prob=0.3)).plan(
+            [RequestView("r", cands(rows[:20])), RequestView("s", cands(rows[20:]))], v, 3)
+        value = {}
+        for o in plan.orders():
+            value[(o.layer, o.expert)] = o.value
+        seen = set()
+        for w in range(W):
+            mine = [(o, vic) for o, vic in zip(plan.orders(), plan.victims) if o.worker == w and o.target == "hbm"]
+            victims = [x for _, vic in mine for x in vic]
+            assert len(mine) * MB <= v.free_bytes[w] + len(victims) * MB, trial
+            for o, vic in mine:
+                for x in vic:
+                    assert v.present[HBM][x] and v.owner[x] == w and x not in seen, (trial, x)
+                    seen.add(x)
+        assert all(not v.present[HBM][o.layer, o.expert] for o in plan.orders())
+
+
+def test_several_tiersets_fastest_allowed_source_and_staging_only_where_allowed():
+    v = view(store=(NVME, S3))
+    v.present[DRAM, 0, 1] = True
+    r_cold = RequestView("cold", cands([(1, 0, 1, 0.9), (1, 0, 3, 0.4)]), tiers=("s3",))
+    r_warm = RequestView("warm", cands([(1, 0, 1, 0.2), (1, 0, 5, 0.4)]), tiers=("dram", "nvme"))
+    got = {(o.layer, o.expert): o for o in PrefetchPlanner().plan([r_cold, r_warm], v, 2).orders()}
+    assert got[(0, 1)].source == "dram"           # the warm request allows the DRAM copy: the fastest allowed
+    assert got[(0, 3)].source == "s3" and got[(0, 5)].source == "nvme"
+    v = view(free=(0, 0), store=(NVME, S3))       # no HBM room: colder predictions are staged where allowed
+    got = {(o.layer, o.expert): o for o in PrefetchPlanner().plan([r_cold, r_warm], v, 2).orders()}
+    assert got[(0, 5)].target == "dram"           # the warm request's TierSet has dram
+    assert (0, 3) not in got                      # the cold request's does not: never staged on its behalf
