@@ -199,6 +199,7 @@ class PrefetchCoordinator:
         self.inflight_step = np.zeros((self.L, self.E), np.int64)
         self.staging = np.zeros((self.L, self.E), bool)
         self.order_req: dict = {}       # (MoE layer, expert) -> request of an in-flight HBM order
+        self._held: dict[int, tuple[list, list]] = {}   # worker index -> orders held while a call is outstanding
         self._ll, self._ee = np.meshgrid(np.arange(self.L), np.arange(self.E), indexing="ij")
         self._polled = False
 
@@ -408,7 +409,7 @@ class PrefetchCoordinator:
                 (int(dl[l]), e, float(plan.priority[i]), req, victims, tiers))
             self.order_req[(l, e)] = req
         for wi, items in by_worker.items():
-            self.workers[self.wids[wi]].prefetch.remote(items, cancels.get(wi))
+            self._send(wi, items, cancels.get(wi) or [])
         if hbm.any():
             self.inflight[plan.layer[hbm], plan.expert[hbm]] = True
             self.inflight_step[plan.layer[hbm], plan.expert[hbm]] = self.step
@@ -426,6 +427,35 @@ class PrefetchCoordinator:
             self.staging[plan.layer[st], plan.expert[st]] = True
             self.staged += int(st.sum())
         self._submit_s = time.perf_counter() - t0
+
+    def _send(self, wi: int, items: list, cancel: list) -> None:
+        """At most one prefetch call per worker in flight: orders made while it is outstanding wait and go
+        together when it is acknowledged — fewer, larger calls when the coordinator outpaces a worker (each
+        `.remote()` costs the actor more than a step's decision)."""
+        buf = self._held.get(wi)
+        if buf is not None:                 # a call is outstanding: hold (a later order for a key wins)
+            buf[0].extend(items)
+            buf[1].extend(cancel)
+            return
+        ref = self.workers[self.wids[wi]].prefetch.remote(items, cancel or None)
+        if ref is None:                     # in-process benchmark handles: nothing to wait for
+            return
+        self._held[wi] = ([], [])
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._held.pop(wi, None)
+            return
+        loop.create_task(self._ack(wi, ref, self.wids[wi]))
+
+    async def _ack(self, wi: int, ref, wid: int) -> None:
+        try:
+            await ref
+        except Exception:  # noqa: BLE001 - a dead or failing worker: its orders are lost, serving goes on
+            pass
+        items, cancel = self._held.pop(wi, ([], []))
+        if (items or cancel) and wi < len(self.wids) and self.wids[wi] == wid:
+            self._send(wi, items, cancel)
 
     def _cancel_unwanted(self, wanted: np.ndarray) -> dict[int, list]:
         """In-flight orders that no request predicts any more (the prediction changed): worker index -> the
