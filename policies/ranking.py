@@ -180,7 +180,7 @@ class Order(NamedTuple):
     layer: int
     expert: int
     priority: float    # larger first (see module docstring, step 9)
-    request: Hashable  # the request with the highest probability for it
+    request: Hashable  # the request that needs it soonest (ties: the highest probability, then the first)
     source: str        # tier it is expected to come from
     target: str        # "hbm": load into the worker's cache; "dram": stage into the node's DRAM tier
     value: float       # expected stall saved per byte (s / B)
@@ -316,9 +316,12 @@ class PrefetchPlanner:
         wanted = cnt > 0
         uk = np.flatnonzero(wanted)                              # sorted: ties below break by (layer, expert)
         P = -np.expm1(np.bincount(key, weights=np.log1p(-prob), minlength=LE)[uk])
-        Dd = np.full(LE, np.iinfo(np.int64).max)
-        np.minimum.at(Dd, key, dist)
-        D = Dd[uk]
+        # one sort gives, per key, the nearest distance and the request to attribute the order to (the one that
+        # needs it soonest; ties: the highest probability, then the earlier request); prob in (0, 1)
+        o = np.argsort((key * (int(dist.max()) + 1) + dist) * 2.0 - prob, kind="stable")
+        first = _starts(key[o])
+        D = dist[o][first]
+        R = rid[o][first]                                        # in uk order (keys ascending)
         if len(masks) == 1:
             S = tables[0][uk]
             SO = np.full(len(uk), bool(masks[0][DRAM]))
@@ -327,10 +330,6 @@ class PrefetchPlanner:
             np.minimum.at(Sd, key, src)
             S = Sd[uk]
             SO = np.bincount(key, weights=stage_ok.astype(np.float64), minlength=LE)[uk] > 0
-        # attribution: the request with the highest probability (ties: the earlier request); prob in (0, 1)
-        o = np.argsort(key * 2.0 - prob, kind="stable")
-        ks = key[o]
-        R = rid[o][_starts(ks)]                                  # first row of each key, in uk order
         lay, ex = uk // E, uk % E
         nb = view.nbytes.reshape(-1)[uk].astype(np.int64)
         # -- 5. value --------------------------------------------------------------------------------------------
