@@ -34,7 +34,7 @@ import numpy as np
 import ray
 
 from policies.predictors import RoutingEvent
-from policies.ranking import (DRAM, HBM, NUM_TIERS, NVME, PEER, S3, TARGET_DRAM, TARGET_HBM, AccessDenied,
+from policies.ranking import (DRAM, HBM, NUM_TIERS, NVME, PEER, S3, TARGET_HBM, AccessDenied,
                               AccessPolicy, ClusterView, PlannerConfig, PrefetchPlanner, RequestView, TenantRule,
                               TierCosts, WindowController)
 from policies.telemetry import Telemetry

@@ -344,7 +344,6 @@ class PrefetchPlanner:
         todo = ~at_hbm
         uk, lay, ex, P, D, S, SO, R, nb, value = (a[todo] for a in (uk, lay, ex, P, D, S, SO, R, nb, value))
         w = view.owner.reshape(-1)[uk]
-        n = len(uk)
 
         # -- 6. HBM per worker: free bytes first, then displacement of strictly lower-valued residents -------------
         o = _order(w, -value)                                    # by worker, value desc, (layer, expert) for ties
