@@ -502,8 +502,12 @@ class PrefetchCoordinator:
             self._export(snap)
         return snap
 
-    async def step_times_s(self) -> tuple[list[float], list[float]]:
-        """Seconds spent handling each of the last batches, and of those submitting the orders
+    async def step_times_s(self) -> list[float]:
+        """Seconds spent handling each of the last batches (routing batch in -> orders out)."""
+        return list(self.step_times)
+
+    async def step_breakdown_s(self) -> tuple[list[float], list[float], list[float]]:
+        """Per batch: total seconds, of which submitting the orders, of which in the predictor
         (jobs.bench_coordinator reads them)."""
         return list(self.step_times), list(self.submit_times), list(self.predictor_times)
 

@@ -219,7 +219,7 @@ def bench_actor(args, routes) -> dict:
                 break
         ray.get(pending)
         s = ray.get(coord.stats.remote())
-        times, submit, pred = ray.get(coord.step_times_s.remote())
+        times, submit, pred = ray.get(coord.step_breakdown_s.remote())
         t, sub, pr = (np.array(a[args.warmup:]) for a in (times, submit, pred))
         out = {"actor": pct(t), "actor_decision": pct(t - sub), "actor_decision_excl_predictor": pct(t - sub - pr),
                "actor_submit": pct(sub)}
