@@ -232,11 +232,13 @@ class ExpertWorker:
                 del self._loading[key]
 
     # -- compute ------------------------------------------------------------------------------------------------
-    def compute(self, layer: int, experts: list[int], counts: list[int], x, with_stats: bool = False):
+    def compute(self, layer: int, experts: list[int], counts: list[int], x, with_stats: bool = False,
+                tiers: list | None = None):
         """x [N, H] float32 (or pack_rows of it) holds the tokens of each expert in `experts`, grouped, `counts`
         rows each (sum = N). Returns [N, H] packed the same way: expert_e(x_rows) for each group, unweighted (the
         runtime applies router weights). with_stats: returns (that, (hits, misses, prefetch_hits, stall seconds,
-        {tier: bytes loaded for this call})) — what the runtime's counters add up, at no extra round trip."""
+        {tier: bytes loaded for this call})) — what the runtime's counters add up, at no extra round trip.
+        tiers: the TierSet every request of this call allows; its misses never read a tier outside it."""
         packed = not isinstance(x, np.ndarray)
         x = unpack_rows(x, sum(counts))
         assert len(experts) == len(counts) and sum(counts) == x.shape[0], \
@@ -271,7 +273,7 @@ class ExpertWorker:
                 rows = dict.fromkeys(uniq, 0)
                 for k, n in zip(keys, counts):
                     rows[k] += n
-                for k, r in self._cpu_misses(missed, rows).items():
+                for k, r in self._cpu_misses(missed, rows, tiers).items():
                     res[k] = r   # computed on the CPU from the DRAM tier; not cached, nothing pinned
             last: dict[Key, _Resident] = {}
             for _ in range(3):  # a load we only waited on may be evicted before we pin it: load again
@@ -279,7 +281,7 @@ class ExpertWorker:
                 if not missing:
                     break
                 self._count(demand_loads=len(missing))
-                futs = [self._io.submit(self._load, k, False, None, True) for k in missing]
+                futs = [self._io.submit(self._load, k, False, None, True, None, tiers) for k in missing]
                 got = [(k, f.exception() or f.result()) for k, f in zip(missing, futs)]  # waits for all
                 with self._lock:
                     for k, g in got:
@@ -351,7 +353,7 @@ class ExpertWorker:
             self._release(pinned, int(x.shape[0]))
         return out.tobytes() if packed else out
 
-    def _cpu_misses(self, missed: list[Key], rows: dict[Key, int]) -> dict[Key, _Resident]:
+    def _cpu_misses(self, missed: list[Key], rows: dict[Key, int], tiers: list | None = None) -> dict[Key, _Resident]:
         """The cost model's per-miss choice: for each missed expert, get its DRAM-tier copy (the host copy the
         transfer would start from) and compute it there when that beats copying it to the device and computing
         there. Returns the experts to compute on the CPU (host views, not cached)."""
@@ -365,7 +367,7 @@ class ExpertWorker:
             I, H = b.tensors["gate"].shape
             if decide_miss(rates, nbytes=b.size, tokens=rows[k], hidden=H, intermediate=I).choice == "cpu":
                 cpu.append(k)
-        refs = {k: self.storage.get_tiered.remote(*k) for k in cpu}
+        refs = {k: self.storage.get_tiered.remote(*k, tiers) for k in cpu}
         for k, call in refs.items():
             ref, tier = ray.get(call)
             view = ray.get(ref)                                   # uint8, zero-copy from the object store
