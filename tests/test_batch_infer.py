@@ -5,6 +5,7 @@ what is done without recomputing it; bad rows get error rows and a non-zero exit
 Parquet in/out runs in-process on the same cluster; the durable sinks and row parsing are checked without Ray."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -93,14 +94,18 @@ def ray_cluster(tmp_path_factory):
         if ray.is_initialized():
             ray.shutdown()
         os.environ.pop("RAY_AUTH_MODE", None)
-        # SIGTERM to the head's own process group (start_new_session: only what this fixture started), so every
-        # Ray process of this cluster stops at once rather than one after another
-        os.killpg(proc.pid, 15)
+        # the head's own process group (start_new_session: exactly what this fixture started): SIGTERM, and
+        # SIGKILL for what lingers — `ray start --block` alone takes ~30 s to wind its processes down one by one
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(30)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
 
 
 pytestmark = pytest.mark.ray
@@ -199,13 +204,21 @@ def test_parquet_in_and_out(store, ray_cluster):
                    d / "in.parquet")
     out = d / "out.parquet"
     rc = main(["--config", os.path.join(ROOT, "ray_config.yaml"), "--store", uri, "--input", str(d / "in.parquet"),
-               "--output", str(out), "--workers", "1", "--hbm-budget", "256KiB", "--max-batch", "3"])
+               "--output", str(out), "--workers", "1", "--hbm-budget", "256KiB", "--max-batch", "3",
+               "--stats", str(d / "stats.json"), "--stats-interval", "0.2", "--json", str(d / "sp.json")])
     assert rc == 0
     rows = pq.read_table(out).to_pylist()          # the folder of parts as one table
     assert sorted(r["id"] for r in rows) == sorted(keys) and len(pd.read_parquet(out)) == len(keys)
     for r in rows:
         assert r["token_ids"] == ref[r["id"]] and r["error"] is None, r
     assert {r["id"]: r["tenant"] for r in rows} == {"g": "t1", "c": None, "b": "t2"}
+    # the stats timeline follows jobs/report.py's schema and adds up to the run's cache counts
+    from jobs.report import validate
+    stats = validate(json.loads((d / "stats.json").read_text()))
+    summary = json.loads((d / "sp.json").read_text())
+    assert len(stats["timeline"]) >= 2
+    assert (stats["totals"]["hits"], stats["totals"]["misses"]) == (summary["cluster_hits"], summary["cluster_misses"])
+    assert summary["cluster_misses"] > 0 and sum(stats["totals"]["bytes_by_tier"].values()) > 0
 
 
 # -- no Ray below ------------------------------------------------------------------------------------------------
