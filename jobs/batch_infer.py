@@ -16,7 +16,10 @@ Output rows (JSONL: one object a line; Parquet: OUT is a folder of part files, r
 `pandas.read_parquet(OUT)` / `ray.data.read_parquet(OUT)`):
     id, row (input line / row number, 1-based), tenant, completion (text when the store has a tokenizer),
     token_ids, tokens, prompt_tokens, finish_reason ("eos" | "length" | null), latency_s, ttft_s, hits, misses
-    (this request's expert-cache hits/misses), error (null, or what was wrong), finished_at (unix time).
+    (this request's share of the expert-cache hits/misses of the steps it rode in: approximate, see
+    cluster/engine.py), error (null, or what was wrong), finished_at (unix time).
+Progress lines every --progress-s seconds; --stats/--report record and draw a timeline of the cluster's counters
+(jobs/report.py).
 
 Durability: rows are committed in small groups — JSONL appended, flushed and fsync'ed; Parquet as part files
 written to a temporary name and renamed — so a crash loses nothing committed. A torn last JSONL line is dropped on
@@ -392,12 +395,18 @@ def build_config(args):
             sets = {k: [n for n in v if n in names] for k, v in cfg.tier_sets.items()}
             cfg = cfg.model_validate({**cfg.model_dump(), "tiers": [t.model_dump() for t in keep],
                                       "tier_sets": {k: v for k, v in sets.items() if v}})
-    # `ray job submit` runs this driver with RAY_ADDRESS set: join that cluster and let the job's runtime_env
-    # (submitted from ray_config.yaml, see --print-runtime-env) apply, rather than starting a local Ray
+    # `ray job submit` runs this driver with RAY_ADDRESS set and the job's runtime_env (submitted from the config,
+    # see --print-runtime-env) already in force: join that cluster, and pass no runtime_env of our own — Ray
+    # refuses a driver runtime_env whose keys collide with the job's
     addr = os.environ.get("RAY_ADDRESS")
-    if addr and not cfg.ray.address:
-        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={
-            "address": addr, "runtime_env": {}, "num_cpus": None, "object_store_memory": None})})
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    if addr or in_job:
+        upd = {"num_cpus": None, "object_store_memory": None}   # only for starting a Ray, not for joining one
+        if not cfg.ray.address:
+            upd["address"] = addr or "auto"
+        if in_job:
+            upd["runtime_env"] = {}
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update=upd)})
     return cfg
 
 

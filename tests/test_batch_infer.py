@@ -270,3 +270,24 @@ def test_parse_row(raw, err):
         assert got is None and item.id == json.loads(raw)["id"].__str__() and item.max_tokens in (16, 3)
     else:
         assert item is None and got.startswith(err), got
+
+
+def test_config_inside_a_ray_job_joins_and_defers_to_the_jobs_runtime_env(monkeypatch):
+    """A job driver must join the job's cluster and pass no runtime_env: Ray refuses a driver runtime_env whose
+    keys collide with the job's (submitted from the same config)."""
+    from types import SimpleNamespace
+    from jobs.batch_infer import build_config
+    args = SimpleNamespace(store=None, config=os.path.join(ROOT, "cluster/deploy/ray_config.cluster.yaml"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert build_config(args).ray.runtime_env["env_vars"]          # outside a job: the config's own
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    r = build_config(args).ray
+    assert (r.address, r.runtime_env, r.num_cpus, r.object_store_memory) == ("auto", {}, None, None)
+    args.config = os.path.join(ROOT, "ray_config.yaml")            # address null: join the job's cluster
+    r = build_config(args).ray
+    assert (r.address, r.runtime_env, r.object_store_memory) == ("127.0.0.1:6379", {}, None)
+    # embedded S3 tiers exist only inside jobs.demo: dropped, the NVMe store stays
+    cfg = build_config(args)
+    assert [t.kind for t in cfg.tiers] == ["dram", "nvme"] and "s3" not in cfg.tier_sets.get("default", [])
