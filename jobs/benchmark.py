@@ -125,6 +125,13 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
             out["reload_s"], out["reload_loads"] = reload_time(workers, owner, layers, tr.num_experts)
             out["warm_s"] += warm_all(workers, owner, layers, tr.num_experts)
         base = c.stats()
+        # workers on another node than this driver: their activations cross the network both ways
+        here = ray.get_runtime_context().get_node_id()
+        wids = sorted(workers)
+        remote = np.zeros(max(wids) + 1, bool)
+        for w in base["workers"]:
+            remote[w["worker_id"]] = w.get("node_id") != here
+        act_bytes = 0
         B = a.batch
         slot_req = np.full(B, -1, np.int64)
         slot_tok = np.zeros(B, np.int64)
@@ -161,6 +168,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
                     pub(layers[l], ids_t, w_t, x)
                 if policy == "oracle":
                     oracle_prefetch(tr, reqs[known], toks[known], l, a.window, owner, layers, workers)
+                act_bytes += 2 * int(remote[owner[l][ids[known]]].sum()) * HIDDEN * 4   # f32 rows, there and back
                 t0 = time.perf_counter()
                 ex.moe(layers[l], x, ids_t, w_t)
                 moe_s += time.perf_counter() - t0
@@ -186,6 +194,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
             except Exception as e:  # noqa: BLE001 - stats are a report, not the measurement
                 coord = {"error": f"{type(e).__name__}: {e}"}
     out.update(summarize(base, st, wall, moe_s, tokens, steps))
+    out["cross_node_activation_bytes"] = act_bytes
     out["coordinator"] = coord
     return out
 
