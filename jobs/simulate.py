@@ -406,7 +406,10 @@ def main(argv=None) -> int:
             calib = calib.get("calibration", calib)
         hw = P.hardware(a.hardware or "h100-sxm", calib)
         if a.model is None and a.hardware == "local" and calib and "model" in calib:
-            model = P.Model(**calib["model"])
+            model = P.Model(**calib["model"])              # the benchmark's expert size, on this trace's geometry
+            if a.trace:
+                t = load_trace(a.trace)
+                model = replace(model, num_layers=t.num_layers, num_experts=t.num_experts, top_k=t.top_k)
         else:
             model = P.model(a.model or "qwen1.5-moe-a2.7b")
         store = P.storage(a.storage)

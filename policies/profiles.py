@@ -14,7 +14,7 @@ bytes per parameter of the released weights), from the models' config.json files
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 GB = 1e9
 MB = 1e6
@@ -135,12 +135,6 @@ def model(name: str) -> Model:
     return MODELS[name]
 
 
-def model_from_trace(trace, expert_bytes: int, name: str | None = None) -> Model:
-    """A Model with a trace's geometry whose experts weigh `expert_bytes` (what jobs.benchmark builds)."""
-    inter = max(1, int(round(expert_bytes / (3 * 2 * 256))))
-    return Model(name or trace.model or "trace", trace.num_layers, trace.num_experts, trace.top_k, 256, inter, 2.0)
-
-
 def local_hardware(calib: dict) -> Hardware:
     """This machine as a profile, from measured figures (all keys required; jobs.benchmark measures them):
       load_s_per_expert   one expert DRAM tier -> worker cache, s (the `h2d` link; latency 0, bw = bytes / s)
@@ -163,4 +157,4 @@ def describe(obj) -> dict:
 
 
 __all__ = ["Hardware", "Storage", "Model", "HARDWARE", "STORAGE", "MODELS", "hardware", "storage", "model",
-           "model_from_trace", "local_hardware", "describe", "replace"]
+           "local_hardware", "describe"]
