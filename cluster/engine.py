@@ -59,6 +59,7 @@ class GenerationRequest:
     seed: int | None = None                      # None with temperature > 0: fresh entropy
     tenant: str | None = None
     stop_token_ids: tuple[int, ...] | None = None   # None: the engine's EOS ids; () never stops early
+    tiers: tuple[str, ...] | None = None         # its TierSet: tier names its expert loads may read; None: all
 
 
 @dataclass
@@ -231,7 +232,8 @@ class EngineStats:
 class Engine:
     def __init__(self, model: MoEModel, *, max_batch: int = 8, max_len: int | None = None,
                  eos_token_id=_MODEL_EOS, max_queue: int | None = None,
-                 on_request_end: Callable[[str], None] | None = None):
+                 on_request_end: Callable[[str], None] | None = None,
+                 tiers_ok: Callable[[tuple[str, ...]], bool] | None = None):
         """max_len: the context of one request (prompt + generated tokens), default the config's
         max_position_embeddings up to DEFAULT_MAX_LEN (the KV cache holds max_batch x max_len slots per layer).
         eos_token_id: int, list, or None for no stop token (default: the config's).
@@ -239,7 +241,11 @@ class Engine:
         unbounded).
         on_request_end(request_id): called in the engine thread when a request finishes (default: the expert
         backend's `end_request`, if it has one). A routing hook with a `cache` attribute (ExpertCluster's
-        RoutePublisher) is bound to this engine's cache, so routing events carry `cache.requests`."""
+        RoutePublisher) is bound to this engine's cache, so routing events carry `cache.requests`.
+        tiers_ok(tiers): whether a TierSet can serve every expert of the store. A step's loads read only the tiers
+        every request in it allows (the intersection of their TierSets, set as the backend's `tiers`); a request
+        that would narrow it joins only if tiers_ok says the narrower set still serves (None: only requests that
+        do not narrow it join; the others wait for the rows to drain)."""
         assert max_batch >= 1, f"max_batch must be >= 1, got {max_batch}"
         self.model = model
         self.max_batch = max_batch
@@ -250,6 +256,7 @@ class Engine:
         self.eos = tuple(int(e) for e in eos)
         self.max_queue = max_queue
         self.on_request_end = on_request_end or getattr(model.experts, "end_request", None)
+        self.tiers_ok = tiers_ok
         self.cache = model.new_cache(max_batch, self.max_len)
         self.cache.lens = [1] * max_batch         # a free row keeps one (stale) slot: forward needs >= 1 per row
         self.cache.requests = [None] * max_batch
@@ -295,6 +302,9 @@ class Engine:
             raise RequestError("seed", f"must be an integer or null, got {req.seed!r}")
         if req.stop_token_ids is not None and not all(isinstance(s, int) for s in req.stop_token_ids):
             raise RequestError("stop_token_ids", "must be a list of integer token ids")
+        if req.tiers is not None and (isinstance(req.tiers, str) or not req.tiers
+                                      or not all(isinstance(t, str) for t in req.tiers)):
+            raise RequestError("tiers", f"must be a non-empty list of tier names or null, got {req.tiers!r}")
 
     def submit(self, req: GenerationRequest) -> RequestHandle:
         """Queue a request (thread-safe). Raises RequestError for an invalid one (it never enters the batch) and
@@ -354,15 +364,24 @@ class Engine:
         if self._cancelled:
             self._drop_cancelled()
         with self._cv:
+            busy = [row for row in self.rows if row is not None]
+            tiers = _meet_all(row.req.tiers for row in busy)
             for r in range(self.max_batch):
                 if self.rows[r] is None and self.waiting:
+                    want = _meet(tiers, self.waiting[0].req.tiers)
+                    if busy and want != tiers and not (self.tiers_ok is not None and self.tiers_ok(want)):
+                        break  # its TierSet and the running ones' cannot serve together: it waits (FIFO kept)
                     row = self.waiting.popleft()
+                    busy.append(row)
+                    tiers = want
                     self.rows[r] = row
                     cache.lens[r] = 0
                     cache.requests[r] = row.req.id
         active = [r for r in range(self.max_batch) if self.rows[r] is not None]
         if not active:
             return 0
+        if hasattr(self.model.experts, "tiers"):  # this step's loads read only tiers every request allows
+            self.model.experts.tiers = None if tiers is None else list(tiers)
         n_new = [0] * self.max_batch
         for r in active:
             n_new[r] = len(self.rows[r].feed)
@@ -583,6 +602,20 @@ class Engine:
                      running=self.running)
         d["mean_requests_per_step"] = round(d["request_steps"] / d["steps"], 3) if d["steps"] else 0.0
         return d
+
+
+def _meet(a: tuple[str, ...] | None, b: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The tiers both TierSets allow (None: every tier), in a's order."""
+    if a is None or b is None:
+        return b if a is None else a
+    return tuple(t for t in a if t in b)
+
+
+def _meet_all(sets) -> tuple[str, ...] | None:
+    out = None
+    for s in sets:
+        out = _meet(out, s)
+    return out
 
 
 def _hm(counters) -> tuple[int, int] | None:

@@ -15,9 +15,17 @@ cache counters). Errors are JSON in OpenAI's shape: 400 naming the field and why
 503 with Retry-After when the engine's queue is full (and from Serve itself past max_queued_requests).
 Request metrics (latency, time to first token, tokens, expert-cache hits/misses) go to Ray's Prometheus export
 through ray.serve.metrics.
+
+Access control (the config's `auth:` section, docs/security.md): with auth enabled every path but /health needs
+`Authorization: Bearer <key>` of a configured tenant (keys are kept as SHA-256 digests, compared in constant
+time): 401 with WWW-Authenticate otherwise. A tenant asking for a model or TierSet it may not use, or whose TierSet
+cannot serve the store, gets 403 naming what is refused. Every refusal happens before the request reaches the
+engine: nothing is read on its behalf. An admitted request carries its tenant and TierSet to the engine (whose
+steps' expert loads read only tiers every request in the step allows) and to the prefetch coordinator.
 """
 # no `from __future__ import annotations`: FastAPI must see the body model class, not a string
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -36,6 +44,11 @@ from ray import serve  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("ray.serve")
+REALM = "moe-expert-cluster"
+OPEN_PATHS = frozenset({"/health"})   # load balancers probe it without a key; it shows no tenant's data
+# this replica process's auth settings: set by CompletionServer.__init__ through the imported module (the class is
+# shipped to the replica by value, so a plain global there would be a copy the middleware never sees)
+_AUTH: dict = {"auth": None, "refused": None}
 
 
 class ServeArgs(BaseModel):
@@ -81,7 +94,8 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     n: Literal[1] = 1
     stop_token_ids: list[int] | None = None      # vLLM's extension: stop on these ids instead of the EOS
-    user: str | None = None                      # OpenAI's end-user id; kept as the request's tenant
+    user: str | None = None                      # OpenAI's end-user id; the tenant when auth is off
+    tier_set: str | None = None                  # extension: a TierSet of the config (default: the tenant's)
 
     @field_validator("prompt")
     @classmethod
@@ -119,8 +133,9 @@ def _config_tiers(a: ServeArgs, base, embedded: str):
         workers["hbm_budget_bytes"] = a.hbm_budget
     kept = {t["name"] for t in tiers}
     sets = {k: [n for n in v if n in kept] for k, v in base.tier_sets.items()}
+    named = {s for t in base.auth.tenants.values() for s in t.tier_sets or []}  # kept: refused with a 403 by name
     return base.model_validate({**base.model_dump(), "tiers": tiers, "workers": workers,
-                                "tier_sets": {k: v for k, v in sets.items() if v}})
+                                "tier_sets": {k: v for k, v in sets.items() if v or k in named}})
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
@@ -147,6 +162,29 @@ async def _bad_body(request: Request, exc: RequestValidationError):
     return _error(400, "; ".join(msgs), param=first.split(".")[0] if first else None)
 
 
+@api.middleware("http")
+async def _authenticate(request: Request, call_next):
+    """With auth on, every path but OPEN_PATHS needs a tenant's key: 401 otherwise, before the body is parsed.
+    The tenant goes on request.state. The key is never logged nor echoed."""
+    auth = _AUTH["auth"]
+    request.state.tenant = None
+    if auth is None or request.url.path in OPEN_PATHS:
+        return await call_next(request)
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    tenant = auth.tenant_of(key) if scheme.lower() == "bearer" and key else None
+    if tenant is None:
+        if _AUTH["refused"] is not None:
+            _AUTH["refused"]("unauthorized")
+        missing = scheme.lower() != "bearer" or not key
+        return _error(401, "missing API key: send the header `Authorization: Bearer <key>`" if missing else
+                      "invalid API key", kind="authentication_error",
+                      headers={"WWW-Authenticate": f'Bearer realm="{REALM}"' +
+                               ("" if missing else ', error="invalid_token"')})
+    request.state.tenant = tenant
+    return await call_next(request)
+
+
 @serve.deployment(name="CompletionServer")
 @serve.ingress(api)
 class CompletionServer:
@@ -159,6 +197,12 @@ class CompletionServer:
         if a.torch_threads:
             torch.set_num_threads(a.torch_threads)
         cfg = cluster_config(a)
+        self.auth = cfg.auth
+        if self.auth.enabled and a.model_name not in self.auth.models:
+            raise ValueError(f"model_name {a.model_name!r} is not one of auth.models {self.auth.models} in {a.config}")
+        self.tier_sets = dict(cfg.tier_sets) or {"default": [t.name for t in cfg.tiers]}
+        self.active_tier_set = cfg.active_tier_set
+        self.storage_names = [t.name for t in cfg.storage_tiers]
         # each replica runs its own cluster: its own namespace keeps the named actors (workers, storage actors,
         # coordinator) of two replicas apart
         self.namespace = f"{cfg.ray.namespace}-{serve.get_replica_context().replica_id.unique_id}"
@@ -166,10 +210,16 @@ class CompletionServer:
         self.cluster = ExpertCluster(cfg).start()
         self.tokenizer = self._tokenizer()
         end = getattr(self.cluster, "end_requests", None)  # tells the prefetch coordinator a request is over
+        self.blob_tiers = [frozenset(b.tiers) for b in self.cluster.manifest.blobs]
+        self._unserved_of: dict[frozenset, int] = {}
         self.engine = Engine(self.cluster.model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
-                             on_request_end=(lambda rid: end([rid])) if end else None).start()
+                             on_request_end=(lambda rid: end([rid])) if end else None,
+                             tiers_ok=lambda tiers: self.unserved(tiers) == 0).start()
         self.created = int(time.time())
         self._metrics()
+        state = importlib.import_module(__name__)._AUTH   # the module the middleware reads (see _AUTH)
+        state.update(auth=self.auth if self.auth.enabled else None,
+                     refused=lambda status: self.m_requests.inc(1, {"status": status}))
         log.info("CompletionServer ready: %d workers, max_batch %d, context %d", len(self.cluster.workers),
                  a.max_batch, self.engine.max_len)
 
@@ -207,6 +257,48 @@ class CompletionServer:
         snap = self.engine.snapshot()
         self.m_waiting.set(snap["waiting"])
         self.m_active.set(snap["active"])
+
+    # -- access -------------------------------------------------------------------------------------------------
+    def unserved(self, tiers) -> int:
+        """How many expert blobs no storage tier of the TierSet `tiers` (deployed here) holds; 0: it serves."""
+        key = frozenset(tiers)
+        n = self._unserved_of.get(key)
+        if n is None:
+            allowed = key & set(self.storage_names)
+            n = self._unserved_of[key] = sum(1 for held in self.blob_tiers if not held & allowed)
+        return n
+
+    def _admit(self, body: CompletionRequest, tenant: str | None):
+        """(the request's TierSet as tier names or None for every tier, None) or (None, the refusal). Every refusal
+        is decided here, before the engine: nothing is read on behalf of a refused request."""
+        a = self.args
+        rule = self.auth.tenants[tenant] if self.auth.enabled else None
+
+        def refuse(status, msg, param):
+            self.m_requests.inc(1, {"status": "forbidden" if status == 403 else "invalid"})
+            return None, _error(status, msg, param=param,
+                                kind="permission_error" if status == 403 else "invalid_request_error")
+        if rule is not None and rule.models is not None and a.model_name not in rule.models:
+            return refuse(403, f"model: tenant {tenant!r} is not allowed model {a.model_name!r} (allowed: "
+                               f"{rule.models})", "model")
+        name = body.tier_set
+        if name is None and rule is not None:
+            name = rule.tier_sets[0] if rule.tier_sets else self.active_tier_set
+        if name is None:
+            return None, None
+        if name not in self.tier_sets:
+            return refuse(400, f"tier_set: unknown TierSet {name!r} (defined: {sorted(self.tier_sets)})", "tier_set")
+        if rule is not None and rule.tier_sets is not None and name not in rule.tier_sets:
+            return refuse(403, f"tier_set: tenant {tenant!r} may not use TierSet {name!r} (allowed: "
+                               f"{rule.tier_sets})", "tier_set")
+        tiers = tuple(self.tier_sets[name])
+        n = self.unserved(tiers)
+        if n:
+            return refuse(403 if rule is not None else 400,
+                          f"tier_set: TierSet {name!r} {list(tiers)} cannot serve model {a.model_name!r}: {n} of "
+                          f"{len(self.blob_tiers)} expert blobs are held by none of its storage tiers (storage "
+                          f"tiers here: {self.storage_names})", "tier_set")
+        return tiers, None
 
     # -- health -------------------------------------------------------------------------------------------------
     async def _probe(self) -> tuple[list[int], dict[int, str]]:
@@ -247,7 +339,10 @@ class CompletionServer:
 
     # -- OpenAI API ---------------------------------------------------------------------------------------------
     @api.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        rule = self.auth.tenants[request.state.tenant] if self.auth.enabled else None
+        if rule is not None and rule.models is not None and self.args.model_name not in rule.models:
+            return {"object": "list", "data": []}   # only the models this tenant may use
         return {"object": "list", "data": [{"id": self.args.model_name, "object": "model", "created": self.created,
                                             "owned_by": "moe-expert-cluster", "max_model_len": self.engine.max_len}]}
 
@@ -271,12 +366,16 @@ class CompletionServer:
                 "hits": sum(w.get("hits", 0) for w in ws), "misses": sum(w.get("misses", 0) for w in ws)}
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
         from cluster.engine import EngineOverloaded, GenerationRequest, RequestError
         a = self.args
         if body.model is not None and body.model != a.model_name:
             return _error(404, f"model: the model {body.model!r} does not exist; this server serves "
                                f"{a.model_name!r}", param="model", kind="model_not_found")
+        tenant = request.state.tenant if self.auth.enabled else body.user
+        tiers, refused = self._admit(body, tenant)
+        if refused is not None:
+            return refused
         if body.max_tokens > a.max_tokens_limit:
             return _error(400, f"max_tokens: {body.max_tokens} is more than this server's limit of "
                                f"{a.max_tokens_limit}", param="max_tokens")
@@ -289,9 +388,15 @@ class CompletionServer:
             ids = list(body.prompt)
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         req = GenerationRequest(id=rid, prompt_ids=ids, max_tokens=body.max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, seed=body.seed, tenant=body.user,
+                                top_p=body.top_p, seed=body.seed, tenant=tenant, tiers=tiers,
                                 stop_token_ids=tuple(body.stop_token_ids) if body.stop_token_ids is not None
                                 else None)
+        coord = getattr(self.cluster, "coordinator", None)
+        if coord is not None and (tenant is not None or tiers is not None):
+            try:   # before its first routing event (same caller: Ray keeps the order): its prefetches honour these
+                coord.register_request.remote(rid, tenant, None if tiers is None else list(tiers))
+            except Exception:  # noqa: BLE001 - coordinator behind or gone: serving goes on without prefetch
+                pass
         try:
             handle = self.engine.submit(req)
         except RequestError as e:
