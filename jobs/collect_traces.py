@@ -16,6 +16,7 @@ on where experts live, so this runs the model in one process with every expert r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -30,14 +31,20 @@ def held_out_prompts(n: int, nbytes: int, seed: int) -> list[list[int]]:
     return prompts_from("heldout", n, nbytes, seed)
 
 
+@functools.lru_cache(maxsize=1)
+def _stdlib_split():
+    """(train files, held-out files) of the embedded model's split (walking the stdlib takes seconds: once)."""
+    from jobs.train_tiny_moe import split_files, stdlib_files
+    return split_files(stdlib_files())
+
+
 def prompts_from(split: str, n: int, nbytes: int, seed: int) -> list[list[int]]:
     """n byte windows of `nbytes` from the stdlib files of `split` ("heldout": every 20th file, which the embedded
     model never trained on; "train": the rest). One window per file in a random file order; past the last file,
     another round at fresh random offsets."""
-    from jobs.train_tiny_moe import split_files, stdlib_files
-    train, val = split_files(stdlib_files())
     if split not in ("heldout", "train"):
         raise ValueError(f"split must be 'heldout' or 'train', got {split!r}")
+    train, val = _stdlib_split()
     files = val if split == "heldout" else train
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(files))

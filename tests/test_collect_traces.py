@@ -59,3 +59,20 @@ def test_context_too_long_is_refused(tmp_path, capsys):
     assert main(["--prompt-bytes", "250", "--max-tokens", "64", "--out", str(tmp_path / "x.npz")]) == 2
     assert "exceeds the model's context of 256" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.npz")
+
+
+def test_train_split_prompts_come_from_other_files():
+    """--split train draws from the files the embedded model trained on; evaluation traces (--split heldout) from
+    the others, so a learned predictor's training data does not overlap its evaluation (the stdlib repeats some
+    boilerplate across files, so a few windows occur in both)."""
+    from jobs.collect_traces import prompts_from
+    from jobs.train_tiny_moe import split_files, stdlib_files
+    _, val_files = split_files(stdlib_files())
+    held = b"\0".join(f.read_bytes() for f in val_files)
+    train = prompts_from("train", 20, 64, seed=3)
+    assert sum(bytes(p) in held for p in train) <= 4
+    assert all(bytes(p) in held for p in prompts_from("heldout", 5, 64, seed=3))
+    assert held_out_prompts(3, 40, seed=0) == prompts_from("heldout", 3, 40, seed=0)
+    assert len(prompts_from("heldout", len(val_files) + 5, 64, seed=1)) == len(val_files) + 5  # a second round
+    with pytest.raises(ValueError, match="split"):
+        prompts_from("test", 1, 8, seed=0)
