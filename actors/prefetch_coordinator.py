@@ -40,6 +40,9 @@ from policies.ranking import (DRAM, HBM, NUM_TIERS, NVME, PEER, S3, TARGET_HBM, 
 from policies.telemetry import Telemetry
 
 
+MAX_LIVE_REQUESTS = 4096   # requests tracked at once (the oldest is forgotten beyond: bounded memory)
+
+
 def make_predictor(name: str, **kw):
     from policies.registry import make_predictor as mk
     return mk(name, **kw)
@@ -363,6 +366,8 @@ class PrefetchCoordinator:
             self.predictor.observe(RoutingEvent(req, tok, li, ids[n], w[n],
                                                 None if hidden is None else hidden[n]))
             self._pred_s += time.perf_counter() - tp
+            if last is None and len(self.requests) >= MAX_LIVE_REQUESTS:   # a runtime that never ends requests
+                self._end([next(iter(self.requests))])                   # cannot grow us: forget the oldest
             self.requests[req] = (tok, li)
         used = np.unique(ids)
         self.tel.record_use(li, used)
