@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -300,7 +301,15 @@ def test_secrets_never_appear_in_logs_errors_stats_or_metrics(app, caplog):
         assert st["bytes_by_tier"].get("s3", 0) > 0, "the encrypted tier was not read: nothing to leak"
         texts["ExpertCluster.stats()"] = repr(st).encode()
     port = ray._private.worker.global_worker.node.metrics_export_port
-    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    deadline = time.monotonic() + 60
+    while True:   # exported every few seconds: wait until the refusals above are in (the text is then real)
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        refused = {ln.split('status="')[1].split('"')[0] for ln in metrics.splitlines()
+                   if ln.startswith("ray_moe_requests_total") and 'status="' in ln}
+        if {"unauthorized", "forbidden"} <= refused or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert {"unauthorized", "forbidden", "ok"} <= refused, refused
     texts["prometheus"] = metrics.encode()
     texts["caplog"] = caplog.text.encode()
     logs = os.path.join(ray._private.worker.global_worker.node.get_session_dir_path(), "logs")
