@@ -106,6 +106,13 @@ def test_tenants_keys_and_derived_coordinator_rules(tmp_path):
     assert cfg.tier_set("cold") == ["s3"]
     # the coordinator's access rules follow the tenants' TierSets: acme's prefetches may read only s3
     assert cfg.prefetch.tenants == {"acme": {"models": None, "tiers": ["s3"]}, "beta": {"models": None, "tiers": None}}
+    from actors.prefetch_coordinator import access_policy
+    from policies.ranking import AccessDenied
+    rules = access_policy(cfg.prefetch)   # what the coordinator's planner checks every request against
+    rules.check("acme", "qwen2_moe", ["s3"])
+    rules.check("beta", "qwen2_moe", ["dram", "nvme", "s3"])
+    with pytest.raises(AccessDenied, match=r"tenant 'acme' is not allowed tiers \['nvme'\]"):
+        rules.check("acme", "qwen2_moe", ["s3", "nvme"])
     # digests are kept out of the config's repr (and so out of any log line that prints it)
     for text in (repr(cfg), str(cfg), repr(a), repr(a.tenants["acme"])):
         assert hash_api_key(KEY_A) not in text and hash_api_key(KEY_A).upper() not in text
