@@ -307,7 +307,7 @@ def expert_compute_s(inter: int, rows: int, reps: int = 50) -> float:
         torch.set_num_threads(n)
 
 
-def calibrate(res: dict, tr, inter: int, a, expert_bytes: int) -> dict:
+def calibrate(res: dict, tr, inter: int, a, expert_bytes: int, hbm: int) -> dict:
     """This machine as a simulator profile, from the runs just made (policies/profiles.py local_hardware)."""
     od, resident = res["on_demand"], res.get("resident")
     rows = max(1, round(a.batch * tr.top_k / max(1, min(tr.num_experts, a.batch * tr.top_k))))
@@ -329,10 +329,12 @@ def calibrate(res: dict, tr, inter: int, a, expert_bytes: int) -> dict:
     steps = [m["coordinator"]["step_ms_p50"] for m in res.values()
              if isinstance(m.get("coordinator"), dict) and m["coordinator"].get("step_ms_p50")]
     return {"load_s_per_expert": load_s, "load_source": src, "expert_bytes": expert_bytes, "expert_s": e_s,
+            "hbm_bytes_per_worker": hbm,
             "layer_overhead_s": overhead, "concurrent_loads": 1, "workers_per_node": 64,
             "decision_latency_s": 1e-3 * float(np.median(steps)) if steps else 1e-3,
             "model": {"name": f"bench:{tr.model}", "num_layers": tr.num_layers, "num_experts": tr.num_experts,
-                      "top_k": tr.top_k, "hidden": HIDDEN, "expert_inter": inter, "bytes_per_param": 2.0}}
+                      "top_k": tr.top_k, "hidden": HIDDEN, "expert_inter": inter, "bytes_per_param": 2.0,
+                      "blob_bytes": expert_bytes}}
 
 
 def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
@@ -342,7 +344,7 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
     hw = P.local_hardware(calib)
     model = P.Model(**calib["model"])
     cfg = SimConfig(workers=a.workers, batch=a.batch, cache_fraction=a.cache_fraction, window=a.window,
-                    decision_latency=calib["decision_latency_s"])
+                    decision_latency=calib["decision_latency_s"], hbm_bytes_per_worker=calib["hbm_bytes_per_worker"])
     out = {}
     for p in policies:
         try:
@@ -412,6 +414,7 @@ def main(argv=None) -> int:
     with open(os.path.join(store, "manifest.json"), "rb") as f:
         eb = Manifest.from_json(f.read(), store).expert_bytes
     total = L * E * eb
+    # a worker must hold one layer's experts of the whole batch (they are pinned while computing)
     hbm = max(int(a.cache_fraction * total / a.workers), eb * K * a.batch)
     dram = max(int(a.dram_fraction * total) + (8 << 20), 16 << 20)
     inflight = max(a.window * K * a.batch * eb, 8 * eb)
@@ -426,7 +429,7 @@ def main(argv=None) -> int:
             pols.insert(0, need)
     _say(f"trace {tr.origin}: {tr.num_tokens} rows, {tr.num_requests} requests, {L} x {E} top-{K}; experts "
          f"{eb / 2**20:.2f} MiB, cache {hbm * a.workers / 2**20:.0f} MiB over {a.workers} workers "
-         f"({a.cache_fraction:.0%}), batch {a.batch}")
+         f"({hbm * a.workers / total:.0%} of all experts; asked {a.cache_fraction:.0%}), batch {a.batch}")
     import ray
     if a.address:
         ray.init(address=a.address)
@@ -457,10 +460,11 @@ def main(argv=None) -> int:
     out = {"command": "python -m jobs.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
            "trace": {"path": os.path.abspath(a.trace), "rows": tr.num_tokens, "requests": tr.num_requests,
                      "layers": L, "experts": E, "top_k": K},
-           "expert_bytes": eb, "hbm_bytes_per_worker": hbm, "dram_bytes": dram, "workers": a.workers,
+           "expert_bytes": eb, "hbm_bytes_per_worker": hbm,
+           "cache_fraction_effective": hbm * a.workers / total, "dram_bytes": dram, "workers": a.workers,
            "batch": a.batch, "window": a.window, "policies": res}
     if base:
-        calib = calibrate(res, tr, inter, a, eb)
+        calib = calibrate(res, tr, inter, a, eb, hbm)
         out["calibration"] = calib
         # the regime: one expert load vs one layer's compute on the busiest worker
         layer_compute = base["uses"] / max(base["steps"] * L, 1) / a.workers * calib["expert_s"]

@@ -79,6 +79,7 @@ class Model:
     shared_experts: int = 0     # always-active experts per layer (resident: computed, never loaded)
     dense_layers: int = 0       # extra dense-FFN layers (computed, never loaded)
     trace: str | None = None    # the shared trace recorded from this model, if any
+    blob_bytes: int | None = None  # stored size of one expert when known exactly (a store's aligned blob)
 
     @property
     def expert_params(self) -> int:
@@ -86,7 +87,7 @@ class Model:
 
     @property
     def expert_bytes(self) -> int:
-        return int(self.expert_params * self.bytes_per_param)
+        return self.blob_bytes or int(self.expert_params * self.bytes_per_param)
 
     @property
     def total_experts(self) -> int:

@@ -152,6 +152,7 @@ class SimConfig:
     max_tokens: int | None = None     # stop after this many tokens (None: the whole trace)
     runtime_node: int = 0             # where the model runtime (attention, router) runs
     activation_bytes: int = 2         # bytes per activation element on the wire (bf16)
+    hbm_bytes_per_worker: int | None = None  # overrides cache_fraction (a measured run's actual budget)
 
     def __post_init__(self):
         assert self.workers >= 1 and self.batch >= 1, "workers and batch must be >= 1"
@@ -208,7 +209,7 @@ class Simulator:
         self.nodes = int(self.node_of.max()) + 1
         # HBM caches: the budget split evenly, capped by the GPU's memory (90%: the dense weights and activations
         # need the rest)
-        want = cfg.cache_fraction * L * E * self.eb / W
+        want = cfg.hbm_bytes_per_worker or cfg.cache_fraction * L * E * self.eb / W
         self.budget = int(min(want, 0.9 * hw.hbm_bytes))
         self.budget = max(self.budget, self.eb * model.top_k)  # at least one token's experts of a layer
         self.caches = [CacheIndex(self.budget, make_policy(cfg.eviction, self.budget)) for _ in range(W)]
