@@ -240,6 +240,57 @@ class PrefetchConfig(_Model):
         return self
 
 
+class _Ratios(_Model):
+    """Fractions in [0, 1]; an unknown key is rejected naming the valid ones."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, v):
+        if isinstance(v, dict):
+            bad = [k for k in v if k not in cls.model_fields]
+            if bad:
+                raise ValueError(f"unknown key{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} "
+                                 f"(valid: {', '.join(cls.model_fields)})")
+        return v
+
+
+class AttnRatios(_Ratios):
+    qkv: float = Field(1.0, ge=0, le=1)
+    o: float = Field(1.0, ge=0, le=1)
+
+
+class MoeRatios(_Ratios):
+    gate_up: float = Field(0.8, ge=0, le=1)
+
+
+class MlpRatios(_Ratios):
+    gate_up: float = Field(1.0, ge=0, le=1)
+    down: float = Field(1.0, ge=0, le=1)
+
+
+class PrefetchRatios(_Ratios):
+    attn: AttnRatios = AttnRatios()
+    moe: MoeRatios = MoeRatios()
+    mlp: MlpRatios = MlpRatios()
+
+
+class WeightPrefetchConfig(_Ratios):
+    """Ratio-based partial prefetch (docs/weight_prefetch.md). Enabled: a prefetch of an expert moves only the first
+    `prefetch_ratio.moe.gate_up` of its gate/up rows; the rest and down are read when the expert is routed, while
+    the rows already there compute. attn/mlp apply to dense weights below HBM: accepted, validated, no-ops here
+    (dense weights always live in the runtime's memory). Disabled (default): whole experts, as before."""
+    enabled: bool = False
+    prefetch_ratio: PrefetchRatios = PrefetchRatios()
+    max_prefetch_bytes_per_layer: ByteSize = ByteSize(18 << 20)   # per worker, partial bytes one layer may hold
+
+    @field_validator("max_prefetch_bytes_per_layer")
+    @classmethod
+    def _positive(cls, v):
+        if v <= 0:
+            raise ValueError("must be > 0 bytes")
+        return v
+
+
 class TelemetryConfig(_Model):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stats_path: str | None = None
@@ -260,6 +311,7 @@ class ClusterConfig(_Model):
     prefetch: PrefetchConfig = PrefetchConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     auth: AuthConfig = AuthConfig()
+    weight_prefetch_config: WeightPrefetchConfig = WeightPrefetchConfig()
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -170,3 +170,34 @@ def test_hash_api_key_reads_stdin_only(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jobs.hash_api_key", KEY_A], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2, "a key on the command line is refused (it would land in the shell history)"
+
+
+# -- weight_prefetch_config (docs/weight_prefetch.md) -------------------------------------------------------------
+def test_weight_prefetch_defaults_off_and_parses(tmp_path):
+    assert not load_config("ray_config.yaml").weight_prefetch_config.enabled   # default: whole-expert prefetch
+    cfg = load_config(write(tmp_path, GOOD + """
+weight_prefetch_config:
+  enabled: true
+  prefetch_ratio: {attn: {qkv: 0.5}, moe: {gate_up: 0.25}}
+  max_prefetch_bytes_per_layer: 4MiB
+"""))
+    wp = cfg.weight_prefetch_config
+    assert wp.enabled and wp.prefetch_ratio.moe.gate_up == 0.25 and int(wp.max_prefetch_bytes_per_layer) == 4 << 20
+    assert (wp.prefetch_ratio.attn.qkv, wp.prefetch_ratio.attn.o, wp.prefetch_ratio.mlp.down) == (0.5, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("section, where, what", [
+    ("{prefetch_ratio: {moe: {gate_up: 1.5}}}", "weight_prefetch_config.prefetch_ratio.moe.gate_up", "less than or equal to 1"),
+    ("{prefetch_ratio: {attn: {qkv: -0.1}}}", "weight_prefetch_config.prefetch_ratio.attn.qkv", "greater than or equal to 0"),
+    ("{prefetch_ratio: {mlp: {down: lots}}}", "weight_prefetch_config.prefetch_ratio.mlp.down", "valid number"),
+    ("{prefetch_ratio: {moe: {gate: 0.5}}}", "weight_prefetch_config.prefetch_ratio.moe", "unknown key 'gate' (valid: gate_up)"),
+    ("{prefetch_ratio: {dense: {qkv: 1}}}", "weight_prefetch_config.prefetch_ratio", "unknown key 'dense' (valid: attn, moe, mlp)"),
+    ("{enable: true}", "weight_prefetch_config", "unknown key 'enable' (valid: enabled, prefetch_ratio"),
+    ("{max_prefetch_bytes_per_layer: 0}", "weight_prefetch_config.max_prefetch_bytes_per_layer", "must be > 0"),
+])
+def test_weight_prefetch_invalid_names_the_key(tmp_path, section, where, what):
+    p = write(tmp_path, "tiers: [{kind: nvme, path: x}]\nweight_prefetch_config: " + section)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and f": {where}:" in msg and what in msg, msg
