@@ -2,6 +2,7 @@
                          --json OUT                                            (+ OUT's .png beside it)
        python -m jobs.simulate --study seed-tables --json OUT                   the seed document's §7 tables
        python -m jobs.simulate --study scale --model M --json OUT               workers 1 -> 256, planner cost
+       python -m jobs.simulate --study planner-cost --json OUT                  central vs batched vs sharded
 
 Clusters larger than this machine, on a virtual clock (policies/simulator.py): the real predictors (registry),
 the real PrefetchPlanner and the real cache bookkeeping, on hardware/storage/model presets (policies/profiles.py).
@@ -210,42 +211,126 @@ def _embedded_rows(a) -> dict:
     return {"trace": os.path.abspath(path), "batches": res}
 
 
-def planner_cost(sim, batch: int, shards: int = 1, every: int = 1, reps: int = 20) -> dict:
+def planner_cost(sim, batch: int, shards: int = 1, every: int = 1, reps: int = 20, by: str = "request") -> dict:
     """Wall cost of one coordinator decision step for `batch` live requests, on a warm simulator: observe the
-    batch's events of one layer, predict for every request, plan. shards: requests split over that many
-    coordinators running in parallel (cost = the slowest shard's). every: one decision per `every` layers with the
-    window widened by as much (cost per layer = the call's / every)."""
-    from policies.predictors import RoutingEvent
+    batch's events of one layer, predict for every request, plan. every: one decision per `every` layers with the
+    window widened by as much (cost per layer = the call's / every). shards, by:
+      "request"  requests split over that many coordinators running in parallel, each planning over the whole
+                 cluster view (cost = the slowest shard's)
+      "layer"    shard s owns the MoE layers l with l % shards == s and plans only for them, over a view of its
+                 layers alone; at a layer step the shards owning the window's target layers act in parallel
+                 (cost = the slowest of them), each observing the events and predicting for every request"""
+    from policies.predictors import Candidates, RoutingEvent
     rng = np.random.default_rng(0)
     tr = sim.trace
+    L = tr.num_layers
     rows = rng.integers(0, tr.num_tokens, batch)
     reqs = np.arange(batch) + 10_000_000                     # fresh ids: not the trace's (oracle is not timed)
-    groups = np.array_split(np.arange(batch), shards)
-    per_call = []
     win = sim.cfg.window
+    h = int(np.ceil(win * every))
+    rk = sim._rk
+    per_call = []
     for r in range(reps):
-        l = r % tr.num_layers
-        worst = 0.0
-        for g in groups:
-            evs = [RoutingEvent(int(reqs[i]), r, l, tr.experts[rows[i], l].astype(np.int64)) for i in g
+        l = r % L
+        evs_all = [RoutingEvent(int(reqs[i]), r, l, tr.experts[rows[i], l].astype(np.int64)) for i in range(batch)
                    if tr.experts[rows[i], l, 0] >= 0]
-            t0 = time.perf_counter()
-            for ev in evs:
-                sim.pred.observe(ev)
-            views = []
-            for i in g:
-                c = sim.pred.predict(int(reqs[i]), int(np.ceil(win * every)))
-                if len(c):
-                    views.append(sim._rk.RequestView(int(reqs[i]), c))
-            sim.planner.plan(views, sim._view(), win * every)
-            worst = max(worst, time.perf_counter() - t0)
+        worst = 0.0
+        if by == "request":
+            for g in np.array_split(np.arange(batch), shards):
+                gs = set(int(reqs[i]) for i in g)
+                t0 = time.perf_counter()
+                for ev in evs_all:
+                    if ev.request in gs:
+                        sim.pred.observe(ev)
+                views = [rk.RequestView(int(reqs[i]), c) for i in g
+                         if len(c := sim.pred.predict(int(reqs[i]), h))]
+                sim.planner.plan(views, sim._view(), win * every)
+                worst = max(worst, time.perf_counter() - t0)
+        else:
+            targets = sorted({(l + d) % L for d in range(1, h + 1)})
+            active = sorted({t % shards for t in targets})
+            full = sim._view()
+            for s in active:
+                mine = np.arange(s, L, shards)                   # this shard's MoE layers
+                local = np.full(L, -1)
+                local[mine] = np.arange(len(mine))
+                t0 = time.perf_counter()
+                for ev in evs_all:
+                    sim.pred.observe(ev)
+                views = []
+                for i in range(batch):
+                    c = sim.pred.predict(int(reqs[i]), h)
+                    keep = local[c.layer] >= 0
+                    if keep.any():
+                        views.append(rk.RequestView(int(reqs[i]), Candidates(
+                            c.distance[keep], local[c.layer[keep]], c.expert[keep], c.prob[keep])))
+                v = rk.ClusterView(full.owner[mine], full.node_of, full.present[:, mine], full.nbytes[mine],
+                                   full.free_bytes, full.dram_free_bytes, full.inflight[mine], full.staging[mine],
+                                   full.inflight_bytes)
+                sim.planner.plan(views, v, win * every)
+                worst = max(worst, time.perf_counter() - t0)
         per_call.append(worst)
     for i in range(batch):
         sim.pred.end(int(reqs[i]))
     pc = np.array(per_call)
-    return {"batch": batch, "shards": shards, "every": every, "call_ms_p50": 1e3 * float(np.median(pc)),
-            "call_ms_p99": 1e3 * float(np.percentile(pc, 99)),
+    return {"batch": batch, "shards": shards, "by": by, "every": every,
+            "call_ms_p50": 1e3 * float(np.median(pc)), "call_ms_p99": 1e3 * float(np.percentile(pc, 99)),
             "per_layer_ms_p50": 1e3 * float(np.median(pc)) / every}
+
+
+def study_planner_cost(a) -> dict:
+    """The coordinator's decision cost per MoE layer step against the virtual layer time, as the cluster grows:
+    one central planner, batched events, sharding by request and by layer (h100-sxm, cross_layer by default)."""
+    from policies import profiles as P
+    from policies.registry import make_predictor
+    from policies.simulator import SimConfig, Simulator
+    model = P.model(a.model or "qwen3-30b-a3b")
+    hw = P.hardware(a.hardware or "h100-sxm")
+    pol = a.scale_policies[-1]
+    workers = a.scale_workers
+    tr, info = routing_for(model, trace_path=a.trace, tokens=max(workers) * a.per_worker_batch * (a.scale_steps + 1),
+                           requests=max(workers) * a.per_worker_batch, seed=a.seed, fit_trace=a.fit_trace)
+    rows = []
+    for n in workers:
+        b = n * a.per_worker_batch
+        cfg = SimConfig(workers=n, batch=b, cache_fraction=a.cache_fraction, window=a.window,
+                        max_tokens=b * a.scale_steps, confirm_prob=a.confirm_prob)
+        pred = make_predictor(pol, num_layers=model.num_layers, num_experts=model.num_experts, top_k=model.top_k)
+        sim = Simulator(hw, model, P.storage(a.storage), cfg, tr, pred, tier=a.tier)
+        m = sim.run()
+        row = {"workers": n, "batch": b, "virtual_layer_ms": m["latency_ms_per_layer"], "variants": {}}
+        for by, shards, every in (("request", 1, 1), ("request", 1, 4), ("request", 4, 1), ("request", 16, 1),
+                                  ("layer", 4, 1), ("layer", 16, 1), ("layer", 16, 4)):
+            if by == "request" and shards > b:
+                continue
+            pc = planner_cost(sim, b, shards, every, reps=a.cost_reps, by=by)
+            pc["keeps_up"] = pc["per_layer_ms_p50"] <= row["virtual_layer_ms"]
+            row["variants"][f"{by}{shards}_every{every}"] = pc
+        _say(f"workers {n:4d} batch {b:5d} layer {row['virtual_layer_ms']:.2f} ms: " + ", ".join(
+            f"{k} {v['per_layer_ms_p50']:.2f}" for k, v in row["variants"].items()))
+        rows.append(row)
+    return {"model": P.describe(model), "hardware": hw.name, "policy": pol, "rows": rows, "routing": info}
+
+
+def plot_planner_cost(res: dict, png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = res["rows"]
+    ws = [r["workers"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for k in rows[-1]["variants"]:
+        ax.plot(ws, [r["variants"].get(k, {}).get("per_layer_ms_p50", np.nan) for r in rows], marker="o", label=k)
+    ax.plot(ws, [r["virtual_layer_ms"] for r in rows], "k--", label="virtual layer time (budget)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("workers (4 requests each)")
+    ax.set_ylabel("ms per MoE layer step (wall, p50)")
+    ax.set_title(f"coordinator decision cost, {res['policy']}, {res['model']['name']} on {res['hardware']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
 
 
 def study_scale(a) -> dict:
@@ -353,7 +438,7 @@ def plot_seed(res: dict, png: str) -> None:
 # -- main --------------------------------------------------------------------------------------------------------
 def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m jobs.simulate", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--study", choices=("policies", "seed-tables", "scale"), default="policies")
+    ap.add_argument("--study", choices=("policies", "seed-tables", "scale", "planner-cost"), default="policies")
     ap.add_argument("--hardware", default=None, help="rtx3090 | a100-80gb-pcie | h100-sxm | local (default h100-sxm)")
     ap.add_argument("--calib", default=None, help="calibration JSON for --hardware local (jobs.benchmark's output)")
     ap.add_argument("--model", default=None)
@@ -398,6 +483,9 @@ def main(argv=None) -> int:
     elif a.study == "scale":
         res = study_scale(a)
         plot = plot_scale
+    elif a.study == "planner-cost":
+        res = study_planner_cost(a)
+        plot = plot_planner_cost
     else:
         calib = None
         if a.calib:
