@@ -36,9 +36,9 @@ def test_candidates_contract(cls):
 
 
 def test_beat_chance_on_a_correlated_trace():
-    tr = synthetic_trace(500, 6, 16, 2, correlation=0.8, num_requests=3, seed=2)
-    for cls in (MultiLookAhead, IntelligentAdaptive):
-        for d in (1, 2):
+    tr = synthetic_trace(250, 6, 16, 2, correlation=0.8, num_requests=2, seed=2)
+    for cls, d in ((MultiLookAhead, 1), (MultiLookAhead, 3), (IntelligentAdaptive, 2)):
+        if True:
             r = recall_at_k(cls(6, 16, 2), tr, d).overall
             assert r > 0.8 ** d * 0.85, (cls.__name__, d, r)   # the chained bijection holds with P 0.8^d
             assert r > 2 * 2 / 16
@@ -48,7 +48,7 @@ def test_patterns_and_direct_distances_beat_the_transition():
     """Routing where layer l+2's experts depend on layer l's but not on layer l+1's (the 1-hop chain the plain
     transition composes cannot see it), and where a layer's experts repeat the previous token's pattern."""
     rng = np.random.default_rng(3)
-    T, L, E, K = 1500, 6, 12, 2
+    T, L, E, K = 600, 6, 12, 2
     perm = rng.permutation(E)
     x = np.argsort(rng.random((T, L, E)), -1)[..., :K]
     for l in range(2, L, 2):
