@@ -63,7 +63,7 @@ def routing_for(model, *, trace_path: str | None, tokens: int, requests: int, se
         if (tr.num_layers, tr.num_experts, tr.top_k) != (model.num_layers, model.num_experts, model.top_k):
             raise SystemExit(f"simulate: trace {path} is {tr.num_layers} x {tr.num_experts}, top-{tr.top_k}; model "
                              f"{model.name} is {model.num_layers} x {model.num_experts}, top-{model.top_k}")
-        tr = tr.head(tokens) if tokens else tr
+        tr = tr.head(tokens or 2048)                   # a whole trace is 10^5 rows x L layers: opt in with --tokens
         return tr, {"source": "trace", "path": os.path.abspath(path), "tokens": tr.num_tokens,
                     "requests": tr.num_requests}
     src_path = fit_trace or os.path.join(TRACES, "gpt-oss-20b_decode.npz")
@@ -450,7 +450,8 @@ def parse(argv=None):
     ap.add_argument("--embedded-trace", default="/tmp/embedded-hidden.npz")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
-    ap.add_argument("--tokens", type=int, default=0, help="rows of routing to simulate (0: trace / 1024)")
+    ap.add_argument("--tokens", type=int, default=0, help="rows of routing to simulate (0: a trace's first 2048, "
+                                                          "or 1024 synthetic)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--cache-fraction", type=float, default=0.25)
     ap.add_argument("--dram-fraction", type=float, default=1.0)
