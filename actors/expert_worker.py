@@ -107,6 +107,7 @@ class ExpertWorker:
         handles = storage_by_node.get(node) or next(iter(storage_by_node.values()))
         self.storage = handles[worker_id % len(handles)]
         self.local_storage = node in storage_by_node
+        self._storage_by_node = storage_by_node   # other nodes' actors: the fallback when ours is gone
         self._res: dict[Key, _Resident] = {}
         # guards the cache index, _res, the load table, the prefetch queue and the counters across the actor's
         # call threads, the I/O pool, the prefetch threads and the compiled-graph thread
@@ -137,6 +138,7 @@ class ExpertWorker:
                              bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
                              prefetch_dropped=0, cancelled=0, peak_used_bytes=0, stall_seconds=0.0,
                              tier_bytes={})
+        self.counters["storage_retries"] = 0   # blob reads re-asked after a storage actor died (see _read_blob)
 
     def _count(self, **inc) -> None:
         with self._lock:
@@ -154,8 +156,7 @@ class ExpertWorker:
 
     def _fetch_to_device(self, key: Key, tiers: list | None = None) -> _Resident:
         t0 = time.perf_counter()
-        ref, tier = ray.get(self.storage.get_tiered.remote(*key, tiers))
-        view = ray.get(ref)  # uint8 numpy, mapped read-only from the node's object store
+        view, tier = self._read_blob(key, tiers)  # uint8 numpy, mapped read-only from the node's object store
         n = view.nbytes
         dev = torch.empty(n, dtype=torch.uint8, device=self.device)
         ready = None
@@ -183,6 +184,26 @@ class ExpertWorker:
             tb[tier] = tb.get(tier, 0) + n
         return _Resident(dev, self._views(key, dev), ready, tier=tier)
 
+    def _read_blob(self, key: Key, tiers: list | None = None, first_error: BaseException | None = None) -> tuple:
+        """(blob view, tier) through a storage actor. A storage actor that dies mid-read (RayActorError), or whose
+        reply object died with it (ObjectLostError: the blob's ref was owned by the dead incarnation), is asked
+        again: first our own (Ray restarts it, cluster/storage_tier.py), then every other node's actor (ours may
+        be gone for good with its node). Storage errors (integrity, access) are not retried here: the store has
+        already fallen back across tiers, and its error names the blob and the tiers."""
+        others = [h for hs in self._storage_by_node.values() for h in hs if h is not self.storage]
+        err = first_error
+        for h in ([self.storage] if first_error is not None else [self.storage, self.storage]) + others:
+            try:
+                ref, tier = ray.get(h.get_tiered.remote(*key, tiers))
+                return ray.get(ref), tier
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+                if isinstance(e, ray.exceptions.RayTaskError):
+                    raise  # the actor is alive and the read itself failed: its error goes up as is
+                err = e
+                self._count(storage_retries=1)
+        raise RuntimeError(f"worker {self.worker_id}: blob {key}: no storage actor could serve it "
+                           f"({len(others) + 1} tried): {type(err).__name__}: {err}") from err
+
     def _load(self, key: Key, prefetched: bool, request: str | None = None,
               pin: bool = False, victims: list | None = None, tiers: list | None = None) -> tuple[_Resident, bool]:
         """(entry, pinned) for key, loading it once however many threads ask (in-flight loads are shared).
@@ -198,7 +219,11 @@ class ExpertWorker:
             if mine:
                 fut = self._loading[key] = Future()
         if not mine:
-            return fut.result(), False
+            try:
+                return fut.result(), False
+            except Exception:  # noqa: BLE001 - the other caller's load failed (its TierSet, its deadline...):
+                pass          # that must not fail this one, which loads with its own tiers
+            return self._load(key, prefetched, request, pin, victims, tiers)
         pinned = False
         try:
             res = self._fetch_to_device(key, tiers)
@@ -369,8 +394,13 @@ class ExpertWorker:
                 cpu.append(k)
         refs = {k: self.storage.get_tiered.remote(*k, tiers) for k in cpu}
         for k, call in refs.items():
-            ref, tier = ray.get(call)
-            view = ray.get(ref)                                   # uint8, zero-copy from the object store
+            try:
+                ref, tier = ray.get(call)
+                view = ray.get(ref)                               # uint8, zero-copy from the object store
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+                if isinstance(e, ray.exceptions.RayTaskError):
+                    raise
+                view, tier = self._read_blob(k, tiers, first_error=e)  # our storage actor died: retried
             blob = torch.from_numpy(view)
             out[k] = _Resident(blob, self._views(k, blob), None, cached=False, tier=tier)
         if out:

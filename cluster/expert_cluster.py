@@ -156,6 +156,8 @@ class ClusterExperts:
                 try:
                     results[w] = ray.get(call)
                 except ray.exceptions.RayActorError as e:
+                    if isinstance(e, ray.exceptions.RayTaskError):
+                        raise  # the worker is alive; its compute failed (e.g. every storage tier): not a death
                     lost[w] = e
         if lost:
             raise _WorkersLost(lost)
@@ -445,6 +447,10 @@ class ExpertCluster:
         if not self.workers:
             raise RuntimeError(f"every expert worker is gone (last: worker {wid}: {err})")
         self.lost_workers.append(wid)
+        alive = set(ray_compat.alive_node_ids())
+        for node in [n for n in self.storage if n not in alive]:  # its node is gone (removed, crashed)
+            log.warning("node %s is gone: forgetting its storage actors", node)
+            self.storage.pop(node)
         self._replace()
 
     def remove_worker(self, wid: int) -> None:
@@ -477,7 +483,12 @@ class ExpertCluster:
 
     def stats(self) -> dict:
         ws = ray.get([w.stats.remote() for w in self.workers.values()])
-        ss = ray.get([h.stats.remote() for hs in self.storage.values() for h in hs])
+        ss = []
+        for h in [h for hs in self.storage.values() for h in hs]:
+            try:
+                ss.append(ray.get(h.stats.remote()))
+            except ray.exceptions.RayActorError as e:  # dead for good (restarts spent): the others still report
+                ss.append({"error": f"{type(e).__name__}"})
         d = self.experts.stats
         c = self.experts.counters
         return {"workers": ws, "storage": ss,
