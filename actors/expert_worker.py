@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 from policies.cost_model import RateMeter, Rates, decide_miss
 from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
+from storage_adapters.checksum import algo_of, verify
+from storage_adapters.errors import BlobIntegrityError
 from storage_adapters.manifest import Manifest
 
 Key = tuple[int, int]  # (layer, expert)
@@ -59,6 +61,18 @@ def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def _new_hash(checksum: str):
+    """A fresh incremental hash of the checksum's algorithm (storage_adapters/checksum.py strings)."""
+    import hashlib
+
+    import xxhash
+    return xxhash.xxh64() if algo_of(checksum) == "xxh64" else hashlib.sha256()
+
+
+def _hexof(h, checksum: str) -> str:
+    return f"{algo_of(checksum)}:{h.hexdigest()}"
+
+
 @dataclass
 class _Resident:
     blob: torch.Tensor                      # [size] uint8 on the device
@@ -66,6 +80,19 @@ class _Resident:
     ready: torch.cuda.Event | None = None   # set when the async H2D copy has landed
     cached: bool = True                     # False: no room (all pinned), used by one compute and dropped
     tier: str = "dram"                      # the tier its bytes came from (dram, nvme, s3)
+    partial: "_Partial | None" = None       # partial prefetch: tensors = (gate rows [r, H], up rows [r, H], None)
+
+
+@dataclass
+class _Partial:
+    """The first `rows` rows of gate and up, prefetched ahead of use (docs/weight_prefetch.md). Unverified until
+    completed: the hashes have seen exactly the prefix bytes copied to the device; the rest's bytes finish them
+    and each whole tensor must match its manifest checksum before any result computed from the rows is used."""
+    rows: int
+    row_bytes: int
+    gate_hash: object                       # xxhash / hashlib state over the gate prefix bytes
+    up_hash: object
+    failed: bool = False                    # its completion did not verify: every use reads the whole blob
 
 
 @dataclass(order=True)
@@ -81,7 +108,7 @@ class _Queued:
 class ExpertWorker:
     def __init__(self, worker_id: int, manifest_json: bytes, hbm_budget_bytes: int, storage_by_node: dict,
                  *, device: str = "auto", policy: str = "lru", prefetch_concurrency: int = 2, cpu_threads: int = 1,
-                 io_threads: int = 8, miss_rates: dict | None = None):
+                 io_threads: int = 8, miss_rates: dict | None = None, weight_prefetch: dict | None = None):
         """miss_rates: None — a miss always waits for the load into the cache. Otherwise policies/cost_model.py
         decides per missed expert between waiting for the transfer and computing it on the CPU straight from the
         DRAM tier (nothing cached then), from {link_Bps, link_latency_s, device_flops, cpu_flops} (configured
@@ -134,7 +161,16 @@ class ExpertWorker:
             self._measure = bool(r.pop("measure", False))
             self.miss_rates = Rates(**r)
             self._link_meter = RateMeter(self.miss_rates.link_Bps)
-        self.counters = dict(cpu_computes=0, hits=0, misses=0, prefetch_hits=0, loads=0, demand_loads=0, prefetch_loads=0,
+        # weight_prefetch: cluster/config.py WeightPrefetchConfig as a dict; None: ask the storage actor (its cfg)
+        if weight_prefetch is None:
+            weight_prefetch = ray.get(self.storage.weight_prefetch_config.remote())
+        wp = weight_prefetch
+        self.partial_ratio = float(wp["prefetch_ratio"]["moe"]["gate_up"]) if wp.get("enabled") else None
+        self.partial_cap = int(wp.get("max_prefetch_bytes_per_layer", 18 << 20))
+        self._partial_inflight: dict[int, int] = {}   # layer -> partial prefetch bytes being fetched
+        self._completing: dict[Key, Future] = {}
+        self.counters = dict(partial_prefetches=0, partial_bytes=0, partial_completions=0, partial_capped=0,
+                             partial_verify_failures=0, cpu_computes=0, hits=0, misses=0, prefetch_hits=0, loads=0, demand_loads=0, prefetch_loads=0,
                              bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
                              prefetch_dropped=0, cancelled=0, peak_used_bytes=0, stall_seconds=0.0,
                              tier_bytes={})
@@ -226,7 +262,8 @@ class ExpertWorker:
             return self._load(key, prefetched, request, pin, victims, tiers)
         pinned = False
         try:
-            res = self._fetch_to_device(key, tiers)
+            res = self._fetch_partial(key, tiers) if prefetched and self.partial_ratio is not None \
+                else self._fetch_to_device(key, tiers)
             with self._lock:
                 try:
                     if victims is not None:
@@ -332,7 +369,13 @@ class ExpertWorker:
                 for k in pinned:
                     self.cache.access(k)
                 self.counters["stall_seconds"] += stall
-            out = self._compute_sync([res[k] for k in keys], counts, x)
+            # partial prefetches: their rest is read now, while the rows already there compute
+            rest = {k: self._io.submit(self._complete, k, r, tiers) for k, r in res.items() if r.partial is not None}
+            if rest:
+                out, waited = self._compute_completing([res[k] for k in keys], keys, counts, x, rest)
+                stall += waited
+            else:
+                out = self._compute_sync([res[k] for k in keys], counts, x)
         finally:
             self._release(pinned, int(x.shape[0]))
         out = out.tobytes() if packed else out
@@ -364,8 +407,8 @@ class ExpertWorker:
         x = unpack_rows(x, sum(counts))
         keys = [(layer, int(e)) for e in experts]
         with self._lock:
-            if any(k not in self._res for k in keys):
-                return MISS
+            if any(k not in self._res or self._res[k].partial is not None for k in keys):
+                return MISS   # a partial entry needs its rest read: the plain path does that
             res = [self._res[k] for k in keys]
             pinned = list(dict.fromkeys(keys))
             for k in pinned:
@@ -423,6 +466,208 @@ class ExpertWorker:
                 out[start:start + n] = expert_ffn(xt[start:start + n], g, u, d)
             start += n
         return out.to(torch.float32 if x.dtype == np.float32 else out.dtype).cpu().numpy()
+
+    # -- partial prefetch (weight_prefetch_config, docs/weight_prefetch.md) -------------------------------------
+    def _to_device(self, host: np.ndarray) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """uint8 host bytes -> a fresh device buffer (on CUDA through a pinned staging buffer, as _fetch_to_device)."""
+        dev = torch.empty(host.nbytes, dtype=torch.uint8, device=self.device)
+        if self.device.type != "cuda":
+            np.copyto(dev.numpy(), host)
+            return dev, None
+        stage = self._staging.get()
+        try:
+            np.copyto(stage[:host.nbytes].numpy(), host)
+            with torch.cuda.stream(self._stream):
+                dev.copy_(stage[:host.nbytes], non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self._stream)
+            ready.synchronize()
+        finally:
+            self._staging.put(stage)
+        return dev, ready
+
+    def partial_rows(self, key: Key) -> int:
+        """Rows of gate/up a prefetch of key moves: moe.gate_up of them, rounded down to whole 4 KiB units where
+        rows tile 4 KiB (so ranged reads stay page-aligned), at most the layer's cap left over."""
+        g = self.manifest.blob(*key).tensors["gate"]
+        I = g.shape[0]
+        rb = g.length // I
+        unit = int(np.lcm(rb, 4096) // rb)
+        unit = unit if unit <= I else 1
+        rows = int(self.partial_ratio * I) // unit * unit
+        with self._lock:   # bytes this layer already holds as partial entries, or is fetching
+            held = sum(r.blob.numel() for k, r in self._res.items() if k[0] == key[0] and r.partial is not None)
+            free = self.partial_cap - held - self._partial_inflight.get(key[0], 0)
+        return max(0, min(rows, free // (2 * rb) // unit * unit))
+
+    def _fetch_partial(self, key: Key, tiers: list | None = None) -> _Resident:
+        """A prefetch under weight_prefetch_config: the first rows of gate and up, by ranged read."""
+        b = self.manifest.blob(*key)
+        g, u = b.tensors["gate"], b.tensors["up"]
+        rb = g.length // g.shape[0]
+        rows = self.partial_rows(key)
+        n = rows * rb
+        if rows == 0:
+            self._count(partial_capped=1)
+            raise DoesNotFit(f"prefetch of {key}: max_prefetch_bytes_per_layer reached for layer {key[0]}")
+        with self._lock:
+            self._partial_inflight[key[0]] = self._partial_inflight.get(key[0], 0) + 2 * n
+        try:
+            t0 = time.perf_counter()
+            host, tier = ray.get(self.storage.get_ranges.remote(*key, [(g.offset, n), (u.offset, n)], tiers))
+            assert host.nbytes == 2 * n, f"{key}: ranged read gave {host.nbytes} bytes, asked {2 * n}"
+            hg, hu = _new_hash(g.checksum), _new_hash(u.checksum)
+            hg.update(memoryview(host[:n]))
+            hu.update(memoryview(host[n:]))
+            dev, ready = self._to_device(host)
+            dt = time.perf_counter() - t0
+        finally:
+            with self._lock:
+                self._partial_inflight[key[0]] -= 2 * n
+        H = g.shape[1]
+        tt = _TORCH_DTYPES[g.dtype]
+        views = (dev[:n].view(tt).view(rows, H), dev[n:].view(tt).view(rows, H), None)
+        with self._lock:
+            c = self.counters
+            c["loads"] += 1
+            c["bytes_loaded"] += 2 * n
+            c["load_seconds"] += dt
+            c["partial_prefetches"] += 1
+            c["partial_bytes"] += 2 * n
+            c["tier_bytes"][tier] = c["tier_bytes"].get(tier, 0) + 2 * n
+        return _Resident(dev, views, ready, tier=tier, partial=_Partial(rows, rb, hg, hu))
+
+    def _complete(self, key: Key, r: _Resident, tiers: list | None = None) -> _Resident:
+        """The rest of a partial entry: gate/up rows [rows:] and down, by ranged read. Each whole tensor is
+        verified (prefix hash + rest bytes against the manifest checksum; down by its own) BEFORE its result may be
+        used; a mismatch drops the partial entry and reads the whole blob verified instead (the store falls back
+        across tiers), so wrong weights never reach an output. The completed entry replaces the partial one and is
+        charged its real extra bytes (evicting per policy); with no room it serves this compute only."""
+        with self._lock:
+            fut = self._completing.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._completing[key] = Future()
+        if not mine:
+            return fut.result()
+        try:
+            full = self._complete_once(key, r, tiers)
+            fut.set_result(full)
+            return full
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()
+            raise
+        finally:
+            with self._lock:
+                del self._completing[key]
+
+    def _complete_once(self, key: Key, r: _Resident, tiers: list | None) -> _Resident:
+        with self._lock:   # another compute may have completed it meanwhile
+            cur = self._res.get(key)
+            if cur is not None and cur is not r and cur.partial is None:
+                return cur
+        p = r.partial
+        if p.failed:
+            return self._partial_failed(key, r, [], tiers)
+        b = self.manifest.blob(*key)
+        g, u, d = (b.tensors[x] for x in ("gate", "up", "down"))
+        I, H = g.shape
+        off, n = p.rows * p.row_bytes, (I - p.rows) * p.row_bytes
+        spans = ([(g.offset + off, n), (u.offset + off, n)] if n else []) + [(d.offset, d.length)]
+        t0 = time.perf_counter()
+        host, tier = ray.get(self.storage.get_ranges.remote(*key, spans, tiers))
+        hg, hu = p.gate_hash.copy(), p.up_hash.copy()   # the entry's states stay reusable
+        hg.update(memoryview(host[:n]))
+        hu.update(memoryview(host[n:2 * n]))
+        bad = [role for role, h, t in (("gate", hg, g), ("up", hu, u)) if _hexof(h, t.checksum) != t.checksum]
+        if not verify(host[2 * n:], d.checksum)[0]:
+            bad.append("down")
+        if bad:
+            return self._partial_failed(key, r, bad, tiers)
+        # the whole blob, laid out as stored: the prefetched rows copied on the device, the rest from the host.
+        # One GEMM per projection over whole tensors, as the reference computes: bit-for-bit equal (a row-block
+        # split of gate/up is exact in real arithmetic, but GEMM kernels block by shape: not bit-for-bit)
+        rest_dev, _ = self._to_device(host)
+        dev = torch.empty(b.size, dtype=torch.uint8, device=self.device)
+        P = p.rows * p.row_bytes
+        for t, pre, rest_at in ((g, r.blob[:P], 0), (u, r.blob[P:], n)):
+            dev[t.offset:t.offset + P].copy_(pre)
+            dev[t.offset + P:t.offset + t.length].copy_(rest_dev[rest_at:rest_at + n])
+        dev[d.offset:d.offset + d.length].copy_(rest_dev[2 * n:])
+        ready = None
+        if self.device.type == "cuda":   # device copies on the current stream; computes wait for them
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        dt = time.perf_counter() - t0
+        full = _Resident(dev, self._views(key, dev), ready, cached=False, tier=tier)
+        with self._lock:
+            c = self.counters
+            c["bytes_loaded"] += host.nbytes
+            c["load_seconds"] += dt
+            c["partial_completions"] += 1
+            c["tier_bytes"][tier] = c["tier_bytes"].get(tier, 0) + host.nbytes
+            self._replace(key, r, full, b.size - r.blob.numel())   # prefix freed, whole blob charged
+        return full
+
+    def _replace(self, key: Key, r: _Resident, full: _Resident, extra: int) -> bool:
+        """Under the lock: the cache entry of partial r becomes `full`, charged `extra` more bytes (evicting per
+        policy, never a pinned entry). False (nothing changed, full serves one compute) if r is no longer the
+        entry or there is no room. CacheIndex has no resize: the entry's size grows after plan_room made room."""
+        e = self.cache.entries.get(key)
+        if e is None or self._res.get(key) is not r:
+            return False
+        try:
+            victims = self.cache.plan_room(extra)
+        except DoesNotFit:
+            return False
+        if key in victims:
+            return False
+        for v in victims:
+            self.cache.remove(v, evicted=True)
+            self._res.pop(v, None)
+        e.size += extra
+        self.cache.used += extra
+        assert self.cache.used <= self.cache.budget, f"worker {self.worker_id}: cache over budget"
+        self.counters["peak_used_bytes"] = max(self.counters["peak_used_bytes"], self.cache.used)
+        full.cached = True
+        self._res[key] = full
+        return True
+
+    def _partial_failed(self, key: Key, r: _Resident, bad: list[str], tiers: list | None) -> _Resident:
+        """Tensors `bad` of a completed partial entry do not match their checksums: nothing computed from its rows
+        is used; the whole blob is read verified instead (the store retries and falls back across tiers) and
+        replaces the entry when it fits (else the entry stays marked failed and is evicted in policy order)."""
+        if bad:
+            with self._lock:
+                self.counters["partial_verify_failures"] += 1
+                r.partial.failed = True
+        full = self._fetch_to_device(key, tiers)   # the storage actor verifies the whole blob, across tiers
+        full.cached = False
+        with self._lock:
+            self._replace(key, r, full, full.blob.numel() - r.blob.numel())
+        return full
+
+    def _compute_completing(self, residents: list[_Resident], keys: list[Key], counts: list[int], x: np.ndarray,
+                            rest: dict) -> tuple[np.ndarray, float]:
+        """_compute_sync where some experts are partial: the experts already whole compute first, while the rests
+        of the partial ones are read; each partial expert computes once its rest arrived and every tensor verified
+        (else from the verified whole blob). Returns (out, seconds waited on rests after the others computed)."""
+        whole = [i for i, r in enumerate(residents) if r.partial is None]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        out = np.empty((x.shape[0], x.shape[1]), dtype=np.float32 if x.dtype == np.float32 else x.dtype)
+        for idx in whole:   # one call per expert keeps each group's GEMM shapes (bit-for-bit as _compute_sync)
+            a, b = starts[idx], starts[idx + 1]
+            out[a:b] = self._compute_sync([residents[idx]], [counts[idx]], x[a:b])
+        t0 = time.perf_counter()
+        done = {k: f.result() for k, f in rest.items()}
+        waited = time.perf_counter() - t0
+        for idx in (i for i in range(len(residents)) if residents[i].partial is not None):
+            a, b = starts[idx], starts[idx + 1]
+            out[a:b] = self._compute_sync([done[keys[idx]]], [counts[idx]], x[a:b])
+        with self._lock:
+            self.counters["stall_seconds"] += waited
+        return out, waited
 
     # -- prefetch -----------------------------------------------------------------------------------------------
     def prefetch(self, items: list[tuple], cancel: list[tuple] | None = None) -> int:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import ray
 
 from policies.eviction import ByteBudgetLRU
 from storage_adapters.buffers import return_large_frees_to_os
+from storage_adapters.errors import StoreError, TierAccessError
 from storage_adapters.store import ExpertStore
 from storage_adapters.tiers import adapter_for, keys_for
 
@@ -38,7 +40,7 @@ class StorageActor:
         self._open_lock = asyncio.Lock()
         self._dense_ref = None
         self.counters = {"hits": 0, "misses": 0, "coalesced": 0, "bytes_read": 0, "read_seconds": 0.0,
-                         "uncached": 0, "errors": 0}
+                         "uncached": 0, "errors": 0, "range_reads": 0}
 
     async def _ensure(self) -> ExpertStore:
         if self._store is None:
@@ -125,6 +127,48 @@ class StorageActor:
     async def get_tiered(self, layer: int, expert: int, tiers: list[str] | None = None) -> list:
         """[ref, tier name it came from] (ExpertWorkers count bytes per tier with it)."""
         return list(await self._get((layer, expert), tiers))
+
+    async def get_ranges(self, layer: int, expert: int, spans: list[tuple[int, int]],
+                         tiers: list[str] | None = None) -> list:
+        """[uint8 array of the byte ranges `spans` ((offset, length) in the plaintext blob) concatenated, tier]:
+        partial prefetch (docs/weight_prefetch.md). Sliced from the DRAM tier when the blob is resident there
+        (verified when it was read); else ranged reads on the first storage tier that serves them, NOT verified
+        here (a range has no checksum of its own): the ExpertWorker verifies each tensor once it is whole. Never
+        fills the DRAM tier (a part of a blob is not a blob). Encrypted copies cannot be read by range: the whole
+        blob is read verified and sliced."""
+        bid = (int(layer), int(expert))
+        spans = [(int(o), int(n)) for o, n in spans]
+        ref = self._refs.get(bid) if tiers is None or "dram" in tiers else None
+        if ref is not None:
+            self.lru.touch(bid)
+            self.counters["hits"] += 1
+            blob = await ref                                   # zero-copy view of the verified blob
+            return [np.concatenate([blob[o:o + n] for o, n in spans]), "dram"]
+        store = await self._ensure()
+        entry = store.manifest.blob(*bid)
+        failures = []
+        for a in store.eligible(entry, self._storage_tiers(tiers)):
+            t0 = time.perf_counter()
+            try:
+                if entry.tiers[a.tier].encrypted:
+                    blob, _ = await store.read_blob(*bid, tiers=[a.tier])
+                    parts = [blob[o:o + n] for o, n in spans]
+                else:
+                    parts = await asyncio.gather(*[a.read(entry.key, o, n) for o, n in spans])
+            except StoreError as e:                            # this tier cannot serve it: the next may
+                failures.append(f"{a.tier}: {e}")
+                continue
+            out = np.concatenate(parts)
+            self.counters["read_seconds"] += time.perf_counter() - t0
+            self.counters["bytes_read"] += out.nbytes
+            self.counters["range_reads"] += 1
+            return [out, a.tier]
+        self.counters["errors"] += 1
+        raise TierAccessError(f"blob {entry.key!r}: no eligible tier served ranges {spans}: " + "; ".join(failures))
+
+    async def weight_prefetch_config(self) -> dict:
+        """The validated `weight_prefetch_config` section (ExpertWorkers started without one ask here)."""
+        return self.cfg.weight_prefetch_config.model_dump()
 
     async def get_many(self, items: list[BlobId]) -> list:
         """Refs for several blobs, read concurrently (the tiers' parallelism does the rest)."""
