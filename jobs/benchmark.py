@@ -81,9 +81,12 @@ def build_store(work: str, L: int, E: int, K: int, expert_bytes: int) -> tuple[s
 
 
 def cluster_config(store: str, *, workers: int, hbm: int, dram: int, policy: str, window: int, ns: str,
-                   address: str | None, inflight: int):
+                   address: str | None, inflight: int, ratio: float | None = None):
+    """ratio: weight_prefetch_config.prefetch_ratio.moe.gate_up (partial prefetch); None: whole experts."""
     from cluster.config import ClusterConfig
     raw = {"ray": {"namespace": ns},
+           "weight_prefetch_config": {"enabled": ratio is not None,
+                                      "prefetch_ratio": {"moe": {"gate_up": 1.0 if ratio is None else ratio}}},
            "workers": {"count": workers, "hbm_budget_bytes": hbm},
            "tiers": [{"kind": "dram", "budget_bytes": dram}, {"kind": "nvme", "path": store}],
            "prefetch": {"policy": policy, "lookahead_layers": window, "max_inflight_bytes": inflight}}
@@ -91,13 +94,15 @@ def cluster_config(store: str, *, workers: int, hbm: int, dram: int, policy: str
 
 
 # -- one policy --------------------------------------------------------------------------------------------------
-def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight: int) -> dict:
+def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight: int,
+               ratio: float | None = None) -> dict:
     import ray
     import torch
     from cluster.expert_cluster import ExpertCluster
     coord_policy = policy if policy not in ("on_demand", "oracle", "resident") else "on_demand"
     cfg = cluster_config(store, workers=a.workers, hbm=hbm, dram=dram, policy=coord_policy, window=a.window,
-                         ns=f"bench-{policy}-{os.getpid()}", address=a.address, inflight=inflight)
+                         ns=f"bench-{policy}-{ratio}-{os.getpid()}", address=a.address, inflight=inflight,
+                         ratio=ratio)
     L, K = tr.num_layers, tr.top_k
     offs = tr.offsets
     rng = np.random.default_rng(a.seed)
@@ -194,9 +199,22 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
             except Exception as e:  # noqa: BLE001 - stats are a report, not the measurement
                 coord = {"error": f"{type(e).__name__}: {e}"}
     out.update(summarize(base, st, wall, moe_s, tokens, steps))
+    out.update(prefetch_bytes(base, st, max(s for s in c.sizes.values())), prefetch_ratio=ratio)
     out["cross_node_activation_bytes"] = act_bytes
     out["coordinator"] = coord
     return out
+
+
+def prefetch_bytes(base: dict, st: dict, expert_bytes: int) -> dict:
+    """Bytes moved by prefetches over the replay and the part wasted on mispredictions (prefetches never used by a
+    compute: evicted unused or still unused at the end). A partial prefetch moves partial_bytes / partial_prefetches
+    (its ratio's share of gate+up); a whole one the expert's bytes (the benchmark's experts are all one size)."""
+    def d(k):
+        return sum(w.get(k, 0) for w in st["workers"]) - sum(w.get(k, 0) for w in base["workers"])
+    loads, used, parts = d("prefetch_loads"), d("prefetch_hits"), d("partial_prefetches")
+    each = d("partial_bytes") / parts if parts else expert_bytes
+    return {"prefetch_bytes": int(loads * each), "prefetch_bytes_wasted": int(max(loads - used, 0) * each),
+            "partial_completions": d("partial_completions")}
 
 
 def wait_resident(workers, total: int, timeout_s: float = 120) -> None:
@@ -399,6 +417,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "moe-benchmark"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-simulate", action="store_true", help="skip the simulator's prediction of this run")
+    p.add_argument("--prefetch-ratio", default=None,
+                   help="comma list of weight_prefetch_config moe.gate_up ratios, 'full' = whole-expert prefetch "
+                        "(partial off), e.g. full,0.8,0.5,0.25: every prefetching policy runs once per ratio, same "
+                        "cache budget and predictor (docs/weight_prefetch.md)")
     p.add_argument("--json", required=True)
     a = ap.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -436,12 +458,16 @@ def main(argv=None) -> int:
     else:
         ray.init(address="local", num_cpus=4, object_store_memory=max(256 << 20, int(dram * 1.5)),
                  include_dashboard=False)  # "local": a fresh instance, never someone else's running cluster
+    ratios = [None if r.strip() == "full" else float(r) for r in a.prefetch_ratio.split(",")] \
+        if a.prefetch_ratio else [None]
+    runs = [(p, r, p if r is None else f"{p}@{r}") for p in pols
+            for r in (ratios if p not in ("on_demand", "resident") else [None])]
     res = {}
-    for pol in pols:
+    for base_pol, ratio, pol in runs:
         t0 = time.perf_counter()
         try:
-            res[pol] = run_policy(pol, tr, store, a, hbm=(L * E * eb if pol == "resident" else hbm), dram=dram,
-                                  inflight=inflight)
+            res[pol] = run_policy(base_pol, tr, store, a, hbm=(L * E * eb if pol == "resident" else hbm), dram=dram,
+                                  inflight=inflight, ratio=ratio)
         except Exception as e:  # noqa: BLE001 - one policy failing (e.g. not available) must not lose the others
             res[pol] = {"error": f"{type(e).__name__}: {e}"}
             _say(f"{pol}: FAILED {res[pol]['error']}")
