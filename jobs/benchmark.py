@@ -1,5 +1,6 @@
 """python -m jobs.benchmark policies --trace PATH [--expert-mib N] [--cache-fraction F] [--quick]
                                    [--policies a,b,...] [--workers W] [--batch B] --json OUT   (+ OUT's .png)
+                                   [--prefetch-ratio full,0.8,0.5,0.25]   (partial prefetch, docs/weight_prefetch.md)
 
 Replays a routing trace through the REAL cluster, per policy: a store generated on local disk with the trace's
 geometry (layers x experts, top-k) and experts of `--expert-mib` MiB (jobs.make_checkpoint + the converter), real
