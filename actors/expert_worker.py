@@ -162,8 +162,14 @@ class ExpertWorker:
             self.miss_rates = Rates(**r)
             self._link_meter = RateMeter(self.miss_rates.link_Bps)
         # weight_prefetch: cluster/config.py WeightPrefetchConfig as a dict; None: ask the storage actor (its cfg)
-        if weight_prefetch is None:
-            weight_prefetch = ray.get(self.storage.weight_prefetch_config.remote())
+        if weight_prefetch is None:   # any storage actor holds the same validated config; ours may be restarting
+            for i, h in enumerate([self.storage] + [h for hs in storage_by_node.values() for h in hs]):
+                try:
+                    weight_prefetch = ray.get(h.weight_prefetch_config.remote())
+                    break
+                except ray.exceptions.RayActorError:
+                    if i == sum(map(len, storage_by_node.values())):
+                        raise
         wp = weight_prefetch
         self.partial_ratio = float(wp["prefetch_ratio"]["moe"]["gate_up"]) if wp.get("enabled") else None
         self.partial_cap = int(wp.get("max_prefetch_bytes_per_layer", 18 << 20))
