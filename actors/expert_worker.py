@@ -582,7 +582,12 @@ class ExpertWorker:
         off, n = p.rows * p.row_bytes, (I - p.rows) * p.row_bytes
         spans = ([(g.offset + off, n), (u.offset + off, n)] if n else []) + [(d.offset, d.length)]
         t0 = time.perf_counter()
-        host, tier = ray.get(self.storage.get_ranges.remote(*key, spans, tiers))
+        try:
+            host, tier = ray.get(self.storage.get_ranges.remote(*key, spans, tiers))
+        except (ray.exceptions.RayError, OSError):
+            # the storage actor died or no tier served the ranges: the whole-blob path (with its retries across
+            # storage actors and tiers) serves this compute instead of failing it
+            return self._partial_failed(key, r, [], tiers)
         hg, hu = p.gate_hash.copy(), p.up_hash.copy()   # the entry's states stay reusable
         hg.update(memoryview(host[:n]))
         hu.update(memoryview(host[n:2 * n]))
