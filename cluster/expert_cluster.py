@@ -380,11 +380,13 @@ class ExpertCluster:
         else:
             nodes = sorted(self.storage)
             strategy = ray_compat.prefer_node(nodes[wid % len(nodes)])
-        self.workers[wid] = cls.options(num_gpus=w.num_gpus_per_worker, num_cpus=0, max_concurrency=16,
-                                        name=f"expert-worker-{wid}", namespace=self.cfg.ray.namespace,
-                                        scheduling_strategy=strategy).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage,
-                                                 device=w.device, policy=self.policy,
-                                                 miss_rates=w.miss_rates.model_dump() if w.miss_rates else None)
+        self.workers[wid] = cls.options(
+            num_gpus=w.num_gpus_per_worker, num_cpus=0, max_concurrency=16, name=f"expert-worker-{wid}",
+            namespace=self.cfg.ray.namespace, scheduling_strategy=strategy,
+        ).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage, device=w.device,
+                 policy=self.policy, miss_rates=w.miss_rates.model_dump() if w.miss_rates else None,
+                 # passed down, not asked of a storage actor: a worker must start even where its node's one is gone
+                 weight_prefetch=self.cfg.weight_prefetch_config.model_dump())
         return wid
 
     def shutdown(self) -> None:
