@@ -53,8 +53,8 @@ def split_requests(trace, val_fraction: float, seed: int):
     return pick(~val), (pick(val) if n_val else None)
 
 
-def train(trace, *, horizon: int = 3, rank: int = 128, hidden_units: int = 512, epochs: int = 12,
-          batch: int = 512, lr: float = 3e-3, seed: int = 0, device: str | None = None, log=None) -> dict:
+def train(trace, *, horizon: int = 2, rank: int = 128, hidden_units: int = 512, epochs: int = 6,
+          batch: int = 1024, lr: float = 3e-3, seed: int = 0, device: str | None = None, log=None) -> dict:
     """-> the weights dict of policies.learned.LearnedPredictor (numpy float32)."""
     import torch
 
@@ -124,11 +124,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.train_predictor", description=__doc__.split("\n\n")[1])
     ap.add_argument("--traces", nargs="+", required=True, help="npz traces with hidden states")
     ap.add_argument("--out", required=True, help="store directory: predictor.safetensors + predictor.json go there")
-    ap.add_argument("--horizon", type=int, default=3, help="distances 1..D predicted (layers ahead)")
+    ap.add_argument("--horizon", type=int, default=2, help="distances 1..D predicted (layers ahead)")
     ap.add_argument("--rank", type=int, default=128, help="PCA components of the hidden state")
     ap.add_argument("--hidden-units", type=int, default=512)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
