@@ -188,6 +188,48 @@ def test_invalid_json_is_a_400(url):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
+HTTP_BODIES_TRIED = []
+
+
+def test_request_bodies_property_based(url, reference):
+    """Hypothesis on POST /v1/completions bodies: known fields with values of every JSON type and range, unknown
+    fields, non-object JSON. Every body gets 200 (a valid request: its tokens equal the reference) or a JSON 4xx
+    whose error names a parameter — never a 5xx — and the app keeps serving (a valid request afterwards)."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    model, _ = reference
+    junk = st.one_of(st.none(), st.booleans(), st.integers(-5, 2000), st.floats(allow_nan=False, width=32),
+                     st.text(max_size=8), st.lists(st.integers(-3, 300), max_size=4))
+    fields = dict(prompt=st.one_of(junk, st.lists(st.integers(0, 257), min_size=1, max_size=6)),
+                  max_tokens=st.one_of(junk, st.integers(1, 3)), temperature=junk, top_p=junk, seed=junk,
+                  stream=st.one_of(st.just(False), junk), model=st.one_of(st.just("moe-expert-cluster"), junk),
+                  n=junk, unknown_field=junk)
+    body = st.one_of(st.fixed_dictionaries({}, optional=fields),
+                     st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.text(max_size=5)))
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(body)
+    def check(b):
+        HTTP_BODIES_TRIED.append(1)
+        if isinstance(b, dict) and b.get("stream") is True:
+            b = dict(b, stream=False)  # streamed bodies are covered above; here every answer is one JSON
+        r = requests.post(f"{url}/v1/completions", json=b, timeout=120)
+        assert r.status_code in (200, 400, 404, 422, 503), (b, r.status_code, r.text)
+        if r.status_code == 200:
+            ch = r.json()["choices"][0]
+            p, mt = b["prompt"], b.get("max_tokens", None)
+            if isinstance(p, list) and (b.get("temperature") in (None, 0, 0.0)) and isinstance(mt, int):
+                assert ch["token_ids"] == generate(model, [p], mt)[0], b
+        elif r.status_code != 503:
+            err = r.json()["error"]
+            assert err["message"] and "type" in err, (b, err)
+
+    check()
+    assert len(HTTP_BODIES_TRIED) >= 120
+    r = complete(url, prompt=[5, 6, 7], max_tokens=4, temperature=0)   # still serving
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == generate(model, [[5, 6, 7]], 4)[0]
+
+
 def test_overload_is_503_with_retry_after(url, reference):
     p = ids_of(reference, "def ")
     # 4 rows + 4 queued fit; 14 long requests at once must overflow the engine's queue
