@@ -76,7 +76,6 @@ def train(trace, *, horizon: int = 2, rank: int = 128, hidden_units: int = 512, 
     valid = torch.from_numpy(ex.target >= 0).to(dev)
     rows = torch.from_numpy(np.flatnonzero((ex.target >= 0).any((1, 2)))).to(dev)
     m_of = torch.tensor([[(l + d) % L for d in range(1, D + 1)] for l in range(L)], device=dev)   # [L, D]
-    lidx = torch.arange(L, device=dev)
 
     def batch_of(b):  # b [B] rows -> features [B, L, D, F] f32, targets [B, L, D, E], mask [B, L, D]
         B = len(b)
