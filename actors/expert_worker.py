@@ -393,6 +393,15 @@ class ExpertWorker:
             tb[r.tier] = tb.get(r.tier, 0) + int(r.blob.numel())
         return out, (hits, len(uniq) - hits, phits, stall, tb)
 
+    def compute_call(self, req: tuple):
+        """The runtime's per-layer call: req = (layer, experts, counts, x, tiers) as for `compute` with
+        with_stats=True; returns (y, hits, misses, prefetch_hits, stall seconds, {tier: bytes}) flat. One argument
+        and a flat reply cost Ray ~0.3 ms less per call than compute's six arguments and nested reply (each argument
+        is serialized and bound on its own; measured by jobs/bench_runtime)."""
+        layer, experts, counts, x, tiers = req
+        y, (hits, misses, phits, stall, tb) = self.compute(layer, experts, counts, x, True, tiers)
+        return y, hits, misses, phits, stall, tb
+
     def _release(self, pinned: list[Key], rows: int) -> None:
         """A compute is done with its experts: unpin them and count it."""
         with self._lock:

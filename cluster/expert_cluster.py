@@ -115,8 +115,9 @@ class ClusterExperts:
             return torch.zeros_like(x)
         flat = topk_ids.detach().cpu().numpy().reshape(-1)                # [N*k]
         order = np.argsort(flat, kind="stable")                          # pairs grouped by expert, token order kept
-        sorted_e = flat[order]
-        eids, counts = np.unique(sorted_e, return_counts=True)           # [U], [U]
+        per_e = np.bincount(flat, minlength=self.num_experts)            # [E] (np.unique costs 10x more)
+        eids = np.flatnonzero(per_e)                                     # [U] distinct experts, ascending
+        counts = per_e[eids]                                             # [U] pairs of each
         tok = order // k                                                 # [N*k] token of each pair
         xs = x.detach().to("cpu", torch.float32).numpy()[tok]           # [N*k, H] grouped by expert
         owner = self._owner_np[layer][eids]                              # [U] worker per distinct expert
@@ -129,14 +130,20 @@ class ClusterExperts:
                     owner[u] = min(ws, key=lambda w: (assigned.get(w, 0), w))
                 assigned[int(owner[u])] = assigned.get(int(owner[u]), 0) + n
         assert (owner >= 0).all(), f"layer {layer}: experts {eids[owner < 0].tolist()} have no owner"
-        pair_owner = np.repeat(owner, counts)                            # [N*k]
         payloads, masks, rows = {}, {}, {}
-        for w in np.unique(owner).tolist():
-            sel = owner == w
-            mask = pair_owner == w
-            cnt = counts[sel].tolist()
-            payloads[w] = (layer, eids[sel].tolist(), cnt, pack_rows(xs[mask]))
-            masks[w], rows[w] = mask, sum(cnt)
+        owners = sorted(set(owner.tolist()))
+        if len(owners) == 1:  # one worker owns the whole layer's experts: every row goes, in order
+            w = owners[0]
+            payloads[w] = (layer, eids.tolist(), counts.tolist(), pack_rows(xs))
+            masks[w], rows[w] = slice(None), N * k
+        else:
+            pair_owner = np.repeat(owner, counts)                        # [N*k]
+            for w in owners:
+                sel = owner == w
+                mask = pair_owner == w
+                cnt = counts[sel].tolist()
+                payloads[w] = (layer, eids[sel].tolist(), cnt, pack_rows(xs[mask]))
+                masks[w], rows[w] = mask, sum(cnt)
         ys = np.empty_like(xs)
         todo = dict(payloads)
         c = self.counters
@@ -146,10 +153,11 @@ class ClusterExperts:
                 c["hits"] += len(payloads[w][1])   # the graph computes only when every expert is resident
                 del todo[w]
         tiers = self.tiers
-        calls = {w: self.workers[w].compute.remote(*p, True, tiers) for w, p in todo.items()}  # all in flight at once
+        # all in flight at once; one tuple argument each (cheaper for Ray than compute's six)
+        calls = {w: self.workers[w].compute_call.remote((*p, tiers)) for w, p in todo.items()}
         lost: dict[int, Exception] = {}
         try:
-            results = dict(zip(calls, ray.get(list(calls.values()))))
+            results = dict(zip(calls, ray.get(list(calls.values())))) if calls else {}
         except ray.exceptions.RayActorError:  # find out which workers died; the others' results still count
             results = {}
             for w, call in calls.items():
@@ -162,7 +170,7 @@ class ClusterExperts:
         if lost:
             raise _WorkersLost(lost)
         tb = c["bytes_by_tier"]
-        for w, (y, (hits, misses, phits, stall, tier_bytes)) in results.items():
+        for w, (y, hits, misses, phits, stall, tier_bytes) in results.items():
             ys[masks[w]] = unpack_rows(y, rows[w])
             c["hits"] += hits
             c["misses"] += misses
