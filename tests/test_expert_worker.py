@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import tiny_store
-from actors.expert_worker import ExpertWorker, expert_ffn
+from actors.expert_worker import ExpertWorker, expert_ffn, pack_rows, unpack_rows
 from cluster.config import ClusterConfig
 from cluster.storage_tier import start_storage_actors
 from storage_adapters.local_s3 import ShapingProxy
@@ -175,6 +175,12 @@ def test_cost_model_computes_misses_on_cpu_or_waits_from_configured_rates(env, c
     else:
         assert st["cpu_computes"] == 0 and st["resident"] == 2 and st["loads"] == 2
         assert sum(tier_bytes.values()) == 2 * env["manifest"].expert_bytes   # the reply says what was loaded
+    # the runtime's one-argument form (decode-sized rows travel as bytes): same rows, the same counters flat
+    y2, hits2, misses2, _, stall2, tb2 = ray.get(w.compute_call.remote((0, [1, 2], [2, 1], pack_rows(x), None)))
+    assert isinstance(y2, bytes)
+    _check_exact(env, unpack_rows(y2, 3), 0, [1, 2], [2, 1], x)
+    assert (hits2, misses2) == ((0, 2) if cpu_wins else (2, 0)) and stall2 >= 0
+    assert cpu_wins or tb2 == {}   # both resident now: nothing loaded for this call
 
 
 def test_named_victim_prefetch_never_evicts_anything_else(env):
