@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from policies.cost_model import RateMeter, Rates, decide_miss
 from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
 from storage_adapters.checksum import algo_of, verify
-from storage_adapters.errors import BlobIntegrityError
 from storage_adapters.manifest import Manifest
 
 Key = tuple[int, int]  # (layer, expert)
