@@ -1,6 +1,9 @@
 """python -m jobs.benchmark policies --trace PATH [--expert-mib N] [--cache-fraction F] [--quick]
                                    [--policies a,b,...] [--workers W] [--batch B] --json OUT   (+ OUT's .png)
                                    [--prefetch-ratio full,0.8,0.5,0.25]   (partial prefetch, docs/weight_prefetch.md)
+                                   [--tier s3 --s3-latency-ms MS --s3-mbps MBPS]   (I/O-bound: loads from shaped S3)
+                                   [--model-dir CKPT] [--predictor-dir DIR] [--threshold P] [--hbm-confirm-prob P]
+                                   [--lookahead-tokens N] [--cache-policy lru|slru|...] [--repeat N]
 
 Replays a routing trace through the REAL cluster, per policy: a store generated on local disk with the trace's
 geometry (layers x experts, top-k) and experts of `--expert-mib` MiB (jobs.make_checkpoint + the converter), real
@@ -20,7 +23,10 @@ recall (uses served by a prefetch / (those + misses)), bytes moved per tier, cro
 fraction_of_oracle = (policy speedup over on_demand) / (oracle speedup over on_demand).
 
 Defaults: cache 25% of all experts; the DRAM tier holds every expert (loads are object store -> worker copies,
-the regime of host-RAM offloading); the JSON's `regime` says whether loading one expert took at least as long as
+the regime of host-RAM offloading). `--tier s3`: the store is also written to a local moto S3 server behind the
+shaping proxy (storage_adapters/s3_proxy.py: first-byte latency per GET, bandwidth cap per connection) and every load
+reads it there, with no DRAM tier unless --dram-fraction says so: a load waits on a socket (the I/O-bound regime of
+offloading to slow storage); the planner gets the shaping as its tier costs; the JSON's `regime` says whether loading one expert took at least as long as
 computing one layer (I/O-bound). `calibration` holds this machine's measured figures for
 `python -m jobs.simulate --hardware local --calib OUT`, and `simulated` the simulator's prediction for this very
 run next to the measurement (tokens/s and hit rate ratios). On a multi-node Ray cluster (`ray job submit`,
