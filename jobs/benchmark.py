@@ -175,12 +175,12 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     import ray
     import torch
     from cluster.expert_cluster import ExpertCluster
+    from policies.traces import TraceSlots
     coord_policy = policy if policy not in ("on_demand", "oracle", "resident", "slru") else "on_demand"
     cfg = cluster_config(store, workers=a.workers, hbm=hbm, dram=dram, policy=coord_policy, window=a.window,
                          ns=f"bench-{policy}-{ratio}-{os.getpid()}", address=a.address, inflight=inflight,
                          ratio=ratio, s3=s3, planner=planner)
     L, K = tr.num_layers, tr.top_k
-    offs = tr.offsets
     rng = np.random.default_rng(a.seed)
     out: dict = {"policy": policy}
     # slru: no prediction, the workers' caches evict by segmented LRU (the "SLRU cache alone" baseline)
@@ -214,10 +214,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
         for w in base["workers"]:
             remote[w["worker_id"]] = w.get("node_id") != here
         act_bytes = 0
-        B = a.batch
-        slot_req = np.full(B, -1, np.int64)
-        slot_tok = np.zeros(B, np.int64)
-        nxt = 0
+        slots = TraceSlots(tr, a.batch)
         tokens = steps = 0
         moe_s = 0.0
         H = a.hidden
@@ -227,17 +224,12 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
         hid = tr.hidden if (tr.hidden is not None and a.model_dir and tr.hidden.shape[2] == H) else None
         t_start = time.perf_counter()
         while True:
-            for s in range(B):
-                if slot_req[s] < 0 and nxt < tr.num_requests:
-                    slot_req[s], slot_tok[s] = nxt, 0
-                    nxt += 1
-            live = np.flatnonzero(slot_req >= 0)
+            live = slots.admit()
             if not len(live):
                 break
-            reqs, toks = slot_req[live], slot_tok[live]
-            rows = offs[reqs] + toks
+            reqs, toks, rows = slots.req[live], slots.tok[live], slots.rows(live)
             if pub is not None:
-                pub.row_requests = [int(r) for r in slot_req]       # cache row (slot) -> request id
+                pub.row_requests = slots.req.tolist()               # cache row (slot) -> request id
             for l in range(L):
                 ids = tr.experts[rows, l].astype(np.int64)          # [b, K]
                 known = ids[:, 0] >= 0
@@ -261,11 +253,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
                 moe_s += time.perf_counter() - t0
             tokens += len(live)
             steps += 1
-            slot_tok[live] += 1
-            ended = [int(slot_req[s]) for s in live if slot_tok[s] >= offs[slot_req[s] + 1] - offs[slot_req[s]]]
-            for s in live:
-                if slot_tok[s] >= offs[slot_req[s] + 1] - offs[slot_req[s]]:
-                    slot_req[s] = -1
+            ended = slots.advance(live)
             if ended and hasattr(c, "end_requests"):
                 c.end_requests(ended)
         wall = time.perf_counter() - t_start

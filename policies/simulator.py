@@ -43,7 +43,7 @@ from .hbm_cache import CacheIndex, DoesNotFit, make_policy
 from .placement import place
 from .predictors import Predictor, RoutingEvent
 from .profiles import Hardware, Model, Storage
-from .traces import RoutingTrace
+from .traces import RoutingTrace, TraceSlots
 
 DEMAND = -math.inf  # link priority of a demand load: before every prefetch
 
@@ -506,36 +506,24 @@ class Simulator:
     # -- the run -----------------------------------------------------------------------------------------------
     def run(self) -> dict:
         tr, cfg = self.trace, self.cfg
-        offs = tr.offsets
-        B = cfg.batch
-        nxt = 0                                    # next request of the trace to admit
-        slot_req = np.full(B, -1, np.int64)
-        slot_tok = np.zeros(B, np.int64)
+        slots = TraceSlots(tr, cfg.batch)         # continuous batching: empty slots admit the next request
         limit = cfg.max_tokens or tr.num_tokens
         while True:
-            for s in range(B):                     # continuous batching: refill empty slots
-                if slot_req[s] < 0 and nxt < tr.num_requests and self.c.tokens + (slot_req >= 0).sum() < limit:
-                    slot_req[s], slot_tok[s] = nxt, 0
-                    nxt += 1
-            live = np.flatnonzero(slot_req >= 0)
+            live = slots.admit(room=limit - self.c.tokens - int((slots.req >= 0).sum()))
             if not len(live):
                 break
-            reqs, toks = slot_req[live], slot_tok[live]
-            rows = offs[reqs] + toks
+            reqs, toks, rows = slots.req[live], slots.tok[live], slots.rows(live)
             t0 = self.clock.now
             for l in range(self.L):
                 self._layer(l, reqs, toks, rows)
             self.step_times.append(self.clock.now - t0)
             self.c.tokens += len(live)
             self.c.steps += 1
-            slot_tok[live] += 1
-            done = live[slot_tok[live] >= offs[slot_req[live] + 1] - offs[slot_req[live]]]
-            for s in done:
-                self.pred.end(int(slot_req[s]))
-                slot_req[s] = -1
+            for r in slots.advance(live):
+                self.pred.end(r)
             if self.c.tokens >= limit:
-                for s in np.flatnonzero(slot_req >= 0):
-                    self.pred.end(int(slot_req[s]))
+                for r in slots.req[slots.req >= 0].tolist():
+                    self.pred.end(r)
                 break
         return self.metrics()
 

@@ -288,6 +288,42 @@ def load_jsonl(path: str | os.PathLike, *, num_experts: int | None = None, num_l
 
 # -- synthetic -----------------------------------------------------------------------------------------------
 
+class TraceSlots:
+    """Continuous batching over a trace's requests, as a replay sees it: B slots; an empty slot admits the next
+    request, a request leaves its slot after its last row. Shared by jobs.benchmark and the simulator, so both
+    replay the same token order."""
+
+    def __init__(self, trace: RoutingTrace, batch: int):
+        self.offsets = trace.offsets
+        self.num_requests = trace.num_requests
+        self.req = np.full(batch, -1, np.int64)   # [B] request in each slot, -1 empty
+        self.tok = np.zeros(batch, np.int64)      # [B] its next token position
+        self.next = 0                             # next request of the trace to admit
+
+    def admit(self, room: int | None = None) -> np.ndarray:
+        """Fill empty slots (at most `room` more live requests); returns the live slots, int64 [b]."""
+        for s in np.flatnonzero(self.req < 0):
+            if self.next >= self.num_requests or (room is not None and room <= 0):
+                break
+            self.req[s], self.tok[s] = self.next, 0
+            self.next += 1
+            room = None if room is None else room - 1
+        return np.flatnonzero(self.req >= 0)
+
+    def rows(self, live: np.ndarray) -> np.ndarray:
+        """int64 [b]: the trace row each live slot decodes now."""
+        return self.offsets[self.req[live]] + self.tok[live]
+
+    def advance(self, live: np.ndarray) -> list[int]:
+        """One token done for every live slot; frees the slots whose request ended and returns those requests."""
+        self.tok[live] += 1
+        r = self.req[live]
+        done = live[self.tok[live] >= self.offsets[r + 1] - self.offsets[r]]
+        ended = self.req[done].tolist()
+        self.req[done] = -1
+        return ended
+
+
 def synthetic_trace(num_tokens: int = 2000, num_layers: int = 8, num_experts: int = 16, top_k: int = 2, *,
                     correlation: float = 1.0, num_requests: int = 10, unknown_fraction: float = 0.0,
                     hidden_dim: int | None = None, seed: int = 0) -> RoutingTrace:

@@ -34,6 +34,27 @@ def fault_proxy(moto_server):
         yield p
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The test machine's cores are shared: one torch thread for a module, restored afterwards."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def assert_candidates_contract(c, layer: int, num_layers: int, horizon: int) -> None:
+    """Predictor output after an event at `layer`: distances 1..horizon, target layers (layer + d) mod L,
+    probabilities in (0, 1], each expert at most once per distance."""
+    import numpy as np
+    assert c.distance.min() >= 1 and c.distance.max() <= horizon
+    np.testing.assert_array_equal(c.layer, (layer + c.distance) % num_layers)
+    assert (c.prob > 0).all() and (c.prob <= 1).all()
+    pairs = c.distance * (c.expert.max() + 1) + c.expert
+    assert len(np.unique(pairs)) == len(pairs)
+
+
 def convert_checkpoint(ckpt: str, *uris: str, endpoint_url: str | None = None):
     """Convert a checkpoint directory into the given store URIs (file:// and/or s3://); returns the manifest."""
     import asyncio

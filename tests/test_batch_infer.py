@@ -7,7 +7,6 @@ driver uses are checked without Ray."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 
 from conftest import tiny_store
+from storage_adapters.local_s3 import free_port
 from jobs.batch_infer import JsonlSink, ParquetSink, parse_row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,12 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # steps and waiting ones join the batch (--max-batch 2 < number of prompts)
 PROMPTS = {"a": ([5, 6, 7, 8], 9), "b": ([9, 10], 4), "c": ([11, 12, 13, 14, 15, 16, 17], 12), "d": ([3], 6),
            "e": ([20, 21, 22], 3), "f": ([30, 31, 32, 33, 34], 7), "g": ([40, 41], 10)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_jsonl(path, rows):
@@ -59,7 +53,7 @@ def ray_cluster(tmp_path_factory):
     this machine: the default agent port 52365 may be taken), started as `ray start --head --block` and stopped
     by terminating that process group."""
     from ray.job_submission import JobSubmissionClient
-    gcs, dash, agent, agent_grpc, metrics, renv, client_port = (_free_port() for _ in range(7))
+    gcs, dash, agent, agent_grpc, metrics, renv, client_port = (free_port() for _ in range(7))
     log = tmp_path_factory.mktemp("ray") / "ray_start.log"
     # token auth off for this loopback-only test cluster (a token in ~/.ray would otherwise be demanded)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

@@ -12,7 +12,6 @@ import os
 import threading
 
 import pytest
-import torch
 
 from cluster.engine import Engine, EngineOverloaded, GenerationRequest, RequestError
 from cluster.model import LocalExperts, MoEModel, generate, load_checkpoint
@@ -22,12 +21,7 @@ PROMPTS = ["def ", "import os\n", "class Foo(object):\n    def __init__(self", "
            "x = ", "return ", "# Copyright", "if __name__ == '__main__':\n    "]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # shared cores: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,9 @@ MAX_ERR: dict[str, float] = {}   # family -> max abs logit error, printed at the
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one torch thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread_and_report(one_torch_thread):
+    """One torch thread (shared cores; conftest), and the max logit errors printed at the end."""
     yield
-    torch.set_num_threads(n)
     if MAX_ERR:
         print("\nmax abs logit error vs transformers:", {k: f"{v:.2e}" for k, v in MAX_ERR.items()})
 

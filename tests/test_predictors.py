@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_candidates_contract
 from policies.predictors import CrossLayerTransition, OnDemand, Oracle, PreviousToken, RoutingEvent, TopKFrequency
 from policies.replay import access_sequence, cache_hit_rate, next_use, recall_at_k
 from policies.traces import RoutingTrace, load, synthetic_trace
@@ -39,11 +40,7 @@ def test_candidates_contract(cls):
             if len(c) == 0:  # only the transition table, on an expert set it has no evidence for yet
                 assert cls is CrossLayerTransition and t < 3
                 continue
-            assert c.distance.min() >= 1 and c.distance.max() <= 7
-            np.testing.assert_array_equal(c.layer, (l + c.distance) % 5)
-            assert (c.prob > 0).all() and (c.prob <= 1).all()
-            pairs = c.distance * 100 + c.expert
-            assert len(np.unique(pairs)) == len(pairs)
+            assert_candidates_contract(c, l, 5, 7)
             if cls is Oracle and t < 19:  # the truth, wrapped into the next token
                 d = 5 - l  # layer 0 of token t + 1
                 assert set(c.at(d).expert) == set(req.experts[t + 1, 0].tolist())

@@ -13,11 +13,11 @@ import base64
 import hashlib
 import logging
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from storage_adapters.local_s3 import free_port
 import ray
 import requests
 import torch
@@ -33,12 +33,6 @@ KEYS = {"acme": "mec-acme-Zm9vYmFyLXNlY3JldC0x", "warm": "mec-warm-c2Vjb25kLXRlb
 AES_KEY = bytes(range(101, 133))   # the S3 tier's encryption key: 32 known bytes to look for
 PROMPTS = [[5, 17, 42, 9], [100, 3, 77], [8, 8, 250, 31, 64]]
 MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

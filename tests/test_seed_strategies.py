@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_candidates_contract
 from policies.predictors import CrossLayerTransition, RoutingEvent, TopKFrequency
 from policies.registry import make_predictor
 from policies.replay import recall_at_k
@@ -27,11 +28,7 @@ def test_candidates_contract(cls):
             c = p.predict(0, horizon=7)
             if len(c) == 0:
                 continue
-            assert c.distance.min() >= 1 and c.distance.max() <= 7
-            np.testing.assert_array_equal(c.layer, (l + c.distance) % 5)
-            assert (c.prob > 0).all() and (c.prob <= 1).all()
-            pairs = c.distance * 100 + c.expert
-            assert len(np.unique(pairs)) == len(pairs)
+            assert_candidates_contract(c, l, 5, 7)
     assert len(p.predict(0, 7)) > 0
 
 

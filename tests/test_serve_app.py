@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 from ray import serve
 
 from conftest import convert_checkpoint
+from storage_adapters.local_s3 import free_port
 from cluster.model import LocalExperts, MoEModel, generate, load_checkpoint
 
 pytestmark = pytest.mark.ray
@@ -30,12 +30,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED = os.path.join(ROOT, "jobs", "embedded_model")
 TEXTS = ["def ", "import os\n", "class ", "    for i in range(", "x = ", "return ", "# ", "if "]
 NAMESPACE = "serve-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
