@@ -270,6 +270,8 @@ class ExpertWorker:
             res = self._fetch_partial(key, tiers) if prefetched and self.partial_ratio is not None \
                 else self._fetch_to_device(key, tiers)
             with self._lock:
+                if res.partial is not None:  # its reservation becomes a held entry (or nothing) in this section
+                    self._partial_inflight[key[0]] -= 2 * res.partial.rows * res.partial.row_bytes
                 try:
                     if victims is not None:
                         gone = self.cache.insert_evicting_only(key, res.blob.numel(), victims, request=request)
@@ -500,7 +502,7 @@ class ExpertWorker:
             self._staging.put(stage)
         return dev, ready
 
-    def partial_rows(self, key: Key) -> int:
+    def partial_rows(self, key: Key, reserve: bool = False) -> int:
         """Rows of gate/up a prefetch of key moves: moe.gate_up of them, rounded down to whole 4 KiB units where
         rows tile 4 KiB (so ranged reads stay page-aligned), at most the layer's cap left over."""
         g = self.manifest.blob(*key).tensors["gate"]
@@ -512,20 +514,21 @@ class ExpertWorker:
         with self._lock:   # bytes this layer already holds as partial entries, or is fetching
             held = sum(r.blob.numel() for k, r in self._res.items() if k[0] == key[0] and r.partial is not None)
             free = self.partial_cap - held - self._partial_inflight.get(key[0], 0)
-        return max(0, min(rows, free // (2 * rb) // unit * unit))
+            rows = max(0, min(rows, free // (2 * rb) // unit * unit))
+            if reserve and rows:  # in the same critical section: two prefetch threads cannot both take the room
+                self._partial_inflight[key[0]] = self._partial_inflight.get(key[0], 0) + 2 * rows * rb
+        return rows
 
     def _fetch_partial(self, key: Key, tiers: list | None = None) -> _Resident:
         """A prefetch under weight_prefetch_config: the first rows of gate and up, by ranged read."""
         b = self.manifest.blob(*key)
         g, u = b.tensors["gate"], b.tensors["up"]
         rb = g.length // g.shape[0]
-        rows = self.partial_rows(key)
+        rows = self.partial_rows(key, reserve=True)   # reserved until _load inserts the entry (or on failure)
         n = rows * rb
         if rows == 0:
             self._count(partial_capped=1)
             raise DoesNotFit(f"prefetch of {key}: max_prefetch_bytes_per_layer reached for layer {key[0]}")
-        with self._lock:
-            self._partial_inflight[key[0]] = self._partial_inflight.get(key[0], 0) + 2 * n
         try:
             t0 = time.perf_counter()
             host, tier = ray.get(self.storage.get_ranges.remote(*key, [(g.offset, n), (u.offset, n)], tiers))
@@ -535,9 +538,10 @@ class ExpertWorker:
             hu.update(memoryview(host[n:]))
             dev, ready = self._to_device(host)
             dt = time.perf_counter() - t0
-        finally:
+        except BaseException:
             with self._lock:
                 self._partial_inflight[key[0]] -= 2 * n
+            raise
         H = g.shape[1]
         tt = _TORCH_DTYPES[g.dtype]
         views = (dev[:n].view(tt).view(rows, H), dev[n:].view(tt).view(rows, H), None)
