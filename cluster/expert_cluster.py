@@ -381,13 +381,13 @@ class ExpertCluster:
         self._next_worker += 1
         cls = ray.remote(ExpertWorker)
         # GPU workers go where the GPUs are. CPU-only workers are dealt round-robin over the storage nodes: Ray's
-        # "SPREAD" is best-effort and may pack them onto one node; soft affinity still lets Ray place a worker
-        # elsewhere if its node is gone.
+        # "SPREAD" is best-effort and may pack them onto one node, and so did soft node affinity in CI; the node
+        # list holds only nodes whose storage actors are alive (dead nodes are forgotten in _worker_lost).
         if w.num_gpus_per_worker:
             strategy = "DEFAULT"
         else:
             nodes = sorted(self.storage)
-            strategy = ray_compat.prefer_node(nodes[wid % len(nodes)])
+            strategy = ray_compat.pin_to_node(nodes[wid % len(nodes)])
         self.workers[wid] = cls.options(
             num_gpus=w.num_gpus_per_worker, num_cpus=0, max_concurrency=16, name=f"expert-worker-{wid}",
             namespace=self.cfg.ray.namespace, scheduling_strategy=strategy,
