@@ -116,6 +116,10 @@ class WorkersConfig(_Model):
     # how a MoE layer reaches the workers: plain actor calls, or a Ray Compiled Graph on the steady decode path
     # (every expert resident), falling back to plain calls for a worker that misses
     dispatch: Literal["plain", "compiled"] = "plain"
+    # which worker owns which experts: "balanced" spreads each layer's experts over the workers (a layer runs on
+    # all of them in parallel: best for prefill and large batches); "by_layer" gives each worker whole layers, so a
+    # MoE layer is one worker call (best for decode latency: a Ray round trip is most of a small layer's cost)
+    placement: Literal["balanced", "by_layer"] = "balanced"
     # None: a miss always waits for its load into the cache; else the cost model decides per miss
     miss_rates: MissRates | None = None
 

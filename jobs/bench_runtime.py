@@ -9,6 +9,8 @@ The cost of distribution, measured against the same model run in one process wit
                                  no-op call to every worker at once / a pass of the compiled graph with no work.
   tokens_per_s                   greedy decode of B prompts: in-process vs the cluster with plain calls and with
                                  the Compiled Graph (tokens asserted identical).
+Each mode runs with the default placement (each layer's experts spread over the workers: one call per worker per
+layer) and with `+by_layer` (whole layers per worker: one call per layer).
 Defaults: the embedded model (jobs/embedded_model), 2 workers on this node.
 """
 from __future__ import annotations
@@ -100,11 +102,12 @@ def main(argv=None) -> int:
         return min(ts)
     local_ms = [local_time(e) * 1e3 for e in decode_events]
 
-    for mode in ("plain", "compiled"):
+    for mode in ("plain", "compiled", "plain+by_layer", "compiled+by_layer"):
+        dispatch, _, placement = mode.partition("+")
         cfg = ClusterConfig.model_validate({
-            "ray": {"namespace": f"bench-runtime-{mode}", "num_cpus": 4, "object_store_memory": 512 << 20},
+            "ray": {"namespace": f"bench-runtime-{dispatch}", "num_cpus": 4, "object_store_memory": 512 << 20},
             "workers": {"count": a.workers, "hbm_budget_bytes": len(man.blobs) * man.expert_bytes,
-                        "dispatch": mode},
+                        "dispatch": dispatch, "placement": placement or "balanced"},
             "tiers": [{"kind": "dram", "budget_bytes": 256 << 20}, {"kind": "nvme", "path": store}]})
         with ExpertCluster(cfg) as c:
             got = c.generate(prompts, a.steps, eos_token_id=None)  # warm: every expert resident afterwards
@@ -116,11 +119,13 @@ def main(argv=None) -> int:
             handles = list(c.workers.values())
             graph = c.experts._graph   # compiled mode: built during the warm-up generate
 
-            def noop():  # Ray's floor for this mode, no payload: a no-op call to every worker / a graph pass
+            called = handles if placement != "by_layer" else handles[:1]   # by_layer: one worker per layer
+
+            def noop():  # Ray's floor for this mode, no payload: a no-op call to each worker a layer calls / a graph pass
                 if graph is not None:
                     ray.get(graph.execute(*[None] * len(handles)))   # compute_resident(None) returns at once
                 else:
-                    ray.get([h.ping.remote() for h in handles])
+                    ray.get([h.ping.remote() for h in called])
             over, floor = [], []
             for _ in range(a.passes):  # the floor interleaved with the dispatches: both see the same load
                 for ev, lm in zip(decode_events, local_ms):
@@ -161,8 +166,8 @@ def main(argv=None) -> int:
     print(f"  Ray floor: one no-op call to each of the {a.workers} workers at once "
           f"{out['noop_calls_to_all_workers_ms_median']:.3f} ms median")
     for mode, r in out["modes"].items():
-        target = 1.5 if mode == "plain" else 0.3
-        print(f"  {mode:9s} dispatch {r['dispatch_ms_median']:.3f} ms median (p99 {r['dispatch_ms_p99']:.3f}) per MoE "
+        target = 1.5 if mode.startswith("plain") else 0.3
+        print(f"  {mode:17s} dispatch {r['dispatch_ms_median']:.3f} ms median (p99 {r['dispatch_ms_p99']:.3f}) per MoE "
               f"layer [target <= {target}: {'yes' if r['dispatch_ms_median'] <= target else 'NO'}; "
               f"floor {r['floor_ms_median']:.3f}], "
               f"{r['tokens_per_s']:.1f} tokens/s ({r['tokens_per_s'] / out['in_process_tokens_per_s']:.2f}x "

@@ -5,6 +5,11 @@ layer's experts across workers by measured load (tokens routed to them), and the
 may be replicated on several workers; the runtime then splits their tokens among the replicas. When workers join
 or leave, experts keep their owner where it still exists, orphans are placed greedily, and a joining worker takes
 experts from the most loaded ones — as few moves as the balance allows, since each move is a reload.
+
+`by_layer=True` assigns whole layers instead: every MoE layer then costs the decode loop ONE worker call (a Ray
+round trip is most of a layer's dispatch cost on small batches: docs/benchmarks.md, "The cost of distribution"),
+at the price of no parallelism across workers inside a layer (prefill of long prompts). Layers are balanced by
+bytes (HBM) and by measured load, with the same keep-what-you-can rule on joins and leaves.
 """
 from __future__ import annotations
 
@@ -41,15 +46,19 @@ class Placement:
 
 def place(sizes: dict[ExpertKey, int], workers: list[int], load: dict[ExpertKey, float] | None = None, *,
           replicate_top: int = 0, replicas: int = 2, previous: Placement | None = None,
-          rebalance_tolerance: float = 0.15) -> Placement:
+          rebalance_tolerance: float = 0.15, by_layer: bool = False) -> Placement:
     """Assign every expert in `sizes` (bytes) to workers.
 
     load: measured tokens per expert (default: uniform). replicate_top: the hottest N experts get `replicas`
     owners. previous: keep its assignments where the owner is still in `workers` (join/leave), moving only what
     the balance needs (a worker may exceed the mean per-layer load by `rebalance_tolerance` before experts move).
+    by_layer: whole layers per worker (one worker call per MoE layer); replication is then not applied, since a
+    replica on another worker would bring the second call back.
     """
     assert workers, "placement needs at least one worker"
     assert len(set(workers)) == len(workers), f"duplicate worker ids {workers}"
+    if by_layer:
+        return _place_layers(sizes, sorted(workers), load or {}, previous, rebalance_tolerance)
     load = load or {}
     cost = {k: float(load.get(k, 1.0)) + 1e-9 for k in sizes}
     ws = sorted(workers)
@@ -101,3 +110,47 @@ def place(sizes: dict[ExpertKey, int], workers: list[int], load: dict[ExpertKey,
                 owners[k].append(w)
                 total_bytes[w] += sizes[k]
     return Placement(tuple(ws), {k: tuple(v) for k, v in owners.items()})
+
+
+def _place_layers(sizes: dict[ExpertKey, int], ws: list[int], load: dict[ExpertKey, float],
+                  previous: Placement | None, tolerance: float) -> Placement:
+    """Whole layers to workers: a layer's weight is its bytes scaled by its share of the measured load (uniform
+    when none), so both memory and work are balanced; kept layers stay where they were (each move reloads a
+    layer's experts), orphans go heaviest first to the lightest worker, then whole layers move from the heaviest
+    worker to the lightest while that brings it back within `tolerance` of the mean."""
+    keys_of: dict[int, list[ExpertKey]] = {}
+    for k in sizes:
+        keys_of.setdefault(k[0], []).append(k)
+    nbytes = {L: sum(sizes[k] for k in ks) for L, ks in keys_of.items()}
+    lsum = {L: sum(float(load.get(k, 0.0)) for k in ks) for L, ks in keys_of.items()}
+    mean_load = sum(lsum.values()) / len(lsum) if lsum else 0.0
+    weight = {L: nbytes[L] * (0.5 + 0.5 * lsum[L] / mean_load if mean_load > 0 else 1.0) for L in keys_of}
+    owner: dict[int, int] = {}
+    total = {w: 0.0 for w in ws}
+    orphans = []
+    for L, ks in sorted(keys_of.items()):
+        prev = [previous.owners[k][0] for k in ks if previous and k in previous.owners]
+        w = max(set(prev), key=lambda w: (prev.count(w), -w)) if prev else None  # where most of it already is
+        if w is not None and w in total:
+            owner[L] = w
+            total[w] += weight[L]
+        else:
+            orphans.append(L)
+    for L in sorted(orphans, key=lambda L: (-weight[L], L)):
+        w = min(ws, key=lambda w: (total[w], w))
+        owner[L] = w
+        total[w] += weight[L]
+    mean = sum(total.values()) / len(ws)
+    for _ in range(len(keys_of)):
+        hi = max(ws, key=lambda w: (total[w], w))
+        lo = min(ws, key=lambda w: (total[w], w))
+        if total[hi] <= mean * (1 + tolerance):
+            break
+        movable = [L for L in owner if owner[L] == hi and total[lo] + weight[L] < total[hi]]
+        if not movable:
+            break
+        L = min(movable, key=lambda L: (abs((total[hi] - weight[L]) - (total[lo] + weight[L])), L))
+        owner[L] = lo
+        total[hi] -= weight[L]
+        total[lo] += weight[L]
+    return Placement(tuple(ws), {k: (owner[k[0]],) for k in sizes})

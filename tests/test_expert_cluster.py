@@ -36,10 +36,11 @@ def stores(tmp_path_factory):
     return out
 
 
-def cluster_cfg(store: str, namespace: str, hbm_bytes: int, workers: int = 2, dispatch: str = "plain") -> ClusterConfig:
+def cluster_cfg(store: str, namespace: str, hbm_bytes: int, workers: int = 2, dispatch: str = "plain",
+                placement: str = "balanced") -> ClusterConfig:
     return ClusterConfig.model_validate({
         "ray": {"namespace": namespace},
-        "workers": {"count": workers, "hbm_budget_bytes": hbm_bytes, "dispatch": dispatch},
+        "workers": {"count": workers, "hbm_budget_bytes": hbm_bytes, "dispatch": dispatch, "placement": placement},
         "tiers": [{"kind": "dram", "budget_bytes": 64 << 20}, {"kind": "nvme", "path": store}]})
 
 
@@ -127,3 +128,39 @@ def test_hot_experts_replicated_over_workers(ray_local, stores):
         assert len(replicated) == 4
         assert hf_models.check_against_hf(c.model, t.model, hf_models.prompts(c.model.args.vocab_size),
                                           "qwen2_moe") < hf_models.TOL
+
+
+@pytest.mark.parametrize("dispatch", ["plain", "compiled"])
+def test_by_layer_placement_makes_one_call_per_moe_layer(ray_local, stores, dispatch):
+    """workers.placement=by_layer: each worker owns whole layers, so every MoE layer is exactly one worker call
+    (the cheaper decode path, docs/benchmarks.md), and outputs still match transformers bit for bit in tokens —
+    with caches small enough that experts are evicted and re-read."""
+    t, store, man = stores["mixtral"]
+    cfg = cluster_cfg(store, f"c-by-layer-{dispatch}", 3 * man.expert_bytes, dispatch=dispatch, placement="by_layer")
+    with ExpertCluster(cfg) as c:
+        layers = {}
+        for (layer, e) in c.sizes:
+            layers.setdefault(layer, set()).add(c.experts.placement.owner((layer, e)))
+        assert all(len(ws) == 1 for ws in layers.values()), f"a layer spans workers: {layers}"
+        assert {w for ws in layers.values() for w in ws} == {0, 1}, "both workers own layers"
+        prompts = hf_models.prompts(c.model.args.vocab_size)
+        assert hf_models.check_against_hf(c.model, t.model, prompts, "mixtral") < hf_models.TOL
+        got = c.generate(hf_models.prompts(c.model.args.vocab_size, seed=3), max_new_tokens=12)
+        for b, p in enumerate(hf_models.prompts(c.model.args.vocab_size, seed=3)):
+            ref = t.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12,
+                                   pad_token_id=c.model.args.pad_token_id or 0)[0, len(p):].tolist()
+            assert got[b] == ref, f"request {b}: cluster {got[b]} != transformers {ref}"
+        st = c.stats()
+        d = st["dispatch"]
+        assert d["calls"] == d["moe_layers"], f"by_layer must make one call per MoE layer: {d}"
+        assert st["misses"] > len(man.blobs)   # evicted and re-read
+        for w in st["workers"]:
+            assert w["peak_used_bytes"] <= w["budget_bytes"]
+        before = c.generate(prompts, max_new_tokens=6)
+        c.add_worker()        # membership changes move whole layers, and outputs do not change
+        c.remove_worker(0)
+        owners = {}
+        for (layer, e) in c.sizes:
+            owners.setdefault(layer, set()).add(c.experts.placement.owner((layer, e)))
+        assert all(len(ws) == 1 for ws in owners.values()) and all(0 not in ws for ws in owners.values()), owners
+        assert c.generate(prompts, max_new_tokens=6) == before

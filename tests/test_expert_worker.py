@@ -10,7 +10,8 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import tiny_store
-from actors.expert_worker import ExpertWorker, expert_ffn, pack_rows, unpack_rows
+from actors.expert_worker import (ExpertWorker, expert_ffn, pack_call, pack_rows, unpack_call, unpack_reply,
+                                  unpack_rows)
 from cluster.config import ClusterConfig
 from cluster.storage_tier import start_storage_actors
 from storage_adapters.local_s3 import ShapingProxy
@@ -181,6 +182,24 @@ def test_cost_model_computes_misses_on_cpu_or_waits_from_configured_rates(env, c
     _check_exact(env, unpack_rows(y2, 3), 0, [1, 2], [2, 1], x)
     assert (hits2, misses2) == ((0, 2) if cpu_wins else (2, 0)) and stall2 >= 0
     assert cpu_wins or tb2 == {}   # both resident now: nothing loaded for this call
+    # the decode path's bytes-in/bytes-out form: identical rows and counters
+    r = ray.get(w.compute_packed.remote(pack_call(0, [1, 2], [2, 1], x)))
+    y3, hits3, misses3, _, stall3, tb3 = unpack_reply(r, 3)
+    _check_exact(env, y3, 0, [1, 2], [2, 1], x)
+    assert (hits3, misses3) == (hits2, misses2) and stall3 >= 0
+    assert cpu_wins or (isinstance(r, bytes) and tb3 == {})   # nothing loaded: the reply is one bytes object
+
+
+def test_pack_call_round_trips_exactly():
+    x = np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32)
+    layer, experts, counts, x2 = unpack_call(pack_call(7, np.array([3, 11]), np.array([2, 3]), x))
+    assert (layer, experts, counts) == (7, [3, 11], [2, 3]) and np.array_equal(x2, x)
+    y = x * 2
+    reply = np.array([2, 1, 1, 0.25], "<f8").tobytes() + y.tobytes()
+    yy, hits, misses, phits, stall, tb = unpack_reply(reply, 5)
+    assert np.array_equal(yy, y) and (hits, misses, phits, stall, tb) == (2, 1, 1, 0.25, {})
+    yy, *rest = unpack_reply((y.tobytes(), 0, 2, 0, 0.5, {"nvme": 10}), 5)
+    assert np.array_equal(yy, y) and rest == [0, 2, 0, 0.5, {"nvme": 10}]
 
 
 def test_named_victim_prefetch_never_evicts_anything_else(env):

@@ -125,6 +125,33 @@ def test_replication_of_hot_experts():
     assert len(p.replicas((0, 5))) == 1
 
 
+def test_by_layer_placement_gives_whole_layers_balanced_by_bytes_and_load():
+    sizes = {(l, e): 100 * (1 + (l == 3)) for l in range(6) for e in range(8)}   # layer 3's experts twice the size
+    p = place(sizes, [0, 1], by_layer=True)
+    owner = {l: {p.owner((l, e)) for e in range(8)} for l in range(6)}
+    assert all(len(ws) == 1 for ws in owner.values()), owner
+    b = p.bytes_of(sizes)
+    assert abs(b[0] - b[1]) <= 800, b   # within one layer's bytes of even
+    # a hot layer counts for more than its bytes: the two hottest layers land on different workers
+    load = {(l, e): (50.0 if l in (0, 1) else 1.0) for l in range(6) for e in range(8)}
+    p = place({(l, e): 100 for l in range(6) for e in range(8)}, [0, 1], load, by_layer=True)
+    assert p.owner((0, 0)) != p.owner((1, 0))
+    with pytest.raises(AssertionError, match="at least one worker"):
+        place(sizes, [], by_layer=True)
+
+
+def test_by_layer_join_and_leave_move_whole_layers_and_few():
+    sizes = {(l, e): 100 for l in range(6) for e in range(4)}
+    p2 = place(sizes, [0, 1], by_layer=True)
+    p3 = place(sizes, [0, 1, 2], previous=p2, by_layer=True)
+    assert all(len({p3.owner((l, e)) for e in range(4)}) == 1 for l in range(6))
+    assert p3.bytes_of(sizes) == {0: 800, 1: 800, 2: 800}
+    assert p3.moved_from(p2) == 8   # exactly the two layers the newcomer takes
+    p_leave = place(sizes, [0, 2], previous=p3, by_layer=True)
+    assert set(p_leave.bytes_of(sizes).values()) == {1200}
+    assert all(p_leave.owner(k) == p3.owner(k) for k in sizes if p3.owner(k) != 1)   # survivors keep theirs
+
+
 def test_join_and_leave_move_little():
     sizes = {(l, e): 100 for l in range(2) for e in range(8)}
     p2 = place(sizes, [0, 1])
