@@ -49,6 +49,15 @@ class DramTier(_Model):
     budget_bytes: ByteSize               # per node, in the Ray object store
 
 
+class LinkEmulation(_Model):
+    """Make the tier's reads take what a link would take (storage_adapters/emulated.py): each read occupies one of
+    `channels` for latency_s + bytes / bandwidth_Bps, as a sleep after the real read. For benchmarks and tests on
+    machines whose local reads would otherwise be instant or CPU-bound; never needed in production."""
+    latency_s: float = Field(ge=0, le=10)
+    bandwidth_Bps: float = Field(gt=0)
+    channels: int = Field(8, ge=1, le=1024)
+
+
 class NvmeTier(_Model):
     kind: Literal["nvme"]
     name: str = "nvme"
@@ -58,6 +67,7 @@ class NvmeTier(_Model):
     parallelism: int = Field(8, ge=1, le=256)
     o_direct: bool = True
     encryption: EncryptionConfig | None = None
+    emulate: LinkEmulation | None = None      # benchmarks: reads take a modelled link's time (see LinkEmulation)
 
     @field_validator("chunk_bytes")
     @classmethod
@@ -120,6 +130,9 @@ class WorkersConfig(_Model):
     # all of them in parallel: best for prefill and large batches); "by_layer" gives each worker whole layers, so a
     # MoE layer is one worker call (best for decode latency: a Ray round trip is most of a small layer's cost)
     placement: Literal["balanced", "by_layer"] = "balanced"
+    # prefetch loads a worker runs at once: on a latency-bound tier (S3, a remote node) the win comes from many
+    # reads in flight; on a local tier a few suffice (each also costs the worker CPU)
+    prefetch_concurrency: int = Field(2, ge=1, le=64)
     # None: a miss always waits for its load into the cache; else the cost model decides per miss
     miss_rates: MissRates | None = None
 

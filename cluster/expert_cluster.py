@@ -402,6 +402,7 @@ class ExpertCluster:
             namespace=self.cfg.ray.namespace, scheduling_strategy=strategy,
         ).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage, device=w.device,
                  policy=self.policy, miss_rates=w.miss_rates.model_dump() if w.miss_rates else None,
+                 prefetch_concurrency=w.prefetch_concurrency,
                  # passed down, not asked of a storage actor: a worker must start even where its node's one is gone
                  weight_prefetch=self.cfg.weight_prefetch_config.model_dump())
         return wid

@@ -2,6 +2,8 @@
                                    [--policies a,b,...] [--workers W] [--batch B] --json OUT   (+ OUT's .png)
                                    [--prefetch-ratio full,0.8,0.5,0.25]   (partial prefetch, docs/weight_prefetch.md)
                                    [--tier s3 --s3-latency-ms MS --s3-mbps MBPS]   (I/O-bound: loads from shaped S3)
+                                   [--tier link --link-latency-ms MS --link-mbps MBPS --link-channels N]
+                                   [--prefetch-concurrency N] [--placement balanced|by_layer]
                                    [--model-dir CKPT] [--predictor-dir DIR] [--threshold P] [--hbm-confirm-prob P]
                                    [--lookahead-tokens N] [--cache-policy lru|slru|...] [--repeat N]
 
@@ -26,7 +28,9 @@ Defaults: cache 25% of all experts; the DRAM tier holds every expert (loads are 
 the regime of host-RAM offloading). `--tier s3`: the store is also written to a local moto S3 server behind the
 shaping proxy (storage_adapters/s3_proxy.py: first-byte latency per GET, bandwidth cap per connection) and every load
 reads it there, with no DRAM tier unless --dram-fraction says so: a load waits on a socket (the I/O-bound regime of
-offloading to slow storage); the planner gets the shaping as its tier costs; the JSON's `regime` says whether loading one expert took at least as long as
+offloading to slow storage); `--tier link`: loads read the local store through an emulated link (storage_adapters/
+emulated.py: each read a WAIT of latency + bytes / bandwidth on one of --link-channels, the CPU left free, as a DMA
+or a remote read leaves it), no DRAM tier by default; the planner gets the shaping as its tier costs; the JSON's `regime` says whether loading one expert took at least as long as
 computing one layer (I/O-bound). `calibration` holds this machine's measured figures for
 `python -m jobs.simulate --hardware local --calib OUT`, and `simulated` the simulator's prediction for this very
 run next to the measurement (tokens/s and hit rate ratios). On a multi-node Ray cluster (`ray job submit`,
@@ -147,12 +151,17 @@ class ShapedS3:
 
 def cluster_config(store: str, *, workers: int, hbm: int, dram: int, policy: str, window: int, ns: str,
                    address: str | None, inflight: int, ratio: float | None = None, s3: ShapedS3 | None = None,
-                   planner: dict | None = None):
+                   planner: dict | None = None, link: dict | None = None, worker_opts: dict | None = None):
     """ratio: weight_prefetch_config.prefetch_ratio.moe.gate_up (partial prefetch); None: whole experts.
     s3: serve loads from the shaped S3 tier (the DRAM tier only when dram > 0; the nvme copy a never-read fallback).
-    planner: extra `prefetch` settings (threshold, hbm_confirm_prob, lookahead_tokens, tier_costs, ...)."""
+    planner: extra `prefetch` settings (threshold, hbm_confirm_prob, lookahead_tokens, tier_costs, ...).
+    link: the nvme tier's `emulate` ({latency_s, bandwidth_Bps, channels}); the DRAM tier only when dram > 0.
+    worker_opts: extra `workers` settings (prefetch_concurrency, placement)."""
     from cluster.config import ClusterConfig
-    if s3 is None:
+    if link is not None:
+        tiers = ([{"kind": "dram", "budget_bytes": dram}] if dram > 0 else []) + [
+            {"kind": "nvme", "path": store, "emulate": link}]
+    elif s3 is None:
         tiers = [{"kind": "dram", "budget_bytes": dram}, {"kind": "nvme", "path": store}]
     else:
         tiers = ([{"kind": "dram", "budget_bytes": dram}] if dram > 0 else []) + [
@@ -162,7 +171,7 @@ def cluster_config(store: str, *, workers: int, hbm: int, dram: int, policy: str
     raw = {"ray": {"namespace": ns},
            "weight_prefetch_config": {"enabled": ratio is not None,
                                       "prefetch_ratio": {"moe": {"gate_up": 1.0 if ratio is None else ratio}}},
-           "workers": {"count": workers, "hbm_budget_bytes": hbm},
+           "workers": {"count": workers, "hbm_budget_bytes": hbm, **(worker_opts or {})},
            "tiers": tiers,
            "prefetch": {"policy": policy, "lookahead_layers": window, "max_inflight_bytes": inflight,
                         **(planner or {})}}
@@ -179,7 +188,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     coord_policy = policy if policy not in ("on_demand", "oracle", "resident", "slru") else "on_demand"
     cfg = cluster_config(store, workers=a.workers, hbm=hbm, dram=dram, policy=coord_policy, window=a.window,
                          ns=f"bench-{policy}-{ratio}-{os.getpid()}", address=a.address, inflight=inflight,
-                         ratio=ratio, s3=s3, planner=planner)
+                         ratio=ratio, s3=s3, planner=planner, link=link_settings(a), worker_opts=worker_settings(a))
     L, K = tr.num_layers, tr.top_k
     rng = np.random.default_rng(a.seed)
     out: dict = {"policy": policy}
@@ -475,12 +484,19 @@ def main(argv=None) -> int:
     p.add_argument("--cache-fraction", type=float, default=0.25)
     p.add_argument("--dram-fraction", type=float, default=None,
                    help="DRAM tier budget / all experts' bytes (default 1.0; with --tier s3 0: no DRAM tier)")
-    p.add_argument("--tier", choices=("dram", "s3"), default="dram",
-                   help="where loads come from: dram (the object store, a memcpy on the compute cores) or s3 "
+    p.add_argument("--tier", choices=("dram", "s3", "link"), default="dram",
+                   help="where loads come from: dram (the object store, a memcpy on the compute cores), s3 "
                         "(a local moto server behind the shaping proxy: each load waits --s3-latency-ms + "
-                        "bytes / --s3-mbps, the I/O-bound regime)")
+                        "bytes / --s3-mbps, the I/O-bound regime, but moto costs CPU) or link (the local store "
+                        "behind an emulated link: each load a pure wait of --link-latency-ms + bytes / --link-mbps)")
     p.add_argument("--s3-latency-ms", type=float, default=5.0, help="first-byte latency per S3 request")
     p.add_argument("--s3-mbps", type=float, default=200.0, help="S3 bandwidth cap per connection, MB/s (0: none)")
+    p.add_argument("--link-latency-ms", type=float, default=5.0, help="--tier link: latency per read")
+    p.add_argument("--link-mbps", type=float, default=200.0, help="--tier link: bandwidth per channel, MB/s")
+    p.add_argument("--link-channels", type=int, default=8, help="--tier link: reads in flight at once per node")
+    p.add_argument("--prefetch-concurrency", type=int, default=None,
+                   help="workers.prefetch_concurrency: prefetch loads each worker runs at once (default 2)")
+    p.add_argument("--placement", choices=("balanced", "by_layer"), default=None, help="workers.placement")
     p.add_argument("--model-dir", default=None,
                    help="a real checkpoint to serve (e.g. jobs/embedded_model) instead of a generated store; with a "
                         "trace of that model that has hidden states, they are what the routers and predictors see")
@@ -529,7 +545,7 @@ def main(argv=None) -> int:
         a.hidden = HIDDEN
         ckpt, tag = os.path.join(os.path.dirname(store), "ckpt"), os.path.basename(os.path.dirname(store))
     if a.dram_fraction is None:
-        a.dram_fraction = 0.0 if a.tier == "s3" else 1.0
+        a.dram_fraction = 0.0 if a.tier in ("s3", "link") else 1.0
     from storage_adapters.manifest import Manifest
     with open(os.path.join(store, "manifest.json"), "rb") as f:
         eb = Manifest.from_json(f.read(), store).expert_bytes
@@ -537,8 +553,8 @@ def main(argv=None) -> int:
     # a worker must hold one layer's experts of the whole batch (they are pinned while computing)
     hbm = max(int(a.cache_fraction * total / a.workers), eb * K * a.batch)
     dram = max(int(a.dram_fraction * total) + (8 << 20), 16 << 20)
-    if a.tier == "s3":
-        dram = int(a.dram_fraction * total)                    # 0: no DRAM tier, every load goes to S3
+    if a.tier in ("s3", "link"):
+        dram = int(a.dram_fraction * total)                    # 0: no DRAM tier, every load goes to the slow tier
     inflight = max(a.window * K * a.batch * eb, 8 * eb)
     if a.policies:
         pols = a.policies.split(",")
@@ -572,7 +588,22 @@ def planner_settings(a, eb: int) -> dict:
         bw = a.s3_mbps * 1e6 if a.s3_mbps else 10e9
         cost = {"latency_s": a.s3_latency_ms / 1e3, "bandwidth_Bps": bw}
         out["tier_costs"] = {"s3": cost, "nvme": cost}
+    if a.tier == "link":
+        lk = link_settings(a)
+        out["tier_costs"] = {"nvme": {"latency_s": lk["latency_s"], "bandwidth_Bps": lk["bandwidth_Bps"]}}
     return out
+
+
+def link_settings(a) -> dict | None:
+    """--tier link: the nvme tier's `emulate` block."""
+    if getattr(a, "tier", None) != "link":
+        return None
+    return {"latency_s": a.link_latency_ms / 1e3, "bandwidth_Bps": a.link_mbps * 1e6, "channels": a.link_channels}
+
+
+def worker_settings(a) -> dict:
+    return {k: v for k, v in (("prefetch_concurrency", getattr(a, "prefetch_concurrency", None)),
+                              ("placement", getattr(a, "placement", None))) if v is not None}
 
 
 def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3, t_all) -> int:
@@ -639,6 +670,7 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
            "cache_fraction_effective": hbm * a.workers / total, "dram_bytes": dram, "workers": a.workers,
            "batch": a.batch, "window": a.window, "tier": a.tier, "planner": planner,
            "s3_shaping": {"latency_ms": a.s3_latency_ms, "MBps": a.s3_mbps} if a.tier == "s3" else None,
+           "link": link_settings(a), "worker_settings": worker_settings(a),
            "policies": res}
     if base:
         calib = calibrate(res, tr, inter, a, eb, hbm)

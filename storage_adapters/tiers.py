@@ -3,14 +3,19 @@ from __future__ import annotations
 
 from .base import BlobAdapter
 from .crypto import load_key
+from .emulated import EmulatedLink
 from .nvme import NvmeAdapter
 from .s3 import RetryPolicy, S3Adapter
 
 
 def adapter_for(t, endpoint_url: str | None = None) -> BlobAdapter:
     if t.kind == "nvme":
-        return NvmeAdapter(t.path, tier=t.name, chunk_bytes=int(t.chunk_bytes), parallelism=t.parallelism,
-                           o_direct=t.o_direct)
+        ad = NvmeAdapter(t.path, tier=t.name, chunk_bytes=int(t.chunk_bytes), parallelism=t.parallelism,
+                         o_direct=t.o_direct)
+        em = getattr(t, "emulate", None)
+        if em is not None:
+            return EmulatedLink(ad, latency_s=em.latency_s, bandwidth_Bps=em.bandwidth_Bps, channels=em.channels)
+        return ad
     if t.kind == "s3":
         r = t.retry
         if (endpoint_url or t.endpoint_url) == "embedded":

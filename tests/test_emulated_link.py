@@ -1,0 +1,79 @@
+"""EmulatedLink (storage_adapters/emulated.py), without Ray: bytes are the real tier's, each read waits at least the
+modelled latency + bytes / bandwidth, `channels` reads overlap and the rest queue, and `emulate:` in a tier config
+builds it (validated: a bad value names its key)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from cluster.config import ClusterConfig
+from storage_adapters.emulated import EmulatedLink
+from storage_adapters.nvme import NvmeAdapter
+from storage_adapters.tiers import adapter_for
+
+
+@pytest.fixture
+def blob(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 256 << 10, dtype=np.uint8)   # 256 KiB
+    (tmp_path / "b.bin").write_bytes(data.tobytes())
+    return tmp_path, data
+
+
+def test_reads_are_exact_and_take_the_modelled_time(blob):
+    root, data = blob
+    link = EmulatedLink(NvmeAdapter(str(root)), latency_s=0.02, bandwidth_Bps=10e6, channels=4)   # 10 MB/s
+
+    async def go():
+        t0 = time.perf_counter()
+        got = await link.read("b.bin", 4096, 100_000)
+        return got, time.perf_counter() - t0
+    got, dt = asyncio.run(go())
+    assert np.array_equal(got, data[4096:4096 + 100_000]), "the emulated link must return the tier's real bytes"
+    want = 0.02 + 100_000 / 10e6        # 30 ms
+    assert want <= dt < want + 0.25, f"one read took {dt * 1e3:.1f} ms, the link models {want * 1e3:.1f} ms"
+    assert link.waited_s > 0 and link.transfer_s(100_000) == pytest.approx(want)
+
+
+def test_channels_bound_reads_in_flight(blob):
+    root, data = blob
+    link = EmulatedLink(NvmeAdapter(str(root)), latency_s=0.05, bandwidth_Bps=1e12, channels=2)
+
+    async def go(n):
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*[link.read("b.bin", i * 4096, 4096) for i in range(n)])
+        return outs, time.perf_counter() - t0
+    outs, dt = asyncio.run(go(6))
+    for i, o in enumerate(outs):
+        assert np.array_equal(o, data[i * 4096:(i + 1) * 4096])
+    # 6 reads of 50 ms over 2 channels: three rounds (150 ms), not one (50 ms) nor six (300 ms)
+    assert 0.15 <= dt < 0.28, f"6 reads over 2 channels took {dt * 1e3:.0f} ms, expected ~150 ms"
+
+
+def test_tier_config_builds_the_link_and_rejects_bad_values(tmp_path):
+    raw = {"tiers": [{"kind": "nvme", "path": str(tmp_path), "emulate": {"latency_s": 0.005, "bandwidth_Bps": 2e8,
+                                                                          "channels": 3}}]}
+    cfg = ClusterConfig.model_validate(raw)
+    ad = adapter_for(cfg.tiers[0])
+    assert isinstance(ad, EmulatedLink) and (ad.latency_s, ad.bandwidth_Bps, ad.channels) == (0.005, 2e8, 3)
+    assert ad.tier == "nvme" and ad.path("x") == os.path.join(str(tmp_path), "x")   # the rest is the real tier's
+    assert not isinstance(adapter_for(ClusterConfig.model_validate(
+        {"tiers": [{"kind": "nvme", "path": str(tmp_path)}]}).tiers[0]), EmulatedLink)
+    raw["tiers"][0]["emulate"]["bandwidth_Bps"] = 0
+    with pytest.raises(ValidationError, match=r"tiers\.0\.nvme\.emulate\.bandwidth_Bps"):
+        ClusterConfig.model_validate(raw)
+
+
+def test_prefetch_concurrency_and_placement_are_validated(tmp_path):
+    tiers = [{"kind": "nvme", "path": str(tmp_path)}]
+    w = ClusterConfig.model_validate({"tiers": tiers, "workers": {"prefetch_concurrency": 16,
+                                                                  "placement": "by_layer"}}).workers
+    assert (w.prefetch_concurrency, w.placement) == (16, "by_layer")
+    with pytest.raises(ValidationError, match=r"workers\.prefetch_concurrency"):
+        ClusterConfig.model_validate({"tiers": tiers, "workers": {"prefetch_concurrency": 0}})
+    with pytest.raises(ValidationError, match=r"workers\.placement"):
+        ClusterConfig.model_validate({"tiers": tiers, "workers": {"placement": "random"}})
