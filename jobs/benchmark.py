@@ -40,6 +40,7 @@ reports the bytes that crossed nodes.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import asyncio
 import json
 import os
@@ -380,7 +381,8 @@ def summarize(base: dict, st: dict, wall: float, moe_s: float, tokens: int, step
             "prefetch_recall": d["prefetch_hits"] / max(d["prefetch_hits"] + d["misses"], 1),
             "bytes_moved": d["bytes_loaded"], "bytes_by_storage_tier": tier, "cross_node_bytes": cross,
             "load_ms_per_expert": 1e3 * d["load_seconds"] / d["loads"] if d["loads"] else None,
-            "nodes": len({w.get("node_id") for w in st["workers"]})}
+            "nodes": len({w.get("node_id") for w in st["workers"]}),
+            "storage_actors_per_node": dict(Counter(s.get("node_id") for s in st["storage"]))}
 
 
 # -- calibration -------------------------------------------------------------------------------------------------

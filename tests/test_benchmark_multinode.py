@@ -118,6 +118,8 @@ def test_every_policy_ran_on_three_nodes(run):
         assert "error" not in m, f"{pol}: {m.get('error')}"
         # `nodes`: distinct node ids of the workers (summarize in jobs/benchmark.py); workers are pinned round-robin
         assert m["nodes"] == NODES, f"{pol}: workers on {m['nodes']} nodes, want {NODES}"
+        per_node = m["storage_actors_per_node"]
+        assert len(per_node) == NODES and set(per_node.values()) == {1}, f"{pol}: storage actors {per_node}"
 
 
 def test_same_tokens_and_uses_across_policies(run):
@@ -135,7 +137,7 @@ def test_cross_node_bytes(run):
     """The driver sits on one node, so the activations of the other two nodes' workers cross nodes through the
     object store (f32 rows, there and back); experts never do: a worker whose node had no storage actor would
     count its loads in cross_node_bytes (local_storage False), so 0 with loads > 0 on 3 nodes means each node
-    served its own workers (the JSON has no per-node count of storage actors: this is the indirect check)."""
+    served its own workers (storage_actors_per_node, checked above, says there is exactly one on each)."""
     tr, res = run
     row = 2 * 4 * HIDDEN                                   # one f32 activation row, there and back
     for p in POLICIES:
