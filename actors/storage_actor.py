@@ -16,6 +16,7 @@ import ray
 
 from policies.eviction import ByteBudgetLRU
 from storage_adapters.buffers import return_large_frees_to_os
+from storage_adapters.emulated import LINK_PRIORITY, PREFETCH
 from storage_adapters.errors import StoreError, TierAccessError
 from storage_adapters.store import ExpertStore
 from storage_adapters.tiers import adapter_for, keys_for
@@ -124,18 +125,25 @@ class StorageActor:
         tiers: the request's TierSet (names); None: every configured tier."""
         return [(await self._get((layer, expert), tiers))[0]]
 
-    async def get_tiered(self, layer: int, expert: int, tiers: list[str] | None = None) -> list:
-        """[ref, tier name it came from] (ExpertWorkers count bytes per tier with it)."""
+    async def get_tiered(self, layer: int, expert: int, tiers: list[str] | None = None,
+                         prefetch: bool = False) -> list:
+        """[ref, tier name it came from] (ExpertWorkers count bytes per tier with it). prefetch: a worker's
+        prefetch load — its storage reads queue behind demand reads on a tier that orders them (the emulated link;
+        storage_adapters/emulated.py). A demand call that joins a prefetch's read in flight waits for that read."""
+        if prefetch:
+            LINK_PRIORITY.set(PREFETCH)    # this call's task only: Ray runs each async actor call as its own task
         return list(await self._get((layer, expert), tiers))
 
     async def get_ranges(self, layer: int, expert: int, spans: list[tuple[int, int]],
-                         tiers: list[str] | None = None) -> list:
+                         tiers: list[str] | None = None, prefetch: bool = False) -> list:
         """[uint8 array of the byte ranges `spans` ((offset, length) in the plaintext blob) concatenated, tier]:
         partial prefetch (docs/weight_prefetch.md). Sliced from the DRAM tier when the blob is resident there
         (verified when it was read); else ranged reads on the first storage tier that serves them, NOT verified
         here (a range has no checksum of its own): the ExpertWorker verifies each tensor once it is whole. Never
         fills the DRAM tier (a part of a blob is not a blob). Encrypted copies cannot be read by range: the whole
         blob is read verified and sliced."""
+        if prefetch:
+            LINK_PRIORITY.set(PREFETCH)
         bid = (int(layer), int(expert))
         spans = [(int(o), int(n)) for o, n in spans]
         ref = self._refs.get(bid) if tiers is None or "dram" in tiers else None

@@ -7,16 +7,26 @@ cores that compute. To put benchmarks in the regime users of offloading are in â
 real read from the wrapped adapter (real bytes, real checksums downstream) and then sleeps what is left of the
 modelled time. The model is the simulator's `Link` (policies/simulator.py): `channels` transfers at once (per
 adapter instance, i.e. per storage actor), each taking `latency_s + bytes / bandwidth_Bps`; further reads queue.
+Waiting reads are served by priority, then in arrival order: a read issued under `LINK_PRIORITY` = PREFETCH
+(the StorageActor sets it for a worker's prefetch loads) waits behind every demand read, as an I/O scheduler or a
+DMA queue with priorities would order them; a transfer already on a channel is never preempted.
 Used only where a tier config says `emulate:` (benchmarks, tests); writes, stats and deletes pass straight through.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import heapq
+import itertools
 import time
 
 import numpy as np
 
 from .base import read_fresh
+
+DEMAND, PREFETCH = 0, 1
+# the priority of reads made in this asyncio context (a task inherits its creator's value)
+LINK_PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("link_priority", default=DEMAND)
 
 
 class EmulatedLink:
@@ -27,17 +37,42 @@ class EmulatedLink:
         self.inner = inner
         self.tier, self.uri = inner.tier, inner.uri
         self.latency_s, self.bandwidth_Bps, self.channels = float(latency_s), float(bandwidth_Bps), int(channels)
-        self._slots: asyncio.Semaphore | None = None   # made on first use: it binds to the running loop
+        self._free = self.channels
+        self._waiting: list[tuple[int, int, asyncio.Future]] = []   # heap of (priority, arrival, future)
+        self._seq = itertools.count()
         self.waited_s = 0.0   # modelled time spent sleeping beyond the real reads (for benchmarks' bookkeeping)
+        self.queued = {DEMAND: 0, PREFETCH: 0}   # reads that found every channel busy, by priority
 
     def transfer_s(self, nbytes: int) -> float:
         """Seconds one read of nbytes occupies a channel."""
         return self.latency_s + nbytes / self.bandwidth_Bps
 
+    async def _acquire(self) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        prio = LINK_PRIORITY.get()
+        self.queued[prio] = self.queued.get(prio, 0) + 1
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (prio, next(self._seq), fut))
+        try:
+            await fut                      # _release hands its channel over by resolving fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()            # the channel was handed to us as we were cancelled: pass it on
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            _, _, fut = heapq.heappop(self._waiting)
+            if not fut.done():             # a cancelled waiter is skipped
+                fut.set_result(None)
+                return
+        self._free += 1
+
     async def read_into(self, key: str, out, offset: int = 0) -> int:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.channels)
-        async with self._slots:
+        await self._acquire()
+        try:
             t0 = time.perf_counter()
             n = await self.inner.read_into(key, out, offset)
             left = self.transfer_s(n) - (time.perf_counter() - t0)
@@ -45,6 +80,8 @@ class EmulatedLink:
                 self.waited_s += left
                 await asyncio.sleep(left)
             return n
+        finally:
+            self._release()
 
     async def read(self, key: str, offset: int = 0, length: int | None = None) -> np.ndarray:
         return await read_fresh(self, key, offset, length, f"{self.uri}/{key}")

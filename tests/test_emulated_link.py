@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from cluster.config import ClusterConfig
-from storage_adapters.emulated import EmulatedLink
+from storage_adapters.emulated import LINK_PRIORITY, PREFETCH, EmulatedLink
 from storage_adapters.nvme import NvmeAdapter
 from storage_adapters.tiers import adapter_for
 
@@ -52,6 +52,44 @@ def test_channels_bound_reads_in_flight(blob):
         assert np.array_equal(o, data[i * 4096:(i + 1) * 4096])
     # 6 reads of 50 ms over 2 channels: three rounds (150 ms), not one (50 ms) nor six (300 ms)
     assert 0.15 <= dt < 0.28, f"6 reads over 2 channels took {dt * 1e3:.0f} ms, expected ~150 ms"
+
+
+def test_demand_reads_overtake_queued_prefetches(blob):
+    """One channel, four prefetch reads queued, then a demand read: it is served next (second), not last."""
+    root, data = blob
+    link = EmulatedLink(NvmeAdapter(str(root)), latency_s=0.03, bandwidth_Bps=1e12, channels=1)
+    done: list[str] = []
+
+    async def read(name, prio):
+        LINK_PRIORITY.set(prio)            # this task's reads carry it (as the StorageActor sets it per call)
+        got = await link.read("b.bin", 0, 4096)
+        assert np.array_equal(got, data[:4096])
+        done.append(name)
+
+    async def go():
+        tasks = [asyncio.create_task(read(f"p{i}", PREFETCH)) for i in range(4)]
+        await asyncio.sleep(0.005)         # p0 holds the channel, p1..p3 wait
+        tasks.append(asyncio.create_task(read("demand", 0)))
+        await asyncio.gather(*tasks)
+    asyncio.run(go())
+    assert done == ["p0", "demand", "p1", "p2", "p3"], done
+    assert link.queued[PREFETCH] == 3 and link.queued[0] == 1
+
+
+def test_a_cancelled_waiter_does_not_leak_its_channel(blob):
+    root, _ = blob
+    link = EmulatedLink(NvmeAdapter(str(root)), latency_s=0.02, bandwidth_Bps=1e12, channels=1)
+
+    async def go():
+        first = asyncio.create_task(link.read("b.bin", 0, 4096))
+        await asyncio.sleep(0.002)
+        waiter = asyncio.create_task(link.read("b.bin", 0, 4096))
+        await asyncio.sleep(0.002)
+        waiter.cancel()
+        await first
+        await asyncio.wait_for(link.read("b.bin", 0, 4096), 1.0)   # the channel came back
+        return link._free
+    assert asyncio.run(go()) == 1
 
 
 def test_tier_config_builds_the_link_and_rejects_bad_values(tmp_path):
