@@ -80,9 +80,16 @@ def unpack_reply(r, rows: int) -> tuple[np.ndarray, int, int, int, float, dict]:
     return np.frombuffer(r, np.float32, offset=32).reshape(rows, -1), int(hits), int(misses), int(phits), stall, {}
 
 
+def swiglu_in(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The expert's first half: x [n, H] -> h [n, I] = silu(x gate^T) * (x up^T); gate/up [I, H]."""
+    return F.silu(F.linear(x, gate)) * F.linear(x, up)
+
+
 def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU expert: x [n, H] -> [n, H]; weights in nn.Linear's [out, in] layout (gate/up [I, H], down [H, I])."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    """SwiGLU expert: x [n, H] -> [n, H]; weights in nn.Linear's [out, in] layout (gate/up [I, H], down [H, I]).
+    Written as swiglu_in then down's GEMM so the pipelined partial completion (gate/up first, down once it has
+    arrived) runs the very same ops: bit-for-bit equal."""
+    return F.linear(swiglu_in(x, gate, up), down)
 
 
 def _new_hash(checksum: str):
@@ -117,6 +124,26 @@ class _Partial:
     gate_hash: object                       # xxhash / hashlib state over the gate prefix bytes
     up_hash: object
     failed: bool = False                    # its completion did not verify: every use reads the whole blob
+
+
+@dataclass
+class _Completion:
+    """A routed partial entry's rest in flight: two ranged reads issued together, (a) gate/up rows [rows:] and
+    (b) all of down, consumed in two stages so gate/up verify and compute while down is still on the wire. Shared
+    by every compute that routes the key meanwhile; whichever caller reaches a stage first does its work under
+    `lock`, the others reuse its memo. Stage memos: a = ("rows", dev blob, gate, up, ready) or ("whole", _Resident)
+    (a failed/fallback read: the verified whole blob); b = the whole _Resident (assembled, or that fallback)."""
+    key: Key
+    r: _Resident
+    tiers: list | None
+    t0: float                                  # perf_counter when both reads were issued
+    rest: Future | None = None                 # (a): [uint8 host bytes, tier]; None: no rows left to read
+    down: Future | None = None                 # (b): [uint8 host bytes, tier]
+    arrived: dict = field(default_factory=dict)  # "rest"/"down" -> perf_counter of the reply's arrival
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    a: tuple | None = None
+    b: _Resident | None = None
+    error: BaseException | None = None         # the fallback itself failed: every waiter sees this
 
 
 @dataclass(order=True)
@@ -198,13 +225,17 @@ class ExpertWorker:
         self.partial_ratio = float(wp["prefetch_ratio"]["moe"]["gate_up"]) if wp.get("enabled") else None
         self.partial_cap = int(wp.get("max_prefetch_bytes_per_layer", 18 << 20))
         self._partial_inflight: dict[int, int] = {}   # layer -> partial prefetch bytes being fetched
-        self._completing: dict[Key, Future] = {}
+        self._completing: dict[Key, _Completion] = {}
         self.counters = dict(partial_prefetches=0, partial_bytes=0, partial_completions=0, partial_capped=0,
                              partial_verify_failures=0, cpu_computes=0, hits=0, misses=0, prefetch_hits=0, loads=0, demand_loads=0, prefetch_loads=0,
                              bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
                              prefetch_dropped=0, cancelled=0, peak_used_bytes=0, stall_seconds=0.0,
                              tier_bytes={})
         self.counters["storage_retries"] = 0   # blob reads re-asked after a storage actor died (see _read_blob)
+        # the pipelined completion (docs/weight_prefetch.md): seconds of gate/up compute (h) during which the
+        # down read was still in flight (a lower bound on CUDA, where the GEMMs only launch), and each read's
+        # issue-to-arrival seconds, summed over completions
+        self.counters.update(partial_down_overlap_s=0.0, partial_rest_read_s=0.0, partial_down_read_s=0.0)
 
     def _count(self, **inc) -> None:
         with self._lock:
@@ -595,83 +626,162 @@ class ExpertWorker:
             c["tier_bytes"][tier] = c["tier_bytes"].get(tier, 0) + 2 * n
         return _Resident(dev, views, ready, tier=tier, partial=_Partial(rows, rb, hg, hu))
 
-    def _complete(self, key: Key, r: _Resident, tiers: list | None = None) -> _Resident:
-        """The rest of a partial entry: gate/up rows [rows:] and down, by ranged read. Each whole tensor is
-        verified (prefix hash + rest bytes against the manifest checksum; down by its own) BEFORE its result may be
-        used; a mismatch drops the partial entry and reads the whole blob verified instead (the store falls back
-        across tiers), so wrong weights never reach an output. The completed entry replaces the partial one and is
-        charged its real extra bytes (evicting per policy); with no room it serves this compute only."""
+    def _complete(self, key: Key, r: _Resident, tiers: list | None = None) -> _Completion:
+        """Start the rest of partial entry r and return at once: both ranged reads, (a) gate/up rows [rows:] and
+        (b) down, are submitted before anything waits, so the storage actor serves them concurrently. The compute
+        consumes the _Completion in two stages (_rest_stage, then _down_stage), each verifying its tensors against
+        the manifest checksums BEFORE they are computed with. Computes that route the key while its rest is in
+        flight share one _Completion: one pair of reads per key."""
         with self._lock:
-            fut = self._completing.get(key)
-            mine = fut is None
-            if mine:
-                fut = self._completing[key] = Future()
-        if not mine:
-            return fut.result()
-        try:
-            full = self._complete_once(key, r, tiers)
-            fut.set_result(full)
-            return full
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()
-            raise
-        finally:
-            with self._lock:
-                del self._completing[key]
-
-    def _complete_once(self, key: Key, r: _Resident, tiers: list | None) -> _Resident:
-        with self._lock:   # another compute may have completed it meanwhile
+            c = self._completing.get(key)
+            if c is not None:
+                return c
+            c = _Completion(key, r, tiers, time.perf_counter())
             cur = self._res.get(key)
-            if cur is not None and cur is not r and cur.partial is None:
-                return cur
-        p = r.partial
-        if p.failed:
-            return self._partial_failed(key, r, [], tiers)
-        b = self.manifest.blob(*key)
-        g, u, d = (b.tensors[x] for x in ("gate", "up", "down"))
-        I, H = g.shape
-        off, n = p.rows * p.row_bytes, (I - p.rows) * p.row_bytes
-        spans = ([(g.offset + off, n), (u.offset + off, n)] if n else []) + [(d.offset, d.length)]
-        t0 = time.perf_counter()
+            if cur is not None and cur is not r and cur.partial is None:   # another compute completed it meanwhile
+                c.a, c.b = ("whole", cur), cur
+                return c
+            self._completing[key] = c
+            c.lock.acquire()   # fresh and not yet visible: the reads are set before any stage may look
         try:
-            host, tier = ray.get(self.storage.get_ranges.remote(*key, spans, tiers))
-        except (ray.exceptions.RayError, OSError):
-            # the storage actor died or no tier served the ranges: the whole-blob path (with its retries across
-            # storage actors and tiers) serves this compute instead of failing it
-            return self._partial_failed(key, r, [], tiers)
+            if not r.partial.failed:   # a failed entry reads the whole blob in _rest_stage instead
+                b = self.manifest.blob(*key)
+                g, u, d = (b.tensors[x] for x in ("gate", "up", "down"))
+                p = r.partial
+                off, n = p.rows * p.row_bytes, (g.shape[0] - p.rows) * p.row_bytes
+                if n:
+                    c.rest = self._ranged(c, "rest", [(g.offset + off, n), (u.offset + off, n)])
+                c.down = self._ranged(c, "down", [(d.offset, d.length)])
+        finally:
+            c.lock.release()
+        return c
+
+    def _ranged(self, c: _Completion, name: str, spans: list[tuple[int, int]]) -> Future:
+        """One StorageActor.get_ranges call as a Future ([uint8 host bytes, tier]); its arrival time is noted in
+        c.arrived[name] by a callback, so overlap is measured against when the bytes came, not when we looked."""
+        fut = self.storage.get_ranges.remote(*c.key, spans, c.tiers).future()
+        fut.add_done_callback(lambda _f: c.arrived.setdefault(name, time.perf_counter()))
+        return fut
+
+    @staticmethod
+    def _reply(c: _Completion, name: str) -> tuple[np.ndarray, str, float]:
+        """(host bytes, tier, issue-to-arrival seconds) of read `name`; raises its error (RayError, OSError)."""
+        got = (c.rest if name == "rest" else c.down).result()
+        if isinstance(got, BaseException):   # Ray hands some failures over as the result object
+            raise got
+        host, tier = got
+        return host, tier, c.arrived.get(name, time.perf_counter()) - c.t0
+
+    def _settle(self, c: _Completion) -> None:
+        """c is done (whole blob or error): later computes of its key start from the cache again."""
+        with self._lock:
+            if self._completing.get(c.key) is c:
+                del self._completing[c.key]
+
+    def _stage(self, c: _Completion, which: str, work) -> object:
+        """Run stage `which` ('a' or 'b') of c once, under c.lock; every caller gets its memo (or its error)."""
+        with c.lock:
+            if getattr(c, which) is None and c.error is None:
+                try:
+                    setattr(c, which, work(c))
+                except BaseException as e:
+                    c.error = e
+                    self._settle(c)
+            if c.error is not None:
+                raise c.error
+            return getattr(c, which)
+
+    def _rest_stage(self, c: _Completion) -> tuple:
+        a = self._stage(c, "a", self._verify_rest)
+        if a[0] == "whole":   # the fallback blob is the completion: nothing waits for stage b
+            c.b = a[1]
+            self._settle(c)
+        return a
+
+    def _down_stage(self, c: _Completion) -> _Resident:
+        self._rest_stage(c)   # stage b completes the blob stage a began (or reuses its fallback)
+        try:
+            return self._stage(c, "b", self._verify_down)
+        finally:
+            if c.b is not None:
+                self._settle(c)
+
+    def _verify_rest(self, c: _Completion) -> tuple:
+        """Stage a: wait for the gate/up rest, finish the prefix hashes with it and compare with the manifest
+        checksums; only then build gate and up whole, in the stored layout, in a fresh device blob (prefix rows
+        copied device-to-device, rest copied in from the host). ("rows", blob, gate [I, H], up [I, H], ready) or,
+        on a mismatch or a failed read, ("whole", the verified whole blob read by _partial_failed)."""
+        r, p, key = c.r, c.r.partial, c.key
+        if p.failed:
+            return "whole", self._partial_failed(key, r, [], c.tiers)
+        b = self.manifest.blob(*key)
+        g, u = b.tensors["gate"], b.tensors["up"]
+        P, n = p.rows * p.row_bytes, (g.shape[0] - p.rows) * p.row_bytes
+        host, tier, dt = np.empty(0, np.uint8), None, 0.0
+        if c.rest is not None:
+            try:
+                host, tier, dt = self._reply(c, "rest")
+            except (ray.exceptions.RayError, OSError):
+                # the storage actor died or no tier served the ranges: the whole-blob path (with its retries across
+                # storage actors and tiers) serves this compute instead of failing it
+                return "whole", self._partial_failed(key, r, [], c.tiers)
+        assert host.nbytes == 2 * n, f"{key}: rest read gave {host.nbytes} bytes, asked {2 * n}"
         hg, hu = p.gate_hash.copy(), p.up_hash.copy()   # the entry's states stay reusable
         hg.update(memoryview(host[:n]))
-        hu.update(memoryview(host[n:2 * n]))
+        hu.update(memoryview(host[n:]))
         bad = [role for role, h, t in (("gate", hg, g), ("up", hu, u)) if _hexof(h, t.checksum) != t.checksum]
-        if not verify(host[2 * n:], d.checksum)[0]:
-            bad.append("down")
         if bad:
-            return self._partial_failed(key, r, bad, tiers)
-        # the whole blob, laid out as stored: the prefetched rows copied on the device, the rest from the host.
-        # One GEMM per projection over whole tensors, as the reference computes: bit-for-bit equal (a row-block
-        # split of gate/up is exact in real arithmetic, but GEMM kernels block by shape: not bit-for-bit)
-        rest_dev, _ = self._to_device(host)
+            return "whole", self._partial_failed(key, r, bad, c.tiers)
         dev = torch.empty(b.size, dtype=torch.uint8, device=self.device)
-        P = p.rows * p.row_bytes
-        for t, pre, rest_at in ((g, r.blob[:P], 0), (u, r.blob[P:], n)):
+        rest_dev = self._to_device(host)[0] if n else None
+        for t, pre, at in ((g, r.blob[:P], 0), (u, r.blob[P:], n)):
             dev[t.offset:t.offset + P].copy_(pre)
-            dev[t.offset + P:t.offset + t.length].copy_(rest_dev[rest_at:rest_at + n])
-        dev[d.offset:d.offset + d.length].copy_(rest_dev[2 * n:])
-        ready = None
-        if self.device.type == "cuda":   # device copies on the current stream; computes wait for them
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
-        dt = time.perf_counter() - t0
-        full = _Resident(dev, self._views(key, dev), ready, cached=False, tier=tier)
+            if n:
+                dev[t.offset + P:t.offset + t.length].copy_(rest_dev[at:at + n])
         with self._lock:
-            c = self.counters
-            c["bytes_loaded"] += host.nbytes
-            c["load_seconds"] += dt
-            c["partial_completions"] += 1
-            c["tier_bytes"][tier] = c["tier_bytes"].get(tier, 0) + host.nbytes
-            self._replace(key, r, full, b.size - r.blob.numel())   # prefix freed, whole blob charged
+            cn = self.counters
+            cn["bytes_loaded"] += host.nbytes
+            cn["partial_rest_read_s"] += dt
+            if tier is not None:
+                cn["tier_bytes"][tier] = cn["tier_bytes"].get(tier, 0) + host.nbytes
+        gv, uv, _ = self._views(key, dev)
+        return "rows", dev, gv, uv, self._device_ready()
+
+    def _verify_down(self, c: _Completion) -> _Resident:
+        """Stage b: wait for down, verify it against its manifest checksum, copy it into stage a's blob: the whole
+        expert, which replaces the partial entry in the cache (charged its extra bytes, evicting per policy; with
+        no room it serves this compute only). A mismatch or failed read: the verified whole blob instead."""
+        a, r, key = c.a, c.r, c.key
+        if a[0] == "whole":
+            return a[1]
+        d = self.manifest.blob(*key).tensors["down"]
+        try:
+            host, tier, dt = self._reply(c, "down")
+        except (ray.exceptions.RayError, OSError):
+            return self._partial_failed(key, r, [], c.tiers)
+        if not verify(host, d.checksum)[0]:
+            return self._partial_failed(key, r, ["down"], c.tiers)
+        dev = a[1]
+        dev[d.offset:d.offset + d.length].copy_(self._to_device(host)[0])
+        full = _Resident(dev, self._views(key, dev), self._device_ready(), cached=False, tier=tier)
+        with self._lock:
+            cn = self.counters
+            cn["bytes_loaded"] += host.nbytes
+            cn["partial_down_read_s"] += dt
+            cn["load_seconds"] += time.perf_counter() - c.t0
+            cn["partial_completions"] += 1
+            cn["tier_bytes"][tier] = cn["tier_bytes"].get(tier, 0) + host.nbytes
+            self._replace(key, r, full, dev.numel() - r.blob.numel())   # prefix freed, whole blob charged
         return full
+
+    def _device_ready(self) -> "torch.cuda.Event | None":
+        """An event after the device copies just queued on this thread's current stream (computes on other
+        threads' streams wait for it); None on CPU, where the copies are done when they return."""
+        if self.device.type != "cuda":
+            return None
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        return ready
 
     def _replace(self, key: Key, r: _Resident, full: _Resident, extra: int) -> bool:
         """Under the lock: the cache entry of partial r becomes `full`, charged `extra` more bytes (evicting per
@@ -713,24 +823,63 @@ class ExpertWorker:
 
     def _compute_completing(self, residents: list[_Resident], keys: list[Key], counts: list[int], x: np.ndarray,
                             rest: dict) -> tuple[np.ndarray, float]:
-        """_compute_sync where some experts are partial: the experts already whole compute first, while the rests
-        of the partial ones are read; each partial expert computes once its rest arrived and every tensor verified
-        (else from the verified whole blob). Returns (out, seconds waited on rests after the others computed)."""
+        """_compute_sync where some experts are partial (their two rest reads already issued by _complete): the
+        experts already whole compute first; then each partial expert computes h = swiglu_in(x, gate, up) as soon
+        as its gate/up rest arrived and verified, while its down read is still in flight; then, once down arrived
+        and verified, y = F.linear(h, down). The same ops as expert_ffn over the same whole tensors: bit-for-bit
+        _compute_sync's result. A failed verification or read computes from the verified whole blob instead.
+        Returns (out, seconds waited on the rest reads)."""
         whole = [i for i, r in enumerate(residents) if r.partial is None]
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
         out = np.empty((x.shape[0], x.shape[1]), dtype=np.float32 if x.dtype == np.float32 else x.dtype)
         for idx in whole:   # one call per expert keeps each group's GEMM shapes (bit-for-bit as _compute_sync)
             a, b = starts[idx], starts[idx + 1]
             out[a:b] = self._compute_sync([residents[idx]], [counts[idx]], x[a:b])
-        t0 = time.perf_counter()
-        done = {k: f.result() for k, f in rest.items()}
-        waited = time.perf_counter() - t0
+        comps = {k: f.result() for k, f in rest.items()}   # _complete returns once its reads are submitted
+        waited = overlap = 0.0
+        hs = {}
         for idx in (i for i in range(len(residents)) if residents[i].partial is not None):
             a, b = starts[idx], starts[idx + 1]
-            out[a:b] = self._compute_sync([done[keys[idx]]], [counts[idx]], x[a:b])
+            c = comps[keys[idx]]
+            t0 = time.perf_counter()
+            st = self._rest_stage(c)
+            t1 = time.perf_counter()
+            waited += t1 - t0
+            if st[0] == "whole":
+                out[a:b] = self._compute_sync([st[1]], [counts[idx]], x[a:b])
+                continue
+            hs[idx] = self._swiglu_rows(st, x[a:b]), st[1]
+            t2 = time.perf_counter()
+            overlap += max(0.0, min(c.arrived.get("down", t2), t2) - t1)   # down still on the wire meanwhile
+        for idx, (h, blob) in hs.items():
+            a, b = starts[idx], starts[idx + 1]
+            t0 = time.perf_counter()
+            full = self._down_stage(comps[keys[idx]])
+            waited += time.perf_counter() - t0
+            if full.blob is not blob:   # down failed: the verified whole blob computes the expert whole
+                out[a:b] = self._compute_sync([full], [counts[idx]], x[a:b])
+            else:
+                out[a:b] = self._down_rows(full, h, x.dtype)
         with self._lock:
             self.counters["stall_seconds"] += waited
+            self.counters["partial_down_overlap_s"] += overlap
         return out, waited
+
+    def _swiglu_rows(self, st: tuple, x: np.ndarray) -> torch.Tensor:
+        """h [n, I] = swiglu_in(x, gate, up) on stage a's verified whole gate/up, x converted exactly as
+        _compute_sync converts it (so the result is its bit-for-bit intermediate)."""
+        _, _, g, u, ready = st
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True).to(g.dtype)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
+        return swiglu_in(xt, g, u)
+
+    def _down_rows(self, full: _Resident, h: torch.Tensor, xdtype) -> np.ndarray:
+        """y [n, H] = F.linear(h, down) on the verified whole blob, returned as _compute_sync returns it."""
+        if full.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(full.ready)
+        y = F.linear(h, full.tensors[2])
+        return y.to(torch.float32 if xdtype == np.float32 else y.dtype).cpu().numpy()
 
     # -- prefetch -----------------------------------------------------------------------------------------------
     def prefetch(self, items: list[tuple], cancel: list[tuple] | None = None) -> int:

@@ -149,22 +149,25 @@ def test_layer_cap_bounds_partial_bytes(env):
     assert st["partial_capped"] >= 1
 
 
-def test_corrupted_tail_is_never_computed_with(env, tmp_path):
-    """The tail of expert (1, 2)'s gate is corrupted on NVMe, after the prefetched rows: the prefix reads clean;
-    completion hashes prefix + tail against the gate checksum, refuses it, and the whole blob is read verified (NVMe
-    fails its checksum, S3 serves it): the output equals the reference."""
+@pytest.mark.parametrize("role", ["gate", "down"])
+def test_corrupted_tail_is_never_computed_with(env, tmp_path, role):
+    """The tail of expert (1, 2)'s gate (or down) is corrupted on NVMe, after the prefetched rows: the prefix reads
+    clean; completion hashes prefix + tail against the gate checksum (down: its own checksum, in the pipeline's second
+    stage, after gate/up verified and computed), refuses it, and the whole blob is read verified (NVMe fails its
+    checksum, S3 serves it): the output equals the reference, so the corrupted tensor was never computed with."""
     man = env["manifest"]
     bad = tmp_path / "nvme"
     shutil.copytree(env["root"] / "nvme", bad)
     b = man.blob(1, 2)
     g = b.tensors["gate"]
+    t = b.tensors[role]
     with open(bad / b.key, "r+b") as f:
-        f.seek(g.offset + g.length - 8)
+        f.seek(t.offset + t.length - 8)
         tail = f.read(8)
-        f.seek(g.offset + g.length - 8)
+        f.seek(t.offset + t.length - 8)
         f.write(bytes(255 - c for c in tail))
-    sto = storage(env, "corrupt", nvme=bad, tiers=("dram", "nvme", "s3"))
-    w = worker(env, "corrupt", 4 * man.expert_bytes, wp(0.5), sto=sto)
+    sto = storage(env, f"corrupt-{role}", nvme=bad, tiers=("dram", "nvme", "s3"))
+    w = worker(env, f"corrupt-{role}", 4 * man.expert_bytes, wp(0.5), sto=sto)
     ray.get(w.prefetch.remote([(1, 2, 1.0, None)]))
     st = wait_prefetched(w, 1)
     assert st["partial_prefetches"] == 1 and st["tier_bytes"] == {"nvme": st["partial_bytes"]}
@@ -180,6 +183,46 @@ def test_corrupted_tail_is_never_computed_with(env, tmp_path):
     y = ray.get(w.compute.remote(1, [2], [5], x))
     assert torch.equal(torch.from_numpy(np.array(y)), reference(env, 1, 2, x))
     assert ray.get(w.stats.remote())["used_bytes"] == b.size
+
+
+def test_pipelined_completion_overlaps_down_read_and_is_exact(env, tmp_path):
+    """A routed partial expert's two rest reads go out together; gate/up verify and compute while down is still on
+    the wire (S3 behind a proxy capping each connection at 1 MB/s: the 256 KiB gate/up rest arrives in ~0.2 s, the
+    512 KiB down in ~0.45 s), then down's GEMM runs. The output is the reference's bit-for-bit; the overlap counter
+    is positive; and the compute waited less than the two reads took one after the other."""
+    from jobs.make_checkpoint import Preset, write_checkpoint
+    from storage_adapters.local_s3 import ShapingProxy
+    root = tmp_path / "pipe"
+    ckpt = write_checkpoint(str(root / "ckpt"), Preset(256, 64, 2048, 1, 2, 1, 2), seed=5)   # H 64, I 2048
+    man = convert_checkpoint(ckpt, f"file://{root}/nvme", "s3://experts/pipe", endpoint_url=env["s3"])
+    weights = load_file(os.path.join(ckpt, "model.safetensors"))
+    with ShapingProxy(env["s3"], bandwidth_bps=1e6, first_byte_latency_s=0.02) as proxy:
+        cfg = ClusterConfig.model_validate({
+            "ray": {"namespace": "test-pp-pipe"},
+            "tiers": [{"kind": "dram", "budget_bytes": 1 << 30}, {"kind": "nvme", "path": str(root / "nvme")},
+                      {"kind": "s3", "uri": "s3://experts/pipe"}],
+            "tier_sets": {"default": ["s3"]}})
+        sto = start_storage_actors(cfg, {"s3": proxy.endpoint_url})
+        W = ray.remote(ExpertWorker)
+        w = W.options(max_concurrency=16).remote(0, man.to_json(), 2 * man.expert_bytes, sto,
+                                                 weight_prefetch=wp(0.75))
+        ray.get(w.prefetch.remote([(0, 1, 1.0, None)]))
+        st = wait_prefetched(w, 1)
+        assert st["partial_prefetches"] == 1 and st["tier_bytes"] == {"s3": st["partial_bytes"]}, st
+        x = np.random.default_rng(5).standard_normal((2048, 64)).astype(np.float32)   # gate/up GEMMs of ~10 ms+
+        y, (hits, misses, _, stall, _) = ray.get(w.compute.remote(0, [1], [2048], x, True))
+    p = "model.layers.0.block_sparse_moe.experts.1"
+    ref = expert_ffn(torch.from_numpy(x), *(torch.from_numpy(weights[f"{p}.{n}.weight"]) for n in ("w1", "w3", "w2")))
+    assert torch.equal(torch.from_numpy(np.array(y)), ref)
+    st = ray.get(w.stats.remote())
+    assert hits == 1 and misses == 0 and st["partial_completions"] == 1 and st["partial_verify_failures"] == 0, st
+    rest_s, down_s = st["partial_rest_read_s"], st["partial_down_read_s"]
+    assert down_s > max(rest_s, 0.2) and rest_s > 0, st   # the shaped link: down (512 KiB) outlasts the rest
+    assert st["partial_down_overlap_s"] > 0, st           # gate/up computed while down was in flight
+    assert stall < rest_s + down_s, (stall, st)           # concurrent reads: not one after the other
+    assert stall == pytest.approx(st["stall_seconds"])
+    # the whole blob replaced the partial entry: the next use is a plain hit on the same bytes
+    assert st["used_bytes"] == man.blob(0, 1).size <= st["budget_bytes"], st
 
 
 def test_cluster_generation_tokens_and_logits_equal_reference(env, tmp_path):
