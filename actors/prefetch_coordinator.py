@@ -324,6 +324,8 @@ class PrefetchCoordinator:
         self.batches += 1
         self.tel.record_runtime(batch.get("runtime"), batch.get("counters") or {})
         self.dropped = max(self.dropped, int((batch.get("counters") or {}).get("publish_dropped", 0)))
+        if not batch["layers"]:   # counters only (a runtime whose experts are all warm): nothing to plan
+            return
         table = batch["requests"]
         self._submit_s = 0.0
         self._pred_s = 0.0

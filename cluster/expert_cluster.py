@@ -57,9 +57,11 @@ class ClusterExperts:
     """ExpertBackend over ExpertWorker actors (see cluster/model.py ExpertBackend for the contract)."""
 
     def __init__(self, workers: dict[int, "ray.actor.ActorHandle"], placement: Placement, num_experts: int,
-                 on_worker_lost=None, dispatch: str = "plain"):
+                 on_worker_lost=None, dispatch: str = "plain", fits=None):
         """on_worker_lost(worker_id, error): called when a worker's call fails because the actor died; it must
-        re-place (publish) without that worker, after which the layer is retried once."""
+        re-place (publish) without that worker, after which the layer is retried once.
+        fits(placement) -> bool: whether every worker's cache holds all the experts it owns (then, once each has
+        computed once, nothing can miss again and prediction has nothing left to do: `warm`)."""
         self.workers = workers
         self.num_experts = num_experts
         self.on_worker_lost = on_worker_lost
@@ -73,6 +75,7 @@ class ClusterExperts:
         # attribute hits and misses to requests, and what the coordinator's telemetry reports
         self.counters = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {}}
         self._load_counts: dict[int, np.ndarray] = {}  # layer -> pairs routed to each expert
+        self._fits = fits
         self.publish(placement)
 
     @property
@@ -85,6 +88,11 @@ class ClusterExperts:
         if self._graph is not None and sorted(self.workers) != self._graph_wids:
             self.close_graph()  # the set of workers changed: the graph is rebuilt on next use
         self.placement = placement
+        # experts computed since this placement: with `fits_all`, each stays resident once computed
+        self.fits_all = bool(self._fits(placement)) if self._fits is not None else False
+        self._seen = {layer: np.zeros(self.num_experts, bool) for layer in {k[0] for k in placement.owners}}
+        self._unseen = len(placement.owners)
+        self.warm = False   # fits_all and every expert computed: nothing can miss any more
         self._owner_np: dict[int, np.ndarray] = {}
         self._replicas: dict[tuple[int, int], tuple[int, ...]] = {}
         for (layer, e), ws in placement.owners.items():
@@ -195,6 +203,11 @@ class ClusterExperts:
         st.layers += 1
         st.pairs += N * k
         self._load_counts[layer][eids] += counts                         # measured load, for re-placement
+        if self.fits_all and not self.warm:
+            seen = self._seen[layer]
+            self._unseen -= int(np.count_nonzero(~seen[eids]))
+            seen[eids] = True
+            self.warm = self._unseen == 0
         return torch.from_numpy(out).to(x.device, x.dtype)
 
     # -- compiled graph ---------------------------------------------------------------------------------------------
@@ -253,8 +266,17 @@ class RoutePublisher:
         self.last_layer = model.args.moe_layers[-1] if model.args.moe_layers else -1
         self._buf: list[dict] = []
         self.sent = self.dropped = 0
+        self._quiet = 0   # MoE layers not published because the experts were warm
 
     def __call__(self, layer: int, topk_ids: torch.Tensor, topk_w: torch.Tensor, x: torch.Tensor) -> None:
+        if self.experts.warm:
+            # every expert fits its owner's cache and is resident: nothing can miss, so routing is not sent (each
+            # publish costs the decode loop a Ray submit and the coordinator CPU). Counters still go every 256 layers.
+            self._quiet += 1
+            if self._quiet % 256 == 0:
+                self._buf = []
+                self._send([])
+            return
         m = self.model
         self._buf.append({"layer": layer, "rows": m.route_rows.cpu().numpy(), "pos": m.route_pos.cpu().numpy(),
                           "ids": topk_ids.cpu().numpy(), "w": topk_w.float().cpu().numpy(),
@@ -271,10 +293,13 @@ class RoutePublisher:
             table = list(self.row_requests)
         else:
             table = list(range(int(max(int(ev["rows"].max(initial=0)) for ev in self._buf)) + 1))
+        layers, self._buf = self._buf, []
+        self._send(table, layers)
+
+    def _send(self, table: list, layers: list | None = None) -> None:
         c = self.experts.counters
-        batch = {"runtime": self.runtime, "requests": table, "layers": self._buf,
+        batch = {"runtime": self.runtime, "requests": table, "layers": layers or [],
                  "counters": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]), "publish_dropped": self.dropped}}
-        self._buf = []
         try:
             self.coordinator.publish.remote(batch)
             self.sent += 1
@@ -329,7 +354,7 @@ class ExpertCluster:
         ray.get([w.ping.remote() for w in self.workers.values()])  # budget and device errors surface here
         first = place(self.sizes, sorted(self.workers), replicate_top=self.replicate_top,
                       by_layer=self.cfg.workers.placement == "by_layer")
-        self.experts = ClusterExperts(self.workers, first, m.model.num_experts,
+        self.experts = ClusterExperts(self.workers, first, m.model.num_experts, fits=self._fits,
                                       on_worker_lost=self._worker_lost, dispatch=self.cfg.workers.dispatch)
         [dref] = ray.get(any_storage.dense.remote())
         dense = load_dense_from_bytes(ray.get(dref))
@@ -432,6 +457,11 @@ class ExpertCluster:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+    def _fits(self, placement: Placement) -> bool:
+        """Every worker's HBM budget holds all the experts it owns (replicas included)."""
+        budget = int(self.cfg.workers.hbm_budget_bytes)
+        return all(b <= budget for b in placement.bytes_of(self.sizes).values())
 
     # -- membership ---------------------------------------------------------------------------------------------
     def _replace(self) -> int:

@@ -195,3 +195,30 @@ def test_coordinator_killed_mid_generation_changes_nothing_and_restarts(env, pre
     time.sleep(0.3)
     after = c.coordinator_stats()
     assert after["batches"] > before and after["prefetches"]["issued"] > 0   # it resumed prefetching
+
+
+def test_warm_cluster_stops_publishing_routing(env):
+    """Every expert fits its owner's cache: once each has computed once nothing can miss, so the runtime stops
+    sending routing to the coordinator (the overhead of prediction with nothing to predict), tokens unchanged.
+    With the 25% cache of the other tests it never goes quiet."""
+    man = env["man"]
+    raw = cfg(env, "next_gate", "coord-warm").model_dump()
+    raw["workers"]["hbm_budget_bytes"] = 64 * man.expert_bytes   # each worker could hold every expert
+    with ExpertCluster(ClusterConfig.model_validate(raw)) as c:
+        assert c.experts.fits_all and not c.experts.warm
+        out = c.generate(env["prompts"], NEW)
+        assert out == env["ref"]
+        if not c.experts.warm:   # the prompts may not touch every expert: the rest compute here
+            for layer in c.model.args.moe_layers:
+                ids = torch.arange(man.model.num_experts).reshape(-1, 1)
+                c.experts.moe(layer, torch.zeros(len(ids), man.model.hidden_size), ids, torch.ones(len(ids), 1))
+        assert c.experts.warm
+        sent = c.publisher.sent
+        misses = c.stats()["misses"]
+        assert c.generate(env["prompts"], NEW) == env["ref"]
+        assert c.publisher.sent <= sent + 1, "a warm runtime publishes counters at most every 256 layers"
+        assert c.stats()["misses"] == misses, "warm means nothing misses"
+    with ExpertCluster(cfg(env, "next_gate", "coord-cold")) as c:
+        assert not c.experts.fits_all
+        c.generate(env["prompts"], 4)
+        assert not c.experts.warm and c.publisher.sent > 0
