@@ -251,9 +251,9 @@ class ExpertWorker:
             out.append(blob[t.offset:t.offset + t.length].view(_TORCH_DTYPES[t.dtype]).view(t.shape))
         return tuple(out)
 
-    def _fetch_to_device(self, key: Key, tiers: list | None = None) -> _Resident:
+    def _fetch_to_device(self, key: Key, tiers: list | None = None, prefetch: bool = False) -> _Resident:
         t0 = time.perf_counter()
-        view, tier = self._read_blob(key, tiers)  # uint8 numpy, mapped read-only from the node's object store
+        view, tier = self._read_blob(key, tiers, prefetch=prefetch)  # uint8 numpy, mapped read-only from the node's object store
         n = view.nbytes
         dev = torch.empty(n, dtype=torch.uint8, device=self.device)
         ready = None
@@ -281,17 +281,19 @@ class ExpertWorker:
             tb[tier] = tb.get(tier, 0) + n
         return _Resident(dev, self._views(key, dev), ready, tier=tier)
 
-    def _read_blob(self, key: Key, tiers: list | None = None, first_error: BaseException | None = None) -> tuple:
+    def _read_blob(self, key: Key, tiers: list | None = None, first_error: BaseException | None = None,
+                   prefetch: bool = False) -> tuple:
         """(blob view, tier) through a storage actor. A storage actor that dies mid-read (RayActorError), or whose
         reply object died with it (ObjectLostError: the blob's ref was owned by the dead incarnation), is asked
         again: first our own (Ray restarts it, cluster/storage_tier.py), then every other node's actor (ours may
         be gone for good with its node). Storage errors (integrity, access) are not retried here: the store has
-        already fallen back across tiers, and its error names the blob and the tiers."""
+        already fallen back across tiers, and its error names the blob and the tiers. prefetch: the read queues
+        behind demand reads on a tier that orders them (StorageActor.get_tiered)."""
         others = [h for hs in self._storage_by_node.values() for h in hs if h is not self.storage]
         err = first_error
         for h in ([self.storage] if first_error is not None else [self.storage, self.storage]) + others:
             try:
-                ref, tier = ray.get(h.get_tiered.remote(*key, tiers))
+                ref, tier = ray.get(h.get_tiered.remote(*key, tiers, prefetch))
                 return ray.get(ref), tier
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
                 if isinstance(e, ray.exceptions.RayTaskError):
@@ -324,7 +326,7 @@ class ExpertWorker:
         pinned = False
         try:
             res = self._fetch_partial(key, tiers) if prefetched and self.partial_ratio is not None \
-                else self._fetch_to_device(key, tiers)
+                else self._fetch_to_device(key, tiers, prefetch=prefetched)
             with self._lock:
                 if res.partial is not None:  # its reservation becomes a held entry (or nothing) in this section
                     self._partial_inflight[key[0]] -= 2 * res.partial.rows * res.partial.row_bytes
@@ -602,7 +604,7 @@ class ExpertWorker:
             raise DoesNotFit(f"prefetch of {key}: max_prefetch_bytes_per_layer reached for layer {key[0]}")
         try:
             t0 = time.perf_counter()
-            host, tier = ray.get(self.storage.get_ranges.remote(*key, [(g.offset, n), (u.offset, n)], tiers))
+            host, tier = ray.get(self.storage.get_ranges.remote(*key, [(g.offset, n), (u.offset, n)], tiers, True))
             assert host.nbytes == 2 * n, f"{key}: ranged read gave {host.nbytes} bytes, asked {2 * n}"
             hg, hu = _new_hash(g.checksum), _new_hash(u.checksum)
             hg.update(memoryview(host[:n]))
