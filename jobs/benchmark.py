@@ -275,7 +275,9 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
                 times = ray.get(c.coordinator.step_times_s.remote())
                 coord = {"step_ms_p50": 1e3 * float(np.median(times)) if times else None,
                          "step_ms_p99": 1e3 * float(np.percentile(times, 99)) if times else None,
-                         "steps": len(times), **{k: coord[k] for k in ("prefetches",) if k in coord}}
+                         "steps": len(times), **{k: coord[k] for k in ("prefetches",) if k in coord},
+                         **{k: coord.get("telemetry", coord).get(k) for k in
+                            ("recall_at_k", "timely_recall", "window") if k in coord.get("telemetry", coord)}}
             except Exception as e:  # noqa: BLE001 - stats are a report, not the measurement
                 coord = {"error": f"{type(e).__name__}: {e}"}
     out.update(summarize(base, st, wall, moe_s, tokens, steps))
