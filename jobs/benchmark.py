@@ -296,7 +296,10 @@ def prefetch_bytes(base: dict, st: dict, expert_bytes: int) -> dict:
     loads, used, parts = d("prefetch_loads"), d("prefetch_hits"), d("partial_prefetches")
     each = d("partial_bytes") / parts if parts else expert_bytes
     return {"prefetch_bytes": int(loads * each), "prefetch_bytes_wasted": int(max(loads - used, 0) * each),
-            "partial_completions": d("partial_completions")}
+            "partial_completions": d("partial_completions"),
+            # the pipelined completion (docs/weight_prefetch.md): seconds gate/up computed while down was in flight,
+            # and the summed issue-to-arrival seconds of the rest's two reads
+            **{k: d(k) for k in ("partial_down_overlap_s", "partial_rest_read_s", "partial_down_read_s")}}
 
 
 def wait_resident(workers, total: int, timeout_s: float = 120) -> None:
