@@ -37,8 +37,10 @@ How it ranks (one call = one decision step)
      TierSet allows dram, within each node's free DRAM bytes): a prediction waits one hop away without evicting
      anything from HBM.
   8. A global cap on bytes in flight (`max_inflight_bytes` minus what is already in flight) keeps the best orders.
-  9. Issue order: warm before cold (shorter transfers first: peer, dram, nvme, s3), by value within a tier. The
-     `priority` handed to the workers encodes the same order: (number of tiers - source) + value / max value.
+  9. Issue order: warm before cold (shorter transfers first: peer, dram, nvme, s3), then earliest deadline first
+     within a tier (the nearest distance: an order needed next layer must not queue behind one needed in ten, or
+     both arrive late), then value. The `priority` handed to the workers encodes the same order:
+     (number of tiers - source) + 0.999 / (1 + distance) + a value tie-break below 0.001.
 
 WindowController adapts the base window between decision steps: shrink when the wasted fraction of prefetches
 rises above `waste_high`, grow when stall time per step rises (or misses persist), within [min, max].
@@ -393,10 +395,10 @@ class PrefetchPlanner:
         idx = np.flatnonzero(chosen)
         idx = idx[_order(-value[idx], uk[idx])]
         idx = idx[np.cumsum(nb[idx]) <= room]
-        # -- 9. issue order: warm before cold, then value ------------------------------------------------------------
-        idx = idx[_order(S[idx], -value[idx], uk[idx])]
+        # -- 9. issue order: warm before cold, then earliest deadline (nearest distance), then value ---------------
+        idx = idx[_order(S[idx], D[idx], -value[idx], uk[idx])]
         vmax = value[idx].max() if len(idx) else 1.0
-        pri = (NUM_TIERS - S[idx]) + 0.999 * value[idx] / max(vmax, 1e-300)
+        pri = (NUM_TIERS - S[idx]) + 0.998 / (1.0 + D[idx]) + 0.0009 * value[idx] / max(vmax, 1e-300)
         tgt = np.where(to_hbm[idx], TARGET_HBM, TARGET_DRAM).astype(np.int64)
         victims: list = [[] for _ in range(len(idx))]
         for o_ in np.flatnonzero(to_hbm[idx] & (jd[idx] > jd_prev[idx])).tolist():

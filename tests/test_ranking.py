@@ -65,6 +65,15 @@ def test_worker_budget_never_exceeded_and_global_cap():
         assert len(set(keys(plan))) == len(plan)
 
 
+def test_within_a_tier_the_nearest_deadline_goes_first():
+    """A far-ahead order worth more must not queue ahead of the next layer's: both would arrive late."""
+    r = RequestView("a", cands([(4, 3, 0, 0.95), (1, 0, 2, 0.6), (2, 1, 4, 0.9), (1, 0, 6, 0.7)]))
+    plan = PrefetchPlanner().plan([r], view(), 4)
+    assert [(o.layer, o.expert) for o in plan.orders()] == [(0, 6), (0, 2), (1, 4), (3, 0)]
+    assert list(plan.priority) == sorted(plan.priority, reverse=True)
+    assert plan.value[3] > plan.value[0]   # the last one is worth the most, and still waits for its deadline
+
+
 def test_warm_before_cold_and_priority_follows_issue_order():
     v = view(store=(S3,))
     v.present[DRAM, 0, 0] = True
