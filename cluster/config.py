@@ -294,11 +294,15 @@ class PrefetchRatios(_Ratios):
 class WeightPrefetchConfig(_Ratios):
     """Ratio-based partial prefetch (docs/weight_prefetch.md). Enabled: a prefetch of an expert moves only the first
     `prefetch_ratio.moe.gate_up` of its gate/up rows; the rest and down are read when the expert is routed, while
-    the rows already there compute. attn/mlp apply to dense weights below HBM: accepted, validated, no-ops here
-    (dense weights always live in the runtime's memory). Disabled (default): whole experts, as before."""
+    the rows already there compute. Disabled (default): whole experts, as before.
+    `dense_offload` (independent of `enabled`): each decoder layer's attention projections and dense MLP / shared
+    expert live in host memory; the runtime prefetches `attn`/`mlp` ratios of their rows one layer ahead (at most
+    `max_prefetch_bytes_per_layer` per layer) and copies the rest when the layer starts (cluster/model.py
+    `DenseOffload`). Off: dense weights stay on the runtime's device and attn/mlp are unused."""
     enabled: bool = False
     prefetch_ratio: PrefetchRatios = PrefetchRatios()
     max_prefetch_bytes_per_layer: ByteSize = ByteSize(18 << 20)   # per worker, partial bytes one layer may hold
+    dense_offload: bool = False                                   # dense layer weights in host memory (above)
 
     @field_validator("max_prefetch_bytes_per_layer")
     @classmethod

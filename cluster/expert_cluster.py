@@ -359,7 +359,8 @@ class ExpertCluster:
         [dref] = ray.get(any_storage.dense.remote())
         dense = load_dense_from_bytes(ray.get(dref))
         dtype = torch.float32  # activations in f32; experts compute in their stored dtype on the workers
-        self.model = MoEModel.from_dense(m.model.config, dense, self.experts, dtype=dtype)
+        self.model = MoEModel.from_dense(m.model.config, dense, self.experts, dtype=dtype,
+                                         weight_prefetch=self.cfg.weight_prefetch_config)   # dense_offload
         check_store_matches_model(m, self.model.args)
         if self.cfg.prefetch.policy != "on_demand":
             self._start_coordinator(dense)
@@ -547,7 +548,8 @@ class ExpertCluster:
                              "pairs": d.pairs, "mode": self.experts.dispatch},
                 "hits": sum(w["hits"] for w in ws), "misses": sum(w["misses"] for w in ws),
                 "bytes_by_tier": _sum_dicts(s.get("tier_bytes", {}) for s in ss),
-                "runtime": {**c, "bytes_by_tier": dict(c["bytes_by_tier"])},
+                "runtime": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]),
+                            "dense_offload": self.model.dense_offload_stats()},
                 "prefetch": {"policy": self.cfg.prefetch.policy, "coordinator": self.coordinator_stats(),
                              "published": self.publisher.sent if self.publisher else 0,
                              "dropped": self.publisher.dropped if self.publisher else 0}}

@@ -10,6 +10,10 @@ hook that lets the cluster publish the routing event before the experts run.
     model  = MoEModel.from_dense(config, dense, LocalExperts(experts), device="cuda", dtype=torch.bfloat16)
     tokens = generate(model, [[1, 5, 7], [1, 9]], max_new_tokens=32)   # greedy; temperature/top_p/seeds to sample
 
+Dense offload (`weight_prefetch=` a weight_prefetch_config with dense_offload on; `DenseOffload`): the layers'
+attention projections and dense MLP / shared-expert weights live in host memory and stream to the device one layer
+ahead, by the config's attn/mlp ratios; the logits are bit-for-bit those of device-resident weights.
+
 Batching: requests of different lengths share one forward, RIGHT-padded. Each sequence b keeps its own length
 `cache.lens[b]` (a host-side list), its tokens sit at KV-cache slots 0..lens[b]-1, and the slot of a token is its
 RoPE position. A forward over `tokens [B, T]` with `n_new[b]` real tokens per row gives token t of row b the
@@ -305,13 +309,16 @@ def _is_routed_expert(name: str) -> bool:
     return ".experts." in name and (".block_sparse_moe." in name or ".mlp." in name)
 
 
-def load_weights(args: ModelArgs, dense: Mapping[str, Tensor], *, device=None, dtype=None) -> Weights:
+def load_weights(args: ModelArgs, dense: Mapping[str, Tensor], *, device=None, dtype=None,
+                 host_dense: bool = False) -> Weights:
     """Resolve checkpoint names into per-layer weights, checking every shape against the config.
 
     Missing tensors are reported all at once; tensors the config does not explain (e.g. biases where the config
     says none, routers on layers the config says are dense) are an error too, since silently ignoring them would
     compute a different model. Routed-expert tensors, should a full checkpoint be passed, are ignored: they belong
-    to the ExpertBackend. Everything is moved to `device`/`dtype` (default: the embedding's dtype)."""
+    to the ExpertBackend. Everything is moved to `device`/`dtype` (default: the embedding's dtype), except with
+    host_dense the OFFLOADED tensors (q/k/v/o projections, dense MLP and shared-expert gate/up/down: see
+    `DenseOffload`), which go to host memory in `dtype`, pinned when `device` is CUDA (for async copies)."""
     H, D, nH, nKV, V = args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads, args.vocab_size
     if dtype is None and "model.embed_tokens.weight" in dense:
         dtype = dense["model.embed_tokens.weight"].dtype
@@ -319,7 +326,9 @@ def load_weights(args: ModelArgs, dense: Mapping[str, Tensor], *, device=None, d
     missing: list[str] = []
     bad: list[str] = []
 
-    def take(name: str, shape: tuple[int, ...]) -> Tensor | None:
+    pin = host_dense and torch.device(device or "cpu").type == "cuda"
+
+    def take(name: str, shape: tuple[int, ...], offloaded: bool = False) -> Tensor | None:
         t = dense.get(name)
         if t is None:
             missing.append(name)
@@ -327,6 +336,9 @@ def load_weights(args: ModelArgs, dense: Mapping[str, Tensor], *, device=None, d
         used.add(name)
         if tuple(t.shape) != shape:
             bad.append(f"{name} {list(t.shape)} (config says {list(shape)})")
+        if offloaded and host_dense:  # a host copy of its own: the device never holds it outside DenseOffload
+            h = t.to(device="cpu", dtype=dtype).contiguous()
+            return h.pin_memory() if pin else h
         return t.to(device=device, dtype=dtype)
 
     # Mixtral checkpoints name the MoE block `block_sparse_moe`, the others (and transformers 5.x in memory) `mlp`
@@ -342,9 +354,10 @@ def load_weights(args: ModelArgs, dense: Mapping[str, Tensor], *, device=None, d
         p = f"model.layers.{l}"
         a = f"{p}.self_attn"
         lw = LayerWeights(
-            attn_norm=take(f"{p}.input_layernorm.weight", (H,)), wq=take(f"{a}.q_proj.weight", (nH * D, H)),
-            wk=take(f"{a}.k_proj.weight", (nKV * D, H)), wv=take(f"{a}.v_proj.weight", (nKV * D, H)),
-            wo=take(f"{a}.o_proj.weight", (H, nH * D)), mlp_norm=take(f"{p}.post_attention_layernorm.weight", (H,)))
+            attn_norm=take(f"{p}.input_layernorm.weight", (H,)), wq=take(f"{a}.q_proj.weight", (nH * D, H), True),
+            wk=take(f"{a}.k_proj.weight", (nKV * D, H), True), wv=take(f"{a}.v_proj.weight", (nKV * D, H), True),
+            wo=take(f"{a}.o_proj.weight", (H, nH * D), True),
+            mlp_norm=take(f"{p}.post_attention_layernorm.weight", (H,)))
         if args.qkv_bias:
             lw.bq, lw.bk, lw.bv = (take(f"{a}.q_proj.bias", (nH * D,)), take(f"{a}.k_proj.bias", (nKV * D,)),
                                    take(f"{a}.v_proj.bias", (nKV * D,)))
@@ -359,14 +372,14 @@ def load_weights(args: ModelArgs, dense: Mapping[str, Tensor], *, device=None, d
             lw.router = take(f"{m}.gate.weight", (args.num_experts, H))
             if args.shared_expert_intermediate_size:
                 Is = args.shared_expert_intermediate_size
-                lw.shared = (take(f"{m}.shared_expert.gate_proj.weight", (Is, H)),
-                             take(f"{m}.shared_expert.up_proj.weight", (Is, H)),
-                             take(f"{m}.shared_expert.down_proj.weight", (H, Is)))
+                lw.shared = (take(f"{m}.shared_expert.gate_proj.weight", (Is, H), True),
+                             take(f"{m}.shared_expert.up_proj.weight", (Is, H), True),
+                             take(f"{m}.shared_expert.down_proj.weight", (H, Is), True))
                 lw.shared_gate = take(f"{m}.shared_expert_gate.weight", (1, H))
         else:
             Id = args.dense_intermediate_size
-            lw.mlp = (take(f"{p}.mlp.gate_proj.weight", (Id, H)), take(f"{p}.mlp.up_proj.weight", (Id, H)),
-                      take(f"{p}.mlp.down_proj.weight", (H, Id)))
+            lw.mlp = (take(f"{p}.mlp.gate_proj.weight", (Id, H), True), take(f"{p}.mlp.up_proj.weight", (Id, H), True),
+                      take(f"{p}.mlp.down_proj.weight", (H, Id), True))
         layers.append(lw)
     unexplained = sorted(n for n in dense if n not in used and not _is_routed_expert(n)
                          and not n.endswith("rotary_emb.inv_freq") and not (n == "lm_head.weight" and lm_head is embed))
@@ -545,6 +558,199 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Dense offload: layer weights in host memory, streamed to the device one layer ahead (docs/weight_prefetch.md)
+# ---------------------------------------------------------------------------------------------------------------
+_WP = "weight_prefetch_config"
+_RATIO_KEYS = {"qkv": "attn.qkv", "o": "attn.o", "gate_up": "mlp.gate_up", "down": "mlp.down"}
+
+
+@dataclass(frozen=True)
+class OffloadSettings:
+    """The dense-offload part of `weight_prefetch_config` (cluster/config.py). Validated here too, with the same
+    key names, so a runtime built without the config loader rejects the same values."""
+    enabled: bool = False                 # dense_offload
+    qkv: float = 1.0                      # prefetch_ratio.attn.qkv: share of q/k/v rows copied one layer ahead
+    o: float = 1.0                        # prefetch_ratio.attn.o
+    gate_up: float = 1.0                  # prefetch_ratio.mlp.gate_up: dense MLP / shared expert gate and up
+    down: float = 1.0                     # prefetch_ratio.mlp.down
+    max_ahead_bytes: int = 18 << 20       # max_prefetch_bytes_per_layer: what one layer may prefetch ahead
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"{_WP}.dense_offload: must be true or false (got {self.enabled!r})")
+        for attr, key in _RATIO_KEYS.items():
+            v = getattr(self, attr)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{_WP}.prefetch_ratio.{key}: must be a number in [0, 1] (got {v!r})")
+        cap = self.max_ahead_bytes
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
+            raise ValueError(f"{_WP}.max_prefetch_bytes_per_layer: must be > 0 bytes (got {cap!r})")
+
+    @classmethod
+    def from_config(cls, wp) -> "OffloadSettings":
+        """From `weight_prefetch_config`: the pydantic model or its model_dump() dict (missing keys: defaults)."""
+        if hasattr(wp, "model_dump"):
+            wp = wp.model_dump()
+        r = wp.get("prefetch_ratio") or {}
+        attn, mlp = r.get("attn") or {}, r.get("mlp") or {}
+        return cls(enabled=wp.get("dense_offload", False), qkv=attn.get("qkv", 1.0), o=attn.get("o", 1.0),
+                   gate_up=mlp.get("gate_up", 1.0), down=mlp.get("down", 1.0),
+                   max_ahead_bytes=wp.get("max_prefetch_bytes_per_layer", 18 << 20))
+
+
+def offloaded_tensors(lw: LayerWeights) -> list[tuple[str, int | None, Tensor, str]]:
+    """The tensors dense offload moves, in copy order: (LayerWeights field, index in its tuple or None, tensor,
+    ratio attribute of OffloadSettings). Norms, biases, routers and the shared-expert gate stay on the device:
+    they are vectors or [E, H] / [1, H], small next to the projections."""
+    out = [(f, None, getattr(lw, f), "qkv") for f in ("wq", "wk", "wv")] + [("wo", None, lw.wo, "o")]
+    for f in ("mlp", "shared"):
+        g = getattr(lw, f)
+        if g is not None:
+            out += [(f, 0, g[0], "gate_up"), (f, 1, g[1], "gate_up"), (f, 2, g[2], "down")]
+    return out
+
+
+def plan_ahead_rows(tensors: Sequence[tuple[Tensor, float]], cap: int) -> list[int]:
+    """Rows of each [R, C] tensor to copy one layer ahead: floor(ratio x R); when their bytes exceed `cap`, each
+    count is scaled by cap / those bytes (floored), so the layer's ahead bytes never exceed the cap."""
+    rows = [math.floor(ratio * t.shape[0]) for t, ratio in tensors]
+    row_bytes = [t.shape[1] * t.element_size() for t, _ in tensors]
+    total = sum(r * b for r, b in zip(rows, row_bytes))
+    if total > cap:
+        rows = [r * cap // total for r in rows]
+    assert sum(r * b for r, b in zip(rows, row_bytes)) <= cap, "ahead rows exceed the per-layer cap"
+    return rows
+
+
+_ALIGN = 4096  # bytes: each tensor in a slot starts page-aligned (>= what torch's allocators give a fresh tensor)
+
+
+class DenseOffload:
+    """Each decoder layer's offloaded dense weights (`offloaded_tensors`) live in host memory; two device SLOTS hold
+    at most two layers' at once, layer l running from slot l % 2.
+
+      prefetch(l)  issued when layer l-1 starts (`begin` issues layer 0's at the forward's start): copies the first
+                   `ahead` rows of each of layer l's tensors into slot l % 2. On CUDA: non-blocking, on a dedicated
+                   stream, after the compute stream has finished with the slot (layer l-2), closed by an event. On
+                   CPU the same code does a plain copy.
+      acquire(l)   when layer l starts: the compute stream waits for that event, the remaining rows are copied on
+                   the compute stream, prefetch(l+1) is issued, and layer l's LayerWeights come back with device
+                   views in place of the host tensors.
+    The views are whole contiguous tensors of the original shapes, so every op computes exactly as with
+    device-resident weights: only where the bytes come from changes (bit-for-bit, tests/test_dense_offload.py).
+    Counters: bytes copied ahead and at use, per layer (`stats`). No logging, no per-token work: per forward, a
+    few copies per layer."""
+
+    def __init__(self, layers: Sequence[LayerWeights], st: OffloadSettings, device: torch.device):
+        import dataclasses
+        self.settings, self.device = st, device
+        self.cuda = device.type == "cuda"
+        per_layer = [offloaded_tensors(lw) for lw in layers]
+        dtypes = {t.dtype for ts in per_layer for _, _, t, _ in ts}
+        assert len(dtypes) == 1, f"offloaded dense weights must share one dtype, got {dtypes}"
+        dtype = dtypes.pop()
+        item = dtype.itemsize
+        self.parts: list[list[tuple[Tensor, int, int]]] = []   # per layer: (host [R, C], slot elem offset, ahead rows)
+        self.layer_bytes: list[int] = []                        # offloaded bytes of each layer
+        self.ahead_plan: list[int] = []                         # bytes each layer copies ahead, per forward
+        footprint = 0                                           # slot elements the largest layer needs
+        for ts in per_layer:
+            for f, _, t, _ in ts:
+                assert t.dim() == 2 and t.is_contiguous() and t.device.type == "cpu", \
+                    f"offloaded {f} must be a contiguous 2-D host tensor, got {list(t.shape)} on {t.device}"
+            rows = plan_ahead_rows([(t, getattr(st, ratio)) for _, _, t, ratio in ts], st.max_ahead_bytes)
+            parts, off = [], 0
+            for (_, _, t, _), r in zip(ts, rows):
+                parts.append((t, off, r))
+                off += -(-t.numel() * item // _ALIGN) * _ALIGN // item
+            self.parts.append(parts)
+            self.layer_bytes.append(sum(t.numel() * item for _, _, t, _ in ts))
+            self.ahead_plan.append(sum(r * t.shape[1] * item for (_, _, t, _), r in zip(ts, rows)))
+            footprint = max(footprint, off)
+        # the device memory of dense offload: two slots of the largest layer's footprint, allocated once
+        self.slots = [torch.empty(footprint, dtype=dtype, device=device) for _ in range(2)]
+        self.views: list[LayerWeights] = []                     # layer l's weights with its slot's device views
+        self.dev: list[list[Tensor]] = []                       # per layer, the device view of each part
+        for l, (lw, ts) in enumerate(zip(layers, per_layer)):
+            vs = [self.slots[l % 2][o:o + t.numel()].view(t.shape) for t, o, _ in self.parts[l]]
+            self.dev.append(vs)
+            repl: dict = {}
+            for (f, i, _, _), v in zip(ts, vs):
+                if i is None:
+                    repl[f] = v
+                else:
+                    repl.setdefault(f, list(getattr(lw, f)))[i] = v
+            self.views.append(dataclasses.replace(lw, **{f: tuple(v) if isinstance(v, list) else v
+                                                         for f, v in repl.items()}))
+        top2 = sorted(self.layer_bytes)[-2:]
+        self.max_resident_bytes = sum(top2)                     # two layers' (the current and the next)
+        self.resident: list[int | None] = [None, None]          # layer whose weights each slot holds
+        self.current: int | None = None                         # slot of the layer computing now
+        self.peak_resident_bytes = 0
+        self.ahead_bytes = [0] * len(layers)                    # counters, cumulative over forwards
+        self.at_use_bytes = [0] * len(layers)
+        self.forwards = 0
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device)
+            self.ready = [torch.cuda.Event(), torch.cuda.Event()]   # slot's ahead rows landed (copy stream)
+            self.free = [torch.cuda.Event(), torch.cuda.Event()]    # compute stream done with the slot
+
+    def begin(self) -> None:
+        """A forward starts: nothing computes from a slot yet; layer 0's ahead rows start copying."""
+        self.forwards += 1
+        self.current = None
+        self.prefetch(0)
+
+    def prefetch(self, l: int) -> None:
+        s = l % 2
+        assert s != self.current, f"layer {l} would overwrite the slot of the layer computing now"
+        self.resident[s] = l
+        held = sum(self.layer_bytes[x] for x in self.resident if x is not None)
+        assert held <= self.max_resident_bytes, f"{held} dense bytes on the device, more than two layers'"
+        self.peak_resident_bytes = max(self.peak_resident_bytes, held)
+        if self.cuda:
+            # everything queued on the compute stream so far (layer l-2, the slot's last user, included)
+            self.free[s].record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(self.free[s])
+                self._copy(l, ahead=True)
+                self.ready[s].record(self.stream)
+        else:
+            self._copy(l, ahead=True)
+        self.ahead_bytes[l] += self.ahead_plan[l]
+
+    def acquire(self, l: int) -> LayerWeights:
+        s = l % 2
+        assert self.resident[s] == l, f"layer {l} starts but slot {s} holds layer {self.resident[s]}"
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[s])
+        self._copy(l, ahead=False)                              # the rest, on the compute stream
+        self.at_use_bytes[l] += self.layer_bytes[l] - self.ahead_plan[l]
+        self.current = s
+        if l + 1 < len(self.parts):
+            self.prefetch(l + 1)                                # overlaps layer l's compute on CUDA
+        return self.views[l]
+
+    def _copy(self, l: int, *, ahead: bool) -> None:
+        """Rows [0, r) of each tensor (ahead) or [r, R) (at use), host -> layer l's device views."""
+        for (host, _, r), dev in zip(self.parts[l], self.dev[l]):
+            src, dst = (host[:r], dev[:r]) if ahead else (host[r:], dev[r:])
+            if src.shape[0]:
+                dst.copy_(src, non_blocking=self.cuda)
+
+    def stats(self) -> dict:
+        st = self.settings
+        return {"enabled": True, "forwards": self.forwards,
+                "ratios": {"attn": {"qkv": st.qkv, "o": st.o}, "mlp": {"gate_up": st.gate_up, "down": st.down}},
+                "max_prefetch_bytes_per_layer": st.max_ahead_bytes,
+                "ahead_bytes": sum(self.ahead_bytes), "at_use_bytes": sum(self.at_use_bytes),
+                "ahead_bytes_per_layer": list(self.ahead_bytes), "at_use_bytes_per_layer": list(self.at_use_bytes),
+                "layer_bytes": list(self.layer_bytes), "ahead_plan_per_layer": list(self.ahead_plan),
+                "device_buffer_bytes": sum(b.numel() * b.element_size() for b in self.slots),
+                "peak_resident_bytes": self.peak_resident_bytes, "max_resident_bytes": self.max_resident_bytes}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The decoder
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -557,15 +763,31 @@ class MoEModel:
     route_pos: Tensor | None = field(default=None, init=False)    # [M] int64 its position (see RouteHook)
     inv_freq: Tensor = field(init=False)       # [D/2] f32
     rope_scale: float = field(init=False)
+    offload: DenseOffload | None = field(default=None, init=False)   # dense_offload on (from_dense sets it)
 
     def __post_init__(self):
         self.inv_freq, self.rope_scale = rope_frequencies(self.args, self.device)
 
     @classmethod
     def from_dense(cls, config: dict, dense: Mapping[str, Tensor], experts: ExpertBackend, *, device=None,
-                   dtype=None, on_route: RouteHook | None = None) -> "MoEModel":
+                   dtype=None, on_route: RouteHook | None = None,
+                   weight_prefetch: "Mapping | OffloadSettings | None" = None) -> "MoEModel":
+        """weight_prefetch: `weight_prefetch_config` (its model_dump() dict or an OffloadSettings); with
+        dense_offload on, the layers' attention projections and dense MLP / shared-expert weights live in host
+        memory and stream to `device` one layer ahead (`DenseOffload`). None or dense_offload off: all on device."""
         args = ModelArgs.from_config(config)
-        return cls(args, load_weights(args, dense, device=device, dtype=dtype), experts, on_route)
+        st = weight_prefetch if isinstance(weight_prefetch, OffloadSettings) or weight_prefetch is None \
+            else OffloadSettings.from_config(weight_prefetch)
+        st = st if st is not None and st.enabled else None
+        weights = load_weights(args, dense, device=device, dtype=dtype, host_dense=st is not None)
+        model = cls(args, weights, experts, on_route)
+        if st is not None:
+            model.offload = DenseOffload(weights.layers, st, torch.device(device or "cpu"))
+        return model
+
+    def dense_offload_stats(self) -> dict:
+        """The dense-offload counters (DenseOffload.stats), or {"enabled": False}."""
+        return self.offload.stats() if self.offload is not None else {"enabled": False}
 
     @property
     def device(self) -> torch.device:
@@ -621,8 +843,13 @@ class MoEModel:
         cos = (emb.cos() * self.rope_scale).to(self.dtype)
         sin = (emb.sin() * self.rope_scale).to(self.dtype)
 
+        off = self.offload
+        if off is not None:  # layer 0's ahead rows copy while the embedding runs
+            off.begin()
         h = F.embedding(tokens, w.embed)                                     # [B, T, H]
         for l, lw in enumerate(w.layers):
+            if off is not None:  # device views of layer l's dense weights; starts layer l+1's ahead copy
+                lw = off.acquire(l)
             h = h + self._attention(l, lw, rms_norm(h, lw.attn_norm, a.rms_norm_eps), cos, sin, cache, mask,
                                     rows, wpos, flat, S)
             x = rms_norm(h, lw.mlp_norm, a.rms_norm_eps).reshape(B * T, -1)[flat]          # [M, H] real tokens
