@@ -432,9 +432,23 @@ def calibrate(res: dict, tr, inter: int, a, expert_bytes: int, hbm: int) -> dict
     # the coordinator's reaction time: its measured step time (routing batch in -> orders out)
     steps = [m["coordinator"]["step_ms_p50"] for m in res.values()
              if isinstance(m.get("coordinator"), dict) and m["coordinator"].get("step_ms_p50")]
+    link, handoff, loads_at_once, load_cpu = link_settings(a), None, 1, 0.0
+    if link:
+        # --tier link: the storage link is the emulated one, known exactly; what a load costs beyond it (storage
+        # actor -> object store -> copy into the worker) is on_demand's in-worker time per load minus the link's
+        # modelled time (its demand reads never queue: a layer's misses fit the link's channels)
+        wire = link["latency_s"] + expert_bytes / link["bandwidth_Bps"]
+        handoff = max(od["load_seconds"] / max(od["loads"], 1) - wire, 0.0)
+        load_s, src = wire + handoff, "emulated link's model + on_demand's measured hand-off per load"
+        loads_at_once = 8          # ExpertWorker's I/O pool (io_threads): its demand loads of one call in parallel
+        # a prefetch load's hand-off is CPU work on the cores that compute (2 Ray calls: get_tiered and the object
+        # fetch), priced at what one worker call costs in the resident replay (its per-layer overhead / workers)
+        load_cpu = 2 * overhead / a.workers
     return {"load_s_per_expert": load_s, "load_source": src, "expert_bytes": expert_bytes, "expert_s": e_s,
-            "hbm_bytes_per_worker": hbm,
-            "layer_overhead_s": overhead, "concurrent_loads": 1, "workers_per_node": 64,
+            "hbm_bytes_per_worker": hbm, "link": link, "handoff_s": handoff, "load_cpu_s": load_cpu,
+            "dram_fraction": a.dram_fraction,
+            "prefetch_concurrency": getattr(a, "prefetch_concurrency", None) or 2,   # workers.prefetch_concurrency
+            "layer_overhead_s": overhead, "concurrent_loads": loads_at_once, "workers_per_node": 64,
             "decision_latency_s": 1e-3 * float(np.median(steps)) if steps else 1e-3,
             "model": {"name": f"bench:{tr.model}", "num_layers": tr.num_layers, "num_experts": tr.num_experts,
                       "top_k": tr.top_k, "hidden": a.hidden, "expert_inter": inter, "bytes_per_param": 2.0,
@@ -447,8 +461,22 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
     from policies.simulator import SimConfig, Simulator, add_relative
     hw = P.local_hardware(calib)
     model = P.Model(**calib["model"])
-    cfg = SimConfig(workers=a.workers, batch=a.batch, cache_fraction=a.cache_fraction, window=a.window,
-                    decision_latency=calib["decision_latency_s"], hbm_bytes_per_worker=calib["hbm_bytes_per_worker"])
+    link = calib.get("link")
+    store = P.local_storage(calib) if link else P.storage("nvme-gen4")
+    # the real worker's limits: its prefetch threads, no re-prioritising of a read already queued on the link, and
+    # one compute once every miss of the call has landed (ExpertWorker.compute)
+    # the run's planner settings: its in-flight cap (main's formula), threshold and confirm probability; a policy the
+    # coordinator runs adapts its window as the coordinator does (every adapt_every=16 decisions, up to
+    # lookahead_tokens x layers: cluster/config.py PrefetchConfig); the oracle is the benchmark's, fixed window
+    eb, K = calib["expert_bytes"], tr.top_k
+    base = dict(workers=a.workers, batch=a.batch, cache_fraction=a.cache_fraction, window=a.window,
+                decision_latency=calib["decision_latency_s"], hbm_bytes_per_worker=calib["hbm_bytes_per_worker"],
+                dram_fraction=calib["dram_fraction"] if link else 1.0,
+                prefetch_concurrency=calib.get("prefetch_concurrency"), promote_queued=False,
+                compute_after_loads=True, max_inflight_bytes=max(a.window * K * a.batch * eb, 8 * eb),
+                **{k: v for k, v in (("threshold", getattr(a, "threshold", None)),
+                                     ("confirm_prob", getattr(a, "hbm_confirm_prob", None))) if v is not None})
+    max_window = float(max(a.window, (getattr(a, "lookahead_tokens", None) or 3) * tr.num_layers, 1))
     out = {}
     for p in policies:
         try:
@@ -457,9 +485,13 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
         except (ValueError, ImportError) as e:
             out[p] = {"unavailable": str(e)}
             continue
-        m = Simulator(hw, model, P.storage("nvme-gen4"), cfg, tr, pred).run()
+        adapt = p not in ("on_demand", "oracle", "slru")
+        cfg = SimConfig(**base, adapt_every=16 if adapt else None, max_window=max_window if adapt else None)
+        m = Simulator(hw, model, store, cfg, tr, pred).run()
         out[p] = {k: m[k] for k in ("tokens_per_s", "hit_rate", "stall_ms_per_token", "prefetch_precision",
-                                    "prefetch_recall")}
+                                    "prefetch_recall", "late_prefetches", "demand_loads", "hbm_loads",
+                                    "load_ms_per_load", "worker_stall_s", "cpu_contention_ms_per_token",
+                                    "window_final", "window_mean")}
     add_relative({k: v for k, v in out.items() if "unavailable" not in v})
     return out
 
@@ -698,7 +730,19 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
                     for p in sim if "unavailable" not in sim[p]}}
             out["simulated"] = predict(calib)
             res_run = ok.get("resident")
-            if res_run and base["loads"]:
+            if calib.get("link") and base["loads"] and calib["handoff_s"]:
+                # --tier link: fit the hand-off so that the simulated workers wait for their misses as long as the
+                # measured ones did (on_demand's summed stall_seconds: the slowest of each call's loads, so the
+                # loads' spread counts, which the mean load time leaves out). The wait is linear in the hand-off
+                # when demand reads do not queue: two simulations of on_demand give the line.
+                def od_stall(h):
+                    return simulate_same(dict(calib, handoff_s=h), tr, a, ["on_demand"])["on_demand"]["worker_stall_s"]
+                h1 = calib["handoff_s"]
+                s0, s1 = od_stall(0.0), od_stall(h1)
+                h_fit = max(h1 + (base["stall_s"] - s1) * h1 / max(s1 - s0, 1e-12), 0.0)
+                out["simulated_fit_on_demand"] = predict(dict(
+                    calib, handoff_s=h_fit, load_source="hand-off fitted to on_demand's measured worker stall"))
+            elif res_run and base["loads"]:
                 # the same with the load time fitted to this on_demand replay (its extra time per load over the
                 # resident replay): on_demand then matches by construction; the other policies test the model
                 extra = base["moe_s"] - res_run["moe_s"] * base["steps"] / max(res_run["steps"], 1)

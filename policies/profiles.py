@@ -37,6 +37,10 @@ class Hardware:
     dollars_per_gpu_hour: float  # rental price assumption (docs/simulator.md says where it comes from)
     expert_s_override: float | None = None  # fixed compute s per expert call (the `local` profile measures it)
     h2d_channels: int = 1       # transfers a worker runs at once on its host link (bw is per transfer)
+    load_cpu_s: float = 0.0     # s of the compute path's time one prefetch load's hand-off takes where loads and
+                                # compute share CPU cores (0 on a GPU node: a DMA leaves the cores free)
+    storage_handoff_s: float = 0.0  # s a node's storage server spends per read after the storage link, one read at
+                                    # a time (0: no such hop); the `local` profile of a --tier link run fits it
 
 
 # $/GPU-hour: assumptions, typical on-demand cloud prices in 2025 (community clouds for the 3090); see docs.
@@ -142,15 +146,35 @@ def local_hardware(calib: dict) -> Hardware:
       expert_bytes        the blob size that load time is for
       expert_s            one expert's compute on a decode batch, s (compute is not roofline-modelled here)
       layer_overhead_s    per MoE layer: grouping, one call to each worker, combine (the Ray floor included)
-      concurrent_loads    loads a worker runs in parallel (its I/O pool)"""
+      concurrent_loads    loads a worker runs in parallel (its I/O pool)
+    With a `link` block (a --tier link run) also handoff_s: s per load beyond the emulated link's modelled time
+    (measured: on_demand's in-worker load time per load minus latency + bytes / bandwidth); it becomes the h2d
+    hop's latency, and the storage link is local_storage(calib)."""
     need = ("load_s_per_expert", "expert_bytes", "expert_s", "layer_overhead_s", "concurrent_loads")
     missing = [k for k in need if k not in calib]
     if missing:
         raise ValueError(f"local calibration lacks {missing}; have {sorted(calib)}")
-    bw = calib["expert_bytes"] / calib["load_s_per_expert"]
-    return Hardware("local", 1e12, 1e12, 1e12, bw, 0.0, int(calib.get("workers_per_node", 64)), 1e12, 1e12, 0.0,
-                    calib["layer_overhead_s"], 0.0, 0.0, expert_s_override=calib["expert_s"],
-                    h2d_channels=int(calib["concurrent_loads"]))
+    if calib.get("link"):
+        # --tier link: the storage link is the emulated one (local_storage); the h2d hop is what a load costs
+        # beyond it: the storage actor's reply through the object store and the copy into the worker's cache
+        h2d_bw, h2d_lat = 1e15, float(calib["handoff_s"])
+    else:
+        h2d_bw, h2d_lat = calib["expert_bytes"] / calib["load_s_per_expert"], 0.0
+    return Hardware("local", 1e12, 1e12, 1e12, h2d_bw, h2d_lat, int(calib.get("workers_per_node", 64)), 1e12, 1e12,
+                    0.0, calib["layer_overhead_s"], 0.0, 0.0, expert_s_override=calib["expert_s"],
+                    h2d_channels=int(calib["concurrent_loads"]),
+                    storage_handoff_s=float(calib.get("storage_handoff_s") or 0.0),
+                    load_cpu_s=float(calib.get("load_cpu_s") or 0.0))
+
+
+def local_storage(calib: dict) -> Storage:
+    """The storage link of a `--tier link` calibration: the emulated link's own model (storage_adapters/emulated.py:
+    `channels` reads at once per node, each latency_s + bytes / bandwidth_Bps), which is the simulator's Link.
+    calib["link"] = {latency_s, bandwidth_Bps, channels}."""
+    lk = calib.get("link")
+    if not lk:
+        raise ValueError("local_storage needs a --tier link calibration (its `link` block); got none")
+    return Storage("local-link", float(lk["bandwidth_Bps"]), int(lk["channels"]), float(lk["latency_s"]))
 
 
 def describe(obj) -> dict:
@@ -158,4 +182,4 @@ def describe(obj) -> dict:
 
 
 __all__ = ["Hardware", "Storage", "Model", "HARDWARE", "STORAGE", "MODELS", "hardware", "storage", "model",
-           "local_hardware", "describe"]
+           "local_hardware", "local_storage", "describe"]

@@ -23,6 +23,9 @@ Links: every worker has a host->HBM link (`h2d_channels` transfers at once, each
 a storage link (`channels` reads at once, each at bw_per_channel, + first-byte latency) and a NIC (peer copies,
 activations). A transfer waits in a priority queue per link: demand loads before prefetches, prefetches by the
 planner's priority; transfers in service are never preempted. A transfer over several links is store-and-forward.
+Optional worker limits (SimConfig): `prefetch_concurrency` prefetch loads in flight per worker (the rest wait at the
+worker by priority), `promote_queued=False` (a late prefetch keeps its place in a link's queue),
+`compute_after_loads` (a worker computes once all its misses landed).
 
 Counting: an expert use = one distinct (layer, expert) a batch step needs (per slot at batch 1, so hit rates match
 the LRU replay of policies/replay.py); hit = resident when the router asks. Bytes per link are counted when a
@@ -89,15 +92,19 @@ class Transfer:
     demand: bool
     prio: float
     version: int = 0            # bumped on promotion: older heap entries are skipped
-    queued_on: "Link | None" = None
+    queued_on: "Link | Gate | None" = None
+    slot: bool = False          # holds one of its worker's prefetch slots (released when it lands)
+    t0: float = math.nan        # when its first hop was asked (past the worker's prefetch slots): load time from here
 
 
 class Link:
     """`channels` transfers at once, each at `bw` bytes/s after `latency` s; queued by priority (lower first)."""
 
-    def __init__(self, clock: Clock, name: str, kind: str, bw: float, latency: float, channels: int, on_hop):
+    def __init__(self, clock: Clock, name: str, kind: str, bw: float, latency: float, channels: int, on_hop,
+                 fifo: bool = False):
+        """fifo: serve in arrival order whatever the priority (a server that does not know priorities)."""
         assert bw > 0 and channels >= 1, f"link {name}: bw {bw} and channels {channels} must be positive"
-        self.clock, self.name, self.kind = clock, name, kind
+        self.clock, self.name, self.kind, self.fifo = clock, name, kind, fifo
         self.bw, self.latency, self.free = bw, latency, channels
         self.on_hop = on_hop
         self._q: list = []
@@ -107,7 +114,9 @@ class Link:
 
     def submit(self, tr: Transfer) -> None:
         tr.queued_on = self
-        heapq.heappush(self._q, (tr.prio, next(self._seq), tr.version, tr))
+        if math.isnan(tr.t0):
+            tr.t0 = self.clock.now
+        heapq.heappush(self._q, (0.0 if self.fifo else tr.prio, next(self._seq), tr.version, tr))
         self._start()
 
     def promote(self, tr: Transfer) -> None:
@@ -135,6 +144,45 @@ class Link:
         self._start()
 
 
+class Gate:
+    """A worker's prefetch slots: at most `slots` prefetch loads in flight (ExpertWorker runs
+    workers.prefetch_concurrency prefetch threads, each doing one whole load at a time); further prefetch orders
+    wait here by priority. A demand for a waiting one takes it out and issues it at demand priority, slot-free (the
+    worker dequeues it and loads it on its I/O pool)."""
+
+    def __init__(self, slots: int):
+        assert slots >= 1, f"prefetch slots must be >= 1, got {slots}"
+        self.free = slots
+        self._q: list = []
+        self._seq = itertools.count()
+
+    def submit(self, tr: Transfer) -> None:
+        tr.queued_on = self
+        heapq.heappush(self._q, (tr.prio, next(self._seq), tr.version, tr))
+        self._start()
+
+    def promote(self, tr: Transfer) -> None:
+        if tr.queued_on is self:
+            tr.version += 1
+            tr.queued_on = None
+            tr.prio = DEMAND
+            tr.hops[0].submit(tr)
+
+    def release(self) -> None:
+        self.free += 1
+        self._start()
+
+    def _start(self) -> None:
+        while self.free and self._q:
+            _, _, ver, tr = heapq.heappop(self._q)
+            if ver != tr.version or tr.queued_on is not self:
+                continue
+            tr.queued_on = None
+            tr.slot = True
+            self.free -= 1
+            tr.hops[0].submit(tr)
+
+
 # -- configuration and results ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SimConfig:
@@ -153,6 +201,15 @@ class SimConfig:
     runtime_node: int = 0             # where the model runtime (attention, router) runs
     activation_bytes: int = 2         # bytes per activation element on the wire (bf16)
     hbm_bytes_per_worker: int | None = None  # overrides cache_fraction (a measured run's actual budget)
+    prefetch_concurrency: int | None = None  # prefetch loads a worker has in flight at once (None: no limit)
+    promote_queued: bool = True       # a late prefetch waiting on a link is raised to demand priority (the real
+                                      # worker does not: a demand joins the prefetch's read where it queues)
+    compute_after_loads: bool = False  # a worker computes once all its missing experts landed (the real
+                                       # ExpertWorker.compute), not each as it lands
+    adapt_every: int | None = None    # adapt the window every this many layer steps with the coordinator's
+                                      # WindowController (policies/ranking.py); None: the window stays fixed
+    max_window: float | None = None   # the controller's ceiling (the coordinator's: lookahead_tokens x layers)
+    expiry_steps: int = 64            # an order unused this many layer steps counts as wasted (the controller's input)
 
     def __post_init__(self):
         assert self.workers >= 1 and self.batch >= 1, "workers and batch must be >= 1"
@@ -175,6 +232,10 @@ class Counters:
     prefetch_used: int = 0      # landed prefetches later used (timely or late)
     stage_issued: int = 0       # DRAM stagings issued
     stall_s: float = 0.0
+    worker_stall_s: float = 0.0    # summed over workers: each one's wait for its misses (ExpertWorker stall_seconds)
+    cpu_contention_s: float = 0.0  # layer time lost to prefetch hand-offs on shared cores (hw.load_cpu_s)
+    loads: int = 0              # HBM loads landed, and their summed time from first hop asked to landing
+    load_s: float = 0.0
     tokens: int = 0
     steps: int = 0
     layer_steps: int = 0
@@ -236,6 +297,12 @@ class Simulator:
                          store.channels, self._hop) for n in range(self.nodes)]
         self.net = [Link(self.clock, f"net{n}", "net", hw.net_bw, hw.net_latency, 1, self._hop)
                     for n in range(self.nodes)]
+        # a node's storage server hands each read off one at a time, in arrival order (hw.storage_handoff_s)
+        self.handoff = [Link(self.clock, f"handoff{n}", "handoff", 1e15, hw.storage_handoff_s, 1, self._hop, fifo=True)
+                        for n in range(self.nodes)] if hw.storage_handoff_s > 0 else None
+        self.cpu_debt = 0.0                   # s of prefetch hand-off CPU work the runtime's layers have not paid yet
+        pc = cfg.prefetch_concurrency
+        self.gates = [Gate(pc) for _ in range(W)] if pc else None
         self.act_bytes = 0
         self.inflight: dict[tuple[int, int], Transfer] = {}   # HBM loads, by (layer, expert)
         self.inflight_pf_bytes = np.zeros(W, np.int64)
@@ -263,6 +330,17 @@ class Simulator:
             costs=self._rk.TierCosts(tuple(lat), tuple(bw)), stage_to_dram=cfg.dram_fraction < 1))
         self.planner_wall: list[float] = []
         self.step_times: list[float] = []
+        # the window: fixed, or adapted as the coordinator does (its telemetry: orders used / wasted by expiry)
+        self.window = float(cfg.window)
+        self.wc = None
+        if cfg.adapt_every:
+            self.wc = self._rk.WindowController(window=max(self.window, 1.0), min_window=1.0,
+                                                max_window=float(cfg.max_window or max(self.window, 1.0)))
+            self.window = self.wc.window
+        self.order_expiry = np.full((L, E), -1, np.int64)   # [L, E] layer step an order expires at; -1: none
+        self.orders_used = self.orders_wasted = 0
+        self._adapt_mark = (0, 0, 0.0, 0, 0)
+        self.windows: list[float] = []
 
     # -- cost model ----------------------------------------------------------------------------------------------
     def expert_s(self, rows) -> float | np.ndarray:
@@ -289,6 +367,8 @@ class Simulator:
         peers = np.flatnonzero(self.in_dram[:, key[0], key[1]])
         if len(peers):
             return [self.net[int(peers[0])], self.h2d[w]]
+        if self.handoff is not None:
+            return [self.sto[n], self.handoff[n], self.h2d[w]]
         return [self.sto[n], self.h2d[w]]
 
     def _issue(self, w: int, key, demand: bool, prio: float, target: str = "hbm") -> Transfer:
@@ -301,7 +381,10 @@ class Simulator:
                 self.inflight_pf_bytes[w] += self.eb
         else:
             self.dram_pending[key] = True
-        tr.hops[0].submit(tr)
+        if self.gates is not None and target == "hbm" and not demand:
+            self.gates[w].submit(tr)
+        else:
+            tr.hops[0].submit(tr)
         return tr
 
     def _hop(self, link: Link, tr: Transfer) -> None:
@@ -325,6 +408,13 @@ class Simulator:
         del self.inflight[key]
         if not tr.demand:
             self.inflight_pf_bytes[w] -= tr.nbytes
+        if tr.slot:
+            tr.slot = False
+            self.gates[w].release()
+        self.c.loads += 1
+        self.c.load_s += self.clock.now - tr.t0
+        if not tr.demand:                 # its hand-off ran on the cores that compute: the current layer pays it
+            self.cpu_debt += self.hw.load_cpu_s
         cache = self.caches[w]
         needed = key in self.need[w]
         try:
@@ -375,10 +465,10 @@ class Simulator:
             self.pred.observe(ev)
         views = []
         for r in requests:
-            cands = self.pred.predict(r, int(math.ceil(self.cfg.window)))
+            cands = self.pred.predict(r, int(math.ceil(self.window)))
             if len(cands):
                 views.append(self._rk.RequestView(r, cands))
-        return self.planner.plan(views, self._view(), self.cfg.window)
+        return self.planner.plan(views, self._view(), self.window)
 
     def _issue_plan(self, plan, step: int) -> None:
         rk = self._rk
@@ -389,6 +479,7 @@ class Simulator:
                 if self.in_hbm[key] or key in self.inflight:
                     continue
                 self.c.prefetch_issued += 1
+                self._record_order(key, step)
                 # target layer step: the nearest position of this (layer) ahead of the current one
                 d = (key[0] - step % self.L) % self.L or self.L
                 self.pf_target[key] = step + d
@@ -398,6 +489,25 @@ class Simulator:
                     continue
                 self.c.stage_issued += 1
                 self._issue(w, key, False, -float(plan.priority[i]), target="dram")
+
+    def _record_order(self, key, step: int) -> None:
+        if self.order_expiry[key] >= 0:          # ordered again while pending: the earlier order went unused
+            self.orders_wasted += 1
+        self.order_expiry[key] = step + self.cfg.expiry_steps
+
+    def _adapt(self, step: int) -> None:
+        """The coordinator's window adaptation (actors/prefetch_coordinator.py _adapt), on the simulated counters."""
+        old = (self.order_expiry >= 0) & (self.order_expiry < step)
+        self.orders_wasted += int(old.sum())
+        self.order_expiry[old] = -1
+        if self.wc is None or step % self.cfg.adapt_every:
+            return
+        u0, w0, s0, m0, st0 = self._adapt_mark
+        c = self.c
+        self.window = self.wc.update(wasted=self.orders_wasted - w0, used=self.orders_used - u0,
+                                     stall_s=c.stall_s - s0, steps=step - st0, misses=c.misses - m0)
+        self._adapt_mark = (self.orders_used, self.orders_wasted, c.stall_s, c.misses, step)
+        self.windows.append(self.window)
 
     def _expire(self, step: int) -> None:
         """Prefetched entries whose target passed unused become first to evict (the coordinator's cancel)."""
@@ -418,6 +528,7 @@ class Simulator:
         x = self.trace.experts[rows, l].astype(np.int64)               # [B, K]
         known = x[:, 0] >= 0
         self._expire(step)
+        self._adapt(step)
         # routing events -> coordinator (measured wall cost; its orders land after decision_latency)
         w8 = self.trace.weights[rows, l]
         hid = self.trace.hidden
@@ -432,6 +543,10 @@ class Simulator:
         clock.at(t_route + self.cfg.decision_latency, self._issue_plan, plan, step)
         # the batch's experts: uses, hits, demand loads
         xs = x[known]
+        used = np.unique(xs)
+        pend = self.order_expiry[l, used] >= 0                       # pending orders of them: used
+        self.orders_used += int(pend.sum())
+        self.order_expiry[l, used[pend]] = -1
         if B == 1:
             uniq, counts = xs.reshape(-1), np.ones(xs.size, np.int64)    # per slot, in recorded order
         else:
@@ -462,8 +577,9 @@ class Simulator:
                 if tr is not None:                                  # late prefetch: promote it
                     c.late += 1
                     c.prefetch_used += 1
-                    if tr.queued_on is not None:
-                        tr.queued_on.promote(tr)
+                    q = tr.queued_on
+                    if q is not None and (isinstance(q, Gate) or self.cfg.promote_queued):
+                        q.promote(tr)
                 else:
                     c.demand_loads += 1
                     self._issue(w, key, True, DEMAND)
@@ -473,11 +589,15 @@ class Simulator:
         for w, items in need_w.items():
             cache = self.caches[w]
             avail = np.array([self.need[w][k] for k, _ in items])
+            c.worker_stall_s += float(avail.max()) - t_route       # this worker's wait for its misses (its counter)
             comp = np.asarray(self.expert_s(np.array([n for _, n in items])), np.float64)
-            o = np.argsort(avail, kind="stable")
-            t = t_route
-            for a, cs in zip(avail[o].tolist(), comp[o].tolist()):
-                t = max(t, a) + cs
+            if self.cfg.compute_after_loads:
+                t = max(t_route, float(avail.max())) + float(comp.sum())
+            else:
+                o = np.argsort(avail, kind="stable")
+                t = t_route
+                for a, cs in zip(avail[o].tolist(), comp[o].tolist()):
+                    t = max(t, a) + cs
             finish = max(finish, t)
             busiest = max(busiest, float(comp.sum()))
         for w, k in missed:                  # a demand-loaded or late entry: its first use
@@ -494,6 +614,10 @@ class Simulator:
         end = finish + net + hw.layer_overhead
         c.stall_s += max(0.0, end - (t_route + busiest + net + hw.layer_overhead))
         clock.run_until(end)
+        while self.cpu_debt > 0:          # prefetches landing meanwhile add to it: pay until settled
+            debt, self.cpu_debt = self.cpu_debt, 0.0
+            c.cpu_contention_s += debt
+            clock.run_until(clock.now + debt)
         for w, items in need_w.items():
             cache = self.caches[w]
             for k, _ in items:
@@ -540,6 +664,10 @@ class Simulator:
             "latency_ms_per_layer": 1e3 * T / max(c.layer_steps, 1),
             "hit_rate": c.hits / max(c.uses, 1), "uses": c.uses, "hits": c.hits, "misses": c.misses,
             "late_prefetches": c.late, "stall_s": c.stall_s, "stall_ms_per_token": 1e3 * c.stall_s / max(c.tokens, 1),
+            "worker_stall_s": c.worker_stall_s,
+            "cpu_contention_ms_per_token": 1e3 * c.cpu_contention_s / max(c.tokens, 1),
+            "window_final": self.window, "window_mean": float(np.mean(self.windows)) if self.windows else self.window,
+            "load_ms_per_load": 1e3 * c.load_s / c.loads if c.loads else float("nan"),
             "demand_loads": c.demand_loads, "uncached": c.uncached, "hbm_loads": int(hbm_loads),
             "prefetch_issued": c.prefetch_issued, "prefetch_done": c.prefetch_done,
             "prefetch_used": c.prefetch_used, "prefetch_dropped": c.prefetch_dropped,
