@@ -39,8 +39,6 @@ class Hardware:
     h2d_channels: int = 1       # transfers a worker runs at once on its host link (bw is per transfer)
     load_cpu_s: float = 0.0     # s of the compute path's time one prefetch load's hand-off takes where loads and
                                 # compute share CPU cores (0 on a GPU node: a DMA leaves the cores free)
-    storage_handoff_s: float = 0.0  # s a node's storage server spends per read after the storage link, one read at
-                                    # a time (0: no such hop); the `local` profile of a --tier link run fits it
 
 
 # $/GPU-hour: assumptions, typical on-demand cloud prices in 2025 (community clouds for the 3090); see docs.
@@ -149,7 +147,8 @@ def local_hardware(calib: dict) -> Hardware:
       concurrent_loads    loads a worker runs in parallel (its I/O pool)
     With a `link` block (a --tier link run) also handoff_s: s per load beyond the emulated link's modelled time
     (measured: on_demand's in-worker load time per load minus latency + bytes / bandwidth); it becomes the h2d
-    hop's latency, and the storage link is local_storage(calib)."""
+    hop's latency, and the storage link is local_storage(calib); and load_cpu_s: s of the layers' time one prefetch
+    load's hand-off takes on the cores that compute (calibrate prices it at two Ray calls)."""
     need = ("load_s_per_expert", "expert_bytes", "expert_s", "layer_overhead_s", "concurrent_loads")
     missing = [k for k in need if k not in calib]
     if missing:
@@ -163,7 +162,6 @@ def local_hardware(calib: dict) -> Hardware:
     return Hardware("local", 1e12, 1e12, 1e12, h2d_bw, h2d_lat, int(calib.get("workers_per_node", 64)), 1e12, 1e12,
                     0.0, calib["layer_overhead_s"], 0.0, 0.0, expert_s_override=calib["expert_s"],
                     h2d_channels=int(calib["concurrent_loads"]),
-                    storage_handoff_s=float(calib.get("storage_handoff_s") or 0.0),
                     load_cpu_s=float(calib.get("load_cpu_s") or 0.0))
 
 

@@ -100,11 +100,9 @@ class Transfer:
 class Link:
     """`channels` transfers at once, each at `bw` bytes/s after `latency` s; queued by priority (lower first)."""
 
-    def __init__(self, clock: Clock, name: str, kind: str, bw: float, latency: float, channels: int, on_hop,
-                 fifo: bool = False):
-        """fifo: serve in arrival order whatever the priority (a server that does not know priorities)."""
+    def __init__(self, clock: Clock, name: str, kind: str, bw: float, latency: float, channels: int, on_hop):
         assert bw > 0 and channels >= 1, f"link {name}: bw {bw} and channels {channels} must be positive"
-        self.clock, self.name, self.kind, self.fifo = clock, name, kind, fifo
+        self.clock, self.name, self.kind = clock, name, kind
         self.bw, self.latency, self.free = bw, latency, channels
         self.on_hop = on_hop
         self._q: list = []
@@ -116,7 +114,7 @@ class Link:
         tr.queued_on = self
         if math.isnan(tr.t0):
             tr.t0 = self.clock.now
-        heapq.heappush(self._q, (0.0 if self.fifo else tr.prio, next(self._seq), tr.version, tr))
+        heapq.heappush(self._q, (tr.prio, next(self._seq), tr.version, tr))
         self._start()
 
     def promote(self, tr: Transfer) -> None:
@@ -297,9 +295,6 @@ class Simulator:
                          store.channels, self._hop) for n in range(self.nodes)]
         self.net = [Link(self.clock, f"net{n}", "net", hw.net_bw, hw.net_latency, 1, self._hop)
                     for n in range(self.nodes)]
-        # a node's storage server hands each read off one at a time, in arrival order (hw.storage_handoff_s)
-        self.handoff = [Link(self.clock, f"handoff{n}", "handoff", 1e15, hw.storage_handoff_s, 1, self._hop, fifo=True)
-                        for n in range(self.nodes)] if hw.storage_handoff_s > 0 else None
         self.cpu_debt = 0.0                   # s of prefetch hand-off CPU work the runtime's layers have not paid yet
         pc = cfg.prefetch_concurrency
         self.gates = [Gate(pc) for _ in range(W)] if pc else None
@@ -367,8 +362,6 @@ class Simulator:
         peers = np.flatnonzero(self.in_dram[:, key[0], key[1]])
         if len(peers):
             return [self.net[int(peers[0])], self.h2d[w]]
-        if self.handoff is not None:
-            return [self.sto[n], self.handoff[n], self.h2d[w]]
         return [self.sto[n], self.h2d[w]]
 
     def _issue(self, w: int, key, demand: bool, prio: float, target: str = "hbm") -> Transfer:

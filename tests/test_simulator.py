@@ -144,3 +144,86 @@ def test_profiles_geometry():
     assert HW.h2d_bw * 0.85e-3 == pytest.approx(28.5e6), "the seed's calibration: 0.85 ms per 28.5 MB expert"
     with pytest.raises(ValueError, match="needs the calibration JSON"):
         P.hardware("local")
+
+
+# -- the `local` profile of a --tier link run (jobs.benchmark calibrate) -----------------------------------------
+LINK = {"latency_s": 0.01, "bandwidth_Bps": 100e6, "channels": 8}
+
+
+def _link_calib(**kw):
+    c = {"load_s_per_expert": 0.03, "expert_bytes": 500_000, "expert_s": 1e-4, "layer_overhead_s": 2e-3,
+         "concurrent_loads": 8, "link": dict(LINK), "handoff_s": 4e-3, "load_cpu_s": 0.0}
+    c.update(kw)
+    return c
+
+
+def test_local_profile_from_a_link_calibration():
+    cal = _link_calib(load_cpu_s=1e-3)
+    st = P.local_storage(cal)
+    assert (st.first_byte, st.bw_per_channel, st.channels) == (0.01, 100e6, 8), "the emulated link's own model"
+    hw = P.local_hardware(cal)
+    assert hw.h2d_latency == 4e-3 and hw.h2d_bw >= 1e14, "the h2d hop is the measured hand-off, not a bandwidth"
+    assert (hw.h2d_channels, hw.load_cpu_s, hw.expert_s_override) == (8, 1e-3, 1e-4)
+    dram = P.local_hardware({k: v for k, v in cal.items() if k not in ("link", "handoff_s")})
+    assert dram.h2d_bw == pytest.approx(500_000 / 0.03) and dram.h2d_latency == 0, "--tier dram: unchanged"
+    with pytest.raises(ValueError, match="--tier link calibration"):
+        P.local_storage({k: v for k, v in cal.items() if k != "link"})
+
+
+def _cycling_trace(tokens: int, L: int, E: int):
+    """Top-1, one request: token t uses expert t % E at every layer (never the same expert twice in a row)."""
+    from policies.traces import RoutingTrace
+    x = (np.arange(tokens)[:, None, None] % E) * np.ones((1, L, 1), np.int64)    # [T, L, 1]
+    return RoutingTrace(x, np.ones(x.shape, np.float32), np.array([0, tokens]), L, E, 1)
+
+
+def test_on_demand_stall_is_the_link_model_per_miss():
+    """A one-expert cache and a trace that never reuses an expert: every use misses, one per layer, and each miss
+    waits exactly latency + bytes / bandwidth on the storage link plus the hand-off; nothing else stalls."""
+    T, L, E = 24, 3, 8
+    tr = _cycling_trace(T, L, E)
+    cal = _link_calib()
+    model = P.Model("t", L, E, 1, 64, 64, 2.0, blob_bytes=cal["expert_bytes"])
+    cfg = SimConfig(batch=1, hbm_bytes_per_worker=cal["expert_bytes"], dram_fraction=0.0, compute_after_loads=True,
+                    decision_latency=0.0)
+    _, m = _run(tr, "on_demand", cfg, hw=P.local_hardware(cal), store=P.local_storage(cal), model=model)
+    per_miss = LINK["latency_s"] + cal["expert_bytes"] / LINK["bandwidth_Bps"] + cal["handoff_s"]   # 19 ms
+    assert m["hits"] == 0 and m["demand_loads"] == T * L
+    # (the h2d hop's 1e15 B/s adds 0.5 ns per load)
+    assert m["stall_s"] == pytest.approx(T * L * per_miss, rel=1e-6)
+    assert m["load_ms_per_load"] == pytest.approx(1e3 * per_miss, rel=1e-6)
+    assert m["virtual_s"] == pytest.approx(T * L * (per_miss + cal["expert_s"] + cal["layer_overhead_s"]), rel=1e-6)
+    assert m["bytes_per_link"]["storage"] == T * L * cal["expert_bytes"], "every load crossed the storage link"
+
+
+def test_prefetch_slots_and_cpu_cost_of_prefetches():
+    """prefetch_concurrency bounds the prefetches in flight per worker (every slot is back at the end); with a
+    latency-bound link, more slots hide more; load_cpu_s charges each landed prefetch to the layers, exactly."""
+    tr = synthetic_trace(240, 4, 16, 2, correlation=0.9, num_requests=4, seed=5)
+    cal = _link_calib()
+    hw, st = P.local_hardware(cal), P.local_storage(cal)
+    model = P.Model("t", 4, 16, 2, 64, 64, 2.0, blob_bytes=cal["expert_bytes"])
+    base = SimConfig(batch=2, cache_fraction=0.5, dram_fraction=0.0, window=3, decision_latency=0.0)
+    runs = {}
+    for pc in (1, 4):
+        sim, runs[pc] = _run(tr, "oracle", replace(base, prefetch_concurrency=pc), hw=hw, store=st, model=model)
+        assert all(g.free == pc for g in sim.gates), "every prefetch slot is released when its load lands"
+    assert runs[4]["hit_rate"] > runs[1]["hit_rate"], "one slot serializes the 14 ms prefetches: fewer are timely"
+    c = 2e-3
+    sim, m = _run(tr, "oracle", replace(base, prefetch_concurrency=4), hw=replace(hw, load_cpu_s=c), store=st,
+                  model=model)
+    landed = sim.c.loads - m["demand_loads"]                 # landed loads that were prefetches
+    assert m["cpu_contention_ms_per_token"] * m["tokens"] == pytest.approx(1e3 * c * landed, rel=1e-9)
+    assert m["tokens_per_s"] < runs[4]["tokens_per_s"]
+
+
+def test_adaptive_window_is_the_coordinators_controller():
+    tr = synthetic_trace(240, 4, 16, 2, correlation=0.8, num_requests=4, seed=2)
+    cfg = SimConfig(batch=2, window=2, adapt_every=8, max_window=6)
+    sim, m = _run(tr, "cross_layer", cfg)
+    assert len(sim.windows) == (sim.c.layer_steps - 1) // 8 + 1, "one adaptation every 8 layer steps, from step 0"
+    assert all(1.0 <= w <= 6.0 for w in sim.windows), sim.windows
+    assert len(set(sim.windows)) > 1, "the window moved"
+    _, fixed = _run(tr, "cross_layer", SimConfig(batch=2, window=2))
+    assert fixed["window_final"] == 2.0 and fixed["window_mean"] == 2.0
+    assert _strip(_run(tr, "cross_layer", cfg)[1]) == _strip(m), "deterministic"
