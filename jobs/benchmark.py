@@ -749,6 +749,26 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
                 fitted = dict(calib, load_s_per_expert=max(extra, 1e-6) / base["loads"] * a.workers,
                               load_source="fitted to the on_demand replay")
                 out["simulated_fit_on_demand"] = predict(fitted)
+            if calib.get("link"):
+                # a diagnostic, not a prediction: each policy simulated with the hand-off ITS run measured (its
+                # in-worker time per load, matched by the simulated one: the hand-off grows with the prefetch
+                # traffic and drifts between runs on a shared machine, which one profile cannot know); what is
+                # left is the model's structure (link, prefetch slots, window, CPU cost of prefetches)
+                own = {}
+                for p, f in out["simulated"]["policies"].items():
+                    if "unavailable" in f or not ok[p].get("load_ms_per_expert"):
+                        continue
+                    h = max(calib["handoff_s"] + (ok[p]["load_ms_per_expert"] - f["load_ms_per_load"]) / 1e3, 0.0)
+                    own[p] = dict(simulate_same(dict(calib, handoff_s=h), tr, a, [p])[p], handoff_s=h)
+                out["simulated_own_load_time"] = {"policies": own, "ratio_sim_over_measured": {
+                    p: {"tokens_per_s": m["tokens_per_s"] / ok[p]["tokens_per_s"],
+                        "hit_rate": m["hit_rate"] / ok[p]["hit_rate"] if ok[p]["hit_rate"] else None}
+                    for p, m in own.items()}}
+            for k in ("simulated", "simulated_fit_on_demand", "simulated_own_load_time"):
+                if k in out:
+                    _say(f"{k}: sim/measured tokens/s, hit rate: " + ", ".join(
+                        f"{p} {r['tokens_per_s']:.2f}, {r['hit_rate'] or float('nan'):.2f}"
+                        for p, r in out[k]["ratio_sim_over_measured"].items()))
     out["wall_s"] = time.perf_counter() - t_all
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
