@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -50,13 +51,18 @@ def cluster():
 
 
 def wait_job_server(url: str, timeout_s: float = 60) -> None:
-    """The dashboard answers its job API a few seconds after the head node is up."""
+    """The dashboard answers its job API a few seconds after the head node is up. 401 also means it is up: once
+    any test of this process ran `ray.init()` for a local cluster, Ray set RAY_AUTH_MODE=token in this process's
+    environment, so the Cluster started here requires the token (which `ray job submit` sends; urllib does not)."""
     deadline = time.time() + timeout_s
     while True:
         try:
             with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
                 if r.status == 200:
                     return
+        except urllib.error.HTTPError as e:
+            if e.code == 401:
+                return
         except OSError:
             pass
         assert time.time() < deadline, f"no job server at {url} after {timeout_s} s"
