@@ -545,6 +545,8 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=None, help="prefetch.threshold (planner)")
     p.add_argument("--hbm-confirm-prob", type=float, default=None, help="prefetch.hbm_confirm_prob (planner)")
     p.add_argument("--lookahead-tokens", type=int, default=None, help="prefetch.lookahead_tokens (planner)")
+    p.add_argument("--publish-every", type=int, default=None,
+                   help="prefetch.publish_every_layers: MoE layers per routing batch the runtime sends")
     p.add_argument("--cache-policy", default="lru", choices=("lru", "lfu", "slru", "prefetch_aware"),
                    help="the workers' eviction policy for every run but `slru` (policies/hbm_cache.py)")
     p.add_argument("--repeat", type=int, default=1,
@@ -622,7 +624,8 @@ def planner_settings(a, eb: int) -> dict:
     tiers costs (the nvme fallback is priced as S3: it is never read, but it is the fastest tier the manifest lists,
     so the planner would otherwise value a prefetch at an NVMe read's stall)."""
     out = {k: v for k, v in (("threshold", a.threshold), ("hbm_confirm_prob", a.hbm_confirm_prob),
-                             ("lookahead_tokens", a.lookahead_tokens)) if v is not None}
+                             ("lookahead_tokens", a.lookahead_tokens),
+                             ("publish_every_layers", getattr(a, "publish_every", None))) if v is not None}
     if a.tier == "s3":
         bw = a.s3_mbps * 1e6 if a.s3_mbps else 10e9
         cost = {"latency_s": a.s3_latency_ms / 1e3, "bandwidth_Bps": bw}
