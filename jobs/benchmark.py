@@ -715,7 +715,7 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
            "link": link_settings(a), "worker_settings": worker_settings(a),
            "policies": res}
     if base:
-        calib = calibrate(res, tr, inter, a, eb, hbm)
+        calib = calibrate(ok, tr, inter, a, eb, hbm)   # runs that failed (their "error") are left out
         out["calibration"] = calib
         # the regime: one expert load vs one layer's compute on the busiest worker
         layer_compute = base["uses"] / max(base["steps"] * L, 1) / a.workers * calib["expert_s"]
