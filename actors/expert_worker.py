@@ -34,6 +34,9 @@ from storage_adapters.checksum import algo_of, verify
 from storage_adapters.manifest import Manifest
 
 Key = tuple[int, int]  # (layer, expert)
+# blobs up to this size come back inside the storage actor's reply (one round trip; Ray inlines replies under its
+# 100 KiB max_direct_call_object_size); larger ones as object refs, mapped zero-copy from the node's object store
+INLINE_BLOB_BYTES = 96 << 10
 MISS = "miss"  # compute_resident's answer when an expert is not resident (the caller falls back to compute)
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -293,8 +296,8 @@ class ExpertWorker:
         err = first_error
         for h in ([self.storage] if first_error is not None else [self.storage, self.storage]) + others:
             try:
-                ref, tier = ray.get(h.get_tiered.remote(*key, tiers, prefetch))
-                return ray.get(ref), tier
+                got, tier = ray.get(h.get_tiered.remote(*key, tiers, prefetch, INLINE_BLOB_BYTES))
+                return (got if isinstance(got, np.ndarray) else ray.get(got)), tier
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
                 if isinstance(e, ray.exceptions.RayTaskError):
                     raise  # the actor is alive and the read itself failed: its error goes up as is

@@ -126,13 +126,19 @@ class StorageActor:
         return [(await self._get((layer, expert), tiers))[0]]
 
     async def get_tiered(self, layer: int, expert: int, tiers: list[str] | None = None,
-                         prefetch: bool = False) -> list:
+                         prefetch: bool = False, inline_max: int = 0) -> list:
         """[ref, tier name it came from] (ExpertWorkers count bytes per tier with it). prefetch: a worker's
         prefetch load — its storage reads queue behind demand reads on a tier that orders them (the emulated link;
-        storage_adapters/emulated.py). A demand call that joins a prefetch's read in flight waits for that read."""
+        storage_adapters/emulated.py). A demand call that joins a prefetch's read in flight waits for that read.
+        inline_max: a blob of at most this many bytes comes back as the array itself, inside the reply (Ray inlines
+        replies under ~100 KiB): one round trip instead of the reply plus a get of an object this actor owns;
+        larger blobs stay refs (zero-copy from the node's object store)."""
         if prefetch:
             LINK_PRIORITY.set(PREFETCH)    # this call's task only: Ray runs each async actor call as its own task
-        return list(await self._get((layer, expert), tiers))
+        ref, tier = await self._get((layer, expert), tiers)
+        if inline_max and (await self._ensure()).manifest.blob(layer, expert).size <= inline_max:
+            return [await ref, tier]
+        return [ref, tier]
 
     async def get_ranges(self, layer: int, expert: int, spans: list[tuple[int, int]],
                          tiers: list[str] | None = None, prefetch: bool = False) -> list:
