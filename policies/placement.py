@@ -64,43 +64,27 @@ def place(sizes: dict[ExpertKey, int], workers: list[int], load: dict[ExpertKey,
     ws = sorted(workers)
     total_bytes = {w: 0 for w in ws}
     owners: dict[ExpertKey, list[int]] = {}
-    by_layer: dict[int, list[ExpertKey]] = {}
+    keys_of: dict[int, list[ExpertKey]] = {}
     for k in sizes:
-        by_layer.setdefault(k[0], []).append(k)
+        keys_of.setdefault(k[0], []).append(k)
 
-    for layer, keys in sorted(by_layer.items()):
+    def moved(k: ExpertKey, src: int | None, dst: int) -> None:
+        total_bytes[dst] += sizes[k]
+        if src is not None:
+            total_bytes[src] -= sizes[k]
+
+    for layer, keys in sorted(keys_of.items()):
         layer_load = {w: 0.0 for w in ws}
-        keep, orphans = [], []
-        for k in keys:
+        owner: dict[ExpertKey, int] = {}
+        for k in keys:   # kept where the owner still exists
             prev = previous.owners.get(k) if previous else None
-            (keep if prev and prev[0] in layer_load else orphans).append(k)
-        for k in keep:
-            w = previous.owners[k][0]
-            owners[k] = [w]
-            layer_load[w] += cost[k]
-            total_bytes[w] += sizes[k]
-        # longest-processing-time first: the heaviest expert goes to the least loaded worker
-        for k in sorted(orphans, key=lambda k: (-cost[k], k)):
-            w = min(ws, key=lambda w: (layer_load[w], total_bytes[w], w))
-            owners[k] = [w]
-            layer_load[w] += cost[k]
-            total_bytes[w] += sizes[k]
-        # rebalance after a join: move experts from the busiest to the idlest worker while it helps enough
-        mean = sum(layer_load.values()) / len(ws)
-        for _ in range(len(keys)):
-            hi = max(ws, key=lambda w: (layer_load[w], w))
-            lo = min(ws, key=lambda w: (layer_load[w], w))
-            if layer_load[hi] <= mean * (1 + rebalance_tolerance):
-                break
-            movable = [k for k in keys if owners[k][0] == hi and layer_load[lo] + cost[k] < layer_load[hi]]
-            if not movable:
-                break
-            k = min(movable, key=lambda k: (abs((layer_load[hi] - cost[k]) - (layer_load[lo] + cost[k])), k))
-            owners[k] = [lo]
-            layer_load[hi] -= cost[k]
-            layer_load[lo] += cost[k]
-            total_bytes[hi] -= sizes[k]
-            total_bytes[lo] += sizes[k]
+            if prev and prev[0] in layer_load:
+                owner[k] = prev[0]
+                layer_load[prev[0]] += cost[k]
+                moved(k, None, prev[0])
+        _balance(keys, cost, owner, layer_load, ws, rebalance_tolerance, tie=total_bytes.__getitem__, moved=moved)
+        for k in keys:
+            owners[k] = [owner[k]]
 
     if replicate_top and len(ws) > 1:
         for k in sorted(sizes, key=lambda k: (-cost[k], k))[:replicate_top]:
@@ -127,30 +111,41 @@ def _place_layers(sizes: dict[ExpertKey, int], ws: list[int], load: dict[ExpertK
     weight = {L: nbytes[L] * (0.5 + 0.5 * lsum[L] / mean_load if mean_load > 0 else 1.0) for L in keys_of}
     owner: dict[int, int] = {}
     total = {w: 0.0 for w in ws}
-    orphans = []
     for L, ks in sorted(keys_of.items()):
         prev = [previous.owners[k][0] for k in ks if previous and k in previous.owners]
         w = max(set(prev), key=lambda w: (prev.count(w), -w)) if prev else None  # where most of it already is
         if w is not None and w in total:
             owner[L] = w
             total[w] += weight[L]
-        else:
-            orphans.append(L)
-    for L in sorted(orphans, key=lambda L: (-weight[L], L)):
-        w = min(ws, key=lambda w: (total[w], w))
-        owner[L] = w
-        total[w] += weight[L]
-    mean = sum(total.values()) / len(ws)
-    for _ in range(len(keys_of)):
-        hi = max(ws, key=lambda w: (total[w], w))
-        lo = min(ws, key=lambda w: (total[w], w))
-        if total[hi] <= mean * (1 + tolerance):
+    _balance(sorted(keys_of), weight, owner, total, ws, tolerance)
+    return Placement(tuple(ws), {k: (owner[k[0]],) for k in sizes})
+
+
+def _balance(items: list, cost: dict, owner: dict, load: dict, ws: list[int], tolerance: float, *,
+             tie=None, moved=None) -> None:
+    """Longest-processing-time first for the items without an owner yet (the heaviest to the least loaded worker;
+    ties: tie(worker), then the worker id), then move items from the busiest to the idlest worker while the busiest
+    exceeds the mean by `tolerance` and a move narrows the gap: each move is a reload, so no more than the balance
+    needs. owner: item -> worker, completed in place; load: worker -> summed cost of its items, updated in place;
+    moved(item, source worker or None, destination): told of every assignment and move (other totals)."""
+    for it in sorted((i for i in items if i not in owner), key=lambda i: (-cost[i], i)):
+        w = min(ws, key=lambda w: (load[w], tie(w) if tie else 0, w))
+        owner[it] = w
+        load[w] += cost[it]
+        if moved:
+            moved(it, None, w)
+    mean = sum(load.values()) / len(ws)
+    for _ in range(len(items)):
+        hi = max(ws, key=lambda w: (load[w], w))
+        lo = min(ws, key=lambda w: (load[w], w))
+        if load[hi] <= mean * (1 + tolerance):
             break
-        movable = [L for L in owner if owner[L] == hi and total[lo] + weight[L] < total[hi]]
+        movable = [i for i in items if owner[i] == hi and load[lo] + cost[i] < load[hi]]
         if not movable:
             break
-        L = min(movable, key=lambda L: (abs((total[hi] - weight[L]) - (total[lo] + weight[L])), L))
-        owner[L] = lo
-        total[hi] -= weight[L]
-        total[lo] += weight[L]
-    return Placement(tuple(ws), {k: (owner[k[0]],) for k in sizes})
+        it = min(movable, key=lambda i: (abs((load[hi] - cost[i]) - (load[lo] + cost[i])), i))
+        owner[it] = lo
+        load[hi] -= cost[it]
+        load[lo] += cost[it]
+        if moved:
+            moved(it, hi, lo)

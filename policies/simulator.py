@@ -97,6 +97,17 @@ class Transfer:
     t0: float = math.nan        # when its first hop was asked (past the worker's prefetch slots): load time from here
 
 
+def _next_queued(q: list, owner) -> "Transfer | None":
+    """Pop the next live transfer of `owner`'s priority queue: entries left behind by a promotion (an older
+    version, or now queued elsewhere) are skipped. The transfer leaves the queue (queued_on None)."""
+    while q:
+        _, _, ver, tr = heapq.heappop(q)
+        if ver == tr.version and tr.queued_on is owner:
+            tr.queued_on = None
+            return tr
+    return None
+
+
 class Link:
     """`channels` transfers at once, each at `bw` bytes/s after `latency` s; queued by priority (lower first)."""
 
@@ -125,11 +136,7 @@ class Link:
             self.submit(tr)
 
     def _start(self) -> None:
-        while self.free and self._q:
-            _, _, ver, tr = heapq.heappop(self._q)
-            if ver != tr.version or tr.queued_on is not self:
-                continue
-            tr.queued_on = None
+        while self.free and (tr := _next_queued(self._q, self)) is not None:
             self.free -= 1
             dt = self.latency + tr.nbytes / self.bw
             self.bytes += tr.nbytes
@@ -171,11 +178,7 @@ class Gate:
         self._start()
 
     def _start(self) -> None:
-        while self.free and self._q:
-            _, _, ver, tr = heapq.heappop(self._q)
-            if ver != tr.version or tr.queued_on is not self:
-                continue
-            tr.queued_on = None
+        while self.free and (tr := _next_queued(self._q, self)) is not None:
             tr.slot = True
             self.free -= 1
             tr.hops[0].submit(tr)

@@ -44,6 +44,24 @@ def cluster_cfg(store: str, namespace: str, hbm_bytes: int, workers: int = 2, di
         "tiers": [{"kind": "dram", "budget_bytes": 64 << 20}, {"kind": "nvme", "path": store}]})
 
 
+def assert_greedy_equals_hf(c, t, label: str, new_tokens: int) -> None:
+    """The cluster's greedy tokens for hf_models' seed-3 prompts equal transformers' generate()."""
+    prompts = hf_models.prompts(c.model.args.vocab_size, seed=3)
+    got = c.generate(prompts, max_new_tokens=new_tokens)
+    for b, p in enumerate(prompts):
+        ref = t.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=new_tokens,
+                               pad_token_id=c.model.args.pad_token_id or 0)[0, len(p):].tolist()
+        assert got[b] == ref, f"{label} request {b}: cluster {got[b]} != transformers {ref}"
+
+
+def layer_owners(c) -> dict[int, set[int]]:
+    """MoE layer -> the workers owning its experts."""
+    out: dict[int, set[int]] = {}
+    for (layer, e) in c.sizes:
+        out.setdefault(layer, set()).add(c.experts.placement.owner((layer, e)))
+    return out
+
+
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
 def test_logits_and_greedy_tokens_match_transformers(ray_local, stores, family):
     t, store, man = stores[family]
@@ -55,11 +73,7 @@ def test_logits_and_greedy_tokens_match_transformers(ray_local, stores, family):
         prompts = hf_models.prompts(c.model.args.vocab_size)
         err = hf_models.check_against_hf(c.model, t.model, prompts, family)
         assert err < hf_models.TOL
-        got = c.generate(hf_models.prompts(c.model.args.vocab_size, seed=3), max_new_tokens=16)
-        for b, p in enumerate(hf_models.prompts(c.model.args.vocab_size, seed=3)):
-            ref = t.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16,
-                                   pad_token_id=c.model.args.pad_token_id or 0)[0, len(p):].tolist()
-            assert got[b] == ref, f"{family} request {b}: cluster {got[b]} != transformers {ref}"
+        assert_greedy_equals_hf(c, t, family, 16)
         st = c.stats()
         for w in st["workers"]:
             assert w["used_bytes"] <= w["budget_bytes"] and w["peak_used_bytes"] <= w["budget_bytes"]
@@ -138,18 +152,12 @@ def test_by_layer_placement_makes_one_call_per_moe_layer(ray_local, stores, disp
     t, store, man = stores["mixtral"]
     cfg = cluster_cfg(store, f"c-by-layer-{dispatch}", 3 * man.expert_bytes, dispatch=dispatch, placement="by_layer")
     with ExpertCluster(cfg) as c:
-        layers = {}
-        for (layer, e) in c.sizes:
-            layers.setdefault(layer, set()).add(c.experts.placement.owner((layer, e)))
+        layers = layer_owners(c)
         assert all(len(ws) == 1 for ws in layers.values()), f"a layer spans workers: {layers}"
         assert {w for ws in layers.values() for w in ws} == {0, 1}, "both workers own layers"
         prompts = hf_models.prompts(c.model.args.vocab_size)
         assert hf_models.check_against_hf(c.model, t.model, prompts, "mixtral") < hf_models.TOL
-        got = c.generate(hf_models.prompts(c.model.args.vocab_size, seed=3), max_new_tokens=12)
-        for b, p in enumerate(hf_models.prompts(c.model.args.vocab_size, seed=3)):
-            ref = t.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12,
-                                   pad_token_id=c.model.args.pad_token_id or 0)[0, len(p):].tolist()
-            assert got[b] == ref, f"request {b}: cluster {got[b]} != transformers {ref}"
+        assert_greedy_equals_hf(c, t, "mixtral by_layer", 12)
         st = c.stats()
         d = st["dispatch"]
         assert d["calls"] == d["moe_layers"], f"by_layer must make one call per MoE layer: {d}"
@@ -159,8 +167,6 @@ def test_by_layer_placement_makes_one_call_per_moe_layer(ray_local, stores, disp
         before = c.generate(prompts, max_new_tokens=6)
         c.add_worker()        # membership changes move whole layers, and outputs do not change
         c.remove_worker(0)
-        owners = {}
-        for (layer, e) in c.sizes:
-            owners.setdefault(layer, set()).add(c.experts.placement.owner((layer, e)))
+        owners = layer_owners(c)
         assert all(len(ws) == 1 for ws in owners.values()) and all(0 not in ws for ws in owners.values()), owners
         assert c.generate(prompts, max_new_tokens=6) == before
