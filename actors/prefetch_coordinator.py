@@ -37,6 +37,7 @@ from policies.predictors import RoutingEvent
 from policies.ranking import (DRAM, HBM, NUM_TIERS, NVME, PEER, S3, TARGET_HBM, AccessDenied,
                               AccessPolicy, ClusterView, PlannerConfig, PrefetchPlanner, RequestView, TenantRule,
                               TierCosts, WindowController)
+from policies.reuse import ReuseEstimator
 from policies.telemetry import Telemetry
 
 
@@ -149,6 +150,8 @@ class PrefetchCoordinator:
         self.model = model
         self.predictor = make_predictor(pf.policy, num_layers=self.L, num_experts=self.E, top_k=self.K,
                                         router_weights=router_weights, store_dir=store_dir)
+        # P(a resident is reused at the next token), learned from the same events: guards residents nobody predicts
+        self.reuse = ReuseEstimator(self.L, self.E, self.K) if getattr(pf, "value_residents", True) else None
         self.min_window = 1.0
         self.max_window = float(max(pf.lookahead_layers, pf.lookahead_tokens * self.L, 1))
         self.wc = WindowController(window=float(max(pf.lookahead_layers, 1)), min_window=self.min_window,
@@ -303,6 +306,8 @@ class PrefetchCoordinator:
                 self.meta.pop(r, None)
                 self.denied.pop(r, None)
             self.predictor.end(r)
+            if self.reuse is not None:
+                self.reuse.end(r)
             self.tel.end_request(r)
         keys = [k for k, r in self.order_req.items() if r in ended]
         if keys:
@@ -367,6 +372,8 @@ class PrefetchCoordinator:
             tp = time.perf_counter()
             self.predictor.observe(RoutingEvent(req, tok, li, ids[n], w[n],
                                                 None if hidden is None else hidden[n]))
+            if self.reuse is not None:
+                self.reuse.observe(req, li, ids[n])
             self._pred_s += time.perf_counter() - tp
             if last is None and len(self.requests) >= MAX_LIVE_REQUESTS:   # a runtime that never ends requests
                 self._end([next(iter(self.requests))])                   # cannot grow us: forget the oldest
@@ -396,7 +403,10 @@ class PrefetchCoordinator:
         self.tel.record_predictions(scored, self.planner.cfg.threshold)
         if not views or not self._polled:
             return
-        plan = self.planner.plan(views, self.view(), window)
+        view = self.view()
+        if self.reuse is not None:
+            view.reuse = self.reuse.reuse(self.requests)
+        plan = self.planner.plan(views, view, window)
         self.denied.update(plan.denied)
         cancels = self._cancel_unwanted(plan.wanted)
         self._issue(plan, cancels)

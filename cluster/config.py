@@ -226,6 +226,7 @@ class PrefetchConfig(_Model):
     threshold: float = Field(0.05, gt=0, le=1)       # minimum P(selected) of a candidate
     hbm_confirm_prob: float = Field(0.5, gt=0, le=1)  # below: never displaces a resident (staged to DRAM instead)
     stage_to_dram: bool = True
+    value_residents: bool = True                     # residents keep their learned next-token reuse value
     layer_time_s: float | None = Field(None, gt=0)   # caps the stall a prefetch can hide (lead time)
     latency_ref_s: float = Field(0.1, gt=0)          # a request latency budget equal to this: neutral
     tier_costs: dict[Literal["peer", "dram", "nvme", "s3"], TierCost] | None = None   # planner's defaults if None

@@ -30,7 +30,9 @@ How it ranks (one call = one decision step)
      time), per byte moved.
   6. Per worker, in decreasing value: HBM orders fill the free bytes; beyond them an order may displace
      resident experts only when every one it displaces has a lower value than it (resident values come from the
-     same predictions: a resident expert nobody predicts is worth 0) AND its probability has reached
+     same predictions, or, when the view carries `reuse`, from P(used again at the next token) x the stall its
+     miss would cost, whichever is higher; without `reuse` a resident nobody predicts is worth 0) AND its
+     probability has reached
      `hbm_confirm_prob` (the router is close to confirming it). Once a candidate can do neither, the rest of that
      worker's list stops going to HBM (what was planned must really fit).
   7. Candidates not sent to HBM whose copy is colder than DRAM are staged into the owner's node DRAM tier (if the
@@ -150,6 +152,7 @@ class ClusterView:
     inflight: np.ndarray | None = None   # bool [L, E] HBM load pending at the owner
     staging: np.ndarray | None = None    # bool [L, E] DRAM staging pending
     inflight_bytes: int = 0
+    reuse: np.ndarray | None = None      # float [L, E] P(a resident is used again at the next token) (reuse.py)
 
     def __post_init__(self):
         L, E = self.owner.shape
@@ -342,7 +345,13 @@ class PrefetchPlanner:
         # resident / in flight: worth keeping (their value guards them from eviction) but nothing to fetch
         at_hbm = view.present[HBM].reshape(-1)[uk] | view.inflight.reshape(-1)[uk]
         res_value = np.zeros(LE)
-        res_value[uk[at_hbm]] = value[at_hbm]
+        if view.reuse is not None:   # what keeping a resident is worth: its reuse at the next token (L layers on)
+            nb_all = view.nbytes.reshape(-1)
+            stall_r = cfg.costs.seconds(np.minimum(tables[0], NUM_TIERS - 1), nb_all)
+            if cfg.layer_time_s is not None:
+                stall_r = np.minimum(stall_r, L * cfg.layer_time_s)
+            res_value = view.reuse.reshape(-1) * stall_r / np.maximum(nb_all, 1)
+        res_value[uk[at_hbm]] = np.maximum(res_value[uk[at_hbm]], value[at_hbm])
         todo = ~at_hbm
         uk, lay, ex, P, D, S, SO, R, nb, value = (a[todo] for a in (uk, lay, ex, P, D, S, SO, R, nb, value))
         w = view.owner.reshape(-1)[uk]

@@ -46,6 +46,7 @@ from .hbm_cache import CacheIndex, DoesNotFit, make_policy
 from .placement import place
 from .predictors import Predictor, RoutingEvent
 from .profiles import Hardware, Model, Storage
+from .reuse import ReuseEstimator
 from .traces import RoutingTrace, TraceSlots
 
 DEMAND = -math.inf  # link priority of a demand load: before every prefetch
@@ -211,6 +212,8 @@ class SimConfig:
                                       # WindowController (policies/ranking.py); None: the window stays fixed
     max_window: float | None = None   # the controller's ceiling (the coordinator's: lookahead_tokens x layers)
     expiry_steps: int = 64            # an order unused this many layer steps counts as wasted (the controller's input)
+    value_residents: bool = True      # the planner values residents by their learned reuse (policies/reuse.py),
+                                      # as the coordinator does (prefetch.value_residents)
 
     def __post_init__(self):
         assert self.workers >= 1 and self.batch >= 1, "workers and batch must be >= 1"
@@ -327,6 +330,7 @@ class Simulator:
             threshold=cfg.threshold, hbm_confirm_prob=cfg.confirm_prob, max_inflight_bytes=int(cap), layer_time_s=self.layer_time,
             costs=self._rk.TierCosts(tuple(lat), tuple(bw)), stage_to_dram=cfg.dram_fraction < 1))
         self.planner_wall: list[float] = []
+        self.reuse = ReuseEstimator(self.L, self.E, model.top_k) if cfg.value_residents else None
         self.step_times: list[float] = []
         # the window: fixed, or adapted as the coordinator does (its telemetry: orders used / wasted by expiry)
         self.window = float(cfg.window)
@@ -459,12 +463,17 @@ class Simulator:
         events, predict for every live request, rank across the cluster. Returns the Plan."""
         for ev in events:
             self.pred.observe(ev)
+            if self.reuse is not None:
+                self.reuse.observe(ev.request, ev.layer, ev.experts)
         views = []
         for r in requests:
             cands = self.pred.predict(r, int(math.ceil(self.window)))
             if len(cands):
                 views.append(self._rk.RequestView(r, cands))
-        return self.planner.plan(views, self._view(), self.window)
+        view = self._view()
+        if self.reuse is not None:
+            view.reuse = self.reuse.reuse(requests)
+        return self.planner.plan(views, view, self.window)
 
     def _issue_plan(self, plan, step: int) -> None:
         rk = self._rk
@@ -640,12 +649,17 @@ class Simulator:
             self.c.tokens += len(live)
             self.c.steps += 1
             for r in slots.advance(live):
-                self.pred.end(r)
+                self._end(r)
             if self.c.tokens >= limit:
                 for r in slots.req[slots.req >= 0].tolist():
-                    self.pred.end(r)
+                    self._end(r)
                 break
         return self.metrics()
+
+    def _end(self, r) -> None:
+        self.pred.end(r)
+        if self.reuse is not None:
+            self.reuse.end(r)
 
     def metrics(self) -> dict:
         c, T = self.c, self.clock.now

@@ -1,0 +1,78 @@
+"""How likely a resident expert is to be used again soon, learned online from routing: what lets the planner weigh
+"keep what is here" against "bring in what is predicted" (policies/ranking.py step 6).
+
+Without it a resident expert that no predictor names is worth 0 to the planner, so any prediction may displace it,
+even one the next token would have reused: LRU's whole strength (token-to-token reuse: 0.27-0.44 of a token's
+experts at a layer come back at the next token on the shared traces) is thrown away by every prefetch.
+
+Model: per (layer, expert) a two-state Markov chain over a request's consecutive tokens. The chance that the next
+token of a request selects expert e at layer l is p11[l, e] if the request's last token selected it there, p01[l, e]
+if not; both are decayed counts (half-life `half_life` tokens of that layer) with a Beta prior whose mean is the
+chance rate K/E. Over the live requests R, P(used at the next token) = 1 - prod_r (1 - p_r[l, e]).
+Pure numpy, no clock; memory O(L x E) plus one bool [L, E] per live request (callers end requests).
+"""
+from __future__ import annotations
+
+from typing import Hashable, Iterable
+
+import numpy as np
+
+
+class ReuseEstimator:
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, half_life: float = 512.0,
+                 prior_weight: float = 2.0):
+        assert num_layers > 0 and num_experts > 0 and 0 < top_k <= num_experts, \
+            f"bad geometry L={num_layers} E={num_experts} K={top_k}"
+        assert half_life > 0 and prior_weight > 0, "half_life and prior_weight must be > 0"
+        self.L, self.E, self.K = num_layers, num_experts, top_k
+        self.decay = 0.5 ** (1.0 / half_life)
+        base = top_k / num_experts
+        # decayed counts per (layer, expert): transitions out of "used" / "not used", and how many went to "used"
+        self.n1 = np.full((num_layers, num_experts), prior_weight)         # float64 [L, E]
+        self.n11 = np.full((num_layers, num_experts), prior_weight * base)
+        self.n0 = np.full((num_layers, num_experts), prior_weight)
+        self.n01 = np.full((num_layers, num_experts), prior_weight * base)
+        self.last: dict[Hashable, np.ndarray] = {}    # request -> bool [L, E] its last token's selection
+        self.seen: dict[Hashable, np.ndarray] = {}    # request -> bool [L] a token has been seen at that layer
+
+    def observe(self, request: Hashable, layer: int, experts) -> None:
+        """Request `request`'s next token selected `experts` at MoE layer `layer` (ids < 0: unknown, ignored)."""
+        ids = np.asarray(experts, np.int64).reshape(-1)
+        ids = ids[(ids >= 0) & (ids < self.E)]
+        last = self.last.get(request)
+        if last is None:
+            last = self.last[request] = np.zeros((self.L, self.E), bool)
+            self.seen[request] = np.zeros(self.L, bool)
+        cur = np.zeros(self.E, bool)
+        cur[ids] = True
+        if self.seen[request][layer]:
+            prev = last[layer]
+            d = self.decay
+            self.n1[layer] = d * self.n1[layer] + prev
+            self.n11[layer] = d * self.n11[layer] + (prev & cur)
+            self.n0[layer] = d * self.n0[layer] + ~prev
+            self.n01[layer] = d * self.n01[layer] + (~prev & cur)
+        last[layer] = cur
+        self.seen[request][layer] = True
+
+    def end(self, request: Hashable) -> None:
+        self.last.pop(request, None)
+        self.seen.pop(request, None)
+
+    def p_next(self) -> tuple[np.ndarray, np.ndarray]:
+        """(p11, p01) float64 [L, E]: P(selected at the next token | selected / not selected at this one)."""
+        return self.n11 / self.n1, self.n01 / self.n0
+
+    def reuse(self, requests: Iterable[Hashable] | None = None) -> np.ndarray:
+        """float64 [L, E]: P(at least one of `requests` (default: every live one) selects the expert at its next
+        token). A request not seen yet at a layer counts as "not selected" there."""
+        reqs = list(self.last) if requests is None else [r for r in requests if r in self.last]
+        p11, p01 = self.p_next()
+        if not reqs:
+            return np.zeros((self.L, self.E))
+        used = np.stack([self.last[r] for r in reqs])                       # bool [R, L, E]
+        n_used = used.sum(0)                                                 # [L, E]
+        # 1 - (1 - p11)^n_used (1 - p01)^(R - n_used), in logs
+        log_miss = n_used * np.log1p(-np.minimum(p11, 1 - 1e-12)) + \
+            (len(reqs) - n_used) * np.log1p(-np.minimum(p01, 1 - 1e-12))
+        return -np.expm1(log_miss)
