@@ -530,8 +530,8 @@ class ExpertWorker:
         refs = {k: self.storage.get_tiered.remote(*k, tiers) for k in cpu}
         for k, call in refs.items():
             try:
-                ref, tier = ray.get(call)
-                view = ray.get(ref)                               # uint8, zero-copy from the object store
+                got, tier = ray.get(call)                         # uint8, zero-copy from the object store
+                view = got if isinstance(got, np.ndarray) else ray.get(got)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
                 if isinstance(e, ray.exceptions.RayTaskError):
                     raise

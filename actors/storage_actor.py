@@ -71,14 +71,13 @@ class StorageActor:
         blob, tier = await store.read_blob(*bid, tiers=tiers)
         self.counters["read_seconds"] += time.perf_counter() - t0
         self.counters["bytes_read"] += blob.nbytes
-        ref = ray.put(blob)
         admitted, evicted = self.lru.admit(bid, blob.nbytes) if cache else (False, [])
         for v in evicted:
             self._refs.pop(v, None)
-        if admitted:
-            self._refs[bid] = ref
-        else:
-            self.counters["uncached"] += 1
+        if not admitted:   # not kept in the DRAM tier: the array itself (get_tiered inlines or returns it; no
+            self.counters["uncached"] += 1   # put into the object store only to get it back out)
+            return blob, tier
+        ref = self._refs[bid] = ray.put(blob)
         return ref, tier
 
     def _storage_tiers(self, tiers: list[str] | None) -> list[str] | None:
@@ -123,7 +122,8 @@ class StorageActor:
     async def get(self, layer: int, expert: int, tiers: list[str] | None = None) -> list:
         """[ref] to the blob of (layer, expert), from DRAM when resident, else read (verified) from storage.
         tiers: the request's TierSet (names); None: every configured tier."""
-        return [(await self._get((layer, expert), tiers))[0]]
+        got = (await self._get((layer, expert), tiers))[0]
+        return [ray.put(got) if isinstance(got, np.ndarray) else got]
 
     async def get_tiered(self, layer: int, expert: int, tiers: list[str] | None = None,
                          prefetch: bool = False, inline_max: int = 0) -> list:
@@ -136,6 +136,8 @@ class StorageActor:
         if prefetch:
             LINK_PRIORITY.set(PREFETCH)    # this call's task only: Ray runs each async actor call as its own task
         ref, tier = await self._get((layer, expert), tiers)
+        if isinstance(ref, np.ndarray):   # read, not kept in the DRAM tier: the reply carries it (Ray stores a
+            return [ref, tier]            # large reply in the object store: still one round trip, zero-copy)
         if inline_max and (await self._ensure()).manifest.blob(layer, expert).size <= inline_max:
             return [await ref, tier]
         return [ref, tier]

@@ -230,12 +230,12 @@ def test_named_victim_prefetch_never_evicts_anything_else(env):
 def test_tierset_without_dram_reads_storage_and_leaves_dram_alone(env):
     sa = storage(env, "tierset")
     node, [h] = next(iter(sa.items()))
-    ref, tier = ray.get(h.get_tiered.remote(0, 3, ["nvme"]))
+    got, tier = ray.get(h.get_tiered.remote(0, 3, ["nvme"]))
     assert tier == "nvme" and ray.get(h.resident.remote()) == []      # not cached in DRAM on its behalf
+    assert isinstance(got, np.ndarray), "an uncached blob comes back in the reply, not as a ref to get again"
     assert ray.get(h.stage.remote([(0, 3)], ["nvme"])) == 0 and ray.get(h.resident.remote()) == []
     ray.get(h.stage.remote([(0, 3)]))
     assert [tuple(k) for k in ray.get(h.resident.remote())] == [(0, 3)]
     _, tier = ray.get(h.get_tiered.remote(0, 3))
     assert tier == "dram"
-    blob = ray.get(ref)
-    assert blob.nbytes == env["manifest"].blob(0, 3).size
+    assert got.nbytes == env["manifest"].blob(0, 3).size

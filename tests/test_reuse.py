@@ -1,0 +1,84 @@
+"""Residents valued by their learned reuse (policies/reuse.py) and what the planner does with it
+(policies/ranking.py step 6): pure, no Ray."""
+import numpy as np
+import pytest
+
+from policies.predictors import Candidates
+from policies.ranking import HBM, NVME, ClusterView, PlannerConfig, PrefetchPlanner, RequestView
+from policies.reuse import ReuseEstimator
+
+L, E, K = 3, 8, 2
+MB = 1 << 20
+
+
+def test_learns_the_token_to_token_transition_per_expert():
+    """Expert 0 at layer 1 comes back at the next token 90% of the time once used; the others are drawn at random.
+    The estimate converges to the generating probabilities (a wrong update rule would not)."""
+    rng = np.random.default_rng(0)
+    est = ReuseEstimator(L, E, K, half_life=1e9)
+    prev0 = False
+    for t in range(4000):
+        for l in range(L):
+            if l == 1:
+                first = 0 if (prev0 and rng.random() < 0.9) or (not prev0 and rng.random() < 0.2) else \
+                    int(rng.integers(1, E))
+                other = int(rng.choice([e for e in range(1, E) if e != first]))
+                ids = [first, other]
+                prev0 = first == 0
+            else:
+                ids = rng.choice(E, size=K, replace=False).tolist()
+            est.observe("r", l, ids)
+    p11, p01 = est.p_next()
+    assert p11[1, 0] == pytest.approx(0.9, abs=0.03), f"p11 {p11[1, 0]}"
+    assert p01[1, 0] == pytest.approx(0.2, abs=0.03), f"p01 {p01[1, 0]}"
+    # uniform experts: no memory, P = K / E either way
+    assert np.allclose(p11[0], K / E, atol=0.05) and np.allclose(p01[2], K / E, atol=0.05)
+
+
+def test_reuse_combines_live_requests_and_forgets_ended_ones():
+    est = ReuseEstimator(L, E, K)
+    est.n11[:] = 0.5 * est.n1        # p11 = 0.5 everywhere
+    est.n01[:] = 0.1 * est.n0        # p01 = 0.1
+    est.observe("a", 0, [3, 4])
+    est.observe("b", 0, [3, 5])
+    r = est.reuse()
+    assert r[0, 3] == pytest.approx(1 - 0.5 * 0.5)           # both used it
+    assert r[0, 4] == pytest.approx(1 - 0.5 * 0.9)           # a used it, b did not
+    assert r[0, 0] == pytest.approx(1 - 0.9 * 0.9)           # nobody did
+    assert r[1, 4] == pytest.approx(1 - 0.9 * 0.9)           # a layer not seen yet: "not used"
+    assert est.reuse(["a", "nobody"])[0, 4] == pytest.approx(0.5)
+    est.end("a")
+    est.end("b")
+    assert not est.last and not est.seen                     # bounded: nothing kept for ended requests
+    assert not est.reuse().any()
+
+
+def test_unknown_expert_ids_are_ignored():
+    est = ReuseEstimator(L, E, K)
+    est.observe("a", 0, [-1, 2])
+    assert est.last["a"][0].tolist() == [e == 2 for e in range(E)]
+
+
+def _view():
+    owner = np.zeros((L, E), np.int64)                       # one worker owns everything
+    v = ClusterView.empty(owner, np.full((L, E), MB), np.array([0]), dram_free_bytes=np.array([0]),
+                          store_tiers=(NVME,))
+    v.present[HBM, 0, 1] = True                              # the worker is full: (0, 1) and (0, 2) resident
+    v.present[HBM, 0, 2] = True
+    return v
+
+
+def test_a_prediction_does_not_displace_a_resident_the_next_token_is_likelier_to_reuse():
+    planner = PrefetchPlanner(PlannerConfig(hbm_confirm_prob=0.5, stage_to_dram=False))
+    req = [RequestView("r", Candidates(np.array([1]), np.array([1]), np.array([5]), np.array([0.6])))]
+    v = _view()
+    plan = planner.plan(req, v, window=2)                    # no reuse known: residents are worth 0
+    assert [(o.layer, o.expert) for o in plan.orders()] == [(1, 5)]
+    assert plan.victims[0] in ([(0, 1)], [(0, 2)])
+    v = _view()
+    v.reuse = np.zeros((L, E))
+    v.reuse[0, 1] = v.reuse[0, 2] = 0.8                      # both will likely be used by the next token
+    assert len(planner.plan(req, v, window=2)) == 0
+    v.reuse[0, 2] = 0.3                                      # (0, 2) is less likely than the prediction: it goes
+    plan = planner.plan(req, v, window=2)
+    assert [(o.layer, o.expert) for o in plan.orders()] == [(1, 5)] and plan.victims[0] == [(0, 2)]
