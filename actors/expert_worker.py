@@ -887,13 +887,19 @@ class ExpertWorker:
         return y.to(torch.float32 if xdtype == np.float32 else y.dtype).cpu().numpy()
 
     # -- prefetch -----------------------------------------------------------------------------------------------
-    def prefetch(self, items: list[tuple], cancel: list[tuple] | None = None) -> int:
+    def prefetch(self, items: list[tuple], cancel: list[tuple] | None = None, keep: list[tuple] | None = None) -> int:
         """Queue (layer, expert, priority, request_id[, victims[, tiers]]) loads, highest priority first; returns
         how many were queued (resident, loading or already-queued experts are skipped, a higher priority is kept).
         victims (the PrefetchCoordinator's orders): the load may evict only these residents — the ones the
         coordinator valued lower — and is dropped if they do not make room; without it the cache's policy picks.
         tiers: the request's TierSet; the load never reads a tier outside it. cancel: (layer, expert) items to
-        cancel first (as `cancel(items=...)`), so that a coordinator step is one call per worker."""
+        cancel first (as `cancel(items=...)`), so that a coordinator step is one call per worker. keep: (layer,
+        expert, value) of residents as the coordinator values them (policies/ranking.py Plan.keep): from now on a
+        demand miss evicts the lowest-valued first (replacing the previous values; [] clears them)."""
+        if keep is not None:
+            hints = {(int(l), int(e)): float(v) for l, e, v in keep}
+            with self._lock:
+                self.cache.hints = hints or None
         if cancel:
             self.cancel(items=cancel)
         n = 0

@@ -425,8 +425,9 @@ class PrefetchCoordinator:
             by_worker.setdefault(int(plan.worker[i]), []).append(
                 (int(dl[l]), e, float(plan.priority[i]), req, victims, tiers))
             self.order_req[(l, e)] = req
+        keep = self._keep(plan, list(by_worker)) if by_worker else {}
         for wi, items in by_worker.items():
-            self._send(wi, items, cancels.get(wi) or [])
+            self._send(wi, items, cancels.get(wi) or [], keep.get(wi))
         if hbm.any():
             self.inflight[plan.layer[hbm], plan.expert[hbm]] = True
             self.inflight_step[plan.layer[hbm], plan.expert[hbm]] = self.step
@@ -445,19 +446,37 @@ class PrefetchCoordinator:
             self.staged += int(st.sum())
         self._submit_s = time.perf_counter() - t0
 
-    def _send(self, wi: int, items: list, cancel: list) -> None:
+    def _keep(self, plan, wis: list[int]) -> dict[int, list]:
+        """Per worker index in `wis`: [(decoder layer, expert, value)] of its residents and in-flight loads as this
+        step valued them (Plan.keep), which its cache then evicts lowest first (prefetch.eviction_hints)."""
+        if plan.keep is None or not getattr(self.pf, "eviction_hints", True):
+            return {}
+        have = self.resident[self.owner, self._ll, self._ee] | self.inflight          # [L, E]
+        ls, es = np.nonzero(have)
+        ws, vs = self.owner[ls, es], plan.keep[ls, es]
+        dl = np.asarray(self.moe_layers)[ls]
+        out = {}
+        for wi in wis:
+            m = ws == wi
+            out[wi] = list(zip(dl[m].tolist(), es[m].tolist(), vs[m].tolist()))
+        return out
+
+    def _send(self, wi: int, items: list, cancel: list, keep: list | None = None) -> None:
         """At most one prefetch call per worker in flight: orders made while it is outstanding wait and go
         together when it is acknowledged — fewer, larger calls when the coordinator outpaces a worker (each
-        `.remote()` costs the actor more than a step's decision)."""
+        `.remote()` costs the actor more than a step's decision). keep: the worker's residents' values (the
+        latest step's win)."""
         buf = self._held.get(wi)
         if buf is not None:                 # a call is outstanding: hold (a later order for a key wins)
             buf[0].extend(items)
             buf[1].extend(cancel)
+            if keep is not None:
+                buf[2][:] = [keep]
             return
-        ref = self.workers[self.wids[wi]].prefetch.remote(items, cancel or None)
+        ref = self.workers[self.wids[wi]].prefetch.remote(items, cancel or None, keep)
         if ref is None:                     # in-process benchmark handles: nothing to wait for
             return
-        self._held[wi] = ([], [])
+        self._held[wi] = ([], [], [])
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -470,9 +489,9 @@ class PrefetchCoordinator:
             await ref
         except Exception:  # noqa: BLE001 - a dead or failing worker: its orders are lost, serving goes on
             pass
-        items, cancel = self._held.pop(wi, ([], []))
+        items, cancel, keep = self._held.pop(wi, ([], [], []))
         if (items or cancel) and wi < len(self.wids) and self.wids[wi] == wid:
-            self._send(wi, items, cancel)
+            self._send(wi, items, cancel, keep[0] if keep else None)
 
     def _cancel_unwanted(self, wanted: np.ndarray) -> dict[int, list]:
         """In-flight orders that no request predicts any more (the prediction changed): worker index -> the

@@ -176,7 +176,7 @@ def bench_actor(args, routes) -> dict:
         def __init__(self):
             self.res: dict = {}
 
-        def prefetch(self, items, cancel=None):
+        def prefetch(self, items, cancel=None, keep=None):
             for it in items:
                 for v in (it[4] if len(it) > 4 and it[4] else ()):
                     self.res.pop(tuple(v), None)

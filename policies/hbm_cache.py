@@ -11,6 +11,8 @@ Policies (`make_policy(name)`):
                   entries whose request was cancelled (stale) first, then used entries by LRU, then fresh
                   prefetched entries last, oldest first — a prefetch that is about to be used is not thrown out
                   by the next prefetch, and a wasted one does not linger.
+A PrefetchCoordinator may set `CacheIndex.hints` ({key: value}): eviction then goes by its values, lowest first
+(what the next layers and tokens are least likely to use), whatever the policy; keys it did not value go last.
 Invariants (asserted): bytes used never exceed the budget; a pinned entry (in use by a compute) is never evicted.
 """
 from __future__ import annotations
@@ -125,6 +127,9 @@ class CacheIndex:
     entries: "OrderedDict[Hashable, Entry]" = field(default_factory=OrderedDict)
     evictions: int = 0
     wasted_prefetches: int = 0   # evicted while still flagged prefetched (never used)
+    # a coordinator's values of residents (higher: keep longer; policies/ranking.py Plan.keep): when set, eviction
+    # goes lowest value first; entries it does not value (loaded since it looked) go last, in policy order
+    hints: dict | None = None
 
     def __post_init__(self):
         assert self.budget >= 0, f"budget must be >= 0, got {self.budget}"
@@ -163,7 +168,11 @@ class CacheIndex:
         out = []
         if need <= 0:
             return out
-        for k in self.policy.order(self.entries):
+        order = self.policy.order(self.entries)
+        if self.hints:   # stable: equal values (and the unvalued, last) keep the policy's order
+            h = self.hints
+            order = sorted(order, key=lambda k: h.get(k, float("inf")))
+        for k in order:
             e = self.entries[k]
             if e.pins:
                 continue

@@ -44,6 +44,9 @@ How it ranks (one call = one decision step)
      both arrive late), then value. The `priority` handed to the workers encodes the same order:
      (number of tiers - source) + 0.999 / (1 + distance) + a value tie-break below 0.001.
 
+Plan.keep carries step 6's resident values: the coordinator hands each worker its residents' values so that a
+demand miss evicts the resident least likely to be used soon (predicted or reused), not merely the least recent.
+
 WindowController adapts the base window between decision steps: shrink when the wasted fraction of prefetches
 rises above `waste_high`, grow when stall time per step rises (or misses persist), within [min, max].
 """
@@ -207,6 +210,8 @@ class Plan:
     denied: dict = field(default_factory=dict)   # request -> AccessDenied message
     wanted: np.ndarray | None = None   # bool [L, E]: every (layer, expert) some request predicts in its window
     victims: list | None = None        # [M] per order, the residents (layer, expert) it may displace (HBM only)
+    keep: np.ndarray | None = None     # float64 [L, E] what keeping each resident / in-flight expert is worth (s/B,
+                                       # step 6's resident value): the workers evict lowest first on a demand miss
 
     def __len__(self) -> int:
         return len(self.layer)
@@ -415,7 +420,8 @@ class PrefetchPlanner:
             victims[o_] = [divmod(int(k), E) for k in rk[rstart[w[i]] + jd_prev[i]:rstart[w[i]] + jd[i]]]
         return Plan(w[idx].astype(np.int64), lay[idx].astype(np.int64), ex[idx].astype(np.int64),
                     S[idx].astype(np.int64), tgt, P[idx], value[idx], pri, nb[idx],
-                    [requests[int(r)].request for r in R[idx]], denied, wanted.reshape(L, E), victims)
+                    [requests[int(r)].request for r in R[idx]], denied, wanted.reshape(L, E), victims,
+                    res_value.reshape(L, E))
 
 
 def _order(*keys: np.ndarray) -> np.ndarray:

@@ -214,6 +214,8 @@ class SimConfig:
     expiry_steps: int = 64            # an order unused this many layer steps counts as wasted (the controller's input)
     value_residents: bool = True      # the planner values residents by their learned reuse (policies/reuse.py),
                                       # as the coordinator does (prefetch.value_residents)
+    eviction_hints: bool = True       # a worker that gets orders also gets the planner's resident values and
+                                      # evicts by them on a miss (prefetch.eviction_hints)
 
     def __post_init__(self):
         assert self.workers >= 1 and self.batch >= 1, "workers and batch must be >= 1"
@@ -477,6 +479,10 @@ class Simulator:
 
     def _issue_plan(self, plan, step: int) -> None:
         rk = self._rk
+        if self.cfg.eviction_hints and plan.keep is not None:   # as the coordinator's prefetch calls carry them
+            for w in set(plan.worker[plan.target == rk.TARGET_HBM].tolist()):
+                cache = self.caches[w]
+                cache.hints = {k: float(plan.keep[k]) for k in cache.entries} or None
         for i in range(len(plan)):
             key = (int(plan.layer[i]), int(plan.expert[i]))
             w = int(plan.worker[i])

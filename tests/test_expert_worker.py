@@ -227,6 +227,23 @@ def test_named_victim_prefetch_never_evicts_anything_else(env):
     assert sorted(map(tuple, ray.get(w.resident.remote()))) == [(0, 0), (1, 0)]
 
 
+def test_coordinator_values_decide_what_a_demand_miss_evicts(env):
+    """prefetch(keep=...) hands the worker its residents' values (the planner's Plan.keep): a demand miss then
+    evicts the lowest-valued resident, not the least recent; [] goes back to the cache's own LRU."""
+    man = env["manifest"]
+    w = worker(env, "keep", budget_blobs=2)
+    x = np.ones((1, man.model.hidden_size), np.float32)
+    ray.get(w.compute.remote(0, [0], [1], x))
+    ray.get(w.compute.remote(0, [1], [1], x))               # full: (0, 0) least recent, (0, 1)
+    ray.get(w.prefetch.remote([], None, [(0, 0, 2e-9), (0, 1, 1e-9)]))   # (0, 0) is worth more
+    y = ray.get(w.compute.remote(1, [0], [1], x))
+    assert sorted(map(tuple, ray.get(w.resident.remote()))) == [(0, 0), (1, 0)], "LRU would have evicted (0, 0)"
+    _check_exact(env, y, 1, [0], [1], x)
+    ray.get(w.prefetch.remote([], None, []))                 # values cleared: LRU again
+    ray.get(w.compute.remote(1, [1], [1], x))
+    assert sorted(map(tuple, ray.get(w.resident.remote()))) == [(1, 0), (1, 1)]
+
+
 def test_tierset_without_dram_reads_storage_and_leaves_dram_alone(env):
     sa = storage(env, "tierset")
     node, [h] = next(iter(sa.items()))

@@ -82,3 +82,24 @@ def test_a_prediction_does_not_displace_a_resident_the_next_token_is_likelier_to
     v.reuse[0, 2] = 0.3                                      # (0, 2) is less likely than the prediction: it goes
     plan = planner.plan(req, v, window=2)
     assert [(o.layer, o.expert) for o in plan.orders()] == [(1, 5)] and plan.victims[0] == [(0, 2)]
+    # Plan.keep: what the workers evict by on a demand miss: the likelier reuse is worth more
+    # (only residents' and in-flight entries are ever sent to a worker)
+    assert plan.keep.shape == (L, E) and plan.keep[0, 1] == pytest.approx(plan.keep[0, 2] * 0.8 / 0.3)
+
+
+def test_cache_hints_order_eviction_lowest_value_first_unvalued_last_pinned_never():
+    from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
+    c = CacheIndex(4, make_policy("lru", 4))
+    for k in "abcd":
+        c.insert(k, 1)                                       # LRU order a, b, c, d
+    assert c.plan_room(1) == ["a"]
+    c.hints = {"a": 0.9, "b": 0.5, "c": 0.1}                 # d not valued (loaded since): goes last
+    assert c.plan_room(3) == ["c", "b", "a"]
+    c.pin("c")
+    assert c.plan_room(2) == ["b", "a"]
+    c.hints = {"a": 0.2, "b": 0.2, "c": 0.2}                 # ties keep the policy's (LRU) order
+    assert c.plan_room(2) == ["a", "b"]
+    c.hints = None
+    assert c.plan_room(1) == ["a"]
+    with pytest.raises(DoesNotFit):
+        c.plan_room(5)
