@@ -894,12 +894,16 @@ class ExpertWorker:
         coordinator valued lower — and is dropped if they do not make room; without it the cache's policy picks.
         tiers: the request's TierSet; the load never reads a tier outside it. cancel: (layer, expert) items to
         cancel first (as `cancel(items=...)`), so that a coordinator step is one call per worker. keep: (layer,
-        expert, value) of residents as the coordinator values them (policies/ranking.py Plan.keep): from now on a
-        demand miss evicts the lowest-valued first (replacing the previous values; [] clears them)."""
+        expert, value[, value once used]) of residents as the coordinator values them (policies/ranking.py Plan.keep,
+        keep_used): from now on a demand miss evicts the lowest-valued first, and a use drops an expert to its
+        value once used (replacing the previous values; [] clears them)."""
         if keep is not None:
-            hints = {(int(l), int(e)): float(v) for l, e, v in keep}
+            hints = {(int(k[0]), int(k[1])): float(k[2]) for k in keep}
+            used = {(int(k[0]), int(k[1])): float(k[3]) for k in keep if len(k) > 3}
             with self._lock:
                 self.cache.hints = hints or None
+                self.cache.hints_used = used or None
+                self.cache.hints_used_default = float(np.mean(list(used.values()))) if used else None
         if cancel:
             self.cancel(items=cancel)
         n = 0

@@ -406,6 +406,7 @@ class PrefetchCoordinator:
         view = self.view()
         if self.reuse is not None:
             view.reuse = self.reuse.reuse(self.requests)
+            view.reuse_used = self.reuse.p_next()[0]
         plan = self.planner.plan(views, view, window)
         self.denied.update(plan.denied)
         cancels = self._cancel_unwanted(plan.wanted)
@@ -454,11 +455,13 @@ class PrefetchCoordinator:
         have = self.resident[self.owner, self._ll, self._ee] | self.inflight          # [L, E]
         ls, es = np.nonzero(have)
         ws, vs = self.owner[ls, es], plan.keep[ls, es]
+        vu = plan.keep_used[ls, es] if plan.keep_used is not None else None
         dl = np.asarray(self.moe_layers)[ls]
         out = {}
         for wi in wis:
             m = ws == wi
-            out[wi] = list(zip(dl[m].tolist(), es[m].tolist(), vs[m].tolist()))
+            cols = (dl[m].tolist(), es[m].tolist(), vs[m].tolist()) + (() if vu is None else (vu[m].tolist(),))
+            out[wi] = list(zip(*cols))
         return out
 
     def _send(self, wi: int, items: list, cancel: list, keep: list | None = None) -> None:

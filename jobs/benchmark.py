@@ -483,8 +483,9 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
     for p in policies:
         try:
             pred = make_predictor(p, num_layers=tr.num_layers, num_experts=tr.num_experts, top_k=tr.top_k,
-                                  trace=tr if p == "oracle" else None)
-        except (ValueError, ImportError) as e:
+                                  trace=tr if p == "oracle" else None,
+                                  store_dir=getattr(a, "predictor_dir", None) if p == "learned" else None)
+        except (ValueError, ImportError, FileNotFoundError) as e:
             out[p] = {"unavailable": str(e)}
             continue
         adapt = p not in ("on_demand", "oracle", "slru")

@@ -12,7 +12,8 @@ Policies (`make_policy(name)`):
                   prefetched entries last, oldest first — a prefetch that is about to be used is not thrown out
                   by the next prefetch, and a wasted one does not linger.
 A PrefetchCoordinator may set `CacheIndex.hints` ({key: value}): eviction then goes by its values, lowest first
-(what the next layers and tokens are least likely to use), whatever the policy; keys it did not value go last.
+(what the next layers and tokens are least likely to use), whatever the policy; keys it did not value go last. A
+use spends the prediction behind a value: the key drops to `hints_used[key]` (its reuse value) or the default.
 Invariants (asserted): bytes used never exceed the budget; a pinned entry (in use by a compute) is never evicted.
 """
 from __future__ import annotations
@@ -130,6 +131,9 @@ class CacheIndex:
     # a coordinator's values of residents (higher: keep longer; policies/ranking.py Plan.keep): when set, eviction
     # goes lowest value first; entries it does not value (loaded since it looked) go last, in policy order
     hints: dict | None = None
+    hints_used: dict | None = None   # {key: value once used}: a use spends a prediction; the key drops to this
+    hints_used_default: float | None = None  # ... or to this when it did not say (None, and no hints_used: a use
+                                             # leaves the value as it was)
 
     def __post_init__(self):
         assert self.budget >= 0, f"budget must be >= 0, got {self.budget}"
@@ -146,6 +150,10 @@ class CacheIndex:
         if e is None:
             return False
         self.entries.move_to_end(key)
+        if self.hints is not None:
+            v = (self.hints_used or {}).get(key, self.hints_used_default)
+            if v is not None:
+                self.hints[key] = v
         e.uses += 1
         e.prefetched = e.stale = False
         self.policy.on_access(key, e, self.entries)

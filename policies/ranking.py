@@ -156,6 +156,7 @@ class ClusterView:
     staging: np.ndarray | None = None    # bool [L, E] DRAM staging pending
     inflight_bytes: int = 0
     reuse: np.ndarray | None = None      # float [L, E] P(a resident is used again at the next token) (reuse.py)
+    reuse_used: np.ndarray | None = None  # float [L, E] the same for an expert just used (Plan.keep_used)
 
     def __post_init__(self):
         L, E = self.owner.shape
@@ -212,6 +213,8 @@ class Plan:
     victims: list | None = None        # [M] per order, the residents (layer, expert) it may displace (HBM only)
     keep: np.ndarray | None = None     # float64 [L, E] what keeping each resident / in-flight expert is worth (s/B,
                                        # step 6's resident value): the workers evict lowest first on a demand miss
+    keep_used: np.ndarray | None = None  # float64 [L, E] its worth once used (its prediction is spent: what is
+                                         # left is its reuse), which a worker switches to at the expert's next use
 
     def __len__(self) -> int:
         return len(self.layer)
@@ -350,12 +353,16 @@ class PrefetchPlanner:
         # resident / in flight: worth keeping (their value guards them from eviction) but nothing to fetch
         at_hbm = view.present[HBM].reshape(-1)[uk] | view.inflight.reshape(-1)[uk]
         res_value = np.zeros(LE)
+        keep_used = None
         if view.reuse is not None:   # what keeping a resident is worth: its reuse at the next token (L layers on)
             nb_all = view.nbytes.reshape(-1)
             stall_r = cfg.costs.seconds(np.minimum(tables[0], NUM_TIERS - 1), nb_all)
             if cfg.layer_time_s is not None:
                 stall_r = np.minimum(stall_r, L * cfg.layer_time_s)
-            res_value = view.reuse.reshape(-1) * stall_r / np.maximum(nb_all, 1)
+            per_b = stall_r / np.maximum(nb_all, 1)
+            res_value = view.reuse.reshape(-1) * per_b
+            if view.reuse_used is not None:
+                keep_used = (view.reuse_used.reshape(-1) * per_b).reshape(L, E)
         res_value[uk[at_hbm]] = np.maximum(res_value[uk[at_hbm]], value[at_hbm])
         todo = ~at_hbm
         uk, lay, ex, P, D, S, SO, R, nb, value = (a[todo] for a in (uk, lay, ex, P, D, S, SO, R, nb, value))
@@ -421,7 +428,7 @@ class PrefetchPlanner:
         return Plan(w[idx].astype(np.int64), lay[idx].astype(np.int64), ex[idx].astype(np.int64),
                     S[idx].astype(np.int64), tgt, P[idx], value[idx], pri, nb[idx],
                     [requests[int(r)].request for r in R[idx]], denied, wanted.reshape(L, E), victims,
-                    res_value.reshape(L, E))
+                    res_value.reshape(L, E), keep_used)
 
 
 def _order(*keys: np.ndarray) -> np.ndarray:

@@ -475,6 +475,7 @@ class Simulator:
         view = self._view()
         if self.reuse is not None:
             view.reuse = self.reuse.reuse(requests)
+            view.reuse_used = self.reuse.p_next()[0]
         return self.planner.plan(views, view, self.window)
 
     def _issue_plan(self, plan, step: int) -> None:
@@ -483,6 +484,9 @@ class Simulator:
             for w in set(plan.worker[plan.target == rk.TARGET_HBM].tolist()):
                 cache = self.caches[w]
                 cache.hints = {k: float(plan.keep[k]) for k in cache.entries} or None
+                if plan.keep_used is not None and cache.hints:
+                    cache.hints_used = {k: float(plan.keep_used[k]) for k in cache.hints}
+                    cache.hints_used_default = float(np.mean(list(cache.hints_used.values())))
         for i in range(len(plan)):
             key = (int(plan.layer[i]), int(plan.expert[i]))
             w = int(plan.worker[i])
