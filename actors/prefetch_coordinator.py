@@ -450,7 +450,7 @@ class PrefetchCoordinator:
     def _keep(self, plan, wis: list[int]) -> dict[int, list]:
         """Per worker index in `wis`: [(decoder layer, expert, value)] of its residents and in-flight loads as this
         step valued them (Plan.keep), which its cache then evicts lowest first (prefetch.eviction_hints)."""
-        if plan.keep is None or not getattr(self.pf, "eviction_hints", True):
+        if plan.keep is None or not getattr(self.pf, "eviction_hints", False):
             return {}
         have = self.resident[self.owner, self._ll, self._ee] | self.inflight          # [L, E]
         ls, es = np.nonzero(have)

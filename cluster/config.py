@@ -227,7 +227,7 @@ class PrefetchConfig(_Model):
     hbm_confirm_prob: float = Field(0.5, gt=0, le=1)  # below: never displaces a resident (staged to DRAM instead)
     stage_to_dram: bool = True
     value_residents: bool = True                     # residents keep their learned next-token reuse value
-    eviction_hints: bool = True                      # workers evict by the planner's resident values on a miss
+    eviction_hints: bool = False                     # workers evict by the planner's resident values on a miss
     layer_time_s: float | None = Field(None, gt=0)   # caps the stall a prefetch can hide (lead time)
     latency_ref_s: float = Field(0.1, gt=0)          # a request latency budget equal to this: neutral
     tier_costs: dict[Literal["peer", "dram", "nvme", "s3"], TierCost] | None = None   # planner's defaults if None

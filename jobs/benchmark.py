@@ -477,7 +477,7 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
                 **{k: v for k, v in (("threshold", getattr(a, "threshold", None)),
                                      ("confirm_prob", getattr(a, "hbm_confirm_prob", None))) if v is not None},
                 value_residents=getattr(a, "value_residents", True),
-                eviction_hints=getattr(a, "eviction_hints", True))
+                eviction_hints=getattr(a, "eviction_hints", False))
     max_window = float(max(a.window, (getattr(a, "lookahead_tokens", None) or 3) * tr.num_layers, 1))
     out = {}
     for p in policies:
@@ -548,9 +548,9 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=None, help="prefetch.threshold (planner)")
     p.add_argument("--hbm-confirm-prob", type=float, default=None, help="prefetch.hbm_confirm_prob (planner)")
     p.add_argument("--lookahead-tokens", type=int, default=None, help="prefetch.lookahead_tokens (planner)")
-    p.add_argument("--no-eviction-hints", dest="eviction_hints", action="store_false", default=True,
-                   help="prefetch.eviction_hints false: workers evict by their own policy on a miss, not by the "
-                        "planner's resident values")
+    p.add_argument("--eviction-hints", action="store_true",
+                   help="prefetch.eviction_hints true: a worker's demand miss evicts by the planner's resident "
+                        "values (Plan.keep) instead of its own policy")
     p.add_argument("--no-value-residents", dest="value_residents", action="store_false", default=True,
                    help="prefetch.value_residents false: the planner values a resident nobody predicts at 0 "
                         "(before: residents keep their learned next-token reuse value, policies/reuse.py)")
@@ -637,8 +637,8 @@ def planner_settings(a, eb: int) -> dict:
                              ("publish_every_layers", getattr(a, "publish_every", None))) if v is not None}
     if not getattr(a, "value_residents", True):
         out["value_residents"] = False
-    if not getattr(a, "eviction_hints", True):
-        out["eviction_hints"] = False
+    if getattr(a, "eviction_hints", False):
+        out["eviction_hints"] = True
     if a.tier == "s3":
         bw = a.s3_mbps * 1e6 if a.s3_mbps else 10e9
         cost = {"latency_s": a.s3_latency_ms / 1e3, "bandwidth_Bps": bw}

@@ -214,7 +214,7 @@ class SimConfig:
     expiry_steps: int = 64            # an order unused this many layer steps counts as wasted (the controller's input)
     value_residents: bool = True      # the planner values residents by their learned reuse (policies/reuse.py),
                                       # as the coordinator does (prefetch.value_residents)
-    eviction_hints: bool = True       # a worker that gets orders also gets the planner's resident values and
+    eviction_hints: bool = False      # a worker that gets orders also gets the planner's resident values and
                                       # evicts by them on a miss (prefetch.eviction_hints)
 
     def __post_init__(self):
