@@ -372,12 +372,12 @@ class PrefetchCoordinator:
             tp = time.perf_counter()
             self.predictor.observe(RoutingEvent(req, tok, li, ids[n], w[n],
                                                 None if hidden is None else hidden[n]))
-            if self.reuse is not None:
-                self.reuse.observe(req, li, ids[n])
             self._pred_s += time.perf_counter() - tp
             if last is None and len(self.requests) >= MAX_LIVE_REQUESTS:   # a runtime that never ends requests
                 self._end([next(iter(self.requests))])                   # cannot grow us: forget the oldest
             self.requests[req] = (tok, li)
+        if self.reuse is not None:
+            self.reuse.observe_many([table[int(r)] for r in rows], li, ids)
         used = np.unique(ids)
         self.tel.record_use(li, used)
         # the layer ran: what it used is now in its owners' caches (demand loads), no longer in flight

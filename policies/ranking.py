@@ -44,8 +44,9 @@ How it ranks (one call = one decision step)
      both arrive late), then value. The `priority` handed to the workers encodes the same order:
      (number of tiers - source) + 0.999 / (1 + distance) + a value tie-break below 0.001.
 
-Plan.keep carries step 6's resident values: the coordinator hands each worker its residents' values so that a
-demand miss evicts the resident least likely to be used soon (predicted or reused), not merely the least recent.
+Plan.keep carries step 6's resident values (and keep_used, their worth once used): with `eviction_hints` the
+coordinator hands each worker its residents' values so that a demand miss evicts the resident least likely to be
+used soon (predicted or reused), not merely the least recent (opt-in: measured worse than LRU on the embedded model).
 
 WindowController adapts the base window between decision steps: shrink when the wasted fraction of prefetches
 rises above `waste_high`, grow when stall time per step rises (or misses persist), within [min, max].

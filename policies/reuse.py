@@ -55,6 +55,39 @@ class ReuseEstimator:
         last[layer] = cur
         self.seen[request][layer] = True
 
+    def observe_many(self, requests: list, layer: int, experts) -> None:
+        """One routing event's rows at once: requests [N], experts int [N, k] (ids < 0 ignored). The same as N
+        `observe` calls when the requests are distinct (decode); a request with several rows (prefill, token after
+        token) goes row by row."""
+        ids = np.asarray(experts, np.int64).reshape(len(requests), -1)
+        if len(set(requests)) < len(requests):
+            for r, row in zip(requests, ids):
+                self.observe(r, layer, row)
+            return
+        N = len(requests)
+        cur = np.zeros((N, self.E), bool)                                 # [N, E]
+        ok = (ids >= 0) & (ids < self.E)
+        cur[np.nonzero(ok)[0], ids[ok]] = True
+        lasts, seen = [], np.zeros(N, bool)
+        for i, r in enumerate(requests):
+            last = self.last.get(r)
+            if last is None:
+                last = self.last[r] = np.zeros((self.L, self.E), bool)
+                self.seen[r] = np.zeros(self.L, bool)
+            seen[i] = self.seen[r][layer]
+            lasts.append(last)
+        if seen.any():
+            prev = np.stack([lasts[i][layer] for i in np.flatnonzero(seen)])   # [M, E]
+            c = cur[seen]
+            d = self.decay ** len(prev)      # the rows of one step decay together
+            self.n1[layer] = d * self.n1[layer] + prev.sum(0)
+            self.n11[layer] = d * self.n11[layer] + (prev & c).sum(0)
+            self.n0[layer] = d * self.n0[layer] + (~prev).sum(0)
+            self.n01[layer] = d * self.n01[layer] + (~prev & c).sum(0)
+        for i, r in enumerate(requests):
+            lasts[i][layer] = cur[i]
+            self.seen[r][layer] = True
+
     def end(self, request: Hashable) -> None:
         self.last.pop(request, None)
         self.seen.pop(request, None)

@@ -103,3 +103,19 @@ def test_cache_hints_order_eviction_lowest_value_first_unvalued_last_pinned_neve
     assert c.plan_room(1) == ["a"]
     with pytest.raises(DoesNotFit):
         c.plan_room(5)
+
+
+def test_observe_many_equals_row_by_row_for_distinct_requests_and_handles_prefill():
+    rng = np.random.default_rng(1)
+    a, b = ReuseEstimator(L, E, K, half_life=1e9), ReuseEstimator(L, E, K, half_life=1e9)
+    for t in range(30):
+        for l in range(L):
+            reqs = ["x", "y", "z"] if t % 5 else ["x", "x", "w"]      # every 5th step: a prefill-like event
+            ids = np.stack([rng.choice(E, K, replace=False) for _ in reqs])
+            ids[0, 0] = -1 if t == 7 else ids[0, 0]                   # an unknown id is ignored
+            a.observe_many(reqs, l, ids)
+            for r, row in zip(reqs, ids):
+                b.observe(r, l, row)
+    for x, y in ((a.n1, b.n1), (a.n11, b.n11), (a.n0, b.n0), (a.n01, b.n01)):
+        assert np.allclose(x, y)
+    assert a.last.keys() == b.last.keys() and all(np.array_equal(a.last[r], b.last[r]) for r in a.last)
