@@ -7,6 +7,9 @@ The storage side measured against baselines run in the same command, on expert b
   s3_unshaped_vs_single_stream_ratio the same as the first S3 ratio, straight to the server, no shaping
   handoff_vs_memcpy_ratio            per blob, DRAM tier (StorageActor) -> a consumer actor's tensors, steady
                                      state with several in flight, over an in-process memcpy of the same bytes
+  link_load_vs_model_ratio           one uncached expert load (StorageActor.get_tiered, the blob in the reply)
+                                     behind the emulated link, over the link's modelled time (the hand-off's cost;
+                                     no target: reported, with sequential and concurrent figures)
 Prints one table; the JSON holds these ratios and the raw figures.
 """
 from __future__ import annotations
@@ -311,6 +314,71 @@ def bench_handoff(store: str, n_blobs: int, size: int, batch: int, depth: int, r
         ray.shutdown()
 
 
+def bench_link_load(latency_s: float, bandwidth_Bps: float, calls: int, threads: int) -> dict:
+    """One expert load as an ExpertWorker makes it, from a tier behind the emulated link (no DRAM tier: nothing is
+    cached, every call crosses the link): `calls` sequential StorageActor.get_tiered calls (the blob inline in the
+    reply), then `threads` callers at once. Baseline: the link's own modelled time per load (latency + bytes /
+    bandwidth), so the ratio is what the hand-off (Ray calls, serialisation, scheduling) adds. The embedded model's
+    store (96 KiB experts): the size the inline reply is for."""
+    import threading
+
+    import ray
+
+    from cluster import ray_compat
+    from cluster.config import ClusterConfig
+    from cluster.storage_tier import start_storage_actors
+    from jobs.benchmark import model_store
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    store, _, _ = model_store(os.path.join(".store", "bench-link"), os.path.join(here, "embedded_model"))
+    cfg = ClusterConfig.model_validate({
+        "ray": {"namespace": "bench-link", "num_cpus": 4},
+        "tiers": [{"kind": "nvme", "path": store,
+                   "emulate": {"latency_s": latency_s, "bandwidth_Bps": bandwidth_Bps, "channels": 8}}]})
+    ray_compat.init_ray(cfg)
+    try:
+        sa = start_storage_actors(cfg)[ray_compat.current_node_id()][0]
+        from actors.expert_worker import INLINE_BLOB_BYTES
+        from storage_adapters.manifest import Manifest
+        man = Manifest.from_json(ray.get(sa.manifest_json.remote()), "bench store")
+        items = [(b.layer, b.expert) for b in man.blobs]
+        size = man.blob(*items[0]).size
+
+        def load(i):
+            got, _ = ray.get(sa.get_tiered.remote(*items[i % len(items)], None, False, INLINE_BLOB_BYTES))
+            return got if isinstance(got, np.ndarray) else ray.get(got)
+
+        load(0)
+        seq = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            load(i)
+            seq.append(time.perf_counter() - t0)
+        par: list = []
+
+        def caller(k):
+            for i in range(calls // threads):
+                t0 = time.perf_counter()
+                load(i * threads + k)
+                par.append(time.perf_counter() - t0)
+        th = [threading.Thread(target=caller, args=(k,)) for k in range(threads)]
+        t0 = time.perf_counter()
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        wall = time.perf_counter() - t0
+        model = latency_s + size / bandwidth_Bps
+        st = ray.get(sa.stats.remote())
+        return {"blob_bytes": size, "model_ms": model * 1e3, "sequential_p50_ms": 1e3 * float(np.median(seq)),
+                "sequential_p90_ms": 1e3 * float(np.percentile(seq, 90)), "threads": threads,
+                "concurrent_p50_ms": 1e3 * float(np.median(par)), "concurrent_loads_per_s": len(par) / wall,
+                "in_actor_read_ms": 1e3 * st["read_seconds"] / max(st["misses"], 1),
+                "link_load_vs_model_ratio": float(np.median(seq)) / model}
+    finally:
+        ray.shutdown()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.bench_storage", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 blobs instead of 64 (under two minutes)")
@@ -326,7 +394,11 @@ def main(argv=None) -> int:
     ap.add_argument("--s3-inflight", type=int, default=4)
     ap.add_argument("--handoff-batch", type=int, default=8, help="blobs per request to the DRAM tier")
     ap.add_argument("--handoff-depth", type=int, default=2, help="requests kept in flight ahead of the copy")
-    ap.add_argument("--only", default="nvme,s3,handoff")
+    ap.add_argument("--link-latency-ms", type=float, default=3.0, help="link section: the emulated link's latency")
+    ap.add_argument("--link-mbps", type=float, default=100.0, help="link section: its bandwidth, MB/s")
+    ap.add_argument("--link-calls", type=int, default=200)
+    ap.add_argument("--link-threads", type=int, default=4)
+    ap.add_argument("--only", default="nvme,s3,handoff,link")
     a = ap.parse_args(argv)
     n = a.blobs or (16 if a.quick else 64)
     only = set(a.only.split(","))
@@ -339,26 +411,31 @@ def main(argv=None) -> int:
     work = a.workdir or tempfile.mkdtemp(prefix="bench-storage-", dir=".store")
     results: dict = {"blobs": n, "command": "python -m jobs.bench_storage " + " ".join(argv or sys.argv[1:])}
     t_start = time.perf_counter()
-    with MotoServer() as moto:
-        bucket = make_bucket(moto.endpoint_url, "bench")
-        store, keys, size, results["convert"] = build_store(work, n, moto.endpoint_url if "s3" in only else None,
-                                                            bucket)
-        keys = keys[:n]
-        results["blob_bytes"] = size
-        if "nvme" in only:
-            _log("NVMe vs fio")
-            results["nvme"] = bench_nvme(store, keys, size, a.parallelism, a.chunk_bytes, reps=3,
-                                         loops=4 if a.quick else 2)
-        if "s3" in only:
-            results["s3"] = bench_s3(moto.endpoint_url, bucket, keys, size, a.s3_bandwidth_bps, a.s3_latency_s,
-                                     a.s3_connections, a.s3_part_bytes, a.s3_inflight)
+    store = size = None
+    if only & {"nvme", "s3", "handoff"}:   # the link section alone brings its own (embedded model) store
+        with MotoServer() as moto:
+            bucket = make_bucket(moto.endpoint_url, "bench")
+            endpoint = moto.endpoint_url if "s3" in only else None
+            store, keys, size, results["convert"] = build_store(work, n, endpoint, bucket)
+            keys = keys[:n]
+            results["blob_bytes"] = size
+            if "nvme" in only:
+                _log("NVMe vs fio")
+                results["nvme"] = bench_nvme(store, keys, size, a.parallelism, a.chunk_bytes, reps=3,
+                                             loops=4 if a.quick else 2)
+            if "s3" in only:
+                results["s3"] = bench_s3(moto.endpoint_url, bucket, keys, size, a.s3_bandwidth_bps, a.s3_latency_s,
+                                         a.s3_connections, a.s3_part_bytes, a.s3_inflight)
     if "handoff" in only:
         _log("DRAM tier -> consumer hand-off")
         results["handoff"] = bench_handoff(store, n, size, a.handoff_batch, a.handoff_depth, rounds=4)
+    if "link" in only:
+        _log("expert loads behind the emulated link (StorageActor.get_tiered, uncached)")
+        results["link"] = bench_link_load(a.link_latency_ms / 1e3, a.link_mbps * 1e6, a.link_calls, a.link_threads)
     if a.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t_start
-    for sect in ("nvme", "s3", "handoff"):
+    for sect in ("nvme", "s3", "handoff", "link"):
         for k in TARGETS:
             if k in results.get(sect, {}):
                 results[k] = results[sect][k]
@@ -367,10 +444,11 @@ def main(argv=None) -> int:
         if k in results:
             v = results[k]
             rows.append((k, f"{v:.2f}", f"{op} {tgt}", "yes" if (v >= tgt if op == ">=" else v <= tgt) else "NO"))
-    c = results["convert"]
-    raw = [f"convert: {c['checkpoint_bytes'] / 2**20:.0f} MiB checkpoint -> {len(c['targets'])} target(s) in "
-           f"{c['seconds']:.1f} s, peak extra memory {c['peak_anon_bytes'] / 2**20:.0f} MiB "
-           f"(blob {c['expert_blob_bytes'] / 2**20:.1f} MiB, {c['max_inflight']} in flight)"]
+    c = results.get("convert")
+    raw = [] if c is None else [
+        f"convert: {c['checkpoint_bytes'] / 2**20:.0f} MiB checkpoint -> {len(c['targets'])} target(s) in "
+        f"{c['seconds']:.1f} s, peak extra memory {c['peak_anon_bytes'] / 2**20:.0f} MiB "
+        f"(blob {c['expert_blob_bytes'] / 2**20:.1f} MiB, {c['max_inflight']} in flight)"]
     if "nvme" in results:
         r = results["nvme"]
         raw.append(f"NVMe: adapter {r['adapter_MBps']:.0f} MB/s, fio {r['fio_MBps']:.0f} MB/s "
@@ -386,8 +464,15 @@ def main(argv=None) -> int:
         r = results["handoff"]
         raw.append(f"hand-off {r['handoff_ms']:.2f} ms/blob (rounds {[round(x, 2) for x in r['handoff_ms_per_round']]})"
                    f" vs memcpy {r['memcpy_ms']:.2f} ms/blob")
+    if "link" in results:
+        r = results["link"]
+        raw.append(f"link load ({r['blob_bytes'] >> 10} KiB, modelled {r['model_ms']:.2f} ms): sequential p50 "
+                   f"{r['sequential_p50_ms']:.2f} ms (in the actor {r['in_actor_read_ms']:.2f}), {r['threads']} "
+                   f"callers {r['concurrent_p50_ms']:.2f} ms p50, {r['concurrent_loads_per_s']:.0f} loads/s; "
+                   f"link_load_vs_model_ratio {r['link_load_vs_model_ratio']:.2f}")
     w = [max(len(r[i]) for r in rows) for i in range(4)]
-    print(f"bench_storage: {n} blobs of {size / 2**20:.1f} MiB, {results['seconds']:.0f} s")
+    print(f"bench_storage: {n} blobs of {size / 2**20:.1f} MiB, {results['seconds']:.0f} s" if size else
+          f"bench_storage: {results['seconds']:.0f} s")
     for r in rows:
         print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
     for line in raw:
