@@ -488,8 +488,11 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
         except (ValueError, ImportError, FileNotFoundError) as e:
             out[p] = {"unavailable": str(e)}
             continue
-        adapt = p not in ("on_demand", "oracle", "slru")
-        cfg = SimConfig(**base, adapt_every=16 if adapt else None, max_window=max_window if adapt else None)
+        adapt = p not in ("on_demand", "oracle", "slru")   # the policies the coordinator actor runs
+        # on this machine the coordinator shares the decode loop's 2 cores: each of its steps (its measured time)
+        # comes off the layer that published it, as a prefetch's hand-off does (docs/simulator.md)
+        cfg = SimConfig(**base, adapt_every=16 if adapt else None, max_window=max_window if adapt else None,
+                        coordinator_cpu_s=calib["decision_latency_s"] if adapt else 0.0)
         m = Simulator(hw, model, store, cfg, tr, pred).run()
         out[p] = {k: m[k] for k in ("tokens_per_s", "hit_rate", "stall_ms_per_token", "prefetch_precision",
                                     "prefetch_recall", "late_prefetches", "demand_loads", "hbm_loads",

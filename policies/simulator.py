@@ -212,6 +212,9 @@ class SimConfig:
                                       # WindowController (policies/ranking.py); None: the window stays fixed
     max_window: float | None = None   # the controller's ceiling (the coordinator's: lookahead_tokens x layers)
     expiry_steps: int = 64            # an order unused this many layer steps counts as wasted (the controller's input)
+    coordinator_cpu_s: float = 0.0    # s of the layer's critical path each coordinator step takes where the
+                                      # coordinator shares the decode loop's cores (a CPU-only machine: the `local`
+                                      # profile charges its measured step time; 0 where it has a core of its own)
     value_residents: bool = True      # the planner values residents by their learned reuse (policies/reuse.py),
                                       # as the coordinator does (prefetch.value_residents)
     eviction_hints: bool = False      # a worker that gets orders also gets the planner's resident values and
@@ -553,6 +556,7 @@ class Simulator:
         t0 = time.perf_counter()
         plan = self.plan_step(events, [int(r) for r in reqs])
         self.planner_wall.append(time.perf_counter() - t0)
+        self.cpu_debt += self.cfg.coordinator_cpu_s       # paid by this layer, as prefetch hand-offs are
         c.planner_calls += 1
         c.orders += len(plan)
         clock.at(t_route + self.cfg.decision_latency, self._issue_plan, plan, step)

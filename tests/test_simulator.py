@@ -217,6 +217,19 @@ def test_prefetch_slots_and_cpu_cost_of_prefetches():
     assert m["tokens_per_s"] < runs[4]["tokens_per_s"]
 
 
+def test_coordinator_cpu_is_charged_to_each_layer_that_publishes():
+    """coordinator_cpu_s (a CPU-only machine: the coordinator shares the decode loop's cores) costs every layer step
+    exactly that much of its critical path, once per decision step (slower layers also give prefetches more lead
+    time, so the hit rate may move; the tokens/s must fall)."""
+    tr = synthetic_trace(120, 4, 16, 2, correlation=0.9, num_requests=2, seed=3)
+    base = SimConfig(batch=2, cache_fraction=0.5, window=2)
+    _, m0 = _run(tr, "cross_layer", base)
+    c = 1.5e-3
+    sim, m1 = _run(tr, "cross_layer", replace(base, coordinator_cpu_s=c))
+    assert m1["cpu_contention_ms_per_token"] * m1["tokens"] == pytest.approx(1e3 * c * sim.c.planner_calls, rel=1e-9)
+    assert m0["cpu_contention_ms_per_token"] == 0 and m1["tokens_per_s"] < m0["tokens_per_s"]
+
+
 def test_adaptive_window_is_the_coordinators_controller():
     tr = synthetic_trace(240, 4, 16, 2, correlation=0.8, num_requests=4, seed=2)
     cfg = SimConfig(batch=2, window=2, adapt_every=8, max_window=6)
