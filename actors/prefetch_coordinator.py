@@ -169,7 +169,8 @@ class PrefetchCoordinator:
         self.submit_times: deque = deque(maxlen=4096)   # of which submitting the orders (Ray .remote calls)
         self.predictor_times: deque = deque(maxlen=4096)  # of which in the predictor (observe + predict)
         self._submit_s = self._pred_s = 0.0
-        self._adapt_mark = (0, 0, 0.0, 0, 0)   # used, wasted, stall_s, misses, step at the last adaptation
+        self._adapt_mark = (0, 0, 0.0, 0, 0)   # used, wasted, stall_s, late, step at the last adaptation
+        self.late = 0                          # routed experts whose prefetch was still in flight
         self._poll_task = None
         self._last_poll = 0.0
         self.restarted = False   # not running as an actor: benchmarks drive the class in process
@@ -360,6 +361,8 @@ class PrefetchCoordinator:
         rows, pos, ids, w = ev["rows"], ev["pos"], ev["ids"], ev["w"]
         hidden = ev.get("hidden")
         resident_before = self.resident[self.owner[li, ids], li, ids]          # [N, k] as known
+        # ordered by us and still in flight as the layer ran: late (a longer window would have hidden them)
+        self.late += int((self.inflight[li, ids] & ~resident_before).sum())
         for n in range(len(rows)):
             req = table[int(rows[n])]
             tok = int(pos[n])
@@ -517,11 +520,11 @@ class PrefetchCoordinator:
 
     def _adapt(self) -> None:
         rt = self.tel.runtime_totals()
-        u0, w0, s0, m0, st0 = self._adapt_mark
+        u0, w0, s0, l0, st0 = self._adapt_mark
         used, wasted = self.tel.used, self.tel.wasted
         self.wc.update(wasted=wasted - w0, used=used - u0, stall_s=rt["stall_s"] - s0,
-                       steps=self.step - st0, misses=rt["misses"] - m0)
-        self._adapt_mark = (used, wasted, rt["stall_s"], rt["misses"], self.step)
+                       steps=self.step - st0, late=self.late - l0)
+        self._adapt_mark = (used, wasted, rt["stall_s"], self.late, self.step)
         self.tel.record_window(self.step, self.wc.window)
 
     # -- introspection ------------------------------------------------------------------------------------------

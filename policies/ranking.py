@@ -49,7 +49,7 @@ coordinator hands each worker its residents' values so that a demand miss evicts
 used soon (predicted or reused), not merely the least recent (opt-in: measured worse than LRU on the embedded model).
 
 WindowController adapts the base window between decision steps: shrink when the wasted fraction of prefetches
-rises above `waste_high`, grow when stall time per step rises (or misses persist), within [min, max].
+rises above `waste_high`, grow when stall time per step rises (or prefetches keep arriving late), within [min, max].
 """
 from __future__ import annotations
 
@@ -445,9 +445,10 @@ def _order(*keys: np.ndarray) -> np.ndarray:
 class WindowController:
     """The base lookahead window (in MoE layers), adapted between steps from telemetry deltas: shrink by `shrink`
     when the wasted fraction of recently resolved prefetches exceeds `waste_high`; otherwise grow by `grow` when
-    stall time per layer step rose above its running average (by `stall_rise`), or when misses go on while
-    prefetches are rarely wasted (below `waste_low`: looking further ahead is cheap and may hide them).
-    Deterministic: a function of the inputs only."""
+    stall time per layer step rose above its running average (by `stall_rise`), or when prefetches arrived late
+    (ordered, still in flight when their layer ran: a longer lead would have hidden them) while prefetches are
+    rarely wasted (below `waste_low`). Misses alone are no reason: at a small cache they never stop, and a window
+    grown on them only adds loads. Deterministic: a function of the inputs only."""
     window: float = 2.0
     min_window: float = 1.0
     max_window: float = 8.0
@@ -459,8 +460,8 @@ class WindowController:
     avg_stall: float | None = None   # EMA of stall seconds per step
     ema: float = 0.2
 
-    def update(self, *, wasted: int, used: int, stall_s: float, steps: int, misses: int = 0) -> float:
-        """wasted/used: prefetches resolved since the last update; stall_s/misses: over `steps` layer steps."""
+    def update(self, *, wasted: int, used: int, stall_s: float, steps: int, late: int = 0) -> float:
+        """wasted/used: prefetches resolved since the last update; stall_s/late: over `steps` layer steps."""
         if steps <= 0:
             return self.window
         per = stall_s / steps
@@ -469,7 +470,7 @@ class WindowController:
         if waste > self.waste_high:
             self.window *= self.shrink
         elif (self.avg_stall is not None and per > self.avg_stall * self.stall_rise and per > 0) or \
-                (misses > 0 and waste < self.waste_low):
+                (late > 0 and waste < self.waste_low):
             self.window *= self.grow
         self.avg_stall = per if self.avg_stall is None else (1 - self.ema) * self.avg_stall + self.ema * per
         self.window = float(np.clip(self.window, self.min_window, self.max_window))

@@ -523,8 +523,8 @@ class Simulator:
         u0, w0, s0, m0, st0 = self._adapt_mark
         c = self.c
         self.window = self.wc.update(wasted=self.orders_wasted - w0, used=self.orders_used - u0,
-                                     stall_s=c.stall_s - s0, steps=step - st0, misses=c.misses - m0)
-        self._adapt_mark = (self.orders_used, self.orders_wasted, c.stall_s, c.misses, step)
+                                     stall_s=c.stall_s - s0, steps=step - st0, late=c.late - m0)
+        self._adapt_mark = (self.orders_used, self.orders_wasted, c.stall_s, c.late, step)
         self.windows.append(self.window)
 
     def _expire(self, step: int) -> None:

@@ -192,9 +192,12 @@ def test_window_controller_shrinks_on_waste_grows_on_stalls_and_is_bounded():
         wc.update(wasted=10, used=0, stall_s=0, steps=1)
     assert wc.window == 1
     for _ in range(30):
-        wc.update(wasted=0, used=3, stall_s=0, steps=1, misses=5)   # misses go on, prefetches all used: grow
+        wc.update(wasted=0, used=3, stall_s=0, steps=1)             # misses alone (nothing late): hold
+    assert wc.window == 1
+    for _ in range(30):
+        wc.update(wasted=0, used=3, stall_s=0, steps=1, late=5)     # prefetches arrive late, all used: grow
     assert wc.window == 8
-    assert wc.update(wasted=1, used=2, stall_s=0, steps=1, misses=5) == 8   # 33% wasted: hold
+    assert wc.update(wasted=1, used=2, stall_s=0, steps=1, late=5) == 8   # 33% wasted: hold
     again = WindowController(window=4)
     seq = [dict(wasted=3, used=1, stall_s=0.1, steps=4), dict(wasted=0, used=1, stall_s=0.5, steps=4)]
     assert [again.update(**s) for s in seq] == [WindowController(window=4).update(**seq[0]),
