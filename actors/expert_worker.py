@@ -37,6 +37,11 @@ Key = tuple[int, int]  # (layer, expert)
 # blobs up to this size come back inside the storage actor's reply (one round trip; Ray inlines replies under its
 # 100 KiB max_direct_call_object_size); larger ones as object refs, mapped zero-copy from the node's object store
 INLINE_BLOB_BYTES = 96 << 10
+def _blob(got) -> np.ndarray:
+    """A StorageActor.get_tiered reply's blob: the array itself (inline or uncached) or a ref to get."""
+    return got if isinstance(got, np.ndarray) else ray.get(got)
+
+
 MISS = "miss"  # compute_resident's answer when an expert is not resident (the caller falls back to compute)
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -297,7 +302,7 @@ class ExpertWorker:
         for h in ([self.storage] if first_error is not None else [self.storage, self.storage]) + others:
             try:
                 got, tier = ray.get(h.get_tiered.remote(*key, tiers, prefetch, INLINE_BLOB_BYTES))
-                return (got if isinstance(got, np.ndarray) else ray.get(got)), tier
+                return _blob(got), tier
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
                 if isinstance(e, ray.exceptions.RayTaskError):
                     raise  # the actor is alive and the read itself failed: its error goes up as is
@@ -530,8 +535,8 @@ class ExpertWorker:
         refs = {k: self.storage.get_tiered.remote(*k, tiers) for k in cpu}
         for k, call in refs.items():
             try:
-                got, tier = ray.get(call)                         # uint8, zero-copy from the object store
-                view = got if isinstance(got, np.ndarray) else ray.get(got)
+                got, tier = ray.get(call)
+                view = _blob(got)                                 # uint8, zero-copy from the object store
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
                 if isinstance(e, ray.exceptions.RayTaskError):
                     raise
@@ -901,9 +906,7 @@ class ExpertWorker:
             hints = {(int(k[0]), int(k[1])): float(k[2]) for k in keep}
             used = {(int(k[0]), int(k[1])): float(k[3]) for k in keep if len(k) > 3}
             with self._lock:
-                self.cache.hints = hints or None
-                self.cache.hints_used = used or None
-                self.cache.hints_used_default = float(np.mean(list(used.values()))) if used else None
+                self.cache.set_hints(hints, used)
         if cancel:
             self.cancel(items=cancel)
         n = 0

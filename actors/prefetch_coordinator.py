@@ -363,8 +363,8 @@ class PrefetchCoordinator:
         resident_before = self.resident[self.owner[li, ids], li, ids]          # [N, k] as known
         # ordered by us and still in flight as the layer ran: late (a longer window would have hidden them)
         self.late += int((self.inflight[li, ids] & ~resident_before).sum())
-        for n in range(len(rows)):
-            req = table[int(rows[n])]
+        reqs = [table[int(r)] for r in rows]
+        for n, req in enumerate(reqs):
             tok = int(pos[n])
             last = self.requests.get(req)
             # a reused id starting over is a new request; a prefill goes token by token within each layer, so an
@@ -380,7 +380,7 @@ class PrefetchCoordinator:
                 self._end([next(iter(self.requests))])                   # cannot grow us: forget the oldest
             self.requests[req] = (tok, li)
         if self.reuse is not None:
-            self.reuse.observe_many([table[int(r)] for r in rows], li, ids)
+            self.reuse.observe_many(reqs, li, ids)
         used = np.unique(ids)
         self.tel.record_use(li, used)
         # the layer ran: what it used is now in its owners' caches (demand loads), no longer in flight
@@ -409,7 +409,8 @@ class PrefetchCoordinator:
         view = self.view()
         if self.reuse is not None:
             view.reuse = self.reuse.reuse(self.requests)
-            view.reuse_used = self.reuse.p_next()[0]
+            if getattr(self.pf, "eviction_hints", False):   # what a used resident drops to: only the hints need it
+                view.reuse_used = self.reuse.p_next()[0]
         plan = self.planner.plan(views, view, window)
         self.denied.update(plan.denied)
         cancels = self._cancel_unwanted(plan.wanted)

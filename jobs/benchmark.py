@@ -51,6 +51,9 @@ import time
 import numpy as np
 
 HIDDEN = 512                     # hidden size of the generated model; the intermediate size sets the expert size
+# policies the benchmark runs without a PrefetchCoordinator (the oracle prefetches from the driver, resident warms
+# every cache, slru is the cache alone)
+NO_COORDINATOR = ("on_demand", "oracle", "resident", "slru")
 
 
 def _say(msg):
@@ -186,7 +189,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     import torch
     from cluster.expert_cluster import ExpertCluster
     from policies.traces import TraceSlots
-    coord_policy = policy if policy not in ("on_demand", "oracle", "resident", "slru") else "on_demand"
+    coord_policy = policy if policy not in NO_COORDINATOR else "on_demand"
     cfg = cluster_config(store, workers=a.workers, hbm=hbm, dram=dram, policy=coord_policy, window=a.window,
                          ns=f"bench-{policy}-{ratio}-{os.getpid()}", address=a.address, inflight=inflight,
                          ratio=ratio, s3=s3, planner=planner, link=link_settings(a), worker_opts=worker_settings(a))
@@ -488,7 +491,7 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
         except (ValueError, ImportError, FileNotFoundError) as e:
             out[p] = {"unavailable": str(e)}
             continue
-        adapt = p not in ("on_demand", "oracle", "slru")   # the policies the coordinator actor runs
+        adapt = p not in NO_COORDINATOR   # the policies the coordinator actor runs
         # on this machine the coordinator shares the decode loop's 2 cores: each of its steps (its measured time)
         # comes off the layer that published it, as a prefetch's hand-off does (docs/simulator.md)
         cfg = SimConfig(**base, adapt_every=16 if adapt else None, max_window=max_window if adapt else None,

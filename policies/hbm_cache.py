@@ -159,6 +159,13 @@ class CacheIndex:
         self.policy.on_access(key, e, self.entries)
         return True
 
+    def set_hints(self, values: dict, used: dict | None = None) -> None:
+        """A coordinator's values of residents ({key: value}; {} clears them) and, optionally, their values once used
+        (a key absent from `used` drops to the mean of `used` at its next use; no `used`: a use keeps the value)."""
+        self.hints = values or None
+        self.hints_used = used or None
+        self.hints_used_default = float(sum(used.values()) / len(used)) if used else None
+
     def pin(self, key) -> None:
         self.entries[key].pins += 1
 

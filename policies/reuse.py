@@ -37,23 +37,7 @@ class ReuseEstimator:
 
     def observe(self, request: Hashable, layer: int, experts) -> None:
         """Request `request`'s next token selected `experts` at MoE layer `layer` (ids < 0: unknown, ignored)."""
-        ids = np.asarray(experts, np.int64).reshape(-1)
-        ids = ids[(ids >= 0) & (ids < self.E)]
-        last = self.last.get(request)
-        if last is None:
-            last = self.last[request] = np.zeros((self.L, self.E), bool)
-            self.seen[request] = np.zeros(self.L, bool)
-        cur = np.zeros(self.E, bool)
-        cur[ids] = True
-        if self.seen[request][layer]:
-            prev = last[layer]
-            d = self.decay
-            self.n1[layer] = d * self.n1[layer] + prev
-            self.n11[layer] = d * self.n11[layer] + (prev & cur)
-            self.n0[layer] = d * self.n0[layer] + ~prev
-            self.n01[layer] = d * self.n01[layer] + (~prev & cur)
-        last[layer] = cur
-        self.seen[request][layer] = True
+        self.observe_many([request], layer, np.asarray(experts).reshape(1, -1))
 
     def observe_many(self, requests: list, layer: int, experts) -> None:
         """One routing event's rows at once: requests [N], experts int [N, k] (ids < 0 ignored). The same as N
@@ -62,7 +46,7 @@ class ReuseEstimator:
         ids = np.asarray(experts, np.int64).reshape(len(requests), -1)
         if len(set(requests)) < len(requests):
             for r, row in zip(requests, ids):
-                self.observe(r, layer, row)
+                self.observe_many([r], layer, row[None])
             return
         N = len(requests)
         cur = np.zeros((N, self.E), bool)                                 # [N, E]

@@ -468,8 +468,9 @@ class Simulator:
         events, predict for every live request, rank across the cluster. Returns the Plan."""
         for ev in events:
             self.pred.observe(ev)
-            if self.reuse is not None:
-                self.reuse.observe(ev.request, ev.layer, ev.experts)
+        if self.reuse is not None and events:   # one update per routing event, as the coordinator does
+            self.reuse.observe_many([ev.request for ev in events], events[0].layer,
+                                    np.stack([ev.experts for ev in events]))
         views = []
         for r in requests:
             cands = self.pred.predict(r, int(math.ceil(self.window)))
@@ -478,7 +479,8 @@ class Simulator:
         view = self._view()
         if self.reuse is not None:
             view.reuse = self.reuse.reuse(requests)
-            view.reuse_used = self.reuse.p_next()[0]
+            if self.cfg.eviction_hints:   # what a used resident drops to: only the hints need it
+                view.reuse_used = self.reuse.p_next()[0]
         return self.planner.plan(views, view, self.window)
 
     def _issue_plan(self, plan, step: int) -> None:
@@ -486,10 +488,9 @@ class Simulator:
         if self.cfg.eviction_hints and plan.keep is not None:   # as the coordinator's prefetch calls carry them
             for w in set(plan.worker[plan.target == rk.TARGET_HBM].tolist()):
                 cache = self.caches[w]
-                cache.hints = {k: float(plan.keep[k]) for k in cache.entries} or None
-                if plan.keep_used is not None and cache.hints:
-                    cache.hints_used = {k: float(plan.keep_used[k]) for k in cache.hints}
-                    cache.hints_used_default = float(np.mean(list(cache.hints_used.values())))
+                cache.set_hints({k: float(plan.keep[k]) for k in cache.entries},
+                                None if plan.keep_used is None else
+                                {k: float(plan.keep_used[k]) for k in cache.entries})
         for i in range(len(plan)):
             key = (int(plan.layer[i]), int(plan.expert[i]))
             w = int(plan.worker[i])
