@@ -16,7 +16,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import resource
-import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
@@ -28,6 +27,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from actors.h2d import HostToDevice
 from policies.cost_model import RateMeter, Rates, decide_miss
 from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
 from storage_adapters.checksum import algo_of, verify
@@ -167,11 +167,13 @@ class _Queued:
 class ExpertWorker:
     def __init__(self, worker_id: int, manifest_json: bytes, hbm_budget_bytes: int, storage_by_node: dict,
                  *, device: str = "auto", policy: str = "lru", prefetch_concurrency: int = 2, cpu_threads: int = 1,
-                 io_threads: int = 8, miss_rates: dict | None = None, weight_prefetch: dict | None = None):
+                 io_threads: int = 8, miss_rates: dict | None = None, weight_prefetch: dict | None = None,
+                 h2d: dict | None = None):
         """miss_rates: None — a miss always waits for the load into the cache. Otherwise policies/cost_model.py
         decides per missed expert between waiting for the transfer and computing it on the CPU straight from the
         DRAM tier (nothing cached then), from {link_Bps, link_latency_s, device_flops, cpu_flops} (configured
-        priors) and, with measure=True, the rates this worker measures on its own loads."""
+        priors) and, with measure=True, the rates this worker measures on its own loads. h2d: HostToDevice's
+        {chunk_bytes, copy_threads} (actors/h2d.py) for loads into a GPU's memory."""
         self.worker_id = worker_id
         # inputs arrive read-only (zero-copy from Ray's object store) and are only read: torch need not warn
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -209,11 +211,9 @@ class ExpertWorker:
                              for i in range(prefetch_concurrency)]
         for t in self._prefetchers:
             t.start()
-        if self.device.type == "cuda":
-            self._stream = torch.cuda.Stream(self.device)
-            self._staging: queue.Queue = queue.Queue()
-            for _ in range(2):
-                self._staging.put(torch.empty(largest, dtype=torch.uint8, pin_memory=True))
+        # host -> device copies: on CUDA chunked through pinned staging on a copy stream of their own (actors/h2d.py)
+        # (h2d: {chunk_bytes, copy_threads}, config workers.h2d_*); staging never larger than one expert
+        self._h2d = HostToDevice(self.device, slots=max(2, prefetch_concurrency), max_bytes=largest, **(h2d or {}))
         self.miss_rates = None
         if miss_rates is not None:
             r = dict(miss_rates)
@@ -263,21 +263,7 @@ class ExpertWorker:
         t0 = time.perf_counter()
         view, tier = self._read_blob(key, tiers, prefetch=prefetch)  # uint8 numpy, mapped read-only from the node's object store
         n = view.nbytes
-        dev = torch.empty(n, dtype=torch.uint8, device=self.device)
-        ready = None
-        if self.device.type == "cuda":
-            stage = self._staging.get()
-            try:
-                np.copyto(stage[:n].numpy(), view)                             # object store -> pinned host
-                with torch.cuda.stream(self._stream):
-                    dev.copy_(stage[:n], non_blocking=True)                    # pinned host -> HBM, async
-                    ready = torch.cuda.Event()
-                    ready.record(self._stream)
-                ready.synchronize()  # the staging buffer is reusable only once copied
-            finally:
-                self._staging.put(stage)
-        else:
-            np.copyto(dev.numpy(), view)
+        dev, ready = self._h2d.copy(view)   # object store -> (pinned, chunked) -> HBM; on CPU one memcpy
         del view
         dt = time.perf_counter() - t0
         self._count(loads=1, bytes_loaded=n, load_seconds=dt)
@@ -567,21 +553,7 @@ class ExpertWorker:
     # -- partial prefetch (weight_prefetch_config, docs/weight_prefetch.md) -------------------------------------
     def _to_device(self, host: np.ndarray) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
         """uint8 host bytes -> a fresh device buffer (on CUDA through a pinned staging buffer, as _fetch_to_device)."""
-        dev = torch.empty(host.nbytes, dtype=torch.uint8, device=self.device)
-        if self.device.type != "cuda":
-            np.copyto(dev.numpy(), host)
-            return dev, None
-        stage = self._staging.get()
-        try:
-            np.copyto(stage[:host.nbytes].numpy(), host)
-            with torch.cuda.stream(self._stream):
-                dev.copy_(stage[:host.nbytes], non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(self._stream)
-            ready.synchronize()
-        finally:
-            self._staging.put(stage)
-        return dev, ready
+        return self._h2d.copy(host)
 
     def partial_rows(self, key: Key, reserve: bool = False) -> int:
         """Rows of gate/up a prefetch of key moves: moe.gate_up of them, rounded down to whole 4 KiB units where
@@ -772,7 +744,7 @@ class ExpertWorker:
         if not verify(host, d.checksum)[0]:
             return self._partial_failed(key, r, ["down"], c.tiers)
         dev = a[1]
-        dev[d.offset:d.offset + d.length].copy_(self._to_device(host)[0])
+        self._h2d.copy(host, dst=dev[d.offset:d.offset + d.length])   # straight into the blob's down slice
         full = _Resident(dev, self._views(key, dev), self._device_ready(), cached=False, tier=tier)
         with self._lock:
             cn = self.counters
@@ -981,7 +953,14 @@ class ExpertWorker:
                      evictions=self.cache.evictions, wasted_prefetches=self.cache.wasted_prefetches,
                      queued_prefetches=len(self._queued), policy=self.cache.policy.name,
                      local_storage=self.local_storage,
-                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                     pinned_staging_bytes=self._h2d.pinned_bytes,
+                     # device bytes the resident experts' tensors really hold (the index's used_bytes, measured)
+                     device_resident_bytes=sum(r.blob.numel() for r in self._res.values()
+                                               if r.blob.device.type == self.device.type),
+                     # all live device tensors per the CUDA caching allocator: the residents, in-flight calls, and
+                     # the runtime's own buffers (cuBLAS's workspace: 32 MiB on an H100 with torch 2.11)
+                     device_allocated_bytes=torch.cuda.memory_allocated(self.device) if self._h2d.cuda else None)
             assert self.cache.used <= self.cache.budget, f"worker {self.worker_id}: cache over budget"
         return s
 

@@ -429,6 +429,7 @@ class ExpertCluster:
         ).remote(wid, self.manifest.to_json(), int(w.hbm_budget_bytes), self.storage, device=w.device,
                  policy=self.policy, miss_rates=w.miss_rates.model_dump() if w.miss_rates else None,
                  prefetch_concurrency=w.prefetch_concurrency,
+                 h2d={"chunk_bytes": int(w.h2d_chunk_bytes), "copy_threads": w.h2d_copy_threads},
                  # passed down, not asked of a storage actor: a worker must start even where its node's one is gone
                  weight_prefetch=self.cfg.weight_prefetch_config.model_dump())
         return wid

@@ -102,9 +102,11 @@ def check_against_hf(model, hf, prompts, family: str) -> float:
     tokens = torch.zeros(B, max(lens), dtype=torch.int64)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p)
-    prefill = model.forward(cache, tokens, lens, all_logits=True)            # [B, T, V]
+    prefill = model.forward(cache, tokens.to(model.device), lens, all_logits=True)   # [B, T, V]
     assert prefill.dtype == torch.float32 and prefill.shape == (B, max(lens), V)
-    steps = [model.decode(cache, feed[:, s]) for s in range(DECODE_STEPS)]   # each [B, V]
+    assert prefill.device == model.device, f"logits on {prefill.device}, the model on {model.device}"
+    prefill = prefill.cpu()                                                  # transformers runs on the CPU
+    steps = [model.decode(cache, feed[:, s]).cpu() for s in range(DECODE_STEPS)]   # each [B, V]
     assert cache.lens == [n + DECODE_STEPS for n in lens]
     err = 0.0
     with torch.no_grad():

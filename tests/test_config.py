@@ -47,6 +47,10 @@ def test_sizes_paths_and_views(tmp_path):
     ("tiers: [{kind: nvme, path: x}]\nactive_tier_set: fast", "(top level)", "'fast' is not one of"),
     ("tiers: [{kind: nvme, path: x, encryption: {}}]", "tiers[0].encryption", "exactly one of key_file or key_env"),
     ("tiers: [{kind: nvme, path: x}]\nray: {adress: auto}", "ray.adress", "Extra inputs"),
+    ("tiers: [{kind: nvme, path: x}]\nworkers: {h2d_copy_threads: 0}", "workers.h2d_copy_threads",
+     "greater than or equal to 1"),
+    ("tiers: [{kind: nvme, path: x}]\nworkers: {h2d_chunk_bytes: 1KiB}", "workers.h2d_chunk_bytes",
+     "greater than or equal to 4096"),
 ])
 def test_invalid_config_names_file_key_and_problem(tmp_path, text, where, what):
     p = write(tmp_path, text)

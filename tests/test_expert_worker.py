@@ -78,7 +78,8 @@ def test_compute_exact_and_budget_after_every_step(env):
             start += n
         st = ray.get(w.stats.remote())
         assert st["used_bytes"] <= st["budget_bytes"] == 3 * man.expert_bytes
-        assert st["resident"] <= 3
+        assert st["device_resident_bytes"] == st["used_bytes"], "the index's charge differs from the tensors held"
+        assert st["resident"] <= 3 and st["device_allocated_bytes"] is None and st["pinned_staging_bytes"] == 0
     st = ray.get(w.stats.remote())
     assert st["misses"] == st["loads"] and st["evictions"] > 0 and st["hits"] + st["misses"] == 18
 
