@@ -540,7 +540,8 @@ class PrefetchCoordinator:
                     step_ms_p50=float(np.percentile(t, 50) * 1e3), step_ms_p99=float(np.percentile(t, 99) * 1e3),
                     decision_ms_p50=float(np.percentile(dec, 50) * 1e3),
                     decision_ms_p99=float(np.percentile(dec, 99) * 1e3),
-                    predictor_state_bytes=int(self.predictor.state_nbytes()))
+                    predictor_state_bytes=int(self.predictor.state_nbytes()),
+                    window_growths_undone=self.wc.undone)
         if self.metrics is not None:
             self._export(snap)
         return snap

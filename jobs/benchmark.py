@@ -278,7 +278,10 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
                 times = ray.get(c.coordinator.step_times_s.remote())
                 coord = {"step_ms_p50": 1e3 * float(np.median(times)) if times else None,
                          "step_ms_p99": 1e3 * float(np.percentile(times, 99)) if times else None,
-                         "steps": len(times), **{k: coord[k] for k in ("prefetches",) if k in coord},
+                         "steps": len(times), **{k: coord[k] for k in ("prefetches", "window_growths_undone")
+                                                 if k in coord},
+                         "window_mean": float(np.mean([w for _, w in coord["window_history"]]))
+                         if coord.get("window_history") else None,
                          **{k: coord.get("telemetry", coord).get(k) for k in
                             ("recall_at_k", "timely_recall", "window") if k in coord.get("telemetry", coord)}}
             except Exception as e:  # noqa: BLE001 - stats are a report, not the measurement

@@ -49,7 +49,8 @@ coordinator hands each worker its residents' values so that a demand miss evicts
 used soon (predicted or reused), not merely the least recent (opt-in: measured worse than LRU on the embedded model).
 
 WindowController adapts the base window between decision steps: shrink when the wasted fraction of prefetches
-rises above `waste_high`, grow when stall time per step rises (or prefetches keep arriving late), within [min, max].
+rises above `waste_high`, grow when stall time per step rises (or prefetches keep arriving late), within [min, max];
+a growth that does not cut stall per step in the next period is undone.
 """
 from __future__ import annotations
 
@@ -448,7 +449,14 @@ class WindowController:
     stall time per layer step rose above its running average (by `stall_rise`), or when prefetches arrived late
     (ordered, still in flight when their layer ran: a longer lead would have hidden them) while prefetches are
     rarely wasted (below `waste_low`). Misses alone are no reason: at a small cache they never stop, and a window
-    grown on them only adds loads. Deterministic: a function of the inputs only."""
+    grown on them only adds loads.
+
+    Every growth is judged by its effect: if over the next `judge` periods stall per step is not below its mean
+    over the `judge` periods up to the growth by `gain` (a wider window that only adds loads, or a stall rise
+    that was noise), the growth is undone and that width is out of reach for `block` updates. Means over several
+    periods, because a growth triggered by a stall spike would otherwise look good next to the spike it followed.
+    Without this, stall noise alone ratcheted the window to its ceiling (measured: 12 layers on the embedded
+    model, where 4 was faster; docs/benchmarks.md). Deterministic: a function of the inputs only."""
     window: float = 2.0
     min_window: float = 1.0
     max_window: float = 8.0
@@ -457,13 +465,71 @@ class WindowController:
     stall_rise: float = 1.1
     shrink: float = 0.8
     grow: float = 1.25
+    gain: float = 0.05               # a growth is kept if it cut mean stall per step by at least this fraction
+    judge: int = 2                   # periods a growth is judged over (and the baseline it is judged against)
+    block: int = 16                  # updates an undone growth's width stays out of reach
     avg_stall: float | None = None   # EMA of stall seconds per step
     ema: float = 0.2
+    recent: list = field(default_factory=list)   # stall per step of the last `judge` periods
+    trial: list | None = None        # [window before the growth, baseline mean stall, stalls since]: on trial
+    ceiling: float = float("inf")    # an undone growth's width: not reached again while blocked > 0
+    blocked: int = 0
+    undone: int = 0                  # growths undone so far (telemetry)
 
     def update(self, *, wasted: int, used: int, stall_s: float, steps: int, late: int = 0) -> float:
         """wasted/used: prefetches resolved since the last update; stall_s/late: over `steps` layer steps."""
         if steps <= 0:
             return self.window
+        per = stall_s / steps
+        resolved = wasted + used
+        waste = wasted / resolved if resolved else 0.0
+        self.recent = (self.recent + [per])[-self.judge:]
+        self.blocked = max(0, self.blocked - 1)
+        if self.blocked == 0:
+            self.ceiling = float("inf")
+        if waste > self.waste_high:
+            self.window *= self.shrink
+            self.trial = None
+        elif self.trial is not None:
+            before, base, since = self.trial
+            since.append(per)
+            if len(since) >= self.judge:
+                self.trial = None
+                if not sum(since) / len(since) < base * (1 - self.gain):   # the growth did not pay: undo it
+                    self.ceiling, self.blocked = self.window, self.block
+                    self.window = before
+                    self.undone += 1
+        elif (self.avg_stall is not None and per > self.avg_stall * self.stall_rise and per > 0) or \
+                (late > 0 and waste < self.waste_low):
+            grown = min(self.window * self.grow, self.max_window)
+            if self.window < grown < self.ceiling:
+                self.trial = [self.window, sum(self.recent) / len(self.recent), []]
+                self.window = grown
+        self.avg_stall = per if self.avg_stall is None else (1 - self.ema) * self.avg_stall + self.ema * per
+        self.window = float(np.clip(self.window, self.min_window, self.max_window))
+        return self.window
+        per = stall_s / steps
+        resolved = wasted + used
+        waste = wasted / resolved if resolved else 0.0
+        trial, self.trial = self.trial, None
+        self.blocked = max(0, self.blocked - 1)
+        if self.blocked == 0:
+            self.ceiling = float("inf")
+        if waste > self.waste_high:
+            self.window *= self.shrink
+        elif trial is not None and not per < trial[1] * (1 - self.gain):
+            self.ceiling, self.blocked = self.window, self.block     # the growth did not pay: undo it
+            self.window = trial[0]
+            self.undone += 1
+        elif (self.avg_stall is not None and per > self.avg_stall * self.stall_rise and per > 0) or \
+                (late > 0 and waste < self.waste_low):
+            grown = min(self.window * self.grow, self.max_window)
+            if grown > self.window and grown < self.ceiling:
+                self.trial = (self.window, per)
+                self.window = grown
+        self.avg_stall = per if self.avg_stall is None else (1 - self.ema) * self.avg_stall + self.ema * per
+        self.window = float(np.clip(self.window, self.min_window, self.max_window))
+        return self.window
         per = stall_s / steps
         resolved = wasted + used
         waste = wasted / resolved if resolved else 0.0

@@ -692,6 +692,7 @@ class Simulator:
             "worker_stall_s": c.worker_stall_s,
             "cpu_contention_ms_per_token": 1e3 * c.cpu_contention_s / max(c.tokens, 1),
             "window_final": self.window, "window_mean": float(np.mean(self.windows)) if self.windows else self.window,
+            "window_growths_undone": self.wc.undone if self.wc is not None else 0,
             "load_ms_per_load": 1e3 * c.load_s / c.loads if c.loads else float("nan"),
             "demand_loads": c.demand_loads, "uncached": c.uncached, "hbm_loads": int(hbm_loads),
             "prefetch_issued": c.prefetch_issued, "prefetch_done": c.prefetch_done,

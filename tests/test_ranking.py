@@ -194,10 +194,29 @@ def test_window_controller_shrinks_on_waste_grows_on_stalls_and_is_bounded():
     for _ in range(30):
         wc.update(wasted=0, used=3, stall_s=0, steps=1)             # misses alone (nothing late): hold
     assert wc.window == 1
-    for _ in range(30):
-        wc.update(wasted=0, used=3, stall_s=0, steps=1, late=5)     # prefetches arrive late, all used: grow
-    assert wc.window == 8
-    assert wc.update(wasted=1, used=2, stall_s=0, steps=1, late=5) == 8   # 33% wasted: hold
+    # prefetches arrive late, all used, and each growth cuts the stall: grow until it stops paying (4 layers here)
+    wc = WindowController(window=1, min_window=1, max_window=8)
+    for _ in range(60):
+        w = wc.window
+        wc.update(wasted=0, used=3, stall_s=max(0.0, 4.0 - w) * 0.01, steps=1, late=5 if w < 4 else 1)
+    assert 3.5 <= wc.window <= 5.0 and wc.undone >= 1, (wc.window, wc.undone)
+    assert wc.update(wasted=2, used=2, stall_s=0, steps=1, late=5) <= 5.0   # 50% wasted: hold (or shrink)
+
+
+def test_window_growth_that_does_not_cut_stalls_is_undone():
+    # stall per step that only alternates (noise, whatever the window): the old rule grew on every rise above the
+    # running average and ratcheted to the ceiling; judged growth comes back each time
+    wc = WindowController(window=4, min_window=1, max_window=12)
+    for i in range(200):
+        wc.update(wasted=4, used=6, stall_s=1.0 if i % 2 else 1.3, steps=1, late=3)
+    assert wc.window <= 5.0 and wc.undone >= 5, (wc.window, wc.undone)
+    # wider only costs (each layer more adds stall): the window never stays above where it started
+    wc = WindowController(window=4, min_window=1, max_window=12)
+    hist = []
+    for i in range(200):
+        wc.update(wasted=4, used=6, stall_s=0.1 * wc.window + (0.05 if i % 3 == 0 else 0.0), steps=1, late=3)
+        hist.append(wc.window)
+    assert max(hist[-50:]) <= 5.0 and sum(w > 4 for w in hist) <= len(hist) // 2, hist[-20:]
     again = WindowController(window=4)
     seq = [dict(wasted=3, used=1, stall_s=0.1, steps=4), dict(wasted=0, used=1, stall_s=0.5, steps=4)]
     assert [again.update(**s) for s in seq] == [WindowController(window=4).update(**seq[0]),
