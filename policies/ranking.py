@@ -508,36 +508,3 @@ class WindowController:
         self.avg_stall = per if self.avg_stall is None else (1 - self.ema) * self.avg_stall + self.ema * per
         self.window = float(np.clip(self.window, self.min_window, self.max_window))
         return self.window
-        per = stall_s / steps
-        resolved = wasted + used
-        waste = wasted / resolved if resolved else 0.0
-        trial, self.trial = self.trial, None
-        self.blocked = max(0, self.blocked - 1)
-        if self.blocked == 0:
-            self.ceiling = float("inf")
-        if waste > self.waste_high:
-            self.window *= self.shrink
-        elif trial is not None and not per < trial[1] * (1 - self.gain):
-            self.ceiling, self.blocked = self.window, self.block     # the growth did not pay: undo it
-            self.window = trial[0]
-            self.undone += 1
-        elif (self.avg_stall is not None and per > self.avg_stall * self.stall_rise and per > 0) or \
-                (late > 0 and waste < self.waste_low):
-            grown = min(self.window * self.grow, self.max_window)
-            if grown > self.window and grown < self.ceiling:
-                self.trial = (self.window, per)
-                self.window = grown
-        self.avg_stall = per if self.avg_stall is None else (1 - self.ema) * self.avg_stall + self.ema * per
-        self.window = float(np.clip(self.window, self.min_window, self.max_window))
-        return self.window
-        per = stall_s / steps
-        resolved = wasted + used
-        waste = wasted / resolved if resolved else 0.0
-        if waste > self.waste_high:
-            self.window *= self.shrink
-        elif (self.avg_stall is not None and per > self.avg_stall * self.stall_rise and per > 0) or \
-                (late > 0 and waste < self.waste_low):
-            self.window *= self.grow
-        self.avg_stall = per if self.avg_stall is None else (1 - self.ema) * self.avg_stall + self.ema * per
-        self.window = float(np.clip(self.window, self.min_window, self.max_window))
-        return self.window
