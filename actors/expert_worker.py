@@ -37,6 +37,8 @@ Key = tuple[int, int]  # (layer, expert)
 # blobs up to this size come back inside the storage actor's reply (one round trip; Ray inlines replies under its
 # 100 KiB max_direct_call_object_size); larger ones as object refs, mapped zero-copy from the node's object store
 INLINE_BLOB_BYTES = 96 << 10
+
+
 def _blob(got) -> np.ndarray:
     """A StorageActor.get_tiered reply's blob: the array itself (inline or uncached) or a ref to get."""
     return got if isinstance(got, np.ndarray) else ray.get(got)
@@ -551,10 +553,6 @@ class ExpertWorker:
         return out.to(torch.float32 if x.dtype == np.float32 else out.dtype).cpu().numpy()
 
     # -- partial prefetch (weight_prefetch_config, docs/weight_prefetch.md) -------------------------------------
-    def _to_device(self, host: np.ndarray) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
-        """uint8 host bytes -> a fresh device buffer (on CUDA through a pinned staging buffer, as _fetch_to_device)."""
-        return self._h2d.copy(host)
-
     def partial_rows(self, key: Key, reserve: bool = False) -> int:
         """Rows of gate/up a prefetch of key moves: moe.gate_up of them, rounded down to whole 4 KiB units where
         rows tile 4 KiB (so ranged reads stay page-aligned), at most the layer's cap left over."""
@@ -589,7 +587,7 @@ class ExpertWorker:
             hg, hu = _new_hash(g.checksum), _new_hash(u.checksum)
             hg.update(memoryview(host[:n]))
             hu.update(memoryview(host[n:]))
-            dev, ready = self._to_device(host)
+            dev, ready = self._h2d.copy(host)
             dt = time.perf_counter() - t0
         except BaseException:
             with self._lock:
@@ -715,7 +713,7 @@ class ExpertWorker:
         if bad:
             return "whole", self._partial_failed(key, r, bad, c.tiers)
         dev = torch.empty(b.size, dtype=torch.uint8, device=self.device)
-        rest_dev = self._to_device(host)[0] if n else None
+        rest_dev = self._h2d.copy(host)[0] if n else None
         for t, pre, at in ((g, r.blob[:P], 0), (u, r.blob[P:], n)):
             dev[t.offset:t.offset + P].copy_(pre)
             if n:

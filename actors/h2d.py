@@ -6,9 +6,10 @@ stream of their own (computes on the default stream never wait behind a load). T
 staging buffers per copy: while the copy engine reads chunk i from one buffer the CPU fills the other with chunk
 i+1, so the host memcpy and the DMA overlap instead of adding up (one whole-blob staging buffer costs
 n / memcpy_rate + n / dma_rate; chunked, about the larger of the two). One core's memcpy is the slower of the two
-(measured on an H100 host: ~7 GB/s memcpy against ~54 GB/s DMA from pinned memory, docs/benchmarks.md "On a
-GPU"), so each chunk's memcpy is split over `copy_threads` threads (numpy releases the GIL while it copies). Pinned memory is `slots x 2 x chunk_bytes`
-whatever the expert size; a Mixtral expert (352 MB in bf16) no longer needs two pinned buffers of its own size.
+(measured on an H100 host: ~7 GB/s memcpy against ~54 GB/s DMA from pinned memory, docs/benchmarks.md "GPU"),
+so each chunk's memcpy is split over `copy_threads` threads (numpy releases the GIL while it copies). Pinned
+memory is `slots x 2 x chunk` with chunks at most one expert; a Mixtral expert (352 MB in bf16) no longer needs
+two pinned buffers of its own size.
 
 On CPU the device is host memory: one memcpy into a fresh tensor, the same call.
 """

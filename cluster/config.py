@@ -135,7 +135,7 @@ class WorkersConfig(_Model):
     prefetch_concurrency: int = Field(2, ge=1, le=64)
     # GPU workers: host -> HBM copies go through pinned staging in chunks of h2d_chunk_bytes (capped at one expert),
     # each chunk's host memcpy split over h2d_copy_threads threads while the previous chunk's DMA runs (one core's
-    # memcpy is ~7x slower than the DMA on an H100 host: docs/benchmarks.md "On a GPU"). Unused on CPU workers.
+    # memcpy is ~7x slower than the DMA on an H100 host: docs/benchmarks.md "GPU"). Unused on CPU workers.
     h2d_chunk_bytes: ByteSize = Field(ByteSize(32 << 20), ge=4096)
     h2d_copy_threads: int = Field(8, ge=1, le=64)
     # None: a miss always waits for its load into the cache; else the cost model decides per miss

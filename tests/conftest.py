@@ -64,6 +64,16 @@ def convert_checkpoint(ckpt: str, *uris: str, endpoint_url: str | None = None):
     return asyncio.run(convert(plan_conversion(ckpt), targets, progress=False)).manifest
 
 
+def expert_reference(weights: dict, layer: int, expert: int, x):
+    """One expert of the `tiny` preset's checkpoint (safetensors.numpy weights) on x [n, H] float32: the CPU
+    reference the workers' outputs are checked against."""
+    import torch
+
+    from actors.expert_worker import expert_ffn
+    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+    return expert_ffn(torch.from_numpy(x), *(torch.from_numpy(weights[f"{p}.{n}.weight"]) for n in ("w1", "w3", "w2")))
+
+
 def tiny_store(root, *uris: str, endpoint_url: str | None = None, seed: int = 0):
     """Write the `tiny` preset checkpoint under root/ckpt and convert it; returns (checkpoint dir, manifest)."""
     from jobs.make_checkpoint import PRESETS, write_checkpoint

@@ -125,3 +125,29 @@ def check_against_hf(model, hf, prompts, family: str) -> float:
     return err
 
 
+
+
+def check_greedy_against_hf(model, hf, family: str, max_new_tokens: int = 16, seed: int = 3) -> None:
+    """`generate(do_sample=False)` of the runtime and of transformers (each prompt alone) give the same tokens."""
+    from cluster.model import generate
+    prompts_ = prompts(model.args.vocab_size, seed=seed)
+    got = generate(model, prompts_, max_new_tokens=max_new_tokens)
+    for b, p in enumerate(prompts_):
+        ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=max_new_tokens,
+                          pad_token_id=model.args.pad_token_id or 0)[0, len(p):].tolist()
+        assert got[b] == ref, f"{family} request {b}: runtime on {model.device} {got[b]} != transformers {ref}"
+
+
+def forwards(model, decode: int) -> list:
+    """Prefill the right-padded `prompts` batch (every position's logits), then `decode` steps of fixed random
+    tokens: each forward's logits, on the CPU (for bit-for-bit comparisons between runtimes)."""
+    prompts_ = prompts(model.args.vocab_size)
+    lens = [len(p) for p in prompts_]
+    cache = model.new_cache(len(prompts_), max(lens) + decode)
+    tokens = torch.zeros(len(prompts_), max(lens), dtype=torch.int64)
+    for b, p in enumerate(prompts_):
+        tokens[b, :len(p)] = torch.tensor(p)
+    out = [model.forward(cache, tokens.to(model.device), lens, all_logits=True)]
+    feed = torch.randint(3, model.args.vocab_size, (len(prompts_), decode), generator=torch.Generator().manual_seed(5))
+    out += [model.decode(cache, feed[:, s]) for s in range(decode)]
+    return [o.cpu() for o in out]

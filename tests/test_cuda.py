@@ -1,5 +1,5 @@
 """The CUDA paths, where a GPU is present (skipped on machines without one, CI among them; run on a lent GPU machine
-and recorded in docs/benchmarks.md "On a GPU").
+and recorded in docs/benchmarks.md "GPU").
 
 - The model runtime on the device: float32 logits of every family within hf_models.TOL of transformers (run on
   the CPU), greedy tokens equal, and bf16 on the device.
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 import hf_models  # noqa: E402
 from actors.h2d import HostToDevice  # noqa: E402
-from cluster.model import LocalExperts, MoEModel, OffloadSettings, generate  # noqa: E402
+from cluster.model import LocalExperts, MoEModel  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -52,14 +52,7 @@ def test_logits_on_the_gpu_match_transformers(tiny, family):
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
 def test_greedy_tokens_on_the_gpu_match_transformers(tiny, family):
-    t = tiny[family]
-    model = _on_device(t)
-    prompts = hf_models.prompts(model.args.vocab_size, seed=3)
-    got = generate(model, prompts, max_new_tokens=16)
-    for b, p in enumerate(prompts):
-        ref = t.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16,
-                               pad_token_id=model.args.pad_token_id or 0)[0, len(p):].tolist()
-        assert got[b] == ref, f"{family} request {b}: GPU runtime {got[b]} != transformers {ref}"
+    hf_models.check_greedy_against_hf(_on_device(tiny[family]), tiny[family].model, family)
 
 
 def test_bf16_on_the_gpu_tracks_float32(tiny):
@@ -74,16 +67,7 @@ def test_bf16_on_the_gpu_tracks_float32(tiny):
 
 
 def _forwards(model, decode: int = 3) -> list[torch.Tensor]:
-    prompts = hf_models.prompts(model.args.vocab_size)
-    lens = [len(p) for p in prompts]
-    cache = model.new_cache(len(prompts), max(lens) + decode)
-    tokens = torch.zeros(len(prompts), max(lens), dtype=torch.int64)
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.tensor(p)
-    out = [model.forward(cache, tokens.to(DEV), lens, all_logits=True)]
-    feed = torch.randint(3, model.args.vocab_size, (len(prompts), decode), generator=torch.Generator().manual_seed(5))
-    out += [model.decode(cache, feed[:, s]) for s in range(decode)]
-    return [o.cpu() for o in out]
+    return hf_models.forwards(model, decode)
 
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
@@ -196,9 +180,8 @@ def gpu_worker(ray_env):
 
 
 def _reference(env, layer, expert, x):
-    from actors.expert_worker import expert_ffn
-    w, p = env["weights"], f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
-    return expert_ffn(torch.from_numpy(x), *(torch.from_numpy(w[f"{p}.{n}.weight"]) for n in ("w1", "w3", "w2")))
+    from conftest import expert_reference
+    return expert_reference(env["weights"], layer, expert, x)
 
 
 def _check_device_bytes(st: dict) -> None:

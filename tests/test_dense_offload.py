@@ -46,16 +46,7 @@ def _model(t, wp=None) -> MoEModel:
 
 def _run(model) -> list[torch.Tensor]:
     """Prefill a right-padded batch (every position's logits), then DECODE steps: the logits of each forward."""
-    prompts = hf_models.prompts(model.args.vocab_size)
-    lens = [len(p) for p in prompts]
-    cache = model.new_cache(len(prompts), max(lens) + DECODE)
-    tokens = torch.zeros(len(prompts), max(lens), dtype=torch.int64)
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.tensor(p)
-    out = [model.forward(cache, tokens, lens, all_logits=True)]
-    feed = torch.randint(3, model.args.vocab_size, (len(prompts), DECODE), generator=torch.Generator().manual_seed(5))
-    out += [model.decode(cache, feed[:, s]) for s in range(DECODE)]
-    return out
+    return hf_models.forwards(model, DECODE)
 
 
 def _expected_bytes(t, st: OffloadSettings) -> tuple[list[int], list[int]]:

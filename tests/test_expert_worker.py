@@ -9,8 +9,8 @@ import ray
 import torch
 from safetensors.numpy import load_file
 
-from conftest import tiny_store
-from actors.expert_worker import (ExpertWorker, expert_ffn, pack_call, pack_rows, unpack_call, unpack_reply,
+from conftest import expert_reference, tiny_store
+from actors.expert_worker import (ExpertWorker, pack_call, pack_rows, unpack_call, unpack_reply,
                                   unpack_rows)
 from cluster.config import ClusterConfig
 from cluster.storage_tier import start_storage_actors
@@ -56,9 +56,7 @@ def as_tensor(y):
 
 
 def reference(env, layer, expert, x):
-    w = env["weights"]
-    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
-    return expert_ffn(torch.from_numpy(x), *(torch.from_numpy(w[f"{p}.{n}.weight"]) for n in ("w1", "w3", "w2")))
+    return expert_reference(env["weights"], layer, expert, x)
 
 
 def test_compute_exact_and_budget_after_every_step(env):

@@ -56,13 +56,7 @@ def test_logits_match_transformers(tiny, family):
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
 def test_greedy_generation_matches_transformers(tiny, family):
     t = tiny[family]
-    model = _runtime(t)
-    prompts = hf_models.prompts(model.args.vocab_size, seed=3)
-    got = generate(model, prompts, max_new_tokens=16)
-    for b, p in enumerate(prompts):
-        ref = t.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16,
-                               pad_token_id=model.args.pad_token_id or 0)[0, len(p):].tolist()
-        assert got[b] == ref, f"{family} request {b}: runtime {got[b]} != transformers {ref}"
+    hf_models.check_greedy_against_hf(_runtime(t), t.model, family)
 
 
 def test_model_args_follow_each_family(tiny):
