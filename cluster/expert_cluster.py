@@ -28,7 +28,9 @@ import torch
 
 from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_rows, unpack_reply,
                                   unpack_rows)
-from actors.prefetch_coordinator import PrefetchCoordinator
+from actors.prefetch_coordinator import PrefetchCoordinator, access_policy
+from policies.fast_path import NextLayerSpeculator, likely_experts
+from policies.ranking import AccessDenied
 from policies.placement import Placement, place
 from storage_adapters.manifest import Manifest
 
@@ -38,6 +40,9 @@ from .model import MoEModel, generate, load_dense_from_bytes
 from .storage_tier import start_storage_actors
 
 log = logging.getLogger(__name__)
+
+# policies whose predictor reads hidden states: the runtime speculates for them itself (RoutePublisher's fast path)
+SPECULATING_POLICIES = ("next_gate", "learned", "pre_gated", "ensemble")
 
 
 @dataclass
@@ -253,11 +258,23 @@ class RoutePublisher:
 
     Who each routed row is: `model.route_rows[n]` is a KV-cache row; its request id is `cache.requests[row]` when
     an engine bound its cache (`publisher.cache = cache`), else `row_requests[row]` (ExpertCluster.generate sets
-    them), else the row number itself."""
+    them), else the row number itself.
+
+    The fast path (`speculator`, policies/fast_path.py; `prefetch.speculate_*`): before the layer computes, the
+    next layers' likely experts are predicted here from the router input and ordered straight from their owner
+    workers (one fire-and-forget `prefetch` per owner, above any coordinator order in priority, within the step's
+    TierSet), never for a request in `denied` (ExpertCluster.register_request)."""
 
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
-                 hidden: bool = False, runtime: str | None = None):
+                 hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float = 0.2,
+                 fanout: int | None = None):
         self.coordinator, self.model, self.experts = coordinator, model, experts
+        self.speculator, self.threshold = speculator, threshold
+        self.fanout = fanout or model.args.top_k
+        self.moe_layers = list(model.args.moe_layers)
+        self._moe_index = {l: i for i, l in enumerate(self.moe_layers)}
+        self.denied: set = set()          # requests refused by access control: no fast-path order for them
+        self.speculated = 0               # fast-path orders sent (experts x owners; the workers skip residents)
         # runtimes are told apart by this id (the coordinator sums their cumulative counters)
         self.every, self.hidden = every, hidden
         self.runtime = runtime or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
@@ -278,21 +295,55 @@ class RoutePublisher:
                 self._send([])
             return
         m = self.model
-        self._buf.append({"layer": layer, "rows": m.route_rows.cpu().numpy(), "pos": m.route_pos.cpu().numpy(),
-                          "ids": topk_ids.cpu().numpy(), "w": topk_w.float().cpu().numpy(),
-                          "hidden": x.float().cpu().numpy() if self.hidden else None})
+        rows, pos, ids = m.route_rows.cpu().numpy(), m.route_pos.cpu().numpy(), topk_ids.cpu().numpy()
+        xh = x.float().cpu().numpy() if (self.hidden or self.speculator is not None) else None
+        if self.speculator is not None:
+            self._speculate(layer, rows, pos, ids, xh)
+        self._buf.append({"layer": layer, "rows": rows, "pos": pos, "ids": ids, "w": topk_w.float().cpu().numpy(),
+                          "hidden": xh if self.hidden else None})
         if len(self._buf) >= self.every or layer == self.last_layer:
             self.flush()
+
+    def _table(self, rows: np.ndarray) -> list:
+        if self.cache is not None:
+            return list(self.cache.requests)
+        if self.row_requests is not None:
+            return list(self.row_requests)
+        return list(range(int(rows.max(initial=0)) + 1))
+
+    def _speculate(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray, xh: np.ndarray) -> None:
+        """The fast path: P at the next layers for every row, the likely experts ordered from their owners."""
+        li = self._moe_index.get(layer)
+        if li is None or not len(rows):
+            return
+        urows, P = self.speculator.step(li, rows, pos, ids, xh)
+        if self.denied:   # access control: a refused request gets no read on its behalf
+            table = self._table(urows)
+            ok = np.array([table[r] not in self.denied if r < len(table) else True for r in urows.tolist()], bool)
+            P = P[:, ok]
+        L = len(self.moe_layers)
+        tiers = list(self.experts.tiers) if self.experts.tiers is not None else None
+        for d in range(P.shape[0]):
+            es = np.flatnonzero(likely_experts(P[d], self.threshold, self.fanout))
+            if not len(es):
+                continue
+            dl = self.moe_layers[(li + d + 1) % L]
+            owner = self.experts._owner_np[dl][es]
+            # above every coordinator order (priorities < NUM_TIERS + 1), the nearer distance first
+            pri = 16.0 - d + P[d][:, es].max(0)
+            for w in np.unique(owner).tolist():
+                h = self.experts.workers.get(int(w))
+                if h is None:
+                    continue
+                mine = owner == w
+                h.prefetch.remote([(dl, int(e), float(p), None, None, tiers)
+                                   for e, p in zip(es[mine].tolist(), pri[mine].tolist())])
+                self.speculated += int(mine.sum())
 
     def flush(self) -> None:
         if not self._buf:
             return
-        if self.cache is not None:
-            table = list(self.cache.requests)
-        elif self.row_requests is not None:
-            table = list(self.row_requests)
-        else:
-            table = list(range(int(max(int(ev["rows"].max(initial=0)) for ev in self._buf)) + 1))
+        table = self._table(np.array([int(ev["rows"].max(initial=0)) for ev in self._buf]))
         layers, self._buf = self._buf, []
         self._send(table, layers)
 
@@ -337,6 +388,7 @@ class ExpertCluster:
         self.lost_workers: list[int] = []
         self.coordinator = None
         self.publisher: RoutePublisher | None = None
+        self._access = access_policy(cfg.prefetch)   # tenants' rules (None: no access control)
         self._gen_ids = itertools.count()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -398,12 +450,42 @@ class ExpertCluster:
         ).remote(pf, geometry, dict(self.workers), nodes, self._owners(), self.storage, router_weights=router,
                  store_dir=nvme, model=self.manifest.model.family)
         ray.get(self.coordinator.ping.remote())   # a bad policy / missing weights fail here, at start
+        spec = None
+        if pf.speculate_layers > 0 and pf.policy in SPECULATING_POLICIES:
+            prefer = pf.speculate_source if pf.speculate_source != "auto" else \
+                {"next_gate": "next_gate", "learned": "learned", "pre_gated": "pre_gated"}.get(pf.policy, "auto")
+            spec = NextLayerSpeculator.from_sources(L, E, a.top_k, store_dir=nvme, dense=router,
+                                                    depth=pf.speculate_layers, prefer=prefer)
         self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,
-                                        hidden=pf.publish_hidden and router is not None)
+                                        hidden=pf.publish_hidden and router is not None, speculator=spec,
+                                        threshold=pf.speculate_threshold, fanout=pf.speculate_fanout)
         self.model.on_route = self.publisher
+
+    def register_request(self, request, tenant: str | None = None, tiers: list[str] | None = None,
+                         latency_budget_s: float | None = None) -> None:
+        """Before a request's first token: its tenant, TierSet and latency budget go to the coordinator (its
+        orders honour them). Raises AccessDenied, naming tenant and what, if the tenant may not use the model or
+        those tiers; the runtime's fast path then orders nothing for it either."""
+        if self.coordinator is None:
+            return
+        try:
+            self.coordinator.register_request.remote(request, tenant, None if tiers is None else list(tiers),
+                                                     latency_budget_s)
+        except Exception:  # noqa: BLE001 - coordinator behind or gone: serving goes on without prefetch
+            pass
+        if self._access is not None:
+            try:
+                self._access.check(tenant, self.manifest.model.family,
+                                   list(tiers) if tiers is not None else self.cfg.active_tiers)
+            except AccessDenied:
+                if self.publisher is not None:
+                    self.publisher.denied.add(request)
+                raise
 
     def end_requests(self, request_ids) -> None:
         """Requests finished: the coordinator drops their state and cancels their queued prefetches."""
+        if self.publisher is not None and self.publisher.denied:
+            self.publisher.denied.difference_update(request_ids)
         if self.coordinator is not None:
             try:
                 self.coordinator.end_request.remote(list(request_ids))

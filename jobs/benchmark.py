@@ -290,6 +290,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     out.update(prefetch_bytes(base, st, max(s for s in c.sizes.values())), prefetch_ratio=ratio)
     out["cross_node_activation_bytes"] = act_bytes
     out["coordinator"] = coord
+    out["fast_path_orders"] = getattr(pub, "speculated", 0) if pub is not None else 0
     return out
 
 
@@ -563,6 +564,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-value-residents", dest="value_residents", action="store_false", default=True,
                    help="prefetch.value_residents false: the planner values a resident nobody predicts at 0 "
                         "(before: residents keep their learned next-token reuse value, policies/reuse.py)")
+    p.add_argument("--speculate-layers", type=int, default=None,
+                   help="prefetch.speculate_layers: MoE layers the runtime's fast path predicts itself (0: off; "
+                        "hidden-state policies only, policies/fast_path.py)")
+    p.add_argument("--speculate-threshold", type=float, default=None, help="prefetch.speculate_threshold")
     p.add_argument("--publish-every", type=int, default=None,
                    help="prefetch.publish_every_layers: MoE layers per routing batch the runtime sends")
     p.add_argument("--cache-policy", default="lru", choices=("lru", "lfu", "slru", "prefetch_aware"),
@@ -643,7 +648,9 @@ def planner_settings(a, eb: int) -> dict:
     so the planner would otherwise value a prefetch at an NVMe read's stall)."""
     out = {k: v for k, v in (("threshold", a.threshold), ("hbm_confirm_prob", a.hbm_confirm_prob),
                              ("lookahead_tokens", a.lookahead_tokens),
-                             ("publish_every_layers", getattr(a, "publish_every", None))) if v is not None}
+                             ("publish_every_layers", getattr(a, "publish_every", None)),
+                             ("speculate_layers", getattr(a, "speculate_layers", None)),
+                             ("speculate_threshold", getattr(a, "speculate_threshold", None))) if v is not None}
     if not getattr(a, "value_residents", True):
         out["value_residents"] = False
     if getattr(a, "eviction_hints", False):

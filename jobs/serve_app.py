@@ -391,11 +391,10 @@ class CompletionServer:
                                 top_p=body.top_p, seed=body.seed, tenant=tenant, tiers=tiers,
                                 stop_token_ids=tuple(body.stop_token_ids) if body.stop_token_ids is not None
                                 else None)
-        coord = getattr(self.cluster, "coordinator", None)
-        if coord is not None and (tenant is not None or tiers is not None):
+        if getattr(self.cluster, "coordinator", None) is not None and (tenant is not None or tiers is not None):
             try:   # before its first routing event (same caller: Ray keeps the order): its prefetches honour these
-                coord.register_request.remote(rid, tenant, None if tiers is None else list(tiers))
-            except Exception:  # noqa: BLE001 - coordinator behind or gone: serving goes on without prefetch
+                self.cluster.register_request(rid, tenant, None if tiers is None else list(tiers))
+            except Exception:  # noqa: BLE001 - admitted above; a stricter prefetch rule only means no prefetch
                 pass
         try:
             handle = self.engine.submit(req)

@@ -143,12 +143,15 @@ def test_metrics_reach_prometheus(env, prefetching):
 def test_denied_tenant_gets_clear_error_and_no_prefetch(env, prefetching):
     c, _, _ = prefetching
     ids = [f"evil-{b}" for b in range(len(env["prompts"]))]
-    for r in ids:
+    for r in ids:   # refused by the runtime (its fast path) and by the coordinator, each with the reason
+        with pytest.raises(AccessDenied, match="tenant 'mallory' is not allowed to use this cluster"):
+            c.register_request(r, tenant="mallory")
         with pytest.raises(AccessDenied, match="tenant 'mallory' is not allowed to use this cluster"):
             ray.get(c.coordinator.register_request.remote(r, tenant="mallory"))
     with pytest.raises(AccessDenied, match=r"tenant 'alice' is not allowed tiers \['s3'\]"):
-        ray.get(c.coordinator.register_request.remote("alice-1", tenant="alice", tiers=["dram", "nvme", "s3"]))
-    ray.get(c.coordinator.register_request.remote("alice-2", tenant="alice", tiers=["dram", "nvme"]))  # allowed
+        c.register_request("alice-1", tenant="alice", tiers=["dram", "nvme", "s3"])
+    c.register_request("alice-2", tenant="alice", tiers=["dram", "nvme"])   # allowed
+    assert set(ids) | {"alice-1"} == c.publisher.denied
     time.sleep(0.3)
     before = ray.get(c.coordinator.stats.remote())
     loads = sum(w["prefetch_loads"] + w["queued_prefetches"] for w in c.stats()["workers"])

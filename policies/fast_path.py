@@ -1,0 +1,144 @@
+"""Runtime-side speculation: the next MoE layers' experts, predicted where the hidden state is, with no hop.
+
+The PrefetchCoordinator sees a routing event only after it crossed to its actor and waited its turn there (a step
+takes 2-3 ms on the machines measured, docs/benchmarks.md), so its orders for the very next layer leave late: on
+the embedded model its timely recall stayed ~0.45 while its distance-1 recall was ~0.81. The published offloaders
+that reach high timely recall (mixtral-offloading, AdapMoE, HOBBIT, Pre-gated MoE) all speculate in the forward
+pass itself. `NextLayerSpeculator` is that fast path: at MoE layer l, from the batch's router inputs, it returns
+P(expert selected) at layers l+1..l+depth for every cache row, batched (one matmul per distance, no per-row
+Python), and the runtime (cluster/expert_cluster.py RoutePublisher) sends the likely ones straight to their owner
+workers before layer l computes. The coordinator keeps the longer range: windows, dedup across runtimes, staging,
+ranking by value and the byte caps.
+
+Sources, best first (`from_sources`):
+  learned     the trained auxiliary predictor beside the store (policies/learned.py): the same features and
+              weights as LearnedPredictor, kept per cache row ([rows, L, R] compressed router inputs, [rows, L, E]
+              multi-hots). Equal to LearnedPredictor's prediction for the same events (tests/test_fast_path.py);
+              not fine-tuned here (the coordinator's copy is).
+  pre_gated   a checkpoint's pre-gates (distance 1 only: what they are trained for).
+  next_gate   the next layers' routers applied to this layer's router input (training-free), P by the top-k
+              inclusion probability of their softmax at tau 1.
+
+Rows: a cache row's state is reset when it starts a request (token position 0 at the first MoE layer); a prefill
+routes many positions of one row at once, and only the row's last position is predicted (the decode step's).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .learned import LearnedPredictor, compress, has_pre_gates, has_trained_predictor, pre_gates_from_dense
+from .speculation import _softmax, topk_inclusion
+
+
+class NextLayerSpeculator:
+    """Batched per-row P(selected) at the next `depth` MoE layers (see the module docstring)."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, depth: int = 1,
+                 learned: LearnedPredictor | None = None, gates: np.ndarray | None = None,
+                 pre_gates: Mapping[int, np.ndarray] | None = None, rows: int = 16):
+        self.L, self.E, self.K = int(num_layers), int(num_experts), int(top_k)
+        sources = [s for s in (learned, gates, pre_gates) if s is not None]
+        assert len(sources) == 1, "NextLayerSpeculator needs exactly one of learned=, gates=, pre_gates="
+        self.learned, self.gates = learned, None
+        if learned is not None:
+            assert (learned.L, learned.E) == (self.L, self.E), \
+                f"learned predictor is for {learned.L} x {learned.E}, the model has {self.L} x {self.E}"
+            self.source = "learned"
+            self.depth = max(1, min(int(depth), learned.D))
+            self.w = learned.w   # the arrays themselves: a coordinator-side update would show here too
+            self.zh = np.zeros((rows, self.L, learned.R), np.float32)   # most recent compressed input per layer
+            self.mh = np.zeros((rows, self.L, self.E), np.float32)      # most recent multi-hot per layer
+        elif gates is not None:
+            g = np.asarray(gates, np.float32)
+            assert g.shape[:2] == (self.L, self.E), f"gates must be [L={self.L}, E={self.E}, H], got {g.shape}"
+            self.source, self.gates = "next_gate", g
+            self.depth = max(1, min(int(depth), self.L))
+        else:
+            assert pre_gates and set(pre_gates) <= set(range(self.L)), \
+                f"pre_gates must be keyed by MoE layer in [0, {self.L}), got {sorted(pre_gates or ())}"
+            H = next(iter(pre_gates.values())).shape[1]
+            self.source, self.depth = "pre_gated", 1
+            # pre_gates[m] applies to the router input of layer m-1; a layer without one predicts nothing
+            self.gates = np.zeros((self.L, self.E, H), np.float32)
+            self.has = np.zeros(self.L, bool)
+            for m, g in pre_gates.items():
+                self.gates[m], self.has[m] = np.asarray(g, np.float32), True
+
+    @classmethod
+    def from_sources(cls, num_layers: int, num_experts: int, top_k: int, *, store_dir: str | None = None,
+                     dense: Mapping | None = None, depth: int = 1, prefer: str = "auto"):
+        """The best source available (module docstring), or None when there is none. prefer: auto | learned |
+        pre_gated | next_gate (auto: learned, else pre_gated, else next_gate)."""
+        order = ("learned", "pre_gated", "next_gate") if prefer == "auto" else (prefer,)
+        for name in order:
+            if name == "learned" and store_dir is not None and has_trained_predictor(store_dir):
+                p = LearnedPredictor.load(store_dir, finetune=False)
+                if (p.L, p.E) == (num_layers, num_experts):
+                    return cls(num_layers, num_experts, top_k, depth=depth, learned=p)
+            if name == "pre_gated" and dense is not None and has_pre_gates(dense):
+                return cls(num_layers, num_experts, top_k, pre_gates=pre_gates_from_dense(dense))
+            if name == "next_gate" and dense is not None:
+                from .speculation import gates_from_dense
+                gates, norms = gates_from_dense(dense)
+                if sorted(gates) == list(range(num_layers)):
+                    G = np.stack([np.asarray(gates[l], np.float32) for l in range(num_layers)])
+                    return cls(num_layers, num_experts, top_k, depth=depth, gates=G)
+        return None
+
+    def _grow(self, rows: int) -> None:
+        if self.learned is None or rows <= len(self.zh):
+            return
+        n = max(rows, 2 * len(self.zh))
+        self.zh = np.concatenate([self.zh, np.zeros((n - len(self.zh),) + self.zh.shape[1:], np.float32)])
+        self.mh = np.concatenate([self.mh, np.zeros((n - len(self.mh),) + self.mh.shape[1:], np.float32)])
+
+    def step(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray,
+             hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """MoE layer `layer` (0..L-1) just routed rows [N] (cache row of each entry; a row may repeat in a prefill)
+        at token positions pos [N] to experts ids [N, K] from router inputs hidden [N, H].
+        Returns (urows [n] the distinct rows, P [depth, n, E] float32: P(selected) at layers layer+1..layer+depth
+        (mod L: wrapping into the row's next token) for each row's last position)."""
+        rows = np.asarray(rows, np.int64)
+        last = np.lexsort((np.asarray(pos), rows))          # by row, then position
+        keep = np.ones(len(last), bool)
+        keep[:-1] = rows[last[1:]] != rows[last[:-1]]      # the last position of each row
+        sel = last[keep]
+        urows = rows[sel]
+        x = np.asarray(hidden, np.float32)[sel]             # [n, H]
+        if self.learned is None:
+            tgt = (layer + np.arange(1, self.depth + 1)) % self.L
+            logits = np.einsum("nh,deh->dne", x, self.gates[tgt])           # [depth, n, E]
+            P = topk_inclusion(_softmax(logits.astype(np.float64)), self.K).astype(np.float32)
+            if self.source == "pre_gated" and not self.has[tgt[0]]:
+                P[:] = 0.0
+            return urows, P
+        w, L = self.w, self.L
+        self._grow(int(urows.max(initial=-1)) + 1)
+        if layer == 0:                                      # a row at its request's first token starts afresh
+            fresh = urows[np.asarray(pos)[sel] == 0]
+            self.zh[fresh] = 0.0
+            self.mh[fresh] = 0.0
+        z = compress(x, w["mean"], w["proj"])              # [n, R]
+        mh = np.zeros((len(urows), self.E), np.float32)
+        np.put_along_axis(mh, np.asarray(ids, np.int64)[sel], 1.0, axis=1)
+        self.zh[urows, layer] = z
+        self.mh[urows, layer] = mh
+        P = np.empty((self.depth, len(urows), self.E), np.float32)
+        for d in range(1, self.depth + 1):                  # depth is 1-2: one matmul pair per distance
+            m = (layer + d) % L
+            f = np.concatenate([z, mh, self.mh[urows, m], self.zh[urows, m]], axis=1)   # [n, F]
+            a = np.maximum(f @ w["w1"][layer, d - 1] + w["b1"][layer, d - 1], 0.0)    # [n, U]
+            logit = a @ w["w2"][layer, d - 1] + w["b2"][layer, d - 1]                  # [n, E]
+            P[d - 1] = 1.0 / (1.0 + np.exp(-logit))
+        return urows, P
+
+
+def likely_experts(P: np.ndarray, threshold: float, fanout: int) -> np.ndarray:
+    """P [n, E] -> bool [E]: experts some row ranks in its top `fanout` with P >= threshold (the orders to send)."""
+    if P.size == 0:
+        return np.zeros(P.shape[-1], bool)
+    fan = min(int(fanout), P.shape[-1])
+    kth = -np.partition(-P, fan - 1, axis=1)[:, fan - 1:fan]     # [n, 1] each row's fanout-th largest
+    return ((P >= kth) & (P >= threshold)).any(0)

@@ -1,0 +1,135 @@
+"""The runtime's fast path (policies/fast_path.py), no Ray: the batched per-row speculator gives exactly what the
+per-request predictors it mirrors give for the same events (learned, next-gate, pre-gated), across interleaved
+rows, a row reused by a new request, and a prefill; the order filter keeps each row's likely top experts."""
+import numpy as np
+import pytest
+
+from policies.fast_path import NextLayerSpeculator, likely_experts
+from policies.learned import LearnedPredictor, PreGated
+from policies.predictors import RoutingEvent
+from policies.speculation import NextGateSpeculation
+from policies.traces import synthetic_trace
+
+L, E, K, H, R, D, U = 4, 8, 2, 16, 6, 2, 12
+
+
+def random_learned(seed=0) -> LearnedPredictor:
+    rng = np.random.default_rng(seed)
+    F = 2 * R + 2 * E
+    w = {"mean": rng.normal(size=H), "proj": rng.normal(size=(H, R)) * 0.3,
+         "w1": rng.normal(size=(L, D, F, U)) * 0.3, "b1": rng.normal(size=(L, D, U)) * 0.1,
+         "w2": rng.normal(size=(L, D, U, E)) * 0.3, "b2": rng.normal(size=(L, D, E)) * 0.1}
+    return LearnedPredictor({k: v.astype(np.float32) for k, v in w.items()}, K, finetune=False)
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return synthetic_trace(120, L, E, K, correlation=0.5, num_requests=6, hidden_dim=H, seed=3)
+
+
+def dense(c, depth: int) -> np.ndarray:
+    """Candidates -> [depth, E] probabilities (0 where not predicted)."""
+    P = np.zeros((depth, E))
+    P[c.distance - 1, c.expert] = c.prob
+    return P
+
+
+def decode_batches(trace, rows: int):
+    """Requests in `rows` decode slots, a new request taking a slot as soon as its last one ends (what the
+    engine does): yields per step (slot rows [n], requests [n], token positions [n])."""
+    nxt, slot_req, slot_tok = 0, [-1] * rows, [0] * rows
+    while True:
+        for s in range(rows):
+            if slot_req[s] < 0 and nxt < trace.num_requests:
+                slot_req[s], slot_tok[s], nxt = nxt, 0, nxt + 1
+        live = [s for s in range(rows) if slot_req[s] >= 0]
+        if not live:
+            return
+        yield np.array(live), np.array([slot_req[s] for s in live]), np.array([slot_tok[s] for s in live])
+        for s in live:
+            slot_tok[s] += 1
+            r = slot_req[s]
+            if slot_tok[s] >= trace.offsets[r + 1] - trace.offsets[r]:
+                slot_req[s] = -1
+
+
+def test_learned_rows_match_the_per_request_predictor(trace):
+    ref, spec = random_learned(), NextLayerSpeculator(L, E, K, depth=D, learned=random_learned(), rows=1)
+    checked = 0
+    for rows, reqs, toks in decode_batches(trace, 3):       # 6 requests through 3 rows: every row is reused
+        at = trace.offsets[reqs] + toks
+        for l in range(L):
+            ids, hid = trace.experts[at, l].astype(np.int64), trace.hidden[at, l].astype(np.float32)
+            urows, P = spec.step(l, rows[::-1], toks[::-1], ids[::-1], hid[::-1])   # any order of entries
+            assert urows.tolist() == sorted(rows.tolist()) and P.shape == (D, len(rows), E)
+            for n, r in enumerate(reqs.tolist()):
+                ref.observe(RoutingEvent(r, int(toks[n]), l, ids[n], None, hid[n]))
+            for n, r in enumerate(reqs.tolist()):
+                want = dense(ref.predict(r, D), D)
+                got = P[:, urows.tolist().index(int(rows[n]))]
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+                checked += 1
+        for r, s, t in zip(reqs.tolist(), rows.tolist(), toks.tolist()):
+            if t + 1 >= trace.offsets[r + 1] - trace.offsets[r]:
+                ref.end(r)
+    assert checked == trace.num_tokens * L
+
+
+def test_prefill_predicts_the_rows_last_position(trace):
+    """A prefill routes every prompt position of a row at once: the prediction is its last position's, equal to
+    the per-request predictor fed the prefill layer by layer (as the runtime routes it)."""
+    ref, spec = random_learned(1), NextLayerSpeculator(L, E, K, depth=D, learned=random_learned(1))
+    n = 5
+    rows, toks = np.zeros(n, np.int64), np.arange(n)
+    for l in range(L):
+        ids, hid = trace.experts[:n, l].astype(np.int64), trace.hidden[:n, l].astype(np.float32)
+        urows, P = spec.step(l, rows, toks, ids, hid)
+        for t in range(n):
+            ref.observe(RoutingEvent("p", t, l, ids[t], None, hid[t]))
+        assert urows.tolist() == [0]
+        np.testing.assert_allclose(P[:, 0], dense(ref.predict("p", D), D), rtol=2e-5, atol=2e-6)
+
+
+def test_next_gate_and_pre_gates_match_their_predictors(trace):
+    rng = np.random.default_rng(0)
+    gates = rng.normal(size=(L, E, H)).astype(np.float32)
+    ng = NextGateSpeculation({l: gates[l] for l in range(L)}, K, temperature=1.0)
+    spec = NextLayerSpeculator(L, E, K, depth=2, gates=gates)
+    pre = {m: rng.normal(size=(E, H)).astype(np.float32) for m in (1, 3)}   # layers 0 and 2 have none
+    pg = PreGated(pre, L, K)
+    pspec = NextLayerSpeculator(L, E, K, pre_gates=pre)
+    assert (spec.source, spec.depth, pspec.source, pspec.depth) == ("next_gate", 2, "pre_gated", 1)
+    for t in range(6):
+        for l in range(L):
+            ids, hid = trace.experts[t, l].astype(np.int64), trace.hidden[t, l].astype(np.float32)
+            ev = RoutingEvent("r", t, l, ids, None, hid)
+            ng.observe(ev)
+            pg.observe(ev)
+            _, P = spec.step(l, np.array([0]), np.array([t]), ids[None], hid[None])
+            np.testing.assert_allclose(P[:, 0], dense(ng.predict("r", 2), 2), rtol=1e-5, atol=1e-7)
+            _, P = pspec.step(l, np.array([0]), np.array([t]), ids[None], hid[None])
+            np.testing.assert_allclose(P[:, 0], dense(pg.predict("r", 1), 1), rtol=1e-5, atol=1e-7)
+            assert P.any() == ((l + 1) % L in pre)
+
+
+def test_likely_experts_keeps_each_rows_top_above_the_threshold():
+    P = np.array([[0.9, 0.5, 0.3, 0.1], [0.1, 0.2, 0.6, 0.05]], np.float32)
+    assert np.flatnonzero(likely_experts(P, 0.25, 2)).tolist() == [0, 1, 2]   # row 1's 0.2 is below 0.25
+    assert np.flatnonzero(likely_experts(P, 0.25, 1)).tolist() == [0, 2]      # one per row
+    assert np.flatnonzero(likely_experts(P, 0.95, 4)).tolist() == []
+    assert not likely_experts(np.zeros((0, 4), np.float32), 0.1, 2).any()
+
+
+def test_from_sources_prefers_a_trained_predictor(tmp_path):
+    rng = np.random.default_rng(0)
+    dense_t = {f"model.layers.{l}.block_sparse_moe.gate.weight": rng.normal(size=(E, H)).astype(np.float32)
+               for l in range(L)}
+    assert NextLayerSpeculator.from_sources(L, E, K, store_dir=str(tmp_path), dense=None) is None
+    assert NextLayerSpeculator.from_sources(L, E, K, store_dir=str(tmp_path), dense=dense_t).source == "next_gate"
+    random_learned().save(tmp_path)
+    s = NextLayerSpeculator.from_sources(L, E, K, store_dir=str(tmp_path), dense=dense_t, depth=3)
+    assert (s.source, s.depth) == ("learned", D)          # depth capped by the predictor's horizon
+    s = NextLayerSpeculator.from_sources(L, E, K, store_dir=str(tmp_path), dense=dense_t, prefer="next_gate")
+    assert s.source == "next_gate"
+    with pytest.raises(AssertionError, match="exactly one"):
+        NextLayerSpeculator(L, E, K)
