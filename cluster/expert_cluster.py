@@ -26,7 +26,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_rows, unpack_reply,
+from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_orders, pack_rows, unpack_reply,
                                   unpack_rows)
 from actors.prefetch_coordinator import PrefetchCoordinator, access_policy
 from policies.fast_path import NextLayerSpeculator, likely_experts
@@ -80,6 +80,9 @@ class ClusterExperts:
         # attribute hits and misses to requests, and what the coordinator's telemetry reports
         self.counters = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {}}
         self._load_counts: dict[int, np.ndarray] = {}  # layer -> pairs routed to each expert
+        # worker -> prefetch orders that ride with the next layer's compute call to it (the fast path's: no Ray call
+        # of their own); a worker the layer does not call gets them in a `prefetch` call
+        self.riders: dict[int, list] = {}
         self._fits = fits
         self.publish(placement)
 
@@ -159,10 +162,16 @@ class ClusterExperts:
                 sel = owner == w
                 mask = pair_owner == w
                 parts[w] = (eids[sel], counts[sel], xs[mask], mask)
+        riders, self.riders = self.riders, {}
         for w, (e, cnt, xw, mask) in parts.items():
-            payloads[w] = pack_call(layer, e, cnt, xw) if small else \
-                (layer, e.tolist(), cnt.tolist(), pack_rows(xw))
+            ride = riders.pop(w, None)
+            payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(ride) if ride else b"")) if small else \
+                (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + ((ride,) if ride else ())
             masks[w], rows[w], nexp[w] = mask, int(xw.shape[0]), len(e)
+        for w, items in riders.items():   # workers this layer does not call
+            h = self.workers.get(w)
+            if h is not None:
+                h.prefetch.remote(items)
         ys = np.empty_like(xs)
         todo = dict(payloads)
         c = self.counters
@@ -174,7 +183,7 @@ class ClusterExperts:
         tiers = self.tiers
         # all in flight at once
         calls = {w: (self.workers[w].compute_packed.remote(p) if isinstance(p, bytes)
-                     else self.workers[w].compute_call.remote((*p, tiers))) for w, p in todo.items()}
+                     else self.workers[w].compute_call.remote((*p[:4], tiers, *p[4:]))) for w, p in todo.items()}
         lost: dict[int, Exception] = {}
         try:
             results = dict(zip(calls, ray.get(list(calls.values())))) if calls else {}
@@ -262,8 +271,9 @@ class RoutePublisher:
 
     The fast path (`speculator`, policies/fast_path.py; `prefetch.speculate_*`): before the layer computes, the
     next layers' likely experts are predicted here from the router input and ordered straight from their owner
-    workers (one fire-and-forget `prefetch` per owner, above any coordinator order in priority, within the step's
-    TierSet), never for a request in `denied` (ExpertCluster.register_request)."""
+    workers: the orders ride with the layer's compute call to each owner (ClusterExperts.riders: no Ray call of
+    their own; an owner the layer does not call gets one `prefetch`), above any coordinator order in priority,
+    within the step's TierSet, never for a request in `denied` (ExpertCluster.register_request)."""
 
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
                  hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float = 0.2,
@@ -331,14 +341,10 @@ class RoutePublisher:
             owner = self.experts._owner_np[dl][es]
             # above every coordinator order (priorities < NUM_TIERS + 1), the nearer distance first
             pri = 16.0 - d + P[d][:, es].max(0)
-            for w in np.unique(owner).tolist():
-                h = self.experts.workers.get(int(w))
-                if h is None:
-                    continue
-                mine = owner == w
-                h.prefetch.remote([(dl, int(e), float(p), None, None, tiers)
-                                   for e, p in zip(es[mine].tolist(), pri[mine].tolist())])
-                self.speculated += int(mine.sum())
+            riders = self.experts.riders      # they ride with this layer's compute calls (ClusterExperts._moe)
+            for w, e, p in zip(owner.tolist(), es.tolist(), pri.tolist()):
+                riders.setdefault(w, []).append((dl, e, p, None, None, tiers))
+            self.speculated += len(es)
 
     def flush(self) -> None:
         if not self._buf:

@@ -10,8 +10,8 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import expert_reference, tiny_store
-from actors.expert_worker import (ExpertWorker, pack_call, pack_rows, unpack_call, unpack_reply,
-                                  unpack_rows)
+from actors.expert_worker import (ExpertWorker, pack_call, pack_orders, pack_rows, unpack_call, unpack_orders,
+                                  unpack_reply, unpack_rows)
 from cluster.config import ClusterConfig
 from cluster.storage_tier import start_storage_actors
 from storage_adapters.local_s3 import ShapingProxy
@@ -191,8 +191,15 @@ def test_cost_model_computes_misses_on_cpu_or_waits_from_configured_rates(env, c
 
 def test_pack_call_round_trips_exactly():
     x = np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32)
-    layer, experts, counts, x2 = unpack_call(pack_call(7, np.array([3, 11]), np.array([2, 3]), x))
+    b = pack_call(7, np.array([3, 11]), np.array([2, 3]), x)
+    layer, experts, counts, x2 = unpack_call(b)
     assert (layer, experts, counts) == (7, [3, 11], [2, 3]) and np.array_equal(x2, x)
+    assert unpack_orders(b) == []
+    # fast-path orders riding behind the call: the call reads the same, the orders come back as prefetch items
+    rode = b + pack_orders([(9, 4, 15.5, None, None, None), (9, 12, 14.25, None, None, None)])
+    layer, experts, counts, x3 = unpack_call(rode)
+    assert (layer, experts, counts) == (7, [3, 11], [2, 3]) and np.array_equal(x3, x)
+    assert unpack_orders(rode) == [(9, 4, 15.5, None), (9, 12, 14.25, None)]
     y = x * 2
     reply = np.array([2, 1, 1, 0.25], "<f8").tobytes() + y.tobytes()
     yy, hits, misses, phits, stall, tb = unpack_reply(reply, 5)
