@@ -41,8 +41,9 @@ from .storage_tier import start_storage_actors
 
 log = logging.getLogger(__name__)
 
-# policies whose predictor reads hidden states: the runtime speculates for them itself (RoutePublisher's fast path)
-SPECULATING_POLICIES = ("next_gate", "learned", "pre_gated", "ensemble")
+# policies the runtime speculates for itself (RoutePublisher's fast path): those whose predictor reads hidden
+# states, and the cross-layer transition (routing history only)
+SPECULATING_POLICIES = ("next_gate", "learned", "pre_gated", "ensemble", "cross_layer")
 
 
 @dataclass
@@ -306,7 +307,8 @@ class RoutePublisher:
             return
         m = self.model
         rows, pos, ids = m.route_rows.cpu().numpy(), m.route_pos.cpu().numpy(), topk_ids.cpu().numpy()
-        xh = x.float().cpu().numpy() if (self.hidden or self.speculator is not None) else None
+        xh = x.float().cpu().numpy() if (self.hidden or (self.speculator is not None and self.speculator.hidden)) \
+            else None
         if self.speculator is not None:
             self._speculate(layer, rows, pos, ids, xh)
         self._buf.append({"layer": layer, "rows": rows, "pos": pos, "ids": ids, "w": topk_w.float().cpu().numpy(),
@@ -459,7 +461,8 @@ class ExpertCluster:
         spec = None
         if pf.speculate_layers > 0 and pf.policy in SPECULATING_POLICIES:
             prefer = pf.speculate_source if pf.speculate_source != "auto" else \
-                {"next_gate": "next_gate", "learned": "learned", "pre_gated": "pre_gated"}.get(pf.policy, "auto")
+                {"next_gate": "next_gate", "learned": "learned", "pre_gated": "pre_gated",
+                 "cross_layer": "transition"}.get(pf.policy, "auto")
             spec = NextLayerSpeculator.from_sources(L, E, a.top_k, store_dir=nvme, dense=router,
                                                     depth=pf.speculate_layers, prefer=prefer)
         self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,

@@ -18,6 +18,9 @@ Sources, best first (`from_sources`):
   pre_gated   a checkpoint's pre-gates (distance 1 only: what they are trained for).
   next_gate   the next layers' routers applied to this layer's router input (training-free), P by the top-k
               inclusion probability of their softmax at tau 1.
+  transition  no hidden state needed (routing-only models, the shared traces): the cross-layer transition counts
+              of policies/predictors.py CrossLayerTransition, learned online here from each row's consecutive
+              layers, chained for distance > 1. Equal to that predictor on decode steps.
 
 Rows: a cache row's state is reset when it starts a request (token position 0 at the first MoE layer); a prefill
 routes many positions of one row at once, and only the row's last position is predicted (the decode step's).
@@ -37,12 +40,20 @@ class NextLayerSpeculator:
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, *, depth: int = 1,
                  learned: LearnedPredictor | None = None, gates: np.ndarray | None = None,
-                 pre_gates: Mapping[int, np.ndarray] | None = None, rows: int = 16):
+                 pre_gates: Mapping[int, np.ndarray] | None = None, transition: bool = False, rows: int = 16):
         self.L, self.E, self.K = int(num_layers), int(num_experts), int(top_k)
-        sources = [s for s in (learned, gates, pre_gates) if s is not None]
-        assert len(sources) == 1, "NextLayerSpeculator needs exactly one of learned=, gates=, pre_gates="
+        sources = [s for s in (learned, gates, pre_gates, transition or None) if s is not None]
+        assert len(sources) == 1, \
+            "NextLayerSpeculator needs exactly one of learned=, gates=, pre_gates=, transition=True"
         self.learned, self.gates = learned, None
-        if learned is not None:
+        self.hidden = not transition                                    # whether step() reads `hidden`
+        if transition:
+            self.source, self.depth = "transition", max(1, min(int(depth), self.L))
+            self.counts = np.zeros((self.L, self.E, self.E))                # [L, E, E] as CrossLayerTransition
+            self.rowsum = np.zeros((self.L, self.E))                        # [L, E]
+            self.prev = np.zeros((rows, self.K), np.int64)                  # each row's last experts
+            self.prev_q = np.full(rows, -2, np.int64)                       # and its flat position (token*L+layer)
+        elif learned is not None:
             assert (learned.L, learned.E) == (self.L, self.E), \
                 f"learned predictor is for {learned.L} x {learned.E}, the model has {self.L} x {self.E}"
             self.source = "learned"
@@ -70,9 +81,11 @@ class NextLayerSpeculator:
     def from_sources(cls, num_layers: int, num_experts: int, top_k: int, *, store_dir: str | None = None,
                      dense: Mapping | None = None, depth: int = 1, prefer: str = "auto"):
         """The best source available (module docstring), or None when there is none. prefer: auto | learned |
-        pre_gated | next_gate (auto: learned, else pre_gated, else next_gate)."""
+        pre_gated | next_gate | transition (auto: learned, else pre_gated, else next_gate)."""
         order = ("learned", "pre_gated", "next_gate") if prefer == "auto" else (prefer,)
         for name in order:
+            if name == "transition":
+                return cls(num_layers, num_experts, top_k, depth=depth, transition=True)
             if name == "learned" and store_dir is not None and has_trained_predictor(store_dir):
                 p = LearnedPredictor.load(store_dir, finetune=False)
                 if (p.L, p.E) == (num_layers, num_experts):
@@ -88,6 +101,10 @@ class NextLayerSpeculator:
         return None
 
     def _grow(self, rows: int) -> None:
+        if self.source == "transition" and rows > len(self.prev):
+            n = max(rows, 2 * len(self.prev))
+            self.prev = np.concatenate([self.prev, np.zeros((n - len(self.prev), self.K), np.int64)])
+            self.prev_q = np.concatenate([self.prev_q, np.full(n - len(self.prev_q), -2, np.int64)])
         if self.learned is None or rows <= len(self.zh):
             return
         n = max(rows, 2 * len(self.zh))
@@ -106,6 +123,9 @@ class NextLayerSpeculator:
         keep[:-1] = rows[last[1:]] != rows[last[:-1]]      # the last position of each row
         sel = last[keep]
         urows = rows[sel]
+        if self.source == "transition":
+            return urows, self._transition(layer, urows, np.asarray(pos, np.int64)[sel],
+                                           np.asarray(ids, np.int64)[sel])
         x = np.asarray(hidden, np.float32)[sel]             # [n, H]
         if self.learned is None:
             tgt = (layer + np.arange(1, self.depth + 1)) % self.L
@@ -133,6 +153,29 @@ class NextLayerSpeculator:
             logit = a @ w["w2"][layer, d - 1] + w["b2"][layer, d - 1]                  # [n, E]
             P[d - 1] = 1.0 / (1.0 + np.exp(-logit))
         return urows, P
+
+
+    def _transition(self, layer: int, urows: np.ndarray, pos: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        L, K = self.L, self.K
+        self._grow(int(urows.max(initial=-1)) + 1)
+        q = pos * L + layer
+        adj = self.prev_q[urows] == q - 1                   # the row's previous event is the position just before
+        if adj.any():                                       # count (previous experts -> these), as the predictor
+            src = (layer - 1) % L
+            a, b = self.prev[urows[adj]], ids[adj]          # [m, K] each
+            np.add.at(self.counts[src], (np.repeat(a, K, 1).reshape(-1), np.tile(b, (1, K)).reshape(-1)), 1.0)
+            np.add.at(self.rowsum[src], a.reshape(-1), float(K))
+        self.prev[urows], self.prev_q[urows] = ids, q
+        n = self.rowsum[layer][ids].sum(1)                  # [r] evidence of each row's experts
+        p = self.counts[layer][ids].sum(1) / np.where(n > 0, n, 1.0)[:, None]   # [r, E] slot distribution
+        P = np.empty((self.depth, len(urows), self.E), np.float32)
+        P[0] = np.minimum(K * p, 1.0)
+        for d in range(1, self.depth):                      # chained through the row-normalised tables
+            l = (layer + d) % L
+            rs = self.rowsum[l]
+            p = p @ (self.counts[l] / np.where(rs > 0, rs, 1.0)[:, None])
+            P[d] = np.minimum(K * p, 1.0)
+        return P
 
 
 def likely_experts(P: np.ndarray, threshold: float, fanout: int) -> np.ndarray:

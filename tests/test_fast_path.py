@@ -6,7 +6,7 @@ import pytest
 
 from policies.fast_path import NextLayerSpeculator, likely_experts
 from policies.learned import LearnedPredictor, PreGated
-from policies.predictors import RoutingEvent
+from policies.predictors import CrossLayerTransition, RoutingEvent
 from policies.speculation import NextGateSpeculation
 from policies.traces import synthetic_trace
 
@@ -110,6 +110,29 @@ def test_next_gate_and_pre_gates_match_their_predictors(trace):
             _, P = pspec.step(l, np.array([0]), np.array([t]), ids[None], hid[None])
             np.testing.assert_allclose(P[:, 0], dense(pg.predict("r", 1), 1), rtol=1e-5, atol=1e-7)
             assert P.any() == ((l + 1) % L in pre)
+
+
+def test_transition_rows_match_the_cross_layer_predictor(trace):
+    """Routing only (no hidden state): the runtime's transition counts, learned from each row's consecutive
+    layers across interleaved and reused rows, give CrossLayerTransition's prediction at distances 1 and 2."""
+    ref, spec = CrossLayerTransition(L, E, K), NextLayerSpeculator(L, E, K, depth=2, transition=True, rows=1)
+    assert not spec.hidden
+    checked = 0
+    for rows, reqs, toks in decode_batches(trace, 3):
+        at = trace.offsets[reqs] + toks
+        for l in range(L):
+            ids = trace.experts[at, l].astype(np.int64)
+            urows, P = spec.step(l, rows, toks, ids, None)
+            for n, r in enumerate(reqs.tolist()):
+                ref.observe(RoutingEvent(r, int(toks[n]), l, ids[n]))
+            for n, r in enumerate(reqs.tolist()):
+                np.testing.assert_allclose(P[:, urows.tolist().index(int(rows[n]))], dense(ref.predict(r, 2), 2),
+                                           rtol=1e-5, atol=1e-7)
+                checked += 1
+        for r, t in zip(reqs.tolist(), toks.tolist()):
+            if t + 1 >= trace.offsets[r + 1] - trace.offsets[r]:
+                ref.end(r)
+    assert checked == trace.num_tokens * L and spec.counts.sum() > 0
 
 
 def test_likely_experts_keeps_each_rows_top_above_the_threshold():
