@@ -240,13 +240,16 @@ class PrefetchConfig(_Model):
     refresh_s: float = Field(0.05, gt=0)             # how often the coordinator re-reads workers' residency
     adapt_every: int = Field(16, ge=1)               # decision steps between window adaptations
     expiry_steps: int = Field(64, ge=1)              # a prefetch unused for this many steps counts as wasted
-    publish_every_layers: int = Field(1, ge=1)       # the runtime sends one batch per this many MoE layers
+    # the runtime sends one batch per this many MoE layers (and at each forward's last): every coordinator step
+    # costs CPU beside the decode loop, and with the fast path below covering the next layers a per-layer step
+    # bought nothing (measured: docs/benchmarks.md, session 6)
+    publish_every_layers: int = Field(4, ge=1)
     max_pending_batches: int = Field(16, ge=1)       # batches in flight to the coordinator before dropping
     publish_hidden: bool = True                      # send hidden states (predictors that use them need it)
     # the runtime's fast path (policies/fast_path.py): with a hidden-state policy (next_gate, learned, pre_gated,
     # ensemble) or cross_layer (routing history only) the forward pass itself predicts the next `speculate_layers` MoE layers and orders the likely
     # experts from their owners before the layer computes, without the hop to the coordinator (0: off)
-    speculate_layers: int = Field(1, ge=0, le=4)
+    speculate_layers: int = Field(3, ge=0, le=8)       # capped by the source (learned: its horizon; pre_gated: 1)
     speculate_threshold: float = Field(0.2, gt=0, le=1)   # minimum P(selected) of a fast-path order
     speculate_fanout: int | None = Field(None, ge=1)      # per row at most this many experts per layer (None: top_k)
     speculate_source: Literal["auto", "learned", "pre_gated", "next_gate", "transition"] = "auto"   # auto: the
