@@ -247,7 +247,7 @@ class PrefetchConfig(_Model):
     max_pending_batches: int = Field(16, ge=1)       # batches in flight to the coordinator before dropping
     publish_hidden: bool = True                      # send hidden states (predictors that use them need it)
     # the runtime's fast path (policies/fast_path.py): with a hidden-state policy (next_gate, learned, pre_gated,
-    # ensemble) or cross_layer (routing history only) the forward pass itself predicts the next `speculate_layers` MoE layers and orders the likely
+    # ensemble), or any policy given speculate_source (transition: routing history only), the forward pass predicts the next `speculate_layers` MoE layers and orders the likely
     # experts from their owners before the layer computes, without the hop to the coordinator (0: off)
     speculate_layers: int = Field(3, ge=0, le=8)       # capped by the source (learned: its horizon; pre_gated: 1)
     speculate_threshold: float = Field(0.2, gt=0, le=1)   # minimum P(selected) of a fast-path order

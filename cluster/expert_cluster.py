@@ -41,9 +41,10 @@ from .storage_tier import start_storage_actors
 
 log = logging.getLogger(__name__)
 
-# policies the runtime speculates for itself (RoutePublisher's fast path): those whose predictor reads hidden
-# states, and the cross-layer transition (routing history only)
-SPECULATING_POLICIES = ("next_gate", "learned", "pre_gated", "ensemble", "cross_layer")
+# policies the runtime speculates for by default (RoutePublisher's fast path): those whose predictor reads hidden
+# states. For the others it speculates only when told a source (prefetch.speculate_source: transition): on the
+# shared Mixtral trace the transition counts' orders (precision ~0.3) cost more than they saved (docs/benchmarks.md)
+SPECULATING_POLICIES = ("next_gate", "learned", "pre_gated", "ensemble")
 
 
 @dataclass
@@ -459,10 +460,9 @@ class ExpertCluster:
                  store_dir=nvme, model=self.manifest.model.family)
         ray.get(self.coordinator.ping.remote())   # a bad policy / missing weights fail here, at start
         spec = None
-        if pf.speculate_layers > 0 and pf.policy in SPECULATING_POLICIES:
+        if pf.speculate_layers > 0 and (pf.policy in SPECULATING_POLICIES or pf.speculate_source != "auto"):
             prefer = pf.speculate_source if pf.speculate_source != "auto" else \
-                {"next_gate": "next_gate", "learned": "learned", "pre_gated": "pre_gated",
-                 "cross_layer": "transition"}.get(pf.policy, "auto")
+                {"next_gate": "next_gate", "learned": "learned", "pre_gated": "pre_gated"}.get(pf.policy, "auto")
             spec = NextLayerSpeculator.from_sources(L, E, a.top_k, store_dir=nvme, dense=router,
                                                     depth=pf.speculate_layers, prefer=prefer)
         self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,

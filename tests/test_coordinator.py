@@ -172,50 +172,54 @@ def test_denied_tenant_gets_clear_error_and_no_prefetch(env, prefetching):
 
 
 def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, prefetching):
-    """The runtime's own speculation (policies/fast_path.py): one routed layer, and the next layer's likely experts
-    (next-gate at tau 1, each row's top-k above the threshold: the reference below) ride with that layer's compute
-    calls and are loaded by their owner workers, with the coordinator never hearing of it (nothing is flushed to
-    it here); the layer's output is still exact."""
+    """The runtime's own speculation (policies/fast_path.py): one routed layer, and the next two layers' likely
+    experts (next-gate at tau 1, each row's top-k above the threshold: the reference below) ride with that layer's
+    compute calls and are loaded by their owner workers, with the coordinator never hearing of it (nothing is
+    flushed to it here); the layer's output is still exact."""
     import numpy as np
     from policies.fast_path import likely_experts
     from policies.speculation import NextGateSpeculation, gates_from_dense
     c, _, _ = prefetching
     pub, a = c.publisher, c.model.args
-    assert pub.speculator is not None and pub.speculator.source == "next_gate"
-    _, dense, _ = load_checkpoint(EMBEDDED)
+    spec = pub.speculator
+    assert spec is not None and spec.source == "next_gate" and spec.depth == 3   # the default speculate_layers
+    _, dense, experts = load_checkpoint(EMBEDDED)
     gates, _ = gates_from_dense(dense)
     ng = NextGateSpeculation(gates, a.top_k, temperature=1.0)
     x = torch.randn(3, a.hidden_size, generator=torch.Generator().manual_seed(7))
-    P = ng.probs(ng.logits(x.numpy(), 0, [1]))[:, 0]                                   # [3, E] layer 1
-    want = np.flatnonzero(likely_experts(P, pub.threshold, pub.fanout)).tolist()
-    assert want, "the reference must order something for the test to mean anything"
-    dl = a.moe_layers[1]
-    owner = c.experts._owner_np[dl]
-    ray.get([h.drop.remote([(dl, e) for e in range(a.num_experts)]) for h in c.workers.values()])
+    D = 2      # two layers ahead here: their orders fit the 8-expert caches, so all of them must become resident
+    P = ng.probs(ng.logits(x.numpy(), 0, list(range(1, D + 1))))                      # [3, D, E] layers 1..D
+    want = sorted((a.moe_layers[d + 1], int(e)) for d in range(D)
+                  for e in np.flatnonzero(likely_experts(P[:, d], pub.threshold, pub.fanout)))
+    assert len({l for l, _ in want}) == D, "the reference must order something at each distance"
+    owner = {(l, e): int(c.experts._owner_np[l][e]) for l, e in want}
+    ray.get([h.drop.remote([(a.moe_layers[d], e) for d in range(1, D + 1) for e in range(a.num_experts)])
+             for h in c.workers.values()])
     before, every = pub.speculated, pub.every
     c.model.route_rows, c.model.route_pos = torch.arange(3), torch.full((3,), 5)
     ids = torch.arange(a.top_k).repeat(3, 1)
     w = torch.ones(3, a.top_k) / a.top_k
     pub.every = 10 ** 9                                  # keep the batch from the coordinator: only the fast path
+    spec.depth = D
     try:
         pub(a.moe_layers[0], ids, w, x)
     finally:
-        pub.every, pub._buf = every, []
+        pub.every, pub._buf, spec.depth = every, [], 3
     assert pub.speculated - before == len(want)
     riders = c.experts.riders
-    assert sorted((wid, e) for wid, items in riders.items() for _, e, *_ in items) == \
-        sorted((int(owner[e]), e) for e in want) and all(it[0] == dl for v in riders.values() for it in v)
+    assert sorted((wid, (l, e)) for wid, items in riders.items() for l, e, *_ in items) == \
+        sorted((owner[k], k) for k in want)
     y = c.experts.moe(a.moe_layers[0], x, ids, w)       # the orders go with these calls
     assert c.experts.riders == {}
-    ref = LocalExperts(load_checkpoint(EMBEDDED)[2]).moe(a.moe_layers[0], x, ids, w)
+    ref = LocalExperts(experts).moe(a.moe_layers[0], x, ids, w)
     assert torch.allclose(y, ref, atol=1e-5), (y - ref).abs().max()
     deadline = time.time() + 20
     while True:
-        res = {w: {e for l, e in ray.get(h.resident.remote()) if l == dl} for w, h in c.workers.items()}
-        if all(e in res[int(owner[e])] for e in want) or time.time() > deadline:
+        res = {wid: set(map(tuple, ray.get(h.resident.remote()))) for wid, h in c.workers.items()}
+        if all(k in res[owner[k]] for k in want) or time.time() > deadline:
             break
         time.sleep(0.05)
-    assert all(e in res[int(owner[e])] for e in want), (want, res)
+    assert all(k in res[owner[k]] for k in want), (want, res)
 
 
 def test_coordinator_killed_mid_generation_changes_nothing_and_restarts(env, prefetching):
