@@ -555,5 +555,15 @@ class PrefetchCoordinator:
         (jobs.bench_coordinator reads them)."""
         return list(self.step_times), list(self.submit_times), list(self.predictor_times)
 
+    async def learned_head(self) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """(online updates so far, w2, b2) of the learned predictor this actor fine-tunes (alone or as an ensemble
+        member), or None: the runtime's fast path copies them into its own copy (RoutePublisher.sync_every)."""
+        from policies.learned import LearnedPredictor
+        p = self.predictor
+        for q in [p] + list(getattr(p, "members", [])):
+            if isinstance(q, LearnedPredictor):
+                return q.updates, q.w["w2"].copy(), q.w["b2"].copy()   # a snapshot, not the live arrays
+        return None
+
     async def ping(self) -> bool:
         return True

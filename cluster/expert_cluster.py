@@ -287,6 +287,11 @@ class RoutePublisher:
         self._moe_index = {l: i for i, l in enumerate(self.moe_layers)}
         self.denied: set = set()          # requests refused by access control: no fast-path order for them
         self.speculated = 0               # fast-path orders sent (experts x owners; the workers skip residents)
+        # the fast path's learned copy follows the coordinator's online fine-tuning: every `sync_every` batches
+        # sent, its output layer is asked for; it is copied in when the reply is there (never waited for)
+        self.sync_every = 64
+        self._head_ref = None
+        self.head_updates = 0             # the coordinator's online updates in the head last copied in
         # runtimes are told apart by this id (the coordinator sums their cumulative counters)
         self.every, self.hidden = every, hidden
         self.runtime = runtime or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
@@ -365,6 +370,32 @@ class RoutePublisher:
             self.sent += 1
         except Exception:  # noqa: BLE001 - coordinator behind (pending-calls limit) or gone: serve on demand
             self.dropped += 1
+        if self.speculator is not None and self.speculator.learned is not None:
+            self._sync_head()
+
+    def _sync_head(self) -> None:
+        """Copy the coordinator's fine-tuned output layer into the fast path's learned copy once it has arrived."""
+        if self._head_ref is not None:
+            ready, _ = ray.wait([self._head_ref], timeout=0)
+            if not ready:
+                return
+            ref, self._head_ref = self._head_ref, None
+            try:
+                head = ray.get(ref)
+            except Exception:  # noqa: BLE001 - coordinator gone or restarting: keep the weights we have
+                return
+            if head is not None:
+                n, w2, b2 = head
+                w = self.speculator.w
+                if n > self.head_updates and w2.shape == w["w2"].shape and b2.shape == w["b2"].shape:
+                    np.copyto(w["w2"], w2)
+                    np.copyto(w["b2"], b2)
+                    self.head_updates = n
+        elif self.sent % self.sync_every == 0:
+            try:
+                self._head_ref = self.coordinator.learned_head.remote()
+            except Exception:  # noqa: BLE001 - coordinator behind or gone: try again later
+                self._head_ref = None
 
 
 def check_store_matches_model(manifest: Manifest, args) -> None:

@@ -14,7 +14,8 @@ Sources, best first (`from_sources`):
   learned     the trained auxiliary predictor beside the store (policies/learned.py): the same features and
               weights as LearnedPredictor, kept per cache row ([rows, L, R] compressed router inputs, [rows, L, E]
               multi-hots). Equal to LearnedPredictor's prediction for the same events (tests/test_fast_path.py);
-              not fine-tuned here (the coordinator's copy is).
+              not fine-tuned here: the runtime copies in the output layer the coordinator fine-tunes online
+              (cluster/expert_cluster.py RoutePublisher._sync_head).
   pre_gated   a checkpoint's pre-gates (distance 1 only: what they are trained for).
   next_gate   the next layers' routers applied to this layer's router input (training-free), P by the top-k
               inclusion probability of their softmax at tau 1.

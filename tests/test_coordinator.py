@@ -222,6 +222,34 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     assert all(k in res[owner[k]] for k in want), (want, res)
 
 
+def test_fast_path_follows_the_coordinators_online_fine_tuning(env):
+    """policy learned: the runtime's copy of the predictor (the fast path's) takes the output layer the coordinator
+    fine-tunes online, while generation goes on, and the tokens stay the reference's."""
+    import numpy as np
+    from policies.learned import PREDICTOR_FILE, PREDICTOR_META, LearnedPredictor
+    man = env["man"]
+    L, E, H = len(man.model.moe_layers), man.model.num_experts, man.model.hidden_size
+    R, D, U, F = 8, 2, 16, 2 * 8 + 2 * E
+    rng = np.random.default_rng(0)
+    w = {"mean": np.zeros(H), "proj": rng.normal(size=(H, R)) * 0.1, "w1": rng.normal(size=(L, D, F, U)) * 0.3,
+         "b1": np.zeros((L, D, U)), "w2": rng.normal(size=(L, D, U, E)) * 0.3, "b2": np.zeros((L, D, E))}
+    LearnedPredictor({k: v.astype(np.float32) for k, v in w.items()}, 2).save(env["store"])   # top-2 model
+    try:
+        with ExpertCluster(cfg(env, "learned", "coord-learned", publish_every_layers=1)) as c:
+            pub = c.publisher
+            assert pub.speculator.source == "learned" and pub.speculator.depth == D
+            start = pub.speculator.w["w2"].copy()
+            pub.sync_every = 4
+            assert c.generate(env["prompts"], NEW) == env["ref"]
+            updates, w2, _ = ray.get(c.coordinator.learned_head.remote())
+            assert pub.head_updates > 0 and updates >= pub.head_updates, (pub.head_updates, updates)
+            assert not np.array_equal(pub.speculator.w["w2"], start), "the copy took the fine-tuned head"
+            assert not np.array_equal(w2, start)
+    finally:
+        for f in (PREDICTOR_FILE, PREDICTOR_META):
+            os.remove(os.path.join(env["store"], f))
+
+
 def test_coordinator_killed_mid_generation_changes_nothing_and_restarts(env, prefetching):
     c, _, _ = prefetching
     pub = c.model.on_route
