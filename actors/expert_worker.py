@@ -81,26 +81,29 @@ def unpack_call(b) -> tuple[int, list[int], list[int], np.ndarray]:
     return layer, ec[:u], ec[u:], np.frombuffer(b, np.float32, rows * h, 16 + 8 * u).reshape(rows, h)
 
 
-def pack_orders(orders: list[tuple]) -> bytes:
-    """Prefetch orders (layer, expert, priority, ...) riding behind a pack_call (the runtime's fast path: no call
-    of their own): int32 n, int32 [n, 2] (layer, expert), float32 [n] priority. Appended to pack_call's bytes."""
-    n = len(orders)
+def pack_orders(orders: list[tuple], cancels: list[tuple] = ()) -> bytes:
+    """Prefetch orders (layer, expert, priority, ...) and cancellations (layer, expert) riding behind a pack_call
+    (the runtime's fast path: no call of their own): int32 [n, m], int32 [n, 2] (layer, expert), float32 [n]
+    priority, int32 [m, 2] (layer, expert). Appended to pack_call's bytes."""
+    n, m = len(orders), len(cancels)
     le = np.array([(o[0], o[1]) for o in orders], "<i4").reshape(n, 2)
     pri = np.array([o[2] for o in orders], "<f4")
-    return np.array([n], "<i4").tobytes() + le.tobytes() + pri.tobytes()
+    ce = np.array([(c[0], c[1]) for c in cancels], "<i4").reshape(m, 2)
+    return np.array([n, m], "<i4").tobytes() + le.tobytes() + pri.tobytes() + ce.tobytes()
 
 
-def unpack_orders(b) -> list[tuple]:
-    """The orders pack_orders appended to a pack_call (none: []), as prefetch() items (layer, expert, priority,
-    None)."""
+def unpack_orders(b) -> tuple[list[tuple], list[tuple]]:
+    """What pack_orders appended to a pack_call (nothing: [], []): (prefetch() items (layer, expert, priority,
+    None), cancel items (layer, expert))."""
     _, u, rows, h = np.frombuffer(b, "<i4", 4).tolist()
     off = 16 + 8 * u + 4 * rows * h
     if len(b) <= off:
-        return []
-    n = int(np.frombuffer(b, "<i4", 1, off)[0])
-    le = np.frombuffer(b, "<i4", 2 * n, off + 4).reshape(n, 2).tolist()
-    pri = np.frombuffer(b, "<f4", n, off + 4 + 8 * n).tolist()
-    return [(l, e, p, None) for (l, e), p in zip(le, pri)]
+        return [], []
+    n, m = np.frombuffer(b, "<i4", 2, off).tolist()
+    le = np.frombuffer(b, "<i4", 2 * n, off + 8).reshape(n, 2).tolist()
+    pri = np.frombuffer(b, "<f4", n, off + 8 + 8 * n).tolist()
+    ce = np.frombuffer(b, "<i4", 2 * m, off + 8 + 12 * n).reshape(m, 2).tolist()
+    return [(l, e, p, None) for (l, e), p in zip(le, pri)], [tuple(c) for c in ce]
 
 
 def unpack_reply(r, rows: int) -> tuple[np.ndarray, int, int, int, float, dict]:
@@ -470,27 +473,33 @@ class ExpertWorker:
             tb[r.tier] = tb.get(r.tier, 0) + int(r.blob.numel())
         return out, (hits, len(uniq) - hits, phits, stall, tb)
 
+    def _riders(self, orders=None, cancels=None) -> None:
+        """The runtime's fast-path orders riding with a compute call: first cancel the queued loads it no longer
+        predicts (superseded by a nearer, better prediction), then queue the new ones."""
+        if cancels:
+            self.cancel(items=cancels)
+        if orders:
+            self.prefetch(orders)
+
     def compute_call(self, req: tuple):
-        """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders]) as for `compute` with
+        """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders, cancels]) as for `compute` with
         with_stats=True; returns (y, hits, misses, prefetch_hits, stall seconds, {tier: bytes}) flat. One argument
         and a flat reply cost Ray ~0.3 ms less per call than compute's six arguments and nested reply (each argument
         is serialized and bound on its own; measured by jobs/bench_runtime)."""
         layer, experts, counts, x, tiers = req[:5]
-        if len(req) > 5 and req[5]:   # the runtime's fast-path orders for the next layers, queued before computing
-            self.prefetch(req[5])
+        if len(req) > 5:   # the runtime's fast path: orders for the next layers (and those it no longer predicts)
+            self._riders(*req[5:])
         y, (hits, misses, phits, stall, tb) = self.compute(layer, experts, counts, x, True, tiers)
         return y, hits, misses, phits, stall, tb
 
     def compute_packed(self, b: bytes):
         """The runtime's per-layer call on the decode path: b = pack_call(layer, experts, counts, x), optionally
-        followed by pack_orders(fast-path prefetch orders), which are queued before computing. Replies with
+        followed by pack_orders(fast-path orders, cancels), which are applied before computing. Replies with
         one bytes object, float64 [hits, misses, prefetch_hits, stall seconds] then y float32 [rows, H], when no
         tier was read (the steady state); otherwise compute_call's flat tuple, which carries {tier: bytes}. Read
         with unpack_reply."""
         layer, experts, counts, x = unpack_call(b)
-        orders = unpack_orders(b)
-        if orders:   # the runtime's fast-path orders for the next layers: loading while this layer computes
-            self.prefetch(orders)
+        self._riders(*unpack_orders(b))   # the fast path's orders for the next layers: load while this computes
         y, (hits, misses, phits, stall, tb) = self.compute(layer, experts, counts, x, True, None)
         if tb:
             return y.tobytes(), hits, misses, phits, stall, tb
@@ -514,14 +523,12 @@ class ExpertWorker:
         if isinstance(payload, bytes):
             layer, experts, counts, x = unpack_call(payload)
             packed = True
-            orders = unpack_orders(payload)
-            if orders:
-                self.prefetch(orders)
+            self._riders(*unpack_orders(payload))
         else:
             layer, experts, counts, x = payload[:4]
             packed = not isinstance(x, np.ndarray)
-            if len(payload) > 4 and payload[4]:   # fast-path orders riding along (ClusterExperts.riders)
-                self.prefetch(payload[4])
+            if len(payload) > 4:   # fast-path orders riding along (ClusterExperts.riders)
+                self._riders(*payload[4:])
         x = unpack_rows(x, sum(counts))
         keys = [(layer, int(e)) for e in experts]
         with self._lock:

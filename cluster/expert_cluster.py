@@ -85,6 +85,7 @@ class ClusterExperts:
         # worker -> prefetch orders that ride with the next layer's compute call to it (the fast path's: no Ray call
         # of their own); a worker the layer does not call gets them in a `prefetch` call
         self.riders: dict[int, list] = {}
+        self.cancel_riders: dict[int, list] = {}   # worker -> (layer, expert) fast-path orders to cancel, the same way
         self._fits = fits
         self.publish(placement)
 
@@ -165,15 +166,17 @@ class ClusterExperts:
                 mask = pair_owner == w
                 parts[w] = (eids[sel], counts[sel], xs[mask], mask)
         riders, self.riders = self.riders, {}
+        cancels, self.cancel_riders = self.cancel_riders, {}
         for w, (e, cnt, xw, mask) in parts.items():
-            ride = riders.pop(w, None)
-            payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(ride) if ride else b"")) if small else \
-                (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + ((ride,) if ride else ())
+            ride, drop = riders.pop(w, None) or [], cancels.pop(w, None) or []
+            extra = (ride, drop) if (ride or drop) else ()
+            payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(*extra) if extra else b"")) if small else \
+                (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + extra
             masks[w], rows[w], nexp[w] = mask, int(xw.shape[0]), len(e)
-        for w, items in riders.items():   # workers this layer does not call
+        for w in set(riders) | set(cancels):   # workers this layer does not call
             h = self.workers.get(w)
             if h is not None:
-                h.prefetch.remote(items)
+                h.prefetch.remote(riders.get(w, []), cancels.get(w) or None)
         ys = np.empty_like(xs)
         todo = dict(payloads)
         c = self.counters
@@ -292,6 +295,8 @@ class RoutePublisher:
         self.sync_every = 64
         self._head_ref = None
         self.head_updates = 0             # the coordinator's online updates in the head last copied in
+        self._ordered: dict[int, np.ndarray] = {}   # MoE layer -> bool [E] what the fast path last ordered for it
+        self.superseded = 0               # fast-path orders cancelled: a nearer prediction no longer wanted them
         # runtimes are told apart by this id (the coordinator sums their cumulative counters)
         self.every, self.hidden = every, hidden
         self.runtime = runtime or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
@@ -341,11 +346,23 @@ class RoutePublisher:
             P = P[:, ok]
         L = len(self.moe_layers)
         tiers = list(self.experts.tiers) if self.experts.tiers is not None else None
+        self._ordered.pop(li, None)       # this layer routes now: what was ordered for it is spent
         for d in range(P.shape[0]):
-            es = np.flatnonzero(likely_experts(P[d], self.threshold, self.fanout))
+            m = (li + d + 1) % L
+            want = likely_experts(P[d], self.threshold, self.fanout)
+            dl = self.moe_layers[m]
+            prev = self._ordered.get(m)
+            if prev is not None:          # ordered one layer earlier, from farther away, and no longer predicted:
+                gone = np.flatnonzero(prev & ~want)   # cancel where still queued (a loaded one goes first)
+                if len(gone):
+                    cr = self.experts.cancel_riders
+                    for w, e in zip(self.experts._owner_np[dl][gone].tolist(), gone.tolist()):
+                        cr.setdefault(w, []).append((dl, e))
+                    self.superseded += len(gone)
+            self._ordered[m] = want
+            es = np.flatnonzero(want)
             if not len(es):
                 continue
-            dl = self.moe_layers[(li + d + 1) % L]
             owner = self.experts._owner_np[dl][es]
             # above every coordinator order (priorities < NUM_TIERS + 1), the nearer distance first
             pri = 16.0 - d + P[d][:, es].max(0)

@@ -220,6 +220,24 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
             break
         time.sleep(0.05)
     assert all(k in res[owner[k]] for k in want), (want, res)
+    # the same layer again from another router input: what the new prediction no longer wants is cancelled, riding
+    # the same way (a nearer prediction supersedes a farther one; here the distances are equal, the rule the same)
+    x2 = torch.randn(3, a.hidden_size, generator=torch.Generator().manual_seed(8))
+    P2 = ng.probs(ng.logits(x2.numpy(), 0, list(range(1, D + 1))))
+    want2 = {(a.moe_layers[d + 1], int(e)) for d in range(D)
+             for e in np.flatnonzero(likely_experts(P2[:, d], pub.threshold, pub.fanout))}
+    gone = sorted(set(want) - want2)
+    assert gone, "the two inputs must differ in what they predict for the test to mean anything"
+    sup, spec.depth, pub.every = pub.superseded, D, 10 ** 9
+    try:
+        pub(a.moe_layers[0], ids, w, x2)
+    finally:
+        pub.every, pub._buf, spec.depth = every, [], 3
+    assert pub.superseded - sup == len(gone)
+    assert sorted((wid, k) for wid, ks in c.experts.cancel_riders.items() for k in ks) == \
+        sorted((int(c.experts._owner_np[l][e]), (l, e)) for l, e in gone)
+    c.experts.moe(a.moe_layers[0], x2, ids, w)
+    assert c.experts.cancel_riders == {} and c.experts.riders == {}
 
 
 def test_fast_path_follows_the_coordinators_online_fine_tuning(env):

@@ -194,12 +194,14 @@ def test_pack_call_round_trips_exactly():
     b = pack_call(7, np.array([3, 11]), np.array([2, 3]), x)
     layer, experts, counts, x2 = unpack_call(b)
     assert (layer, experts, counts) == (7, [3, 11], [2, 3]) and np.array_equal(x2, x)
-    assert unpack_orders(b) == []
-    # fast-path orders riding behind the call: the call reads the same, the orders come back as prefetch items
-    rode = b + pack_orders([(9, 4, 15.5, None, None, None), (9, 12, 14.25, None, None, None)])
+    assert unpack_orders(b) == ([], [])
+    # fast-path orders (and cancellations) riding behind the call: the call reads the same, the orders come back as
+    # prefetch items, the cancellations as cancel items
+    rode = b + pack_orders([(9, 4, 15.5, None, None, None), (9, 12, 14.25, None, None, None)], [(13, 2)])
     layer, experts, counts, x3 = unpack_call(rode)
     assert (layer, experts, counts) == (7, [3, 11], [2, 3]) and np.array_equal(x3, x)
-    assert unpack_orders(rode) == [(9, 4, 15.5, None), (9, 12, 14.25, None)]
+    assert unpack_orders(rode) == ([(9, 4, 15.5, None), (9, 12, 14.25, None)], [(13, 2)])
+    assert unpack_orders(b + pack_orders([], [(1, 5), (3, 0)])) == ([], [(1, 5), (3, 0)])
     y = x * 2
     reply = np.array([2, 1, 1, 0.25], "<f8").tobytes() + y.tobytes()
     yy, hits, misses, phits, stall, tb = unpack_reply(reply, 5)
