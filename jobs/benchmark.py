@@ -486,6 +486,8 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
                 value_residents=getattr(a, "value_residents", True),
                 eviction_hints=getattr(a, "eviction_hints", False))
     max_window = float(max(a.window, (getattr(a, "lookahead_tokens", None) or 3) * tr.num_layers, 1))
+    from cluster.config import PrefetchConfig
+    publish = getattr(a, "publish_every", None) or PrefetchConfig().publish_every_layers
     out = {}
     for p in policies:
         try:
@@ -498,7 +500,11 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
         adapt = p not in NO_COORDINATOR   # the policies the coordinator actor runs
         # on this machine the coordinator shares the decode loop's 2 cores: each of its steps (its measured time)
         # comes off the layer that published it, as a prefetch's hand-off does (docs/simulator.md)
-        cfg = SimConfig(**base, adapt_every=16 if adapt else None, max_window=max_window if adapt else None,
+        # the coordinator decides once per routing batch of `publish` MoE layers; its adapt_every and expiry count
+        # batches (cluster/config.py PrefetchConfig), the simulator's layer steps
+        cfg = SimConfig(**base, adapt_every=16 * publish if adapt else None,
+                        max_window=max_window if adapt else None, publish_every=publish if adapt else 1,
+                        expiry_steps=64 * publish if adapt else 64,
                         coordinator_cpu_s=calib["decision_latency_s"] if adapt else 0.0)
         m = Simulator(hw, model, store, cfg, tr, pred).run()
         out[p] = {k: m[k] for k in ("tokens_per_s", "hit_rate", "stall_ms_per_token", "prefetch_precision",

@@ -219,6 +219,9 @@ class SimConfig:
                                       # as the coordinator does (prefetch.value_residents)
     eviction_hints: bool = False      # a worker that gets orders also gets the planner's resident values and
                                       # evicts by them on a miss (prefetch.eviction_hints)
+    publish_every: int = 1            # the runtime's routing batches: one per this many MoE layers and at each
+                                      # token's last (prefetch.publish_every_layers); the coordinator decides once
+                                      # per batch, on all its events
 
     def __post_init__(self):
         assert self.workers >= 1 and self.batch >= 1, "workers and batch must be >= 1"
@@ -335,6 +338,8 @@ class Simulator:
             threshold=cfg.threshold, hbm_confirm_prob=cfg.confirm_prob, max_inflight_bytes=int(cap), layer_time_s=self.layer_time,
             costs=self._rk.TierCosts(tuple(lat), tuple(bw)), stage_to_dram=cfg.dram_fraction < 1))
         self.planner_wall: list[float] = []
+        self._batch: list = []                # routing events not yet published (publish_every > 1)
+        self._batched = 0                     # MoE layers in it
         self.reuse = ReuseEstimator(self.L, self.E, model.top_k) if cfg.value_residents else None
         self.step_times: list[float] = []
         # the window: fixed, or adapted as the coordinator does (its telemetry: orders used / wasted by expiry)
@@ -468,9 +473,11 @@ class Simulator:
         events, predict for every live request, rank across the cluster. Returns the Plan."""
         for ev in events:
             self.pred.observe(ev)
-        if self.reuse is not None and events:   # one update per routing event, as the coordinator does
-            self.reuse.observe_many([ev.request for ev in events], events[0].layer,
-                                    np.stack([ev.experts for ev in events]))
+        if self.reuse is not None and events:   # one update per routing event and layer, as the coordinator does
+            layers = [ev.layer for ev in events]
+            for l in dict.fromkeys(layers):
+                evs = [ev for ev, el in zip(events, layers) if el == l]
+                self.reuse.observe_many([ev.request for ev in evs], l, np.stack([ev.experts for ev in evs]))
         views = []
         for r in requests:
             cands = self.pred.predict(r, int(math.ceil(self.window)))
@@ -554,13 +561,17 @@ class Simulator:
         events = [RoutingEvent(int(reqs[i]), int(toks[i]), l, x[i],
                                None if np.isnan(w8[i, 0]) else w8[i],
                                None if hid is None else hid[rows[i], l]) for i in np.flatnonzero(known)]
-        t0 = time.perf_counter()
-        plan = self.plan_step(events, [int(r) for r in reqs])
-        self.planner_wall.append(time.perf_counter() - t0)
-        self.cpu_debt += self.cfg.coordinator_cpu_s       # paid by this layer, as prefetch hand-offs are
-        c.planner_calls += 1
-        c.orders += len(plan)
-        clock.at(t_route + self.cfg.decision_latency, self._issue_plan, plan, step)
+        self._batch.extend(events)
+        self._batched += 1
+        if self._batched >= self.cfg.publish_every or l == self.L - 1:   # the runtime publishes: one decision
+            events, self._batch, self._batched = self._batch, [], 0
+            t0 = time.perf_counter()
+            plan = self.plan_step(events, [int(r) for r in reqs])
+            self.planner_wall.append(time.perf_counter() - t0)
+            self.cpu_debt += self.cfg.coordinator_cpu_s       # paid by this layer, as prefetch hand-offs are
+            c.planner_calls += 1
+            c.orders += len(plan)
+            clock.at(t_route + self.cfg.decision_latency, self._issue_plan, plan, step)
         # the batch's experts: uses, hits, demand loads
         xs = x[known]
         used = np.unique(xs)

@@ -240,3 +240,18 @@ def test_adaptive_window_is_the_coordinators_controller():
     _, fixed = _run(tr, "cross_layer", SimConfig(batch=2, window=2))
     assert fixed["window_final"] == 2.0 and fixed["window_mean"] == 2.0
     assert _strip(_run(tr, "cross_layer", cfg)[1]) == _strip(m), "deterministic"
+
+
+def test_routing_batches_decide_once_per_batch():
+    """publish_every: the runtime sends one routing batch per that many MoE layers and at each token's last, and
+    the coordinator decides once per batch on all its events (prefetch.publish_every_layers), so a 6-layer model
+    at 4 makes two decisions a token (after layers 3 and 5), and the CPU each costs is charged that often."""
+    tr = synthetic_trace(60, 6, 16, 2, correlation=0.9, num_requests=1, seed=4)
+    base = SimConfig(batch=1, cache_fraction=0.5, window=3, coordinator_cpu_s=1e-3)
+    s1, m1 = _run(tr, "cross_layer", base)
+    s4, m4 = _run(tr, "cross_layer", replace(base, publish_every=4))
+    assert s1.c.planner_calls == s1.c.layer_steps == 60 * 6
+    assert s4.c.planner_calls == 60 * 2, s4.c.planner_calls
+    assert m4["cpu_contention_ms_per_token"] == pytest.approx(2 * 1.0, rel=1e-9)   # 2 decisions x 1 ms a token
+    assert s4.c.orders > 0 and m4["hit_rate"] > 0
+    assert _strip(_run(tr, "cross_layer", replace(base, publish_every=4))[1]) == _strip(m4), "deterministic"
