@@ -690,6 +690,11 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
         for f in ("predictor.json", "predictor.safetensors"):
             shutil.copy(os.path.join(a.predictor_dir, f), os.path.join(s3.store if s3 else store, f))
     planner = planner_settings(a, eb)
+    if "speculate_layers" not in planner and not (tr.hidden is not None and a.model_dir
+                                                 and tr.hidden.shape[2] == getattr(a, "hidden", HIDDEN)):
+        # no real router inputs in this replay (a routing-only trace: the workers see random activations), so the
+        # runtime's hidden-state fast path would speculate from noise; off unless asked for (--speculate-layers)
+        planner["speculate_layers"] = 0
     import ray
     if a.address:
         ray.init(address=a.address)
