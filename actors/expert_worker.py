@@ -482,10 +482,11 @@ class ExpertWorker:
             self.prefetch(orders)
 
     def compute_call(self, req: tuple):
-        """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders, cancels]) as for `compute` with
-        with_stats=True; returns (y, hits, misses, prefetch_hits, stall seconds, {tier: bytes}) flat. One argument
-        and a flat reply cost Ray ~0.3 ms less per call than compute's six arguments and nested reply (each argument
-        is serialized and bound on its own; measured by jobs/bench_runtime)."""
+        """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders, cancels]) as for
+        `compute` with with_stats=True (orders / cancels: the fast path's, applied first); returns (y, hits, misses,
+        prefetch_hits, stall seconds, {tier: bytes}) flat. One argument and a flat reply cost Ray ~0.3 ms less per
+        call than compute's six arguments and nested reply (each argument is serialized and bound on its own;
+        measured by jobs/bench_runtime)."""
         layer, experts, counts, x, tiers = req[:5]
         if len(req) > 5:   # the runtime's fast path: orders for the next layers (and those it no longer predicts)
             self._riders(*req[5:])

@@ -247,13 +247,14 @@ class PrefetchConfig(_Model):
     max_pending_batches: int = Field(16, ge=1)       # batches in flight to the coordinator before dropping
     publish_hidden: bool = True                      # send hidden states (predictors that use them need it)
     # the runtime's fast path (policies/fast_path.py): with a hidden-state policy (next_gate, learned, pre_gated,
-    # ensemble), or any policy given speculate_source (transition: routing history only), the forward pass predicts the next `speculate_layers` MoE layers and orders the likely
-    # experts from their owners before the layer computes, without the hop to the coordinator (0: off)
+    # ensemble), or any policy given speculate_source (transition: routing history only), the forward pass
+    # predicts the next `speculate_layers` MoE layers and orders the likely experts from their owners before the
+    # layer computes, without the hop to the coordinator (0: off)
     speculate_layers: int = Field(3, ge=0, le=8)       # capped by the source (learned: its horizon; pre_gated: 1)
     speculate_threshold: float = Field(0.2, gt=0, le=1)   # minimum P(selected) of a fast-path order
     speculate_fanout: int | None = Field(None, ge=1)      # per row at most this many experts per layer (None: top_k)
-    speculate_source: Literal["auto", "learned", "pre_gated", "next_gate", "transition"] = "auto"   # auto: the
-    #                                                  policy's own (ensemble: the best hidden-state one available)
+    # auto: the policy's own source (ensemble: the best hidden-state one available; other policies: none)
+    speculate_source: Literal["auto", "learned", "pre_gated", "next_gate", "transition"] = "auto"
     max_restarts: int = Field(3, ge=0)
 
     @field_validator("policy")

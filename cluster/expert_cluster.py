@@ -85,7 +85,7 @@ class ClusterExperts:
         # worker -> prefetch orders that ride with the next layer's compute call to it (the fast path's: no Ray call
         # of their own); a worker the layer does not call gets them in a `prefetch` call
         self.riders: dict[int, list] = {}
-        self.cancel_riders: dict[int, list] = {}   # worker -> (layer, expert) fast-path orders to cancel, the same way
+        self.cancel_riders: dict[int, list] = {}   # worker -> (layer, expert) fast-path orders to cancel, alike
         self._fits = fits
         self.publish(placement)
 
@@ -510,7 +510,7 @@ class ExpertCluster:
         spec = None
         if pf.speculate_layers > 0 and (pf.policy in SPECULATING_POLICIES or pf.speculate_source != "auto"):
             prefer = pf.speculate_source if pf.speculate_source != "auto" else \
-                {"next_gate": "next_gate", "learned": "learned", "pre_gated": "pre_gated"}.get(pf.policy, "auto")
+                (pf.policy if pf.policy in ("next_gate", "learned", "pre_gated") else "auto")
             spec = NextLayerSpeculator.from_sources(L, E, a.top_k, store_dir=nvme, dense=router,
                                                     depth=pf.speculate_layers, prefer=prefer)
         self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,

@@ -232,9 +232,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
         moe_s = 0.0
         H = a.hidden
         xs = torch.from_numpy(rng.standard_normal((64, H)).astype(np.float32) * 0.1)
-        # the trace's hidden states (the router inputs the model saw) when it has them and the store is that model:
-        # next_gate / learned then predict from what they would see in a forward pass
-        hid = tr.hidden if (tr.hidden is not None and a.model_dir and tr.hidden.shape[2] == H) else None
+        hid = tr.hidden if replays_hidden(tr, a) else None
         t_start = time.perf_counter()
         while True:
             live = slots.admit()
@@ -292,6 +290,13 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     out["coordinator"] = coord
     out["fast_path_orders"] = getattr(pub, "speculated", 0) if pub is not None else 0
     return out
+
+
+def replays_hidden(tr, a) -> bool:
+    """Whether the replay feeds the trace's hidden states (the router inputs the model saw): it has them and the
+    store is that model, so next_gate / learned predict from what they would see in a forward pass. Otherwise the
+    workers get random activations."""
+    return tr.hidden is not None and bool(a.model_dir) and tr.hidden.shape[2] == a.hidden
 
 
 def prefetch_bytes(base: dict, st: dict, expert_bytes: int) -> dict:
@@ -690,8 +695,7 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
         for f in ("predictor.json", "predictor.safetensors"):
             shutil.copy(os.path.join(a.predictor_dir, f), os.path.join(s3.store if s3 else store, f))
     planner = planner_settings(a, eb)
-    if "speculate_layers" not in planner and not (tr.hidden is not None and a.model_dir
-                                                 and tr.hidden.shape[2] == getattr(a, "hidden", HIDDEN)):
+    if "speculate_layers" not in planner and not replays_hidden(tr, a):
         # no real router inputs in this replay (a routing-only trace: the workers see random activations), so the
         # runtime's hidden-state fast path would speculate from noise; off unless asked for (--speculate-layers)
         planner["speculate_layers"] = 0
