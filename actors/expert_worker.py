@@ -262,9 +262,10 @@ class ExpertWorker:
         self._partial_inflight: dict[int, int] = {}   # layer -> partial prefetch bytes being fetched
         self._completing: dict[Key, _Completion] = {}
         self.counters = dict(partial_prefetches=0, partial_bytes=0, partial_completions=0, partial_capped=0,
-                             partial_verify_failures=0, cpu_computes=0, hits=0, misses=0, prefetch_hits=0, loads=0, demand_loads=0, prefetch_loads=0,
+                             partial_verify_failures=0, cpu_computes=0, hits=0, misses=0, prefetch_hits=0, loads=0,
+                             demand_loads=0, prefetch_loads=0,
                              bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
-                             prefetch_dropped=0, cancelled=0, peak_used_bytes=0, stall_seconds=0.0,
+                             prefetch_dropped=0, cancelled=0, stale_marked=0, peak_used_bytes=0, stall_seconds=0.0,
                              tier_bytes={})
         self.counters["storage_retries"] = 0   # blob reads re-asked after a storage actor died (see _read_blob)
         # the pipelined completion (docs/weight_prefetch.md): seconds of gate/up compute (h) during which the
@@ -928,6 +929,9 @@ class ExpertWorker:
                 tiers = list(item[5]) if len(item) > 5 and item[5] is not None else None
                 key = (int(layer), int(expert))
                 if key in self._res or key in self._loading:
+                    e = self.cache.entries.get(key)
+                    if e is not None:   # predicted again: a cancelled (stale) resident is wanted after all
+                        e.stale = False
                     continue
                 q = self._queued.get(key)
                 if q is not None:
@@ -975,11 +979,11 @@ class ExpertWorker:
                 if q.request in reqs or (keys and key in keys):
                     self._dequeue(key)
                     n += 1
-            for r in reqs:
-                self.cache.mark_stale(request=r)
+            marked = sum(self.cache.mark_stale(request=r) for r in reqs)
             if keys:
-                self.cache.mark_stale(keys=keys)
+                marked += self.cache.mark_stale(keys=keys)
             self.counters["cancelled"] += n
+            self.counters["stale_marked"] += marked   # loaded, never used, now first to evict
         return n
 
     # -- introspection ------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 # states. For the others it speculates only when told a source (prefetch.speculate_source: transition): on the
 # shared Mixtral trace the transition counts' orders (precision ~0.3) cost more than they saved (docs/benchmarks.md)
 SPECULATING_POLICIES = ("next_gate", "learned", "pre_gated", "ensemble")
+STALE_RIDERS_MAX = 256   # refuted fast-path orders held per worker until a compute call to it carries them
 
 
 @dataclass
@@ -86,6 +87,9 @@ class ClusterExperts:
         # of their own); a worker the layer does not call gets them in a `prefetch` call
         self.riders: dict[int, list] = {}
         self.cancel_riders: dict[int, list] = {}   # worker -> (layer, expert) fast-path orders to cancel, alike
+        # worker -> (layer, expert) fast-path predictions the router has just refuted: cancelled like the above,
+        # but only ever riding with a compute call (a worker this layer does not call gets them with a later one)
+        self.stale_riders: dict[int, list] = {}
         self._fits = fits
         self.publish(placement)
 
@@ -167,8 +171,11 @@ class ClusterExperts:
                 parts[w] = (eids[sel], counts[sel], xs[mask], mask)
         riders, self.riders = self.riders, {}
         cancels, self.cancel_riders = self.cancel_riders, {}
+        stale = self.stale_riders
         for w, (e, cnt, xw, mask) in parts.items():
             ride, drop = riders.pop(w, None) or [], cancels.pop(w, None) or []
+            if w in stale:
+                drop = drop + stale.pop(w)
             extra = (ride, drop) if (ride or drop) else ()
             payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(*extra) if extra else b"")) if small else \
                 (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + extra
@@ -297,6 +304,7 @@ class RoutePublisher:
         self.head_updates = 0             # the coordinator's online updates in the head last copied in
         self._ordered: dict[int, np.ndarray] = {}   # MoE layer -> bool [E] what the fast path last ordered for it
         self.superseded = 0               # fast-path orders cancelled: a nearer prediction no longer wanted them
+        self.refuted = 0                  # fast-path orders the router then did not select (marked stale)
         # runtimes are told apart by this id (the coordinator sums their cumulative counters)
         self.every, self.hidden = every, hidden
         self.runtime = runtime or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
@@ -346,7 +354,18 @@ class RoutePublisher:
             P = P[:, ok]
         L = len(self.moe_layers)
         tiers = list(self.experts.tiers) if self.experts.tiers is not None else None
-        self._ordered.pop(li, None)       # this layer routes now: what was ordered for it is spent
+        spent = self._ordered.pop(li, None)   # this layer routes now: what was ordered for it is spent, and what
+        if spent is not None:                 # no row selected was a misprediction: cancelled where still queued,
+            spent[ids.reshape(-1)] = False    # first to evict where loaded (stale_riders)
+            wrong = np.flatnonzero(spent)
+            if len(wrong):
+                dl, st = self.moe_layers[li], self.experts.stale_riders
+                for w, e in zip(self.experts._owner_np[dl][wrong].tolist(), wrong.tolist()):
+                    lst = st.setdefault(w, [])
+                    lst.append((dl, e))
+                    if len(lst) > STALE_RIDERS_MAX:   # a worker no layer calls for long: keep the latest
+                        del lst[0]
+                self.refuted += len(wrong)
         for d in range(P.shape[0]):
             m = (li + d + 1) % L
             want = likely_experts(P[d], self.threshold, self.fanout)

@@ -11,6 +11,8 @@ Policies (`make_policy(name)`):
                   entries whose request was cancelled (stale) first, then used entries by LRU, then fresh
                   prefetched entries last, oldest first — a prefetch that is about to be used is not thrown out
                   by the next prefetch, and a wasted one does not linger.
+Under every policy, prefetched entries cancelled before their first use (`mark_stale`: their request ended, or
+the router did not select what the runtime's fast path predicted) are evicted first.
 A PrefetchCoordinator may set `CacheIndex.hints` ({key: value}): eviction then goes by its values, lowest first
 (what the next layers and tokens are least likely to use), whatever the policy; keys it did not value go last. A
 use spends the prediction behind a value: the key drops to `hints_used[key]` (its reuse value) or the default.
@@ -187,6 +189,9 @@ class CacheIndex:
         if self.hints:   # stable: equal values (and the unvalued, last) keep the policy's order
             h = self.hints
             order = sorted(order, key=lambda k: h.get(k, float("inf")))
+        ents = self.entries
+        if any(e.stale for e in ents.values()):   # cancelled prefetches nobody used go first, under every policy
+            order = [k for k in order if ents[k].stale] + [k for k in order if not ents[k].stale]
         for k in order:
             e = self.entries[k]
             if e.pins:

@@ -238,6 +238,41 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
         sorted((int(c.experts._owner_np[l][e]), (l, e)) for l, e in gone)
     c.experts.moe(a.moe_layers[0], x2, ids, w)
     assert c.experts.cancel_riders == {} and c.experts.riders == {}
+    # then layer 1 routes: what the fast path ordered for it and no row selected was a misprediction. It rides
+    # with layer 1's compute calls as a cancel, and each owner marks those it loaded stale (first to evict); an
+    # owner layer 1 does not call keeps them waiting for a later call rather than get a Ray call of their own
+    l1 = a.moe_layers[1]
+    ordered = np.flatnonzero(pub._ordered[1]).tolist()
+    assert len(ordered) >= 2, ordered
+    sel = [ordered[0]] + [e for e in range(a.num_experts) if e not in ordered][:a.top_k - 1]
+    wrong = sorted(set(ordered) - set(sel))
+    own1 = c.experts._owner_np[l1]
+    deadline = time.time() + 20
+    while True:   # every layer-1 order resident at its owner (loaded after the previous calls)
+        res = {wid: set(map(tuple, ray.get(h.resident.remote()))) for wid, h in c.workers.items()}
+        if all((l1, e) in res[int(own1[e])] for e in ordered) or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert all((l1, e) in res[int(own1[e])] for e in ordered), (ordered, res)
+    marked0 = {wid: ray.get(h.stats.remote())["stale_marked"] for wid, h in c.workers.items()}
+    ref0, ids1 = pub.refuted, torch.tensor(sel).repeat(3, 1)
+    spec.depth, pub.every = D, 10 ** 9
+    try:
+        pub(l1, ids1, w, x2)
+    finally:
+        pub.every, pub._buf, spec.depth = every, [], 3
+    assert pub.refuted - ref0 == len(wrong)
+    assert sorted((wid, k) for wid, ks in c.experts.stale_riders.items() for k in ks) == \
+        sorted((int(own1[e]), (l1, e)) for e in wrong)
+    y1 = c.experts.moe(l1, x2, ids1, w)
+    ref1 = LocalExperts(experts).moe(l1, x2, ids1, w)
+    assert torch.allclose(y1, ref1, atol=1e-5), (y1 - ref1).abs().max()
+    called = {int(own1[e]) for e in sel}
+    assert sorted((wid, k) for wid, ks in c.experts.stale_riders.items() for k in ks) == \
+        sorted((int(own1[e]), (l1, e)) for e in wrong if int(own1[e]) not in called)
+    marked = {wid: ray.get(h.stats.remote())["stale_marked"] - marked0[wid] for wid, h in c.workers.items()}
+    assert marked == {wid: sum(int(own1[e]) == wid for e in wrong) if wid in called else 0 for wid in c.workers}
+    c.experts.stale_riders.clear()
 
 
 def test_fast_path_follows_the_coordinators_online_fine_tuning(env):

@@ -66,6 +66,28 @@ def test_prefetch_aware_order():
     assert not c.entries["pf-fresh"].prefetched
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu", "slru"])
+def test_cancelled_prefetches_go_first_under_every_policy(policy):
+    """A prefetch cancelled before its first use (its request ended, or the router refuted the fast path's
+    prediction) is evicted before anything else, whatever the policy would say; a use, or a fresh order for it
+    (the worker clears the flag), gives it back its place."""
+    c = cache(policy, 160)
+    c.insert("used", 40)
+    c.access("used")
+    c.insert("pf-right", 40, prefetched=True)
+    c.insert("pf-wrong", 40, prefetched=True)
+    c.insert("used2", 40)
+    c.access("used2")
+    assert "pf-wrong" not in c.plan_room(40)          # the policy alone: the most recent prefetch stays
+    assert c.mark_stale(keys=["pf-wrong", "used"]) == 1   # only a never-used prefetch can be marked
+    assert c.plan_room(40) == ["pf-wrong"]
+    assert c.plan_room(80)[0] == "pf-wrong"
+    c.hints = {"pf-wrong": 9.0, "used": 0.0, "pf-right": 1.0, "used2": 2.0}   # a coordinator's values
+    assert c.plan_room(40) == ["pf-wrong"]            # stale first even against them
+    c.access("pf-wrong")                              # used after all: no longer stale
+    assert c.plan_room(40) == ["used"]
+
+
 def test_unknown_policy():
     with pytest.raises(ValueError, match="lru, lfu, slru, prefetch_aware"):
         make_policy("fifo")
