@@ -69,6 +69,10 @@ class _Metrics:
             "cancelled": c("moe_prefetch_cancelled", "prefetches cancelled before use"),
             "staged": c("moe_prefetch_staged", "DRAM stagings issued"),
             "dropped": c("moe_routing_batches_dropped", "routing batches runtimes dropped (coordinator behind)"),
+            "fast_path_orders": c("moe_fast_path_orders", "prefetch orders the runtimes' fast paths sent"),
+            "fast_path_superseded": c("moe_fast_path_superseded",
+                                      "fast-path orders cancelled: a nearer prediction no longer wanted them"),
+            "fast_path_refuted": c("moe_fast_path_refuted", "fast-path orders the router then did not select"),
         }
         self.tier_bytes = c("moe_expert_bytes_loaded", "bytes loaded into worker caches, by source tier", ("tier",))
         self.window = g("moe_prefetch_window_layers", "current lookahead window (MoE layers)")
@@ -76,6 +80,7 @@ class _Metrics:
         self.precision = g("moe_predictor_precision", "precision of above-threshold predictions by distance",
                            ("distance",))
         self.timely = g("moe_prefetch_timely_recall", "fraction of routed experts predicted and resident in time")
+        self.served = g("moe_served_by_prefetch", "fraction of routed experts a prefetch made resident in time")
         self.step = m.Histogram("moe_coordinator_step_seconds", description="coordinator handling per batch",
                                 boundaries=[1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2],
                                 tag_keys=("policy",))
@@ -85,7 +90,8 @@ class _Metrics:
         p = snap["prefetches"]
         totals = {"hits": snap["hits"], "misses": snap["misses"], "stall_s": snap["stall_s"],
                   "issued": p["issued"], "used": p["used"], "wasted": p["wasted"], "cancelled": p["cancelled"],
-                  "staged": staged, "dropped": dropped}
+                  "staged": staged, "dropped": dropped,
+                  **{"fast_path_" + k: v for k, v in snap["fast_path"].items()}}
         for k, v in totals.items():
             d = v - self.last.get(k, 0)
             if d > 0:
@@ -105,6 +111,7 @@ class _Metrics:
                 self.precision.set(r, tags={**self.tags, "distance": str(d)})
         if snap["timely_recall"] is not None:
             self.timely.set(snap["timely_recall"], tags=self.tags)
+        self.served.set(snap["served_by_prefetch"], tags=self.tags)
 
 
 def planner_config(pf, model: str | None = None) -> PlannerConfig:

@@ -400,7 +400,10 @@ class RoutePublisher:
     def _send(self, table: list, layers: list | None = None) -> None:
         c = self.experts.counters
         batch = {"runtime": self.runtime, "requests": table, "layers": layers or [],
-                 "counters": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]), "publish_dropped": self.dropped}}
+                 "counters": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]), "publish_dropped": self.dropped,
+                              # the fast path's orders never pass the coordinator: its telemetry reports them
+                              "fast_path_orders": self.speculated, "fast_path_superseded": self.superseded,
+                              "fast_path_refuted": self.refuted}}
         try:
             self.coordinator.publish.remote(batch)
             self.sent += 1

@@ -2,8 +2,11 @@
 and exports `snapshot()` through `stats()` and ray.util.metrics; the simulator feeds it the same way.
 
 What it keeps
-  runtime     hits, misses, stall seconds, bytes loaded per tier: cumulative counters reported by each runtime
-              (ClusterExperts.counters), summed over runtimes.
+  runtime     hits, misses, prefetch hits, stall seconds, bytes loaded per tier: cumulative counters reported by
+              each runtime (ClusterExperts.counters), summed over runtimes; `served_by_prefetch` = prefetch hits /
+              expert uses. With them each runtime's fast path (cluster/expert_cluster.py RoutePublisher): its
+              orders, those superseded by a nearer prediction, and those the router then refuted. Those orders
+              never pass the coordinator, so the prefetch and timely-recall figures below do not count them.
   prefetches  issued / used / wasted / cancelled. An issued prefetch of (layer, expert) is *used* when the router
               selects that expert (any request) before it expires (`expiry` decision steps after issue), *wasted*
               when it expires unused or is issued again (it was evicted unused), *cancelled* when the coordinator
@@ -23,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 import numpy as np
+
+FAST_PATH_COUNTERS = ("orders", "superseded", "refuted")   # a runtime reports them as fast_path_<name>
 
 
 @dataclass
@@ -171,10 +176,13 @@ class Telemetry:
         self.windows.append((step, float(window)))
 
     def runtime_totals(self) -> dict:
-        out = {"hits": 0, "misses": 0, "stall_s": 0.0, "bytes_by_tier": {}}
+        out = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {},
+               "fast_path": dict.fromkeys(FAST_PATH_COUNTERS, 0)}
         for c in self._runtime.values():
-            out["hits"] += int(c.get("hits", 0))
-            out["misses"] += int(c.get("misses", 0))
+            for k in ("hits", "misses", "prefetch_hits"):
+                out[k] += int(c.get(k, 0))
+            for k in FAST_PATH_COUNTERS:
+                out["fast_path"][k] += int(c.get("fast_path_" + k, 0))
             out["stall_s"] += float(c.get("stall_s", 0.0))
             for t, b in (c.get("bytes_by_tier") or {}).items():
                 out["bytes_by_tier"][t] = out["bytes_by_tier"].get(t, 0) + int(b)
@@ -188,6 +196,9 @@ class Telemetry:
         return {
             **rt,
             "hit_rate": rt["hits"] / max(rt["hits"] + rt["misses"], 1),
+            # routed experts a prefetch (this coordinator's or a runtime's fast path) had made resident in time:
+            # the workers' own timely recall, where timely_recall below scores only this coordinator's predictions
+            "served_by_prefetch": rt["prefetch_hits"] / max(rt["hits"] + rt["misses"], 1),
             "prefetches": {"issued": self.issued, "used": self.used, "wasted": self.wasted,
                            "cancelled": self.cancelled, "pending": self.pending,
                            "precision": self.used / resolved if resolved else None},

@@ -114,6 +114,13 @@ def test_stats_are_consistent(env, prefetching):
     assert n_events == sum(len(p) + NEW - 1 for p in env["prompts"]) * len(c.model.args.moe_layers)
     assert set(cs["recall_at_k"]) >= {1, 2} and all(0 <= r <= 1 for r in cs["recall_at_k"].values())
     assert 0 <= cs["timely_recall"] <= 1
+    # what prefetches served, in the workers' own count; and the fast path's orders, which bypass the coordinator
+    # (next_gate speculates 3 layers ahead by default): the runtime's own counts, as of its last routing batch
+    assert 0 < cs["prefetch_hits"] <= rt["prefetch_hits"] == sum(w["prefetch_hits"] for w in st["workers"])
+    assert cs["served_by_prefetch"] == cs["prefetch_hits"] / (cs["hits"] + cs["misses"])
+    fp, pub = cs["fast_path"], c.publisher
+    assert 0 < fp["orders"] <= pub.speculated and fp["superseded"] <= pub.superseded
+    assert 0 < fp["refuted"] <= pub.refuted and fp["refuted"] + fp["superseded"] <= fp["orders"]
     assert cs["window"] is not None and cs["window_history"]
     assert cs["live_requests"] == 0   # every request of the generation ended
     assert st["prefetch"]["dropped"] == 0 and cs["dropped_batches"] == 0
@@ -124,7 +131,9 @@ def test_metrics_reach_prometheus(env, prefetching):
     c, _, _ = prefetching
     cs = c.coordinator_stats()   # stats() exports the current totals
     want = {"ray_moe_prefetch_issued_total": cs["prefetches"]["issued"],
-            "ray_moe_expert_misses_total": cs["misses"]}
+            "ray_moe_expert_misses_total": cs["misses"],
+            "ray_moe_fast_path_orders_total": cs["fast_path"]["orders"]}
+    assert cs["fast_path"]["orders"] > 0
     seen: dict = {}
     deadline = time.time() + 40
     while time.time() < deadline and set(seen) != set(want):
