@@ -78,3 +78,20 @@ def test_cut_trace_keeps_requests_and_layers():
     for r in range(4):
         a = tr.offsets[r]
         assert np.array_equal(c.experts[c.offsets[r]:c.offsets[r + 1]], tr.experts[a:a + lens[r], :2])
+
+
+def test_bench_load_cpu_finds_the_cost_of_a_load_in_the_right_processes(tmp_path):
+    """jobs.bench_load_cpu on the embedded model: every expert is loaded into the workers' caches each round, and
+    the CPU it reports for a load sits in the StorageActor and the workers (found by pid), on top of Ray's floor."""
+    from jobs.bench_load_cpu import main as load_cpu
+    out = str(tmp_path / "cpu.json")
+    assert load_cpu(["--calls", "40", "--rounds", "2", "--work", str(tmp_path / "work"), "--json", out]) == 0
+    with open(out) as f:
+        r = json.load(f)
+    assert r["experts"] == 64 and r["expert_bytes"] > 0
+    assert r["ping"]["storage_cpu_ms"] > 0 and r["get_tiered"]["storage_cpu_ms"] > 0
+    loads = r["worker_loads"]
+    assert len(loads["rounds"]) == 2
+    assert loads["storage_cpu_ms"] > 0 and loads["workers_cpu_ms"] > 0
+    assert loads["total_cpu_ms"] == pytest.approx(sum(loads[k] for k in ("driver_cpu_ms", "storage_cpu_ms",
+                                                                          "workers_cpu_ms")))
