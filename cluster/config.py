@@ -251,7 +251,9 @@ class PrefetchConfig(_Model):
     # predicts the next `speculate_layers` MoE layers and orders the likely experts from their owners before the
     # layer computes, without the hop to the coordinator (0: off)
     speculate_layers: int = Field(3, ge=0, le=8)       # capped by the source (learned: its horizon; pre_gated: 1)
-    speculate_threshold: float = Field(0.2, gt=0, le=1)   # minimum P(selected) of a fast-path order
+    # minimum P(selected) of a fast-path order: 0.5 loaded 16% less than 0.2 for the same hit rate (the orders
+    # between were mostly re-predicted nearer with a higher P, or evicted unused; docs/benchmarks.md session 7)
+    speculate_threshold: float = Field(0.5, gt=0, le=1)
     speculate_fanout: int | None = Field(None, ge=1)      # per row at most this many experts per layer (None: top_k)
     # auto: the policy's own source (ensemble: the best hidden-state one available; other policies: none)
     speculate_source: Literal["auto", "learned", "pre_gated", "next_gate", "transition"] = "auto"

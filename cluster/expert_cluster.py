@@ -288,7 +288,7 @@ class RoutePublisher:
     within the step's TierSet, never for a request in `denied` (ExpertCluster.register_request)."""
 
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
-                 hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float = 0.2,
+                 hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float = 0.5,
                  fanout: int | None = None):
         self.coordinator, self.model, self.experts = coordinator, model, experts
         self.speculator, self.threshold = speculator, threshold
