@@ -478,7 +478,7 @@ class ExpertWorker:
         """The runtime's fast-path orders riding with a compute call: first cancel the queued loads it no longer
         predicts (superseded by a nearer, better prediction), then queue the new ones."""
         if cancels:
-            self.cancel(items=cancels)
+            self.cancel(items=cancels, fast_path=True)
         if orders:
             self.prefetch(orders)
 
@@ -904,7 +904,8 @@ class ExpertWorker:
         return y.to(torch.float32 if xdtype == np.float32 else y.dtype).cpu().numpy()
 
     # -- prefetch -----------------------------------------------------------------------------------------------
-    def prefetch(self, items: list[tuple], cancel: list[tuple] | None = None, keep: list[tuple] | None = None) -> int:
+    def prefetch(self, items: list[tuple], cancel: list[tuple] | None = None, keep: list[tuple] | None = None,
+                 fast_path: bool = False) -> int:
         """Queue (layer, expert, priority, request_id[, victims[, tiers]]) loads, highest priority first; returns
         how many were queued (resident, loading or already-queued experts are skipped, a higher priority is kept).
         victims (the PrefetchCoordinator's orders): the load may evict only these residents — the ones the
@@ -913,14 +914,15 @@ class ExpertWorker:
         cancel first (as `cancel(items=...)`), so that a coordinator step is one call per worker. keep: (layer,
         expert, value[, value once used]) of residents as the coordinator values them (policies/ranking.py Plan.keep,
         keep_used): from now on a demand miss evicts the lowest-valued first, and a use drops an expert to its
-        value once used (replacing the previous values; [] clears them)."""
+        value once used (replacing the previous values; [] clears them). fast_path: the runtime's fast path sends
+        these (its orders carry no request): its cancellations touch only what it ordered itself."""
         if keep is not None:
             hints = {(int(k[0]), int(k[1])): float(k[2]) for k in keep}
             used = {(int(k[0]), int(k[1])): float(k[3]) for k in keep if len(k) > 3}
             with self._lock:
                 self.cache.set_hints(hints, used)
         if cancel:
-            self.cancel(items=cancel)
+            self.cancel(items=cancel, fast_path=fast_path)
         n = 0
         with self._lock:
             for item in items:
@@ -967,21 +969,22 @@ class ExpertWorker:
                 self._count(prefetch_dropped=1)
 
     def cancel(self, request: str | None = None, items: list[tuple] | None = None,
-               requests: list | None = None) -> int:
+               requests: list | None = None, fast_path: bool = False) -> int:
         """Drop queued prefetches of a request (or of several `requests`, or of given (layer, expert) items);
         resident experts they loaded and nobody used become first to evict. Returns how many queued prefetches
-        were dropped."""
+        were dropped. fast_path: items the runtime's fast path no longer wants touch only its own orders (those
+        without a request), never a coordinator's."""
         keys = {(int(i[0]), int(i[1])) for i in items} if items else None
         reqs = set(requests or ()) | ({request} if request is not None else set())
         n = 0
         with self._lock:
             for key, q in list(self._queued.items()):
-                if q.request in reqs or (keys and key in keys):
+                if q.request in reqs or (keys and key in keys and not (fast_path and q.request is not None)):
                     self._dequeue(key)
                     n += 1
             marked = sum(self.cache.mark_stale(request=r) for r in reqs)
             if keys:
-                marked += self.cache.mark_stale(keys=keys)
+                marked += self.cache.mark_stale(keys=keys, unowned_only=fast_path)
             self.counters["cancelled"] += n
             self.counters["stale_marked"] += marked   # loaded, never used, now first to evict
         return n

@@ -87,9 +87,10 @@ class ClusterExperts:
         # of their own); a worker the layer does not call gets them in a `prefetch` call
         self.riders: dict[int, list] = {}
         self.cancel_riders: dict[int, list] = {}   # worker -> (layer, expert) fast-path orders to cancel, alike
-        # worker -> (layer, expert) fast-path predictions the router has just refuted: cancelled like the above,
-        # but only ever riding with a compute call (a worker this layer does not call gets them with a later one)
-        self.stale_riders: dict[int, list] = {}
+        # worker -> {(layer, expert): None} fast-path predictions the router has just refuted: cancelled like the
+        # above, but never in a Ray call of their own (a worker this layer does not call gets them with its next
+        # call); ordered again meanwhile, an expert leaves this list
+        self.stale_riders: dict[int, dict] = {}
         self._fits = fits
         self.publish(placement)
 
@@ -175,15 +176,16 @@ class ClusterExperts:
         for w, (e, cnt, xw, mask) in parts.items():
             ride, drop = riders.pop(w, None) or [], cancels.pop(w, None) or []
             if w in stale:
-                drop = drop + stale.pop(w)
+                drop = drop + list(stale.pop(w))
             extra = (ride, drop) if (ride or drop) else ()
             payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(*extra) if extra else b"")) if small else \
                 (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + extra
             masks[w], rows[w], nexp[w] = mask, int(xw.shape[0]), len(e)
-        for w in set(riders) | set(cancels):   # workers this layer does not call
-            h = self.workers.get(w)
+        for w in set(riders) | set(cancels):   # workers this layer does not call: refutations go along (before
+            h = self.workers.get(w)             # the orders, as in a compute call) now that a call goes anyway
             if h is not None:
-                h.prefetch.remote(riders.get(w, []), cancels.get(w) or None)
+                drop = (cancels.get(w) or []) + list(stale.pop(w, ()))
+                h.prefetch.remote(riders.get(w, []), drop or None, None, True)
         ys = np.empty_like(xs)
         todo = dict(payloads)
         c = self.counters
@@ -320,6 +322,7 @@ class RoutePublisher:
             # every expert fits its owner's cache and is resident: nothing can miss, so routing is not sent (each
             # publish costs the decode loop a Ray submit and the coordinator CPU). Counters still go every 256 layers.
             self._quiet += 1
+            self._ordered.clear()   # nothing is ordered meanwhile: no later routing refutes these
             if self._quiet % 256 == 0:
                 self._buf = []
                 self._send([])
@@ -354,18 +357,7 @@ class RoutePublisher:
             P = P[:, ok]
         L = len(self.moe_layers)
         tiers = list(self.experts.tiers) if self.experts.tiers is not None else None
-        spent = self._ordered.pop(li, None)   # this layer routes now: what was ordered for it is spent, and what
-        if spent is not None:                 # no row selected was a misprediction: cancelled where still queued,
-            spent[ids.reshape(-1)] = False    # first to evict where loaded (stale_riders)
-            wrong = np.flatnonzero(spent)
-            if len(wrong):
-                dl, st = self.moe_layers[li], self.experts.stale_riders
-                for w, e in zip(self.experts._owner_np[dl][wrong].tolist(), wrong.tolist()):
-                    lst = st.setdefault(w, [])
-                    lst.append((dl, e))
-                    if len(lst) > STALE_RIDERS_MAX:   # a worker no layer calls for long: keep the latest
-                        del lst[0]
-                self.refuted += len(wrong)
+        spent = self._ordered.pop(li, None)   # this layer routes now: what was ordered for it is spent
         for d in range(P.shape[0]):
             m = (li + d + 1) % L
             want = likely_experts(P[d], self.threshold, self.fanout)
@@ -385,10 +377,24 @@ class RoutePublisher:
             owner = self.experts._owner_np[dl][es]
             # above every coordinator order (priorities < NUM_TIERS + 1), the nearer distance first
             pri = 16.0 - d + P[d][:, es].max(0)
-            riders = self.experts.riders      # they ride with this layer's compute calls (ClusterExperts._moe)
-            for w, e, p in zip(owner.tolist(), es.tolist(), pri.tolist()):
+            riders, st = self.experts.riders, self.experts.stale_riders   # they ride with this layer's compute calls
+            for w, e, p in zip(owner.tolist(), es.tolist(), pri.tolist()):  # (ClusterExperts._moe)
                 riders.setdefault(w, []).append((dl, e, p, None, None, tiers))
+                if w in st:
+                    st[w].pop((dl, e), None)   # wanted again: no longer refuted
             self.speculated += len(es)
+        if spent is not None:   # what no row selected was a misprediction, unless ordered again just now (a depth
+            spent[ids.reshape(-1)] = False                          # of L wraps onto this layer's next token)
+            again = self._ordered.get(li)
+            wrong = np.flatnonzero(spent if again is None else spent & ~again)
+            if len(wrong):      # cancelled where still queued, first to evict where loaded
+                dl, st = self.moe_layers[li], self.experts.stale_riders
+                for w, e in zip(self.experts._owner_np[dl][wrong].tolist(), wrong.tolist()):
+                    marks = st.setdefault(w, {})
+                    marks[(dl, e)] = None
+                    if len(marks) > STALE_RIDERS_MAX:   # a worker no layer calls for long: keep the latest
+                        del marks[next(iter(marks))]
+                self.refuted += len(wrong)
 
     def flush(self) -> None:
         if not self._buf:

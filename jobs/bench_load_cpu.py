@@ -9,6 +9,7 @@ This measures that cost against the floor of the same machine, in one command, o
   get_tiered    the StorageActor call a worker makes per load (read + verify + reply of one expert blob)
   worker_loads  every expert prefetched into empty worker caches (the path a fast-path or coordinator order takes);
                 the driver's polls for completion are repeated with nothing loading and their CPU subtracted
+                (so the driver's share, ~0, may come out slightly negative)
 
 Per case: wall ms per call or load and CPU ms per call or load, for the driver, the StorageActor and the workers
 (utime + stime from /proc, so every thread of the process, Ray's own included). Linux only.
@@ -97,8 +98,11 @@ def main(argv=None) -> int:
         def one_round():
             for w, h in c.workers.items():
                 h.prefetch.remote([(l, e, 1.0, None) for (l, e) in keys if owner[(l, e)] == w])
-            polls = 0
+            polls, deadline = 0, time.time() + 60
             while resident() < len(keys):
+                if time.time() > deadline:   # a prefetch dropped (a read failed): it would never land
+                    raise RuntimeError(f"{len(keys) - resident()} of {len(keys)} prefetched experts never "
+                                       "became resident within 60 s (see the workers' prefetch_dropped)")
                 time.sleep(POLL_S)
                 polls += 1
             last["polls"] = polls

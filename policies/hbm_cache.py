@@ -12,7 +12,8 @@ Policies (`make_policy(name)`):
                   prefetched entries last, oldest first — a prefetch that is about to be used is not thrown out
                   by the next prefetch, and a wasted one does not linger.
 Under every policy, prefetched entries cancelled before their first use (`mark_stale`: their request ended, or
-the router did not select what the runtime's fast path predicted) are evicted first.
+the router did not select what the runtime's fast path predicted) are evicted first, unless a coordinator's
+values (below) decide the order.
 A PrefetchCoordinator may set `CacheIndex.hints` ({key: value}): eviction then goes by its values, lowest first
 (what the next layers and tokens are least likely to use), whatever the policy; keys it did not value go last. A
 use spends the prediction behind a value: the key drops to `hints_used[key]` (its reuse value) or the default.
@@ -190,8 +191,8 @@ class CacheIndex:
             h = self.hints
             order = sorted(order, key=lambda k: h.get(k, float("inf")))
         ents = self.entries
-        if any(e.stale for e in ents.values()):   # cancelled prefetches nobody used go first, under every policy
-            order = [k for k in order if ents[k].stale] + [k for k in order if not ents[k].stale]
+        if not self.hints and any(e.stale for e in ents.values()):   # cancelled prefetches nobody used go first,
+            order = [k for k in order if ents[k].stale] + [k for k in order if not ents[k].stale]   # any policy
         for k in order:
             e = self.entries[k]
             if e.pins:
@@ -251,12 +252,17 @@ class CacheIndex:
             self.wasted_prefetches += e.prefetched
         return e.size
 
-    def mark_stale(self, request: str | None = None, keys: Iterable | None = None) -> int:
-        """Cancellation: prefetched-but-unused entries of `request` (or `keys`) become first to evict."""
+    def mark_stale(self, request: str | None = None, keys: Iterable | None = None, unowned_only: bool = False) -> int:
+        """Cancellation: prefetched-but-unused entries of `request` (or `keys`; with unowned_only only those no
+        request's prefetch loaded) become first to evict. Returns how many were newly marked."""
         n = 0
         wanted = set(keys) if keys is not None else None
         for k, e in self.entries.items():
-            if e.prefetched and ((request is not None and e.request == request) or (wanted and k in wanted)):
+            if not e.prefetched or e.stale:
+                continue
+            mine = request is not None and e.request == request
+            named = bool(wanted) and k in wanted and not (unowned_only and e.request is not None)
+            if mine or named:
                 e.stale = True
                 n += 1
         return n

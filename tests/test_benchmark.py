@@ -85,7 +85,7 @@ def test_bench_load_cpu_finds_the_cost_of_a_load_in_the_right_processes(tmp_path
     the CPU it reports for a load sits in the StorageActor and the workers (found by pid), on top of Ray's floor."""
     from jobs.bench_load_cpu import main as load_cpu
     out = str(tmp_path / "cpu.json")
-    assert load_cpu(["--calls", "40", "--rounds", "2", "--work", str(tmp_path / "work"), "--json", out]) == 0
+    assert load_cpu(["--calls", "100", "--rounds", "2", "--work", str(tmp_path / "work"), "--json", out]) == 0
     with open(out) as f:
         r = json.load(f)
     assert r["experts"] == 64 and r["expert_bytes"] > 0

@@ -69,23 +69,28 @@ def test_prefetch_aware_order():
 @pytest.mark.parametrize("policy", ["lru", "lfu", "slru"])
 def test_cancelled_prefetches_go_first_under_every_policy(policy):
     """A prefetch cancelled before its first use (its request ended, or the router refuted the fast path's
-    prediction) is evicted before anything else, whatever the policy would say; a use, or a fresh order for it
-    (the worker clears the flag), gives it back its place."""
-    c = cache(policy, 160)
+    prediction) is evicted before anything else, whatever the policy would say (a coordinator's values, when it
+    sends them, still decide); a use gives it back its place. The fast path's cancellations (unowned_only) never
+    mark what a request's prefetch loaded."""
+    c = cache(policy, 200)
     c.insert("used", 40)
     c.access("used")
     c.insert("pf-right", 40, prefetched=True)
     c.insert("pf-wrong", 40, prefetched=True)
+    c.insert("pf-coord", 40, prefetched=True, request=0)
     c.insert("used2", 40)
     c.access("used2")
     assert "pf-wrong" not in c.plan_room(40)          # the policy alone: the most recent prefetch stays
-    assert c.mark_stale(keys=["pf-wrong", "used"]) == 1   # only a never-used prefetch can be marked
+    assert c.mark_stale(keys=["pf-wrong", "used", "pf-coord"], unowned_only=True) == 1   # never-used, no request
+    assert c.mark_stale(keys=["pf-wrong"]) == 0       # already marked: not counted again
     assert c.plan_room(40) == ["pf-wrong"]
     assert c.plan_room(80)[0] == "pf-wrong"
-    c.hints = {"pf-wrong": 9.0, "used": 0.0, "pf-right": 1.0, "used2": 2.0}   # a coordinator's values
-    assert c.plan_room(40) == ["pf-wrong"]            # stale first even against them
+    c.hints = {"pf-wrong": 9.0, "used": 0.0, "pf-right": 1.0, "used2": 2.0, "pf-coord": 3.0}
+    assert c.plan_room(40) == ["used"]                # a coordinator's values decide
+    c.hints = None
     c.access("pf-wrong")                              # used after all: no longer stale
-    assert c.plan_room(40) == ["used"]
+    assert "pf-wrong" not in c.plan_room(40)
+    assert c.mark_stale(keys=["pf-coord"]) == 1 and c.plan_room(40) == ["pf-coord"]   # a coordinator's own
 
 
 def test_unknown_policy():
