@@ -228,6 +228,7 @@ class ExpertWorker:
         # call threads, the I/O pool, the prefetch threads and the compiled-graph thread
         self._lock = threading.RLock()
         self._loading: dict[Key, Future] = {}
+        self._stale_on_arrival: set[Key] = set()   # cancelled by the fast path while on the wire: marked on landing
         self._queue: list[_Queued] = []
         self._queued: dict[Key, _Queued] = {}
         self._seq = itertools.count()
@@ -360,6 +361,8 @@ class ExpertWorker:
                     for victim in gone:
                         del self._res[victim]
                     self._res[key] = res
+                    if prefetched and request is None and key in self._stale_on_arrival:   # the fast path's
+                        self.counters["stale_marked"] += self.cache.mark_stale(keys=(key,))
                     if pin:
                         self.cache.pin(key)
                         pinned = True
@@ -379,6 +382,7 @@ class ExpertWorker:
         finally:
             with self._lock:
                 del self._loading[key]
+                self._stale_on_arrival.discard(key)
 
     # -- compute ------------------------------------------------------------------------------------------------
     def compute(self, layer: int, experts: list[int], counts: list[int], x, with_stats: bool = False,
@@ -934,6 +938,7 @@ class ExpertWorker:
                     e = self.cache.entries.get(key)
                     if e is not None:   # predicted again: a cancelled (stale) resident is wanted after all
                         e.stale = False
+                    self._stale_on_arrival.discard(key)
                     continue
                 q = self._queued.get(key)
                 if q is not None:
@@ -985,6 +990,8 @@ class ExpertWorker:
             marked = sum(self.cache.mark_stale(request=r) for r in reqs)
             if keys:
                 marked += self.cache.mark_stale(keys=keys, unowned_only=fast_path)
+                if fast_path:   # on the wire now: marked when it lands, unless ordered again first
+                    self._stale_on_arrival.update(k for k in keys if k in self._loading and k not in self._res)
             self.counters["cancelled"] += n
             self.counters["stale_marked"] += marked   # loaded, never used, now first to evict
         return n
@@ -997,7 +1004,8 @@ class ExpertWorker:
             s.update(worker_id=self.worker_id, device=str(self.device), node_id=self.node_id,
                      used_bytes=self.cache.used, budget_bytes=self.cache.budget, resident=len(self.cache),
                      evictions=self.cache.evictions, wasted_prefetches=self.cache.wasted_prefetches,
-                     queued_prefetches=len(self._queued), policy=self.cache.policy.name,
+                     queued_prefetches=len(self._queued), loads_in_flight=len(self._loading),
+                     policy=self.cache.policy.name,
                      local_storage=self.local_storage,
                      peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                      pinned_staging_bytes=self._h2d.pinned_bytes,

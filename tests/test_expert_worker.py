@@ -264,3 +264,37 @@ def test_tierset_without_dram_reads_storage_and_leaves_dram_alone(env):
     _, tier = ray.get(h.get_tiered.remote(0, 3))
     assert tier == "dram"
     assert got.nbytes == env["manifest"].blob(0, 3).size
+
+
+def test_fast_path_cancel_of_a_load_on_the_wire_marks_it_when_it_lands(env, moto_server):
+    """The runtime's fast path cancels what the router refuted. A refuted expert still queued is dropped; one already
+    on the wire is marked stale (first to evict) when it lands, unless it was ordered again meanwhile. A
+    coordinator's order (it carries a request) is never touched by the fast path's cancellations."""
+    with ShapingProxy(moto_server.endpoint_url, bandwidth_bps=None, first_byte_latency_s=0.4) as proxy:
+        sbn = storage(env, "refute", tiers=("dram", "s3"), overrides={"s3": proxy.endpoint_url})
+        w = worker(env, "refute", budget_blobs=8, storage_by_node=sbn, prefetch_concurrency=1)
+        items = [(1, e) for e in range(3)]
+        assert ray.get(w.prefetch.remote([(1, 0, 3.0, None), (1, 1, 2.0, None), (1, 2, 1.0, "req-c")])) == 3
+        while (lambda st: (st["queued_prefetches"], st["loads_in_flight"]))(ray.get(w.stats.remote())) != (2, 1):
+            time.sleep(0.01)                                  # (1, 0) on the wire, the others queued
+        assert ray.get(w.cancel.remote(items=items, fast_path=True)) == 1   # (1, 1) only: (1, 2) is the coordinator's
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            st = ray.get(w.stats.remote())
+            if st["prefetch_loads"] >= 2 and st["queued_prefetches"] == 0:
+                break
+            time.sleep(0.05)
+        res = set(map(tuple, ray.get(w.resident.remote())))
+        assert (1, 0) in res and (1, 2) in res and (1, 1) not in res, res
+        assert st["stale_marked"] == 1, st["stale_marked"]     # (1, 0), on landing
+        # ordered again while on the wire: the mark is forgotten
+        assert ray.get(w.prefetch.remote([(2, 0, 3.0, None)])) == 1
+        while (lambda st: (st["queued_prefetches"], st["loads_in_flight"]))(ray.get(w.stats.remote())) != (0, 1):
+            time.sleep(0.01)                                  # on the wire
+        assert ray.get(w.cancel.remote(items=[(2, 0)], fast_path=True)) == 0   # nothing queued to drop
+        assert ray.get(w.prefetch.remote([(2, 0, 3.0, None)])) == 0   # on the wire: not queued twice
+        deadline = time.time() + 10
+        while (2, 0) not in set(map(tuple, ray.get(w.resident.remote()))) and time.time() < deadline:
+            time.sleep(0.05)
+        assert ray.get(w.stats.remote())["stale_marked"] == 1
+        ray.kill(w)
