@@ -288,13 +288,14 @@ def test_fast_path_cancel_of_a_load_on_the_wire_marks_it_when_it_lands(env, moto
         assert (1, 0) in res and (1, 2) in res and (1, 1) not in res, res
         assert st["stale_marked"] == 1, st["stale_marked"]     # (1, 0), on landing
         # ordered again while on the wire: the mark is forgotten
-        assert ray.get(w.prefetch.remote([(2, 0, 3.0, None)])) == 1
+        assert ray.get(w.prefetch.remote([(0, 3, 3.0, None)])) == 1
         while (lambda st: (st["queued_prefetches"], st["loads_in_flight"]))(ray.get(w.stats.remote())) != (0, 1):
             time.sleep(0.01)                                  # on the wire
-        assert ray.get(w.cancel.remote(items=[(2, 0)], fast_path=True)) == 0   # nothing queued to drop
-        assert ray.get(w.prefetch.remote([(2, 0, 3.0, None)])) == 0   # on the wire: not queued twice
+        assert ray.get(w.cancel.remote(items=[(0, 3)], fast_path=True)) == 0   # nothing queued to drop
+        assert ray.get(w.prefetch.remote([(0, 3, 3.0, None)])) == 0   # on the wire: not queued twice
         deadline = time.time() + 10
-        while (2, 0) not in set(map(tuple, ray.get(w.resident.remote()))) and time.time() < deadline:
+        while (0, 3) not in set(map(tuple, ray.get(w.resident.remote()))) and time.time() < deadline:
             time.sleep(0.05)
+        assert (0, 3) in set(map(tuple, ray.get(w.resident.remote())))
         assert ray.get(w.stats.remote())["stale_marked"] == 1
         ray.kill(w)
