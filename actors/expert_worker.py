@@ -479,8 +479,8 @@ class ExpertWorker:
         return out, (hits, len(uniq) - hits, phits, stall, tb)
 
     def _riders(self, orders=None, cancels=None) -> None:
-        """The runtime's fast-path orders riding with a compute call: first cancel the queued loads it no longer
-        predicts (superseded by a nearer, better prediction), then queue the new ones."""
+        """The runtime's fast-path orders riding with a compute call: first cancel what it no longer wants (superseded
+        by a nearer prediction, or refuted by the router), then queue the new ones."""
         if cancels:
             self.cancel(items=cancels, fast_path=True)
         if orders:

@@ -65,25 +65,26 @@ def main(argv=None) -> int:
     from actors.expert_worker import INLINE_BLOB_BYTES
     from cluster.expert_cluster import ExpertCluster
     from jobs.benchmark import cluster_config, model_store
+    from storage_adapters.manifest import Manifest
     store, _, _ = model_store(a.work, a.model_dir)
-    with open(os.path.join(store, "manifest.json")) as f:
-        man = json.load(f)
-    sizes = [b["size"] for b in man["blobs"]]
-    n_experts = len(sizes)
+    path = os.path.join(store, "manifest.json")
+    with open(path) as f:
+        man = Manifest.from_json(f.read(), path)
+    sizes = [b.size for b in man.blobs]
+    keys = sorted((b.layer, b.expert) for b in man.blobs)
     link = {"latency_s": a.link_latency_ms / 1e3, "bandwidth_Bps": 1e12, "channels": 8}
     # every expert fits: a round loads each once and evicts nothing
     cfg = cluster_config(store, workers=a.workers, hbm=2 * sum(sizes), dram=0, policy="on_demand", window=4,
                          ns=f"bench-load-cpu-{os.getpid()}", address=None, inflight=1 << 40, link=link,
                          worker_opts={"prefetch_concurrency": 2})
     res: dict = {"command": " ".join([sys.executable, "-m", "jobs.bench_load_cpu"] + (argv or sys.argv[1:])),
-                 "cpus": os.cpu_count(), "expert_bytes": int(np.median(sizes)), "experts": n_experts,
+                 "cpus": os.cpu_count(), "expert_bytes": int(np.median(sizes)), "experts": len(keys),
                  "link_latency_ms": a.link_latency_ms}
     with ExpertCluster(cfg) as c:
         storage = next(iter(c.storage.values()))[0]
         getpid = lambda h: ray.get(h.__ray_call__.remote(lambda self: os.getpid()))   # noqa: E731
         pids = {"driver": [os.getpid()], "storage": [getpid(storage)],
                 "workers": [getpid(h) for h in c.workers.values()]}
-        keys = sorted({(b["layer"], b["expert"]) for b in man["blobs"]})
         ray.get(storage.ping.remote())
         res["ping"] = measure(pids, a.calls, lambda: [ray.get(storage.ping.remote()) for _ in range(a.calls)])
         ray.get(storage.get_tiered.remote(*keys[0], None, True, INLINE_BLOB_BYTES))
