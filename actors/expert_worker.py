@@ -106,13 +106,15 @@ def unpack_orders(b) -> tuple[list[tuple], list[tuple]]:
     return [(l, e, p, None) for (l, e), p in zip(le, pri)], [tuple(c) for c in ce]
 
 
-def unpack_reply(r, rows: int) -> tuple[np.ndarray, int, int, int, float, dict]:
-    """compute_packed's reply -> (y [rows, H] float32, hits, misses, prefetch hits, stall seconds, {tier: bytes})."""
+def unpack_reply(r, rows: int) -> tuple[np.ndarray, int, int, int, float, dict, dict]:
+    """compute_packed's (or compute_call's) reply -> (y [rows, H] float32, hits, misses, prefetch hits, stall
+    seconds, {tier: bytes}, {miss cause: count})."""
     if isinstance(r, tuple):
-        y, hits, misses, phits, stall, tb = r
-        return unpack_rows(y, rows), hits, misses, phits, stall, tb
+        y, hits, misses, phits, stall, tb, why = r
+        return unpack_rows(y, rows), hits, misses, phits, stall, tb, why
     hits, misses, phits, stall = np.frombuffer(r, "<f8", 4).tolist()
-    return np.frombuffer(r, np.float32, offset=32).reshape(rows, -1), int(hits), int(misses), int(phits), stall, {}
+    return (np.frombuffer(r, np.float32, offset=32).reshape(rows, -1), int(hits), int(misses), int(phits), stall,
+            {}, {})
 
 
 def swiglu_in(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -268,6 +270,9 @@ class ExpertWorker:
                              bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
                              prefetch_dropped=0, cancelled=0, stale_marked=0, peak_used_bytes=0, stall_seconds=0.0,
                              tier_bytes={})
+        # why each miss missed (_miss_cause): the prediction came too late, or never, or its load was evicted
+        self.counters["miss_causes"] = dict.fromkeys(("in_flight", "queued", "evicted_unused", "evicted",
+                                                      "not_ordered"), 0)
         self.counters["storage_retries"] = 0   # blob reads re-asked after a storage actor died (see _read_blob)
         # the pipelined completion (docs/weight_prefetch.md): seconds of gate/up compute (h) during which the
         # down read was still in flight (a lower bound on CUDA, where the GEMMs only launch), and each read's
@@ -384,14 +389,26 @@ class ExpertWorker:
                 del self._loading[key]
                 self._stale_on_arrival.discard(key)
 
+    def _miss_cause(self, key: Key) -> str:  # under the lock, for a key not resident
+        if key in self._loading:
+            return "in_flight"          # ordered (or another call's miss) and on the wire: too late, not wrong
+        if key in self._queued:
+            return "queued"            # ordered, still behind other loads
+        was = self.cache.evicted.get(key)
+        if was is None:
+            return "not_ordered"       # never resident here (or dropped), and nothing ordered it in time
+        return "evicted_unused" if was else "evicted"   # a prefetch thrown out before its use / capacity
+
     # -- compute ------------------------------------------------------------------------------------------------
     def compute(self, layer: int, experts: list[int], counts: list[int], x, with_stats: bool = False,
                 tiers: list | None = None):
         """x [N, H] float32 (or pack_rows of it) holds the tokens of each expert in `experts`, grouped, `counts`
         rows each (sum = N). Returns [N, H] packed the same way: expert_e(x_rows) for each group, unweighted (the
         runtime applies router weights). with_stats: returns (that, (hits, misses, prefetch_hits, stall seconds,
-        {tier: bytes loaded for this call})) — what the runtime's counters add up, at no extra round trip.
-        tiers: the TierSet every request of this call allows; its misses never read a tier outside it."""
+        {tier: bytes loaded for this call}, {miss cause: count})) — what the runtime's counters add up, at no
+        extra round trip.
+        tiers: the TierSet every request of this call allows; its misses never read a tier outside it. The
+        stats end with {cause: misses} (_miss_cause: in_flight, queued, evicted_unused, evicted, not_ordered)."""
         packed = not isinstance(x, np.ndarray)
         x = unpack_rows(x, sum(counts))
         assert len(experts) == len(counts) and sum(counts) == x.shape[0], \
@@ -409,13 +426,20 @@ class ExpertWorker:
                 res[k] = r
 
         hits = phits = 0
+        why: dict[str, int] = {}   # this call's misses by cause (_miss_cause)
         with self._lock:  # resident experts are pinned first, so loading the others cannot evict them
             for k in uniq:
                 if k in self._res:
                     hits += 1
                     phits += self.cache.entries[k].prefetched
                     grab(k)
+                else:
+                    c = self._miss_cause(k)
+                    why[c] = why.get(c, 0) + 1
                 self._dequeue(k)  # a queued prefetch of an expert needed now becomes a demand load
+            mc = self.counters["miss_causes"]
+            for c, n in why.items():
+                mc[c] += n
             self.counters["hits"] += hits
             self.counters["prefetch_hits"] += phits
             self.counters["misses"] += len(uniq) - hits
@@ -476,7 +500,7 @@ class ExpertWorker:
         for k in missed:
             r = res[k]
             tb[r.tier] = tb.get(r.tier, 0) + int(r.blob.numel())
-        return out, (hits, len(uniq) - hits, phits, stall, tb)
+        return out, (hits, len(uniq) - hits, phits, stall, tb, why)
 
     def _riders(self, orders=None, cancels=None) -> None:
         """The runtime's fast-path orders riding with a compute call: first cancel what it no longer wants (superseded
@@ -489,26 +513,27 @@ class ExpertWorker:
     def compute_call(self, req: tuple):
         """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders, cancels]) as for
         `compute` with with_stats=True (orders / cancels: the fast path's, applied first); returns (y, hits, misses,
-        prefetch_hits, stall seconds, {tier: bytes}) flat. One argument and a flat reply cost Ray ~0.3 ms less per
-        call than compute's six arguments and nested reply (each argument is serialized and bound on its own;
-        measured by jobs/bench_runtime)."""
+        prefetch_hits, stall seconds, {tier: bytes}, {miss cause: count}) flat. One argument and a flat reply cost
+        Ray ~0.3 ms less per call than compute's six arguments and nested reply (each argument is serialized and
+        bound on its own; measured by jobs/bench_runtime)."""
         layer, experts, counts, x, tiers = req[:5]
         if len(req) > 5:   # the runtime's fast path: orders for the next layers (and those it no longer predicts)
             self._riders(*req[5:])
-        y, (hits, misses, phits, stall, tb) = self.compute(layer, experts, counts, x, True, tiers)
-        return y, hits, misses, phits, stall, tb
+        y, (hits, misses, phits, stall, tb, why) = self.compute(layer, experts, counts, x, True, tiers)
+        return y, hits, misses, phits, stall, tb, why
 
     def compute_packed(self, b: bytes):
         """The runtime's per-layer call on the decode path: b = pack_call(layer, experts, counts, x), optionally
         followed by pack_orders(fast-path orders, cancels), which are applied before computing. Replies with
-        one bytes object, float64 [hits, misses, prefetch_hits, stall seconds] then y float32 [rows, H], when no
-        tier was read (the steady state); otherwise compute_call's flat tuple, which carries {tier: bytes}. Read
+        one bytes object, float64 [hits, misses, prefetch_hits, stall seconds] then y float32 [rows, H], when
+        nothing missed (the steady state); otherwise compute_call's flat tuple, which carries {tier: bytes} and
+        {miss cause: count}. Read
         with unpack_reply."""
         layer, experts, counts, x = unpack_call(b)
         self._riders(*unpack_orders(b))   # the fast path's orders for the next layers: load while this computes
-        y, (hits, misses, phits, stall, tb) = self.compute(layer, experts, counts, x, True, None)
-        if tb:
-            return y.tobytes(), hits, misses, phits, stall, tb
+        y, (hits, misses, phits, stall, tb, why) = self.compute(layer, experts, counts, x, True, None)
+        if tb or why:
+            return y.tobytes(), hits, misses, phits, stall, tb, why
         return np.array([hits, misses, phits, stall], "<f8").tobytes() + y.tobytes()
 
     def _release(self, pinned: list[Key], rows: int) -> None:
@@ -1001,6 +1026,7 @@ class ExpertWorker:
         with self._lock:
             s = dict(self.counters)
             s["tier_bytes"] = dict(self.counters["tier_bytes"])
+            s["miss_causes"] = dict(self.counters["miss_causes"])
             s.update(worker_id=self.worker_id, device=str(self.device), node_id=self.node_id,
                      used_bytes=self.cache.used, budget_bytes=self.cache.budget, resident=len(self.cache),
                      evictions=self.cache.evictions, wasted_prefetches=self.cache.wasted_prefetches,

@@ -75,6 +75,8 @@ class _Metrics:
             "fast_path_refuted": c("moe_fast_path_refuted", "fast-path orders the router then did not select"),
         }
         self.tier_bytes = c("moe_expert_bytes_loaded", "bytes loaded into worker caches, by source tier", ("tier",))
+        self.miss_causes = c("moe_expert_misses_by_cause", "expert misses by why they missed: in_flight, queued, "
+                             "evicted_unused, evicted, not_ordered", ("cause",))
         self.window = g("moe_prefetch_window_layers", "current lookahead window (MoE layers)")
         self.recall = g("moe_predictor_recall_at_k", "recall@k of the predictor by layer distance", ("distance",))
         self.precision = g("moe_predictor_precision", "precision of above-threshold predictions by distance",
@@ -102,6 +104,11 @@ class _Metrics:
             if d > 0:
                 self.tier_bytes.inc(d, tags={**self.tags, "tier": t})
             self.last[("tier", t)] = v
+        for k, v in snap["miss_causes"].items():
+            d = v - self.last.get(("cause", k), 0)
+            if d > 0:
+                self.miss_causes.inc(d, tags={**self.tags, "cause": k})
+            self.last[("cause", k)] = v
         if snap["window"] is not None:
             self.window.set(snap["window"], tags=self.tags)
         for d, r in snap["recall_at_k"].items():

@@ -81,7 +81,8 @@ class ClusterExperts:
         self.tiers: list[str] | None = None   # TierSet of the current step's requests (the engine sets it)
         # cumulative, from every worker's compute reply (no extra round trip): what a serving engine reads to
         # attribute hits and misses to requests, and what the coordinator's telemetry reports
-        self.counters = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {}}
+        self.counters = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {},
+                         "miss_causes": {}}
         self._load_counts: dict[int, np.ndarray] = {}  # layer -> pairs routed to each expert
         # worker -> prefetch orders that ride with the next layer's compute call to it (the fast path's: no Ray call
         # of their own); a worker the layer does not call gets them in a `prefetch` call
@@ -212,9 +213,9 @@ class ClusterExperts:
                     lost[w] = e
         if lost:
             raise _WorkersLost(lost)
-        tb = c["bytes_by_tier"]
+        tb, mc = c["bytes_by_tier"], c["miss_causes"]
         for w, r in results.items():
-            y, hits, misses, phits, stall, tier_bytes = unpack_reply(r, rows[w])
+            y, hits, misses, phits, stall, tier_bytes, why = unpack_reply(r, rows[w])
             ys[masks[w]] = y
             c["hits"] += hits
             c["misses"] += misses
@@ -222,6 +223,8 @@ class ClusterExperts:
             c["stall_s"] += stall
             for t, b in tier_bytes.items():
                 tb[t] = tb.get(t, 0) + b
+            for cause, n in why.items():
+                mc[cause] = mc.get(cause, 0) + n
         ys *= topk_w.detach().to("cpu", torch.float32).numpy().reshape(-1)[order][:, None]
         out = np.zeros((N, xs.shape[1]), np.float32)
         np.add.at(out, tok, ys)                                          # combine the k pairs of each token
@@ -406,7 +409,8 @@ class RoutePublisher:
     def _send(self, table: list, layers: list | None = None) -> None:
         c = self.experts.counters
         batch = {"runtime": self.runtime, "requests": table, "layers": layers or [],
-                 "counters": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]), "publish_dropped": self.dropped,
+                 "counters": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]), "miss_causes": dict(c["miss_causes"]),
+                              "publish_dropped": self.dropped,
                               # the fast path's orders never pass the coordinator: its telemetry reports them
                               "fast_path_orders": self.speculated, "fast_path_superseded": self.superseded,
                               "fast_path_refuted": self.refuted}}
@@ -716,7 +720,7 @@ class ExpertCluster:
                              "pairs": d.pairs, "mode": self.experts.dispatch},
                 "hits": sum(w["hits"] for w in ws), "misses": sum(w["misses"] for w in ws),
                 "bytes_by_tier": _sum_dicts(s.get("tier_bytes", {}) for s in ss),
-                "runtime": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]),
+                "runtime": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]), "miss_causes": dict(c["miss_causes"]),
                             "dense_offload": self.model.dense_offload_stats()},
                 "prefetch": {"policy": self.cfg.prefetch.policy, "coordinator": self.coordinator_stats(),
                              "published": self.publisher.sent if self.publisher else 0,

@@ -382,6 +382,11 @@ def summarize(base: dict, st: dict, wall: float, moe_s: float, tokens: int, step
                                                 "prefetch_loads", "bytes_loaded", "load_seconds",
                                                 "stall_seconds", "wasted_prefetches")}
     uses = d["hits"] + d["misses"]
+    causes = Counter()   # why the misses missed (actors/expert_worker.py _miss_cause)
+    for s, sign in ((st, 1), (base, -1)):
+        for w in s["workers"]:
+            for k, v in (w.get("miss_causes") or {}).items():
+                causes[k] += sign * v
     cross = sum(w.get("bytes_loaded", 0) for w in st["workers"] if not w.get("local_storage", True)) - \
         sum(w.get("bytes_loaded", 0) for w in base["workers"] if not w.get("local_storage", True))
     tier = {}
@@ -392,7 +397,7 @@ def summarize(base: dict, st: dict, wall: float, moe_s: float, tokens: int, step
         for k, v in (s.get("tier_bytes") or {}).items():
             tier[k] = tier.get(k, 0) - v
     return {"tokens": tokens, "steps": steps, "wall_s": wall, "moe_s": moe_s, "tokens_per_s": tokens / wall,
-            "hit_rate": d["hits"] / max(uses, 1), "uses": uses, **d,
+            "hit_rate": d["hits"] / max(uses, 1), "uses": uses, **d, "miss_causes": dict(causes),
             "stall_s": d["stall_seconds"], "stall_ms_per_token": 1e3 * d["stall_seconds"] / max(tokens, 1),
             "prefetch_precision": d["prefetch_hits"] / d["prefetch_loads"] if d["prefetch_loads"] else None,
             "prefetch_recall": d["prefetch_hits"] / max(d["prefetch_hits"] + d["misses"], 1),

@@ -131,6 +131,9 @@ class CacheIndex:
     entries: "OrderedDict[Hashable, Entry]" = field(default_factory=OrderedDict)
     evictions: int = 0
     wasted_prefetches: int = 0   # evicted while still flagged prefetched (never used)
+    # keys evicted and not loaded since -> whether a prefetch had loaded them and nobody used them (why a later miss
+    # missed, telemetry only); bounded by the keys that were ever resident
+    evicted: dict = field(default_factory=dict)
     # a coordinator's values of residents (higher: keep longer; policies/ranking.py Plan.keep): when set, eviction
     # goes lowest value first; entries it does not value (loaded since it looked) go last, in policy order
     hints: dict | None = None
@@ -212,6 +215,7 @@ class CacheIndex:
             self.remove(k, evicted=True)
         e = Entry(size=size, prefetched=prefetched, request=request)
         self.entries[key] = e
+        self.evicted.pop(key, None)
         self.used += size
         self.policy.on_insert(key, e, self.entries)
         assert self.used <= self.budget, f"cache over budget: {self.used} > {self.budget}"
@@ -238,6 +242,7 @@ class CacheIndex:
             self.remove(v, evicted=True)
         e = Entry(size=size, prefetched=prefetched, request=request)
         self.entries[key] = e
+        self.evicted.pop(key, None)
         self.used += size
         self.policy.on_insert(key, e, self.entries)
         assert self.used <= self.budget, f"cache over budget: {self.used} > {self.budget}"
@@ -250,6 +255,7 @@ class CacheIndex:
         if evicted:
             self.evictions += 1
             self.wasted_prefetches += e.prefetched
+            self.evicted[key] = e.prefetched
         return e.size
 
     def mark_stale(self, request: str | None = None, keys: Iterable | None = None, unowned_only: bool = False) -> int:

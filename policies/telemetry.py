@@ -7,6 +7,7 @@ What it keeps
               expert uses. With them each runtime's fast path (cluster/expert_cluster.py RoutePublisher): its
               orders, those superseded by a nearer prediction, and those the router then refuted. Those orders
               never pass the coordinator, so the prefetch and timely-recall figures below do not count them.
+              `miss_causes`: the misses by why they missed (MISS_CAUSES), as the workers found them.
   prefetches  issued / used / wasted / cancelled. An issued prefetch of (layer, expert) is *used* when the router
               selects that expert (any request) before it expires (`expiry` decision steps after issue), *wasted*
               when it expires unused or is issued again (it was evicted unused), *cancelled* when the coordinator
@@ -28,6 +29,10 @@ from typing import Hashable
 import numpy as np
 
 FAST_PATH_COUNTERS = ("orders", "superseded", "refuted")   # a runtime reports them as fast_path_<name>
+# why a routed expert missed its worker's cache (actors/expert_worker.py ExpertWorker._miss_cause): its load was on
+# the wire (predicted, too late), queued behind other loads, a prefetch loaded it and it was evicted unused, it had
+# been resident and was evicted, or it was never resident and nothing ordered it
+MISS_CAUSES = ("in_flight", "queued", "evicted_unused", "evicted", "not_ordered")
 
 
 @dataclass
@@ -177,7 +182,7 @@ class Telemetry:
 
     def runtime_totals(self) -> dict:
         out = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {},
-               "fast_path": dict.fromkeys(FAST_PATH_COUNTERS, 0)}
+               "fast_path": dict.fromkeys(FAST_PATH_COUNTERS, 0), "miss_causes": dict.fromkeys(MISS_CAUSES, 0)}
         for c in self._runtime.values():
             for k in ("hits", "misses", "prefetch_hits"):
                 out[k] += int(c.get(k, 0))
@@ -186,6 +191,8 @@ class Telemetry:
             out["stall_s"] += float(c.get("stall_s", 0.0))
             for t, b in (c.get("bytes_by_tier") or {}).items():
                 out["bytes_by_tier"][t] = out["bytes_by_tier"].get(t, 0) + int(b)
+            for k, n in (c.get("miss_causes") or {}).items():
+                out["miss_causes"][k] = out["miss_causes"].get(k, 0) + int(n)
         return out
 
     # -- the summary ---------------------------------------------------------------------------------------------

@@ -118,6 +118,13 @@ def test_stats_are_consistent(env, prefetching):
     # (next_gate speculates 3 layers ahead by default): the runtime's own counts, as of its last routing batch
     assert 0 < cs["prefetch_hits"] <= rt["prefetch_hits"] == sum(w["prefetch_hits"] for w in st["workers"])
     assert cs["served_by_prefetch"] == cs["prefetch_hits"] / (cs["hits"] + cs["misses"])
+    # every miss has one cause, in the workers' count, the runtime's (from the replies) and the coordinator's
+    mc = rt["miss_causes"]
+    assert sum(mc.values()) == rt["misses"] and mc.get("not_ordered", 0) > 0   # the first tokens' experts
+    by_workers = {k: sum(w["miss_causes"][k] for w in st["workers"]) for k in st["workers"][0]["miss_causes"]}
+    assert mc == {k: n for k, n in by_workers.items() if n}
+    assert sum(cs["miss_causes"].values()) == cs["misses"]
+    assert all(cs["miss_causes"][k] <= mc.get(k, 0) for k in cs["miss_causes"])
     fp, pub = cs["fast_path"], c.publisher
     assert 0 < fp["orders"] <= pub.speculated and fp["superseded"] <= pub.superseded
     assert 0 < fp["refuted"] <= pub.refuted and fp["refuted"] + fp["superseded"] <= fp["orders"]
@@ -132,7 +139,8 @@ def test_metrics_reach_prometheus(env, prefetching):
     cs = c.coordinator_stats()   # stats() exports the current totals
     want = {"ray_moe_prefetch_issued_total": cs["prefetches"]["issued"],
             "ray_moe_expert_misses_total": cs["misses"],
-            "ray_moe_fast_path_orders_total": cs["fast_path"]["orders"]}
+            "ray_moe_fast_path_orders_total": cs["fast_path"]["orders"],
+            'ray_moe_expert_misses_by_cause_total{cause="not_ordered"}': cs["miss_causes"]["not_ordered"]}
     assert cs["fast_path"]["orders"] > 0
     seen: dict = {}
     deadline = time.time() + 40
@@ -144,6 +152,9 @@ def test_metrics_reach_prometheus(env, prefetching):
             continue
         for line in text.decode().splitlines():
             name = line.split("{")[0]
+            if 'cause="' in line:   # one series per cause
+                name += "{" + next(t for t in line.split("{", 1)[1].split("}")[0].split(",") if t.startswith("cause="))
+                name += "}"
             if name in want and 'policy="next_gate"' in line:
                 seen[name] = float(line.rsplit(" ", 1)[1])
     assert seen == {k: float(v) for k, v in want.items()}, (seen, want)

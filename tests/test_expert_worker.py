@@ -166,27 +166,27 @@ def test_cost_model_computes_misses_on_cpu_or_waits_from_configured_rates(env, c
              dict(link_Bps=1e15, link_latency_s=0.0, device_flops=1e12, cpu_flops=1e6))
     w = worker(env, f"cost-{cpu_wins}", budget_blobs=4, miss_rates=rates)
     x = np.random.default_rng(1).standard_normal((3, env["manifest"].model.hidden_size)).astype(np.float32)
-    y, (hits, misses, phits, stall, tier_bytes) = ray.get(w.compute.remote(0, [1, 2], [2, 1], x, True))
+    y, (hits, misses, phits, stall, tier_bytes, why) = ray.get(w.compute.remote(0, [1, 2], [2, 1], x, True))
     _check_exact(env, y, 0, [1, 2], [2, 1], x)
     st = ray.get(w.stats.remote())
-    assert (hits, misses) == (0, 2) and stall >= 0
+    assert (hits, misses) == (0, 2) and stall >= 0 and why == {"not_ordered": 2}
     if cpu_wins:
         assert st["cpu_computes"] == 2 and st["used_bytes"] == 0 and st["loads"] == 0
     else:
         assert st["cpu_computes"] == 0 and st["resident"] == 2 and st["loads"] == 2
         assert sum(tier_bytes.values()) == 2 * env["manifest"].expert_bytes   # the reply says what was loaded
     # the runtime's one-argument form (decode-sized rows travel as bytes): same rows, the same counters flat
-    y2, hits2, misses2, _, stall2, tb2 = ray.get(w.compute_call.remote((0, [1, 2], [2, 1], pack_rows(x), None)))
+    y2, hits2, misses2, _, stall2, tb2, _ = ray.get(w.compute_call.remote((0, [1, 2], [2, 1], pack_rows(x), None)))
     assert isinstance(y2, bytes)
     _check_exact(env, unpack_rows(y2, 3), 0, [1, 2], [2, 1], x)
     assert (hits2, misses2) == ((0, 2) if cpu_wins else (2, 0)) and stall2 >= 0
     assert cpu_wins or tb2 == {}   # both resident now: nothing loaded for this call
     # the decode path's bytes-in/bytes-out form: identical rows and counters
     r = ray.get(w.compute_packed.remote(pack_call(0, [1, 2], [2, 1], x)))
-    y3, hits3, misses3, _, stall3, tb3 = unpack_reply(r, 3)
+    y3, hits3, misses3, _, stall3, tb3, why3 = unpack_reply(r, 3)
     _check_exact(env, y3, 0, [1, 2], [2, 1], x)
     assert (hits3, misses3) == (hits2, misses2) and stall3 >= 0
-    assert cpu_wins or (isinstance(r, bytes) and tb3 == {})   # nothing loaded: the reply is one bytes object
+    assert cpu_wins or (isinstance(r, bytes) and tb3 == why3 == {})   # no miss: the reply is one bytes object
 
 
 def test_pack_call_round_trips_exactly():
@@ -204,10 +204,10 @@ def test_pack_call_round_trips_exactly():
     assert unpack_orders(b + pack_orders([], [(1, 5), (3, 0)])) == ([], [(1, 5), (3, 0)])
     y = x * 2
     reply = np.array([2, 1, 1, 0.25], "<f8").tobytes() + y.tobytes()
-    yy, hits, misses, phits, stall, tb = unpack_reply(reply, 5)
-    assert np.array_equal(yy, y) and (hits, misses, phits, stall, tb) == (2, 1, 1, 0.25, {})
-    yy, *rest = unpack_reply((y.tobytes(), 0, 2, 0, 0.5, {"nvme": 10}), 5)
-    assert np.array_equal(yy, y) and rest == [0, 2, 0, 0.5, {"nvme": 10}]
+    yy, hits, misses, phits, stall, tb, why = unpack_reply(reply, 5)
+    assert np.array_equal(yy, y) and (hits, misses, phits, stall, tb, why) == (2, 1, 1, 0.25, {}, {})
+    yy, *rest = unpack_reply((y.tobytes(), 0, 2, 0, 0.5, {"nvme": 10}, {"queued": 2}), 5)
+    assert np.array_equal(yy, y) and rest == [0, 2, 0, 0.5, {"nvme": 10}, {"queued": 2}]
 
 
 def test_named_victim_prefetch_never_evicts_anything_else(env):
@@ -298,4 +298,43 @@ def test_fast_path_cancel_of_a_load_on_the_wire_marks_it_when_it_lands(env, moto
             time.sleep(0.05)
         assert (0, 3) in set(map(tuple, ray.get(w.resident.remote())))
         assert ray.get(w.stats.remote())["stale_marked"] == 1
+        ray.kill(w)
+
+
+def test_each_miss_is_told_why_it_missed(env, moto_server):
+    """Every miss gets one cause (telemetry: what a better predictor, an earlier order or a larger cache would have
+    saved): never resident and not ordered; ordered and on the wire; ordered and still queued; evicted after a
+    use; loaded by a prefetch and evicted before its use. One S3 read takes 0.4 s, so what is on the wire or
+    queued stays there while the compute arrives."""
+    with ShapingProxy(moto_server.endpoint_url, bandwidth_bps=None, first_byte_latency_s=0.4) as proxy:
+        sbn = storage(env, "why", tiers=("dram", "s3"), overrides={"s3": proxy.endpoint_url})
+        w = worker(env, "why", budget_blobs=2, storage_by_node=sbn, prefetch_concurrency=1)
+        x = np.ones((1, env["manifest"].model.hidden_size), np.float32)
+        x2 = np.ones((2, env["manifest"].model.hidden_size), np.float32)
+
+        def why(layer, experts, xs):
+            return ray.get(w.compute.remote(layer, experts, [1] * len(experts), xs, True))[1][5]
+
+        def state():
+            st = ray.get(w.stats.remote())
+            return st["queued_prefetches"], st["loads_in_flight"]
+
+        assert why(0, [0], x) == {"not_ordered": 1}
+        assert ray.get(w.prefetch.remote([(0, 1, 2.0, None), (0, 2, 1.0, None)])) == 2
+        while state() != (1, 1):                     # (0, 1) on the wire, (0, 2) behind it
+            time.sleep(0.01)
+        assert why(0, [1, 2], x2) == {"in_flight": 1, "queued": 1}
+        assert why(0, [0], x) == {"evicted": 1}       # the two loads above took its place
+        assert ray.get(w.prefetch.remote([(1, 3, 1.0, None)])) == 1
+        deadline = time.time() + 10
+        while (1, 3) not in set(map(tuple, ray.get(w.resident.remote()))) and time.time() < deadline:
+            time.sleep(0.02)
+        ray.get(w.cancel.remote(items=[(1, 3)], fast_path=True))   # refuted: first to evict
+        assert why(1, [0], x) == {"not_ordered": 1}
+        assert why(1, [3], x) == {"evicted_unused": 1}
+        assert why(1, [3], x) == {}                   # a hit has no cause
+        st = ray.get(w.stats.remote())
+        assert st["miss_causes"] == {"in_flight": 1, "queued": 1, "evicted_unused": 1, "evicted": 1,
+                                     "not_ordered": 2}
+        assert sum(st["miss_causes"].values()) == st["misses"]
         ray.kill(w)

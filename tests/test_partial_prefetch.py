@@ -210,7 +210,7 @@ def test_pipelined_completion_overlaps_down_read_and_is_exact(env, tmp_path):
         st = wait_prefetched(w, 1)
         assert st["partial_prefetches"] == 1 and st["tier_bytes"] == {"s3": st["partial_bytes"]}, st
         x = np.random.default_rng(5).standard_normal((2048, 64)).astype(np.float32)   # gate/up GEMMs of ~10 ms+
-        y, (hits, misses, _, stall, _) = ray.get(w.compute.remote(0, [1], [2048], x, True))
+        y, (hits, misses, _, stall, _, _) = ray.get(w.compute.remote(0, [1], [2048], x, True))
     p = "model.layers.0.block_sparse_moe.experts.1"
     ref = expert_ffn(torch.from_numpy(x), *(torch.from_numpy(weights[f"{p}.{n}.weight"]) for n in ("w1", "w3", "w2")))
     assert torch.equal(torch.from_numpy(np.array(y)), ref)
