@@ -81,29 +81,39 @@ def unpack_call(b) -> tuple[int, list[int], list[int], np.ndarray]:
     return layer, ec[:u], ec[u:], np.frombuffer(b, np.float32, rows * h, 16 + 8 * u).reshape(rows, h)
 
 
-def pack_orders(orders: list[tuple], cancels: list[tuple] = ()) -> bytes:
-    """Prefetch orders (layer, expert, priority, ...) and cancellations (layer, expert) riding behind a pack_call
-    (the runtime's fast path: no call of their own): int32 [n, m], int32 [n, 2] (layer, expert), float32 [n]
-    priority, int32 [m, 2] (layer, expert). Appended to pack_call's bytes."""
-    n, m = len(orders), len(cancels)
+def pack_orders(orders: list[tuple], cancels: list[tuple] = (), values: dict | None = None) -> bytes:
+    """Prefetch orders (layer, expert, priority, ...), cancellations (layer, expert) and eviction values
+    {(layer, expert): P} riding behind a pack_call (the runtime's fast path: no call of their own): int32 [n, m, v],
+    int32 [n, 2] (layer, expert), float32 [n] priority, int32 [m, 2] (layer, expert), int32 [v, 2] (layer,
+    expert), float32 [v] value. Appended to pack_call's bytes."""
+    values = values or {}
+    n, m, v = len(orders), len(cancels), len(values)
     le = np.array([(o[0], o[1]) for o in orders], "<i4").reshape(n, 2)
     pri = np.array([o[2] for o in orders], "<f4")
     ce = np.array([(c[0], c[1]) for c in cancels], "<i4").reshape(m, 2)
-    return np.array([n, m], "<i4").tobytes() + le.tobytes() + pri.tobytes() + ce.tobytes()
+    ve = np.array(list(values), "<i4").reshape(v, 2)
+    vv = np.array(list(values.values()), "<f4")
+    return b"".join(a.tobytes() for a in (np.array([n, m, v], "<i4"), le, pri, ce, ve, vv))
 
 
-def unpack_orders(b) -> tuple[list[tuple], list[tuple]]:
-    """What pack_orders appended to a pack_call (nothing: [], []): (prefetch() items (layer, expert, priority,
-    None), cancel items (layer, expert))."""
+def unpack_orders(b) -> tuple[list[tuple], list[tuple], dict]:
+    """What pack_orders appended to a pack_call (nothing: [], [], {}): (prefetch() items (layer, expert, priority,
+    None), cancel items (layer, expert), {(layer, expert): value})."""
     _, u, rows, h = np.frombuffer(b, "<i4", 4).tolist()
     off = 16 + 8 * u + 4 * rows * h
     if len(b) <= off:
-        return [], []
-    n, m = np.frombuffer(b, "<i4", 2, off).tolist()
-    le = np.frombuffer(b, "<i4", 2 * n, off + 8).reshape(n, 2).tolist()
-    pri = np.frombuffer(b, "<f4", n, off + 8 + 8 * n).tolist()
-    ce = np.frombuffer(b, "<i4", 2 * m, off + 8 + 12 * n).reshape(m, 2).tolist()
-    return [(l, e, p, None) for (l, e), p in zip(le, pri)], [tuple(c) for c in ce]
+        return [], [], {}
+    n, m, v = np.frombuffer(b, "<i4", 3, off).tolist()
+    off += 12
+    le = np.frombuffer(b, "<i4", 2 * n, off).reshape(n, 2).tolist()
+    pri = np.frombuffer(b, "<f4", n, off + 8 * n).tolist()
+    off += 12 * n
+    ce = np.frombuffer(b, "<i4", 2 * m, off).reshape(m, 2).tolist()
+    off += 8 * m
+    ve = np.frombuffer(b, "<i4", 2 * v, off).reshape(v, 2).tolist()
+    vv = np.frombuffer(b, "<f4", v, off + 8 * v).tolist()
+    return ([(l, e, p, None) for (l, e), p in zip(le, pri)], [tuple(c) for c in ce],
+            {(l, e): x for (l, e), x in zip(ve, vv)})
 
 
 def unpack_reply(r, rows: int) -> tuple[np.ndarray, int, int, int, float, dict, dict]:
@@ -502,19 +512,24 @@ class ExpertWorker:
             tb[r.tier] = tb.get(r.tier, 0) + int(r.blob.numel())
         return out, (hits, len(uniq) - hits, phits, stall, tb, why)
 
-    def _riders(self, orders=None, cancels=None) -> None:
+    def _riders(self, orders=None, cancels=None, values=None) -> None:
         """The runtime's fast-path orders riding with a compute call: first cancel what it no longer wants (superseded
-        by a nearer prediction, or refuted by the router), then queue the new ones."""
+        by a nearer prediction, or refuted by the router), then queue the new ones. values {(layer, expert): P}:
+        the latest predictions of this worker's experts (prefetch.speculate_values); from now on the cache evicts
+        the lowest first, and those it never valued last."""
+        if values:
+            with self._lock:
+                self.cache.update_hints(values)
         if cancels:
             self.cancel(items=cancels, fast_path=True)
         if orders:
             self.prefetch(orders)
 
     def compute_call(self, req: tuple):
-        """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders, cancels]) as for
-        `compute` with with_stats=True (orders / cancels: the fast path's, applied first); returns (y, hits, misses,
-        prefetch_hits, stall seconds, {tier: bytes}, {miss cause: count}) flat. One argument and a flat reply cost
-        Ray ~0.3 ms less per call than compute's six arguments and nested reply (each argument is serialized and
+        """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders, cancels, values]) as for
+        `compute` with with_stats=True (orders / cancels / values: the fast path's, applied first); returns (y, hits,
+        misses, prefetch_hits, stall seconds, {tier: bytes}, {miss cause: count}) flat. One argument and a flat reply
+        cost Ray ~0.3 ms less per call than compute's six arguments and nested reply (each argument is serialized and
         bound on its own; measured by jobs/bench_runtime)."""
         layer, experts, counts, x, tiers = req[:5]
         if len(req) > 5:   # the runtime's fast path: orders for the next layers (and those it no longer predicts)
@@ -524,7 +539,7 @@ class ExpertWorker:
 
     def compute_packed(self, b: bytes):
         """The runtime's per-layer call on the decode path: b = pack_call(layer, experts, counts, x), optionally
-        followed by pack_orders(fast-path orders, cancels), which are applied before computing. Replies with
+        followed by pack_orders(fast-path orders, cancels, values), which are applied before computing. Replies with
         one bytes object, float64 [hits, misses, prefetch_hits, stall seconds] then y float32 [rows, H], when
         nothing missed (the steady state); otherwise compute_call's flat tuple, which carries {tier: bytes} and
         {miss cause: count}. Read
@@ -1031,6 +1046,7 @@ class ExpertWorker:
                      used_bytes=self.cache.used, budget_bytes=self.cache.budget, resident=len(self.cache),
                      evictions=self.cache.evictions, wasted_prefetches=self.cache.wasted_prefetches,
                      queued_prefetches=len(self._queued), loads_in_flight=len(self._loading),
+                     eviction_values=len(self.cache.hints or ()),   # experts valued (coordinator or fast path)
                      policy=self.cache.policy.name,
                      local_storage=self.local_storage,
                      peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -255,6 +255,11 @@ class PrefetchConfig(_Model):
     # between were mostly re-predicted nearer with a higher P, or evicted unused; docs/benchmarks.md session 7)
     speculate_threshold: float = Field(0.5, gt=0, le=1)
     speculate_fanout: int | None = Field(None, ge=1)      # per row at most this many experts per layer (None: top_k)
+    # the fast path's latest P of every expert at the layers it predicts rides to the owner as the cache's eviction
+    # value (lowest evicted first, instead of the cache policy's order); off while the coordinator's eviction_hints
+    # decide instead. Learned, embedded link run: hit rate 0.79 against 0.75, 11% fewer loads (docs/benchmarks.md
+    # session 8)
+    speculate_values: bool = True
     # auto: the policy's own source (ensemble: the best hidden-state one available; other policies: none)
     speculate_source: Literal["auto", "learned", "pre_gated", "next_gate", "transition"] = "auto"
     max_restarts: int = Field(3, ge=0)

@@ -92,6 +92,10 @@ class ClusterExperts:
         # above, but never in a Ray call of their own (a worker this layer does not call gets them with its next
         # call); ordered again meanwhile, an expert leaves this list
         self.stale_riders: dict[int, dict] = {}
+        # worker -> {layer: (experts int [n], P float [n])}: the fast path's latest predictions of the worker's
+        # experts (prefetch.speculate_values), its cache's eviction values; they ride with the worker's next compute
+        # call (never a call of their own), a layer's newer values replacing the older
+        self.value_riders: dict[int, dict] = {}
         self._fits = fits
         self.publish(placement)
 
@@ -173,12 +177,15 @@ class ClusterExperts:
                 parts[w] = (eids[sel], counts[sel], xs[mask], mask)
         riders, self.riders = self.riders, {}
         cancels, self.cancel_riders = self.cancel_riders, {}
-        stale = self.stale_riders
+        stale, values = self.stale_riders, self.value_riders
         for w, (e, cnt, xw, mask) in parts.items():
             ride, drop = riders.pop(w, None) or [], cancels.pop(w, None) or []
             if w in stale:
                 drop = drop + list(stale.pop(w))
-            extra = (ride, drop) if (ride or drop) else ()
+            vals = values.pop(w, None)
+            if vals:
+                vals = {(dl, ex): p for dl, (es, ps) in vals.items() for ex, p in zip(es.tolist(), ps.tolist())}
+            extra = (ride, drop, vals) if (ride or drop or vals) else ()
             payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(*extra) if extra else b"")) if small else \
                 (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + extra
             masks[w], rows[w], nexp[w] = mask, int(xw.shape[0]), len(e)
@@ -290,13 +297,15 @@ class RoutePublisher:
     next layers' likely experts are predicted here from the router input and ordered straight from their owner
     workers: the orders ride with the layer's compute call to each owner (ClusterExperts.riders: no Ray call of
     their own; an owner the layer does not call gets one `prefetch`), above any coordinator order in priority,
-    within the step's TierSet, never for a request in `denied` (ExpertCluster.register_request)."""
+    within the step's TierSet, never for a request in `denied` (ExpertCluster.register_request). With `values`
+    (prefetch.speculate_values) every expert's latest P at each predicted layer goes to its owner the same way, as
+    the value its cache evicts by (lowest first)."""
 
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
                  hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float = 0.5,
-                 fanout: int | None = None):
+                 fanout: int | None = None, values: bool = False):
         self.coordinator, self.model, self.experts = coordinator, model, experts
-        self.speculator, self.threshold = speculator, threshold
+        self.speculator, self.threshold, self.values = speculator, threshold, values
         self.fanout = fanout or model.args.top_k
         self.moe_layers = list(model.args.moe_layers)
         self._moe_index = {l: i for i, l in enumerate(self.moe_layers)}
@@ -365,6 +374,11 @@ class RoutePublisher:
             m = (li + d + 1) % L
             want = likely_experts(P[d], self.threshold, self.fanout)
             dl = self.moe_layers[m]
+            if self.values and P.shape[1]:   # every expert's latest P at layer dl: its owner's eviction value
+                pv, own, vr = P[d].max(0), self.experts._owner_np[dl], self.experts.value_riders
+                for w in np.unique(own).tolist():
+                    sel = np.flatnonzero(own == w)
+                    vr.setdefault(w, {})[dl] = (sel, pv[sel])
             prev = self._ordered.get(m)
             if prev is not None:          # ordered one layer earlier, from farther away, and no longer predicted:
                 gone = np.flatnonzero(prev & ~want)   # cancel where still queued (a loaded one goes first)
@@ -547,7 +561,8 @@ class ExpertCluster:
                                                     depth=pf.speculate_layers, prefer=prefer)
         self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,
                                         hidden=pf.publish_hidden and router is not None, speculator=spec,
-                                        threshold=pf.speculate_threshold, fanout=pf.speculate_fanout)
+                                        threshold=pf.speculate_threshold, fanout=pf.speculate_fanout,
+                                        values=pf.speculate_values and not pf.eviction_hints)
         self.model.on_route = self.publisher
 
     def register_request(self, request, tenant: str | None = None, tiers: list[str] | None = None,

@@ -584,6 +584,8 @@ def main(argv=None) -> int:
                    help="prefetch.speculate_layers: MoE layers the runtime's fast path predicts itself (0: off; "
                         "hidden-state policies only, policies/fast_path.py)")
     p.add_argument("--speculate-threshold", type=float, default=None, help="prefetch.speculate_threshold")
+    p.add_argument("--speculate-values", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefetch.speculate_values: the fast path's P values decide the workers' evictions")
     p.add_argument("--speculate-fanout", type=int, default=None,
                    help="prefetch.speculate_fanout: per row at most this many experts per layer (default top_k)")
     p.add_argument("--publish-every", type=int, default=None,
@@ -669,7 +671,8 @@ def planner_settings(a, eb: int) -> dict:
                              ("publish_every_layers", getattr(a, "publish_every", None)),
                              ("speculate_layers", getattr(a, "speculate_layers", None)),
                              ("speculate_threshold", getattr(a, "speculate_threshold", None)),
-                             ("speculate_fanout", getattr(a, "speculate_fanout", None))) if v is not None}
+                             ("speculate_fanout", getattr(a, "speculate_fanout", None)),
+                             ("speculate_values", getattr(a, "speculate_values", None))) if v is not None}
     if not getattr(a, "value_residents", True):
         out["value_residents"] = False
     if getattr(a, "eviction_hints", False):

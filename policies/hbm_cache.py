@@ -172,6 +172,13 @@ class CacheIndex:
         self.hints_used = used or None
         self.hints_used_default = float(sum(used.values()) / len(used)) if used else None
 
+    def update_hints(self, values: dict) -> None:
+        """Merge values into the current ones (the runtime's fast path: the latest P of each expert it predicted,
+        layer by layer); a use keeps the value until the next prediction replaces it."""
+        if self.hints is None:
+            self.hints, self.hints_used, self.hints_used_default = {}, None, None
+        self.hints.update(values)
+
     def pin(self, key) -> None:
         self.entries[key].pins += 1
 

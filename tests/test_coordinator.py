@@ -124,6 +124,8 @@ def test_stats_are_consistent(env, prefetching):
     by_workers = {k: sum(w["miss_causes"][k] for w in st["workers"]) for k in st["workers"][0]["miss_causes"]}
     assert mc == {k: n for k, n in by_workers.items() if n}
     assert sum(cs["miss_causes"].values()) == cs["misses"]
+    # the fast path's P values reached the workers' caches (prefetch.speculate_values, on by default)
+    assert all(w["eviction_values"] > 0 for w in st["workers"]), [w["eviction_values"] for w in st["workers"]]
     assert all(cs["miss_causes"][k] <= mc.get(k, 0) for k in cs["miss_causes"])
     fp, pub = cs["fast_path"], c.publisher
     assert 0 < fp["orders"] <= pub.speculated and fp["superseded"] <= pub.superseded
@@ -217,6 +219,10 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     owner = {(l, e): int(c.experts._owner_np[l][e]) for l, e in want}
     ray.get([h.drop.remote([(a.moe_layers[d], e) for d in range(1, D + 1) for e in range(a.num_experts)])
              for h in c.workers.values()])
+    # the orders, not the eviction values, are under test here: the generation's values cleared (keep=[]) and
+    # none sent, so the caches evict in LRU order and the orders fit
+    monkeypatch.setattr(pub, "values", False)
+    ray.get([h.prefetch.remote([], None, []) for h in c.workers.values()])
     before, every = pub.speculated, pub.every
     c.model.route_rows, c.model.route_pos = torch.arange(3), torch.full((3,), 5)
     ids = torch.arange(a.top_k).repeat(3, 1)

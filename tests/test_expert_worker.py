@@ -194,14 +194,19 @@ def test_pack_call_round_trips_exactly():
     b = pack_call(7, np.array([3, 11]), np.array([2, 3]), x)
     layer, experts, counts, x2 = unpack_call(b)
     assert (layer, experts, counts) == (7, [3, 11], [2, 3]) and np.array_equal(x2, x)
-    assert unpack_orders(b) == ([], [])
+    assert unpack_orders(b) == ([], [], {})
     # fast-path orders (and cancellations) riding behind the call: the call reads the same, the orders come back as
     # prefetch items, the cancellations as cancel items
     rode = b + pack_orders([(9, 4, 15.5, None, None, None), (9, 12, 14.25, None, None, None)], [(13, 2)])
     layer, experts, counts, x3 = unpack_call(rode)
     assert (layer, experts, counts) == (7, [3, 11], [2, 3]) and np.array_equal(x3, x)
-    assert unpack_orders(rode) == ([(9, 4, 15.5, None), (9, 12, 14.25, None)], [(13, 2)])
-    assert unpack_orders(b + pack_orders([], [(1, 5), (3, 0)])) == ([], [(1, 5), (3, 0)])
+    assert unpack_orders(rode) == ([(9, 4, 15.5, None), (9, 12, 14.25, None)], [(13, 2)], {})
+    assert unpack_orders(b + pack_orders([], [(1, 5), (3, 0)])) == ([], [(1, 5), (3, 0)], {})
+    # the fast path's eviction values ride the same way (float32: values exact in binary round-trip exactly)
+    vals = {(9, 4): 0.75, (9, 5): 0.0, (13, 1): 0.125}
+    assert unpack_orders(b + pack_orders([(9, 4, 15.5, None)], [(13, 2)], vals)) == \
+        ([(9, 4, 15.5, None)], [(13, 2)], vals)
+    assert unpack_orders(b + pack_orders([], [], vals)) == ([], [], vals)
     y = x * 2
     reply = np.array([2, 1, 1, 0.25], "<f8").tobytes() + y.tobytes()
     yy, hits, misses, phits, stall, tb, why = unpack_reply(reply, 5)
@@ -338,3 +343,19 @@ def test_each_miss_is_told_why_it_missed(env, moto_server):
                                      "not_ordered": 2}
         assert sum(st["miss_causes"].values()) == st["misses"]
         ray.kill(w)
+
+
+def test_fast_path_values_decide_what_a_load_evicts(env):
+    """The runtime's fast path sends its latest P of each expert with a compute call (pack_orders' values); from
+    then on the cache evicts the lowest-valued first, where LRU would have evicted the least recent."""
+    w = worker(env, "values", budget_blobs=2)
+    x = np.ones((1, env["manifest"].model.hidden_size), np.float32)
+    ray.get(w.compute.remote(0, [0], [1], x))
+    ray.get(w.compute.remote(0, [1], [1], x))          # LRU order now: (0, 0) first out
+    vals = {(0, 0): 0.9, (0, 1): 0.1}
+    r = ray.get(w.compute_packed.remote(pack_call(1, [0], [1], x) + pack_orders([], [], vals)))
+    assert unpack_reply(r, 1)[2] == 1                   # (1, 0) missed and was loaded: one of the two went
+    res = set(map(tuple, ray.get(w.resident.remote())))
+    assert res == {(0, 0), (1, 0)}, res                 # the low-valued (0, 1) went, not the least recent
+    assert ray.get(w.stats.remote())["eviction_values"] == 2
+    ray.kill(w)
