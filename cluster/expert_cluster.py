@@ -374,7 +374,9 @@ class RoutePublisher:
             m = (li + d + 1) % L
             want = likely_experts(P[d], self.threshold, self.fanout)
             dl = self.moe_layers[m]
-            if self.values and P.shape[1]:   # every expert's latest P at layer dl: its owner's eviction value
+            # every expert's latest P at layer dl: its owner's eviction value (none when every expert fits: nothing
+            # is ever evicted, and the values would only cost the decode loop)
+            if self.values and not self.experts.fits_all and P.shape[1]:
                 pv, own, vr = P[d].max(0), self.experts._owner_np[dl], self.experts.value_riders
                 for w in np.unique(own).tolist():
                     sel = np.flatnonzero(own == w)

@@ -397,6 +397,8 @@ def test_warm_cluster_stops_publishing_routing(env):
         assert c.generate(env["prompts"], NEW) == env["ref"]
         assert c.publisher.sent <= sent + 1, "a warm runtime publishes counters at most every 256 layers"
         assert c.stats()["misses"] == misses, "warm means nothing misses"
+        # nothing is ever evicted here: the fast path sends no eviction values (they would only cost the loop)
+        assert c.experts.value_riders == {} and all(w["eviction_values"] == 0 for w in c.stats()["workers"])
     with ExpertCluster(cfg(env, "next_gate", "coord-cold")) as c:
         assert not c.experts.fits_all
         c.generate(env["prompts"], 4)
