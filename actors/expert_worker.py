@@ -405,8 +405,8 @@ class ExpertWorker:
         if key in self._queued:
             return "queued"            # ordered, still behind other loads
         was = self.cache.evicted.get(key)
-        if was is None:
-            return "not_ordered"       # never resident here (or dropped), and nothing ordered it in time
+        if was is None:   # never resident here (or dropped), and no order for it stands now: never ordered, or
+            return "not_ordered"   # its order was cancelled or found no room before it loaded
         return "evicted_unused" if was else "evicted"   # a prefetch thrown out before its use / capacity
 
     # -- compute ------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ class ClusterExperts:
         # worker -> {layer: (experts int [n], P float [n])}: the fast path's latest predictions of the worker's
         # experts (prefetch.speculate_values), its cache's eviction values; they ride with the worker's next compute
         # call (never a call of their own), a layer's newer values replacing the older
-        self.value_riders: dict[int, dict] = {}
+        self.value_riders: dict[int, dict] = {}   # (publish() below resets it with the placement)
         self._fits = fits
         self.publish(placement)
 
@@ -122,6 +122,17 @@ class ClusterExperts:
             if len(ws) > 1:
                 self._replicas[(layer, e)] = ws
             self._load_counts.setdefault(layer, np.zeros(self.num_experts, dtype=np.int64))
+        # layer -> [(worker, experts int [n])]: whose cache each expert's eviction value goes to (every worker that
+        # may hold it: its owner and its replicas); values built under the previous placement are dropped
+        self.value_groups: dict[int, list] = {}
+        for layer, t in self._owner_np.items():
+            holders: dict[int, list] = {}
+            for e, w in enumerate(t.tolist()):
+                for h in (self._replicas.get((layer, e)) or (w,)):
+                    if h >= 0:
+                        holders.setdefault(int(h), []).append(e)
+            self.value_groups[layer] = [(w, np.array(es, np.int64)) for w, es in sorted(holders.items())]
+        self.value_riders = {}
 
     def moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         try:
@@ -377,9 +388,8 @@ class RoutePublisher:
             # every expert's latest P at layer dl: its owner's eviction value (none when every expert fits: nothing
             # is ever evicted, and the values would only cost the decode loop)
             if self.values and not self.experts.fits_all and P.shape[1]:
-                pv, own, vr = P[d].max(0), self.experts._owner_np[dl], self.experts.value_riders
-                for w in np.unique(own).tolist():
-                    sel = np.flatnonzero(own == w)
+                pv, vr = P[d].max(0), self.experts.value_riders
+                for w, sel in self.experts.value_groups.get(dl, ()):
                     vr.setdefault(w, {})[dl] = (sel, pv[sel])
             prev = self._ordered.get(m)
             if prev is not None:          # ordered one layer earlier, from farther away, and no longer predicted:

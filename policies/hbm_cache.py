@@ -12,11 +12,12 @@ Policies (`make_policy(name)`):
                   prefetched entries last, oldest first — a prefetch that is about to be used is not thrown out
                   by the next prefetch, and a wasted one does not linger.
 Under every policy, prefetched entries cancelled before their first use (`mark_stale`: their request ended, or
-the router did not select what the runtime's fast path predicted) are evicted first, unless a coordinator's
-values (below) decide the order.
-A PrefetchCoordinator may set `CacheIndex.hints` ({key: value}): eviction then goes by its values, lowest first
-(what the next layers and tokens are least likely to use), whatever the policy; keys it did not value go last. A
-use spends the prediction behind a value: the key drops to `hints_used[key]` (its reuse value) or the default.
+the router did not select what the runtime's fast path predicted) are evicted first, unless values (below) decide
+the order.
+A PrefetchCoordinator may set `CacheIndex.hints` ({key: value}), and the runtime's fast path may merge its latest
+P into them (`update_hints`): eviction then goes by the values, lowest first (what the next layers and tokens are
+least likely to use), whatever the policy; keys never valued go last. A use spends a coordinator's prediction: the
+key drops to `hints_used[key]` (its reuse value) or the default; the fast path's values stay until replaced.
 Invariants (asserted): bytes used never exceed the budget; a pinned entry (in use by a compute) is never evicted.
 """
 from __future__ import annotations

@@ -222,6 +222,7 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     # the orders, not the eviction values, are under test here: the generation's values cleared (keep=[]) and
     # none sent, so the caches evict in LRU order and the orders fit
     monkeypatch.setattr(pub, "values", False)
+    c.experts.value_riders.clear()   # values still waiting for a worker the generation's last layers did not call
     ray.get([h.prefetch.remote([], None, []) for h in c.workers.values()])
     before, every = pub.speculated, pub.every
     c.model.route_rows, c.model.route_pos = torch.arange(3), torch.full((3,), 5)

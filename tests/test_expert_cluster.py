@@ -170,3 +170,20 @@ def test_by_layer_placement_makes_one_call_per_moe_layer(ray_local, stores, disp
         owners = layer_owners(c)
         assert all(len(ws) == 1 for ws in owners.values()) and all(0 not in ws for ws in owners.values()), owners
         assert c.generate(prompts, max_new_tokens=6) == before
+
+
+def test_eviction_values_go_to_every_worker_that_may_hold_the_expert():
+    """The fast path's eviction values (prefetch.speculate_values) go to each worker that may cache an expert: its
+    owner and its replicas (a replica left unvalued would be evicted last); a new placement drops the values still
+    waiting that were built under the old one."""
+    import numpy as np
+    from cluster.expert_cluster import ClusterExperts
+    from policies.placement import Placement
+    owners = {(0, e): (e % 2,) for e in range(4)}
+    owners[(0, 3)] = (1, 0)                       # replicated: primary 1, replica 0
+    ce = ClusterExperts({0: None, 1: None}, Placement((0, 1), owners), num_experts=4)
+    assert {w: sel.tolist() for w, sel in ce.value_groups[0]} == {0: [0, 2, 3], 1: [1, 3]}
+    ce.value_riders[0] = {0: (np.array([0]), np.array([0.5], np.float32))}
+    ce.publish(Placement((0, 1), {(0, e): (0,) for e in range(4)}))
+    assert ce.value_riders == {}
+    assert {w: sel.tolist() for w, sel in ce.value_groups[0]} == {0: [0, 1, 2, 3]}
