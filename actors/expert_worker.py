@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from actors.h2d import HostToDevice
 from policies.cost_model import RateMeter, Rates, decide_miss
 from policies.hbm_cache import CacheIndex, DoesNotFit, make_policy
+from policies.telemetry import MISS_CAUSES
 from storage_adapters.checksum import algo_of, verify
 from storage_adapters.manifest import Manifest
 
@@ -281,8 +282,7 @@ class ExpertWorker:
                              prefetch_dropped=0, cancelled=0, stale_marked=0, peak_used_bytes=0, stall_seconds=0.0,
                              tier_bytes={})
         # why each miss missed (_miss_cause): the prediction came too late, or never, or its load was evicted
-        self.counters["miss_causes"] = dict.fromkeys(("in_flight", "queued", "evicted_unused", "evicted",
-                                                      "not_ordered"), 0)
+        self.counters["miss_causes"] = dict.fromkeys(MISS_CAUSES, 0)
         self.counters["storage_retries"] = 0   # blob reads re-asked after a storage actor died (see _read_blob)
         # the pipelined completion (docs/weight_prefetch.md): seconds of gate/up compute (h) during which the
         # down read was still in flight (a lower bound on CUDA, where the GEMMs only launch), and each read's
@@ -542,8 +542,7 @@ class ExpertWorker:
         followed by pack_orders(fast-path orders, cancels, values), which are applied before computing. Replies with
         one bytes object, float64 [hits, misses, prefetch_hits, stall seconds] then y float32 [rows, H], when
         nothing missed (the steady state); otherwise compute_call's flat tuple, which carries {tier: bytes} and
-        {miss cause: count}. Read
-        with unpack_reply."""
+        {miss cause: count}. Read with unpack_reply."""
         layer, experts, counts, x = unpack_call(b)
         self._riders(*unpack_orders(b))   # the fast path's orders for the next layers: load while this computes
         y, (hits, misses, phits, stall, tb, why) = self.compute(layer, experts, counts, x, True, None)

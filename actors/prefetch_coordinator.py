@@ -38,7 +38,7 @@ from policies.ranking import (DRAM, HBM, NUM_TIERS, NVME, PEER, S3, TARGET_HBM, 
                               AccessPolicy, ClusterView, PlannerConfig, PrefetchPlanner, RequestView, TenantRule,
                               TierCosts, WindowController)
 from policies.reuse import ReuseEstimator
-from policies.telemetry import Telemetry
+from policies.telemetry import MISS_CAUSES, Telemetry
 
 
 MAX_LIVE_REQUESTS = 4096   # requests tracked at once (the oldest is forgotten beyond: bounded memory)
@@ -75,8 +75,8 @@ class _Metrics:
             "fast_path_refuted": c("moe_fast_path_refuted", "fast-path orders the router then did not select"),
         }
         self.tier_bytes = c("moe_expert_bytes_loaded", "bytes loaded into worker caches, by source tier", ("tier",))
-        self.miss_causes = c("moe_expert_misses_by_cause", "expert misses by why they missed: in_flight, queued, "
-                             "evicted_unused, evicted, not_ordered", ("cause",))
+        self.miss_causes = c("moe_expert_misses_by_cause",
+                             "expert misses by why they missed: " + ", ".join(MISS_CAUSES), ("cause",))
         self.window = g("moe_prefetch_window_layers", "current lookahead window (MoE layers)")
         self.recall = g("moe_predictor_recall_at_k", "recall@k of the predictor by layer distance", ("distance",))
         self.precision = g("moe_predictor_precision", "precision of above-threshold predictions by distance",

@@ -381,13 +381,14 @@ class RoutePublisher:
         L = len(self.moe_layers)
         tiers = list(self.experts.tiers) if self.experts.tiers is not None else None
         spent = self._ordered.pop(li, None)   # this layer routes now: what was ordered for it is spent
+        # every expert's latest P at each layer predicted: its holders' eviction value (none when every expert fits:
+        # nothing is ever evicted, and the values would only cost the decode loop)
+        send_values = self.values and not self.experts.fits_all and P.shape[1] > 0
         for d in range(P.shape[0]):
             m = (li + d + 1) % L
             want = likely_experts(P[d], self.threshold, self.fanout)
             dl = self.moe_layers[m]
-            # every expert's latest P at layer dl: its owner's eviction value (none when every expert fits: nothing
-            # is ever evicted, and the values would only cost the decode loop)
-            if self.values and not self.experts.fits_all and P.shape[1]:
+            if send_values:
                 pv, vr = P[d].max(0), self.experts.value_riders
                 for w, sel in self.experts.value_groups.get(dl, ()):
                     vr.setdefault(w, {})[dl] = (sel, pv[sel])
