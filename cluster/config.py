@@ -260,6 +260,12 @@ class PrefetchConfig(_Model):
     # decide instead. Learned, embedded link run: hit rate 0.79 against 0.75, 11% fewer loads (docs/benchmarks.md
     # session 8)
     speculate_values: bool = True
+    # the runtime values the experts of each layer it routes by P(the next token selects them there), from a
+    # same-layer transition model learned online (policies/reuse.py TransitionReuse); the values ride to their
+    # holders as eviction values, like speculate_values (which replace them for the layers the fast path
+    # predicts). Off while the coordinator's eviction_hints decide, and when every expert fits. Offline on the
+    # shared traces: 1.1-1.5x LRU's hit rate with demand loads alone (docs/benchmarks.md session 9)
+    reuse_values: bool = True
     # auto: the policy's own source (ensemble: the best hidden-state one available; other policies: none)
     speculate_source: Literal["auto", "learned", "pre_gated", "next_gate", "transition"] = "auto"
     max_restarts: int = Field(3, ge=0)

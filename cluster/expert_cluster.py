@@ -13,6 +13,9 @@ what every worker's compute reply carries.
 With `prefetch.policy` other than on_demand, a PrefetchCoordinator actor is started and `RoutePublisher` is
 installed as the model's on_route hook: it sends routing events to the coordinator without waiting (see
 actors/prefetch_coordinator.py). Serving never depends on the coordinator: if it is gone, experts load on demand.
+With `prefetch.reuse_values` (the default) the hook also values each routed layer's experts by P(the request's
+next token selects them there) and the workers' caches evict the lowest first (policies/reuse.py TransitionReuse);
+under policy on_demand it does only that, with no coordinator.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_o
 from actors.prefetch_coordinator import PrefetchCoordinator, access_policy
 from policies.fast_path import NextLayerSpeculator, likely_experts
 from policies.ranking import AccessDenied
+from policies.reuse import TransitionReuse
 from policies.placement import Placement, place
 from storage_adapters.manifest import Manifest
 
@@ -314,9 +318,10 @@ class RoutePublisher:
 
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
                  hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float = 0.5,
-                 fanout: int | None = None, values: bool = False):
+                 fanout: int | None = None, values: bool = False, reuse=None):
         self.coordinator, self.model, self.experts = coordinator, model, experts
         self.speculator, self.threshold, self.values = speculator, threshold, values
+        self.reuse = reuse   # TransitionReuse or None (prefetch.reuse_values)
         self.fanout = fanout or model.args.top_k
         self.moe_layers = list(model.args.moe_layers)
         self._moe_index = {l: i for i, l in enumerate(self.moe_layers)}
@@ -346,7 +351,7 @@ class RoutePublisher:
             # publish costs the decode loop a Ray submit and the coordinator CPU). Counters still go every 256 layers.
             self._quiet += 1
             self._ordered.clear()   # nothing is ordered meanwhile: no later routing refutes these
-            if self._quiet % 256 == 0:
+            if self._quiet % 256 == 0 and self.coordinator is not None:
                 self._buf = []
                 self._send([])
             return
@@ -354,8 +359,12 @@ class RoutePublisher:
         rows, pos, ids = m.route_rows.cpu().numpy(), m.route_pos.cpu().numpy(), topk_ids.cpu().numpy()
         xh = x.float().cpu().numpy() if (self.hidden or (self.speculator is not None and self.speculator.hidden)) \
             else None
+        if self.reuse is not None and not self.experts.fits_all:
+            self._reuse(layer, rows, pos, ids)
         if self.speculator is not None:
             self._speculate(layer, rows, pos, ids, xh)
+        if self.coordinator is None:   # the reuse values alone (policy on_demand): nothing to publish
+            return
         self._buf.append({"layer": layer, "rows": rows, "pos": pos, "ids": ids, "w": topk_w.float().cpu().numpy(),
                           "hidden": xh if self.hidden else None})
         if len(self._buf) >= self.every or layer == self.last_layer:
@@ -367,6 +376,18 @@ class RoutePublisher:
         if self.row_requests is not None:
             return list(self.row_requests)
         return list(range(int(rows.max(initial=0)) + 1))
+
+    def _reuse(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray) -> None:
+        """The layer's experts valued by P(the next token selects them here) (prefetch.reuse_values): to their
+        holders with the next compute calls, as eviction values. Before the fast path's, which replace them for
+        a layer it predicts (a depth of L wraps onto this one)."""
+        li = self._moe_index.get(layer)
+        if li is None or not len(rows):
+            return
+        v = self.reuse.observe(li, rows, ids, pos)                 # float64 [E]
+        vr = self.experts.value_riders
+        for w, sel in self.experts.value_groups.get(layer, ()):
+            vr.setdefault(w, {})[layer] = (sel, v[sel])
 
     def _speculate(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray, xh: np.ndarray) -> None:
         """The fast path: P at the next layers for every row, the likely experts ordered from their owners."""
@@ -427,7 +448,7 @@ class RoutePublisher:
                 self.refuted += len(wrong)
 
     def flush(self) -> None:
-        if not self._buf:
+        if not self._buf or self.coordinator is None:
             return
         table = self._table(np.array([int(ev["rows"].max(initial=0)) for ev in self._buf]))
         layers, self._buf = self._buf, []
@@ -530,8 +551,15 @@ class ExpertCluster:
         self.model = MoEModel.from_dense(m.model.config, dense, self.experts, dtype=dtype,
                                          weight_prefetch=self.cfg.weight_prefetch_config)   # dense_offload
         check_store_matches_model(m, self.model.args)
-        if self.cfg.prefetch.policy != "on_demand":
+        pf = self.cfg.prefetch
+        if pf.policy != "on_demand":
             self._start_coordinator(dense)
+        elif pf.reuse_values and not pf.eviction_hints:
+            # no prediction, but the caches evict by the next token's reuse: the routing hook without a coordinator
+            a = self.model.args
+            self.publisher = RoutePublisher(None, self.model, self.experts,
+                                            reuse=TransitionReuse(len(a.moe_layers), a.num_experts, a.top_k))
+            self.model.on_route = self.publisher
         return self
 
     # -- prefetching --------------------------------------------------------------------------------------------
@@ -575,7 +603,9 @@ class ExpertCluster:
         self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,
                                         hidden=pf.publish_hidden and router is not None, speculator=spec,
                                         threshold=pf.speculate_threshold, fanout=pf.speculate_fanout,
-                                        values=pf.speculate_values and not pf.eviction_hints)
+                                        values=pf.speculate_values and not pf.eviction_hints,
+                                        reuse=TransitionReuse(L, E, a.top_k)
+                                        if pf.reuse_values and not pf.eviction_hints else None)
         self.model.on_route = self.publisher
 
     def register_request(self, request, tenant: str | None = None, tiers: list[str] | None = None,

@@ -54,6 +54,9 @@ HIDDEN = 512                     # hidden size of the generated model; the inter
 # policies the benchmark runs without a PrefetchCoordinator (the oracle prefetches from the driver, resident warms
 # every cache, slru is the cache alone)
 NO_COORDINATOR = ("on_demand", "oracle", "resident", "slru")
+# the seed document's strategies run as published: their workers' caches evict by LRU, without the runtime's reuse
+# values (prefetch.reuse_values); `NAME+reuse` runs one with them, `NAME+lru` any policy without
+SEED_STRATEGIES = ("multi_lookahead", "topk_frequency", "intelligent_adaptive")
 
 
 def _say(msg):
@@ -189,19 +192,25 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     import torch
     from cluster.expert_cluster import ExpertCluster
     from policies.traces import TraceSlots
+    out: dict = {"policy": policy}
+    policy, _, evict = policy.partition("+")
+    if evict not in ("", "reuse", "lru"):
+        raise ValueError(f"policy {out['policy']!r}: the suffix after '+' must be 'reuse' or 'lru'")
+    if evict or policy in SEED_STRATEGIES or policy in NO_COORDINATOR:   # the baselines: LRU (slru: SLRU) caches
+        planner = {**(planner or {}), "reuse_values": evict == "reuse"}
+    out["reuse_values"] = bool((planner or {}).get("reuse_values", True))
     coord_policy = policy if policy not in NO_COORDINATOR else "on_demand"
     cfg = cluster_config(store, workers=a.workers, hbm=hbm, dram=dram, policy=coord_policy, window=a.window,
                          ns=f"bench-{policy}-{ratio}-{os.getpid()}", address=a.address, inflight=inflight,
                          ratio=ratio, s3=s3, planner=planner, link=link_settings(a), worker_opts=worker_settings(a))
     L, K = tr.num_layers, tr.top_k
     rng = np.random.default_rng(a.seed)
-    out: dict = {"policy": policy}
     # slru: no prediction, the workers' caches evict by segmented LRU (the "SLRU cache alone" baseline)
     with ExpertCluster(cfg, policy="slru" if policy == "slru" else a.cache_policy) as c:
         ex = c.experts
         layers = list(c.model.args.moe_layers)
         assert len(layers) == L, f"store has {len(layers)} MoE layers, trace {L}"
-        pub = getattr(c, "publisher", None)
+        pub = getattr(c, "publisher", None)   # on_demand+reuse: the routing hook without a coordinator
         if coord_policy != "on_demand" and pub is None:
             raise RuntimeError(f"policy {policy}: this ExpertCluster has no PrefetchCoordinator integration")
         owner = {l: ex._owner_np[layers[l]] for l in range(L)}
@@ -500,6 +509,9 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
     publish = getattr(a, "publish_every", None) or PrefetchConfig().publish_every_layers
     out = {}
     for p in policies:
+        if "+" in p:
+            out[p] = {"unavailable": "the simulator's caches evict by LRU; it has no runtime reuse values"}
+            continue
         try:
             pred = make_predictor(p, num_layers=tr.num_layers, num_experts=tr.num_experts, top_k=tr.top_k,
                                   trace=tr if p == "oracle" else None,
@@ -586,6 +598,9 @@ def main(argv=None) -> int:
     p.add_argument("--speculate-threshold", type=float, default=None, help="prefetch.speculate_threshold")
     p.add_argument("--speculate-values", action=argparse.BooleanOptionalAction, default=None,
                    help="prefetch.speculate_values: the fast path's P values decide the workers' evictions")
+    p.add_argument("--reuse-values", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefetch.reuse_values: the runtime values each routed layer's experts by P(the next token "
+                        "selects them) and the workers evict by it (the seed strategies never: NAME+reuse asks)")
     p.add_argument("--speculate-fanout", type=int, default=None,
                    help="prefetch.speculate_fanout: per row at most this many experts per layer (default top_k)")
     p.add_argument("--publish-every", type=int, default=None,
@@ -672,7 +687,8 @@ def planner_settings(a, eb: int) -> dict:
                              ("speculate_layers", getattr(a, "speculate_layers", None)),
                              ("speculate_threshold", getattr(a, "speculate_threshold", None)),
                              ("speculate_fanout", getattr(a, "speculate_fanout", None)),
-                             ("speculate_values", getattr(a, "speculate_values", None))) if v is not None}
+                             ("speculate_values", getattr(a, "speculate_values", None)),
+                             ("reuse_values", getattr(a, "reuse_values", None))) if v is not None}
     if not getattr(a, "value_residents", True):
         out["value_residents"] = False
     if getattr(a, "eviction_hints", False):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from jobs.benchmark import cut_trace, main
+from policies.hbm_cache import CacheIndex
 from policies.replay import access_sequence, cache_hit_rate
+from policies.reuse import TransitionReuse
 from policies.traces import synthetic_trace
 
 pytestmark = pytest.mark.ray
@@ -22,8 +24,8 @@ def run(tmp_path_factory):
     tr.save_npz(path)
     out = str(d / "out.json")
     assert main(["policies", "--trace", path, "--expert-mib", "0.03", "--policies",
-                 "on_demand,oracle,resident,cross_layer", "--workers", "1", "--batch", "1", "--requests", "3",
-                 "--tokens", "72", "--work", str(d / "work"), "--json", out]) == 0
+                 "on_demand,oracle,resident,cross_layer,on_demand+reuse", "--workers", "1", "--batch", "1",
+                 "--requests", "3", "--tokens", "72", "--work", str(d / "work"), "--json", out]) == 0
     with open(out) as f:
         # the benchmark replays the first 3 requests, at most 72 // 3 rows each: the references use that piece
         return cut_trace(tr, None, 72, 3), json.load(f), d
@@ -42,6 +44,35 @@ def test_on_demand_matches_the_lru_replay(run):
     assert (m["miss_causes"]["not_ordered"], m["miss_causes"]["evicted"]) == (first, m["misses"] - first)
     assert m["bytes_moved"] == m["loads"] * res["expert_bytes"]
     assert m["tokens"] == tr.num_tokens
+
+
+def test_reuse_values_match_a_replay_that_evicts_by_them(run):
+    """on_demand+reuse: the runtime's TransitionReuse values ride to the worker and its cache evicts the lowest
+    first. One worker, batch 1, top-1: the run's hits are those of a replay of the same sequence through a
+    CacheIndex whose values come from a TransitionReuse fed the same routing. Plain on_demand sends none."""
+    tr, res, _ = run
+    pol = res["policies"]
+    m, base = pol["on_demand+reuse"], pol["on_demand"]
+    assert m["reuse_values"] is True and base["reuse_values"] is False
+    L, E = tr.num_layers, tr.num_experts
+    cap = max(1, int(round(0.25 * L * E)))
+    idx, reuse, hits = CacheIndex(budget=cap), TransitionReuse(L, E, tr.top_k), 0
+    for r in range(tr.num_requests):
+        for t, row in enumerate(range(tr.offsets[r], tr.offsets[r + 1])):
+            for l in range(L):
+                e = int(tr.experts[row, l, 0])
+                if e < 0:
+                    continue
+                v = reuse.observe(l, [0], [[e]], pos=[t])          # in the routing hook, before the layer computes
+                v = v.astype(np.float32)                             # rides with the layer's compute call,
+                idx.update_hints({(l, x): float(v[x]) for x in range(E)})   # packed as float32 (pack_orders)
+                if idx.access((l, e)):
+                    hits += 1
+                else:
+                    idx.insert((l, e), 1)
+    assert m["uses"] == base["uses"] and m["hits"] == hits, (m["hits"], hits, base["hits"])
+    assert hits != base["hits"], "the trace should tell value eviction from LRU apart"
+    assert "unavailable" in res["simulated"]["policies"]["on_demand+reuse"]
 
 
 def test_resident_oracle_and_coordinator(run):

@@ -56,7 +56,8 @@ def cfg(env, policy, ns, **prefetch):
 
 @pytest.fixture(scope="module")
 def on_demand(env):
-    with ExpertCluster(cfg(env, "on_demand", "coord-od")) as c:
+    """The baseline: no prediction, LRU caches (reuse_values off)."""
+    with ExpertCluster(cfg(env, "on_demand", "coord-od", reuse_values=False)) as c:
         out = c.generate(env["prompts"], NEW)
         yield c, out, c.stats()
 
@@ -79,6 +80,22 @@ def test_on_demand_has_no_coordinator_and_matches_reference(env, on_demand):
     assert c.coordinator is None and c.model.on_route is None
     assert st["prefetch"]["coordinator"] is None and st["prefetch"]["published"] == 0
     assert sum(w["prefetch_loads"] for w in st["workers"]) == 0
+
+
+def test_on_demand_with_reuse_values_evicts_by_them_without_a_coordinator(env, on_demand):
+    """policy on_demand, reuse_values on (the default): the routing hook runs without a coordinator, only to value
+    each routed layer's experts by the next token's reuse; the caches then keep more of what comes back than LRU
+    (the loop pathology: 4 MoE layers, each worker caching a quarter of its experts)."""
+    with ExpertCluster(cfg(env, "on_demand", "coord-od-reuse")) as c:
+        out = c.generate(env["prompts"], NEW)
+        st = c.stats()
+        assert out == env["ref"]
+        assert c.coordinator is None and c.model.on_route is c.publisher and c.publisher.reuse is not None
+        assert st["prefetch"]["published"] == 0 and sum(w["prefetch_loads"] for w in st["workers"]) == 0
+        assert all(w["eviction_values"] > 0 for w in st["workers"])
+        base = on_demand[2]["runtime"]
+        assert st["runtime"]["hits"] + st["runtime"]["misses"] == base["hits"] + base["misses"]
+        assert st["runtime"]["hits"] > base["hits"], (st["runtime"]["hits"], base["hits"])
 
 
 def test_prefetching_matches_reference_and_raises_hits(env, on_demand, prefetching):

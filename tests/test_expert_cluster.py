@@ -37,11 +37,12 @@ def stores(tmp_path_factory):
 
 
 def cluster_cfg(store: str, namespace: str, hbm_bytes: int, workers: int = 2, dispatch: str = "plain",
-                placement: str = "balanced") -> ClusterConfig:
+                placement: str = "balanced", prefetch: dict | None = None) -> ClusterConfig:
     return ClusterConfig.model_validate({
         "ray": {"namespace": namespace},
         "workers": {"count": workers, "hbm_budget_bytes": hbm_bytes, "dispatch": dispatch, "placement": placement},
-        "tiers": [{"kind": "dram", "budget_bytes": 64 << 20}, {"kind": "nvme", "path": store}]})
+        "tiers": [{"kind": "dram", "budget_bytes": 64 << 20}, {"kind": "nvme", "path": store}],
+        "prefetch": prefetch or {}})
 
 
 def assert_greedy_equals_hf(c, t, label: str, new_tokens: int) -> None:
@@ -81,6 +82,21 @@ def test_logits_and_greedy_tokens_match_transformers(ray_local, stores, family):
         assert st["misses"] > n_experts  # experts were evicted and read again
         d = st["dispatch"]
         assert d["calls"] <= 2 * d["moe_layers"]  # at most one call per worker per MoE layer
+        # policy on_demand: no coordinator, but the caches evicted by the runtime's next-token reuse values
+        # (prefetch.reuse_values, the default): every expert a worker holds got one
+        assert c.coordinator is None and c.publisher is not None and c.publisher.reuse is not None
+        held = {w: sum(1 for k in c.sizes if c.experts.placement.owner(k) == w) for w in c.workers}
+        assert {w["worker_id"]: w["eviction_values"] for w in st["workers"]} == held
+
+
+def test_reuse_values_off_leaves_lru_and_the_same_tokens(ray_local, stores):
+    t, store, man = stores["mixtral"]
+    cfg = cluster_cfg(store, "c-noreuse", 2 * man.expert_bytes, prefetch={"reuse_values": False})
+    with ExpertCluster(cfg) as c:
+        assert c.publisher is None and c.model.on_route is None
+        assert_greedy_equals_hf(c, t, "mixtral, LRU caches", 8)
+        st = c.stats()
+        assert all(w["eviction_values"] == 0 and w["evictions"] > 0 for w in st["workers"])
 
 
 def test_workers_join_and_leave(ray_local, stores):

@@ -5,7 +5,7 @@ import pytest
 
 from policies.predictors import Candidates
 from policies.ranking import HBM, NVME, ClusterView, PlannerConfig, PrefetchPlanner, RequestView
-from policies.reuse import ReuseEstimator
+from policies.reuse import ReuseEstimator, TransitionReuse
 
 L, E, K = 3, 8, 2
 MB = 1 << 20
@@ -119,3 +119,61 @@ def test_observe_many_equals_row_by_row_for_distinct_requests_and_handles_prefil
     for x, y in ((a.n1, b.n1), (a.n11, b.n11), (a.n0, b.n0), (a.n01, b.n01)):
         assert np.allclose(x, y)
     assert a.last.keys() == b.last.keys() and all(np.array_equal(a.last[r], b.last[r]) for r in a.last)
+
+
+# -- TransitionReuse: the runtime's eviction values (prefetch.reuse_values) ------------------------------------------
+def test_transition_reuse_learns_where_the_next_token_goes():
+    """A sequence cycles 0 -> 3 -> 5 -> 0 at layer 1 (top-1). Once learned, the value after 3 is ~1 for 5 and ~0 for
+    the rest: the next token's expert, not the one just used (LRU keeps that one) nor the most frequent."""
+    tr = TransitionReuse(L, E, 1, half_life=1e9, prior=0.01)
+    cyc = [0, 3, 5]
+    for t in range(301):
+        v = tr.observe(1, [0], [[cyc[t % 3]]], pos=[t])
+    assert v.argmax() == 3 and v[3] > 0.98, v   # the last token used 0: after 0 comes 3
+    v = tr.observe(1, [0], [[3]], pos=[301])
+    assert v[5] > 0.98 and v[3] < 0.01 and v[0] < 0.01, v
+    assert np.all(tr.C[0] == 0.01) and np.all(tr.C[2] == 0.01), "other layers learned nothing"
+
+
+def test_transition_reuse_new_sequences_slots_and_prefill():
+    tr = TransitionReuse(L, E, K, half_life=1e9, prior=0.01)
+    tr.observe(0, [2], [[1, 2]], pos=[5])
+    before = tr.C[0].copy()
+    # the slot's position went back: a new request there, so no 1,2 -> 6,7 transition is learned
+    tr.observe(0, [2], [[6, 7]], pos=[0])
+    assert np.array_equal(tr.C[0], before)
+    tr.observe(0, [2], [[1, 2]], pos=[1])     # 6,7 -> 1,2 is
+    assert np.allclose((tr.C[0] - before)[[6, 6, 7, 7], [1, 2, 1, 2]], 1.0)
+    before = tr.C[0].copy()
+    # prefill: a slot's rows are chained in position order (given out of order), 1,2 -> 3,4 -> 5,0
+    v = tr.observe(0, [2, 2], [[5, 0], [3, 4]], pos=[3, 2])
+    learned = tr.C[0] - before
+    assert np.allclose(learned[[1, 2, 3, 4], [3, 4, 5, 0]], 1.0)
+    assert learned.sum() == pytest.approx(8.0), "each of the two transitions adds K x K pairs"
+    assert list(tr.last[2, 0]) == [5, 0] and tr.pos[2, 0] == 3
+    # the value is predicted from the slot's newest token (5, 0): nothing learned from there yet, so the prior
+    assert np.allclose(v, K / E)
+    tr.reset([2])
+    assert list(tr.last[2, 0]) == [-1, -1]
+
+
+def test_transition_reuse_combines_slots_and_ignores_unknown_ids():
+    tr = TransitionReuse(L, E, K, half_life=1e9, prior=1e-6)
+    for t in range(50):               # slot 0: 1,2 -> 1,2 ; slot 1: 3,4 -> 3,4
+        tr.observe(2, [0, 1], [[1, 2], [3, 4]], pos=[t, t])
+    v = tr.observe(2, [0, 1], [[1, 2], [3, 4]], pos=[50, 50])
+    assert np.allclose(v[[1, 2, 3, 4]], 1.0, atol=1e-3) and np.all(v[[0, 5, 6, 7]] < 1e-3), v
+    # after 0, slot 0 goes to 6 and slot 1 to 7: P(6 | 0) = P(7 | 0) = 0.5, and over two slots now both at 0,
+    # P(any selects 6) = 1 - 0.5 * 0.5
+    tr2 = TransitionReuse(L, E, 1, half_life=1e9, prior=1e-9)
+    for t in range(40):
+        tr2.observe(0, [0, 1], [[0], [0]], pos=[2 * t, 2 * t])
+        tr2.observe(0, [0, 1], [[6], [7]], pos=[2 * t + 1, 2 * t + 1])
+    v2 = tr2.observe(0, [0, 1], [[0], [0]], pos=[100, 100])
+    assert v2[6] == pytest.approx(0.75, abs=0.02) and v2[7] == pytest.approx(0.75, abs=0.02), v2
+    before = tr.C.copy()
+    v3 = tr.observe(1, [0], [[-1, 99]], pos=[0])   # nothing known: nothing learned, nothing predicted
+    assert np.array_equal(tr.C, before) and not v3.any()
+    # a half-known row predicts from its known expert alone: after 1 came 1 and 2, never 3 or 4
+    v4 = tr.observe(2, [5], [[1, -1]], pos=[0])
+    assert np.allclose(v4[[1, 2]], 1.0, atol=1e-3) and v4[[3, 4]].max() < 1e-3, v4
