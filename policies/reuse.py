@@ -100,10 +100,9 @@ class TransitionReuse:
     there: per MoE layer a same-layer transition matrix C[l] (decayed counts, half-life `half_life` transitions of
     that layer, on top of a uniform `prior`) between a sequence's consecutive tokens. What the runtime values its
     workers' residents by (prefetch.reuse_values): the eviction order that keeps what the next token will reuse,
-    where LRU keeps what the last layers used. Offline on the shared traces (first 8 layers, 2 workers, 25% cache,
-    demand loads only) it hits 0.306 / 0.621 / 0.458 of expert uses where LRU hits 0.199 / 0.539 / 0.413 (Mixtral /
-    gpt-oss / DeepSeek; docs/benchmarks.md session 9), above the two-state chain of ReuseEstimator (0.288 / 0.587 /
-    0.429).
+    where LRU keeps what the last layers used. Replayed offline on the shared traces (the benchmark's cut: first 8
+    MoE layers, 4 requests, 384 rows; 2 workers caching 25%; demand loads only) it hits 0.313 / 0.623 / 0.462 of
+    expert uses where LRU hits 0.208 / 0.539 / 0.413 (Mixtral / gpt-oss / DeepSeek; docs/benchmarks.md session 9).
 
     Sequences are slots (the runtime's KV-cache rows); a slot whose position does not move forward starts a new
     sequence, and `reset(slots)` says so explicitly. A slot's prediction is K x its selected experts' mean transition
