@@ -551,14 +551,14 @@ class ExpertCluster:
         self.model = MoEModel.from_dense(m.model.config, dense, self.experts, dtype=dtype,
                                          weight_prefetch=self.cfg.weight_prefetch_config)   # dense_offload
         check_store_matches_model(m, self.model.args)
-        pf = self.cfg.prefetch
+        pf, a = self.cfg.prefetch, self.model.args
+        reuse = TransitionReuse(len(a.moe_layers), a.num_experts, a.top_k) \
+            if pf.reuse_values and not pf.eviction_hints else None
         if pf.policy != "on_demand":
-            self._start_coordinator(dense)
-        elif pf.reuse_values and not pf.eviction_hints:
+            self._start_coordinator(dense, reuse)
+        elif reuse is not None:
             # no prediction, but the caches evict by the next token's reuse: the routing hook without a coordinator
-            a = self.model.args
-            self.publisher = RoutePublisher(None, self.model, self.experts,
-                                            reuse=TransitionReuse(len(a.moe_layers), a.num_experts, a.top_k))
+            self.publisher = RoutePublisher(None, self.model, self.experts, reuse=reuse)
             self.model.on_route = self.publisher
         return self
 
@@ -572,7 +572,7 @@ class ExpertCluster:
     def _worker_nodes(self) -> dict:
         return dict(zip(self.workers, ray.get([w.stats.remote() for w in self.workers.values()])))
 
-    def _start_coordinator(self, dense: dict) -> None:
+    def _start_coordinator(self, dense: dict, reuse: TransitionReuse | None = None) -> None:
         pf, a = self.cfg.prefetch, self.model.args
         L, E = len(a.moe_layers), a.num_experts
         nbytes = np.array([[self.sizes[(l, e)] for e in range(E)] for l in a.moe_layers], np.int64)
@@ -603,9 +603,7 @@ class ExpertCluster:
         self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,
                                         hidden=pf.publish_hidden and router is not None, speculator=spec,
                                         threshold=pf.speculate_threshold, fanout=pf.speculate_fanout,
-                                        values=pf.speculate_values and not pf.eviction_hints,
-                                        reuse=TransitionReuse(L, E, a.top_k)
-                                        if pf.reuse_values and not pf.eviction_hints else None)
+                                        values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
         self.model.on_route = self.publisher
 
     def register_request(self, request, tenant: str | None = None, tiers: list[str] | None = None,

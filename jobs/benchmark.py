@@ -198,7 +198,6 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
         raise ValueError(f"policy {out['policy']!r}: the suffix after '+' must be 'reuse' or 'lru'")
     if evict or policy in SEED_STRATEGIES or policy in NO_COORDINATOR:   # the baselines: LRU (slru: SLRU) caches
         planner = {**(planner or {}), "reuse_values": evict == "reuse"}
-    out["reuse_values"] = bool((planner or {}).get("reuse_values", True))
     coord_policy = policy if policy not in NO_COORDINATOR else "on_demand"
     cfg = cluster_config(store, workers=a.workers, hbm=hbm, dram=dram, policy=coord_policy, window=a.window,
                          ns=f"bench-{policy}-{ratio}-{os.getpid()}", address=a.address, inflight=inflight,
@@ -211,6 +210,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
         layers = list(c.model.args.moe_layers)
         assert len(layers) == L, f"store has {len(layers)} MoE layers, trace {L}"
         pub = getattr(c, "publisher", None)   # on_demand+reuse: the routing hook without a coordinator
+        out["reuse_values"] = pub is not None and pub.reuse is not None
         if coord_policy != "on_demand" and pub is None:
             raise RuntimeError(f"policy {policy}: this ExpertCluster has no PrefetchCoordinator integration")
         owner = {l: ex._owner_np[layers[l]] for l in range(L)}
