@@ -948,7 +948,7 @@ class ExpertWorker:
 
     # -- prefetch -----------------------------------------------------------------------------------------------
     def prefetch(self, items: list[tuple], cancel: list[tuple] | None = None, keep: list[tuple] | None = None,
-                 fast_path: bool = False) -> int:
+                 fast_path: bool = False, values: dict | None = None) -> int:
         """Queue (layer, expert, priority, request_id[, victims[, tiers]]) loads, highest priority first; returns
         how many were queued (resident, loading or already-queued experts are skipped, a higher priority is kept).
         victims (the PrefetchCoordinator's orders): the load may evict only these residents — the ones the
@@ -958,7 +958,12 @@ class ExpertWorker:
         expert, value[, value once used]) of residents as the coordinator values them (policies/ranking.py Plan.keep,
         keep_used): from now on a demand miss evicts the lowest-valued first, and a use drops an expert to its
         value once used (replacing the previous values; [] clears them). fast_path: the runtime's fast path sends
-        these (its orders carry no request): its cancellations touch only what it ordered itself."""
+        these (its orders carry no request): its cancellations touch only what it ordered itself. values
+        {(layer, expert): P}: the runtime's eviction values, as they ride with a compute call (`_riders`), applied
+        before anything else so that these loads already evict by them."""
+        if values:
+            with self._lock:
+                self.cache.update_hints(values)
         if keep is not None:
             hints = {(int(k[0]), int(k[1])): float(k[2]) for k in keep}
             used = {(int(k[0]), int(k[1])): float(k[3]) for k in keep if len(k) > 3}

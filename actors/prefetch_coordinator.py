@@ -74,6 +74,9 @@ class _Metrics:
                                       "fast-path orders cancelled: a nearer prediction no longer wanted them"),
             "fast_path_refuted": c("moe_fast_path_refuted", "fast-path orders the router then did not select"),
         }
+        self.hook_s = c("moe_routing_hook_seconds", "seconds of the runtimes' routing hook (fast path, reuse values, "
+                        "publishing), by part: loop (the decode loop waited) or deferred (while compute calls flew)",
+                        ("part",))
         self.tier_bytes = c("moe_expert_bytes_loaded", "bytes loaded into worker caches, by source tier", ("tier",))
         self.miss_causes = c("moe_expert_misses_by_cause",
                              "expert misses by why they missed: " + ", ".join(MISS_CAUSES), ("cause",))
@@ -104,6 +107,12 @@ class _Metrics:
             if d > 0:
                 self.tier_bytes.inc(d, tags={**self.tags, "tier": t})
             self.last[("tier", t)] = v
+        for part in ("loop", "deferred"):
+            v = snap["hook"][part + "_s"]
+            d = v - self.last.get(("hook", part), 0.0)
+            if d > 0:
+                self.hook_s.inc(d, tags={**self.tags, "part": part})
+            self.last[("hook", part)] = v
         for k, v in snap["miss_causes"].items():
             d = v - self.last.get(("cause", k), 0)
             if d > 0:

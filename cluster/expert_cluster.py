@@ -19,10 +19,12 @@ under policy on_demand it does only that, with no coordinator.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +88,14 @@ class ClusterExperts:
         # cumulative, from every worker's compute reply (no extra round trip): what a serving engine reads to
         # attribute hits and misses to requests, and what the coordinator's telemetry reports
         self.counters = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {},
-                         "miss_causes": {}}
+                         "miss_causes": {},
+                         # the routing hook's own time (RoutePublisher): seconds the decode loop waited on it before
+                         # a layer's calls left, seconds of its work deferred into the wait for their replies, and
+                         # the MoE layers it saw
+                         "hook_s": 0.0, "hook_deferred_s": 0.0, "hook_layers": 0}
+        # work the routing hook hands over (RoutePublisher: the reuse values, the coordinator's batch): run once the
+        # layer's compute calls are in flight, while the decode loop would only wait for their replies anyway
+        self.deferred: list = []
         self._load_counts: dict[int, np.ndarray] = {}  # layer -> pairs routed to each expert
         # worker -> prefetch orders that ride with the next layer's compute call to it (the fast path's: no Ray call
         # of their own); a worker the layer does not call gets them in a `prefetch` call
@@ -107,6 +116,22 @@ class ClusterExperts:
     def measured_load(self) -> dict[tuple[int, int], int]:
         """(layer, expert) -> (token, expert) pairs routed to it so far: placement balances by this."""
         return {(l, int(e)): int(c[e]) for l, c in self._load_counts.items() for e in np.flatnonzero(c)}
+
+    def _run_deferred(self) -> Exception | None:
+        """Run the routing hook's deferred work (self.deferred), timed into counters["hook_deferred_s"]. Returns
+        the first exception instead of raising it, so that the caller collects its calls' replies first."""
+        if not self.deferred:
+            return None
+        work, self.deferred = self.deferred, []
+        err = None
+        t0 = time.perf_counter()
+        for fn in work:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - handed back to _moe, which raises it after the replies
+                err = err or e
+        self.counters["hook_deferred_s"] += time.perf_counter() - t0
+        return err
 
     def publish(self, placement: Placement) -> None:
         """Adopt a placement: per layer, a table expert -> primary owner, and the replicas of replicated ones."""
@@ -157,6 +182,7 @@ class ClusterExperts:
         # numpy on the host: for a decode step's handful of rows its small ops cost half of torch's
         N, k = topk_ids.shape
         if N == 0:
+            self._run_deferred()
             return torch.zeros_like(x)
         flat = topk_ids.detach().cpu().numpy().reshape(-1)                # [N*k]
         order = np.argsort(flat, kind="stable")                          # pairs grouped by expert, token order kept
@@ -197,9 +223,7 @@ class ClusterExperts:
             ride, drop = riders.pop(w, None) or [], cancels.pop(w, None) or []
             if w in stale:
                 drop = drop + list(stale.pop(w))
-            vals = values.pop(w, None)
-            if vals:
-                vals = {(dl, ex): p for dl, (es, ps) in vals.items() for ex, p in zip(es.tolist(), ps.tolist())}
+            vals = _flat_values(values.pop(w, None))
             extra = (ride, drop, vals) if (ride or drop or vals) else ()
             payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(*extra) if extra else b"")) if small else \
                 (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + extra
@@ -207,8 +231,9 @@ class ClusterExperts:
         for w in set(riders) | set(cancels):   # workers this layer does not call: refutations go along (before
             h = self.workers.get(w)             # the orders, as in a compute call) now that a call goes anyway
             if h is not None:
-                drop = (cancels.get(w) or []) + list(stale.pop(w, ()))
-                h.prefetch.remote(riders.get(w, []), drop or None, None, True)
+                drop = (cancels.get(w) or []) + list(stale.pop(w, ()))   # and the values, which these loads
+                h.prefetch.remote(riders.get(w, []), drop or None, None, True,   # then evict by
+                                  _flat_values(values.pop(w, None)))
         ys = np.empty_like(xs)
         todo = dict(payloads)
         c = self.counters
@@ -222,6 +247,7 @@ class ClusterExperts:
         calls = {w: (self.workers[w].compute_packed.remote(p) if isinstance(p, bytes)
                      else self.workers[w].compute_call.remote((*p[:4], tiers, *p[4:]))) for w, p in todo.items()}
         lost: dict[int, Exception] = {}
+        late = self._run_deferred()   # the calls are on their way: the hook's deferred work costs no latency now
         try:
             results = dict(zip(calls, ray.get(list(calls.values())))) if calls else {}
         except ray.exceptions.RayActorError:  # find out which workers died; the others' results still count
@@ -261,6 +287,8 @@ class ClusterExperts:
             self._unseen -= int(np.count_nonzero(~seen[eids]))
             seen[eids] = True
             self.warm = self._unseen == 0
+        if late is not None:   # the hook failed: raised only now, with the layer's replies in and counted
+            raise late
         return torch.from_numpy(out).to(x.device, x.dtype)
 
     # -- compiled graph ---------------------------------------------------------------------------------------------
@@ -346,6 +374,15 @@ class RoutePublisher:
         self._quiet = 0   # MoE layers not published because the experts were warm
 
     def __call__(self, layer: int, topk_ids: torch.Tensor, topk_w: torch.Tensor, x: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._route(layer, topk_ids, topk_w, x)
+        finally:   # what the decode loop waited on here (the deferred part is timed where it runs: hook_deferred_s)
+            c = self.experts.counters
+            c["hook_s"] += time.perf_counter() - t0
+            c["hook_layers"] += 1
+
+    def _route(self, layer: int, topk_ids: torch.Tensor, topk_w: torch.Tensor, x: torch.Tensor) -> None:
         if self.experts.warm:
             # every expert fits its owner's cache and is resident: nothing can miss, so routing is not sent (each
             # publish costs the decode loop a Ray submit and the coordinator CPU). Counters still go every 256 layers.
@@ -359,16 +396,24 @@ class RoutePublisher:
         rows, pos, ids = m.route_rows.cpu().numpy(), m.route_pos.cpu().numpy(), topk_ids.cpu().numpy()
         xh = x.float().cpu().numpy() if (self.hidden or (self.speculator is not None and self.speculator.hidden)) \
             else None
-        if self.reuse is not None and not self.experts.fits_all:
-            self._reuse(layer, rows, pos, ids)
+        # only the fast path's orders must leave with this layer's compute calls; the reuse values and the
+        # coordinator's batch are computed and sent while those calls are in flight (ClusterExperts.deferred)
         if self.speculator is not None:
             self._speculate(layer, rows, pos, ids, xh)
+        if self.reuse is not None and not self.experts.fits_all and not self._values_wrap():
+            self.experts.deferred.append(functools.partial(self._reuse, layer, rows, pos, ids))
         if self.coordinator is None:   # the reuse values alone (policy on_demand): nothing to publish
             return
         self._buf.append({"layer": layer, "rows": rows, "pos": pos, "ids": ids, "w": topk_w.float().cpu().numpy(),
                           "hidden": xh if self.hidden else None})
         if len(self._buf) >= self.every or layer == self.last_layer:
-            self.flush()
+            self.experts.deferred.append(self.flush)
+
+    def _values_wrap(self) -> bool:
+        """Whether the fast path's values already cover the layer that routes now (a depth of L wraps onto its
+        next token): they are the better prediction of the same thing, so the reuse values are not needed."""
+        sp = self.speculator
+        return sp is not None and self.values and sp.depth >= len(self.moe_layers)
 
     def _table(self, rows: np.ndarray) -> list:
         if self.cache is not None:
@@ -379,8 +424,8 @@ class RoutePublisher:
 
     def _reuse(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray) -> None:
         """The layer's experts valued by P(the next token selects them here) (prefetch.reuse_values): to their
-        holders with the next compute calls, as eviction values. Before the fast path's, which replace them for
-        a layer it predicts (a depth of L wraps onto this one)."""
+        holders with the next calls to them, as eviction values. Deferred into the wait for the layer's replies;
+        skipped where the fast path's values cover the layer (`_values_wrap`)."""
         li = self._moe_index.get(layer)
         if li is None or not len(rows):
             return
@@ -781,6 +826,13 @@ class ExpertCluster:
                 "prefetch": {"policy": self.cfg.prefetch.policy, "coordinator": self.coordinator_stats(),
                              "published": self.publisher.sent if self.publisher else 0,
                              "dropped": self.publisher.dropped if self.publisher else 0}}
+
+
+def _flat_values(vals: dict | None) -> dict | None:
+    """{layer: (experts int [n], P float [n])} (ClusterExperts.value_riders of one worker) -> {(layer, expert): P}."""
+    if not vals:
+        return None
+    return {(dl, ex): p for dl, (es, ps) in vals.items() for ex, p in zip(es.tolist(), ps.tolist())}
 
 
 def _sum_dicts(ds) -> dict:

@@ -412,8 +412,20 @@ def summarize(base: dict, st: dict, wall: float, moe_s: float, tokens: int, step
             "prefetch_recall": d["prefetch_hits"] / max(d["prefetch_hits"] + d["misses"], 1),
             "bytes_moved": d["bytes_loaded"], "bytes_by_storage_tier": tier, "cross_node_bytes": cross,
             "load_ms_per_expert": 1e3 * d["load_seconds"] / d["loads"] if d["loads"] else None,
+            # the runtime's routing hook, per MoE layer it saw: microseconds the decode loop waited on it (the fast
+            # path) and microseconds deferred into the wait for the layer's replies (reuse values, publishing)
+            **hook_us(base, st),
             "nodes": len({w.get("node_id") for w in st["workers"]}),
             "storage_actors_per_node": dict(Counter(s.get("node_id") for s in st["storage"]))}
+
+
+def hook_us(base: dict, st: dict) -> dict:
+    r0, r1 = base.get("runtime") or {}, st.get("runtime") or {}
+    n = r1.get("hook_layers", 0) - r0.get("hook_layers", 0)
+    if n <= 0:
+        return {"hook_us_per_layer": None, "hook_deferred_us_per_layer": None}
+    return {"hook_us_per_layer": 1e6 * (r1["hook_s"] - r0["hook_s"]) / n,
+            "hook_deferred_us_per_layer": 1e6 * (r1["hook_deferred_s"] - r0["hook_deferred_s"]) / n}
 
 
 # -- calibration -------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ What it keeps
               expert uses. With them each runtime's fast path (cluster/expert_cluster.py RoutePublisher): its
               orders, those superseded by a nearer prediction, and those the router then refuted. Those orders
               never pass the coordinator, so the prefetch and timely-recall figures below do not count them.
-              `miss_causes`: the misses by why they missed (MISS_CAUSES), as the workers found them.
+              `miss_causes`: the misses by why they missed (MISS_CAUSES), as the workers found them. `hook`: the
+              runtimes' routing hook's cost (the fast path, the reuse values, publishing): `loop_s` the decode loop
+              waited on it, `deferred_s` it ran while the layers' compute calls were in flight, over `layers`.
   prefetches  issued / used / wasted / cancelled. An issued prefetch of (layer, expert) is *used* when the router
               selects that expert (any request) before it expires (`expiry` decision steps after issue), *wasted*
               when it expires unused or is issued again (it was evicted unused), *cancelled* when the coordinator
@@ -182,13 +184,17 @@ class Telemetry:
 
     def runtime_totals(self) -> dict:
         out = {"hits": 0, "misses": 0, "prefetch_hits": 0, "stall_s": 0.0, "bytes_by_tier": {},
-               "fast_path": dict.fromkeys(FAST_PATH_COUNTERS, 0), "miss_causes": dict.fromkeys(MISS_CAUSES, 0)}
+               "fast_path": dict.fromkeys(FAST_PATH_COUNTERS, 0), "miss_causes": dict.fromkeys(MISS_CAUSES, 0),
+               "hook": {"loop_s": 0.0, "deferred_s": 0.0, "layers": 0}}
         for c in self._runtime.values():
             for k in ("hits", "misses", "prefetch_hits"):
                 out[k] += int(c.get(k, 0))
             for k in FAST_PATH_COUNTERS:
                 out["fast_path"][k] += int(c.get("fast_path_" + k, 0))
             out["stall_s"] += float(c.get("stall_s", 0.0))
+            out["hook"]["loop_s"] += float(c.get("hook_s", 0.0))
+            out["hook"]["deferred_s"] += float(c.get("hook_deferred_s", 0.0))
+            out["hook"]["layers"] += int(c.get("hook_layers", 0))
             for t, b in (c.get("bytes_by_tier") or {}).items():
                 out["bytes_by_tier"][t] = out["bytes_by_tier"].get(t, 0) + int(b)
             for k, n in (c.get("miss_causes") or {}).items():

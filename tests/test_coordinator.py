@@ -96,6 +96,34 @@ def test_on_demand_with_reuse_values_evicts_by_them_without_a_coordinator(env, o
         base = on_demand[2]["runtime"]
         assert st["runtime"]["hits"] + st["runtime"]["misses"] == base["hits"] + base["misses"]
         assert st["runtime"]["hits"] > base["hits"], (st["runtime"]["hits"], base["hits"])
+        # the hook's cost: every MoE layer of every forward passed it; its reuse values were computed while the
+        # layers' calls were in flight
+        rt = st["runtime"]
+        assert rt["hook_layers"] == st["dispatch"]["moe_layers"] > 0, (rt["hook_layers"], st["dispatch"])
+        assert rt["hook_deferred_s"] > 0 and rt["hook_s"] > 0
+
+        # one more layer by hand: the hook hands the values over instead of computing them on the decode loop ...
+        pub, ex, a = c.publisher, c.experts, c.model.args
+        l0 = a.moe_layers[1]
+        owner = int(ex._owner_np[l0][0])
+        ex.value_riders.clear()
+        c.model.route_rows, c.model.route_pos = torch.arange(2), torch.tensor([NEW + 5, NEW + 5])
+        ids = torch.tensor([[0, 1], [0, 2]])
+        w = torch.full((2, a.top_k), 0.5)
+        x = torch.randn(2, a.hidden_size, generator=torch.Generator().manual_seed(3))
+        pub(l0, ids, w, x)
+        assert len(ex.deferred) == 1 and not ex.value_riders
+        # ... and they are there once the layer's calls left, for the next calls to carry
+        ref = LocalExperts(load_checkpoint(EMBEDDED)[2])
+        y = ex.moe(l0, x, ids, w)
+        assert torch.allclose(y, ref.moe(l0, x, ids, w), atol=1e-5)
+        assert not ex.deferred and l0 in ex.value_riders.get(owner, {}), ex.value_riders
+        # deferred work that fails is raised after the layer's replies are in: the next layer computes as usual
+        ex.deferred.append(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            ex.moe(l0, x, ids, w)
+        assert not ex.deferred
+        assert torch.allclose(ex.moe(l0, x, ids, w), ref.moe(l0, x, ids, w), atol=1e-5)
 
 
 def test_prefetching_matches_reference_and_raises_hits(env, on_demand, prefetching):
@@ -149,6 +177,10 @@ def test_stats_are_consistent(env, prefetching):
     assert 0 < fp["refuted"] <= pub.refuted and fp["refuted"] + fp["superseded"] <= fp["orders"]
     assert cs["window"] is not None and cs["window_history"]
     assert cs["live_requests"] == 0   # every request of the generation ended
+    # the routing hook's cost, as the runtime counted it and as its batches told the coordinator: the fast path on
+    # the decode loop, the publishing deferred into the wait for the replies
+    assert rt["hook_layers"] > 0 and rt["hook_s"] > 0 and rt["hook_deferred_s"] > 0
+    assert 0 < cs["hook"]["layers"] <= rt["hook_layers"] and 0 < cs["hook"]["deferred_s"] <= rt["hook_deferred_s"]
     assert st["prefetch"]["dropped"] == 0 and cs["dropped_batches"] == 0
 
 

@@ -62,10 +62,12 @@ def test_runtime_counters_summed_over_runtimes_and_window_history():
     t = Telemetry(L, E, K, history=2)
     t.record_runtime("a", {"hits": 3, "misses": 1, "stall_s": 0.5, "bytes_by_tier": {"dram": 10}})
     t.record_runtime("b", {"hits": 1, "misses": 3, "stall_s": 0.25, "bytes_by_tier": {"dram": 5, "nvme": 7}})
-    t.record_runtime("a", {"hits": 4, "misses": 1, "stall_s": 0.5, "bytes_by_tier": {"dram": 10}})  # cumulative
+    t.record_runtime("a", {"hits": 4, "misses": 1, "stall_s": 0.5, "bytes_by_tier": {"dram": 10},  # cumulative
+                           "hook_s": 0.25, "hook_deferred_s": 0.5, "hook_layers": 8})
     for step, w in [(1, 2.0), (2, 2.5), (3, 3.0)]:
         t.record_window(step, w)
     s = t.snapshot()
     assert (s["hits"], s["misses"], s["stall_s"]) == (5, 4, 0.75)
     assert s["bytes_by_tier"] == {"dram": 15, "nvme": 7} and s["hit_rate"] == pytest.approx(5 / 9)
     assert s["window"] == 3.0 and s["window_history"] == [(2, 2.5), (3, 3.0)]
+    assert s["hook"] == {"loop_s": 0.25, "deferred_s": 0.5, "layers": 8}   # "b" reported no hook counters
