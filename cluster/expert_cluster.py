@@ -15,7 +15,9 @@ installed as the model's on_route hook: it sends routing events to the coordinat
 actors/prefetch_coordinator.py). Serving never depends on the coordinator: if it is gone, experts load on demand.
 With `prefetch.reuse_values` (the default) the hook also values each routed layer's experts by P(the request's
 next token selects them there) and the workers' caches evict the lowest first (policies/reuse.py TransitionReuse);
-under policy on_demand it does only that, with no coordinator.
+under policy on_demand it does only that, with no coordinator. Of the hook, only the fast path's orders run
+before a layer's compute calls leave; the reuse values and the coordinator's batch run while they are in flight
+(ClusterExperts.deferred), and its cost is counted (counters hook_s, hook_deferred_s, hook_layers).
 """
 from __future__ import annotations
 
