@@ -49,7 +49,8 @@ def test_on_demand_matches_the_lru_replay(run):
 def test_reuse_values_match_a_replay_that_evicts_by_them(run):
     """on_demand+reuse: the runtime's TransitionReuse values ride to the worker and its cache evicts the lowest
     first. One worker, batch 1, top-1: the run's hits are those of a replay of the same sequence through a
-    CacheIndex whose values come from a TransitionReuse fed the same routing. Plain on_demand sends none."""
+    CacheIndex whose values come from a TransitionReuse fed the same routing, each layer's values applied at the next
+    call (the hook computes them while the layer's own call is in flight). Plain on_demand sends none."""
     tr, res, _ = run
     pol = res["policies"]
     m, base = pol["on_demand+reuse"], pol["on_demand"]
@@ -57,15 +58,17 @@ def test_reuse_values_match_a_replay_that_evicts_by_them(run):
     L, E = tr.num_layers, tr.num_experts
     cap = max(1, int(round(0.25 * L * E)))
     idx, reuse, hits = CacheIndex(budget=cap), TransitionReuse(L, E, tr.top_k), 0
+    pending = None   # the values of the layer before: computed while its call was in flight (ClusterExperts.deferred)
     for r in range(tr.num_requests):
         for t, row in enumerate(range(tr.offsets[r], tr.offsets[r + 1])):
             for l in range(L):
                 e = int(tr.experts[row, l, 0])
                 if e < 0:
                     continue
-                v = reuse.observe(l, [0], [[e]], pos=[t])          # in the routing hook, before the layer computes
-                v = v.astype(np.float32)                             # rides with the layer's compute call,
-                idx.update_hints({(l, x): float(v[x]) for x in range(E)})   # packed as float32 (pack_orders)
+                if pending is not None:                              # they ride with the next compute call,
+                    idx.update_hints(pending)                        # applied before it computes
+                v = reuse.observe(l, [0], [[e]], pos=[t]).astype(np.float32)   # packed as float32 (pack_orders)
+                pending = {(l, x): float(v[x]) for x in range(E)}
                 if idx.access((l, e)):
                     hits += 1
                 else:
