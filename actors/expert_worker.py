@@ -279,7 +279,8 @@ class ExpertWorker:
                              partial_verify_failures=0, cpu_computes=0, hits=0, misses=0, prefetch_hits=0, loads=0,
                              demand_loads=0, prefetch_loads=0,
                              bytes_loaded=0, load_seconds=0.0, compute_calls=0, tokens=0, uncached=0,
-                             prefetch_dropped=0, cancelled=0, stale_marked=0, peak_used_bytes=0, stall_seconds=0.0,
+                             prefetch_dropped=0, prefetch_declined=0, cancelled=0, stale_marked=0, peak_used_bytes=0,
+                             stall_seconds=0.0,
                              tier_bytes={})
         # why each miss missed (_miss_cause): the prediction came too late, or never, or its load was evicted
         self.counters["miss_causes"] = dict.fromkeys(MISS_CAUSES, 0)
@@ -1011,6 +1012,12 @@ class ExpertWorker:
                     if q.key is not None:
                         break
                 self._queued.pop(q.key, None)
+                # the fast path's orders name no victims: one loads only if what it would evict is valued below it
+                # (the eviction values ride with the same calls), else it is declined before any byte moves
+                if q.request is None and q.victims is None and \
+                        not self.cache.admits(q.key, self.manifest.blob(*q.key).size):
+                    self.counters["prefetch_declined"] += 1
+                    continue
             try:
                 self._load(q.key, prefetched=True, request=q.request, victims=q.victims, tiers=q.tiers)
                 self._count(prefetch_loads=1)

@@ -389,7 +389,7 @@ def summarize(base: dict, st: dict, wall: float, moe_s: float, tokens: int, step
         return sum(w.get(k, 0) for w in s["workers"])
     d = {k: tot(st, k) - tot(base, k) for k in ("hits", "misses", "prefetch_hits", "loads", "demand_loads",
                                                 "prefetch_loads", "bytes_loaded", "load_seconds",
-                                                "stall_seconds", "wasted_prefetches")}
+                                                "stall_seconds", "wasted_prefetches", "prefetch_declined")}
     uses = d["hits"] + d["misses"]
     causes = Counter()   # why the misses missed (actors/expert_worker.py _miss_cause)
     for s, sign in ((st, 1), (base, -1)):

@@ -215,6 +215,20 @@ class CacheIndex:
         raise DoesNotFit(f"need {self.used + size - self.budget} bytes but only unpinned entries' "
                          f"{sum(e.size for e in self.entries.values() if not e.pins)} bytes can be evicted")
 
+    def admits(self, key, size: int) -> bool:
+        """Whether a prefetch of `key` (size bytes) that names no victims may load: yes when it fits without
+        evicting, is resident already, or has no value; otherwise only when every resident it would evict is valued
+        below it (hints). So a prediction never displaces an expert predicted likelier than itself."""
+        v = self.hints.get(key) if self.hints else None
+        if v is None or key in self.entries or self.used + size <= self.budget:
+            return True
+        try:
+            victims = self.plan_room(size)
+        except DoesNotFit:
+            return False
+        h = self.hints
+        return all(h.get(k, float("inf")) < v for k in victims)
+
     def insert(self, key, size: int, prefetched: bool = False, request: str | None = None) -> list:
         """Make room (evicting per policy) and insert; returns evicted keys. Raises DoesNotFit."""
         assert key not in self.entries, f"{key!r} already resident"

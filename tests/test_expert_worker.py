@@ -359,3 +359,27 @@ def test_fast_path_values_decide_what_a_load_evicts(env):
     assert res == {(0, 0), (1, 0)}, res                 # the low-valued (0, 1) went, not the least recent
     assert ray.get(w.stats.remote())["eviction_values"] == 2
     ray.kill(w)
+
+
+def test_a_fast_path_order_never_evicts_a_resident_valued_above_it(env):
+    """A fast-path order names no victims; with the eviction values that ride with it, the worker declines it
+    (before any byte moves) when the resident it would evict is valued at least as high as the order itself, and
+    loads it when that resident is valued lower (issue #4: a prefetch never evicts a resident expert whose expected
+    value is higher than the incoming one's)."""
+    w = worker(env, "admit", budget_blobs=2, prefetch_concurrency=1)
+    x = np.ones((1, env["manifest"].model.hidden_size), np.float32)
+    ray.get(w.compute.remote(0, [0], [1], x))
+    ray.get(w.compute.remote(0, [1], [1], x))
+    vals = {(0, 0): 0.9, (0, 1): 0.6, (1, 1): 0.8, (1, 0): 0.5}
+    # (1, 1) first (higher priority): 0.8 over (0, 1)'s 0.6 loads; then (1, 0) at 0.5 would evict (1, 1)'s 0.8
+    assert ray.get(w.prefetch.remote([(1, 1, 16.8, None), (1, 0, 16.5, None)], None, None, True, vals)) == 2
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        st = ray.get(w.stats.remote())
+        if st["prefetch_loads"] + st["prefetch_declined"] >= 2 and st["loads_in_flight"] == 0:
+            break
+        time.sleep(0.02)
+    assert (st["prefetch_loads"], st["prefetch_declined"]) == (1, 1), st
+    res = set(map(tuple, ray.get(w.resident.remote())))
+    assert res == {(0, 0), (1, 1)}, res
+    ray.kill(w)

@@ -93,6 +93,28 @@ def test_cancelled_prefetches_go_first_under_every_policy(policy):
     assert c.mark_stale(keys=["pf-coord"]) == 1 and c.plan_room(40) == ["pf-coord"]   # a coordinator's own
 
 
+def test_a_valued_prefetch_is_admitted_only_over_lower_valued_residents():
+    """CacheIndex.admits: a prefetch that names no victims (the runtime's fast path) loads when it fits, when it has
+    no value, or when everything it would evict is valued below it; never over a resident predicted likelier."""
+    c = cache("lru", 100)
+    c.insert("a", 40)
+    assert c.admits("b", 40), "fits without evicting"
+    c.insert("b", 40)
+    assert c.admits("c", 40), "no values at all: the cache's policy decides, as before"
+    c.update_hints({"a": 0.6, "b": 0.9, "c": 0.5})
+    assert not c.admits("c", 40), "would evict a (0.6) for c (0.5)"
+    assert c.admits("a", 40), "resident already: nothing to evict"
+    c.update_hints({"c": 0.7})
+    assert c.admits("c", 40) and c.plan_room(40) == ["a"]
+    assert not c.admits("c", 80), "room for 80 bytes needs b (0.9) too"
+    assert c.admits("d", 40), "an expert nobody valued is not gated"
+    c.update_hints({"a": 0.7})
+    assert not c.admits("c", 40), "equal value: no gain in swapping"
+    c.pin("a")
+    c.pin("b")
+    assert not c.admits("c", 40), "nothing evictable"
+
+
 def test_unknown_policy():
     with pytest.raises(ValueError, match="lru, lfu, slru, prefetch_aware"):
         make_policy("fifo")
