@@ -253,7 +253,7 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     c, _, _ = prefetching
     pub, a = c.publisher, c.model.args
     spec = pub.speculator
-    assert spec is not None and spec.source == "next_gate" and spec.depth == 3   # the default speculate_layers
+    assert spec is not None and spec.source == "next_gate" and spec.depth == 4   # the default speculate_layers
     # the router inputs below are random: next-gate's P rarely reaches the default 0.5, so a lower bar here
     monkeypatch.setattr(pub, "threshold", 0.2)
     _, dense, experts = load_checkpoint(EMBEDDED)
@@ -282,7 +282,7 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     try:
         pub(a.moe_layers[0], ids, w, x)
     finally:
-        pub.every, pub._buf, spec.depth = every, [], 3
+        pub.every, pub._buf, spec.depth = every, [], 4   # the default speculate_layers
     assert pub.speculated - before == len(want)
     riders = c.experts.riders
     assert sorted((wid, (l, e)) for wid, items in riders.items() for l, e, *_ in items) == \
@@ -310,7 +310,7 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     try:
         pub(a.moe_layers[0], ids, w, x2)
     finally:
-        pub.every, pub._buf, spec.depth = every, [], 3
+        pub.every, pub._buf, spec.depth = every, [], 4   # the default speculate_layers
     assert pub.superseded - sup == len(gone)
     assert sorted((wid, k) for wid, ks in c.experts.cancel_riders.items() for k in ks) == \
         sorted((int(c.experts._owner_np[l][e]), (l, e)) for l, e in gone)
@@ -343,7 +343,7 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     try:
         pub(l1, ids1, w, x2)
     finally:
-        pub.every, pub._buf, spec.depth = every, [], 3
+        pub.every, pub._buf, spec.depth = every, [], 4   # the default speculate_layers
     assert pub.refuted - ref0 == len(wrong)
     assert sorted((wid, k) for wid, ks in c.experts.stale_riders.items() for k in ks) == \
         sorted((int(own1[e]), (l1, e)) for e in wrong)
