@@ -186,6 +186,22 @@ def cluster_config(store: str, *, workers: int, hbm: int, dram: int, policy: str
 
 
 # -- one policy --------------------------------------------------------------------------------------------------
+def reuse_values_on(policy: str, a) -> bool:
+    """Whether the run of benchmark policy `policy` has the runtime's reuse values (run_policy): NAME+reuse yes,
+    NAME+lru no, the baselines and seed strategies no; any other as configured (--reuse-values, default on; off
+    with --eviction-hints, when the coordinator's values decide)."""
+    base, _, evict = policy.partition("+")
+    if evict or base in SEED_STRATEGIES or base in NO_COORDINATOR:
+        return evict == "reuse"
+    if getattr(a, "eviction_hints", False):
+        return False
+    on = getattr(a, "reuse_values", None)
+    if on is None:
+        from cluster.config import PrefetchConfig
+        on = PrefetchConfig().reuse_values
+    return bool(on)
+
+
 def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight: int,
                ratio: float | None = None, s3: ShapedS3 | None = None, planner: dict | None = None) -> dict:
     import ray
@@ -521,15 +537,13 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
     publish = getattr(a, "publish_every", None) or PrefetchConfig().publish_every_layers
     out = {}
     for p in policies:
-        if "+" in p:
-            out[p] = {"unavailable": "the simulator's caches evict by LRU; it has no runtime reuse values"}
-            continue
+        name, p = p, p.partition("+")[0]   # NAME+reuse / NAME+lru: the same predictor, with or without the values
         try:
             pred = make_predictor(p, num_layers=tr.num_layers, num_experts=tr.num_experts, top_k=tr.top_k,
                                   trace=tr if p == "oracle" else None,
                                   store_dir=getattr(a, "predictor_dir", None) if p == "learned" else None)
         except (ValueError, ImportError, FileNotFoundError) as e:
-            out[p] = {"unavailable": str(e)}
+            out[name] = {"unavailable": str(e)}
             continue
         adapt = p not in NO_COORDINATOR   # the policies the coordinator actor runs
         # on this machine the coordinator shares the decode loop's 2 cores: each of its steps (its measured time)
@@ -539,9 +553,10 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
         cfg = SimConfig(**base, adapt_every=16 * publish if adapt else None,
                         max_window=max_window if adapt else None, publish_every=publish if adapt else 1,
                         expiry_steps=64 * publish if adapt else 64,
-                        coordinator_cpu_s=calib["decision_latency_s"] if adapt else 0.0)
+                        coordinator_cpu_s=calib["decision_latency_s"] if adapt else 0.0,
+                        reuse_values=reuse_values_on(name, a))
         m = Simulator(hw, model, store, cfg, tr, pred).run()
-        out[p] = {k: m[k] for k in ("tokens_per_s", "hit_rate", "stall_ms_per_token", "prefetch_precision",
+        out[name] = {k: m[k] for k in ("tokens_per_s", "hit_rate", "stall_ms_per_token", "prefetch_precision",
                                     "prefetch_recall", "late_prefetches", "demand_loads", "hbm_loads",
                                     "load_ms_per_load", "worker_stall_s", "cpu_contention_ms_per_token",
                                     "window_final", "window_mean")}

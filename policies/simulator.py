@@ -46,7 +46,7 @@ from .hbm_cache import CacheIndex, DoesNotFit, make_policy
 from .placement import place
 from .predictors import Predictor, RoutingEvent
 from .profiles import Hardware, Model, Storage
-from .reuse import ReuseEstimator
+from .reuse import ReuseEstimator, TransitionReuse
 from .traces import RoutingTrace, TraceSlots
 
 DEMAND = -math.inf  # link priority of a demand load: before every prefetch
@@ -219,6 +219,10 @@ class SimConfig:
                                       # as the coordinator does (prefetch.value_residents)
     eviction_hints: bool = False      # a worker that gets orders also gets the planner's resident values and
                                       # evicts by them on a miss (prefetch.eviction_hints)
+    reuse_values: bool = False        # the runtime's reuse values (prefetch.reuse_values, policies/reuse.py
+                                      # TransitionReuse): each layer's, computed while its calls are in flight, go
+                                      # to the holders of its experts with the next layer's calls, and the caches
+                                      # evict the lowest-valued first. The fast path (and its values) is not simulated
     publish_every: int = 1            # the runtime's routing batches: one per this many MoE layers and at each
                                       # token's last (prefetch.publish_every_layers); the coordinator decides once
                                       # per batch, on all its events
@@ -341,6 +345,8 @@ class Simulator:
         self._batch: list = []                # routing events not yet published (publish_every > 1)
         self._batched = 0                     # MoE layers in it
         self.reuse = ReuseEstimator(self.L, self.E, model.top_k) if cfg.value_residents else None
+        self.values = TransitionReuse(self.L, self.E, model.top_k) if cfg.reuse_values else None
+        self._values_pending: tuple | None = None   # (layer, float32 [E]): ride with the next layer's calls
         self.step_times: list[float] = []
         # the window: fixed, or adapted as the coordinator does (its telemetry: orders used / wasted by expiry)
         self.window = float(cfg.window)
@@ -544,8 +550,10 @@ class Simulator:
                 e.stale = True
 
     # -- one MoE layer of one decode step ----------------------------------------------------------------------
-    def _layer(self, l: int, reqs: np.ndarray, toks: np.ndarray, rows: np.ndarray) -> None:
-        """reqs/toks/rows [B]: the live requests, their token positions and trace rows."""
+    def _layer(self, l: int, reqs: np.ndarray, toks: np.ndarray, rows: np.ndarray,
+               slots: np.ndarray | None = None) -> None:
+        """reqs/toks/rows [B]: the live requests, their token positions and trace rows; slots [B] their decode
+        slots (the runtime's cache rows; default 0..B-1)."""
         c, clock, hw = self.c, self.clock, self.hw
         step = c.layer_steps
         B = len(reqs)
@@ -553,6 +561,8 @@ class Simulator:
         t_route = clock.now
         x = self.trace.experts[rows, l].astype(np.int64)               # [B, K]
         known = x[:, 0] >= 0
+        if self._values_pending is not None and known.any():   # the last routed layer's values: with these calls
+            self._apply_values()
         self._expire(step)
         self._adapt(step)
         # routing events -> coordinator (measured wall cost; its orders land after decision_latency)
@@ -657,6 +667,18 @@ class Simulator:
             self.need[w].clear()
         self.uncached_now.clear()
         c.layer_steps += 1
+        if self.values is not None and known.any():   # the routing hook's deferred work: sent with the next calls
+            s = np.arange(B) if slots is None else np.asarray(slots)
+            v = self.values.observe(l, s[known], x[known], toks[known])
+            self._values_pending = (l, v.astype(np.float32))   # float32 on the wire (pack_orders)
+
+    def _apply_values(self) -> None:
+        l, v = self._values_pending
+        self._values_pending = None
+        own = self.owner[l]                                            # [E]
+        for w in np.unique(own).tolist():
+            es = np.flatnonzero(own == w)
+            self.caches[w].update_hints({(l, e): float(p) for e, p in zip(es.tolist(), v[es].tolist())})
 
     # -- the run -----------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -670,7 +692,7 @@ class Simulator:
             reqs, toks, rows = slots.req[live], slots.tok[live], slots.rows(live)
             t0 = self.clock.now
             for l in range(self.L):
-                self._layer(l, reqs, toks, rows)
+                self._layer(l, reqs, toks, rows, live)
             self.step_times.append(self.clock.now - t0)
             self.c.tokens += len(live)
             self.c.steps += 1

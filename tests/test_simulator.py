@@ -59,6 +59,33 @@ def test_on_demand_hit_rate_equals_lru_replay(top_k):
             assert ref.hits <= m["hits"] <= ref.hits + 0.02 * ref.accesses, (m["hits"], ref.hits)
 
 
+def test_reuse_values_evict_as_a_replay_that_applies_them_one_layer_later():
+    """SimConfig.reuse_values: the runtime's TransitionReuse values of each routed layer reach the cache with the next
+    layer's call (the hook computes them while the layer's own call is in flight) and it evicts the lowest first.
+    Batch 1, one worker, top-1, on_demand: the hits are exactly those of a CacheIndex replay doing the same, and
+    differ from LRU's."""
+    from policies.hbm_cache import CacheIndex
+    from policies.reuse import TransitionReuse
+    tr = synthetic_trace(600, 6, 16, 1, correlation=0.6, num_requests=8, seed=1)
+    L, E = tr.num_layers, tr.num_experts
+    idx, reuse, hits, pending = CacheIndex(budget=int(0.25 * L * E)), TransitionReuse(L, E, 1), 0, None
+    for r in range(tr.num_requests):
+        for t, row in enumerate(range(tr.offsets[r], tr.offsets[r + 1])):
+            for l in range(L):
+                e = int(tr.experts[row, l, 0])
+                if pending is not None:
+                    idx.update_hints(pending)
+                v = reuse.observe(l, [0], [[e]], pos=[t]).astype(np.float32)
+                pending = {(l, x): float(v[x]) for x in range(E)}
+                if idx.access((l, e)):
+                    hits += 1
+                else:
+                    idx.insert((l, e), 1)
+    _, m = _run(tr, "on_demand", SimConfig(cache_fraction=0.25, eviction="lru", reuse_values=True))
+    assert m["hits"] == hits, (m["hits"], hits)
+    assert hits != cache_hit_rate(tr, 0.25, "lru").hits, "the trace should tell value eviction from LRU apart"
+
+
 def test_on_demand_same_with_prefetch_aware_eviction():
     """With no prefetched entries the prefetch-aware order is LRU: the default policy must match lru exactly."""
     tr = synthetic_trace(500, 4, 16, 1, correlation=0.5, num_requests=5, seed=2)
