@@ -577,6 +577,15 @@ class ExpertCluster:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> "ExpertCluster":
+        """Start the storage actors, workers, model and prefetching; on any failure what was started is stopped
+        again (the actors killed, Ray shut down if this started it) before the error propagates."""
+        try:
+            return self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> "ExpertCluster":
         if not ray.is_initialized():
             ray_compat.init_ray(self.cfg)
             self._started_ray = True
@@ -603,6 +612,18 @@ class ExpertCluster:
             if pf.reuse_values and not pf.eviction_hints else None
         if pf.policy != "on_demand":
             self._start_coordinator(dense, reuse)
+        elif pf.speculate_layers > 0 and pf.speculate_source != "auto":
+            # the fast path alone: the runtime predicts and orders the next layers itself, with no coordinator (on a
+            # CPU-only node the coordinator's steps compete with the workers for the cores; docs/coordinator.md)
+            spec = self._speculator(_router_weights(dense))
+            if spec is None:
+                raise ValueError(f"prefetch.speculate_source {pf.speculate_source!r} with policy on_demand: this store "
+                                 "has no such source (learned: run python -m jobs.train_predictor to put a trained "
+                                 "predictor beside it; pre_gated: the checkpoint has no pre_gate weights)")
+            self.publisher = RoutePublisher(None, self.model, self.experts, speculator=spec,
+                                            threshold=pf.speculate_threshold, fanout=pf.speculate_fanout,
+                                            values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
+            self.model.on_route = self.publisher
         elif reuse is not None:
             # no prediction, but the caches evict by the next token's reuse: the routing hook without a coordinator
             self.publisher = RoutePublisher(None, self.model, self.experts, reuse=reuse)
@@ -630,10 +651,8 @@ class ExpertCluster:
             store_tiers[t.kind] = store_tiers.get(t.kind, np.zeros((L, E), bool)) | mask
         geometry = {"moe_layers": list(a.moe_layers), "num_experts": E, "top_k": a.top_k, "nbytes": nbytes,
                     "store_tiers": store_tiers, "tier_set": self.cfg.active_tiers}
-        router = {k: v.float().numpy() for k, v in dense.items()
-                  if ".gate." in k or "pre_gate" in k or "post_attention_layernorm" in k} \
-            if pf.policy in ("next_gate", "pre_gated", "ensemble", "learned") else None
-        nvme = next((t.path for t in self.cfg.storage_tiers if t.kind == "nvme"), None)
+        router = _router_weights(dense) if pf.policy in ("next_gate", "pre_gated", "ensemble", "learned") else None
+        nvme = self._nvme_path()
         nodes = {w: s["node_id"] for w, s in self._worker_nodes().items()}
         self.coordinator = ray.remote(PrefetchCoordinator).options(
             name="prefetch-coordinator", namespace=self.cfg.ray.namespace, num_cpus=0,
@@ -643,29 +662,36 @@ class ExpertCluster:
         ray.get(self.coordinator.ping.remote())   # a bad policy / missing weights fail here, at start
         spec = None
         if pf.speculate_layers > 0 and (pf.policy in SPECULATING_POLICIES or pf.speculate_source != "auto"):
-            prefer = pf.speculate_source if pf.speculate_source != "auto" else \
-                (pf.policy if pf.policy in ("next_gate", "learned", "pre_gated") else "auto")
-            spec = NextLayerSpeculator.from_sources(L, E, a.top_k, store_dir=nvme, dense=router,
-                                                    depth=pf.speculate_layers, prefer=prefer)
+            spec = self._speculator(router)
         self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,
                                         hidden=pf.publish_hidden and router is not None, speculator=spec,
                                         threshold=pf.speculate_threshold, fanout=pf.speculate_fanout,
                                         values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
         self.model.on_route = self.publisher
 
+    def _nvme_path(self) -> str | None:
+        return next((t.path for t in self.cfg.storage_tiers if t.kind == "nvme"), None)
+
+    def _speculator(self, router: dict | None) -> NextLayerSpeculator | None:
+        """The runtime's fast path (prefetch.speculate_*): its best available source, or None."""
+        pf, a = self.cfg.prefetch, self.model.args
+        prefer = pf.speculate_source if pf.speculate_source != "auto" else \
+            (pf.policy if pf.policy in ("next_gate", "learned", "pre_gated") else "auto")
+        return NextLayerSpeculator.from_sources(len(a.moe_layers), a.num_experts, a.top_k, store_dir=self._nvme_path(),
+                                                dense=router, depth=pf.speculate_layers, prefer=prefer)
+
     def register_request(self, request, tenant: str | None = None, tiers: list[str] | None = None,
                          latency_budget_s: float | None = None) -> None:
         """Before a request's first token: its tenant, TierSet and latency budget go to the coordinator (its
         orders honour them). Raises AccessDenied, naming tenant and what, if the tenant may not use the model or
         those tiers; the runtime's fast path then orders nothing for it either."""
-        if self.coordinator is None:
-            return
-        try:
-            self.coordinator.register_request.remote(request, tenant, None if tiers is None else list(tiers),
-                                                     latency_budget_s)
-        except Exception:  # noqa: BLE001 - coordinator behind or gone: serving goes on without prefetch
-            pass
-        if self._access is not None:
+        if self.coordinator is not None:
+            try:
+                self.coordinator.register_request.remote(request, tenant, None if tiers is None else list(tiers),
+                                                         latency_budget_s)
+            except Exception:  # noqa: BLE001 - coordinator behind or gone: serving goes on without prefetch
+                pass
+        if self._access is not None:   # checked here too when no coordinator runs (on_demand, the fast path alone)
             try:
                 self._access.check(tenant, self.manifest.model.family,
                                    list(tiers) if tiers is not None else self.cfg.active_tiers)
@@ -828,6 +854,12 @@ class ExpertCluster:
                 "prefetch": {"policy": self.cfg.prefetch.policy, "coordinator": self.coordinator_stats(),
                              "published": self.publisher.sent if self.publisher else 0,
                              "dropped": self.publisher.dropped if self.publisher else 0}}
+
+
+def _router_weights(dense: dict) -> dict:
+    """The dense tensors next-gate and pre-gated speculation read (routers, pre-gates, the norms before them)."""
+    return {k: v.float().numpy() for k, v in dense.items()
+            if ".gate." in k or "pre_gate" in k or "post_attention_layernorm" in k}
 
 
 def _flat_values(vals: dict | None) -> dict | None:

@@ -57,6 +57,16 @@ NO_COORDINATOR = ("on_demand", "oracle", "resident", "slru")
 # the seed document's strategies run as published: their workers' caches evict by LRU, without the runtime's reuse
 # values (prefetch.reuse_values); `NAME+reuse` runs one with them, `NAME+lru` any policy without
 SEED_STRATEGIES = ("multi_lookahead", "topk_frequency", "intelligent_adaptive")
+# the runtime's fast path alone, no coordinator (policy on_demand with prefetch.speculate_source): from the trained
+# predictor (--predictor-dir), else the routers (next_gate), on a replay of the model's hidden states; else from the
+# routing history (transition). The runtime's reuse values as configured (default on)
+FAST_PATH = "fast_path"
+
+
+def fast_path_source(tr, a) -> str:
+    if replays_hidden(tr, a):
+        return "learned" if getattr(a, "predictor_dir", None) else "next_gate"
+    return "transition"
 
 
 def _say(msg):
@@ -214,7 +224,11 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
         raise ValueError(f"policy {out['policy']!r}: the suffix after '+' must be 'reuse' or 'lru'")
     if evict or policy in SEED_STRATEGIES or policy in NO_COORDINATOR:   # the baselines: LRU (slru: SLRU) caches
         planner = {**(planner or {}), "reuse_values": evict == "reuse"}
-    coord_policy = policy if policy not in NO_COORDINATOR else "on_demand"
+    if policy == FAST_PATH:
+        planner = {**(planner or {}), "speculate_source": fast_path_source(tr, a)}
+        if getattr(a, "speculate_layers", None) is None:
+            planner.pop("speculate_layers", None)   # the configured depth, on a routing-only trace too
+    coord_policy = policy if policy not in NO_COORDINATOR + (FAST_PATH,) else "on_demand"
     cfg = cluster_config(store, workers=a.workers, hbm=hbm, dram=dram, policy=coord_policy, window=a.window,
                          ns=f"bench-{policy}-{ratio}-{os.getpid()}", address=a.address, inflight=inflight,
                          ratio=ratio, s3=s3, planner=planner, link=link_settings(a), worker_opts=worker_settings(a))
@@ -538,6 +552,9 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
     out = {}
     for p in policies:
         name, p = p, p.partition("+")[0]   # NAME+reuse / NAME+lru: the same predictor, with or without the values
+        if p == FAST_PATH:
+            out[name] = {"unavailable": "the simulator has no runtime fast path (policies/fast_path.py)"}
+            continue
         try:
             pred = make_predictor(p, num_layers=tr.num_layers, num_experts=tr.num_experts, top_k=tr.top_k,
                                   trace=tr if p == "oracle" else None,
@@ -638,7 +655,9 @@ def main(argv=None) -> int:
                    help="replay every policy this many times (interleaved); the JSON keeps each run and the range")
     p.add_argument("--quick", action="store_true", help="few layers and tokens: under two minutes here")
     p.add_argument("--policies", default=None, help="comma list (default: on_demand,oracle,resident + "
-                                                    "the history predictors the coordinator can run)")
+                                                    "the history predictors the coordinator can run; "
+                                                    "fast_path: the runtime's fast path with no coordinator; "
+                                                    "NAME+reuse / NAME+lru: with / without the reuse values)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=None, help="trace rows to replay (default 1024, --quick 160)")

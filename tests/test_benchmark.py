@@ -24,7 +24,7 @@ def run(tmp_path_factory):
     tr.save_npz(path)
     out = str(d / "out.json")
     assert main(["policies", "--trace", path, "--expert-mib", "0.03", "--policies",
-                 "on_demand,oracle,resident,cross_layer,on_demand+reuse", "--workers", "1", "--batch", "1",
+                 "on_demand,oracle,resident,cross_layer,on_demand+reuse,fast_path", "--workers", "1", "--batch", "1",
                  "--requests", "3", "--tokens", "72", "--work", str(d / "work"), "--json", out]) == 0
     with open(out) as f:
         # the benchmark replays the first 3 requests, at most 72 // 3 rows each: the references use that piece
@@ -93,6 +93,12 @@ def test_resident_oracle_and_coordinator(run):
     assert c["coordinator"] and c["coordinator"]["steps"] > 0, "routing reached the PrefetchCoordinator"
     # a routing-only trace: the workers see random activations, so the hidden-state fast path is off
     assert res["planner"]["speculate_layers"] == 0 and c["fast_path_orders"] == 0
+    # fast_path: the runtime's fast path alone (routing only here: its transition source), no coordinator
+    f = pol["fast_path"]
+    assert "error" not in f, f.get("error")
+    assert f["uses"] == pol["on_demand"]["uses"] and f["coordinator"] is None
+    assert f["fast_path_orders"] > 0 and f["prefetch_loads"] > 0 and f["reuse_values"] is True
+    assert "unavailable" in res["simulated"]["policies"]["fast_path"]
     for p, m in pol.items():
         assert m["speedup"] == pytest.approx(m["tokens_per_s"] / pol["on_demand"]["tokens_per_s"])
 

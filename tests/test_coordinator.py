@@ -126,6 +126,30 @@ def test_on_demand_with_reuse_values_evicts_by_them_without_a_coordinator(env, o
         assert torch.allclose(ex.moe(l0, x, ids, w), ref.moe(l0, x, ids, w), atol=1e-5)
 
 
+def test_fast_path_alone_runs_without_a_coordinator(env, on_demand):
+    """policy on_demand with prefetch.speculate_source: the runtime's fast path predicts and orders the next layers
+    itself and no coordinator is started. Outputs stay the reference's; the orders load experts that then hit;
+    access control still refuses a tenant (checked by the runtime alone). A source the store lacks is a clear
+    error at start, and nothing is left running."""
+    with ExpertCluster(cfg(env, "on_demand", "coord-fp", speculate_source="next_gate",
+                           tenants={"alice": {"models": ["mixtral"], "tiers": ["dram", "nvme"]}})) as c:
+        out = c.generate(env["prompts"], NEW)
+        st = c.stats()
+        assert out == env["ref"]
+        assert c.coordinator is None and c.model.on_route is c.publisher
+        assert c.publisher.speculator.source == "next_gate" and c.publisher.speculated > 0
+        assert st["prefetch"]["coordinator"] is None and st["prefetch"]["published"] == 0
+        assert sum(w["prefetch_hits"] for w in st["workers"]) > 0
+        with pytest.raises(AccessDenied, match="tenant 'mallory' is not allowed to use this cluster"):
+            c.register_request("m-1", tenant="mallory")
+        assert c.publisher.denied == {"m-1"}
+        c.register_request("a-1", tenant="alice")
+    before = len(ray.util.list_named_actors(all_namespaces=True))
+    with pytest.raises(ValueError, match="speculate_source 'learned' with policy on_demand: this store has no"):
+        ExpertCluster(cfg(env, "on_demand", "coord-fp-bad", speculate_source="learned")).start()
+    assert len(ray.util.list_named_actors(all_namespaces=True)) == before, "a failed start leaves no actor behind"
+
+
 def test_prefetching_matches_reference_and_raises_hits(env, on_demand, prefetching):
     c, out, st = prefetching
     assert out == env["ref"], "the coordinator must never change a token"
