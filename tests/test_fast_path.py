@@ -156,3 +156,41 @@ def test_from_sources_prefers_a_trained_predictor(tmp_path):
     assert s.source == "next_gate"
     with pytest.raises(AssertionError, match="exactly one"):
         NextLayerSpeculator(L, E, K)
+
+
+@pytest.mark.parametrize("source", ["learned", "next_gate", "transition"])
+def test_near_now_and_far_later_equal_the_whole_step(trace, source):
+    """step(..., near=1) then far(): the same P as one step over every distance, for each source, on every decode
+    step of the trace (the runtime computes the far part while the layer's calls are in flight). A far() whose
+    step was followed by another one gives nothing: its rows would not be those of the step it belongs to."""
+    depth = 3 if source != "learned" else D
+    rng = np.random.default_rng(5)
+    gates = rng.normal(size=(L, E, H)).astype(np.float32)
+
+    def make():
+        if source == "learned":
+            return NextLayerSpeculator(L, E, K, depth=depth, learned=random_learned(), rows=4)
+        if source == "next_gate":
+            return NextLayerSpeculator(L, E, K, depth=depth, gates=gates, rows=4)
+        return NextLayerSpeculator(L, E, K, depth=depth, transition=True, rows=4)
+    whole, split = make(), make()
+    checked = 0
+    for rows, reqs, toks in decode_batches(trace, 3):
+        at = trace.offsets[reqs] + toks
+        for l in range(L):
+            ids, x = trace.experts[at, l].astype(np.int64), trace.hidden[at, l].astype(np.float32)
+            u1, P1 = whole.step(l, rows, toks, ids, x)
+            u2, Pn = split.step(l, rows, toks, ids, x, near=1)
+            token = split.pending()
+            assert np.array_equal(u1, u2) and len(Pn) == 1
+            Pf = split.far(token)
+            assert Pf.shape == (depth - 1, len(u1), E)
+            np.testing.assert_allclose(np.concatenate([Pn, Pf]), P1, rtol=1e-6, atol=1e-7)
+            checked += 1
+    assert checked == len(list(decode_batches(trace, 3))) * L
+    split.step(0, rows, toks, ids, x, near=1)
+    stale = split.pending()
+    split.step(1, rows, toks, ids, x, near=1)
+    assert split.far(stale).size == 0, "a far() for a step that another step followed"
+    fresh = split.pending()
+    assert split.far(fresh).size > 0 and split.far(fresh).size == 0, "the newer step's far(), once"
