@@ -256,10 +256,6 @@ class PrefetchConfig(_Model):
     # minimum P(selected) of a fast-path order: 0.5 loaded 16% less than 0.2 for the same hit rate (the orders
     # between were mostly re-predicted nearer with a higher P, or evicted unused; docs/benchmarks.md session 7)
     speculate_threshold: float = Field(0.5, gt=0, le=1)
-    # the distances the decode loop waits for: their orders must leave with the layer's compute calls. The farther
-    # ones are computed while those calls are in flight and leave with the next layer's calls (one layer less lead,
-    # still ahead of their target; issue #4: nothing on the decode loop waits for a prediction it need not)
-    speculate_on_loop: int = Field(1, ge=1, le=8)
     speculate_fanout: int | None = Field(None, ge=1)      # per row at most this many experts per layer (None: top_k)
     # the fast path's latest P of every expert at the layers it predicts rides to the owner as the cache's eviction
     # value (lowest evicted first, instead of the cache policy's order); off while the coordinator's eviction_hints

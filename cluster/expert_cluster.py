@@ -348,10 +348,9 @@ class RoutePublisher:
 
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
                  hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float = 0.5,
-                 fanout: int | None = None, values: bool = False, reuse=None, near: int | None = None):
+                 fanout: int | None = None, values: bool = False, reuse=None):
         self.coordinator, self.model, self.experts = coordinator, model, experts
         self.speculator, self.threshold, self.values = speculator, threshold, values
-        self.near = near   # fast-path distances the decode loop waits for (None: all; prefetch.speculate_on_loop)
         self.reuse = reuse   # TransitionReuse or None (prefetch.reuse_values)
         self.fanout = fanout or model.args.top_k
         self.moe_layers = list(model.args.moe_layers)
@@ -438,57 +437,27 @@ class RoutePublisher:
             vr.setdefault(w, {})[layer] = (sel, v[sel])
 
     def _speculate(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray, xh: np.ndarray) -> None:
-        """The fast path: P at the next layers for every row, the likely experts ordered from their owners. The
-        decode loop waits for the nearest `near` distances only: their orders must leave with this layer's calls.
-        The farther ones are computed while those calls are in flight (ClusterExperts.deferred) and leave with the
-        next layer's calls, still at least one layer ahead of their target."""
+        """The fast path: P at the next layers for every row, the likely experts ordered from their owners."""
         li = self._moe_index.get(layer)
         if li is None or not len(rows):
             return
-        urows, P = self.speculator.step(li, rows, pos, ids, xh, near=self.near)
-        ok = None
+        urows, P = self.speculator.step(li, rows, pos, ids, xh)
         if self.denied:   # access control: a refused request gets no read on its behalf
             table = self._table(urows)
             ok = np.array([table[r] not in self.denied if r < len(table) else True for r in urows.tolist()], bool)
             P = P[:, ok]
-        spent = self._ordered.pop(li, None)   # this layer routes now: what was ordered for it is spent
-        self._orders(li, P, 0)
-        if len(P) < self.speculator.depth:
-            self.experts.deferred.append(functools.partial(self._speculate_far, li, ok, self.speculator.pending()))
-        if spent is not None:   # what no row selected was a misprediction, unless ordered again just now (a depth
-            spent[ids.reshape(-1)] = False                          # of L wraps onto this layer's next token)
-            again = self._ordered.get(li)
-            wrong = np.flatnonzero(spent if again is None else spent & ~again)
-            if len(wrong):      # cancelled where still queued, first to evict where loaded
-                dl, st = self.moe_layers[li], self.experts.stale_riders
-                for w, e in zip(self.experts._owner_np[dl][wrong].tolist(), wrong.tolist()):
-                    marks = st.setdefault(w, {})
-                    marks[(dl, e)] = None
-                    if len(marks) > STALE_RIDERS_MAX:   # a worker no layer calls for long: keep the latest
-                        del marks[next(iter(marks))]
-                self.refuted += len(wrong)
-
-    def _speculate_far(self, li: int, ok: np.ndarray | None, token) -> None:
-        """The fast path's farther distances (`_speculate`), deferred into the wait for the layer's replies (none if
-        another step ran before this work did: its rows are not these)."""
-        P = self.speculator.far(token)
-        if len(P):
-            self._orders(li, P if ok is None else P[:, ok], self.near)
-
-    def _orders(self, li: int, P: np.ndarray, d0: int) -> None:
-        """Orders, cancellations and values from P [n_d, rows, E] at distances d0+1..d0+n_d from MoE layer li."""
         L = len(self.moe_layers)
         tiers = list(self.experts.tiers) if self.experts.tiers is not None else None
+        spent = self._ordered.pop(li, None)   # this layer routes now: what was ordered for it is spent
         # every expert's latest P at each layer predicted: its holders' eviction value (none when every expert fits:
         # nothing is ever evicted, and the values would only cost the decode loop)
         send_values = self.values and not self.experts.fits_all and P.shape[1] > 0
-        for i in range(P.shape[0]):
-            d = d0 + i                    # distance - 1
+        for d in range(P.shape[0]):
             m = (li + d + 1) % L
-            want = likely_experts(P[i], self.threshold, self.fanout)
+            want = likely_experts(P[d], self.threshold, self.fanout)
             dl = self.moe_layers[m]
             if send_values:
-                pv, vr = P[i].max(0), self.experts.value_riders
+                pv, vr = P[d].max(0), self.experts.value_riders
                 for w, sel in self.experts.value_groups.get(dl, ()):
                     vr.setdefault(w, {})[dl] = (sel, pv[sel])
             prev = self._ordered.get(m)
@@ -505,13 +474,25 @@ class RoutePublisher:
                 continue
             owner = self.experts._owner_np[dl][es]
             # above every coordinator order (priorities < NUM_TIERS + 1), the nearer distance first
-            pri = 16.0 - d + P[i][:, es].max(0)
+            pri = 16.0 - d + P[d][:, es].max(0)
             riders, st = self.experts.riders, self.experts.stale_riders   # they ride with this layer's compute calls
             for w, e, p in zip(owner.tolist(), es.tolist(), pri.tolist()):  # (ClusterExperts._moe)
                 riders.setdefault(w, []).append((dl, e, p, None, None, tiers))
                 if w in st:
                     st[w].pop((dl, e), None)   # wanted again: no longer refuted
             self.speculated += len(es)
+        if spent is not None:   # what no row selected was a misprediction, unless ordered again just now (a depth
+            spent[ids.reshape(-1)] = False                          # of L wraps onto this layer's next token)
+            again = self._ordered.get(li)
+            wrong = np.flatnonzero(spent if again is None else spent & ~again)
+            if len(wrong):      # cancelled where still queued, first to evict where loaded
+                dl, st = self.moe_layers[li], self.experts.stale_riders
+                for w, e in zip(self.experts._owner_np[dl][wrong].tolist(), wrong.tolist()):
+                    marks = st.setdefault(w, {})
+                    marks[(dl, e)] = None
+                    if len(marks) > STALE_RIDERS_MAX:   # a worker no layer calls for long: keep the latest
+                        del marks[next(iter(marks))]
+                self.refuted += len(wrong)
 
     def flush(self) -> None:
         if not self._buf or self.coordinator is None:
@@ -641,8 +622,7 @@ class ExpertCluster:
                                  "predictor beside it; pre_gated: the checkpoint has no pre_gate weights)")
             self.publisher = RoutePublisher(None, self.model, self.experts, speculator=spec,
                                             threshold=pf.speculate_threshold, fanout=pf.speculate_fanout,
-                                            values=pf.speculate_values and not pf.eviction_hints, reuse=reuse,
-                                            near=pf.speculate_on_loop)
+                                            values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
             self.model.on_route = self.publisher
         elif reuse is not None:
             # no prediction, but the caches evict by the next token's reuse: the routing hook without a coordinator
@@ -686,8 +666,7 @@ class ExpertCluster:
         self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,
                                         hidden=pf.publish_hidden and router is not None, speculator=spec,
                                         threshold=pf.speculate_threshold, fanout=pf.speculate_fanout,
-                                        values=pf.speculate_values and not pf.eviction_hints, reuse=reuse,
-                                        near=pf.speculate_on_loop)
+                                        values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
         self.model.on_route = self.publisher
 
     def _nvme_path(self) -> str | None:

@@ -640,7 +640,6 @@ def main(argv=None) -> int:
                    help="prefetch.speculate_layers: MoE layers the runtime's fast path predicts itself (0: off; "
                         "hidden-state policies only, policies/fast_path.py)")
     p.add_argument("--speculate-threshold", type=float, default=None, help="prefetch.speculate_threshold")
-    p.add_argument("--speculate-on-loop", type=int, default=None, help="prefetch.speculate_on_loop")
     p.add_argument("--speculate-values", action=argparse.BooleanOptionalAction, default=None,
                    help="prefetch.speculate_values: the fast path's P values decide the workers' evictions")
     p.add_argument("--reuse-values", action=argparse.BooleanOptionalAction, default=None,
@@ -733,7 +732,6 @@ def planner_settings(a, eb: int) -> dict:
                              ("publish_every_layers", getattr(a, "publish_every", None)),
                              ("speculate_layers", getattr(a, "speculate_layers", None)),
                              ("speculate_threshold", getattr(a, "speculate_threshold", None)),
-                             ("speculate_on_loop", getattr(a, "speculate_on_loop", None)),
                              ("speculate_fanout", getattr(a, "speculate_fanout", None)),
                              ("speculate_values", getattr(a, "speculate_values", None)),
                              ("reuse_values", getattr(a, "reuse_values", None))) if v is not None}

@@ -113,50 +113,11 @@ class NextLayerSpeculator:
         self.mh = np.concatenate([self.mh, np.zeros((n - len(self.mh),) + self.mh.shape[1:], np.float32)])
 
     def step(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray,
-             hidden: np.ndarray, near: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """MoE layer `layer` (0..L-1) just routed rows [N] (cache row of each entry; a row may repeat in a prefill)
         at token positions pos [N] to experts ids [N, K] from router inputs hidden [N, H].
         Returns (urows [n] the distinct rows, P [depth, n, E] float32: P(selected) at layers layer+1..layer+depth
-        (mod L: wrapping into the row's next token) for each row's last position).
-        near: compute only distances 1..near now (P [near, n, E]); `far()` then gives the rest, from what this step
-        kept, as long as no other step ran in between (the runtime runs it while the layer's calls are in flight)."""
-        depth = self.depth
-        if near is not None and near < depth:
-            self.depth = max(1, int(near))
-            try:
-                urows, P = self._step(layer, rows, pos, ids, hidden)
-            finally:
-                self.depth = depth
-            self._far = (layer, urows, P, getattr(self, "_x", None))
-            return urows, P
-        self._far = None
-        return self._step(layer, rows, pos, ids, hidden)
-
-    def far(self, token=None) -> np.ndarray:
-        """P [depth - near, n, E] at distances near+1..depth for the rows of the last `step(..., near=near)`
-        (float32, as step's), or an empty array when there is nothing left to predict. token: `pending()` as it was
-        right after that step; if another step ran since, the result would mix two steps' rows, so it is empty."""
-        f = getattr(self, "_far", None)
-        if f is None or (token is not None and token is not f):   # the newer step's far() is left to its owner
-            return np.zeros((0, 0, self.E), np.float32)
-        self._far = None
-        layer, urows, Pn, x = f
-        n0 = len(Pn)
-        ds = np.arange(n0 + 1, self.depth + 1)
-        if self.source == "transition":
-            return self._chain(layer, self._p, n0)
-        if self.learned is None:
-            tgt = (layer + ds) % self.L
-            logits = np.einsum("nh,deh->dne", x, self.gates[tgt])
-            return topk_inclusion(_softmax(logits.astype(np.float64)), self.K).astype(np.float32)
-        return self._learned_P(layer, urows, ds)
-
-    def pending(self):
-        """What `far()` would compute from (an opaque token), or None."""
-        return getattr(self, "_far", None)
-
-    def _step(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray,
-              hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        (mod L: wrapping into the row's next token) for each row's last position)."""
         rows = np.asarray(rows, np.int64)
         last = np.lexsort((np.asarray(pos), rows))          # by row, then position
         keep = np.ones(len(last), bool)
@@ -167,7 +128,6 @@ class NextLayerSpeculator:
             return urows, self._transition(layer, urows, np.asarray(pos, np.int64)[sel],
                                            np.asarray(ids, np.int64)[sel])
         x = np.asarray(hidden, np.float32)[sel]             # [n, H]
-        self._x = x
         if self.learned is None:
             tgt = (layer + np.arange(1, self.depth + 1)) % self.L
             logits = np.einsum("nh,deh->dne", x, self.gates[tgt])           # [depth, n, E]
@@ -175,7 +135,7 @@ class NextLayerSpeculator:
             if self.source == "pre_gated" and not self.has[tgt[0]]:
                 P[:] = 0.0
             return urows, P
-        w = self.w
+        w, L = self.w, self.L
         self._grow(int(urows.max(initial=-1)) + 1)
         if layer == 0:                                      # a row at its request's first token starts afresh
             fresh = urows[np.asarray(pos)[sel] == 0]
@@ -186,20 +146,14 @@ class NextLayerSpeculator:
         np.put_along_axis(mh, np.asarray(ids, np.int64)[sel], 1.0, axis=1)
         self.zh[urows, layer] = z
         self.mh[urows, layer] = mh
-        return urows, self._learned_P(layer, urows, np.arange(1, self.depth + 1))
-
-    def _learned_P(self, layer: int, urows: np.ndarray, ds: np.ndarray) -> np.ndarray:
-        """P [len(ds), n, E] at distances ds from the rows' kept state at `layer` (their newest routing)."""
-        w, L = self.w, self.L
-        z, mh = self.zh[urows, layer], self.mh[urows, layer]
-        P = np.empty((len(ds), len(urows), self.E), np.float32)
-        for i, d in enumerate(ds.tolist()):                 # one matmul pair per distance
+        P = np.empty((self.depth, len(urows), self.E), np.float32)
+        for d in range(1, self.depth + 1):                  # depth is 1-2: one matmul pair per distance
             m = (layer + d) % L
             f = np.concatenate([z, mh, self.mh[urows, m], self.zh[urows, m]], axis=1)   # [n, F]
             a = np.maximum(f @ w["w1"][layer, d - 1] + w["b1"][layer, d - 1], 0.0)    # [n, U]
             logit = a @ w["w2"][layer, d - 1] + w["b2"][layer, d - 1]                  # [n, E]
-            P[i] = 1.0 / (1.0 + np.exp(-logit))
-        return P
+            P[d - 1] = 1.0 / (1.0 + np.exp(-logit))
+        return urows, P
 
 
     def _transition(self, layer: int, urows: np.ndarray, pos: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -217,21 +171,11 @@ class NextLayerSpeculator:
         p = self.counts[layer][ids].sum(1) / np.where(n > 0, n, 1.0)[:, None]   # [r, E] slot distribution
         P = np.empty((self.depth, len(urows), self.E), np.float32)
         P[0] = np.minimum(K * p, 1.0)
-        self._p = p
-        P[1:] = self._chain(layer, p, 1)
-        return P
-
-    def _chain(self, layer: int, p: np.ndarray, d0: int) -> np.ndarray:
-        """Transition source: from p [n, E] (the slot distribution at distance d0), P at distances d0+1..depth,
-        chained through the row-normalised tables."""
-        L, K = self.L, self.K
-        P = np.empty((self.depth - d0, len(p), self.E), np.float32)
-        for i, d in enumerate(range(d0, self.depth)):
+        for d in range(1, self.depth):                      # chained through the row-normalised tables
             l = (layer + d) % L
             rs = self.rowsum[l]
             p = p @ (self.counts[l] / np.where(rs > 0, rs, 1.0)[:, None])
-            P[i] = np.minimum(K * p, 1.0)
-        self._p = p                                         # the slot distribution at the last distance (far())
+            P[d] = np.minimum(K * p, 1.0)
         return P
 
 

@@ -280,8 +280,6 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     assert spec is not None and spec.source == "next_gate" and spec.depth == 4   # the default speculate_layers
     # the router inputs below are random: next-gate's P rarely reaches the default 0.5, so a lower bar here
     monkeypatch.setattr(pub, "threshold", 0.2)
-    # every distance on the decode loop, riding with this layer's calls (the split: the next test)
-    monkeypatch.setattr(pub, "near", None)
     _, dense, experts = load_checkpoint(EMBEDDED)
     gates, _ = gates_from_dense(dense)
     ng = NextGateSpeculation(gates, a.top_k, temperature=1.0)
@@ -393,57 +391,6 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
         time.sleep(0.05)
     assert marked == expect
     c.experts.stale_riders.clear()
-
-
-def test_fast_path_farther_distances_are_computed_while_the_calls_fly(env, prefetching, monkeypatch):
-    """prefetch.speculate_on_loop (default 1): the decode loop waits for the distance-1 prediction only, whose
-    orders ride with the layer's calls; the farther distances are computed once those calls have left
-    (ClusterExperts.deferred) and their orders ride with the next layer's calls. Together they are exactly the
-    orders of the whole prediction made on the loop; the layer's output is unchanged."""
-    import numpy as np
-    from policies.fast_path import likely_experts
-    from policies.speculation import NextGateSpeculation, gates_from_dense
-    c, _, _ = prefetching
-    pub, a, ex = c.publisher, c.model.args, c.experts
-    assert pub.near == 1, "the default speculate_on_loop"
-    monkeypatch.setattr(pub, "threshold", 0.2)
-    monkeypatch.setattr(pub, "values", False)
-    monkeypatch.setattr(pub, "every", 10 ** 9)
-    _, dense, experts = load_checkpoint(EMBEDDED)
-    gates, _ = gates_from_dense(dense)
-    ng = NextGateSpeculation(gates, a.top_k, temperature=1.0)
-    x = torch.randn(3, a.hidden_size, generator=torch.Generator().manual_seed(11))
-    D = 3
-    P = ng.probs(ng.logits(x.numpy(), 0, list(range(1, D + 1))))                      # [3, D, E] layers 1..D
-    want = [sorted((a.moe_layers[d + 1], int(e)) for e in np.flatnonzero(likely_experts(P[:, d], pub.threshold,
-                                                                                          pub.fanout)))
-            for d in range(D)]
-    assert want[0] and (want[1] or want[2]), "the reference must order near and far"
-    ex.riders.clear()
-    ex.cancel_riders.clear()
-    ex.stale_riders.clear()
-    pub._ordered.clear()
-    c.model.route_rows, c.model.route_pos = torch.arange(3), torch.full((3,), 5)
-    ids = torch.arange(a.top_k).repeat(3, 1)
-    w = torch.ones(3, a.top_k) / a.top_k
-    pub.speculator.depth = D
-    try:
-        pub(a.moe_layers[0], ids, w, x)
-        # on the loop: distance 1 only, riding with this layer's calls; the rest waits in `deferred`
-        assert sorted(k for items in ex.riders.values() for k in ((l, e) for l, e, *_ in items)) == want[0]
-        assert [f.func for f in ex.deferred if getattr(f, "func", None) == pub._speculate_far] == [pub._speculate_far]
-        y = ex.moe(a.moe_layers[0], x, ids, w)
-        assert not ex.deferred
-        assert sorted(k for items in ex.riders.values() for k in ((l, e) for l, e, *_ in items)) == \
-            sorted(want[1] + want[2]), "the farther orders wait for the next layer's calls"
-        assert all(p < 16.0 - 0 for items in ex.riders.values() for *_, p, _r, _v, _t in items), \
-            "a farther order keeps its distance's priority, below distance 1's"
-    finally:
-        pub.speculator.depth = 4
-        pub._buf = []
-        ex.riders.clear()
-        ex.deferred.clear()
-    assert torch.allclose(y, LocalExperts(experts).moe(a.moe_layers[0], x, ids, w), atol=1e-5)
 
 
 def test_fast_path_follows_the_coordinators_online_fine_tuning(env):
