@@ -844,6 +844,11 @@ class ExpertCluster:
                 ss.append({"error": f"{type(e).__name__}"})
         d = self.experts.stats
         c = self.experts.counters
+        pub = self.publisher
+        spec = pub.speculator if pub is not None else None
+        # the runtime's fast path, from its own counters (with a coordinator its telemetry adds them up too)
+        fast = None if spec is None else {"source": spec.source, "depth": spec.depth, "orders": pub.speculated,
+                                          "superseded": pub.superseded, "refuted": pub.refuted}
         return {"workers": ws, "storage": ss,
                 "dispatch": {"calls": d.calls, "plain_calls": d.plain_calls, "moe_layers": d.layers,
                              "pairs": d.pairs, "mode": self.experts.dispatch},
@@ -853,7 +858,7 @@ class ExpertCluster:
                             "dense_offload": self.model.dense_offload_stats()},
                 "prefetch": {"policy": self.cfg.prefetch.policy, "coordinator": self.coordinator_stats(),
                              "published": self.publisher.sent if self.publisher else 0,
-                             "dropped": self.publisher.dropped if self.publisher else 0}}
+                             "dropped": self.publisher.dropped if self.publisher else 0, "fast_path": fast}}
 
 
 def _router_weights(dense: dict) -> dict:

@@ -139,6 +139,8 @@ def test_fast_path_alone_runs_without_a_coordinator(env, on_demand):
         assert c.coordinator is None and c.model.on_route is c.publisher
         assert c.publisher.speculator.source == "next_gate" and c.publisher.speculated > 0
         assert st["prefetch"]["coordinator"] is None and st["prefetch"]["published"] == 0
+        fp = st["prefetch"]["fast_path"]
+        assert (fp["source"], fp["orders"]) == ("next_gate", c.publisher.speculated) and fp["depth"] == 4
         assert sum(w["prefetch_hits"] for w in st["workers"]) > 0
         with pytest.raises(AccessDenied, match="tenant 'mallory' is not allowed to use this cluster"):
             c.register_request("m-1", tenant="mallory")
