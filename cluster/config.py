@@ -270,7 +270,7 @@ class PrefetchConfig(_Model):
     reuse_values: bool = True
     # auto: the policy's own source (ensemble: the best hidden-state one available; other policies: none). With
     # policy on_demand a source runs the fast path alone, with no coordinator (an error at start if the store lacks
-    # it): on the 2-core machine as many hits as `learned` and 10-20% more tokens/s (docs/benchmarks.md session 11)
+    # it): on the 2-core machine as many hits as `learned` and 7-25% more tokens/s (docs/benchmarks.md session 11)
     speculate_source: Literal["auto", "learned", "pre_gated", "next_gate", "transition"] = "auto"
     max_restarts: int = Field(3, ge=0)
 

@@ -620,14 +620,10 @@ class ExpertCluster:
                 raise ValueError(f"prefetch.speculate_source {pf.speculate_source!r} with policy on_demand: this store "
                                  "has no such source (learned: run python -m jobs.train_predictor to put a trained "
                                  "predictor beside it; pre_gated: the checkpoint has no pre_gate weights)")
-            self.publisher = RoutePublisher(None, self.model, self.experts, speculator=spec,
-                                            threshold=pf.speculate_threshold, fanout=pf.speculate_fanout,
-                                            values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
-            self.model.on_route = self.publisher
+            self._publish(None, spec, reuse)
         elif reuse is not None:
             # no prediction, but the caches evict by the next token's reuse: the routing hook without a coordinator
-            self.publisher = RoutePublisher(None, self.model, self.experts, reuse=reuse)
-            self.model.on_route = self.publisher
+            self._publish(None, None, reuse)
         return self
 
     # -- prefetching --------------------------------------------------------------------------------------------
@@ -663,9 +659,14 @@ class ExpertCluster:
         spec = None
         if pf.speculate_layers > 0 and (pf.policy in SPECULATING_POLICIES or pf.speculate_source != "auto"):
             spec = self._speculator(router)
-        self.publisher = RoutePublisher(self.coordinator, self.model, self.experts, every=pf.publish_every_layers,
-                                        hidden=pf.publish_hidden and router is not None, speculator=spec,
-                                        threshold=pf.speculate_threshold, fanout=pf.speculate_fanout,
+        self._publish(self.coordinator, spec, reuse, hidden=pf.publish_hidden and router is not None)
+
+    def _publish(self, coordinator, spec: NextLayerSpeculator | None, reuse, hidden: bool = False) -> None:
+        """Install the routing hook (RoutePublisher) with the prefetch settings, to `coordinator` (or none)."""
+        pf = self.cfg.prefetch
+        self.publisher = RoutePublisher(coordinator, self.model, self.experts, every=pf.publish_every_layers,
+                                        hidden=hidden, speculator=spec, threshold=pf.speculate_threshold,
+                                        fanout=pf.speculate_fanout,
                                         values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
         self.model.on_route = self.publisher
 

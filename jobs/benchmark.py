@@ -222,10 +222,10 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     policy, _, evict = policy.partition("+")
     if evict not in ("", "reuse", "lru"):
         raise ValueError(f"policy {out['policy']!r}: the suffix after '+' must be 'reuse' or 'lru'")
-    if evict or policy in SEED_STRATEGIES or policy in NO_COORDINATOR:   # the baselines: LRU (slru: SLRU) caches
-        planner = {**(planner or {}), "reuse_values": evict == "reuse"}
+    # the baselines and seed strategies: LRU (slru: SLRU) caches, no reuse values unless NAME+reuse
+    planner = {**(planner or {}), "reuse_values": reuse_values_on(out["policy"], a)}
     if policy == FAST_PATH:
-        planner = {**(planner or {}), "speculate_source": fast_path_source(tr, a)}
+        planner["speculate_source"] = fast_path_source(tr, a)
         if getattr(a, "speculate_layers", None) is None:
             planner.pop("speculate_layers", None)   # the configured depth, on a routing-only trace too
     coord_policy = policy if policy not in NO_COORDINATOR + (FAST_PATH,) else "on_demand"
