@@ -402,6 +402,8 @@ class RoutePublisher:
         # coordinator's batch are computed and sent while those calls are in flight (ClusterExperts.deferred)
         if self.speculator is not None:
             self._speculate(layer, rows, pos, ids, xh)
+            if self.speculator.learned is not None:   # its state for later layers: computed in the wait too
+                self.experts.deferred.append(self.speculator.absorb)
         if self.reuse is not None and not self.experts.fits_all and not self._values_wrap():
             self.experts.deferred.append(functools.partial(self._reuse, layer, rows, pos, ids))
         if self.coordinator is None:   # the reuse values alone (policy on_demand): nothing to publish
@@ -452,12 +454,14 @@ class RoutePublisher:
         # every expert's latest P at each layer predicted: its holders' eviction value (none when every expert fits:
         # nothing is ever evicted, and the values would only cost the decode loop)
         send_values = self.values and not self.experts.fits_all and P.shape[1] > 0
+        wants = likely_experts(P, self.threshold, self.fanout)          # [depth, E]
+        pmax = P.max(1) if P.shape[1] else None                         # [depth, E] each expert's best row
         for d in range(P.shape[0]):
             m = (li + d + 1) % L
-            want = likely_experts(P[d], self.threshold, self.fanout)
+            want = wants[d]
             dl = self.moe_layers[m]
             if send_values:
-                pv, vr = P[d].max(0), self.experts.value_riders
+                pv, vr = pmax[d], self.experts.value_riders
                 for w, sel in self.experts.value_groups.get(dl, ()):
                     vr.setdefault(w, {})[dl] = (sel, pv[sel])
             prev = self._ordered.get(m)
@@ -474,7 +478,7 @@ class RoutePublisher:
                 continue
             owner = self.experts._owner_np[dl][es]
             # above every coordinator order (priorities < NUM_TIERS + 1), the nearer distance first
-            pri = 16.0 - d + P[d][:, es].max(0)
+            pri = 16.0 - d + pmax[d, es]
             riders, st = self.experts.riders, self.experts.stale_riders   # they ride with this layer's compute calls
             for w, e, p in zip(owner.tolist(), es.tolist(), pri.tolist()):  # (ClusterExperts._moe)
                 riders.setdefault(w, []).append((dl, e, p, None, None, tiers))

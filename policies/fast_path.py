@@ -59,9 +59,10 @@ class NextLayerSpeculator:
                 f"learned predictor is for {learned.L} x {learned.E}, the model has {self.L} x {self.E}"
             self.source = "learned"
             self.depth = max(1, min(int(depth), learned.D))
-            self.w = learned.w   # the arrays themselves: a coordinator-side update would show here too
+            self.w = learned.w   # the arrays themselves: the coordinator's online updates of w2, b2 show here too
             self.zh = np.zeros((rows, self.L, learned.R), np.float32)   # most recent compressed input per layer
             self.mh = np.zeros((rows, self.L, self.E), np.float32)      # most recent multi-hot per layer
+            self._split_input_layer()
         elif gates is not None:
             g = np.asarray(gates, np.float32)
             assert g.shape[:2] == (self.L, self.E), f"gates must be [L={self.L}, E={self.E}, H], got {g.shape}"
@@ -111,6 +112,7 @@ class NextLayerSpeculator:
         n = max(rows, 2 * len(self.zh))
         self.zh = np.concatenate([self.zh, np.zeros((n - len(self.zh),) + self.zh.shape[1:], np.float32)])
         self.mh = np.concatenate([self.mh, np.zeros((n - len(self.mh),) + self.mh.shape[1:], np.float32)])
+        self.hist = np.concatenate([self.hist, np.zeros((n - len(self.hist),) + self.hist.shape[1:], np.float32)])
 
     def step(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray,
              hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,26 +137,73 @@ class NextLayerSpeculator:
             if self.source == "pre_gated" and not self.has[tgt[0]]:
                 P[:] = 0.0
             return urows, P
-        w, L = self.w, self.L
+        self.absorb()                                       # the previous layer's state, if not absorbed yet
+        w, D, U = self.w, self.depth, self.learned.U
         self._grow(int(urows.max(initial=-1)) + 1)
         if layer == 0:                                      # a row at its request's first token starts afresh
             fresh = urows[np.asarray(pos)[sel] == 0]
             self.zh[fresh] = 0.0
             self.mh[fresh] = 0.0
+            self.hist[fresh] = 0.0
         z = compress(x, w["mean"], w["proj"])              # [n, R]
-        mh = np.zeros((len(urows), self.E), np.float32)
-        np.put_along_axis(mh, np.asarray(ids, np.int64)[sel], 1.0, axis=1)
-        self.zh[urows, layer] = z
-        self.mh[urows, layer] = mh
-        P = np.empty((self.depth, len(urows), self.E), np.float32)
-        for d in range(1, self.depth + 1):                  # depth is 1-2: one matmul pair per distance
-            m = (layer + d) % L
-            f = np.concatenate([z, mh, self.mh[urows, m], self.zh[urows, m]], axis=1)   # [n, F]
-            a = np.maximum(f @ w["w1"][layer, d - 1] + w["b1"][layer, d - 1], 0.0)    # [n, U]
-            logit = a @ w["w2"][layer, d - 1] + w["b2"][layer, d - 1]                  # [n, E]
-            P[d - 1] = 1.0 / (1.0 + np.exp(-logit))
+        top = np.asarray(ids, np.int64)[sel]                # [n, K]
+        # the input layer's pre-activations: this layer's part, its experts' rows, the history part absorbed earlier
+        pre = (z @ self._now_z[layer]).reshape(len(urows), D, U)                  # [n, D, U]
+        pre += self._now_m[layer][top].sum(1) + self.hist[urows, layer] + w["b1"][layer, :D]
+        a = np.maximum(pre, 0.0)
+        logit = np.matmul(a.transpose(1, 0, 2), w["w2"][layer, :D]) + w["b2"][layer, :D, None]   # [D, n, E]
+        P = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32, copy=False)
+        self._pending = (layer, urows, z, top)
         return urows, P
 
+    def _split_input_layer(self) -> None:
+        """The learned MLPs' input layer (w1 [L, D, F, U] over f = [z_l, ex_l, ex_m', z_m'], policies/learned.py),
+        split by when each part of f is known. z_l and ex_l arrive with layer l's routing: their rows, for all
+        distances at once, are `_now_z` [L, R, D*U] (one matmul) and `_now_m` [L, E, D, U] (a gather of the K
+        selected rows). ex_m' and z_m' are the row's latest state at the target layer m: fixed once m has routed,
+        so their product is computed then (`absorb`, off the decode loop: RoutePublisher defers it) into `hist`
+        [rows, L, D, U], and the step reads it back. A distance that is a multiple of L targets l itself (its
+        next token), whose latest state is this very step's: those rows fold into `_now_*`. w1 is not fine-tuned
+        online (only w2, b2), so these copies stay right."""
+        L, E, R, D = self.L, self.E, self.learned.R, self.depth
+        w1 = np.asarray(self.w["w1"][:, :D], np.float32)                     # [L, D, F, U]
+        U = w1.shape[-1]
+        z_now, m_now, m_then, z_then = (w1[:, :, :R], w1[:, :, R:R + E], w1[:, :, R + E:R + 2 * E],
+                                        w1[:, :, R + 2 * E:])
+        itself = (np.arange(1, D + 1) % L == 0)[None, :, None, None]         # [1, D, 1, 1] targets layer l itself
+        z_now = z_now + np.where(itself, z_then, 0.0)
+        m_now = m_now + np.where(itself, m_then, 0.0)
+        self._now_z = np.ascontiguousarray(z_now.transpose(0, 2, 1, 3).reshape(L, R, D * U))
+        self._now_m = np.ascontiguousarray(m_now.transpose(0, 2, 1, 3))    # [L, E, D, U]
+        # per target layer m: the (source l, distance d) pairs that read m's latest state, their rows side by side
+        self._then = []
+        for m in range(L):
+            pairs = [(l, d) for l in range(L) for d in range(D) if (l + d + 1) % L == m and (d + 1) % L]
+            ls = np.array([p[0] for p in pairs], np.int64)
+            ds = np.array([p[1] for p in pairs], np.int64)
+            zt = np.ascontiguousarray(z_then[ls, ds].transpose(1, 0, 2).reshape(R, len(pairs) * U))
+            mt = np.ascontiguousarray(m_then[ls, ds].transpose(1, 0, 2))        # [E, pairs, U]
+            self._then.append((ls, ds, zt, mt))
+        self.hist = np.zeros((len(self.zh), L, D, U), np.float32)
+        self._pending = None
+
+    def absorb(self) -> None:
+        """Record the last step's routed state (its layer's z and multi-hot per row) and compute its part of the
+        input layer for every (source, distance) pair that will read it (`_split_input_layer`). Idempotent; the
+        runtime runs it in the wait for the layer's replies, and the next step runs it if nothing did."""
+        if self.learned is None or self._pending is None:
+            return
+        m, urows, z, top = self._pending
+        self._pending = None
+        self.zh[urows, m] = z
+        mh = np.zeros((len(urows), self.E), np.float32)
+        np.put_along_axis(mh, top, 1.0, axis=1)
+        self.mh[urows, m] = mh
+        ls, ds, zt, mt = self._then[m]
+        if not len(ls):
+            return
+        part = (z @ zt).reshape(len(urows), len(ls), -1) + mt[top].sum(1)       # [n, pairs, U]
+        self.hist[urows[:, None], ls[None, :], ds[None, :]] = part
 
     def _transition(self, layer: int, urows: np.ndarray, pos: np.ndarray, ids: np.ndarray) -> np.ndarray:
         L, K = self.L, self.K
@@ -180,9 +229,10 @@ class NextLayerSpeculator:
 
 
 def likely_experts(P: np.ndarray, threshold: float, fanout: int) -> np.ndarray:
-    """P [n, E] -> bool [E]: experts some row ranks in its top `fanout` with P >= threshold (the orders to send)."""
-    if P.size == 0:
-        return np.zeros(P.shape[-1], bool)
+    """P [..., n, E] -> bool [..., E]: experts some row ranks in its top `fanout` with P >= threshold (the orders to
+    send), for every leading index at once (the fast path's distances)."""
+    if P.shape[-2] == 0:
+        return np.zeros(P.shape[:-2] + P.shape[-1:], bool)
     fan = min(int(fanout), P.shape[-1])
-    kth = -np.partition(-P, fan - 1, axis=1)[:, fan - 1:fan]     # [n, 1] each row's fanout-th largest
-    return ((P >= kth) & (P >= threshold)).any(0)
+    kth = -np.partition(-P, fan - 1, axis=-1)[..., fan - 1:fan]     # [..., n, 1] each row's fanout-th largest
+    return ((P >= kth) & (P >= threshold)).any(-2)

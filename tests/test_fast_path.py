@@ -13,13 +13,18 @@ from policies.traces import synthetic_trace
 L, E, K, H, R, D, U = 4, 8, 2, 16, 6, 2, 12
 
 
-def random_learned(seed=0) -> LearnedPredictor:
+def random_learned_d(d: int, seed=0) -> LearnedPredictor:
+    """random_learned with horizon d (the speculator splits w1 by distance: a distance of L targets layer l itself)"""
     rng = np.random.default_rng(seed)
     F = 2 * R + 2 * E
     w = {"mean": rng.normal(size=H), "proj": rng.normal(size=(H, R)) * 0.3,
-         "w1": rng.normal(size=(L, D, F, U)) * 0.3, "b1": rng.normal(size=(L, D, U)) * 0.1,
-         "w2": rng.normal(size=(L, D, U, E)) * 0.3, "b2": rng.normal(size=(L, D, E)) * 0.1}
+         "w1": rng.normal(size=(L, d, F, U)) * 0.3, "b1": rng.normal(size=(L, d, U)) * 0.1,
+         "w2": rng.normal(size=(L, d, U, E)) * 0.3, "b2": rng.normal(size=(L, d, E)) * 0.1}
     return LearnedPredictor({k: v.astype(np.float32) for k, v in w.items()}, K, finetune=False)
+
+
+def random_learned(seed=0) -> LearnedPredictor:
+    return random_learned_d(D, seed)
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +58,26 @@ def decode_batches(trace, rows: int):
                 slot_req[s] = -1
 
 
-def test_learned_rows_match_the_per_request_predictor(trace):
-    ref, spec = random_learned(), NextLayerSpeculator(L, E, K, depth=D, learned=random_learned(), rows=1)
+@pytest.mark.parametrize("depth,absorb", [(D, False), (L, True), (L, False), (1, True)])
+def test_learned_rows_match_the_per_request_predictor(trace, depth, absorb):
+    """Depths short of L and equal to it (the last distance wraps onto layer l itself: LearnedPredictor allows no
+    more), with the state
+    absorbed between steps (as the runtime defers it) or left to the next step."""
+    ref = random_learned_d(depth)
+    spec = NextLayerSpeculator(L, E, K, depth=depth, learned=random_learned_d(depth), rows=1)
     checked = 0
     for rows, reqs, toks in decode_batches(trace, 3):       # 6 requests through 3 rows: every row is reused
         at = trace.offsets[reqs] + toks
         for l in range(L):
             ids, hid = trace.experts[at, l].astype(np.int64), trace.hidden[at, l].astype(np.float32)
             urows, P = spec.step(l, rows[::-1], toks[::-1], ids[::-1], hid[::-1])   # any order of entries
-            assert urows.tolist() == sorted(rows.tolist()) and P.shape == (D, len(rows), E)
+            if absorb:
+                spec.absorb()
+            assert urows.tolist() == sorted(rows.tolist()) and P.shape == (depth, len(rows), E)
             for n, r in enumerate(reqs.tolist()):
                 ref.observe(RoutingEvent(r, int(toks[n]), l, ids[n], None, hid[n]))
             for n, r in enumerate(reqs.tolist()):
-                want = dense(ref.predict(r, D), D)
+                want = dense(ref.predict(r, depth), depth)
                 got = P[:, urows.tolist().index(int(rows[n]))]
                 np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
                 checked += 1
@@ -141,6 +153,14 @@ def test_likely_experts_keeps_each_rows_top_above_the_threshold():
     assert np.flatnonzero(likely_experts(P, 0.25, 1)).tolist() == [0, 2]      # one per row
     assert np.flatnonzero(likely_experts(P, 0.95, 4)).tolist() == []
     assert not likely_experts(np.zeros((0, 4), np.float32), 0.1, 2).any()
+    # stacked distances [D, n, E]: each slice as alone
+    S = np.stack([P, P[::-1] * 0.5, np.zeros_like(P)])
+    got = likely_experts(S, 0.25, 2)
+    assert got.shape == (3, 4)
+    for d in range(3):
+        assert got[d].tolist() == likely_experts(S[d], 0.25, 2).tolist()
+    assert got[1].tolist() == likely_experts(P * 0.5, 0.25, 2).tolist() and not got[2].any()
+    assert likely_experts(np.zeros((2, 0, 4), np.float32), 0.1, 2).shape == (2, 4)
 
 
 def test_from_sources_prefers_a_trained_predictor(tmp_path):
