@@ -255,8 +255,8 @@ class PrefetchConfig(_Model):
     speculate_layers: int = Field(4, ge=0, le=8)       # capped by the source (learned: its horizon; pre_gated: 1)
     # minimum P(selected) of a fast-path order: 0.5 loaded 16% less than 0.2 for the same hit rate (the orders
     # between were mostly re-predicted nearer with a higher P, or evicted unused; docs/benchmarks.md session 7)
-    speculate_threshold: float = Field(0.5, gt=0, le=1)
-    speculate_fanout: int | None = Field(None, ge=1)      # per row at most this many experts per layer (None: top_k)
+    speculate_threshold: float = Field(0.35, gt=0, le=1)
+    speculate_fanout: int | None = Field(None, ge=1)   # per row at most this many experts per layer (None: top_k + 1)
     # the fast path's latest P of every expert at the layers it predicts rides to the owner as the cache's eviction
     # value (lowest evicted first, instead of the cache policy's order); off while the coordinator's eviction_hints
     # decide instead. Learned, embedded link run: hit rate 0.79 against 0.75, 11% fewer loads (docs/benchmarks.md

@@ -352,7 +352,7 @@ class RoutePublisher:
         self.coordinator, self.model, self.experts = coordinator, model, experts
         self.speculator, self.threshold, self.values = speculator, threshold, values
         self.reuse = reuse   # TransitionReuse or None (prefetch.reuse_values)
-        self.fanout = fanout or model.args.top_k
+        self.fanout = fanout or model.args.top_k + 1   # one past top-k: the runner-up when it is likely too
         self.moe_layers = list(model.args.moe_layers)
         self._moe_index = {l: i for i, l in enumerate(self.moe_layers)}
         self.denied: set = set()          # requests refused by access control: no fast-path order for them

@@ -270,7 +270,7 @@ def test_denied_tenant_gets_clear_error_and_no_prefetch(env, prefetching):
 
 def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, prefetching, monkeypatch):
     """The runtime's own speculation (policies/fast_path.py): one routed layer, and the next two layers' likely
-    experts (next-gate at tau 1, each row's top-k above the threshold: the reference below) ride with that layer's
+    experts (next-gate at tau 1, each row's top-k + 1 above the threshold: the reference below) ride with that layer's
     compute calls and are loaded by their owner workers, with the coordinator never hearing of it (nothing is
     flushed to it here); the layer's output is still exact."""
     import numpy as np
