@@ -138,7 +138,7 @@ class NextLayerSpeculator:
                 P[:] = 0.0
             return urows, P
         self.absorb()                                       # the previous layer's state, if not absorbed yet
-        w, D, U = self.w, self.depth, self.learned.U
+        w, D, U = self.w, self.depth, self.hist.shape[-1]
         self._grow(int(urows.max(initial=-1)) + 1)
         if layer == 0:                                      # a row at its request's first token starts afresh
             fresh = urows[np.asarray(pos)[sel] == 0]
@@ -165,7 +165,7 @@ class NextLayerSpeculator:
         [rows, L, D, U], and the step reads it back. A distance that is a multiple of L targets l itself (its
         next token), whose latest state is this very step's: those rows fold into `_now_*`. w1 is not fine-tuned
         online (only w2, b2), so these copies stay right."""
-        L, E, R, D = self.L, self.E, self.learned.R, self.depth
+        L, E, R, D = self.L, self.E, self.zh.shape[-1], self.depth
         w1 = np.asarray(self.w["w1"][:, :D], np.float32)                     # [L, D, F, U]
         U = w1.shape[-1]
         z_now, m_now, m_then, z_then = (w1[:, :, :R], w1[:, :, R:R + E], w1[:, :, R + E:R + 2 * E],
