@@ -253,10 +253,11 @@ class PrefetchConfig(_Model):
     # 4 rather than 3 (session 11): on the embedded model (4 MoE layers) a depth of L wraps onto each layer's next
     # token, so the fast path values every layer; learned hit rate 0.80-0.82 against 0.77 (docs/benchmarks.md)
     speculate_layers: int = Field(4, ge=0, le=8)       # capped by the source (learned: its horizon; pre_gated: 1)
-    # minimum P(selected) of a fast-path order: 0.5 loaded 16% less than 0.2 for the same hit rate (the orders
-    # between were mostly re-predicted nearer with a higher P, or evicted unused; docs/benchmarks.md session 7)
-    speculate_threshold: float = Field(0.35, gt=0, le=1)
-    speculate_fanout: int | None = Field(None, ge=1)   # per row at most this many experts per layer (None: top_k + 1)
+    # a fast-path order's minimum P and per-row count per layer; None: the source's default (policies/fast_path.py
+    # order_filter: 0.35 and top_k + 1 for hidden-state sources, 0.5 and top_k for transition; docs/benchmarks.md
+    # sessions 7 and 12)
+    speculate_threshold: float | None = Field(None, gt=0, le=1)
+    speculate_fanout: int | None = Field(None, ge=1)
     # the fast path's latest P of every expert at the layers it predicts rides to the owner as the cache's eviction
     # value (lowest evicted first, instead of the cache policy's order); off while the coordinator's eviction_hints
     # decide instead. Learned, embedded link run: hit rate 0.79 against 0.75, 11% fewer loads (docs/benchmarks.md

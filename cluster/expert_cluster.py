@@ -36,7 +36,7 @@ import torch
 from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_orders, pack_rows, unpack_reply,
                                   unpack_rows)
 from actors.prefetch_coordinator import PrefetchCoordinator, access_policy
-from policies.fast_path import NextLayerSpeculator, likely_experts
+from policies.fast_path import NextLayerSpeculator, likely_experts, order_filter
 from policies.ranking import AccessDenied
 from policies.reuse import TransitionReuse
 from policies.placement import Placement, place
@@ -347,12 +347,15 @@ class RoutePublisher:
     the value its cache evicts by (lowest first)."""
 
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
-                 hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float = 0.5,
+                 hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float | None = None,
                  fanout: int | None = None, values: bool = False, reuse=None):
         self.coordinator, self.model, self.experts = coordinator, model, experts
-        self.speculator, self.threshold, self.values = speculator, threshold, values
+        self.speculator, self.values = speculator, values
+        # unset: the source's default order filter (policies/fast_path.py order_filter)
+        t, f = order_filter(speculator.source if speculator is not None else None, model.args.top_k)
+        self.threshold = t if threshold is None else threshold
         self.reuse = reuse   # TransitionReuse or None (prefetch.reuse_values)
-        self.fanout = fanout or model.args.top_k + 1   # one past top-k: the runner-up when it is likely too
+        self.fanout = fanout or f
         self.moe_layers = list(model.args.moe_layers)
         self._moe_index = {l: i for i, l in enumerate(self.moe_layers)}
         self.denied: set = set()          # requests refused by access control: no fast-path order for them

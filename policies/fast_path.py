@@ -228,6 +228,15 @@ class NextLayerSpeculator:
         return P
 
 
+def order_filter(source: str | None, top_k: int) -> tuple[float, int]:
+    """The default (threshold, fanout) of the fast path's orders for a source (prefetch.speculate_threshold and
+    speculate_fanout left unset). Hidden-state sources: P >= 0.35, up to top-k + 1 per row and layer; on the embedded
+    model that cut stall ~10% against 0.5 / top-k for 16% more loads. transition: 0.5 / top-k; its counts spread P
+    thinner, and 0.35 / top-k + 1 on the shared Mixtral trace loaded 56% more for the same stall (docs/benchmarks.md
+    "Session 12")."""
+    return (0.5, int(top_k)) if source == "transition" else (0.35, int(top_k) + 1)
+
+
 def likely_experts(P: np.ndarray, threshold: float, fanout: int) -> np.ndarray:
     """P [..., n, E] -> bool [..., E]: experts some row ranks in its top `fanout` with P >= threshold (the orders to
     send), for every leading index at once (the fast path's distances)."""

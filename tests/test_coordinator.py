@@ -280,7 +280,8 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     pub, a = c.publisher, c.model.args
     spec = pub.speculator
     assert spec is not None and spec.source == "next_gate" and spec.depth == 4   # the default speculate_layers
-    # the router inputs below are random: next-gate's P rarely reaches the default 0.5, so a lower bar here
+    assert (pub.threshold, pub.fanout) == (0.35, a.top_k + 1)   # a hidden-state source's default order filter
+    # the router inputs below are random: next-gate's P rarely reaches the default 0.35, so a lower bar here
     monkeypatch.setattr(pub, "threshold", 0.2)
     _, dense, experts = load_checkpoint(EMBEDDED)
     gates, _ = gates_from_dense(dense)

@@ -4,7 +4,7 @@ rows, a row reused by a new request, and a prefill; the order filter keeps each 
 import numpy as np
 import pytest
 
-from policies.fast_path import NextLayerSpeculator, likely_experts
+from policies.fast_path import NextLayerSpeculator, likely_experts, order_filter
 from policies.learned import LearnedPredictor, PreGated
 from policies.predictors import CrossLayerTransition, RoutingEvent
 from policies.speculation import NextGateSpeculation
@@ -176,3 +176,11 @@ def test_from_sources_prefers_a_trained_predictor(tmp_path):
     assert s.source == "next_gate"
     with pytest.raises(AssertionError, match="exactly one"):
         NextLayerSpeculator(L, E, K)
+
+
+def test_order_filter_defaults_by_source():
+    """Unset speculate_threshold / speculate_fanout: hidden-state sources order P >= 0.35 up to top-k + 1 per row,
+    the transition counts (which spread P thinner) P >= 0.5 up to top-k."""
+    for src in ("learned", "next_gate", "pre_gated"):
+        assert order_filter(src, 2) == (0.35, 3)
+    assert order_filter("transition", 2) == (0.5, 2) and order_filter("transition", 6) == (0.5, 6)
