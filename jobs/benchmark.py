@@ -646,7 +646,8 @@ def main(argv=None) -> int:
                    help="prefetch.reuse_values: the runtime values each routed layer's experts by P(the next token "
                         "selects them) and the workers evict by it (the seed strategies never: NAME+reuse asks)")
     p.add_argument("--speculate-fanout", type=int, default=None,
-                   help="prefetch.speculate_fanout: per row at most this many experts per layer (default: the source's, policies/fast_path.py order_filter)")
+                   help="prefetch.speculate_fanout: per row at most this many experts per layer "
+                        "(default: the source's, policies/fast_path.py order_filter)")
     p.add_argument("--publish-every", type=int, default=None,
                    help="prefetch.publish_every_layers: MoE layers per routing batch the runtime sends")
     p.add_argument("--cache-policy", default="lru", choices=("lru", "lfu", "slru", "prefetch_aware"),

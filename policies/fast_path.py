@@ -5,16 +5,17 @@ takes 2-3 ms on the machines measured, docs/benchmarks.md), so its orders for th
 the embedded model its timely recall stayed ~0.45 while its distance-1 recall was ~0.81. The published offloaders
 that reach high timely recall (mixtral-offloading, AdapMoE, HOBBIT, Pre-gated MoE) all speculate in the forward
 pass itself. `NextLayerSpeculator` is that fast path: at MoE layer l, from the batch's router inputs, it returns
-P(expert selected) at layers l+1..l+depth for every cache row, batched (one matmul per distance, no per-row
-Python), and the runtime (cluster/expert_cluster.py RoutePublisher) sends the likely ones straight to their owner
-workers before layer l computes. The coordinator keeps the longer range: windows, dedup across runtimes, staging,
-ranking by value and the byte caps.
+P(expert selected) at layers l+1..l+depth for every cache row, batched (a few matmuls for all distances, no
+per-row Python), and the runtime (cluster/expert_cluster.py RoutePublisher) sends the likely ones straight to their
+owner workers before layer l computes. The coordinator keeps the longer range: windows, dedup across runtimes,
+staging, ranking by value and the byte caps.
 
 Sources, best first (`from_sources`):
   learned     the trained auxiliary predictor beside the store (policies/learned.py): the same features and
               weights as LearnedPredictor, kept per cache row ([rows, L, R] compressed router inputs, [rows, L, E]
-              multi-hots). Equal to LearnedPredictor's prediction for the same events (tests/test_fast_path.py);
-              not fine-tuned here: the runtime copies in the output layer the coordinator fine-tunes online
+              multi-hots, and their part of the MLPs' input layer, [rows, L, D, U]: `_split_input_layer`). Equal
+              to LearnedPredictor's prediction for the same events (tests/test_fast_path.py); not fine-tuned here:
+              the runtime copies in the output layer the coordinator fine-tunes online
               (cluster/expert_cluster.py RoutePublisher._sync_head).
   pre_gated   a checkpoint's pre-gates (distance 1 only: what they are trained for).
   next_gate   the next layers' routers applied to this layer's router input (training-free), P by the top-k
@@ -140,8 +141,8 @@ class NextLayerSpeculator:
         self.absorb()                                       # the previous layer's state, if not absorbed yet
         w, D, U = self.w, self.depth, self.hist.shape[-1]
         self._grow(int(urows.max(initial=-1)) + 1)
-        if layer == 0:                                      # a row at its request's first token starts afresh
-            fresh = urows[np.asarray(pos)[sel] == 0]
+        if layer == 0:   # a row at its request's first token starts afresh (a prefill: any of its positions is 0)
+            fresh = np.unique(rows[np.asarray(pos) == 0])
             self.zh[fresh] = 0.0
             self.mh[fresh] = 0.0
             self.hist[fresh] = 0.0
@@ -194,16 +195,15 @@ class NextLayerSpeculator:
         if self.learned is None or self._pending is None:
             return
         m, urows, z, top = self._pending
-        self._pending = None
         self.zh[urows, m] = z
         mh = np.zeros((len(urows), self.E), np.float32)
         np.put_along_axis(mh, top, 1.0, axis=1)
         self.mh[urows, m] = mh
         ls, ds, zt, mt = self._then[m]
-        if not len(ls):
-            return
-        part = (z @ zt).reshape(len(urows), len(ls), -1) + mt[top].sum(1)       # [n, pairs, U]
-        self.hist[urows[:, None], ls[None, :], ds[None, :]] = part
+        if len(ls):   # (top-k ids are distinct: the gathered rows sum to the multi-hot's product)
+            part = (z @ zt).reshape(len(urows), len(ls), self.hist.shape[-1]) + mt[top].sum(1)   # [n, pairs, U]
+            self.hist[urows[:, None], ls[None, :], ds[None, :]] = part
+        self._pending = None   # only once all is written: a failure above leaves it to be absorbed again
 
     def _transition(self, layer: int, urows: np.ndarray, pos: np.ndarray, ids: np.ndarray) -> np.ndarray:
         L, K = self.L, self.K

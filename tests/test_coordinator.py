@@ -283,6 +283,8 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     assert (pub.threshold, pub.fanout) == (0.35, a.top_k + 1)   # a hidden-state source's default order filter
     # the router inputs below are random: next-gate's P rarely reaches the default 0.35, so a lower bar here
     monkeypatch.setattr(pub, "threshold", 0.2)
+    # and top-k per row (not the default top-k + 1): the two inputs' orders below must fit the 8-expert caches
+    monkeypatch.setattr(pub, "fanout", a.top_k)
     _, dense, experts = load_checkpoint(EMBEDDED)
     gates, _ = gates_from_dense(dense)
     ng = NextGateSpeculation(gates, a.top_k, temperature=1.0)
@@ -299,6 +301,7 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     # none sent, so the caches evict in LRU order and the orders fit
     monkeypatch.setattr(pub, "values", False)
     c.experts.value_riders.clear()   # values still waiting for a worker the generation's last layers did not call
+    pub._ordered.clear()   # and what the generation's last steps ordered (earlier tests leave more or less of it)
     ray.get([h.prefetch.remote([], None, []) for h in c.workers.values()])
     before, every = pub.speculated, pub.every
     c.model.route_rows, c.model.route_pos = torch.arange(3), torch.full((3,), 5)
@@ -415,6 +418,8 @@ def test_fast_path_follows_the_coordinators_online_fine_tuning(env):
             start = pub.speculator.w["w2"].copy()
             pub.sync_every = 4
             assert c.generate(env["prompts"], NEW) == env["ref"]
+            # the last step's state was absorbed in the wait for its layer's replies (nothing else absorbs it)
+            assert pub.speculator._pending is None and pub.speculator.hist.any()
             updates, w2, _ = ray.get(c.coordinator.learned_head.remote())
             assert pub.head_updates > 0 and updates >= pub.head_updates, (pub.head_updates, updates)
             assert not np.array_equal(pub.speculator.w["w2"], start), "the copy took the fine-tuned head"

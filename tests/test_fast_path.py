@@ -60,9 +60,8 @@ def decode_batches(trace, rows: int):
 
 @pytest.mark.parametrize("depth,absorb", [(D, False), (L, True), (L, False), (1, True)])
 def test_learned_rows_match_the_per_request_predictor(trace, depth, absorb):
-    """Depths short of L and equal to it (the last distance wraps onto layer l itself: LearnedPredictor allows no
-    more), with the state
-    absorbed between steps (as the runtime defers it) or left to the next step."""
+    """Depths short of L and equal to it (the last distance wraps onto layer l itself; LearnedPredictor allows no
+    more than L), with the state absorbed between steps (as the runtime defers it) or left to the next step."""
     ref = random_learned_d(depth)
     spec = NextLayerSpeculator(L, E, K, depth=depth, learned=random_learned_d(depth), rows=1)
     checked = 0
@@ -87,11 +86,19 @@ def test_learned_rows_match_the_per_request_predictor(trace, depth, absorb):
     assert checked == trace.num_tokens * L
 
 
-def test_prefill_predicts_the_rows_last_position(trace):
+@pytest.mark.parametrize("reused", [False, True])
+def test_prefill_predicts_the_rows_last_position(trace, reused):
     """A prefill routes every prompt position of a row at once: the prediction is its last position's, equal to
-    the per-request predictor fed the prefill layer by layer (as the runtime routes it)."""
+    the per-request predictor fed the prefill layer by layer (as the runtime routes it). A row an earlier request
+    used starts afresh at the prefill."""
     ref, spec = random_learned(1), NextLayerSpeculator(L, E, K, depth=D, learned=random_learned(1))
     n = 5
+    if reused:   # an earlier request decoded 3 tokens on row 0
+        for t in range(3):
+            for l in range(L):
+                at = 60 + t
+                spec.step(l, np.zeros(1, np.int64), np.array([t]), trace.experts[at:at + 1, l].astype(np.int64),
+                          trace.hidden[at:at + 1, l].astype(np.float32))
     rows, toks = np.zeros(n, np.int64), np.arange(n)
     for l in range(L):
         ids, hid = trace.experts[:n, l].astype(np.int64), trace.hidden[:n, l].astype(np.float32)
@@ -100,6 +107,17 @@ def test_prefill_predicts_the_rows_last_position(trace):
             ref.observe(RoutingEvent("p", t, l, ids[t], None, hid[t]))
         assert urows.tolist() == [0]
         np.testing.assert_allclose(P[:, 0], dense(ref.predict("p", D), D), rtol=2e-5, atol=2e-6)
+
+
+def test_absorb_after_an_empty_step():
+    """A step that routed no rows leaves nothing to absorb wrongly (the runtime skips such steps; a direct
+    caller may not)."""
+    spec = NextLayerSpeculator(L, E, K, depth=D, learned=random_learned())
+    urows, P = spec.step(1, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, K), np.int64),
+                         np.zeros((0, H), np.float32))
+    assert len(urows) == 0 and P.shape == (D, 0, E)
+    spec.absorb()
+    assert not spec.hist.any() and not spec.zh.any()
 
 
 def test_next_gate_and_pre_gates_match_their_predictors(trace):
