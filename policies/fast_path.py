@@ -12,8 +12,8 @@ staging, ranking by value and the byte caps.
 
 Sources, best first (`from_sources`):
   learned     the trained auxiliary predictor beside the store (policies/learned.py): the same features and
-              weights as LearnedPredictor, kept per cache row ([rows, L, R] compressed router inputs, [rows, L, E]
-              multi-hots, and their part of the MLPs' input layer, [rows, L, D, U]: `_split_input_layer`). Equal
+              weights as LearnedPredictor; per cache row it keeps what the row's latest state at each layer adds to
+              the MLPs' input layer ([rows, L, D, U]: `_split_input_layer`). Equal
               to LearnedPredictor's prediction for the same events (tests/test_fast_path.py); not fine-tuned here:
               the runtime copies in the output layer the coordinator fine-tunes online
               (cluster/expert_cluster.py RoutePublisher._sync_head).
@@ -61,9 +61,7 @@ class NextLayerSpeculator:
             self.source = "learned"
             self.depth = max(1, min(int(depth), learned.D))
             self.w = learned.w   # the arrays themselves: the coordinator's online updates of w2, b2 show here too
-            self.zh = np.zeros((rows, self.L, learned.R), np.float32)   # most recent compressed input per layer
-            self.mh = np.zeros((rows, self.L, self.E), np.float32)      # most recent multi-hot per layer
-            self._split_input_layer()
+            self._split_input_layer(rows)
         elif gates is not None:
             g = np.asarray(gates, np.float32)
             assert g.shape[:2] == (self.L, self.E), f"gates must be [L={self.L}, E={self.E}, H], got {g.shape}"
@@ -108,11 +106,9 @@ class NextLayerSpeculator:
             n = max(rows, 2 * len(self.prev))
             self.prev = np.concatenate([self.prev, np.zeros((n - len(self.prev), self.K), np.int64)])
             self.prev_q = np.concatenate([self.prev_q, np.full(n - len(self.prev_q), -2, np.int64)])
-        if self.learned is None or rows <= len(self.zh):
+        if self.learned is None or rows <= len(self.hist):
             return
-        n = max(rows, 2 * len(self.zh))
-        self.zh = np.concatenate([self.zh, np.zeros((n - len(self.zh),) + self.zh.shape[1:], np.float32)])
-        self.mh = np.concatenate([self.mh, np.zeros((n - len(self.mh),) + self.mh.shape[1:], np.float32)])
+        n = max(rows, 2 * len(self.hist))
         self.hist = np.concatenate([self.hist, np.zeros((n - len(self.hist),) + self.hist.shape[1:], np.float32)])
 
     def step(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray,
@@ -142,10 +138,7 @@ class NextLayerSpeculator:
         w, D, U = self.w, self.depth, self.hist.shape[-1]
         self._grow(int(urows.max(initial=-1)) + 1)
         if layer == 0:   # a row at its request's first token starts afresh (a prefill: any of its positions is 0)
-            fresh = np.unique(rows[np.asarray(pos) == 0])
-            self.zh[fresh] = 0.0
-            self.mh[fresh] = 0.0
-            self.hist[fresh] = 0.0
+            self.hist[rows[np.asarray(pos) == 0]] = 0.0
         z = compress(x, w["mean"], w["proj"])              # [n, R]
         top = np.asarray(ids, np.int64)[sel]                # [n, K]
         # the input layer's pre-activations: this layer's part, its experts' rows, the history part absorbed earlier
@@ -157,16 +150,16 @@ class NextLayerSpeculator:
         self._pending = (layer, urows, z, top)
         return urows, P
 
-    def _split_input_layer(self) -> None:
+    def _split_input_layer(self, rows: int) -> None:
         """The learned MLPs' input layer (w1 [L, D, F, U] over f = [z_l, ex_l, ex_m', z_m'], policies/learned.py),
         split by when each part of f is known. z_l and ex_l arrive with layer l's routing: their rows, for all
         distances at once, are `_now_z` [L, R, D*U] (one matmul) and `_now_m` [L, E, D, U] (a gather of the K
         selected rows). ex_m' and z_m' are the row's latest state at the target layer m: fixed once m has routed,
         so their product is computed then (`absorb`, off the decode loop: RoutePublisher defers it) into `hist`
-        [rows, L, D, U], and the step reads it back. A distance that is a multiple of L targets l itself (its
-        next token), whose latest state is this very step's: those rows fold into `_now_*`. w1 is not fine-tuned
-        online (only w2, b2), so these copies stay right."""
-        L, E, R, D = self.L, self.E, self.zh.shape[-1], self.depth
+        [rows, L, D, U] (zeros at a request's start), and the step reads it back. A distance that is a multiple of
+        L targets l itself (its next token), whose latest state is this very step's: those rows fold into `_now_*`.
+        w1 is not fine-tuned online (only w2, b2), so these copies stay right."""
+        L, E, R, D = self.L, self.E, self.w["proj"].shape[1], self.depth
         w1 = np.asarray(self.w["w1"][:, :D], np.float32)                     # [L, D, F, U]
         U = w1.shape[-1]
         z_now, m_now, m_then, z_then = (w1[:, :, :R], w1[:, :, R:R + E], w1[:, :, R + E:R + 2 * E],
@@ -185,20 +178,16 @@ class NextLayerSpeculator:
             zt = np.ascontiguousarray(z_then[ls, ds].transpose(1, 0, 2).reshape(R, len(pairs) * U))
             mt = np.ascontiguousarray(m_then[ls, ds].transpose(1, 0, 2))        # [E, pairs, U]
             self._then.append((ls, ds, zt, mt))
-        self.hist = np.zeros((len(self.zh), L, D, U), np.float32)
+        self.hist = np.zeros((rows, L, D, U), np.float32)
         self._pending = None
 
     def absorb(self) -> None:
-        """Record the last step's routed state (its layer's z and multi-hot per row) and compute its part of the
-        input layer for every (source, distance) pair that will read it (`_split_input_layer`). Idempotent; the
-        runtime runs it in the wait for the layer's replies, and the next step runs it if nothing did."""
+        """The last step's routed state (its layer's z and experts per row): its part of the input layer for every
+        (source, distance) pair that will read it (`_split_input_layer`). Idempotent; the runtime runs it in the
+        wait for the layer's replies, and the next step runs it if nothing did."""
         if self.learned is None or self._pending is None:
             return
         m, urows, z, top = self._pending
-        self.zh[urows, m] = z
-        mh = np.zeros((len(urows), self.E), np.float32)
-        np.put_along_axis(mh, top, 1.0, axis=1)
-        self.mh[urows, m] = mh
         ls, ds, zt, mt = self._then[m]
         if len(ls):   # (top-k ids are distinct: the gathered rows sum to the multi-hot's product)
             part = (z @ zt).reshape(len(urows), len(ls), self.hist.shape[-1]) + mt[top].sum(1)   # [n, pairs, U]
