@@ -458,7 +458,7 @@ class RoutePublisher:
         # nothing is ever evicted, and the values would only cost the decode loop)
         send_values = self.values and not self.experts.fits_all and P.shape[1] > 0
         wants = likely_experts(P, self.threshold, self.fanout)          # [depth, E]
-        pmax = P.max(1) if P.shape[1] else None                         # [depth, E] each expert's best row
+        pmax = (P[:, 0] if P.shape[1] == 1 else P.max(1)) if P.shape[1] else None   # [depth, E] best row's
         for d in range(P.shape[0]):
             m = (li + d + 1) % L
             want = wants[d]

@@ -109,7 +109,7 @@ class NextLayerSpeculator:
         if self.learned is None or rows <= len(self.hist):
             return
         n = max(rows, 2 * len(self.hist))
-        self.hist = np.concatenate([self.hist, np.zeros((n - len(self.hist),) + self.hist.shape[1:], np.float32)])
+        self.hist = np.concatenate([self.hist, np.broadcast_to(self._hist0, (n - len(self.hist),) + self._hist0.shape)])
 
     def step(self, layer: int, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray,
              hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,15 +118,20 @@ class NextLayerSpeculator:
         Returns (urows [n] the distinct rows, P [depth, n, E] float32: P(selected) at layers layer+1..layer+depth
         (mod L: wrapping into the row's next token) for each row's last position)."""
         rows = np.asarray(rows, np.int64)
-        last = np.lexsort((np.asarray(pos), rows))          # by row, then position
-        keep = np.ones(len(last), bool)
-        keep[:-1] = rows[last[1:]] != rows[last[:-1]]      # the last position of each row
-        sel = last[keep]
-        urows = rows[sel]
+        if len(rows) == 1 or bool((rows[1:] > rows[:-1]).all()):
+            sel = None                                      # a decode step: each row once, its only position
+            urows, top = rows, np.asarray(ids, np.int64)
+        else:
+            last = np.lexsort((np.asarray(pos), rows))      # by row, then position
+            keep = np.ones(len(last), bool)
+            keep[:-1] = rows[last[1:]] != rows[last[:-1]]  # the last position of each row
+            sel = last[keep]
+            urows, top = rows[sel], np.asarray(ids, np.int64)[sel]
         if self.source == "transition":
-            return urows, self._transition(layer, urows, np.asarray(pos, np.int64)[sel],
-                                           np.asarray(ids, np.int64)[sel])
-        x = np.asarray(hidden, np.float32)[sel]             # [n, H]
+            return urows, self._transition(layer, urows, np.asarray(pos, np.int64) if sel is None
+                                           else np.asarray(pos, np.int64)[sel], top)
+        # [n, H] a copy either way: absorb reads it later, after the caller may have reused its buffer
+        x = np.array(hidden, np.float32) if sel is None else np.asarray(hidden, np.float32)[sel]
         if self.learned is None:
             tgt = (layer + np.arange(1, self.depth + 1)) % self.L
             logits = np.einsum("nh,deh->dne", x, self.gates[tgt])           # [depth, n, E]
@@ -138,16 +143,16 @@ class NextLayerSpeculator:
         w, D, U = self.w, self.depth, self.hist.shape[-1]
         self._grow(int(urows.max(initial=-1)) + 1)
         if layer == 0:   # a row at its request's first token starts afresh (a prefill: any of its positions is 0)
-            self.hist[rows[np.asarray(pos) == 0]] = 0.0
-        z = compress(x, w["mean"], w["proj"])              # [n, R]
-        top = np.asarray(ids, np.int64)[sel]                # [n, K]
-        # the input layer's pre-activations: this layer's part, its experts' rows, the history part absorbed earlier
-        pre = (z @ self._now_z[layer]).reshape(len(urows), D, U)                  # [n, D, U]
-        pre += self._now_m[layer][top].sum(1) + self.hist[urows, layer] + w["b1"][layer, :D]
+            self.hist[rows[np.asarray(pos) == 0]] = self._hist0
+        # the input layer's pre-activations: this layer's part (from x itself where the compression folds in), its
+        # experts' rows, and the history part absorbed earlier (with the biases)
+        z = None if self._folded else compress(x, w["mean"], w["proj"])                # [n, R]
+        pre = (x @ self._now_x[layer] if z is None else z @ self._now_z[layer]).reshape(len(urows), D, U)
+        pre += self._now_m[layer][top].sum(1) + self.hist[urows, layer]
         a = np.maximum(pre, 0.0)
         logit = np.matmul(a.transpose(1, 0, 2), w["w2"][layer, :D]) + w["b2"][layer, :D, None]   # [D, n, E]
         P = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32, copy=False)
-        self._pending = (layer, urows, z, top)
+        self._pending = (layer, urows, x, z, top)
         return urows, P
 
     def _split_input_layer(self, rows: int) -> None:
@@ -169,6 +174,17 @@ class NextLayerSpeculator:
         m_now = m_now + np.where(itself, m_then, 0.0)
         self._now_z = np.ascontiguousarray(z_now.transpose(0, 2, 1, 3).reshape(L, R, D * U))
         self._now_m = np.ascontiguousarray(m_now.transpose(0, 2, 1, 3))    # [L, E, D, U]
+        # where the router input is no wider than its compression (H <= R), the compression folds into the product:
+        # z_l @ Z = x @ (proj @ Z) - mean @ proj @ Z, so the step reads [H, D*U] and does one product, not two
+        mean, proj = np.asarray(self.w["mean"], np.float64), np.asarray(self.w["proj"], np.float64)
+        self._folded = proj.shape[0] <= R
+        const = np.asarray(self.w["b1"][:, :D], np.float64)                 # [L, D, U]
+        if self._folded:
+            zx = np.einsum("hr,lrk->lhk", proj, self._now_z.astype(np.float64))                # [L, H, D*U]
+            self._now_x = zx.astype(np.float32)
+            const = const - np.einsum("h,lhk->lk", mean, zx).reshape(L, D, U)
+        # the constants ride in hist: a row starts at them, and absorb adds its part to them
+        self._hist0 = const.astype(np.float32)                              # [L, D, U]
         # per target layer m: the (source l, distance d) pairs that read m's latest state, their rows side by side
         self._then = []
         for m in range(L):
@@ -178,7 +194,7 @@ class NextLayerSpeculator:
             zt = np.ascontiguousarray(z_then[ls, ds].transpose(1, 0, 2).reshape(R, len(pairs) * U))
             mt = np.ascontiguousarray(m_then[ls, ds].transpose(1, 0, 2))        # [E, pairs, U]
             self._then.append((ls, ds, zt, mt))
-        self.hist = np.zeros((rows, L, D, U), np.float32)
+        self.hist = np.broadcast_to(self._hist0, (rows, L, D, U)).copy()
         self._pending = None
 
     def absorb(self) -> None:
@@ -187,11 +203,12 @@ class NextLayerSpeculator:
         wait for the layer's replies, and the next step runs it if nothing did."""
         if self.learned is None or self._pending is None:
             return
-        m, urows, z, top = self._pending
+        m, urows, x, z, top = self._pending
         ls, ds, zt, mt = self._then[m]
         if len(ls):   # (top-k ids are distinct: the gathered rows sum to the multi-hot's product)
+            z = compress(x, self.w["mean"], self.w["proj"]) if z is None else z                # [n, R]
             part = (z @ zt).reshape(len(urows), len(ls), self.hist.shape[-1]) + mt[top].sum(1)   # [n, pairs, U]
-            self.hist[urows[:, None], ls[None, :], ds[None, :]] = part
+            self.hist[urows[:, None], ls[None, :], ds[None, :]] = part + self._hist0[ls, ds]
         self._pending = None   # only once all is written: a failure above leaves it to be absorbed again
 
     def _transition(self, layer: int, urows: np.ndarray, pos: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -232,5 +249,9 @@ def likely_experts(P: np.ndarray, threshold: float, fanout: int) -> np.ndarray:
     if P.shape[-2] == 0:
         return np.zeros(P.shape[:-2] + P.shape[-1:], bool)
     fan = min(int(fanout), P.shape[-1])
+    if P.shape[-2] == 1:   # one row (batch-1 decode): fewer, smaller ops on the decode loop
+        p = P[..., 0, :]
+        kth = np.partition(p, p.shape[-1] - fan, axis=-1)[..., p.shape[-1] - fan, None]   # [..., 1] fanout-th
+        return (p >= np.maximum(kth, threshold))
     kth = -np.partition(-P, fan - 1, axis=-1)[..., fan - 1:fan]     # [..., n, 1] each row's fanout-th largest
     return ((P >= kth) & (P >= threshold)).any(-2)

@@ -13,11 +13,12 @@ from policies.traces import synthetic_trace
 L, E, K, H, R, D, U = 4, 8, 2, 16, 6, 2, 12
 
 
-def random_learned_d(d: int, seed=0) -> LearnedPredictor:
-    """random_learned with horizon d (the speculator splits w1 by distance: a distance of L targets layer l itself)"""
+def random_learned_d(d: int, seed=0, rank: int = R) -> LearnedPredictor:
+    """random_learned with horizon d (the speculator splits w1 by distance: a distance of L targets layer l itself)
+    and compression rank (rank >= H: the speculator folds the compression into its product)"""
     rng = np.random.default_rng(seed)
-    F = 2 * R + 2 * E
-    w = {"mean": rng.normal(size=H), "proj": rng.normal(size=(H, R)) * 0.3,
+    F = 2 * rank + 2 * E
+    w = {"mean": rng.normal(size=H), "proj": rng.normal(size=(H, rank)) * 0.3,
          "w1": rng.normal(size=(L, d, F, U)) * 0.3, "b1": rng.normal(size=(L, d, U)) * 0.1,
          "w2": rng.normal(size=(L, d, U, E)) * 0.3, "b2": rng.normal(size=(L, d, E)) * 0.1}
     return LearnedPredictor({k: v.astype(np.float32) for k, v in w.items()}, K, finetune=False)
@@ -58,18 +59,24 @@ def decode_batches(trace, rows: int):
                 slot_req[s] = -1
 
 
-@pytest.mark.parametrize("depth,absorb", [(D, False), (L, True), (L, False), (1, True)])
-def test_learned_rows_match_the_per_request_predictor(trace, depth, absorb):
+@pytest.mark.parametrize("depth,absorb,rank,ascending", [(D, False, R, False), (L, True, R, False),
+                                                         (L, False, R, False), (1, True, R, False),
+                                                         (L, True, H, True), (D, False, H + 2, False)])
+def test_learned_rows_match_the_per_request_predictor(trace, depth, absorb, rank, ascending):
     """Depths short of L and equal to it (the last distance wraps onto layer l itself; LearnedPredictor allows no
-    more than L), with the state absorbed between steps (as the runtime defers it) or left to the next step."""
-    ref = random_learned_d(depth)
-    spec = NextLayerSpeculator(L, E, K, depth=depth, learned=random_learned_d(depth), rows=1)
+    more than L), with the state absorbed between steps (as the runtime defers it) or left to the next step; a
+    compression narrower than the router input, and one as wide or wider (folded into the step's product); rows
+    in any order, or ascending (a decode step's: the step skips its sort)."""
+    ref = random_learned_d(depth, rank=rank)
+    spec = NextLayerSpeculator(L, E, K, depth=depth, learned=random_learned_d(depth, rank=rank), rows=1)
+    assert spec._folded == (rank >= H)
     checked = 0
     for rows, reqs, toks in decode_batches(trace, 3):       # 6 requests through 3 rows: every row is reused
         at = trace.offsets[reqs] + toks
         for l in range(L):
             ids, hid = trace.experts[at, l].astype(np.int64), trace.hidden[at, l].astype(np.float32)
-            urows, P = spec.step(l, rows[::-1], toks[::-1], ids[::-1], hid[::-1])   # any order of entries
+            o = slice(None) if ascending else slice(None, None, -1)
+            urows, P = spec.step(l, rows[o], toks[o], ids[o], hid[o])
             if absorb:
                 spec.absorb()
             assert urows.tolist() == sorted(rows.tolist()) and P.shape == (depth, len(rows), E)
@@ -113,11 +120,12 @@ def test_absorb_after_an_empty_step():
     """A step that routed no rows leaves nothing to absorb wrongly (the runtime skips such steps; a direct
     caller may not)."""
     spec = NextLayerSpeculator(L, E, K, depth=D, learned=random_learned())
+    before = spec.hist.copy()   # every row at its start state (the input layer's constants)
     urows, P = spec.step(1, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, K), np.int64),
                          np.zeros((0, H), np.float32))
     assert len(urows) == 0 and P.shape == (D, 0, E)
     spec.absorb()
-    assert not spec.hist.any()
+    np.testing.assert_array_equal(spec.hist, before)
 
 
 def test_next_gate_and_pre_gates_match_their_predictors(trace):
@@ -179,6 +187,22 @@ def test_likely_experts_keeps_each_rows_top_above_the_threshold():
         assert got[d].tolist() == likely_experts(S[d], 0.25, 2).tolist()
     assert got[1].tolist() == likely_experts(P * 0.5, 0.25, 2).tolist() and not got[2].any()
     assert likely_experts(np.zeros((2, 0, 4), np.float32), 0.1, 2).shape == (2, 4)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_likely_experts_per_distance_equals_each_rows_ranking(rows):
+    """[depth, n, E] at once (one row: the decode step's shorter path) against ranking each row by hand, ties
+    included (an expert tied with the fanout-th largest goes too)."""
+    rng = np.random.default_rng(rows)
+    P = rng.choice(np.linspace(0.0, 1.0, 9), size=(3, rows, E)).astype(np.float32)   # coarse: ties happen
+    got = likely_experts(P, 0.3, 3)
+    assert got.shape == (3, E)
+    for d in range(3):
+        want = np.zeros(E, bool)
+        for n in range(rows):
+            kth = sorted(P[d, n].tolist(), reverse=True)[2]
+            want |= (P[d, n] >= kth) & (P[d, n] >= 0.3)
+        assert got[d].tolist() == want.tolist()
 
 
 def test_from_sources_prefers_a_trained_predictor(tmp_path):
