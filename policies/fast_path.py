@@ -120,7 +120,7 @@ class NextLayerSpeculator:
         rows = np.asarray(rows, np.int64)
         if len(rows) == 1 or bool((rows[1:] > rows[:-1]).all()):
             sel = None                                      # a decode step: each row once, its only position
-            urows, top = rows, np.asarray(ids, np.int64)
+            urows, top = rows.copy(), np.array(ids, np.int64)   # copies: absorb reads them after the caller
         else:
             last = np.lexsort((np.asarray(pos), rows))      # by row, then position
             keep = np.ones(len(last), bool)
@@ -147,7 +147,7 @@ class NextLayerSpeculator:
         # the input layer's pre-activations: this layer's part (from x itself where the compression folds in), its
         # experts' rows, and the history part absorbed earlier (with the biases)
         z = None if self._folded else compress(x, w["mean"], w["proj"])                # [n, R]
-        pre = (x @ self._now_x[layer] if z is None else z @ self._now_z[layer]).reshape(len(urows), D, U)
+        pre = ((x - w["mean"]) @ self._now_x[layer] if z is None else z @ self._now_z[layer]).reshape(len(urows), D, U)
         pre += self._now_m[layer][top].sum(1) + self.hist[urows, layer]
         a = np.maximum(pre, 0.0)
         logit = np.matmul(a.transpose(1, 0, 2), w["w2"][layer, :D]) + w["b2"][layer, :D, None]   # [D, n, E]
@@ -175,16 +175,14 @@ class NextLayerSpeculator:
         self._now_z = np.ascontiguousarray(z_now.transpose(0, 2, 1, 3).reshape(L, R, D * U))
         self._now_m = np.ascontiguousarray(m_now.transpose(0, 2, 1, 3))    # [L, E, D, U]
         # where the router input is no wider than its compression (H <= R), the compression folds into the product:
-        # z_l @ Z = x @ (proj @ Z) - mean @ proj @ Z, so the step reads [H, D*U] and does one product, not two
-        mean, proj = np.asarray(self.w["mean"], np.float64), np.asarray(self.w["proj"], np.float64)
+        # z_l @ Z = (x - mean) @ (proj @ Z), so the step reads [H, D*U] and does one product, not two (the mean is
+        # subtracted first, not folded into a constant: a large mean would cancel in float32)
+        proj = np.asarray(self.w["proj"], np.float64)
         self._folded = proj.shape[0] <= R
-        const = np.asarray(self.w["b1"][:, :D], np.float64)                 # [L, D, U]
         if self._folded:
-            zx = np.einsum("hr,lrk->lhk", proj, self._now_z.astype(np.float64))                # [L, H, D*U]
-            self._now_x = zx.astype(np.float32)
-            const = const - np.einsum("h,lhk->lk", mean, zx).reshape(L, D, U)
-        # the constants ride in hist: a row starts at them, and absorb adds its part to them
-        self._hist0 = const.astype(np.float32)                              # [L, D, U]
+            self._now_x = np.einsum("hr,lrk->lhk", proj, self._now_z.astype(np.float64)).astype(np.float32)
+        # the input layer's biases ride in hist: a row starts at them, and absorb adds its part to them
+        self._hist0 = np.array(self.w["b1"][:, :D], np.float32)             # [L, D, U]
         # per target layer m: the (source l, distance d) pairs that read m's latest state, their rows side by side
         self._then = []
         for m in range(L):

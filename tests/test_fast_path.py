@@ -93,12 +93,13 @@ def test_learned_rows_match_the_per_request_predictor(trace, depth, absorb, rank
     assert checked == trace.num_tokens * L
 
 
-@pytest.mark.parametrize("reused", [False, True])
-def test_prefill_predicts_the_rows_last_position(trace, reused):
+@pytest.mark.parametrize("reused,rank", [(False, R), (True, R), (True, H)])
+def test_prefill_predicts_the_rows_last_position(trace, reused, rank):
     """A prefill routes every prompt position of a row at once: the prediction is its last position's, equal to
     the per-request predictor fed the prefill layer by layer (as the runtime routes it). A row an earlier request
     used starts afresh at the prefill."""
-    ref, spec = random_learned(1), NextLayerSpeculator(L, E, K, depth=D, learned=random_learned(1))
+    ref = random_learned_d(D, 1, rank)
+    spec = NextLayerSpeculator(L, E, K, depth=D, learned=random_learned_d(D, 1, rank))
     n = 5
     if reused:   # an earlier request decoded 3 tokens on row 0
         for t in range(3):
