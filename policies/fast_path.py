@@ -161,7 +161,7 @@ class NextLayerSpeculator:
         distances at once, are `_now_z` [L, R, D*U] (one matmul) and `_now_m` [L, E, D, U] (a gather of the K
         selected rows). ex_m' and z_m' are the row's latest state at the target layer m: fixed once m has routed,
         so their product is computed then (`absorb`, off the decode loop: RoutePublisher defers it) into `hist`
-        [rows, L, D, U] (zeros at a request's start), and the step reads it back. A distance that is a multiple of
+        [rows, L, D, U] (the input layer's biases at a request's start), and the step reads it back. A distance that is a multiple of
         L targets l itself (its next token), whose latest state is this very step's: those rows fold into `_now_*`.
         w1 is not fine-tuned online (only w2, b2), so these copies stay right."""
         L, E, R, D = self.L, self.E, self.w["proj"].shape[1], self.depth
@@ -190,8 +190,10 @@ class NextLayerSpeculator:
             ls = np.array([p[0] for p in pairs], np.int64)
             ds = np.array([p[1] for p in pairs], np.int64)
             zt = np.ascontiguousarray(z_then[ls, ds].transpose(1, 0, 2).reshape(R, len(pairs) * U))
+            if self._folded:   # [H, pairs*U]: absorb's product from x - mean, as the step's
+                zt = (proj @ zt.astype(np.float64)).astype(np.float32)
             mt = np.ascontiguousarray(m_then[ls, ds].transpose(1, 0, 2))        # [E, pairs, U]
-            self._then.append((ls, ds, zt, mt))
+            self._then.append((ls, ds, zt, mt, self._hist0[ls, ds]))
         self.hist = np.broadcast_to(self._hist0, (rows, L, D, U)).copy()
         self._pending = None
 
@@ -202,11 +204,11 @@ class NextLayerSpeculator:
         if self.learned is None or self._pending is None:
             return
         m, urows, x, z, top = self._pending
-        ls, ds, zt, mt = self._then[m]
+        ls, ds, zt, mt, b = self._then[m]
         if len(ls):   # (top-k ids are distinct: the gathered rows sum to the multi-hot's product)
-            z = compress(x, self.w["mean"], self.w["proj"]) if z is None else z                # [n, R]
+            z = x - self.w["mean"] if z is None else z     # [n, H] folded (zt then starts from x - mean), else [n, R]
             part = (z @ zt).reshape(len(urows), len(ls), self.hist.shape[-1]) + mt[top].sum(1)   # [n, pairs, U]
-            self.hist[urows[:, None], ls[None, :], ds[None, :]] = part + self._hist0[ls, ds]
+            self.hist[urows[:, None], ls[None, :], ds[None, :]] = part + b
         self._pending = None   # only once all is written: a failure above leaves it to be absorbed again
 
     def _transition(self, layer: int, urows: np.ndarray, pos: np.ndarray, ids: np.ndarray) -> np.ndarray:
