@@ -180,7 +180,7 @@ class NextLayerSpeculator:
         proj = np.asarray(self.w["proj"], np.float64)
         self._folded = proj.shape[0] <= R
         if self._folded:
-            self._now_x = np.einsum("hr,lrk->lhk", proj, self._now_z.astype(np.float64)).astype(np.float32)
+            self._now_x = np.matmul(proj, self._now_z.astype(np.float64)).astype(np.float32)   # [L, H, D*U]
         # the input layer's biases ride in hist: a row starts at them, and absorb adds its part to them
         self._hist0 = np.array(self.w["b1"][:, :D], np.float32)             # [L, D, U]
         # per target layer m: the (source l, distance d) pairs that read m's latest state, their rows side by side
