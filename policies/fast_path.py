@@ -130,8 +130,8 @@ class NextLayerSpeculator:
         if self.source == "transition":
             return urows, self._transition(layer, urows, np.asarray(pos, np.int64) if sel is None
                                            else np.asarray(pos, np.int64)[sel], top)
-        # [n, H] a copy either way: absorb reads it later, after the caller may have reused its buffer
-        x = np.array(hidden, np.float32) if sel is None else np.asarray(hidden, np.float32)[sel]
+        x = np.asarray(hidden, np.float32)
+        x = x if sel is None else x[sel]                    # [n, H]
         if self.learned is None:
             tgt = (layer + np.arange(1, self.depth + 1)) % self.L
             logits = np.einsum("nh,deh->dne", x, self.gates[tgt])           # [depth, n, E]
@@ -144,26 +144,28 @@ class NextLayerSpeculator:
         self._grow(int(urows.max(initial=-1)) + 1)
         if layer == 0:   # a row at its request's first token starts afresh (a prefill: any of its positions is 0)
             self.hist[rows[np.asarray(pos) == 0]] = self._hist0
-        # the input layer's pre-activations: this layer's part (from x itself where the compression folds in), its
-        # experts' rows, and the history part absorbed earlier (with the biases)
-        z = None if self._folded else compress(x, w["mean"], w["proj"])                # [n, R]
-        pre = ((x - w["mean"]) @ self._now_x[layer] if z is None else z @ self._now_z[layer]).reshape(len(urows), D, U)
+        # the input layer's pre-activations: this layer's part, its experts' rows, and the history part absorbed
+        # earlier (with the biases). u: the products' input, x - mean where the compression folds in, else z
+        u = x - w["mean"] if self._folded else compress(x, w["mean"], w["proj"])    # [n, H] or [n, R], a new array
+        pre = (u @ self._now_in[layer]).reshape(len(urows), D, U)                     # [n, D, U]
         pre += self._now_m[layer][top].sum(1) + self.hist[urows, layer]
         a = np.maximum(pre, 0.0)
         logit = np.matmul(a.transpose(1, 0, 2), w["w2"][layer, :D]) + w["b2"][layer, :D, None]   # [D, n, E]
         P = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32, copy=False)
-        self._pending = (layer, urows, x, z, top)
+        self._pending = (layer, urows, u, top)
         return urows, P
 
     def _split_input_layer(self, rows: int) -> None:
         """The learned MLPs' input layer (w1 [L, D, F, U] over f = [z_l, ex_l, ex_m', z_m'], policies/learned.py),
         split by when each part of f is known. z_l and ex_l arrive with layer l's routing: their rows, for all
-        distances at once, are `_now_z` [L, R, D*U] (one matmul) and `_now_m` [L, E, D, U] (a gather of the K
+        distances at once, are `_now_in` [L, R, D*U] (one matmul) and `_now_m` [L, E, D, U] (a gather of the K
         selected rows). ex_m' and z_m' are the row's latest state at the target layer m: fixed once m has routed,
         so their product is computed then (`absorb`, off the decode loop: RoutePublisher defers it) into `hist`
-        [rows, L, D, U] (the input layer's biases at a request's start), and the step reads it back. A distance that is a multiple of
-        L targets l itself (its next token), whose latest state is this very step's: those rows fold into `_now_*`.
-        w1 is not fine-tuned online (only w2, b2), so these copies stay right."""
+        [rows, L, D, U] (the input layer's biases at a request's start), and the step reads it back. A distance
+        that is a multiple of L targets l itself (its next token), whose latest state is this very step's: those
+        rows fold into `_now_*`. Where the router input is no wider than its compression (H <= R), `proj` folds
+        into both products, which then start from x - mean ([H, ...] rows). w1 is not fine-tuned online (only w2,
+        b2), so these copies stay right."""
         L, E, R, D = self.L, self.E, self.w["proj"].shape[1], self.depth
         w1 = np.asarray(self.w["w1"][:, :D], np.float32)                     # [L, D, F, U]
         U = w1.shape[-1]
@@ -172,15 +174,13 @@ class NextLayerSpeculator:
         itself = (np.arange(1, D + 1) % L == 0)[None, :, None, None]         # [1, D, 1, 1] targets layer l itself
         z_now = z_now + np.where(itself, z_then, 0.0)
         m_now = m_now + np.where(itself, m_then, 0.0)
-        self._now_z = np.ascontiguousarray(z_now.transpose(0, 2, 1, 3).reshape(L, R, D * U))
-        self._now_m = np.ascontiguousarray(m_now.transpose(0, 2, 1, 3))    # [L, E, D, U]
-        # where the router input is no wider than its compression (H <= R), the compression folds into the product:
-        # z_l @ Z = (x - mean) @ (proj @ Z), so the step reads [H, D*U] and does one product, not two (the mean is
-        # subtracted first, not folded into a constant: a large mean would cancel in float32)
+        # z_l @ Z = (x - mean) @ (proj @ Z): folded, the step does one product, not two (the mean is subtracted
+        # first, not folded into a constant: a large mean would cancel in float32)
         proj = np.asarray(self.w["proj"], np.float64)
         self._folded = proj.shape[0] <= R
-        if self._folded:
-            self._now_x = np.matmul(proj, self._now_z.astype(np.float64)).astype(np.float32)   # [L, H, D*U]
+        now_z = np.ascontiguousarray(z_now.transpose(0, 2, 1, 3).reshape(L, R, D * U))
+        self._now_in = np.matmul(proj, now_z.astype(np.float64)).astype(np.float32) if self._folded else now_z
+        self._now_m = np.ascontiguousarray(m_now.transpose(0, 2, 1, 3))    # [L, E, D, U]
         # the input layer's biases ride in hist: a row starts at them, and absorb adds its part to them
         self._hist0 = np.array(self.w["b1"][:, :D], np.float32)             # [L, D, U]
         # per target layer m: the (source l, distance d) pairs that read m's latest state, their rows side by side
@@ -190,7 +190,7 @@ class NextLayerSpeculator:
             ls = np.array([p[0] for p in pairs], np.int64)
             ds = np.array([p[1] for p in pairs], np.int64)
             zt = np.ascontiguousarray(z_then[ls, ds].transpose(1, 0, 2).reshape(R, len(pairs) * U))
-            if self._folded:   # [H, pairs*U]: absorb's product from x - mean, as the step's
+            if self._folded:   # [H, pairs*U]: absorb's product starts from x - mean too
                 zt = (proj @ zt.astype(np.float64)).astype(np.float32)
             mt = np.ascontiguousarray(m_then[ls, ds].transpose(1, 0, 2))        # [E, pairs, U]
             self._then.append((ls, ds, zt, mt, self._hist0[ls, ds]))
@@ -203,11 +203,10 @@ class NextLayerSpeculator:
         wait for the layer's replies, and the next step runs it if nothing did."""
         if self.learned is None or self._pending is None:
             return
-        m, urows, x, z, top = self._pending
+        m, urows, u, top = self._pending                     # u: the step's product input
         ls, ds, zt, mt, b = self._then[m]
         if len(ls):   # (top-k ids are distinct: the gathered rows sum to the multi-hot's product)
-            z = x - self.w["mean"] if z is None else z     # [n, H] folded (zt then starts from x - mean), else [n, R]
-            part = (z @ zt).reshape(len(urows), len(ls), self.hist.shape[-1]) + mt[top].sum(1)   # [n, pairs, U]
+            part = (u @ zt).reshape(len(urows), len(ls), self.hist.shape[-1]) + mt[top].sum(1)   # [n, pairs, U]
             self.hist[urows[:, None], ls[None, :], ds[None, :]] = part + b
         self._pending = None   # only once all is written: a failure above leaves it to be absorbed again
 
