@@ -56,6 +56,9 @@ class LinkEmulation(_Model):
     latency_s: float = Field(ge=0, le=10)
     bandwidth_Bps: float = Field(gt=0)
     channels: int = Field(8, ge=1, le=1024)
+    # split a read over the channels free when it starts, one part per split_min_bytes at least, as the real
+    # adapters split one (parallel ranged GETs / chunks); None: a read holds one channel
+    split_min_bytes: ByteSize | None = None
 
 
 class NvmeTier(_Model):

@@ -505,7 +505,9 @@ def calibrate(res: dict, tr, inter: int, a, expert_bytes: int, hbm: int) -> dict
         # --tier link: the storage link is the emulated one, known exactly; what a load costs beyond it (storage
         # actor -> object store -> copy into the worker) is on_demand's in-worker time per load minus the link's
         # modelled time (its demand reads never queue: a layer's misses fit the link's channels)
-        wire = link["latency_s"] + expert_bytes / link["bandwidth_Bps"]
+        split = link.get("split_min_bytes") or 0   # a lone demand read takes this many parts of the idle link
+        parts = max(1, min(link["channels"], expert_bytes // split)) if split else 1
+        wire = link["latency_s"] + expert_bytes / (parts * link["bandwidth_Bps"])
         handoff = max(od["load_seconds"] / max(od["loads"], 1) - wire, 0.0)
         load_s, src = wire + handoff, "emulated link's model + on_demand's measured hand-off per load"
         loads_at_once = 8          # ExpertWorker's I/O pool (io_threads): its demand loads of one call in parallel
@@ -618,6 +620,9 @@ def main(argv=None) -> int:
     p.add_argument("--link-latency-ms", type=float, default=5.0, help="--tier link: latency per read")
     p.add_argument("--link-mbps", type=float, default=200.0, help="--tier link: bandwidth per channel, MB/s")
     p.add_argument("--link-channels", type=int, default=8, help="--tier link: reads in flight at once per node")
+    p.add_argument("--link-split-kib", type=float, default=None,
+                   help="--tier link: split a read over the channels free when it starts, one part per this many "
+                        "KiB at least, as the S3 and NVMe adapters split reads (default: a read holds one channel)")
     p.add_argument("--prefetch-concurrency", type=int, default=None,
                    help="workers.prefetch_concurrency: prefetch loads each worker runs at once (default 2)")
     p.add_argument("--placement", choices=("balanced", "by_layer"), default=None, help="workers.placement")
@@ -754,7 +759,10 @@ def link_settings(a) -> dict | None:
     """--tier link: the nvme tier's `emulate` block."""
     if getattr(a, "tier", None) != "link":
         return None
-    return {"latency_s": a.link_latency_ms / 1e3, "bandwidth_Bps": a.link_mbps * 1e6, "channels": a.link_channels}
+    out = {"latency_s": a.link_latency_ms / 1e3, "bandwidth_Bps": a.link_mbps * 1e6, "channels": a.link_channels}
+    if getattr(a, "link_split_kib", None):
+        out["split_min_bytes"] = int(a.link_split_kib * 1024)
+    return out
 
 
 def worker_settings(a) -> dict:

@@ -60,6 +60,7 @@ class Storage:
     bw_per_channel: float       # bytes/s one connection / queue streams
     channels: int               # parallel reads in flight
     first_byte: float           # s before the first byte of a read arrives
+    split_min_bytes: int = 0    # >0: a read also takes the free channels, one part per this many bytes at least
 
 
 STORAGE = {
@@ -167,12 +168,14 @@ def local_hardware(calib: dict) -> Hardware:
 
 def local_storage(calib: dict) -> Storage:
     """The storage link of a `--tier link` calibration: the emulated link's own model (storage_adapters/emulated.py:
-    `channels` reads at once per node, each latency_s + bytes / bandwidth_Bps), which is the simulator's Link.
-    calib["link"] = {latency_s, bandwidth_Bps, channels}."""
+    `channels` reads at once per node, each latency_s + bytes / bandwidth_Bps, split over free channels when
+    split_min_bytes is set), which is the simulator's Link. calib["link"] = {latency_s, bandwidth_Bps, channels[,
+    split_min_bytes]}."""
     lk = calib.get("link")
     if not lk:
         raise ValueError("local_storage needs a --tier link calibration (its `link` block); got none")
-    return Storage("local-link", float(lk["bandwidth_Bps"]), int(lk["channels"]), float(lk["latency_s"]))
+    return Storage("local-link", float(lk["bandwidth_Bps"]), int(lk["channels"]), float(lk["latency_s"]),
+                   int(lk.get("split_min_bytes") or 0))
 
 
 def describe(obj) -> dict:

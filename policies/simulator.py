@@ -110,12 +110,16 @@ def _next_queued(q: list, owner) -> "Transfer | None":
 
 
 class Link:
-    """`channels` transfers at once, each at `bw` bytes/s after `latency` s; queued by priority (lower first)."""
+    """`channels` transfers at once, each at `bw` bytes/s after `latency` s; queued by priority (lower first).
+    With split_min_bytes > 0 a starting transfer also takes the channels free at that moment, one part per
+    split_min_bytes at least, its parts in parallel (storage_adapters/emulated.py's split reads)."""
 
-    def __init__(self, clock: Clock, name: str, kind: str, bw: float, latency: float, channels: int, on_hop):
+    def __init__(self, clock: Clock, name: str, kind: str, bw: float, latency: float, channels: int, on_hop,
+                 split_min_bytes: int = 0):
         assert bw > 0 and channels >= 1, f"link {name}: bw {bw} and channels {channels} must be positive"
         self.clock, self.name, self.kind = clock, name, kind
-        self.bw, self.latency, self.free = bw, latency, channels
+        self.bw, self.latency, self.free, self.channels = bw, latency, channels, channels
+        self.split_min_bytes = split_min_bytes
         self.on_hop = on_hop
         self._q: list = []
         self._seq = itertools.count()
@@ -138,14 +142,20 @@ class Link:
 
     def _start(self) -> None:
         while self.free and (tr := _next_queued(self._q, self)) is not None:
-            self.free -= 1
-            dt = self.latency + tr.nbytes / self.bw
+            parts = 1
+            if self.split_min_bytes and self.free > 1:
+                want = min(self.channels, tr.nbytes // self.split_min_bytes)
+                # extra channels only when nothing else is queued (the emulated link hands a freed one to a waiter)
+                if want > 1 and not any(e[3].queued_on is self and e[2] == e[3].version for e in self._q):
+                    parts = min(want, self.free)
+            self.free -= parts
+            dt = self.latency + tr.nbytes / (parts * self.bw)
             self.bytes += tr.nbytes
-            self.busy_s += dt
-            self.clock.at(self.clock.now + dt, self._done, tr)
+            self.busy_s += dt * parts
+            self.clock.at(self.clock.now + dt, self._done, tr, parts)
 
-    def _done(self, tr: Transfer) -> None:
-        self.free += 1
+    def _done(self, tr: Transfer, parts: int = 1) -> None:
+        self.free += parts
         self.on_hop(self, tr)
         self._start()
 
@@ -310,7 +320,7 @@ class Simulator:
         ch = hw.h2d_channels
         self.h2d = [Link(self.clock, f"h2d{w}", "h2d", hw.h2d_bw, hw.h2d_latency, ch, self._hop) for w in range(W)]
         self.sto = [Link(self.clock, f"storage{n}", "storage", store.bw_per_channel, store.first_byte,
-                         store.channels, self._hop) for n in range(self.nodes)]
+                         store.channels, self._hop, store.split_min_bytes) for n in range(self.nodes)]
         self.net = [Link(self.clock, f"net{n}", "net", hw.net_bw, hw.net_latency, 1, self._hop)
                     for n in range(self.nodes)]
         self.cpu_debt = 0.0                   # s of prefetch hand-off CPU work the runtime's layers have not paid yet

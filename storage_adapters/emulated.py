@@ -10,6 +10,10 @@ adapter instance, i.e. per storage actor), each taking `latency_s + bytes / band
 Waiting reads are served by priority, then in arrival order: a read issued under `LINK_PRIORITY` = PREFETCH
 (the StorageActor sets it for a worker's prefetch loads) waits behind every demand read, as an I/O scheduler or a
 DMA queue with priorities would order them; a transfer already on a channel is never preempted.
+With `split_min_bytes`, a read is split as the real adapters split one (S3Adapter's parallel ranged GETs, NvmeAdapter's
+parallel chunks): it takes the channels that are free when it starts, up to one per `split_min_bytes`, and its parts
+run at once, each paying the latency — `latency_s + bytes / (parts * bandwidth_Bps)`. It never waits for a second
+channel, so on a busy link it is one read on one channel, as before. Without it, every read holds one channel.
 Used only where a tier config says `emulate:` (benchmarks, tests); writes, stats and deletes pass straight through.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 
 import numpy as np
 
-from .base import read_fresh
+from .base import as_u8, read_fresh
 
 DEMAND, PREFETCH = 0, 1
 # the priority of reads made in this asyncio context (a task inherits its creator's value)
@@ -30,22 +34,39 @@ LINK_PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("link_priori
 
 
 class EmulatedLink:
-    def __init__(self, inner, *, latency_s: float, bandwidth_Bps: float, channels: int = 8):
+    def __init__(self, inner, *, latency_s: float, bandwidth_Bps: float, channels: int = 8,
+                 split_min_bytes: int | None = None):
         assert latency_s >= 0 and bandwidth_Bps > 0 and channels >= 1, \
             f"emulated link needs latency_s >= 0, bandwidth_Bps > 0, channels >= 1; got " \
             f"{latency_s}, {bandwidth_Bps}, {channels}"
+        assert split_min_bytes is None or split_min_bytes >= 1, f"split_min_bytes must be >= 1, got {split_min_bytes}"
         self.inner = inner
         self.tier, self.uri = inner.tier, inner.uri
         self.latency_s, self.bandwidth_Bps, self.channels = float(latency_s), float(bandwidth_Bps), int(channels)
+        self.split_min_bytes = split_min_bytes
         self._free = self.channels
         self._waiting: list[tuple[int, int, asyncio.Future]] = []   # heap of (priority, arrival, future)
         self._seq = itertools.count()
         self.waited_s = 0.0   # modelled time spent sleeping beyond the real reads (for benchmarks' bookkeeping)
         self.queued = {DEMAND: 0, PREFETCH: 0}   # reads that found every channel busy, by priority
+        self.split_reads = 0                     # reads that ran on more than one channel
 
-    def transfer_s(self, nbytes: int) -> float:
-        """Seconds one read of nbytes occupies a channel."""
-        return self.latency_s + nbytes / self.bandwidth_Bps
+    def transfer_s(self, nbytes: int, parts: int = 1) -> float:
+        """Seconds a read of nbytes split into `parts` parallel parts occupies its channels."""
+        return self.latency_s + nbytes / (parts * self.bandwidth_Bps)
+
+    def parts_for(self, nbytes: int) -> int:
+        """How many parts a read of nbytes wants (before seeing which channels are free)."""
+        if not self.split_min_bytes:
+            return 1
+        return max(1, min(self.channels, nbytes // self.split_min_bytes))
+
+    def _take_more(self, want: int) -> int:
+        """Channels beyond the first that a starting read takes without waiting: only free ones, never one a
+        queued read is waiting for (a waiter would have been handed it)."""
+        extra = min(want - 1, self._free) if not self._waiting else 0
+        self._free -= extra
+        return extra
 
     async def _acquire(self) -> None:
         if self._free > 0 and not self._waiting:
@@ -72,16 +93,19 @@ class EmulatedLink:
 
     async def read_into(self, key: str, out, offset: int = 0) -> int:
         await self._acquire()
+        held = 1 + self._take_more(self.parts_for(len(as_u8(out))))
+        self.split_reads += held > 1
         try:
             t0 = time.perf_counter()
             n = await self.inner.read_into(key, out, offset)
-            left = self.transfer_s(n) - (time.perf_counter() - t0)
+            left = self.transfer_s(n, held) - (time.perf_counter() - t0)
             if left > 0:
                 self.waited_s += left
                 await asyncio.sleep(left)
             return n
         finally:
-            self._release()
+            for _ in range(held):
+                self._release()
 
     async def read(self, key: str, offset: int = 0, length: int | None = None) -> np.ndarray:
         return await read_fresh(self, key, offset, length, f"{self.uri}/{key}")

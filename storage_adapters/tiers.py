@@ -14,7 +14,9 @@ def adapter_for(t, endpoint_url: str | None = None) -> BlobAdapter:
                          o_direct=t.o_direct)
         em = getattr(t, "emulate", None)
         if em is not None:
-            return EmulatedLink(ad, latency_s=em.latency_s, bandwidth_Bps=em.bandwidth_Bps, channels=em.channels)
+            split = int(em.split_min_bytes) if em.split_min_bytes else None
+            return EmulatedLink(ad, latency_s=em.latency_s, bandwidth_Bps=em.bandwidth_Bps, channels=em.channels,
+                                split_min_bytes=split)
         return ad
     if t.kind == "s3":
         r = t.retry

@@ -92,12 +92,50 @@ def test_a_cancelled_waiter_does_not_leak_its_channel(blob):
     assert asyncio.run(go()) == 1
 
 
+def test_split_reads_take_the_free_channels_and_give_them_back(blob):
+    """split_min_bytes: a lone read of 4 parts' bytes runs on 4 idle channels (latency + bytes / 4 bw); a read
+    that starts while others hold channels takes only what is free; every channel comes back."""
+    root, data = blob
+    n, bw = 200_000, 4e6                  # one channel: 20 ms + 50 ms = 70 ms; four: 20 + 12.5 = 32.5 ms
+    link = EmulatedLink(NvmeAdapter(str(root)), latency_s=0.02, bandwidth_Bps=bw, channels=6, split_min_bytes=50_000)
+    assert [link.parts_for(b) for b in (10_000, 50_000, 120_000, n, 10 * n)] == [1, 1, 2, 4, 6]
+
+    async def timed(off, length):
+        t0 = time.perf_counter()
+        got = await link.read("b.bin", off, length)
+        return got, time.perf_counter() - t0
+
+    async def lone():
+        return await timed(0, n)
+    got, dt = asyncio.run(lone())
+    assert np.array_equal(got, data[:n]), "a split read must return the tier's real bytes"
+    want = link.transfer_s(n, 4)
+    assert want == pytest.approx(0.02 + n / (4 * bw))
+    assert want <= dt < link.transfer_s(n, 2), f"a lone split read took {dt * 1e3:.1f} ms, modelled {want * 1e3:.1f}"
+    assert link.split_reads == 1 and link._free == 6
+
+    async def two():
+        first = asyncio.create_task(timed(0, n))        # takes 4 of the 6 channels
+        await asyncio.sleep(0.003)
+        second = await timed(4096, n)                   # only 2 are free: 20 + 25 = 45 ms
+        return await first, second
+    (g1, d1), (g2, d2) = asyncio.run(two())
+    assert np.array_equal(g1, data[:n]) and np.array_equal(g2, data[4096:4096 + n])
+    assert link.transfer_s(n, 2) <= d2 < link.transfer_s(n, 1), \
+        f"the second read took {d2 * 1e3:.1f} ms; with the 2 channels left it models {link.transfer_s(n, 2) * 1e3:.1f}"
+    assert link._free == 6, "a split read must give back every channel it took"
+
+
 def test_tier_config_builds_the_link_and_rejects_bad_values(tmp_path):
     raw = {"tiers": [{"kind": "nvme", "path": str(tmp_path), "emulate": {"latency_s": 0.005, "bandwidth_Bps": 2e8,
                                                                           "channels": 3}}]}
     cfg = ClusterConfig.model_validate(raw)
     ad = adapter_for(cfg.tiers[0])
     assert isinstance(ad, EmulatedLink) and (ad.latency_s, ad.bandwidth_Bps, ad.channels) == (0.005, 2e8, 3)
+    assert ad.split_min_bytes is None, "without split_min_bytes a read holds one channel"
+    raw["tiers"][0]["emulate"]["split_min_bytes"] = "64KiB"
+    assert adapter_for(ClusterConfig.model_validate(raw).tiers[0]).split_min_bytes == 64 << 10
+    del raw["tiers"][0]["emulate"]["split_min_bytes"]
     assert ad.tier == "nvme" and ad.path("x") == os.path.join(str(tmp_path), "x")   # the rest is the real tier's
     assert not isinstance(adapter_for(ClusterConfig.model_validate(
         {"tiers": [{"kind": "nvme", "path": str(tmp_path)}]}).tiers[0]), EmulatedLink)

@@ -223,6 +223,25 @@ def test_on_demand_stall_is_the_link_model_per_miss():
     assert m["bytes_per_link"]["storage"] == T * L * cal["expert_bytes"], "every load crossed the storage link"
 
 
+def test_split_link_reads_take_the_idle_channels():
+    """The storage link with split_min_bytes (storage_adapters/emulated.py's split reads): a lone miss on an idle
+    link runs in parts over the free channels, so it waits latency + bytes / (parts * bandwidth); all channels
+    come back. Same trace and cache as above, one miss per layer: every miss finds the link idle."""
+    T, L, E = 24, 3, 8
+    tr = _cycling_trace(T, L, E)
+    cal = _link_calib(link=dict(LINK, split_min_bytes=125_000))          # 500 kB -> 4 parts
+    st = P.local_storage(cal)
+    assert st.split_min_bytes == 125_000, "local_storage carries the link's split"
+    model = P.Model("t", L, E, 1, 64, 64, 2.0, blob_bytes=cal["expert_bytes"])
+    cfg = SimConfig(batch=1, hbm_bytes_per_worker=cal["expert_bytes"], dram_fraction=0.0, compute_after_loads=True,
+                    decision_latency=0.0)
+    sim, m = _run(tr, "on_demand", cfg, hw=P.local_hardware(cal), store=st, model=model)
+    per_miss = LINK["latency_s"] + cal["expert_bytes"] / (4 * LINK["bandwidth_Bps"]) + cal["handoff_s"]  # 15.25 ms
+    assert m["demand_loads"] == T * L
+    assert m["stall_s"] == pytest.approx(T * L * per_miss, rel=1e-6)
+    assert all(lk.free == LINK["channels"] for lk in sim.sto), "every channel a split read took is back"
+
+
 def test_prefetch_slots_and_cpu_cost_of_prefetches():
     """prefetch_concurrency bounds the prefetches in flight per worker (every slot is back at the end); with a
     latency-bound link, more slots hide more; load_cpu_s charges each landed prefetch to the layers, exactly."""
