@@ -2,7 +2,8 @@
                                    [--policies a,b,...] [--workers W] [--batch B] --json OUT   (+ OUT's .png)
                                    [--prefetch-ratio full,0.8,0.5,0.25]   (partial prefetch, docs/weight_prefetch.md)
                                    [--tier s3 --s3-latency-ms MS --s3-mbps MBPS]   (I/O-bound: loads from shaped S3)
-                                   [--tier link --link-latency-ms MS --link-mbps MBPS --link-channels N]
+                                   [--tier link --link-latency-ms MS --link-mbps MBPS --link-channels N
+                                    --link-split-kib K]
                                    [--prefetch-concurrency N] [--placement balanced|by_layer]
                                    [--model-dir CKPT] [--predictor-dir DIR] [--threshold P] [--hbm-confirm-prob P]
                                    [--lookahead-tokens N] [--cache-policy lru|slru|...] [--repeat N]
@@ -30,7 +31,8 @@ shaping proxy (storage_adapters/s3_proxy.py: first-byte latency per GET, bandwid
 reads it there, with no DRAM tier unless --dram-fraction says so: a load waits on a socket (the I/O-bound regime of
 offloading to slow storage); `--tier link`: loads read the local store through an emulated link (storage_adapters/
 emulated.py: each read a WAIT of latency + bytes / bandwidth on one of --link-channels, the CPU left free, as a DMA
-or a remote read leaves it), no DRAM tier by default; the planner gets the shaping as its tier costs; the JSON's `regime` says whether loading one expert took at least as long as
+or a remote read leaves it; with --link-split-kib a read also takes the channels idle when it starts, one part per K
+KiB at least, as the NVMe and S3 adapters split a real expert), no DRAM tier by default; the planner gets the shaping as its tier costs; the JSON's `regime` says whether loading one expert took at least as long as
 computing one layer (I/O-bound). `calibration` holds this machine's measured figures for
 `python -m jobs.simulate --hardware local --calib OUT`, and `simulated` the simulator's prediction for this very
 run next to the measurement (tokens/s and hit rate ratios). On a multi-node Ray cluster (`ray job submit`,
