@@ -58,7 +58,7 @@ class LinkEmulation(_Model):
     channels: int = Field(8, ge=1, le=1024)
     # split a read over the channels free when it starts, one part per split_min_bytes at least, as the real
     # adapters split one (parallel ranged GETs / chunks); None: a read holds one channel
-    split_min_bytes: ByteSize | None = None
+    split_min_bytes: ByteSize | None = Field(None, ge=1)
 
 
 class NvmeTier(_Model):

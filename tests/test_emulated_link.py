@@ -135,6 +135,9 @@ def test_tier_config_builds_the_link_and_rejects_bad_values(tmp_path):
     assert ad.split_min_bytes is None, "without split_min_bytes a read holds one channel"
     raw["tiers"][0]["emulate"]["split_min_bytes"] = "64KiB"
     assert adapter_for(ClusterConfig.model_validate(raw).tiers[0]).split_min_bytes == 64 << 10
+    raw["tiers"][0]["emulate"]["split_min_bytes"] = 0
+    with pytest.raises(ValidationError, match=r"tiers\.0\.nvme\.emulate\.split_min_bytes"):
+        ClusterConfig.model_validate(raw)
     del raw["tiers"][0]["emulate"]["split_min_bytes"]
     assert ad.tier == "nvme" and ad.path("x") == os.path.join(str(tmp_path), "x")   # the rest is the real tier's
     assert not isinstance(adapter_for(ClusterConfig.model_validate(
