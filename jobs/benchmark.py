@@ -507,8 +507,9 @@ def calibrate(res: dict, tr, inter: int, a, expert_bytes: int, hbm: int) -> dict
         # --tier link: the storage link is the emulated one, known exactly; what a load costs beyond it (storage
         # actor -> object store -> copy into the worker) is on_demand's in-worker time per load minus the link's
         # modelled time (its demand reads never queue: a layer's misses fit the link's channels)
-        split = link.get("split_min_bytes") or 0   # a lone demand read takes this many parts of the idle link
-        parts = max(1, min(link["channels"], expert_bytes // split)) if split else 1
+        from storage_adapters.emulated import split_parts
+        # a lone demand read takes this many parts of the idle link
+        parts = split_parts(expert_bytes, link.get("split_min_bytes"), link["channels"])
         wire = link["latency_s"] + expert_bytes / (parts * link["bandwidth_Bps"])
         handoff = max(od["load_seconds"] / max(od["loads"], 1) - wire, 0.0)
         load_s, src = wire + handoff, "emulated link's model + on_demand's measured hand-off per load"

@@ -33,6 +33,14 @@ DEMAND, PREFETCH = 0, 1
 LINK_PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("link_priority", default=DEMAND)
 
 
+def split_parts(nbytes: int, split_min_bytes: int | None, channels: int) -> int:
+    """How many parts a read of nbytes wants on an idle link: one per split_min_bytes at least, at most `channels`;
+    1 when reads are not split (split_min_bytes None or 0)."""
+    if not split_min_bytes:
+        return 1
+    return max(1, min(channels, nbytes // split_min_bytes))
+
+
 class EmulatedLink:
     def __init__(self, inner, *, latency_s: float, bandwidth_Bps: float, channels: int = 8,
                  split_min_bytes: int | None = None):
@@ -57,9 +65,7 @@ class EmulatedLink:
 
     def parts_for(self, nbytes: int) -> int:
         """How many parts a read of nbytes wants (before seeing which channels are free)."""
-        if not self.split_min_bytes:
-            return 1
-        return max(1, min(self.channels, nbytes // self.split_min_bytes))
+        return split_parts(nbytes, self.split_min_bytes, self.channels)
 
     def _take_more(self, want: int) -> int:
         """Channels beyond the first that a starting read takes without waiting: only free ones, never one a
