@@ -14,7 +14,8 @@ With `prefetch.policy` other than on_demand, a PrefetchCoordinator actor is star
 installed as the model's on_route hook: it sends routing events to the coordinator without waiting (see
 actors/prefetch_coordinator.py). Serving never depends on the coordinator: if it is gone, experts load on demand.
 With `prefetch.reuse_values` (the default) the hook also values each routed layer's experts by P(the request's
-next token selects them there) and the workers' caches evict the lowest first (policies/reuse.py TransitionReuse);
+next token selects them there) and the workers' caches evict the lowest first (policies/reuse.py TransitionReuse,
+mixed with a long-memory table warm-started from the store's routing prior: MixedReuse, prefetch.reuse_memory);
 under policy on_demand it does only that, with no coordinator. Of the hook, only the fast path's orders run
 before a layer's compute calls leave; the reuse values and the coordinator's batch run while they are in flight
 (ClusterExperts.deferred), and its cost is counted (counters hook_s, hook_deferred_s, hook_layers).
@@ -38,7 +39,7 @@ from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_o
 from actors.prefetch_coordinator import PrefetchCoordinator, access_policy
 from policies.fast_path import NextLayerSpeculator, likely_experts, order_filter
 from policies.ranking import AccessDenied
-from policies.reuse import TransitionReuse
+from policies.reuse import PRIOR_FILE, load_routing_prior, make_reuse_values
 from policies.placement import Placement, place
 from storage_adapters.manifest import Manifest
 
@@ -354,7 +355,7 @@ class RoutePublisher:
         # unset: the source's default order filter (policies/fast_path.py order_filter)
         t, f = order_filter(speculator.source if speculator is not None else None, model.args.top_k)
         self.threshold = t if threshold is None else threshold
-        self.reuse = reuse   # TransitionReuse or None (prefetch.reuse_values)
+        self.reuse = reuse   # TransitionReuse, MixedReuse or None (prefetch.reuse_values)
         self.fanout = fanout or f
         self.moe_layers = list(model.args.moe_layers)
         self._moe_index = {l: i for i, l in enumerate(self.moe_layers)}
@@ -579,6 +580,7 @@ class ExpertCluster:
         self.lost_workers: list[int] = []
         self.coordinator = None
         self.publisher: RoutePublisher | None = None
+        self.reuse_prior_meta: dict | None = None   # the routing prior the reuse values started from, if any
         self._access = access_policy(cfg.prefetch)   # tenants' rules (None: no access control)
         self._gen_ids = itertools.count()
 
@@ -614,9 +616,8 @@ class ExpertCluster:
         self.model = MoEModel.from_dense(m.model.config, dense, self.experts, dtype=dtype,
                                          weight_prefetch=self.cfg.weight_prefetch_config)   # dense_offload
         check_store_matches_model(m, self.model.args)
-        pf, a = self.cfg.prefetch, self.model.args
-        reuse = TransitionReuse(len(a.moe_layers), a.num_experts, a.top_k) \
-            if pf.reuse_values and not pf.eviction_hints else None
+        pf = self.cfg.prefetch
+        reuse = self._reuse_values() if pf.reuse_values and not pf.eviction_hints else None
         if pf.policy != "on_demand":
             self._start_coordinator(dense, reuse)
         elif pf.speculate_layers > 0 and pf.speculate_source != "auto":
@@ -643,7 +644,7 @@ class ExpertCluster:
     def _worker_nodes(self) -> dict:
         return dict(zip(self.workers, ray.get([w.stats.remote() for w in self.workers.values()])))
 
-    def _start_coordinator(self, dense: dict, reuse: TransitionReuse | None = None) -> None:
+    def _start_coordinator(self, dense: dict, reuse=None) -> None:
         pf, a = self.cfg.prefetch, self.model.args
         L, E = len(a.moe_layers), a.num_experts
         nbytes = np.array([[self.sizes[(l, e)] for e in range(E)] for l in a.moe_layers], np.int64)
@@ -676,6 +677,20 @@ class ExpertCluster:
                                         fanout=pf.speculate_fanout,
                                         values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
         self.model.on_route = self.publisher
+
+    def _reuse_values(self):
+        """The runtime's reuse values (prefetch.reuse_values / reuse_memory / reuse_prior): the routing prior is
+        read here, once, and a malformed one or one of another model's geometry is an error naming the file."""
+        pf, a = self.cfg.prefetch, self.model.args
+        L, E, K = len(a.moe_layers), a.num_experts, a.top_k
+        path = pf.reuse_prior
+        if path is None and pf.reuse_memory and self._nvme_path() is not None:
+            found = os.path.join(self._nvme_path(), PRIOR_FILE)
+            path = found if os.path.exists(found) else None
+        prior, self.reuse_prior_meta = None, None
+        if path is not None:
+            prior, self.reuse_prior_meta = load_routing_prior(path, L, E, K)
+        return make_reuse_values(L, E, K, memory=pf.reuse_memory, prior=prior)
 
     def _nvme_path(self) -> str | None:
         return next((t.path for t in self.cfg.storage_tiers if t.kind == "nvme"), None)
@@ -857,6 +872,13 @@ class ExpertCluster:
         # the runtime's fast path, from its own counters (with a coordinator its telemetry adds them up too)
         fast = None if spec is None else {"source": spec.source, "depth": spec.depth, "orders": pub.speculated,
                                           "superseded": pub.superseded, "refuted": pub.refuted}
+        rv = pub.reuse if pub is not None else None
+        # the reuse values: which table they trust per MoE layer (MixedReuse), and the prior it started from
+        reuse = None if rv is None else {
+            "memory": hasattr(rv, "weight_slow"),
+            "weight_memory": rv.weight_slow.round(4).tolist() if hasattr(rv, "weight_slow") else None,
+            "scored_steps": int(rv.scored.sum()) if hasattr(rv, "scored") else None,
+            "prior": self.reuse_prior_meta}
         return {"workers": ws, "storage": ss,
                 "dispatch": {"calls": d.calls, "plain_calls": d.plain_calls, "moe_layers": d.layers,
                              "pairs": d.pairs, "mode": self.experts.dispatch},
@@ -866,7 +888,8 @@ class ExpertCluster:
                             "dense_offload": self.model.dense_offload_stats()},
                 "prefetch": {"policy": self.cfg.prefetch.policy, "coordinator": self.coordinator_stats(),
                              "published": self.publisher.sent if self.publisher else 0,
-                             "dropped": self.publisher.dropped if self.publisher else 0, "fast_path": fast}}
+                             "dropped": self.publisher.dropped if self.publisher else 0, "fast_path": fast,
+                             "reuse_values": reuse}}
 
 
 def _router_weights(dense: dict) -> dict:

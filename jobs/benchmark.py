@@ -95,6 +95,23 @@ def cut_trace(tr, layers: int | None, tokens: int | None, requests: int | None =
                         f"{tr.origin}[{R} requests, <= {per} rows each, {Lc} layers]")
 
 
+def prior_from_trace(full, cut, work: str) -> tuple[str, dict]:
+    """(path, meta): a routing prior (policies/reuse.py) counted from the requests of trace `full` that its
+    replayed cut `cut` (cut_trace: its first requests) leaves out, over the cut's layers, written under `work`."""
+    from policies.reuse import save_routing_prior, transition_counts
+    R, L, o = cut.num_requests, cut.num_layers, full.offsets
+    if full.num_requests <= R:
+        raise ValueError(f"--reuse-prior-from-trace: {full.origin} has {full.num_requests} requests and the replay "
+                         f"uses all of them (--requests {R}): no other request to learn a prior from")
+    counts = transition_counts(full.experts[o[R]:, :L], o[R:] - o[R], full.num_experts)
+    meta = {"top_k": full.top_k, "rows": int(o[-1] - o[R]), "requests": full.num_requests - R,
+            "source": f"{full.origin} requests {R}..{full.num_requests - 1}, first {L} layers"}
+    os.makedirs(work, exist_ok=True)
+    path = os.path.join(work, f"routing_prior-{os.path.basename(full.origin)}-from{R}-L{L}.npz")
+    save_routing_prior(path, counts, **meta)
+    return path, meta
+
+
 def build_store(work: str, L: int, E: int, K: int, expert_bytes: int) -> tuple[str, object]:
     """A random Mixtral-layout checkpoint of the trace's geometry converted into work/store (reused when there)."""
     from jobs.make_checkpoint import Preset, write_checkpoint
@@ -204,7 +221,7 @@ def reuse_values_on(policy: str, a) -> bool:
     with --eviction-hints, when the coordinator's values decide)."""
     base, _, evict = policy.partition("+")
     if evict or base in SEED_STRATEGIES or base in NO_COORDINATOR:
-        return evict == "reuse"
+        return evict in ("reuse", "reuse_fast")
     if getattr(a, "eviction_hints", False):
         return False
     on = getattr(a, "reuse_values", None)
@@ -222,10 +239,14 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     from policies.traces import TraceSlots
     out: dict = {"policy": policy}
     policy, _, evict = policy.partition("+")
-    if evict not in ("", "reuse", "lru"):
-        raise ValueError(f"policy {out['policy']!r}: the suffix after '+' must be 'reuse' or 'lru'")
+    if evict not in ("", "reuse", "reuse_fast", "lru"):
+        raise ValueError(f"policy {out['policy']!r}: the suffix after '+' must be 'reuse', 'reuse_fast' or 'lru'")
     # the baselines and seed strategies: LRU (slru: SLRU) caches, no reuse values unless NAME+reuse
     planner = {**(planner or {}), "reuse_values": reuse_values_on(out["policy"], a)}
+    if evict == "reuse_fast":   # the request's own transitions alone: no long-memory table, so no prior
+        planner["reuse_memory"] = False
+    if not planner["reuse_values"] or not planner.get("reuse_memory", True):
+        planner.pop("reuse_prior", None)
     if policy == FAST_PATH:
         planner["speculate_source"] = fast_path_source(tr, a)
         if getattr(a, "speculate_layers", None) is None:
@@ -330,6 +351,9 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     out["cross_node_activation_bytes"] = act_bytes
     out["coordinator"] = coord
     out["fast_path_orders"] = getattr(pub, "speculated", 0) if pub is not None else 0
+    rv = st["prefetch"].get("reuse_values")
+    if rv is not None and rv["weight_memory"] is not None:   # how much the long-memory table was trusted
+        out["reuse_weight_memory"] = rv["weight_memory"]
     return out
 
 
@@ -554,6 +578,10 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
     max_window = float(max(a.window, (getattr(a, "lookahead_tokens", None) or 3) * tr.num_layers, 1))
     from cluster.config import PrefetchConfig
     publish = getattr(a, "publish_every", None) or PrefetchConfig().publish_every_layers
+    prior = None
+    if getattr(a, "reuse_prior", None):   # the routing prior the runtime's reuse values started from
+        from policies.reuse import load_routing_prior
+        prior = load_routing_prior(a.reuse_prior, tr.num_layers, tr.num_experts, tr.top_k)[0]
     out = {}
     for p in policies:
         name, p = p, p.partition("+")[0]   # NAME+reuse / NAME+lru: the same predictor, with or without the values
@@ -576,7 +604,8 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
                         max_window=max_window if adapt else None, publish_every=publish if adapt else 1,
                         expiry_steps=64 * publish if adapt else 64,
                         coordinator_cpu_s=calib["decision_latency_s"] if adapt else 0.0,
-                        reuse_values=reuse_values_on(name, a))
+                        reuse_values=reuse_values_on(name, a), reuse_memory=not name.endswith("+reuse_fast"),
+                        reuse_prior=prior)
         m = Simulator(hw, model, store, cfg, tr, pred).run()
         out[name] = {k: m[k] for k in ("tokens_per_s", "hit_rate", "stall_ms_per_token", "prefetch_precision",
                                     "prefetch_recall", "late_prefetches", "demand_loads", "hbm_loads",
@@ -653,6 +682,13 @@ def main(argv=None) -> int:
     p.add_argument("--reuse-values", action=argparse.BooleanOptionalAction, default=None,
                    help="prefetch.reuse_values: the runtime values each routed layer's experts by P(the next token "
                         "selects them) and the workers evict by it (the seed strategies never: NAME+reuse asks)")
+    prior = p.add_mutually_exclusive_group()
+    prior.add_argument("--reuse-prior", default=None, metavar="NPZ",
+                       help="prefetch.reuse_prior: a routing prior (python -m jobs.train_predictor --routing-prior) "
+                            "warm-starting the reuse values' long-memory table")
+    prior.add_argument("--reuse-prior-from-trace", action="store_true",
+                       help="build that prior from the trace's requests this run does not replay (those after the "
+                            "first --requests), its first --layers layers: other prompts of the same workload")
     p.add_argument("--speculate-fanout", type=int, default=None,
                    help="prefetch.speculate_fanout: per row at most this many experts per layer "
                         "(default: the source's, policies/fast_path.py order_filter)")
@@ -666,7 +702,8 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default=None, help="comma list (default: on_demand,oracle,resident + "
                                                     "the history predictors the coordinator can run; "
                                                     "fast_path: the runtime's fast path with no coordinator; "
-                                                    "NAME+reuse / NAME+lru: with / without the reuse values)")
+                                                    "NAME+reuse / NAME+lru: with / without the reuse values; "
+                                                    "NAME+reuse_fast: with them, without their long-memory table)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=None, help="trace rows to replay (default 1024, --quick 160)")
@@ -689,8 +726,17 @@ def main(argv=None) -> int:
     mib = a.expert_mib or (0.5 if a.quick else 2.0)
     tokens = a.tokens or (160 if a.quick else 1024)
     layers = a.layers or (4 if a.quick else None)
-    tr = cut_trace(load_trace(a.trace), layers, tokens, a.requests or 2 * a.batch)
+    full = load_trace(a.trace)
+    tr = cut_trace(full, layers, tokens, a.requests or 2 * a.batch)
     L, E, K = tr.num_layers, tr.num_experts, tr.top_k
+    a.reuse_prior_meta = None
+    if a.reuse_prior_from_trace:
+        try:
+            a.reuse_prior, a.reuse_prior_meta = prior_from_trace(full, tr, a.work)
+        except ValueError as e:
+            print(f"benchmark: error: {e}", file=sys.stderr)
+            return 2
+    del full
     if a.model_dir:
         store, inter, a.hidden = model_store(a.work, a.model_dir)
         ckpt, tag = a.model_dir, "model-" + os.path.basename(os.path.normpath(a.model_dir))
@@ -743,7 +789,8 @@ def planner_settings(a, eb: int) -> dict:
                              ("speculate_threshold", getattr(a, "speculate_threshold", None)),
                              ("speculate_fanout", getattr(a, "speculate_fanout", None)),
                              ("speculate_values", getattr(a, "speculate_values", None)),
-                             ("reuse_values", getattr(a, "reuse_values", None))) if v is not None}
+                             ("reuse_values", getattr(a, "reuse_values", None)),
+                             ("reuse_prior", getattr(a, "reuse_prior", None))) if v is not None}
     if not getattr(a, "value_residents", True):
         out["value_residents"] = False
     if getattr(a, "eviction_hints", False):
@@ -842,6 +889,7 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
            "batch": a.batch, "window": a.window, "tier": a.tier, "planner": planner,
            "s3_shaping": {"latency_ms": a.s3_latency_ms, "MBps": a.s3_mbps} if a.tier == "s3" else None,
            "link": link_settings(a), "worker_settings": worker_settings(a),
+           "reuse_prior": getattr(a, "reuse_prior_meta", None) or getattr(a, "reuse_prior", None),
            "policies": res}
     if base:
         calib = calibrate(ok, tr, inter, a, eb, hbm)   # runs that failed (their "error") are left out

@@ -8,6 +8,11 @@ not touched. Training uses torch (CUDA when present, else CPU): a whitened PCA o
 (source layer, distance) one-hidden-layer MLPs trained jointly with Adam on binary cross-entropy against the
 multi-hot truth. A fraction of the requests is held out; the JSON line printed at the end (and the meta file)
 reports their next-layer recall@k, measured by policies.replay.recall_at_k through the predictor itself.
+
+python -m jobs.train_predictor --routing-prior --traces T [T2 ...] --out STORE_DIR [--layers N]
+instead counts the traces' token-to-token routing transitions (any trace format, routing only) into
+STORE_DIR/routing_prior.npz: the warm start of the runtime's long-memory reuse values (prefetch.reuse_memory;
+policies/reuse.py MixedReuse), written atomically.
 """
 from __future__ import annotations
 
@@ -119,9 +124,46 @@ def train(trace, *, horizon: int = 2, rank: int = 128, hidden_units: int = 512, 
     return out
 
 
+def routing_prior(traces, layers: int | None = None) -> tuple[np.ndarray, dict]:
+    """(transition counts float64 [L, E, E], meta) of routing traces of one geometry (their first `layers` MoE
+    layers), for policies/reuse.py save_routing_prior."""
+    from policies.reuse import transition_counts
+    t0 = traces[0]
+    geo = (t0.num_layers, t0.num_experts, t0.top_k)
+    for t in traces:
+        if (t.num_layers, t.num_experts, t.top_k) != geo:
+            raise ValueError(f"{t.origin}: geometry L, E, K = {(t.num_layers, t.num_experts, t.top_k)} differs "
+                             f"from {t0.origin}'s {geo}")
+    if layers is not None and not 0 < layers <= geo[0]:
+        raise ValueError(f"--layers {layers}: the traces have {geo[0]} MoE layers")
+    L = layers or geo[0]
+    counts = sum(transition_counts(t.experts[:, :L], t.offsets, t.num_experts) for t in traces)
+    meta = {"top_k": geo[2], "rows": sum(t.num_tokens for t in traces),
+            "requests": sum(t.num_requests for t in traces), "source": "+".join(t.origin for t in traces)}
+    return counts, meta
+
+
+def routing_prior_main(a) -> int:
+    import os
+    from policies.reuse import PRIOR_FILE, save_routing_prior
+    from policies.traces import load
+    try:
+        counts, meta = routing_prior([load(p) for p in a.traces], a.layers)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"train_predictor: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, PRIOR_FILE)
+    save_routing_prior(path, counts, **meta)
+    print(json.dumps({"out": path, "layers": counts.shape[0], "experts": counts.shape[1],
+                      "transitions": int(counts.sum()), **meta}))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.train_predictor", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--traces", nargs="+", required=True, help="npz traces with hidden states")
+    ap.add_argument("--traces", nargs="+", required=True,
+                    help="npz traces with hidden states (--routing-prior: any trace format policies/traces.py reads)")
     ap.add_argument("--out", required=True, help="store directory: predictor.safetensors + predictor.json go there")
     ap.add_argument("--horizon", type=int, default=2, help="distances 1..D predicted (layers ahead)")
     ap.add_argument("--rank", type=int, default=128, help="PCA components of the hidden state")
@@ -133,7 +175,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--routing-prior", action="store_true",
+                    help="instead: count the traces' token-to-token routing transitions (routing only: npz or "
+                         "Mixtral JSONL, no hidden states needed) into STORE_DIR/routing_prior.npz, the warm start of "
+                         "the runtime's long-memory reuse values (prefetch.reuse_memory, policies/reuse.py)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="with --routing-prior: the first N MoE layers only (a store cut to N layers)")
     a = ap.parse_args(argv)
+    if a.routing_prior:
+        return routing_prior_main(a)
     from policies.learned import LearnedPredictor
     from policies.replay import recall_at_k
     from policies.traces import load

@@ -195,3 +195,144 @@ class TransitionReuse:
         norm = rows.sum(1, keepdims=True)                               # [S, 1]
         p = np.minimum(self.K * rows / np.maximum(norm, 1e-300), 1 - 1e-12)   # a slot with nothing known: 0 / 1e-300
         return -np.expm1(np.log1p(-p).sum(0))
+
+    def counts(self) -> np.ndarray:
+        """float64 [L, E, E]: the decayed transition counts from -> to, without the prior (what a routing prior
+        holds: `add_counts` puts them back)."""
+        return (self.A * self.scale[:, None]).reshape(self.L, self.E, self.E)
+
+    def add_counts(self, counts) -> None:
+        """Warm start: add transition counts float [L, E, E] (from -> to; e.g. a routing prior) to the table."""
+        c = np.asarray(counts, np.float64)
+        assert c.shape == (self.L, self.E, self.E), f"counts {c.shape} do not match L, E = {self.L}, {self.E}"
+        self.A += c.reshape(self.L, -1) / self.scale[:, None]
+
+
+def transition_counts(experts, offsets, num_experts: int) -> np.ndarray:
+    """float64 [L, E, E]: how often a sequence's token selected `to` at a layer right after its previous token
+    selected `from` there, every (from, to) pair of the two tokens' experts (TransitionReuse's pairs, undecayed).
+    experts int [T, L, K] (ids < 0: unknown), rows of sequence r in offsets[r]:offsets[r + 1]."""
+    x = np.asarray(experts, np.int64)
+    T, L, K = x.shape
+    E = num_experts
+    offs = np.asarray(offsets, np.int64)
+    prev_ok = np.ones(T, bool)
+    prev_ok[offs[:-1][offs[:-1] < T]] = False        # a sequence's first row has no previous token
+    prev_ok[0] = False
+    r = np.flatnonzero(prev_ok)                       # rows with a previous token
+    a, b = x[r - 1], x[r]                             # [N, L, K] from, to
+    ok = (a >= 0)[..., :, None] & (a < E)[..., :, None] & (b >= 0)[..., None, :] & (b < E)[..., None, :]  # [N,L,K,K]
+    lay = np.arange(L)[None, :, None, None]
+    flat = (lay * E + a[..., :, None]) * E + b[..., None, :]
+    out = np.bincount(flat[ok], minlength=L * E * E).astype(np.float64)
+    return out.reshape(L, E, E)
+
+
+PRIOR_FILE = "routing_prior.npz"
+
+
+def save_routing_prior(path: str, counts, *, top_k: int, source: str, rows: int, requests: int) -> None:
+    """Write a routing prior (transition counts float [L, E, E]) to `path` atomically: a temporary file in the
+    same folder, renamed over it, so a failed write leaves any earlier prior whole."""
+    import os
+    c = np.asarray(counts, np.float32)
+    assert c.ndim == 3 and c.shape[1] == c.shape[2], f"counts must be [L, E, E], got {c.shape}"
+    assert np.isfinite(c).all() and (c >= 0).all(), "counts must be finite and >= 0"
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, counts=c, top_k=np.int64(top_k), rows=np.int64(rows), requests=np.int64(requests),
+                     source=np.array(source))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_routing_prior(path: str, num_layers: int, num_experts: int, top_k: int) -> tuple[np.ndarray, dict]:
+    """(counts float64 [L, E, E], meta) from a `save_routing_prior` file; ValueError naming the file and what does
+    not match the model (layers, experts, top-k) or is malformed. Wrong counts are never mixed in."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            c = np.asarray(z["counts"], np.float64)
+            meta = {"top_k": int(z["top_k"]), "rows": int(z["rows"]), "requests": int(z["requests"]),
+                    "source": str(z["source"]), "path": path}
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"routing prior {path}: not a routing prior file ({type(e).__name__}: {e})") from None
+    want = (num_layers, num_experts, num_experts)
+    if c.shape != want or meta["top_k"] != top_k:
+        raise ValueError(f"routing prior {path}: counts {c.shape} with top_k {meta['top_k']} do not match the model "
+                         f"(MoE layers, experts, experts) = {want} with top_k {top_k}")
+    if not (np.isfinite(c).all() and (c >= 0).all()):
+        raise ValueError(f"routing prior {path}: counts must be finite and >= 0")
+    return c, meta
+
+
+class MixedReuse:
+    """The reuse values of two TransitionReuse tables mixed per layer by weights learned online: `fast` learns the
+    live requests' transitions (half-life 70 transitions: a request's own routing, which gpt-oss-20b's follows),
+    `slow` every request's (half-life `slow_half_life`, default ~no decay), warm-started from a routing prior
+    (`jobs.train_predictor --routing-prior`) when one is given: the workload's shared routing, which
+    DeepSeek-V2-Lite's prompts follow more. Neither is better everywhere (docs/benchmarks.md session 16: a primed
+    table alone hits 0.490 against 0.462 on DeepSeek and 0.512 against 0.623 on gpt-oss), so both run and the truth
+    picks: at each decode step of a layer whose rows are the slots of its previous step, both tables' previous
+    predictions are scored by the Bernoulli log-likelihood of the experts the step selected, and the layer's
+    weights move by Hedge (learning rate `eta`; a table's log-weight never falls more than `floor` below the other's,
+    so a prior that goes stale can be left and one that becomes right again can be taken back).
+    The same observe / reset interface as TransitionReuse; twice its cost, plus ~10 numpy calls."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, prior=None, slow_half_life: float = 1e9,
+                 eta: float = 1.0, floor: float = 8.0):
+        assert eta > 0 and floor > 0, "eta and floor must be > 0"
+        self.L, self.E, self.K = num_layers, num_experts, top_k
+        self.fast = TransitionReuse(num_layers, num_experts, top_k)
+        self.slow = TransitionReuse(num_layers, num_experts, top_k, half_life=slow_half_life)
+        if prior is not None:
+            self.slow.add_counts(prior)
+        self.eta, self.floor = eta, floor
+        self.logw = np.zeros((num_layers, 2))                 # per layer: log weights of (fast, slow)
+        self._p = np.zeros((num_layers, 2, num_experts))      # each layer's last predictions, both tables
+        self._slots: list[np.ndarray | None] = [None] * num_layers   # and the slots they were for
+        self.scored = np.zeros(num_layers, np.int64)          # steps scored per layer
+
+    @property
+    def weight_slow(self) -> np.ndarray:
+        """float64 [L]: the slow (shared, primed) table's weight per layer."""
+        w = np.exp(self.logw - self.logw.max(1, keepdims=True))
+        return w[:, 1] / w.sum(1)
+
+    def reset(self, slots) -> None:
+        self.fast.reset(slots)
+        self.slow.reset(slots)
+
+    def observe(self, layer: int, slots, experts, pos=None) -> np.ndarray:
+        """TransitionReuse.observe of both tables, mixed: float64 [E] P(at least one of these slots selects each
+        expert at layer `layer` of its next token)."""
+        slots = np.asarray(slots, np.int64).reshape(-1)
+        prev = self._slots[layer]
+        if prev is not None and len(prev) == len(slots) and np.array_equal(prev, slots):
+            # a decode step of the same slots: score what each table said about it
+            ids = np.asarray(experts, np.int64).reshape(len(slots), -1)
+            y = np.zeros(self.E, bool)
+            y[ids[(ids >= 0) & (ids < self.E)]] = True
+            p = np.clip(self._p[layer], 1e-4, 1 - 1e-4)                         # [2, E]
+            ll = np.where(y, np.log(p), np.log1p(-p)).sum(1)                    # [2]
+            lw = self.logw[layer] + self.eta * ll
+            self.logw[layer] = np.maximum(lw - lw.max(), -self.floor)
+            self.scored[layer] += 1
+        pf = self.fast.observe(layer, slots, experts, pos)
+        ps = self.slow.observe(layer, slots, experts, pos)
+        self._p[layer, 0], self._p[layer, 1] = pf, ps
+        # decode: one row per slot (a prefill's rows repeat slots, and its next step is not the same slots)
+        self._slots[layer] = slots if len(np.unique(slots)) == len(slots) else None
+        w = np.exp(self.logw[layer])
+        return (w[0] * pf + w[1] * ps) / w.sum()
+
+
+def make_reuse_values(num_layers: int, num_experts: int, top_k: int, *, memory: bool = True, prior=None):
+    """The runtime's reuse values (prefetch.reuse_values): TransitionReuse alone, or mixed with a long-memory table
+    (prefetch.reuse_memory, MixedReuse) warm-started from `prior` counts [L, E, E] when given."""
+    if not memory:
+        assert prior is None, "a routing prior needs the long-memory table (reuse_memory)"
+        return TransitionReuse(num_layers, num_experts, top_k)
+    return MixedReuse(num_layers, num_experts, top_k, prior=prior)

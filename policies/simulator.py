@@ -46,7 +46,7 @@ from .hbm_cache import CacheIndex, DoesNotFit, make_policy
 from .placement import place
 from .predictors import Predictor, RoutingEvent
 from .profiles import Hardware, Model, Storage
-from .reuse import ReuseEstimator, TransitionReuse
+from .reuse import ReuseEstimator, make_reuse_values
 from .traces import RoutingTrace, TraceSlots
 
 DEMAND = -math.inf  # link priority of a demand load: before every prefetch
@@ -233,6 +233,9 @@ class SimConfig:
                                       # TransitionReuse): each layer's, computed while its calls are in flight, go
                                       # to the holders of its experts with the next layer's calls, and the caches
                                       # evict the lowest-valued first. The fast path (and its values) is not simulated
+    reuse_memory: bool = True         # with reuse_values: the long-memory table mixed in (prefetch.reuse_memory,
+                                      # MixedReuse), warm-started from reuse_prior's counts float [L, E, E] if given
+    reuse_prior: object = None
     publish_every: int = 1            # the runtime's routing batches: one per this many MoE layers and at each
                                       # token's last (prefetch.publish_every_layers); the coordinator decides once
                                       # per batch, on all its events
@@ -355,7 +358,9 @@ class Simulator:
         self._batch: list = []                # routing events not yet published (publish_every > 1)
         self._batched = 0                     # MoE layers in it
         self.reuse = ReuseEstimator(self.L, self.E, model.top_k) if cfg.value_residents else None
-        self.values = TransitionReuse(self.L, self.E, model.top_k) if cfg.reuse_values else None
+        self.values = make_reuse_values(self.L, self.E, model.top_k, memory=cfg.reuse_memory,
+                                        prior=cfg.reuse_prior if cfg.reuse_memory else None) \
+            if cfg.reuse_values else None
         self._values_pending: tuple | None = None   # (layer, float32 [E]): ride with the next layer's calls
         self.step_times: list[float] = []
         # the window: fixed, or adapted as the coordinator does (its telemetry: orders used / wasted by expiry)

@@ -10,7 +10,7 @@ import pytest
 from jobs.benchmark import cut_trace, main
 from policies.hbm_cache import CacheIndex
 from policies.replay import access_sequence, cache_hit_rate
-from policies.reuse import TransitionReuse
+from policies.reuse import MixedReuse, TransitionReuse, load_routing_prior, transition_counts
 from policies.traces import synthetic_trace
 
 pytestmark = pytest.mark.ray
@@ -19,20 +19,23 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
-    tr = synthetic_trace(72, 3, 8, 1, correlation=0.8, num_requests=3, seed=11)   # top-1: replay order is exact
+    # top-1: replay order is exact. 5 requests: the run replays the first 3, and its reuse values' long-memory table
+    # starts from the transitions of the other 2 (--reuse-prior-from-trace)
+    tr = synthetic_trace(120, 3, 8, 1, correlation=0.8, num_requests=5, seed=17)
     path = str(d / "tiny.npz")
     tr.save_npz(path)
     out = str(d / "out.json")
     assert main(["policies", "--trace", path, "--expert-mib", "0.03", "--policies",
-                 "on_demand,oracle,resident,cross_layer,on_demand+reuse,fast_path", "--workers", "1", "--batch", "1",
+                 "on_demand,oracle,resident,cross_layer,on_demand+reuse,on_demand+reuse_fast,fast_path",
+                 "--workers", "1", "--batch", "1", "--reuse-prior-from-trace",
                  "--requests", "3", "--tokens", "72", "--work", str(d / "work"), "--json", out]) == 0
     with open(out) as f:
         # the benchmark replays the first 3 requests, at most 72 // 3 rows each: the references use that piece
-        return cut_trace(tr, None, 72, 3), json.load(f), d
+        return cut_trace(tr, None, 72, 3), json.load(f), d, tr
 
 
 def test_on_demand_matches_the_lru_replay(run):
-    tr, res, _ = run
+    tr, res, *_ = run
     m = res["policies"]["on_demand"]
     ref = cache_hit_rate(tr, 0.25, "lru")
     assert m["uses"] == ref.accesses == len(access_sequence(tr))
@@ -46,41 +49,65 @@ def test_on_demand_matches_the_lru_replay(run):
     assert m["tokens"] == tr.num_tokens
 
 
-def test_reuse_values_match_a_replay_that_evicts_by_them(run):
-    """on_demand+reuse: the runtime's TransitionReuse values ride to the worker and its cache evicts the lowest
-    first. One worker, batch 1, top-1: the run's hits are those of a replay of the same sequence through a
-    CacheIndex whose values come from a TransitionReuse fed the same routing, each layer's values applied at the next
-    call (the hook computes them while the layer's own call is in flight). Plain on_demand sends none."""
-    tr, res, _ = run
+@pytest.mark.parametrize("policy", ["on_demand+reuse", "on_demand+reuse_fast"])
+def test_reuse_values_match_a_replay_that_evicts_by_them(run, policy):
+    """NAME+reuse: the runtime's reuse values ride to the worker and its cache evicts the lowest first. One worker,
+    batch 1, top-1: the run's hits are those of a replay of the same sequence through a CacheIndex whose values come
+    from the same estimator fed the same routing, each layer's values applied at the next call (the hook computes
+    them while the layer's own call is in flight). on_demand+reuse: MixedReuse, its long-memory table warm-started
+    from the transitions of the 2 requests the run does not replay; +reuse_fast: TransitionReuse alone. Plain
+    on_demand sends none."""
+    tr, res, _, full = run
     pol = res["policies"]
-    m, base = pol["on_demand+reuse"], pol["on_demand"]
+    m, base = pol[policy], pol["on_demand"]
     assert m["reuse_values"] is True and base["reuse_values"] is False
     L, E = tr.num_layers, tr.num_experts
     cap = max(1, int(round(0.25 * L * E)))
-    idx, reuse, hits = CacheIndex(budget=cap), TransitionReuse(L, E, tr.top_k), 0
-    pending = None   # the values of the layer before: computed while its call was in flight (ClusterExperts.deferred)
-    for r in range(tr.num_requests):
-        for t, row in enumerate(range(tr.offsets[r], tr.offsets[r + 1])):
-            for l in range(L):
-                e = int(tr.experts[row, l, 0])
-                if e < 0:
-                    continue
-                if pending is not None:                              # they ride with the next compute call,
-                    idx.update_hints(pending)                        # applied before it computes
-                v = reuse.observe(l, [0], [[e]], pos=[t]).astype(np.float32)   # packed as float32 (pack_orders)
-                pending = {(l, x): float(v[x]) for x in range(E)}
-                if idx.access((l, e)):
-                    hits += 1
-                else:
-                    idx.insert((l, e), 1)
+
+    def replay(reuse) -> int:
+        idx, hits = CacheIndex(budget=cap), 0
+        pending = None   # the values of the layer before: computed while its call was in flight (deferred)
+        for r in range(tr.num_requests):
+            for t, row in enumerate(range(tr.offsets[r], tr.offsets[r + 1])):
+                for l in range(L):
+                    e = int(tr.experts[row, l, 0])
+                    if e < 0:
+                        continue
+                    if pending is not None:                              # they ride with the next compute call,
+                        idx.update_hints(pending)                        # applied before it computes
+                    v = reuse.observe(l, [0], [[e]], pos=[t]).astype(np.float32)   # float32 on the wire
+                    pending = {(l, x): float(v[x]) for x in range(E)}
+                    if idx.access((l, e)):
+                        hits += 1
+                    else:
+                        idx.insert((l, e), 1)
+        return hits
+
+    if policy == "on_demand+reuse":
+        o = full.offsets
+        prior = transition_counts(full.experts[o[3]:], o[3:] - o[3], E)
+        assert prior.sum() > 0 and res["reuse_prior"]["requests"] == 2
+        assert np.array_equal(load_routing_prior(res["planner"]["reuse_prior"], L, E, tr.top_k)[0], prior)
+        reuse = MixedReuse(L, E, tr.top_k, prior=prior)
+        assert len(m["reuse_weight_memory"]) == L
+        # the prior is what makes these hits: without it, or without the long-memory table, they differ
+        others = {replay(MixedReuse(L, E, tr.top_k)), replay(TransitionReuse(L, E, tr.top_k))}
+    else:
+        reuse = TransitionReuse(L, E, tr.top_k)
+        assert "reuse_weight_memory" not in m
+        others = set()
+    hits = replay(reuse)
     assert m["uses"] == base["uses"] and m["hits"] == hits, (m["hits"], hits, base["hits"])
     assert hits != base["hits"], "the trace should tell value eviction from LRU apart"
+    assert hits not in others, "the trace should tell the estimators apart"
     # the simulator sends the same values with the same timing (SimConfig.reuse_values): the same hits again
-    assert res["simulated"]["policies"]["on_demand+reuse"]["hit_rate"] == pytest.approx(hits / m["uses"])
+    assert res["simulated"]["policies"][policy]["hit_rate"] == pytest.approx(hits / m["uses"])
+    if policy == "on_demand+reuse":
+        assert reuse.weight_slow.round(4).tolist() == m["reuse_weight_memory"]
 
 
 def test_resident_oracle_and_coordinator(run):
-    tr, res, _ = run
+    tr, res, *_ = run
     pol = res["policies"]
     assert pol["resident"]["hit_rate"] == 1.0 and pol["resident"]["loads"] == 0
     o = pol["oracle"]
@@ -104,7 +131,7 @@ def test_resident_oracle_and_coordinator(run):
 
 
 def test_calibration_and_simulated_prediction(run):
-    tr, res, d = run
+    tr, res, d, _ = run
     cal = res["calibration"]
     assert cal["load_s_per_expert"] > 0 and cal["expert_s"] > 0 and cal["expert_bytes"] == res["expert_bytes"]
     sim = res["simulated"]["policies"]

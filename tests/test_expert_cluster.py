@@ -2,6 +2,9 @@
 on prefill and 16 decode steps, and greedy tokens are identical — with experts spread over two workers whose HBM
 caches are so small that experts are evicted and re-read mid-run. Plus re-placement when workers join/leave."""
 
+import os
+
+import numpy as np
 import pytest
 import ray
 import torch
@@ -10,6 +13,7 @@ from conftest import convert_checkpoint
 import hf_models
 from cluster.config import ClusterConfig
 from cluster.expert_cluster import ExpertCluster
+from policies.reuse import PRIOR_FILE, save_routing_prior
 
 pytestmark = pytest.mark.ray
 
@@ -97,6 +101,33 @@ def test_reuse_values_off_leaves_lru_and_the_same_tokens(ray_local, stores):
         assert_greedy_equals_hf(c, t, "mixtral, LRU caches", 8)
         st = c.stats()
         assert all(w["eviction_values"] == 0 and w["evictions"] > 0 for w in st["workers"])
+
+
+def test_reuse_values_start_from_the_stores_routing_prior(ray_local, stores):
+    """A routing_prior.npz beside the store (python -m jobs.train_predictor --routing-prior) warm-starts the reuse
+    values' long-memory table (prefetch.reuse_memory): it holds the prior's counts before any routing, the stats name
+    the file, and the tokens are still transformers'. A prior of another geometry is an error naming the file at
+    start, and the failed start stops what it had started."""
+    t, store, man = stores["mixtral"]
+    hf = t.model.config
+    L, E, K = hf.num_hidden_layers, hf.num_local_experts, hf.num_experts_per_tok
+    path = os.path.join(store, PRIOR_FILE)
+    counts = np.random.default_rng(0).integers(0, 50, (L, E, E)).astype(np.float64)
+    try:
+        save_routing_prior(path, counts, top_k=K, source="test", rows=10, requests=1)
+        with ExpertCluster(cluster_cfg(store, "c-prior", 2 * man.expert_bytes)) as c:
+            assert np.allclose(c.publisher.reuse.slow.counts(), counts)
+            assert_greedy_equals_hf(c, t, "mixtral, reuse values from a routing prior", 8)
+            rv = c.stats()["prefetch"]["reuse_values"]
+            assert rv["memory"] and rv["prior"]["path"] == path and rv["prior"]["rows"] == 10
+            assert rv["scored_steps"] > 0 and len(rv["weight_memory"]) == L
+        save_routing_prior(path, counts[:, 1:, 1:], top_k=K, source="test", rows=10, requests=1)
+        bad = ExpertCluster(cluster_cfg(store, "c-prior-bad", 2 * man.expert_bytes))
+        with pytest.raises(ValueError, match=f"routing prior {path}: counts \\({L}, {E - 1}, {E - 1}\\)"):
+            bad.start()
+        assert not bad.workers and not bad.storage
+    finally:
+        os.remove(path)
 
 
 def test_workers_join_and_leave(ray_local, stores):

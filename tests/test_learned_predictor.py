@@ -14,6 +14,7 @@ from policies.learned import PREDICTOR_FILE, PREDICTOR_META, LearnedPredictor, P
 from policies.predictors import RoutingEvent, TopKFrequency
 from policies.registry import make_predictor
 from policies.replay import recall_at_k
+from policies.reuse import PRIOR_FILE, load_routing_prior, transition_counts
 from policies.traces import RoutingTrace, synthetic_trace
 
 L, E, K, H = 4, 8, 2, 16
@@ -106,6 +107,31 @@ def test_train_cli_writes_the_store_files(tmp_path):
     no_hidden = synthetic_trace(100, L, E, K, num_requests=2, seed=0)
     no_hidden.save_npz(tmp_path / "n.npz")
     assert train_main(["--traces", str(tmp_path / "n.npz"), "--out", str(out)]) == 2
+
+
+def test_routing_prior_cli_counts_any_routing_trace(tmp_path):
+    """--routing-prior: routing only (no hidden states needed), the transitions of every trace given, over the
+    first --layers layers, into STORE_DIR/routing_prior.npz; traces of two geometries or too many layers: exit 2
+    and no file."""
+    a = synthetic_trace(300, L, E, K, num_requests=3, seed=1)
+    b = synthetic_trace(200, L, E, K, num_requests=2, seed=2)
+    a.save_npz(tmp_path / "a.npz")
+    b.save_npz(tmp_path / "b.npz")
+    out = tmp_path / "store"
+    assert train_main(["--routing-prior", "--traces", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
+                       "--out", str(out), "--layers", "2"]) == 0
+    counts, meta = load_routing_prior(str(out / PRIOR_FILE), 2, E, K)
+    ref = transition_counts(a.experts[:, :2], a.offsets, E) + transition_counts(b.experts[:, :2], b.offsets, E)
+    assert np.array_equal(counts, ref) and meta["rows"] == 500 and meta["requests"] == 5
+    assert counts.sum() == 2 * (297 + 198) * K * K
+    other = synthetic_trace(100, L, E + 1, K, num_requests=2, seed=0)
+    other.save_npz(tmp_path / "o.npz")
+    bad = tmp_path / "bad"
+    assert train_main(["--routing-prior", "--traces", str(tmp_path / "a.npz"), str(tmp_path / "o.npz"),
+                       "--out", str(bad)]) == 2
+    assert train_main(["--routing-prior", "--traces", str(tmp_path / "a.npz"), "--out", str(bad),
+                       "--layers", str(L + 1)]) == 2
+    assert not bad.exists()
 
 
 def test_bounded_memory_and_missing_hidden(data):

@@ -5,7 +5,8 @@ import pytest
 
 from policies.predictors import Candidates
 from policies.ranking import HBM, NVME, ClusterView, PlannerConfig, PrefetchPlanner, RequestView
-from policies.reuse import ReuseEstimator, TransitionReuse
+from policies.reuse import (PRIOR_FILE, MixedReuse, ReuseEstimator, TransitionReuse, load_routing_prior,
+                            save_routing_prior, transition_counts)
 
 L, E, K = 3, 8, 2
 MB = 1 << 20
@@ -177,3 +178,106 @@ def test_transition_reuse_combines_slots_and_ignores_unknown_ids():
     # a half-known row predicts from its known expert alone: after 1 came 1 and 2, never 3 or 4
     v4 = tr.observe(2, [5], [[1, -1]], pos=[0])
     assert np.allclose(v4[[1, 2]], 1.0, atol=1e-3) and v4[[3, 4]].max() < 1e-3, v4
+
+
+# -- MixedReuse and routing priors (prefetch.reuse_memory / reuse_prior) ---------------------------------------------
+def _markov(perm: np.ndarray, tokens: int, seed: int, noise: float = 0.1) -> np.ndarray:
+    """int [tokens, L, 1]: at every layer the next token's expert is perm[l, this one], else (prob `noise`) a random
+    one: a workload whose token-to-token routing is shared by every request."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((tokens, L, 1), np.int64)
+    x[0, :, 0] = rng.integers(0, E, L)
+    for t in range(1, tokens):
+        nxt = perm[np.arange(L), x[t - 1, :, 0]]
+        x[t, :, 0] = np.where(rng.random(L) < noise, rng.integers(0, E, L), nxt)
+    return x
+
+
+def _replay(reuse, x: np.ndarray, layer: int = 1) -> float:
+    """Mean P the estimator gave the expert the next token then selected, at `layer` (one sequence, slot 0)."""
+    got, v = [], None
+    for t in range(len(x)):
+        if v is not None:
+            got.append(v[x[t, layer, 0]])
+        v = reuse.observe(layer, [0], x[t, layer], pos=[t])
+    return float(np.mean(got))
+
+
+def test_transition_counts_are_the_pairs_transition_reuse_learns():
+    rng = np.random.default_rng(0)
+    x = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)]) for _ in range(30)])
+    x[5, 1, 0] = -1                            # unknown ids add no pair
+    offs = np.array([0, 10, 18, 30])          # no pair across a sequence's boundary
+    ref = TransitionReuse(L, E, K, half_life=1e12)
+    for r in range(3):
+        ref.reset([0])
+        for l in range(L):
+            seq = x[offs[r]:offs[r + 1], l]
+            ref.observe(l, np.zeros(len(seq), np.int64), seq, pos=np.arange(len(seq)))
+    c = transition_counts(x, offs, E)
+    assert np.allclose(c, ref.counts()) and c.sum() == 3 * 27 * K * K - 2 * K
+    warm = TransitionReuse(L, E, K)
+    warm.add_counts(c)
+    assert np.allclose(warm.counts(), c)
+
+
+def test_mixed_reuse_trusts_a_right_prior_and_leaves_a_wrong_one():
+    """The workload's routing is a shared Markov chain. A prior counted from other requests of it predicts a new
+    request from its first token, where the request's own table still knows nothing: the mix follows the prior and
+    predicts better than the fast table alone. A prior of another workload (another chain) is left within a few
+    tokens, down to the floor, and the mix predicts about as well as the fast table alone."""
+    rng = np.random.default_rng(1)
+    perm = np.stack([rng.permutation(E) for _ in range(L)])
+    other = np.stack([rng.permutation(E) for _ in range(L)])
+    past = np.concatenate([_markov(perm, 200, s) for s in range(5)])
+    right = transition_counts(past, np.arange(0, 1001, 200), E)
+    wrong = transition_counts(np.concatenate([_markov(other, 200, s) for s in range(5)]), np.arange(0, 1001, 200), E)
+    x = _markov(perm, 60, seed=9)
+    fast = _replay(TransitionReuse(L, E, 1), x)
+    good = MixedReuse(L, E, 1, prior=right)
+    p_good = _replay(good, x)
+    assert p_good > fast + 0.2 and good.weight_slow[1] > 0.99, (p_good, fast, good.weight_slow)
+    assert good.scored[1] == 59 and good.scored[0] == 0, "only the layer observed is scored, every decode step"
+    bad = MixedReuse(L, E, 1, prior=wrong)
+    p_bad = _replay(bad, x)
+    assert abs(p_bad - fast) < 0.05 and bad.weight_slow[1] < 1e-3, (p_bad, fast, bad.weight_slow)
+    assert bad.weight_slow[1] >= 1 / (1 + np.exp(bad.floor)) - 1e-12, "never below the floor: it can come back"
+    # no prior: the long-memory table learns the chain too, and the mix is no worse than the fast table
+    assert _replay(MixedReuse(L, E, 1), x) > fast - 0.02
+
+
+def test_mixed_reuse_scores_decode_steps_of_the_same_slots_only():
+    m = MixedReuse(L, E, K)
+    m.observe(0, [3, 3, 3], [[0, 1], [2, 3], [4, 5]], pos=[0, 1, 2])   # a prefill: not a step to score from
+    m.observe(0, [3], [[1, 2]], pos=[3])
+    assert m.scored[0] == 0
+    m.observe(0, [3], [[1, 2]], pos=[4])                                 # the same slot's next token
+    assert m.scored[0] == 1
+    m.observe(0, [3, 4], [[1, 2], [5, 6]], pos=[5, 0])                  # another slot joined: not comparable
+    assert m.scored[0] == 1
+    w = m.observe(0, [3, 4], [[1, 2], [5, 6]], pos=[6, 1])
+    assert m.scored[0] == 2 and w.shape == (E,) and np.all((w >= 0) & (w <= 1))
+
+
+def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_path):
+    c = transition_counts(_markov(np.stack([np.arange(E)] * L), 50, 0), [0, 50], E)
+    path = str(tmp_path / PRIOR_FILE)
+    save_routing_prior(path, c, top_k=1, source="unit", rows=50, requests=1)
+    got, meta = load_routing_prior(path, L, E, 1)
+    assert np.array_equal(got, c) and meta == {"top_k": 1, "rows": 50, "requests": 1, "source": "unit", "path": path}
+    with pytest.raises(ValueError, match=rf"routing prior {path}: counts \(3, 8, 8\) with top_k 1 .* \(4, 8, 8\)"):
+        load_routing_prior(path, L + 1, E, 1)
+    with pytest.raises(ValueError, match="top_k 1 do not match .* top_k 2"):
+        load_routing_prior(path, L, E, 2)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=f"routing prior {junk}: not a routing prior file"):
+        load_routing_prior(str(junk), L, E, 1)
+    # a write that fails leaves the earlier prior whole and no temporary file behind
+    with pytest.raises(TypeError):
+        save_routing_prior(path, c * 2, top_k=1, source="unit", rows=object(), requests=1)
+    assert np.array_equal(load_routing_prior(path, L, E, 1)[0], c)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PRIOR_FILE, "junk.npz"])
+    np.savez(str(tmp_path / "neg.npz"), counts=-c.astype(np.float32), top_k=1, rows=1, requests=1, source="x")
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        load_routing_prior(str(tmp_path / "neg.npz"), L, E, 1)
