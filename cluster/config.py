@@ -274,13 +274,14 @@ class PrefetchConfig(_Model):
     reuse_values: bool = True
     # the reuse values mix a second, long-memory transition table of every request's routing in (policies/reuse.py
     # MixedReuse), weighted per layer by how well each predicted the routing that came; warm-started from
-    # `reuse_prior`. Offline on the shared traces: hit rate 0.462 -> 0.483 on DeepSeek-V2-Lite with a prior of
+    # `routing_prior`. Offline on the shared traces: hit rate 0.462 -> 0.483 on DeepSeek-V2-Lite with a prior of
     # 400 other requests, unchanged (+-0.003) on gpt-oss-20b and Mixtral (docs/benchmarks.md session 16)
     reuse_memory: bool = True
-    # a routing prior (python -m jobs.train_predictor --routing-prior) for that table; None: the store's
-    # routing_prior.npz (beside the NVMe tier's files) when there. A prior whose geometry does not match the model
-    # is an error at start
-    reuse_prior: str | None = None
+    # a routing prior (python -m jobs.train_predictor --routing-prior): its same-layer counts start that table, its
+    # cross-layer counts a primed table of the fast path's transition source (mixed with the online one the same
+    # way, policies/fast_path.py). None: the store's routing_prior.npz (beside the NVMe tier's files) when there.
+    # A prior whose geometry does not match the model is an error at start
+    routing_prior: str | None = None
     # auto: the policy's own source (ensemble: the best hidden-state one available; other policies: none). With
     # policy on_demand a source runs the fast path alone, with no coordinator (an error at start if the store lacks
     # it): on the 2-core machine as many hits as `learned` and 7-25% more tokens/s (docs/benchmarks.md session 11)
@@ -297,9 +298,10 @@ class PrefetchConfig(_Model):
 
     @model_validator(mode="after")
     def _prior_needs_memory(self):
-        if self.reuse_prior is not None and not (self.reuse_values and self.reuse_memory):
-            raise ValueError(f"prefetch.reuse_prior {self.reuse_prior!r} is set, but the table it warm-starts is off: "
-                             "it needs prefetch.reuse_values and prefetch.reuse_memory")
+        if self.routing_prior is not None and not (self.reuse_values and self.reuse_memory) \
+                and self.speculate_source != "transition":
+            raise ValueError(f"prefetch.routing_prior {self.routing_prior!r} is set, but nothing it warm-starts is on: "
+                             "it needs prefetch.reuse_values and prefetch.reuse_memory, or speculate_source transition")
         return self
 
     @model_validator(mode="after")
@@ -474,8 +476,8 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         if isinstance(enc, dict) and isinstance(enc.get("key_file"), str):
             enc["key_file"] = str((base / os.path.expanduser(enc["key_file"])).resolve())
     pf = raw.get("prefetch")
-    if isinstance(pf, dict) and isinstance(pf.get("reuse_prior"), str):
-        pf["reuse_prior"] = str((base / os.path.expanduser(pf["reuse_prior"])).resolve())
+    if isinstance(pf, dict) and isinstance(pf.get("routing_prior"), str):
+        pf["routing_prior"] = str((base / os.path.expanduser(pf["routing_prior"])).resolve())
     return raw
 
 

@@ -580,7 +580,8 @@ class ExpertCluster:
         self.lost_workers: list[int] = []
         self.coordinator = None
         self.publisher: RoutePublisher | None = None
-        self.reuse_prior_meta: dict | None = None   # the routing prior the reuse values started from, if any
+        self.routing_prior_meta: dict | None = None   # the routing prior the runtime started from, if any
+        self._prior: dict | None = None              # its tables, once read ({}: none)
         self._access = access_policy(cfg.prefetch)   # tenants' rules (None: no access control)
         self._gen_ids = itertools.count()
 
@@ -678,19 +679,27 @@ class ExpertCluster:
                                         values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
         self.model.on_route = self.publisher
 
+    def _routing_prior(self) -> dict | None:
+        """The routing prior (prefetch.routing_prior, else the store's routing_prior.npz when there), read once: its
+        same-layer table warm-starts the reuse values' long-memory table, its cross-layer one the fast path's
+        transition source. A malformed one or one of another model's geometry is an error naming the file."""
+        if self._prior is None:
+            pf, a = self.cfg.prefetch, self.model.args
+            path = pf.routing_prior
+            if path is None and self._nvme_path() is not None:
+                found = os.path.join(self._nvme_path(), PRIOR_FILE)
+                path = found if os.path.exists(found) else None
+            tables, self.routing_prior_meta = ({}, None) if path is None else \
+                load_routing_prior(path, len(a.moe_layers), a.num_experts, a.top_k)
+            self._prior = tables
+        return self._prior or None
+
     def _reuse_values(self):
-        """The runtime's reuse values (prefetch.reuse_values / reuse_memory / reuse_prior): the routing prior is
-        read here, once, and a malformed one or one of another model's geometry is an error naming the file."""
+        """The runtime's reuse values (prefetch.reuse_values / reuse_memory / routing_prior)."""
         pf, a = self.cfg.prefetch, self.model.args
-        L, E, K = len(a.moe_layers), a.num_experts, a.top_k
-        path = pf.reuse_prior
-        if path is None and pf.reuse_memory and self._nvme_path() is not None:
-            found = os.path.join(self._nvme_path(), PRIOR_FILE)
-            path = found if os.path.exists(found) else None
-        prior, self.reuse_prior_meta = None, None
-        if path is not None:
-            prior, self.reuse_prior_meta = load_routing_prior(path, L, E, K)
-        return make_reuse_values(L, E, K, memory=pf.reuse_memory, prior=prior)
+        prior = self._routing_prior() if pf.reuse_memory else None
+        return make_reuse_values(len(a.moe_layers), a.num_experts, a.top_k, memory=pf.reuse_memory,
+                                 prior=None if prior is None else prior["same_layer"])
 
     def _nvme_path(self) -> str | None:
         return next((t.path for t in self.cfg.storage_tiers if t.kind == "nvme"), None)
@@ -700,8 +709,10 @@ class ExpertCluster:
         pf, a = self.cfg.prefetch, self.model.args
         prefer = pf.speculate_source if pf.speculate_source != "auto" else \
             (pf.policy if pf.policy in ("next_gate", "learned", "pre_gated") else "auto")
+        prior = self._routing_prior() if prefer == "transition" else None
         return NextLayerSpeculator.from_sources(len(a.moe_layers), a.num_experts, a.top_k, store_dir=self._nvme_path(),
-                                                dense=router, depth=pf.speculate_layers, prefer=prefer)
+                                                dense=router, depth=pf.speculate_layers, prefer=prefer,
+                                                prior=None if prior is None else prior["cross_layer"])
 
     def register_request(self, request, tenant: str | None = None, tiers: list[str] | None = None,
                          latency_budget_s: float | None = None) -> None:
@@ -872,13 +883,16 @@ class ExpertCluster:
         # the runtime's fast path, from its own counters (with a coordinator its telemetry adds them up too)
         fast = None if spec is None else {"source": spec.source, "depth": spec.depth, "orders": pub.speculated,
                                           "superseded": pub.superseded, "refuted": pub.refuted}
+        if spec is not None and spec.source == "transition" and spec.prior is not None:
+            fast.update(weight_prior=spec.weight_prior.round(4).tolist(), scored_steps=int(spec.scored.sum()),
+                        prior=self.routing_prior_meta)
         rv = pub.reuse if pub is not None else None
         # the reuse values: which table they trust per MoE layer (MixedReuse), and the prior it started from
         reuse = None if rv is None else {
             "memory": hasattr(rv, "weight_slow"),
             "weight_memory": rv.weight_slow.round(4).tolist() if hasattr(rv, "weight_slow") else None,
             "scored_steps": int(rv.scored.sum()) if hasattr(rv, "scored") else None,
-            "prior": self.reuse_prior_meta}
+            "prior": self.routing_prior_meta}
         return {"workers": ws, "storage": ss,
                 "dispatch": {"calls": d.calls, "plain_calls": d.plain_calls, "moe_layers": d.layers,
                              "pairs": d.pairs, "mode": self.experts.dispatch},

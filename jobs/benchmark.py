@@ -98,17 +98,17 @@ def cut_trace(tr, layers: int | None, tokens: int | None, requests: int | None =
 def prior_from_trace(full, cut, work: str) -> tuple[str, dict]:
     """(path, meta): a routing prior (policies/reuse.py) counted from the requests of trace `full` that its
     replayed cut `cut` (cut_trace: its first requests) leaves out, over the cut's layers, written under `work`."""
-    from policies.reuse import save_routing_prior, transition_counts
+    from policies.reuse import routing_prior_of, save_routing_prior
     R, L, o = cut.num_requests, cut.num_layers, full.offsets
     if full.num_requests <= R:
-        raise ValueError(f"--reuse-prior-from-trace: {full.origin} has {full.num_requests} requests and the replay "
+        raise ValueError(f"--routing-prior-from-trace: {full.origin} has {full.num_requests} requests and the replay "
                          f"uses all of them (--requests {R}): no other request to learn a prior from")
-    counts = transition_counts(full.experts[o[R]:, :L], o[R:] - o[R], full.num_experts)
+    tables = routing_prior_of(full.experts[o[R]:, :L], o[R:] - o[R], full.num_experts)
     meta = {"top_k": full.top_k, "rows": int(o[-1] - o[R]), "requests": full.num_requests - R,
             "source": f"{full.origin} requests {R}..{full.num_requests - 1}, first {L} layers"}
     os.makedirs(work, exist_ok=True)
     path = os.path.join(work, f"routing_prior-{os.path.basename(full.origin)}-from{R}-L{L}.npz")
-    save_routing_prior(path, counts, **meta)
+    save_routing_prior(path, tables, **meta)
     return path, meta
 
 
@@ -243,10 +243,11 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
         raise ValueError(f"policy {out['policy']!r}: the suffix after '+' must be 'reuse', 'reuse_fast' or 'lru'")
     # the baselines and seed strategies: LRU (slru: SLRU) caches, no reuse values unless NAME+reuse
     planner = {**(planner or {}), "reuse_values": reuse_values_on(out["policy"], a)}
-    if evict == "reuse_fast":   # the request's own transitions alone: no long-memory table, so no prior
+    if evict == "reuse_fast":   # the request's own transitions alone: no long-memory table, no routing prior
         planner["reuse_memory"] = False
-    if not planner["reuse_values"] or not planner.get("reuse_memory", True):
-        planner.pop("reuse_prior", None)
+        planner.pop("routing_prior", None)
+    if not planner["reuse_values"] and planner.get("speculate_source") != "transition":
+        planner.pop("routing_prior", None)   # nothing here would read it
     if policy == FAST_PATH:
         planner["speculate_source"] = fast_path_source(tr, a)
         if getattr(a, "speculate_layers", None) is None:
@@ -351,6 +352,9 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     out["cross_node_activation_bytes"] = act_bytes
     out["coordinator"] = coord
     out["fast_path_orders"] = getattr(pub, "speculated", 0) if pub is not None else 0
+    fp = st["prefetch"].get("fast_path") or {}
+    if fp.get("weight_prior") is not None:   # how much the fast path's primed transition table was trusted
+        out["fast_path_weight_prior"] = fp["weight_prior"]
     rv = st["prefetch"].get("reuse_values")
     if rv is not None and rv["weight_memory"] is not None:   # how much the long-memory table was trusted
         out["reuse_weight_memory"] = rv["weight_memory"]
@@ -579,9 +583,9 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
     from cluster.config import PrefetchConfig
     publish = getattr(a, "publish_every", None) or PrefetchConfig().publish_every_layers
     prior = None
-    if getattr(a, "reuse_prior", None):   # the routing prior the runtime's reuse values started from
+    if getattr(a, "routing_prior", None):   # the routing prior the runtime's reuse values started from
         from policies.reuse import load_routing_prior
-        prior = load_routing_prior(a.reuse_prior, tr.num_layers, tr.num_experts, tr.top_k)[0]
+        prior = load_routing_prior(a.routing_prior, tr.num_layers, tr.num_experts, tr.top_k)[0]["same_layer"]
     out = {}
     for p in policies:
         name, p = p, p.partition("+")[0]   # NAME+reuse / NAME+lru: the same predictor, with or without the values
@@ -683,10 +687,11 @@ def main(argv=None) -> int:
                    help="prefetch.reuse_values: the runtime values each routed layer's experts by P(the next token "
                         "selects them) and the workers evict by it (the seed strategies never: NAME+reuse asks)")
     prior = p.add_mutually_exclusive_group()
-    prior.add_argument("--reuse-prior", default=None, metavar="NPZ",
-                       help="prefetch.reuse_prior: a routing prior (python -m jobs.train_predictor --routing-prior) "
-                            "warm-starting the reuse values' long-memory table")
-    prior.add_argument("--reuse-prior-from-trace", action="store_true",
+    prior.add_argument("--routing-prior", default=None, metavar="NPZ",
+                       help="prefetch.routing_prior: a routing prior (python -m jobs.train_predictor --routing-prior) "
+                            "warm-starting the reuse values' long-memory table and the transition fast path's primed "
+                            "table")
+    prior.add_argument("--routing-prior-from-trace", action="store_true",
                        help="build that prior from the trace's requests this run does not replay (those after the "
                             "first --requests), its first --layers layers: other prompts of the same workload")
     p.add_argument("--speculate-fanout", type=int, default=None,
@@ -703,7 +708,8 @@ def main(argv=None) -> int:
                                                     "the history predictors the coordinator can run; "
                                                     "fast_path: the runtime's fast path with no coordinator; "
                                                     "NAME+reuse / NAME+lru: with / without the reuse values; "
-                                                    "NAME+reuse_fast: with them, without their long-memory table)")
+                                                    "NAME+reuse_fast: with them, without their long-memory table "
+                                                    "and without a routing prior)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=None, help="trace rows to replay (default 1024, --quick 160)")
@@ -729,10 +735,10 @@ def main(argv=None) -> int:
     full = load_trace(a.trace)
     tr = cut_trace(full, layers, tokens, a.requests or 2 * a.batch)
     L, E, K = tr.num_layers, tr.num_experts, tr.top_k
-    a.reuse_prior_meta = None
-    if a.reuse_prior_from_trace:
+    a.routing_prior_meta = None
+    if a.routing_prior_from_trace:
         try:
-            a.reuse_prior, a.reuse_prior_meta = prior_from_trace(full, tr, a.work)
+            a.routing_prior, a.routing_prior_meta = prior_from_trace(full, tr, a.work)
         except ValueError as e:
             print(f"benchmark: error: {e}", file=sys.stderr)
             return 2
@@ -790,7 +796,7 @@ def planner_settings(a, eb: int) -> dict:
                              ("speculate_fanout", getattr(a, "speculate_fanout", None)),
                              ("speculate_values", getattr(a, "speculate_values", None)),
                              ("reuse_values", getattr(a, "reuse_values", None)),
-                             ("reuse_prior", getattr(a, "reuse_prior", None))) if v is not None}
+                             ("routing_prior", getattr(a, "routing_prior", None))) if v is not None}
     if not getattr(a, "value_residents", True):
         out["value_residents"] = False
     if getattr(a, "eviction_hints", False):
@@ -889,7 +895,7 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
            "batch": a.batch, "window": a.window, "tier": a.tier, "planner": planner,
            "s3_shaping": {"latency_ms": a.s3_latency_ms, "MBps": a.s3_mbps} if a.tier == "s3" else None,
            "link": link_settings(a), "worker_settings": worker_settings(a),
-           "reuse_prior": getattr(a, "reuse_prior_meta", None) or getattr(a, "reuse_prior", None),
+           "routing_prior": getattr(a, "routing_prior_meta", None) or getattr(a, "routing_prior", None),
            "policies": res}
     if base:
         calib = calibrate(ok, tr, inter, a, eb, hbm)   # runs that failed (their "error") are left out

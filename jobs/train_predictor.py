@@ -12,7 +12,7 @@ reports their next-layer recall@k, measured by policies.replay.recall_at_k throu
 python -m jobs.train_predictor --routing-prior --traces T [T2 ...] --out STORE_DIR [--layers N]
 instead counts the traces' token-to-token routing transitions (any trace format, routing only) into
 STORE_DIR/routing_prior.npz: the warm start of the runtime's long-memory reuse values (prefetch.reuse_memory;
-policies/reuse.py MixedReuse), written atomically.
+policies/reuse.py MixedReuse) and of the fast path's transition source (policies/fast_path.py), written atomically.
 """
 from __future__ import annotations
 
@@ -124,10 +124,10 @@ def train(trace, *, horizon: int = 2, rank: int = 128, hidden_units: int = 512, 
     return out
 
 
-def routing_prior(traces, layers: int | None = None) -> tuple[np.ndarray, dict]:
-    """(transition counts float64 [L, E, E], meta) of routing traces of one geometry (their first `layers` MoE
-    layers), for policies/reuse.py save_routing_prior."""
-    from policies.reuse import transition_counts
+def routing_prior(traces, layers: int | None = None) -> tuple[dict, dict]:
+    """({same_layer, cross_layer}: counts float64 [L, E, E], meta) of routing traces of one geometry (their first
+    `layers` MoE layers), for policies/reuse.py save_routing_prior."""
+    from policies.reuse import PRIOR_TABLES, routing_prior_of
     t0 = traces[0]
     geo = (t0.num_layers, t0.num_experts, t0.top_k)
     for t in traces:
@@ -137,10 +137,11 @@ def routing_prior(traces, layers: int | None = None) -> tuple[np.ndarray, dict]:
     if layers is not None and not 0 < layers <= geo[0]:
         raise ValueError(f"--layers {layers}: the traces have {geo[0]} MoE layers")
     L = layers or geo[0]
-    counts = sum(transition_counts(t.experts[:, :L], t.offsets, t.num_experts) for t in traces)
+    each = [routing_prior_of(t.experts[:, :L], t.offsets, t.num_experts) for t in traces]
+    tables = {k: sum(x[k] for x in each) for k in PRIOR_TABLES}
     meta = {"top_k": geo[2], "rows": sum(t.num_tokens for t in traces),
             "requests": sum(t.num_requests for t in traces), "source": "+".join(t.origin for t in traces)}
-    return counts, meta
+    return tables, meta
 
 
 def routing_prior_main(a) -> int:
@@ -148,15 +149,16 @@ def routing_prior_main(a) -> int:
     from policies.reuse import PRIOR_FILE, save_routing_prior
     from policies.traces import load
     try:
-        counts, meta = routing_prior([load(p) for p in a.traces], a.layers)
+        tables, meta = routing_prior([load(p) for p in a.traces], a.layers)
     except (ValueError, FileNotFoundError) as e:
         print(f"train_predictor: error: {e}", file=sys.stderr)
         return 2
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, PRIOR_FILE)
-    save_routing_prior(path, counts, **meta)
-    print(json.dumps({"out": path, "layers": counts.shape[0], "experts": counts.shape[1],
-                      "transitions": int(counts.sum()), **meta}))
+    save_routing_prior(path, tables, **meta)
+    c = tables["same_layer"]
+    print(json.dumps({"out": path, "layers": c.shape[0], "experts": c.shape[1], "same_layer_pairs": int(c.sum()),
+                      "cross_layer_pairs": int(tables["cross_layer"].sum()), **meta}))
     return 0
 
 

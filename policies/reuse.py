@@ -228,20 +228,50 @@ def transition_counts(experts, offsets, num_experts: int) -> np.ndarray:
     return out.reshape(L, E, E)
 
 
+def cross_layer_counts(experts, offsets, num_experts: int) -> np.ndarray:
+    """float64 [L, E, E]: at [l, a, b], how often a sequence's position selected b right after its previous position
+    selected a at layer l, positions ordered (token, layer) with layer L-1 followed by layer 0 of the next token
+    (policies/predictors.py CrossLayerTransition's and the fast path's transition counts: source layer l, target
+    layer (l + 1) mod L). experts int [T, L, K] (ids < 0: unknown), rows of sequence r in offsets[r]:offsets[r + 1]."""
+    x = np.asarray(experts, np.int64)
+    T, L, K = x.shape
+    E = num_experts
+    seq = x.reshape(T * L, K)                         # positions in (token, layer) order
+    offs = np.asarray(offsets, np.int64) * L
+    nxt_ok = np.ones(T * L, bool)
+    nxt_ok[offs[:-1][offs[:-1] < T * L]] = False      # a sequence's first position follows nothing
+    nxt_ok[0] = False
+    q = np.flatnonzero(nxt_ok)
+    a, b = seq[q - 1], seq[q]                         # [N, K] from, to
+    src = (q - 1) % L                                 # the source position's layer
+    ok = (a >= 0)[:, :, None] & (a < E)[:, :, None] & (b >= 0)[:, None, :] & (b < E)[:, None, :]   # [N, K, K]
+    flat = (src[:, None, None] * E + a[:, :, None]) * E + b[:, None, :]
+    return np.bincount(flat[ok], minlength=L * E * E).astype(np.float64).reshape(L, E, E)
+
+
 PRIOR_FILE = "routing_prior.npz"
+PRIOR_TABLES = ("same_layer", "cross_layer")   # transition_counts, cross_layer_counts
 
 
-def save_routing_prior(path: str, counts, *, top_k: int, source: str, rows: int, requests: int) -> None:
-    """Write a routing prior (transition counts float [L, E, E]) to `path` atomically: a temporary file in the
-    same folder, renamed over it, so a failed write leaves any earlier prior whole."""
+def routing_prior_of(experts, offsets, num_experts: int) -> dict[str, np.ndarray]:
+    """Both tables of a routing prior from routing alone (experts int [T, L, K], sequences by offsets)."""
+    return {"same_layer": transition_counts(experts, offsets, num_experts),
+            "cross_layer": cross_layer_counts(experts, offsets, num_experts)}
+
+
+def save_routing_prior(path: str, tables: dict, *, top_k: int, source: str, rows: int, requests: int) -> None:
+    """Write a routing prior ({same_layer, cross_layer}: counts float [L, E, E]) to `path` atomically: a temporary
+    file in the same folder, renamed over it, so a failed write leaves any earlier prior whole."""
     import os
-    c = np.asarray(counts, np.float32)
-    assert c.ndim == 3 and c.shape[1] == c.shape[2], f"counts must be [L, E, E], got {c.shape}"
-    assert np.isfinite(c).all() and (c >= 0).all(), "counts must be finite and >= 0"
+    arrs = {k: np.asarray(tables[k], np.float32) for k in PRIOR_TABLES}
+    for k, c in arrs.items():
+        assert c.ndim == 3 and c.shape[1] == c.shape[2] and c.shape == arrs["same_layer"].shape, \
+            f"{k} must be [L, E, E] like same_layer, got {c.shape}"
+        assert np.isfinite(c).all() and (c >= 0).all(), f"{k} counts must be finite and >= 0"
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, counts=c, top_k=np.int64(top_k), rows=np.int64(rows), requests=np.int64(requests),
+            np.savez(f, **arrs, top_k=np.int64(top_k), rows=np.int64(rows), requests=np.int64(requests),
                      source=np.array(source))
         os.replace(tmp, path)
     finally:
@@ -249,23 +279,25 @@ def save_routing_prior(path: str, counts, *, top_k: int, source: str, rows: int,
             os.remove(tmp)
 
 
-def load_routing_prior(path: str, num_layers: int, num_experts: int, top_k: int) -> tuple[np.ndarray, dict]:
-    """(counts float64 [L, E, E], meta) from a `save_routing_prior` file; ValueError naming the file and what does
-    not match the model (layers, experts, top-k) or is malformed. Wrong counts are never mixed in."""
+def load_routing_prior(path: str, num_layers: int, num_experts: int, top_k: int) -> tuple[dict, dict]:
+    """({same_layer, cross_layer}: counts float64 [L, E, E], meta) from a `save_routing_prior` file; ValueError
+    naming the file and what does not match the model (layers, experts, top-k) or is malformed. Wrong counts are
+    never used."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            c = np.asarray(z["counts"], np.float64)
+            tables = {k: np.asarray(z[k], np.float64) for k in PRIOR_TABLES}
             meta = {"top_k": int(z["top_k"]), "rows": int(z["rows"]), "requests": int(z["requests"]),
                     "source": str(z["source"]), "path": path}
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"routing prior {path}: not a routing prior file ({type(e).__name__}: {e})") from None
     want = (num_layers, num_experts, num_experts)
-    if c.shape != want or meta["top_k"] != top_k:
-        raise ValueError(f"routing prior {path}: counts {c.shape} with top_k {meta['top_k']} do not match the model "
-                         f"(MoE layers, experts, experts) = {want} with top_k {top_k}")
-    if not (np.isfinite(c).all() and (c >= 0).all()):
-        raise ValueError(f"routing prior {path}: counts must be finite and >= 0")
-    return c, meta
+    for k, c in tables.items():
+        if c.shape != want or meta["top_k"] != top_k:
+            raise ValueError(f"routing prior {path}: {k} {c.shape} with top_k {meta['top_k']} do not match the "
+                             f"model (MoE layers, experts, experts) = {want} with top_k {top_k}")
+        if not (np.isfinite(c).all() and (c >= 0).all()):
+            raise ValueError(f"routing prior {path}: {k} counts must be finite and >= 0")
+    return tables, meta
 
 
 class MixedReuse:

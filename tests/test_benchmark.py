@@ -20,14 +20,14 @@ pytestmark = pytest.mark.ray
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     # top-1: replay order is exact. 5 requests: the run replays the first 3, and its reuse values' long-memory table
-    # starts from the transitions of the other 2 (--reuse-prior-from-trace)
+    # starts from the transitions of the other 2 (--routing-prior-from-trace)
     tr = synthetic_trace(120, 3, 8, 1, correlation=0.8, num_requests=5, seed=17)
     path = str(d / "tiny.npz")
     tr.save_npz(path)
     out = str(d / "out.json")
     assert main(["policies", "--trace", path, "--expert-mib", "0.03", "--policies",
                  "on_demand,oracle,resident,cross_layer,on_demand+reuse,on_demand+reuse_fast,fast_path",
-                 "--workers", "1", "--batch", "1", "--reuse-prior-from-trace",
+                 "--workers", "1", "--batch", "1", "--routing-prior-from-trace",
                  "--requests", "3", "--tokens", "72", "--work", str(d / "work"), "--json", out]) == 0
     with open(out) as f:
         # the benchmark replays the first 3 requests, at most 72 // 3 rows each: the references use that piece
@@ -86,8 +86,9 @@ def test_reuse_values_match_a_replay_that_evicts_by_them(run, policy):
     if policy == "on_demand+reuse":
         o = full.offsets
         prior = transition_counts(full.experts[o[3]:], o[3:] - o[3], E)
-        assert prior.sum() > 0 and res["reuse_prior"]["requests"] == 2
-        assert np.array_equal(load_routing_prior(res["planner"]["reuse_prior"], L, E, tr.top_k)[0], prior)
+        assert prior.sum() > 0 and res["routing_prior"]["requests"] == 2
+        assert np.array_equal(load_routing_prior(res["planner"]["routing_prior"], L, E, tr.top_k)[0]["same_layer"],
+                              prior)
         reuse = MixedReuse(L, E, tr.top_k, prior=prior)
         assert len(m["reuse_weight_memory"]) == L
         # the prior is what makes these hits: without it, or without the long-memory table, they differ
@@ -125,6 +126,8 @@ def test_resident_oracle_and_coordinator(run):
     assert "error" not in f, f.get("error")
     assert f["uses"] == pol["on_demand"]["uses"] and f["coordinator"] is None
     assert f["fast_path_orders"] > 0 and f["prefetch_loads"] > 0 and f["reuse_values"] is True
+    # the routing prior from the trace's other requests primed its transition table too
+    assert len(f["fast_path_weight_prior"]) == tr.num_layers and len(f["reuse_weight_memory"]) == tr.num_layers
     assert "unavailable" in res["simulated"]["policies"]["fast_path"]
     for p, m in pol.items():
         assert m["speedup"] == pytest.approx(m["tokens_per_s"] / pol["on_demand"]["tokens_per_s"])

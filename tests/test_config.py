@@ -28,10 +28,10 @@ def test_repo_config_is_valid():
 
 
 def test_sizes_paths_and_views(tmp_path):
-    cfg = load_config(write(tmp_path, GOOD + "prefetch: {reuse_prior: store/routing_prior.npz}\n"))
+    cfg = load_config(write(tmp_path, GOOD + "prefetch: {routing_prior: store/routing_prior.npz}\n"))
     assert int(cfg.tier("nvme").chunk_bytes) == 1 << 20
     assert cfg.tier("nvme").path == str(tmp_path / "store" / "nvme")  # relative to the config file
-    assert cfg.prefetch.reuse_prior == str(tmp_path / "store" / "routing_prior.npz")
+    assert cfg.prefetch.routing_prior == str(tmp_path / "store" / "routing_prior.npz")
     assert [t.name for t in cfg.storage_tiers] == ["nvme", "s3"]
     cold = cfg.model_copy(update={"active_tier_set": "cold"})
     assert [t.name for t in cold.storage_tiers] == ["s3"] and cold.dram is None
@@ -52,7 +52,7 @@ def test_sizes_paths_and_views(tmp_path):
      "greater than or equal to 1"),
     ("tiers: [{kind: nvme, path: x}]\nworkers: {h2d_chunk_bytes: 1KiB}", "workers.h2d_chunk_bytes",
      "greater than or equal to 4096"),
-    ("tiers: [{kind: nvme, path: x}]\nprefetch: {reuse_prior: p.npz, reuse_memory: false}", "prefetch",
+    ("tiers: [{kind: nvme, path: x}]\nprefetch: {routing_prior: p.npz, reuse_memory: false}", "prefetch",
      "needs prefetch.reuse_values and prefetch.reuse_memory"),
 ])
 def test_invalid_config_names_file_key_and_problem(tmp_path, text, where, what):

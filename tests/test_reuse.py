@@ -5,8 +5,8 @@ import pytest
 
 from policies.predictors import Candidates
 from policies.ranking import HBM, NVME, ClusterView, PlannerConfig, PrefetchPlanner, RequestView
-from policies.reuse import (PRIOR_FILE, MixedReuse, ReuseEstimator, TransitionReuse, load_routing_prior,
-                            save_routing_prior, transition_counts)
+from policies.reuse import (PRIOR_FILE, MixedReuse, ReuseEstimator, TransitionReuse, cross_layer_counts,
+                            load_routing_prior, routing_prior_of, save_routing_prior, transition_counts)
 
 L, E, K = 3, 8, 2
 MB = 1 << 20
@@ -180,7 +180,7 @@ def test_transition_reuse_combines_slots_and_ignores_unknown_ids():
     assert np.allclose(v4[[1, 2]], 1.0, atol=1e-3) and v4[[3, 4]].max() < 1e-3, v4
 
 
-# -- MixedReuse and routing priors (prefetch.reuse_memory / reuse_prior) ---------------------------------------------
+# -- MixedReuse and routing priors (prefetch.reuse_memory / routing_prior) ---------------------------------------------
 def _markov(perm: np.ndarray, tokens: int, seed: int, noise: float = 0.1) -> np.ndarray:
     """int [tokens, L, 1]: at every layer the next token's expert is perm[l, this one], else (prob `noise`) a random
     one: a workload whose token-to-token routing is shared by every request."""
@@ -260,12 +260,16 @@ def test_mixed_reuse_scores_decode_steps_of_the_same_slots_only():
 
 
 def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_path):
-    c = transition_counts(_markov(np.stack([np.arange(E)] * L), 50, 0), [0, 50], E)
+    x = _markov(np.stack([np.arange(E)] * L), 50, 0)
+    tables = routing_prior_of(x, [0, 50], E)
+    assert np.array_equal(tables["same_layer"], transition_counts(x, [0, 50], E))
+    assert np.array_equal(tables["cross_layer"], cross_layer_counts(x, [0, 50], E))
     path = str(tmp_path / PRIOR_FILE)
-    save_routing_prior(path, c, top_k=1, source="unit", rows=50, requests=1)
+    save_routing_prior(path, tables, top_k=1, source="unit", rows=50, requests=1)
     got, meta = load_routing_prior(path, L, E, 1)
-    assert np.array_equal(got, c) and meta == {"top_k": 1, "rows": 50, "requests": 1, "source": "unit", "path": path}
-    with pytest.raises(ValueError, match=rf"routing prior {path}: counts \(3, 8, 8\) with top_k 1 .* \(4, 8, 8\)"):
+    assert all(np.array_equal(got[k], tables[k]) for k in ("same_layer", "cross_layer"))
+    assert meta == {"top_k": 1, "rows": 50, "requests": 1, "source": "unit", "path": path}
+    with pytest.raises(ValueError, match=rf"routing prior {path}: same_layer \(3, 8, 8\) with top_k 1 .* \(4, 8, 8\)"):
         load_routing_prior(path, L + 1, E, 1)
     with pytest.raises(ValueError, match="top_k 1 do not match .* top_k 2"):
         load_routing_prior(path, L, E, 2)
@@ -273,11 +277,17 @@ def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_pat
     junk.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match=f"routing prior {junk}: not a routing prior file"):
         load_routing_prior(str(junk), L, E, 1)
+    half = tmp_path / "half.npz"          # a table missing
+    np.savez(str(half), same_layer=tables["same_layer"], top_k=1, rows=1, requests=1, source="x")
+    with pytest.raises(ValueError, match="not a routing prior file .*cross_layer"):
+        load_routing_prior(str(half), L, E, 1)
     # a write that fails leaves the earlier prior whole and no temporary file behind
     with pytest.raises(TypeError):
-        save_routing_prior(path, c * 2, top_k=1, source="unit", rows=object(), requests=1)
-    assert np.array_equal(load_routing_prior(path, L, E, 1)[0], c)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PRIOR_FILE, "junk.npz"])
-    np.savez(str(tmp_path / "neg.npz"), counts=-c.astype(np.float32), top_k=1, rows=1, requests=1, source="x")
-    with pytest.raises(ValueError, match="finite and >= 0"):
+        save_routing_prior(path, {k: 2 * v for k, v in tables.items()}, top_k=1, source="unit", rows=object(),
+                           requests=1)
+    assert np.array_equal(load_routing_prior(path, L, E, 1)[0]["same_layer"], tables["same_layer"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PRIOR_FILE, "junk.npz", "half.npz"])
+    neg = {"same_layer": tables["same_layer"], "cross_layer": -tables["cross_layer"]}
+    np.savez(str(tmp_path / "neg.npz"), **neg, top_k=1, rows=1, requests=1, source="x")
+    with pytest.raises(ValueError, match="cross_layer counts must be finite and >= 0"):
         load_routing_prior(str(tmp_path / "neg.npz"), L, E, 1)
