@@ -277,10 +277,9 @@ class PrefetchConfig(_Model):
     # `routing_prior`. Offline on the shared traces: hit rate 0.462 -> 0.483 on DeepSeek-V2-Lite with a prior of
     # 400 other requests, unchanged (+-0.003) on gpt-oss-20b and Mixtral (docs/benchmarks.md session 16)
     reuse_memory: bool = True
-    # a routing prior (python -m jobs.train_predictor --routing-prior): its same-layer counts start that table, its
-    # cross-layer counts a primed table of the fast path's transition source (mixed with the online one the same
-    # way, policies/fast_path.py). None: the store's routing_prior.npz (beside the NVMe tier's files) when there.
-    # A prior whose geometry does not match the model is an error at start
+    # a routing prior (python -m jobs.train_predictor --routing-prior) to start that table from; None: the store's
+    # routing_prior.npz (beside the NVMe tier's files) when there. A prior whose geometry does not match the model
+    # is an error at start
     routing_prior: str | None = None
     # auto: the policy's own source (ensemble: the best hidden-state one available; other policies: none). With
     # policy on_demand a source runs the fast path alone, with no coordinator (an error at start if the store lacks
@@ -298,10 +297,9 @@ class PrefetchConfig(_Model):
 
     @model_validator(mode="after")
     def _prior_needs_memory(self):
-        if self.routing_prior is not None and not (self.reuse_values and self.reuse_memory) \
-                and self.speculate_source != "transition":
-            raise ValueError(f"prefetch.routing_prior {self.routing_prior!r} is set, but nothing it warm-starts is on: "
-                             "it needs prefetch.reuse_values and prefetch.reuse_memory, or speculate_source transition")
+        if self.routing_prior is not None and not (self.reuse_values and self.reuse_memory):
+            raise ValueError(f"prefetch.routing_prior {self.routing_prior!r} is set, but the table it warm-starts is "
+                             "off: it needs prefetch.reuse_values and prefetch.reuse_memory")
         return self
 
     @model_validator(mode="after")

@@ -680,9 +680,9 @@ class ExpertCluster:
         self.model.on_route = self.publisher
 
     def _routing_prior(self) -> dict | None:
-        """The routing prior (prefetch.routing_prior, else the store's routing_prior.npz when there), read once: its
-        same-layer table warm-starts the reuse values' long-memory table, its cross-layer one the fast path's
-        transition source. A malformed one or one of another model's geometry is an error naming the file."""
+        """The routing prior (prefetch.routing_prior, else the store's routing_prior.npz when there), read once: it
+        warm-starts the reuse values' long-memory table. A malformed one or one of another model's geometry is an
+        error naming the file."""
         if self._prior is None:
             pf, a = self.cfg.prefetch, self.model.args
             path = pf.routing_prior
@@ -709,10 +709,8 @@ class ExpertCluster:
         pf, a = self.cfg.prefetch, self.model.args
         prefer = pf.speculate_source if pf.speculate_source != "auto" else \
             (pf.policy if pf.policy in ("next_gate", "learned", "pre_gated") else "auto")
-        prior = self._routing_prior() if prefer == "transition" else None
         return NextLayerSpeculator.from_sources(len(a.moe_layers), a.num_experts, a.top_k, store_dir=self._nvme_path(),
-                                                dense=router, depth=pf.speculate_layers, prefer=prefer,
-                                                prior=None if prior is None else prior["cross_layer"])
+                                                dense=router, depth=pf.speculate_layers, prefer=prefer)
 
     def register_request(self, request, tenant: str | None = None, tiers: list[str] | None = None,
                          latency_budget_s: float | None = None) -> None:
@@ -883,9 +881,6 @@ class ExpertCluster:
         # the runtime's fast path, from its own counters (with a coordinator its telemetry adds them up too)
         fast = None if spec is None else {"source": spec.source, "depth": spec.depth, "orders": pub.speculated,
                                           "superseded": pub.superseded, "refuted": pub.refuted}
-        if spec is not None and spec.source == "transition" and spec.prior is not None:
-            fast.update(weight_prior=spec.weight_prior.round(4).tolist(), scored_steps=int(spec.scored.sum()),
-                        prior=self.routing_prior_meta)
         rv = pub.reuse if pub is not None else None
         # the reuse values: which table they trust per MoE layer (MixedReuse), and the prior it started from
         reuse = None if rv is None else {

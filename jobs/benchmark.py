@@ -246,7 +246,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     if evict == "reuse_fast":   # the request's own transitions alone: no long-memory table, no routing prior
         planner["reuse_memory"] = False
         planner.pop("routing_prior", None)
-    if not planner["reuse_values"] and planner.get("speculate_source") != "transition":
+    if not planner["reuse_values"]:
         planner.pop("routing_prior", None)   # nothing here would read it
     if policy == FAST_PATH:
         planner["speculate_source"] = fast_path_source(tr, a)
@@ -352,9 +352,6 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     out["cross_node_activation_bytes"] = act_bytes
     out["coordinator"] = coord
     out["fast_path_orders"] = getattr(pub, "speculated", 0) if pub is not None else 0
-    fp = st["prefetch"].get("fast_path") or {}
-    if fp.get("weight_prior") is not None:   # how much the fast path's primed transition table was trusted
-        out["fast_path_weight_prior"] = fp["weight_prior"]
     rv = st["prefetch"].get("reuse_values")
     if rv is not None and rv["weight_memory"] is not None:   # how much the long-memory table was trusted
         out["reuse_weight_memory"] = rv["weight_memory"]
@@ -689,8 +686,7 @@ def main(argv=None) -> int:
     prior = p.add_mutually_exclusive_group()
     prior.add_argument("--routing-prior", default=None, metavar="NPZ",
                        help="prefetch.routing_prior: a routing prior (python -m jobs.train_predictor --routing-prior) "
-                            "warm-starting the reuse values' long-memory table and the transition fast path's primed "
-                            "table")
+                            "warm-starting the reuse values' long-memory table")
     prior.add_argument("--routing-prior-from-trace", action="store_true",
                        help="build that prior from the trace's requests this run does not replay (those after the "
                             "first --requests), its first --layers layers: other prompts of the same workload")

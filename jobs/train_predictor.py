@@ -12,7 +12,7 @@ reports their next-layer recall@k, measured by policies.replay.recall_at_k throu
 python -m jobs.train_predictor --routing-prior --traces T [T2 ...] --out STORE_DIR [--layers N]
 instead counts the traces' token-to-token routing transitions (any trace format, routing only) into
 STORE_DIR/routing_prior.npz: the warm start of the runtime's long-memory reuse values (prefetch.reuse_memory;
-policies/reuse.py MixedReuse) and of the fast path's transition source (policies/fast_path.py), written atomically.
+policies/reuse.py MixedReuse), written atomically.
 """
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ def train(trace, *, horizon: int = 2, rank: int = 128, hidden_units: int = 512, 
 
 
 def routing_prior(traces, layers: int | None = None) -> tuple[dict, dict]:
-    """({same_layer, cross_layer}: counts float64 [L, E, E], meta) of routing traces of one geometry (their first
-    `layers` MoE layers), for policies/reuse.py save_routing_prior."""
+    """({same_layer: counts float64 [L, E, E]}, meta) of routing traces of one geometry (their first `layers` MoE
+    layers), for policies/reuse.py save_routing_prior."""
     from policies.reuse import PRIOR_TABLES, routing_prior_of
     t0 = traces[0]
     geo = (t0.num_layers, t0.num_experts, t0.top_k)
@@ -158,7 +158,7 @@ def routing_prior_main(a) -> int:
     save_routing_prior(path, tables, **meta)
     c = tables["same_layer"]
     print(json.dumps({"out": path, "layers": c.shape[0], "experts": c.shape[1], "same_layer_pairs": int(c.sum()),
-                      "cross_layer_pairs": int(tables["cross_layer"].sum()), **meta}))
+                      **meta}))
     return 0
 
 

@@ -22,13 +22,7 @@ Sources, best first (`from_sources`):
               inclusion probability of their softmax at tau 1.
   transition  no hidden state needed (routing-only models, the shared traces): the cross-layer transition counts
               of policies/predictors.py CrossLayerTransition, learned online here from each row's consecutive
-              layers, chained for distance > 1. Equal to that predictor on decode steps. With a routing prior
-              (`prior`: its cross_layer counts, policies/reuse.py) a second table starts from them; the two are
-              mixed per target layer by Hedge on each decode step's routing, as MixedReuse mixes the reuse values
-              (other prompts' routing helps some workloads and misleads others). The loss is Brier's, not the
-              log-likelihood MixedReuse uses: raw counts give P of exactly 0 or 1 after one transition, and a
-              log loss then punishes the online table's confident misses so hard that any soft prior, right or
-              wrong, wins (tests/test_fast_path.py: a wrong prior's mix predicted worse than no prior).
+              layers, chained for distance > 1. Equal to that predictor on decode steps.
 
 Rows: a cache row's state is reset when it starts a request (token position 0 at the first MoE layer); a prefill
 routes many positions of one row at once, and only the row's last position is predicted (the decode step's).
@@ -48,8 +42,7 @@ class NextLayerSpeculator:
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, *, depth: int = 1,
                  learned: LearnedPredictor | None = None, gates: np.ndarray | None = None,
-                 pre_gates: Mapping[int, np.ndarray] | None = None, transition: bool = False, rows: int = 16,
-                 prior: np.ndarray | None = None, floor: float = 8.0):
+                 pre_gates: Mapping[int, np.ndarray] | None = None, transition: bool = False, rows: int = 16):
         self.L, self.E, self.K = int(num_layers), int(num_experts), int(top_k)
         sources = [s for s in (learned, gates, pre_gates, transition or None) if s is not None]
         assert len(sources) == 1, \
@@ -62,14 +55,6 @@ class NextLayerSpeculator:
             self.rowsum = np.zeros((self.L, self.E))                        # [L, E]
             self.prev = np.zeros((rows, self.K), np.int64)                  # each row's last experts
             self.prev_q = np.full(rows, -2, np.int64)                       # and its flat position (token*L+layer)
-            self.prior = None
-            if prior is not None:                                           # a primed table beside the online one
-                c = np.asarray(prior, np.float64)
-                assert c.shape == (self.L, self.E, self.E), f"prior must be [L, E, E], got {c.shape}"
-                self.prior, self.prior_rowsum, self.floor = c, c.sum(2), floor   # [L, E, E], [L, E]
-                self.logw = np.zeros((self.L, 2))      # per target layer: log weights of (online, primed)
-                self.last_p = np.zeros((2, rows, self.E))   # each row's P for its next layer, per table
-                self.scored = np.zeros(self.L, np.int64)
         elif learned is not None:
             assert (learned.L, learned.E) == (self.L, self.E), \
                 f"learned predictor is for {learned.L} x {learned.E}, the model has {self.L} x {self.E}"
@@ -95,15 +80,13 @@ class NextLayerSpeculator:
 
     @classmethod
     def from_sources(cls, num_layers: int, num_experts: int, top_k: int, *, store_dir: str | None = None,
-                     dense: Mapping | None = None, depth: int = 1, prefer: str = "auto",
-                     prior: np.ndarray | None = None):
+                     dense: Mapping | None = None, depth: int = 1, prefer: str = "auto"):
         """The best source available (module docstring), or None when there is none. prefer: auto | learned |
-        pre_gated | next_gate | transition (auto: learned, else pre_gated, else next_gate). prior: cross-layer
-        counts [L, E, E] of a routing prior, for transition."""
+        pre_gated | next_gate | transition (auto: learned, else pre_gated, else next_gate)."""
         order = ("learned", "pre_gated", "next_gate") if prefer == "auto" else (prefer,)
         for name in order:
             if name == "transition":
-                return cls(num_layers, num_experts, top_k, depth=depth, transition=True, prior=prior)
+                return cls(num_layers, num_experts, top_k, depth=depth, transition=True)
             if name == "learned" and store_dir is not None and has_trained_predictor(store_dir):
                 p = LearnedPredictor.load(store_dir, finetune=False)
                 if (p.L, p.E) == (num_layers, num_experts):
@@ -123,8 +106,6 @@ class NextLayerSpeculator:
             n = max(rows, 2 * len(self.prev))
             self.prev = np.concatenate([self.prev, np.zeros((n - len(self.prev), self.K), np.int64)])
             self.prev_q = np.concatenate([self.prev_q, np.full(n - len(self.prev_q), -2, np.int64)])
-            if self.prior is not None:
-                self.last_p = np.concatenate([self.last_p, np.zeros((2, n - self.last_p.shape[1], self.E))], 1)
         if self.learned is None or rows <= len(self.hist):
             return
         n = max(rows, 2 * len(self.hist))
@@ -240,62 +221,16 @@ class NextLayerSpeculator:
             np.add.at(self.counts[src], (np.repeat(a, K, 1).reshape(-1), np.tile(b, (1, K)).reshape(-1)), 1.0)
             np.add.at(self.rowsum[src], a.reshape(-1), float(K))
         self.prev[urows], self.prev_q[urows] = ids, q
-        if self.prior is not None:
-            return self._mixed(layer, urows, ids, adj)
-        return self._chain(layer, ids)
-
-    def _table(self, l: int, primed: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Source layer l's counts [E, E] and row sums [E]: online, or online + the prior."""
-        if primed:
-            return self.counts[l] + self.prior[l], self.rowsum[l] + self.prior_rowsum[l]
-        return self.counts[l], self.rowsum[l]
-
-    def _chain(self, layer: int, ids: np.ndarray, primed: bool = False, unseen: float = 0.0) -> np.ndarray:
-        """P [depth, r, E] for rows that just selected ids [r, K] at `layer`, from the online (or primed) table;
-        a row with no evidence gets slot probability `unseen` for every expert."""
-        L, K = self.L, self.K
-        c, rs = self._table(layer, primed)
-        n = rs[ids].sum(1)                                  # [r] evidence of each row's experts
-        p = c[ids].sum(1) / np.where(n > 0, n, 1.0)[:, None]   # [r, E] slot distribution
-        if unseen:
-            p[n == 0] = unseen
-        P = np.empty((self.depth, len(ids), self.E), np.float32)
+        n = self.rowsum[layer][ids].sum(1)                  # [r] evidence of each row's experts
+        p = self.counts[layer][ids].sum(1) / np.where(n > 0, n, 1.0)[:, None]   # [r, E] slot distribution
+        P = np.empty((self.depth, len(urows), self.E), np.float32)
         P[0] = np.minimum(K * p, 1.0)
         for d in range(1, self.depth):                      # chained through the row-normalised tables
-            c, rs = self._table((layer + d) % L, primed)
-            p = p @ (c / np.where(rs > 0, rs, 1.0)[:, None])
+            l = (layer + d) % L
+            rs = self.rowsum[l]
+            p = p @ (self.counts[l] / np.where(rs > 0, rs, 1.0)[:, None])
             P[d] = np.minimum(K * p, 1.0)
         return P
-
-    def _mixed(self, layer: int, urows: np.ndarray, ids: np.ndarray, adj: np.ndarray) -> np.ndarray:
-        """The online and the primed table, each row's P mixed by the target layer's weights. First the rows whose
-        previous event was the layer before score both tables' P for this layer against what it selected."""
-        E = self.E
-        if adj.any():
-            r, got = urows[adj], ids[adj]                                   # [m], [m, K]
-            y = np.zeros((len(r), E), bool)
-            ok = (got >= 0) & (got < E)
-            y[np.nonzero(ok)[0], got[ok]] = True
-            ll = -((self.last_p[:, r] - y) ** 2).sum((1, 2))                # [2] minus the Brier loss
-            lw = self.logw[layer] + ll
-            self.logw[layer] = np.maximum(lw - lw.max(), -self.floor)
-            self.scored[layer] += 1
-        # the online table knows nothing yet of a row's experts: it says "any expert alike" (1/E per slot), not
-        # "none", or any prior, however wrong, would win the first scores
-        on, pr = self._chain(layer, ids, unseen=1.0 / E), self._chain(layer, ids, primed=True)
-        self.last_p[0, urows], self.last_p[1, urows] = on[0], pr[0]
-        tgt = (layer + 1 + np.arange(self.depth)) % self.L
-        w = np.exp(self.logw[tgt])                                          # [depth, 2]
-        w /= w.sum(1, keepdims=True)
-        return (w[:, 0, None, None] * on + w[:, 1, None, None] * pr).astype(np.float32)
-
-    @property
-    def weight_prior(self) -> np.ndarray | None:
-        """float64 [L]: the primed table's weight per target layer (None without a prior)."""
-        if self.source != "transition" or self.prior is None:
-            return None
-        w = np.exp(self.logw - self.logw.max(1, keepdims=True))
-        return w[:, 1] / w.sum(1)
 
 
 def order_filter(source: str | None, top_k: int) -> tuple[float, int]:

@@ -145,10 +145,16 @@ class TransitionReuse:
         go in `pos` order, else in the order given), experts int [N, k] (ids < 0 or >= E ignored), pos int [N] the
         rows' token positions. Learns each slot's transitions from its previous token and returns float64 [E]:
         P(at least one of these slots selects each expert at layer `layer` of its next token)."""
+        step = self._advance(layer, slots, experts, pos)
+        return np.zeros(self.E) if step is None else self._learn_predict(layer, *step)
+
+    def _advance(self, layer: int, slots, experts, pos):
+        """The slots' bookkeeping of one step: None (no rows), or (prev [N, K] each row's previous token's ids (-1:
+        none), ids [N, K] the rows' ids, cur [S, K] each slot's newest ids) after the slots' last tokens moved on."""
         slots = np.asarray(slots, np.int64).reshape(-1)
         N, E = len(slots), self.E
         if N == 0:
-            return np.zeros(E)
+            return None
         ids = np.asarray(experts, np.int64).reshape(N, -1)[:, :self.K]
         bad = (ids < 0) | (ids >= E)
         if bad.any():
@@ -175,6 +181,11 @@ class TransitionReuse:
             cur, cs, cp = ids, slots, pos
         self.last[cs, layer] = cur
         self.pos[cs, layer] = cp
+        return prev, ids, cur
+
+    def _learn_predict(self, layer: int, prev: np.ndarray, ids: np.ndarray, cur: np.ndarray) -> np.ndarray:
+        """Learn a step's transitions (prev -> ids), then P(any slot selects e) from the slots' newest ids cur."""
+        E = self.E
         # learn every (from, to) pair of consecutive tokens; earlier counts decay by one factor per transition
         ok = (prev >= 0)[:, :, None] & (ids >= 0)[:, None, :]           # [N, K, K]
         n_tr = int(ok.any((1, 2)).sum())
@@ -228,40 +239,18 @@ def transition_counts(experts, offsets, num_experts: int) -> np.ndarray:
     return out.reshape(L, E, E)
 
 
-def cross_layer_counts(experts, offsets, num_experts: int) -> np.ndarray:
-    """float64 [L, E, E]: at [l, a, b], how often a sequence's position selected b right after its previous position
-    selected a at layer l, positions ordered (token, layer) with layer L-1 followed by layer 0 of the next token
-    (policies/predictors.py CrossLayerTransition's and the fast path's transition counts: source layer l, target
-    layer (l + 1) mod L). experts int [T, L, K] (ids < 0: unknown), rows of sequence r in offsets[r]:offsets[r + 1]."""
-    x = np.asarray(experts, np.int64)
-    T, L, K = x.shape
-    E = num_experts
-    seq = x.reshape(T * L, K)                         # positions in (token, layer) order
-    offs = np.asarray(offsets, np.int64) * L
-    nxt_ok = np.ones(T * L, bool)
-    nxt_ok[offs[:-1][offs[:-1] < T * L]] = False      # a sequence's first position follows nothing
-    nxt_ok[0] = False
-    q = np.flatnonzero(nxt_ok)
-    a, b = seq[q - 1], seq[q]                         # [N, K] from, to
-    src = (q - 1) % L                                 # the source position's layer
-    ok = (a >= 0)[:, :, None] & (a < E)[:, :, None] & (b >= 0)[:, None, :] & (b < E)[:, None, :]   # [N, K, K]
-    flat = (src[:, None, None] * E + a[:, :, None]) * E + b[:, None, :]
-    return np.bincount(flat[ok], minlength=L * E * E).astype(np.float64).reshape(L, E, E)
-
-
 PRIOR_FILE = "routing_prior.npz"
-PRIOR_TABLES = ("same_layer", "cross_layer")   # transition_counts, cross_layer_counts
+PRIOR_TABLES = ("same_layer",)   # transition_counts
 
 
 def routing_prior_of(experts, offsets, num_experts: int) -> dict[str, np.ndarray]:
-    """Both tables of a routing prior from routing alone (experts int [T, L, K], sequences by offsets)."""
-    return {"same_layer": transition_counts(experts, offsets, num_experts),
-            "cross_layer": cross_layer_counts(experts, offsets, num_experts)}
+    """The tables of a routing prior from routing alone (experts int [T, L, K], sequences by offsets)."""
+    return {"same_layer": transition_counts(experts, offsets, num_experts)}
 
 
 def save_routing_prior(path: str, tables: dict, *, top_k: int, source: str, rows: int, requests: int) -> None:
-    """Write a routing prior ({same_layer, cross_layer}: counts float [L, E, E]) to `path` atomically: a temporary
-    file in the same folder, renamed over it, so a failed write leaves any earlier prior whole."""
+    """Write a routing prior ({same_layer: counts float [L, E, E]}) to `path` atomically: a temporary file in the
+    same folder, renamed over it, so a failed write leaves any earlier prior whole."""
     import os
     arrs = {k: np.asarray(tables[k], np.float32) for k in PRIOR_TABLES}
     for k, c in arrs.items():
@@ -280,7 +269,7 @@ def save_routing_prior(path: str, tables: dict, *, top_k: int, source: str, rows
 
 
 def load_routing_prior(path: str, num_layers: int, num_experts: int, top_k: int) -> tuple[dict, dict]:
-    """({same_layer, cross_layer}: counts float64 [L, E, E], meta) from a `save_routing_prior` file; ValueError
+    """({same_layer: counts float64 [L, E, E]}, meta) from a `save_routing_prior` file; ValueError
     naming the file and what does not match the model (layers, experts, top-k) or is malformed. Wrong counts are
     never used."""
     try:
@@ -323,7 +312,7 @@ class MixedReuse:
             self.slow.add_counts(prior)
         self.eta, self.floor = eta, floor
         self.logw = np.zeros((num_layers, 2))                 # per layer: log weights of (fast, slow)
-        self._p = np.zeros((num_layers, 2, num_experts))      # each layer's last predictions, both tables
+        self._logp: list = [None] * num_layers                # each layer's last predictions' logs (P, 1 - P)
         self._slots: list[np.ndarray | None] = [None] * num_layers   # and the slots they were for
         self.scored = np.zeros(num_layers, np.int64)          # steps scored per layer
 
@@ -339,26 +328,30 @@ class MixedReuse:
 
     def observe(self, layer: int, slots, experts, pos=None) -> np.ndarray:
         """TransitionReuse.observe of both tables, mixed: float64 [E] P(at least one of these slots selects each
-        expert at layer `layer` of its next token)."""
+        expert at layer `layer` of its next token). The slots' bookkeeping is done once, for both."""
         slots = np.asarray(slots, np.int64).reshape(-1)
-        prev = self._slots[layer]
-        if prev is not None and len(prev) == len(slots) and np.array_equal(prev, slots):
+        step = self.fast._advance(layer, slots, experts, pos)
+        if step is None:
+            return np.zeros(self.E)
+        prev, ids, cur = step
+        decode = len(cur) == len(ids)                    # one row per slot (a prefill's rows repeat slots)
+        last = self._slots[layer]
+        if decode and last is not None and len(last) == len(slots) and np.array_equal(last, slots):
             # a decode step of the same slots: score what each table said about it
-            ids = np.asarray(experts, np.int64).reshape(len(slots), -1)
             y = np.zeros(self.E, bool)
-            y[ids[(ids >= 0) & (ids < self.E)]] = True
-            p = np.clip(self._p[layer], 1e-4, 1 - 1e-4)                         # [2, E]
-            ll = np.where(y, np.log(p), np.log1p(-p)).sum(1)                    # [2]
-            lw = self.logw[layer] + self.eta * ll
+            y[ids[ids >= 0]] = True
+            lp, l1p = self._logp[layer]                                         # [2, E] each
+            lw = self.logw[layer] + self.eta * (l1p.sum(1) + (lp[:, y] - l1p[:, y]).sum(1))
             self.logw[layer] = np.maximum(lw - lw.max(), -self.floor)
             self.scored[layer] += 1
-        pf = self.fast.observe(layer, slots, experts, pos)
-        ps = self.slow.observe(layer, slots, experts, pos)
-        self._p[layer, 0], self._p[layer, 1] = pf, ps
-        # decode: one row per slot (a prefill's rows repeat slots, and its next step is not the same slots)
-        self._slots[layer] = slots if len(np.unique(slots)) == len(slots) else None
+        p = np.stack([self.fast._learn_predict(layer, prev, ids, cur),
+                      self.slow._learn_predict(layer, prev, ids, cur)])        # [2, E]
+        self._slots[layer] = slots if decode else None
+        if decode:   # only a decode step's values are scored, at the same slots' next step
+            q = np.clip(p, 1e-4, 1 - 1e-4)
+            self._logp[layer] = (np.log(q), np.log1p(-q))
         w = np.exp(self.logw[layer])
-        return (w[0] * pf + w[1] * ps) / w.sum()
+        return (w[0] * p[0] + w[1] * p[1]) / w.sum()
 
 
 def make_reuse_values(num_layers: int, num_experts: int, top_k: int, *, memory: bool = True, prior=None):

@@ -126,8 +126,7 @@ def test_resident_oracle_and_coordinator(run):
     assert "error" not in f, f.get("error")
     assert f["uses"] == pol["on_demand"]["uses"] and f["coordinator"] is None
     assert f["fast_path_orders"] > 0 and f["prefetch_loads"] > 0 and f["reuse_values"] is True
-    # the routing prior from the trace's other requests primed its transition table too
-    assert len(f["fast_path_weight_prior"]) == tr.num_layers and len(f["reuse_weight_memory"]) == tr.num_layers
+    assert len(f["reuse_weight_memory"]) == tr.num_layers   # its reuse values mixed the long-memory table in
     assert "unavailable" in res["simulated"]["policies"]["fast_path"]
     for p, m in pol.items():
         assert m["speedup"] == pytest.approx(m["tokens_per_s"] / pol["on_demand"]["tokens_per_s"])

@@ -105,8 +105,8 @@ def test_reuse_values_off_leaves_lru_and_the_same_tokens(ray_local, stores):
 
 def test_reuse_values_start_from_the_stores_routing_prior(ray_local, stores):
     """A routing_prior.npz beside the store (python -m jobs.train_predictor --routing-prior) warm-starts the reuse
-    values' long-memory table (prefetch.reuse_memory) and the transition fast path's primed table: they hold the
-    prior's counts before any routing, the stats name the file, and the tokens are still transformers'. A prior of another geometry is an error naming the file at
+    values' long-memory table (prefetch.reuse_memory): it holds the prior's counts before any routing, the stats name
+    the file, and the tokens are still transformers'. A prior of another geometry is an error naming the file at
     start, and the failed start stops what it had started."""
     t, store, man = stores["mixtral"]
     hf = t.model.config
@@ -114,24 +114,15 @@ def test_reuse_values_start_from_the_stores_routing_prior(ray_local, stores):
     path = os.path.join(store, PRIOR_FILE)
     counts = np.random.default_rng(0).integers(0, 50, (L, E, E)).astype(np.float64)
     try:
-        save_routing_prior(path, {"same_layer": counts, "cross_layer": counts[::-1]}, top_k=K, source="test",
-                           rows=10, requests=1)
-        # the transition fast path too (policy on_demand: no coordinator): its primed table starts from cross_layer
-        # (depth 1: a depth of L wraps onto the routed layer, and the fast path's values replace the reuse values)
-        cfg = cluster_cfg(store, "c-prior", 2 * man.expert_bytes,
-                          prefetch={"speculate_source": "transition", "speculate_layers": 1})
-        with ExpertCluster(cfg) as c:
+        save_routing_prior(path, {"same_layer": counts}, top_k=K, source="test", rows=10, requests=1)
+        with ExpertCluster(cluster_cfg(store, "c-prior", 2 * man.expert_bytes)) as c:
             assert np.allclose(c.publisher.reuse.slow.counts(), counts)
-            assert np.array_equal(c.publisher.speculator.prior, counts[::-1])
-            assert_greedy_equals_hf(c, t, "mixtral, reuse values and fast path from a routing prior", 8)
-            st = c.stats()["prefetch"]
-            rv, fp = st["reuse_values"], st["fast_path"]
+            assert_greedy_equals_hf(c, t, "mixtral, reuse values from a routing prior", 8)
+            rv = c.stats()["prefetch"]["reuse_values"]
             assert rv["memory"] and rv["prior"]["path"] == path and rv["prior"]["rows"] == 10
             assert rv["scored_steps"] > 0 and len(rv["weight_memory"]) == L
-            assert fp["source"] == "transition" and fp["prior"]["path"] == path and fp["scored_steps"] > 0
-            assert len(fp["weight_prior"]) == L
         c = counts[:, 1:, 1:]
-        save_routing_prior(path, {"same_layer": c, "cross_layer": c}, top_k=K, source="test", rows=10, requests=1)
+        save_routing_prior(path, {"same_layer": c}, top_k=K, source="test", rows=10, requests=1)
         bad = ExpertCluster(cluster_cfg(store, "c-prior-bad", 2 * man.expert_bytes))
         with pytest.raises(ValueError, match=f"routing prior {path}: same_layer \\({L}, {E - 1}, {E - 1}\\)"):
             bad.start()

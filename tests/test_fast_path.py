@@ -7,7 +7,6 @@ import pytest
 from policies.fast_path import NextLayerSpeculator, likely_experts, order_filter
 from policies.learned import LearnedPredictor, PreGated
 from policies.predictors import CrossLayerTransition, RoutingEvent
-from policies.reuse import cross_layer_counts
 from policies.speculation import NextGateSpeculation
 from policies.traces import synthetic_trace
 
@@ -173,53 +172,6 @@ def test_transition_rows_match_the_cross_layer_predictor(trace):
             if t + 1 >= trace.offsets[r + 1] - trace.offsets[r]:
                 ref.end(r)
     assert checked == trace.num_tokens * L and spec.counts.sum() > 0
-
-
-def _feed(spec, tr, r: int, tokens: int | None = None) -> list[float]:
-    """Request r of tr (its first `tokens`) through the speculator as one row's decode steps; at layers 1..L-1 (the
-    chained pairs) the P it gave a step before to the experts then selected there."""
-    got, prev = [], None
-    for t in range(min(tr.offsets[r + 1] - tr.offsets[r], tokens or 1 << 30)):
-        for l in range(L):
-            ids = tr.experts[tr.offsets[r] + t, l].astype(np.int64)
-            if prev is not None and l > 0:
-                got.append(float(prev[ids].mean()))
-            _, P = spec.step(l, np.array([0]), np.array([t]), ids[None], None)
-            prev = P[0, 0]
-    return got
-
-
-def test_cross_layer_counts_are_what_the_transition_source_learns():
-    tr = synthetic_trace(90, L, E, K, correlation=0.7, num_requests=3, seed=5)
-    spec = NextLayerSpeculator(L, E, K, transition=True, rows=1)
-    for r in range(tr.num_requests):
-        _feed(spec, tr, r)
-    c = cross_layer_counts(tr.experts, tr.offsets, E)
-    np.testing.assert_allclose(spec.counts, c)
-    np.testing.assert_allclose(spec.rowsum, c.sum(2))
-    assert c.sum() == (tr.num_tokens * L - tr.num_requests) * K * K
-
-
-def test_transition_source_trusts_a_right_prior_and_leaves_a_wrong_one():
-    """A prior counted from other requests of the same workload (the same layer-to-layer chains) predicts a new
-    request's next layer from its first token, where the online counts know nothing yet: the primed table's
-    weight goes to ~1 and the P given to the experts then selected rises. A prior of another workload (other
-    chains) falls to the floor, and the fast path predicts as it does with no prior."""
-    tr = synthetic_trace(400, L, E, K, correlation=0.9, num_requests=5, seed=7)
-    o = tr.offsets
-    right = cross_layer_counts(tr.experts[o[1]:], o[1:] - o[1], E)
-    other = synthetic_trace(400, L, E, K, correlation=0.9, num_requests=5, seed=8)
-    wrong = cross_layer_counts(other.experts, other.offsets, E)
-    n = 10                                     # the request's first tokens: the online counts are still learning
-    cold = np.mean(_feed(NextLayerSpeculator(L, E, K, transition=True, rows=1), tr, 0, n))
-    good = NextLayerSpeculator(L, E, K, transition=True, rows=1, prior=right)
-    warm = np.mean(_feed(good, tr, 0, n))
-    assert warm > cold + 0.05 and (good.weight_prior[1:] > 0.99).all(), (warm, cold, good.weight_prior)
-    assert (good.scored[1:] == n).all() and good.scored[0] == n - 1, "every decode step of a layer is scored"
-    bad = NextLayerSpeculator(L, E, K, transition=True, rows=1, prior=wrong)
-    misled = np.mean(_feed(bad, tr, 0, n))
-    assert abs(misled - cold) < 0.03 and (bad.weight_prior[1:] < 0.01).all(), (misled, cold, bad.weight_prior)
-    assert NextLayerSpeculator(L, E, K, transition=True).weight_prior is None
 
 
 def test_likely_experts_keeps_each_rows_top_above_the_threshold():

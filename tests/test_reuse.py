@@ -5,8 +5,8 @@ import pytest
 
 from policies.predictors import Candidates
 from policies.ranking import HBM, NVME, ClusterView, PlannerConfig, PrefetchPlanner, RequestView
-from policies.reuse import (PRIOR_FILE, MixedReuse, ReuseEstimator, TransitionReuse, cross_layer_counts,
-                            load_routing_prior, routing_prior_of, save_routing_prior, transition_counts)
+from policies.reuse import (PRIOR_FILE, MixedReuse, ReuseEstimator, TransitionReuse, load_routing_prior,
+                            routing_prior_of, save_routing_prior, transition_counts)
 
 L, E, K = 3, 8, 2
 MB = 1 << 20
@@ -262,12 +262,11 @@ def test_mixed_reuse_scores_decode_steps_of_the_same_slots_only():
 def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_path):
     x = _markov(np.stack([np.arange(E)] * L), 50, 0)
     tables = routing_prior_of(x, [0, 50], E)
-    assert np.array_equal(tables["same_layer"], transition_counts(x, [0, 50], E))
-    assert np.array_equal(tables["cross_layer"], cross_layer_counts(x, [0, 50], E))
+    assert set(tables) == {"same_layer"} and np.array_equal(tables["same_layer"], transition_counts(x, [0, 50], E))
     path = str(tmp_path / PRIOR_FILE)
     save_routing_prior(path, tables, top_k=1, source="unit", rows=50, requests=1)
     got, meta = load_routing_prior(path, L, E, 1)
-    assert all(np.array_equal(got[k], tables[k]) for k in ("same_layer", "cross_layer"))
+    assert set(got) == {"same_layer"} and np.array_equal(got["same_layer"], tables["same_layer"])
     assert meta == {"top_k": 1, "rows": 50, "requests": 1, "source": "unit", "path": path}
     with pytest.raises(ValueError, match=rf"routing prior {path}: same_layer \(3, 8, 8\) with top_k 1 .* \(4, 8, 8\)"):
         load_routing_prior(path, L + 1, E, 1)
@@ -277,9 +276,9 @@ def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_pat
     junk.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match=f"routing prior {junk}: not a routing prior file"):
         load_routing_prior(str(junk), L, E, 1)
-    half = tmp_path / "half.npz"          # a table missing
-    np.savez(str(half), same_layer=tables["same_layer"], top_k=1, rows=1, requests=1, source="x")
-    with pytest.raises(ValueError, match="not a routing prior file .*cross_layer"):
+    half = tmp_path / "half.npz"          # the table missing
+    np.savez(str(half), counts=tables["same_layer"], top_k=1, rows=1, requests=1, source="x")
+    with pytest.raises(ValueError, match="not a routing prior file .*same_layer"):
         load_routing_prior(str(half), L, E, 1)
     # a write that fails leaves the earlier prior whole and no temporary file behind
     with pytest.raises(TypeError):
@@ -287,7 +286,6 @@ def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_pat
                            requests=1)
     assert np.array_equal(load_routing_prior(path, L, E, 1)[0]["same_layer"], tables["same_layer"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PRIOR_FILE, "junk.npz", "half.npz"])
-    neg = {"same_layer": tables["same_layer"], "cross_layer": -tables["cross_layer"]}
-    np.savez(str(tmp_path / "neg.npz"), **neg, top_k=1, rows=1, requests=1, source="x")
-    with pytest.raises(ValueError, match="cross_layer counts must be finite and >= 0"):
+    np.savez(str(tmp_path / "neg.npz"), same_layer=-tables["same_layer"], top_k=1, rows=1, requests=1, source="x")
+    with pytest.raises(ValueError, match="same_layer counts must be finite and >= 0"):
         load_routing_prior(str(tmp_path / "neg.npz"), L, E, 1)
