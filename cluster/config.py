@@ -274,9 +274,10 @@ class PrefetchConfig(_Model):
     reuse_values: bool = True
     # the reuse values mix a second, long-memory transition table of every request's routing in (policies/reuse.py
     # MixedReuse), weighted per layer by how well each predicted the routing that came; warm-started from
-    # `routing_prior`. Offline on the shared traces: hit rate 0.462 -> 0.483 on DeepSeek-V2-Lite with a prior of
-    # 400 other requests, unchanged (+-0.003) on gpt-oss-20b and Mixtral (docs/benchmarks.md session 16)
-    reuse_memory: bool = True
+    # `routing_prior`. null: on when there is a routing prior. Offline on the shared traces: hit rate 0.462 -> 0.483
+    # on DeepSeek-V2-Lite with a prior of 400 other requests, unchanged (+-0.003) on gpt-oss-20b and Mixtral, and no
+    # gain without a prior; it doubles the hook's deferred CPU (docs/benchmarks.md session 16)
+    reuse_memory: bool | None = None
     # a routing prior (python -m jobs.train_predictor --routing-prior) to start that table from; None: the store's
     # routing_prior.npz (beside the NVMe tier's files) when there. A prior whose geometry does not match the model
     # is an error at start
@@ -297,7 +298,7 @@ class PrefetchConfig(_Model):
 
     @model_validator(mode="after")
     def _prior_needs_memory(self):
-        if self.routing_prior is not None and not (self.reuse_values and self.reuse_memory):
+        if self.routing_prior is not None and not (self.reuse_values and self.reuse_memory is not False):
             raise ValueError(f"prefetch.routing_prior {self.routing_prior!r} is set, but the table it warm-starts is "
                              "off: it needs prefetch.reuse_values and prefetch.reuse_memory")
         return self

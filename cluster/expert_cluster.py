@@ -15,7 +15,7 @@ installed as the model's on_route hook: it sends routing events to the coordinat
 actors/prefetch_coordinator.py). Serving never depends on the coordinator: if it is gone, experts load on demand.
 With `prefetch.reuse_values` (the default) the hook also values each routed layer's experts by P(the request's
 next token selects them there) and the workers' caches evict the lowest first (policies/reuse.py TransitionReuse,
-mixed with a long-memory table warm-started from the store's routing prior: MixedReuse, prefetch.reuse_memory);
+mixed with a long-memory table when the store has a routing prior: MixedReuse, prefetch.reuse_memory);
 under policy on_demand it does only that, with no coordinator. Of the hook, only the fast path's orders run
 before a layer's compute calls leave; the reuse values and the coordinator's batch run while they are in flight
 (ClusterExperts.deferred), and its cost is counted (counters hook_s, hook_deferred_s, hook_layers).
@@ -697,8 +697,9 @@ class ExpertCluster:
     def _reuse_values(self):
         """The runtime's reuse values (prefetch.reuse_values / reuse_memory / routing_prior)."""
         pf, a = self.cfg.prefetch, self.model.args
-        prior = self._routing_prior() if pf.reuse_memory else None
-        return make_reuse_values(len(a.moe_layers), a.num_experts, a.top_k, memory=pf.reuse_memory,
+        prior = self._routing_prior() if pf.reuse_memory is not False else None   # null: on with a prior
+        memory = pf.reuse_memory if pf.reuse_memory is not None else prior is not None
+        return make_reuse_values(len(a.moe_layers), a.num_experts, a.top_k, memory=memory,
                                  prior=None if prior is None else prior["same_layer"])
 
     def _nvme_path(self) -> str | None:

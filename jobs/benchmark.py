@@ -605,8 +605,9 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
                         max_window=max_window if adapt else None, publish_every=publish if adapt else 1,
                         expiry_steps=64 * publish if adapt else 64,
                         coordinator_cpu_s=calib["decision_latency_s"] if adapt else 0.0,
-                        reuse_values=reuse_values_on(name, a), reuse_memory=not name.endswith("+reuse_fast"),
-                        reuse_prior=prior)
+                        reuse_values=reuse_values_on(name, a),
+                        reuse_memory=False if name.endswith("+reuse_fast") else None,
+                        reuse_prior=None if name.endswith("+reuse_fast") else prior)
         m = Simulator(hw, model, store, cfg, tr, pred).run()
         out[name] = {k: m[k] for k in ("tokens_per_s", "hit_rate", "stall_ms_per_token", "prefetch_precision",
                                     "prefetch_recall", "late_prefetches", "demand_loads", "hbm_loads",

@@ -233,8 +233,9 @@ class SimConfig:
                                       # TransitionReuse): each layer's, computed while its calls are in flight, go
                                       # to the holders of its experts with the next layer's calls, and the caches
                                       # evict the lowest-valued first. The fast path (and its values) is not simulated
-    reuse_memory: bool = True         # with reuse_values: the long-memory table mixed in (prefetch.reuse_memory,
-                                      # MixedReuse), warm-started from reuse_prior's counts float [L, E, E] if given
+    reuse_memory: bool | None = None  # with reuse_values: the long-memory table mixed in (prefetch.reuse_memory,
+                                      # MixedReuse; None: when reuse_prior is given), warm-started from reuse_prior's
+                                      # counts float [L, E, E]
     reuse_prior: object = None
     publish_every: int = 1            # the runtime's routing batches: one per this many MoE layers and at each
                                       # token's last (prefetch.publish_every_layers); the coordinator decides once
@@ -358,8 +359,9 @@ class Simulator:
         self._batch: list = []                # routing events not yet published (publish_every > 1)
         self._batched = 0                     # MoE layers in it
         self.reuse = ReuseEstimator(self.L, self.E, model.top_k) if cfg.value_residents else None
-        self.values = make_reuse_values(self.L, self.E, model.top_k, memory=cfg.reuse_memory,
-                                        prior=cfg.reuse_prior if cfg.reuse_memory else None) \
+        memory = cfg.reuse_memory if cfg.reuse_memory is not None else cfg.reuse_prior is not None
+        self.values = make_reuse_values(self.L, self.E, model.top_k, memory=memory,
+                                        prior=cfg.reuse_prior if memory else None) \
             if cfg.reuse_values else None
         self._values_pending: tuple | None = None   # (layer, float32 [E]): ride with the next layer's calls
         self.step_times: list[float] = []

@@ -54,6 +54,8 @@ def test_sizes_paths_and_views(tmp_path):
      "greater than or equal to 4096"),
     ("tiers: [{kind: nvme, path: x}]\nprefetch: {routing_prior: p.npz, reuse_memory: false}", "prefetch",
      "needs prefetch.reuse_values and prefetch.reuse_memory"),
+    ("tiers: [{kind: nvme, path: x}]\nprefetch: {routing_prior: p.npz, reuse_values: false}", "prefetch",
+     "needs prefetch.reuse_values and prefetch.reuse_memory"),
 ])
 def test_invalid_config_names_file_key_and_problem(tmp_path, text, where, what):
     p = write(tmp_path, text)

@@ -89,6 +89,7 @@ def test_logits_and_greedy_tokens_match_transformers(ray_local, stores, family):
         # policy on_demand: no coordinator, but the caches evicted by the runtime's next-token reuse values
         # (prefetch.reuse_values, the default): every expert a worker holds got one
         assert c.coordinator is None and c.publisher is not None and c.publisher.reuse is not None
+        assert st["prefetch"]["reuse_values"]["memory"] is False, "no routing prior: the fast table alone"
         held = {w: sum(1 for k in c.sizes if c.experts.placement.owner(k) == w) for w in c.workers}
         assert {w["worker_id"]: w["eviction_values"] for w in st["workers"]} == held
 
