@@ -10,6 +10,11 @@ token of a request selects expert e at layer l is p11[l, e] if the request's las
 if not; both are decayed counts (half-life `half_life` tokens of that layer) with a Beta prior whose mean is the
 chance rate K/E. Over the live requests R, P(used at the next token) = 1 - prod_r (1 - p_r[l, e]).
 Pure numpy, no clock; memory O(L x E) plus one bool [L, E] per live request (callers end requests).
+
+Also here: the runtime's reuse values (TransitionReuse: the workers' caches evict by them), MixedReuse (those values
+mixed with a long-memory table by weights learned online), and routing priors (transition counts of past requests
+that warm-start that table: transition_counts, save_routing_prior, load_routing_prior; routing_prior.npz beside the
+store).
 """
 from __future__ import annotations
 
@@ -254,9 +259,10 @@ def save_routing_prior(path: str, tables: dict, *, top_k: int, source: str, rows
     import os
     arrs = {k: np.asarray(tables[k], np.float32) for k in PRIOR_TABLES}
     for k, c in arrs.items():
-        assert c.ndim == 3 and c.shape[1] == c.shape[2] and c.shape == arrs["same_layer"].shape, \
-            f"{k} must be [L, E, E] like same_layer, got {c.shape}"
-        assert np.isfinite(c).all() and (c >= 0).all(), f"{k} counts must be finite and >= 0"
+        if c.ndim != 3 or c.shape[1] != c.shape[2]:
+            raise ValueError(f"routing prior {path}: {k} must be counts [L, E, E], got shape {c.shape}")
+        if not (np.isfinite(c).all() and (c >= 0).all()):
+            raise ValueError(f"routing prior {path}: {k} counts must be finite and >= 0")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -300,7 +306,8 @@ class MixedReuse:
     predictions are scored by the Bernoulli log-likelihood of the experts the step selected, and the layer's
     weights move by Hedge (learning rate `eta`; a table's log-weight never falls more than `floor` below the other's,
     so a prior that goes stale can be left and one that becomes right again can be taken back).
-    The same observe / reset interface as TransitionReuse; twice its cost, plus ~10 numpy calls."""
+    The same observe / reset interface as TransitionReuse, the slots' bookkeeping shared; ~2.4x its cost (92 against
+    38 us per decode call at 8 x 64 experts, top-6: docs/benchmarks.md session 16)."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, *, prior=None, slow_half_life: float = 1e9,
                  eta: float = 1.0, floor: float = 8.0):

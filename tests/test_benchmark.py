@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jobs.benchmark import cut_trace, main
+from jobs.benchmark import cut_trace, main, prior_from_trace
 from policies.hbm_cache import CacheIndex
 from policies.replay import access_sequence, cache_hit_rate
 from policies.reuse import MixedReuse, TransitionReuse, load_routing_prior, transition_counts
@@ -105,6 +105,17 @@ def test_reuse_values_match_a_replay_that_evicts_by_them(run, policy):
     assert res["simulated"]["policies"][policy]["hit_rate"] == pytest.approx(hits / m["uses"])
     if policy == "on_demand+reuse":
         assert reuse.weight_slow.round(4).tolist() == m["reuse_weight_memory"]
+
+
+def test_prior_from_trace_needs_requests_the_run_does_not_replay(tmp_path):
+    tr = synthetic_trace(60, 3, 8, 1, num_requests=3, seed=2)
+    with pytest.raises(ValueError, match="has 3 requests and the replay uses all of them"):
+        prior_from_trace(tr, cut_trace(tr, None, 60, 3), str(tmp_path))
+    path, meta = prior_from_trace(tr, cut_trace(tr, 2, 60, 2), str(tmp_path))   # requests 0-1, first 2 layers
+    o = tr.offsets
+    counts = load_routing_prior(path, 2, 8, 1)[0]["same_layer"]
+    assert np.array_equal(counts, transition_counts(tr.experts[o[2]:, :2], o[2:] - o[2], 8))
+    assert meta["requests"] == 1 and meta["rows"] == o[3] - o[2]
 
 
 def test_resident_oracle_and_coordinator(run):

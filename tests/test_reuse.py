@@ -286,6 +286,11 @@ def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_pat
                            requests=1)
     assert np.array_equal(load_routing_prior(path, L, E, 1)[0]["same_layer"], tables["same_layer"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PRIOR_FILE, "junk.npz", "half.npz"])
+    with pytest.raises(ValueError, match=f"routing prior {path}: same_layer counts must be finite and >= 0"):
+        save_routing_prior(path, {"same_layer": np.full((L, E, E), np.nan)}, top_k=1, source="u", rows=1, requests=1)
+    with pytest.raises(ValueError, match=r"same_layer must be counts \[L, E, E\], got shape \(3, 8\)"):
+        save_routing_prior(path, {"same_layer": np.ones((L, E))}, top_k=1, source="u", rows=1, requests=1)
+    assert np.array_equal(load_routing_prior(path, L, E, 1)[0]["same_layer"], tables["same_layer"])
     np.savez(str(tmp_path / "neg.npz"), same_layer=-tables["same_layer"], top_k=1, rows=1, requests=1, source="x")
     with pytest.raises(ValueError, match="same_layer counts must be finite and >= 0"):
         load_routing_prior(str(tmp_path / "neg.npz"), L, E, 1)
