@@ -39,7 +39,7 @@ from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_o
 from actors.prefetch_coordinator import PrefetchCoordinator, access_policy
 from policies.fast_path import NextLayerSpeculator, likely_experts, order_filter
 from policies.ranking import AccessDenied
-from policies.reuse import PRIOR_FILE, load_routing_prior, make_reuse_values
+from policies.reuse import PRIOR_FILE, MixedReuse, load_routing_prior, make_reuse_values
 from policies.placement import Placement, place
 from storage_adapters.manifest import Manifest
 
@@ -581,7 +581,6 @@ class ExpertCluster:
         self.coordinator = None
         self.publisher: RoutePublisher | None = None
         self.routing_prior_meta: dict | None = None   # the routing prior the runtime started from, if any
-        self._prior: dict | None = None              # its tables, once read ({}: none)
         self._access = access_policy(cfg.prefetch)   # tenants' rules (None: no access control)
         self._gen_ids = itertools.count()
 
@@ -679,28 +678,20 @@ class ExpertCluster:
                                         values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
         self.model.on_route = self.publisher
 
-    def _routing_prior(self) -> dict | None:
-        """The routing prior (prefetch.routing_prior, else the store's routing_prior.npz when there), read once: it
-        warm-starts the reuse values' long-memory table. A malformed one or one of another model's geometry is an
-        error naming the file."""
-        if self._prior is None:
-            pf, a = self.cfg.prefetch, self.model.args
-            path = pf.routing_prior
-            if path is None and self._nvme_path() is not None:
-                found = os.path.join(self._nvme_path(), PRIOR_FILE)
-                path = found if os.path.exists(found) else None
-            tables, self.routing_prior_meta = ({}, None) if path is None else \
-                load_routing_prior(path, len(a.moe_layers), a.num_experts, a.top_k)
-            self._prior = tables
-        return self._prior or None
-
     def _reuse_values(self):
-        """The runtime's reuse values (prefetch.reuse_values / reuse_memory / routing_prior)."""
+        """The runtime's reuse values (prefetch.reuse_values / reuse_memory / routing_prior). The routing prior
+        (prefetch.routing_prior, else the store's routing_prior.npz when there) is read here unless reuse_memory is
+        off; a malformed one or one of another model's geometry is an error naming the file."""
         pf, a = self.cfg.prefetch, self.model.args
-        prior = self._routing_prior() if pf.reuse_memory is not False else None   # null: on with a prior
-        memory = pf.reuse_memory if pf.reuse_memory is not None else prior is not None
-        return make_reuse_values(len(a.moe_layers), a.num_experts, a.top_k, memory=memory,
-                                 prior=None if prior is None else prior["same_layer"])
+        L, E, K = len(a.moe_layers), a.num_experts, a.top_k
+        path = pf.routing_prior
+        if path is None and pf.reuse_memory is not False and self._nvme_path() is not None:
+            found = os.path.join(self._nvme_path(), PRIOR_FILE)
+            path = found if os.path.exists(found) else None
+        prior = None
+        if path is not None:
+            prior, self.routing_prior_meta = load_routing_prior(path, L, E, K)
+        return make_reuse_values(L, E, K, memory=pf.reuse_memory, prior=prior)
 
     def _nvme_path(self) -> str | None:
         return next((t.path for t in self.cfg.storage_tiers if t.kind == "nvme"), None)
@@ -884,11 +875,10 @@ class ExpertCluster:
                                           "superseded": pub.superseded, "refuted": pub.refuted}
         rv = pub.reuse if pub is not None else None
         # the reuse values: which table they trust per MoE layer (MixedReuse), and the prior it started from
+        mixed = isinstance(rv, MixedReuse)
         reuse = None if rv is None else {
-            "memory": hasattr(rv, "weight_slow"),
-            "weight_memory": rv.weight_slow.round(4).tolist() if hasattr(rv, "weight_slow") else None,
-            "scored_steps": int(rv.scored.sum()) if hasattr(rv, "scored") else None,
-            "prior": self.routing_prior_meta}
+            "memory": mixed, "weight_memory": rv.weight_slow.round(4).tolist() if mixed else None,
+            "scored_steps": int(rv.scored.sum()) if mixed else None, "prior": self.routing_prior_meta}
         return {"workers": ws, "storage": ss,
                 "dispatch": {"calls": d.calls, "plain_calls": d.plain_calls, "moe_layers": d.layers,
                              "pairs": d.pairs, "mode": self.experts.dispatch},

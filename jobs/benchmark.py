@@ -98,17 +98,17 @@ def cut_trace(tr, layers: int | None, tokens: int | None, requests: int | None =
 def prior_from_trace(full, cut, work: str) -> tuple[str, dict]:
     """(path, meta): a routing prior (policies/reuse.py) counted from the requests of trace `full` that its
     replayed cut `cut` (cut_trace: its first requests) leaves out, over the cut's layers, written under `work`."""
-    from policies.reuse import routing_prior_of, save_routing_prior
+    from policies.reuse import save_routing_prior, transition_counts
     R, L, o = cut.num_requests, cut.num_layers, full.offsets
     if full.num_requests <= R:
         raise ValueError(f"--routing-prior-from-trace: {full.origin} has {full.num_requests} requests and the replay "
                          f"uses all of them (--requests {R}): no other request to learn a prior from")
-    tables = routing_prior_of(full.experts[o[R]:, :L], o[R:] - o[R], full.num_experts)
+    counts = transition_counts(full.experts[o[R]:, :L], o[R:] - o[R], full.num_experts)
     meta = {"top_k": full.top_k, "rows": int(o[-1] - o[R]), "requests": full.num_requests - R,
             "source": f"{full.origin} requests {R}..{full.num_requests - 1}, first {L} layers"}
     os.makedirs(work, exist_ok=True)
     path = os.path.join(work, f"routing_prior-{os.path.basename(full.origin)}-from{R}-L{L}.npz")
-    save_routing_prior(path, tables, **meta)
+    save_routing_prior(path, counts, **meta)
     return path, meta
 
 
@@ -582,7 +582,7 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
     prior = None
     if getattr(a, "routing_prior", None):   # the routing prior the runtime's reuse values started from
         from policies.reuse import load_routing_prior
-        prior = load_routing_prior(a.routing_prior, tr.num_layers, tr.num_experts, tr.top_k)[0]["same_layer"]
+        prior = load_routing_prior(a.routing_prior, tr.num_layers, tr.num_experts, tr.top_k)[0]
     out = {}
     for p in policies:
         name, p = p, p.partition("+")[0]   # NAME+reuse / NAME+lru: the same predictor, with or without the values

@@ -125,9 +125,9 @@ def train(trace, *, horizon: int = 2, rank: int = 128, hidden_units: int = 512, 
 
 
 def routing_prior(traces, layers: int | None = None) -> tuple[dict, dict]:
-    """({same_layer: counts float64 [L, E, E]}, meta) of routing traces of one geometry (their first `layers` MoE
+    """(transition counts float64 [L, E, E], meta) of routing traces of one geometry (their first `layers` MoE
     layers), for policies/reuse.py save_routing_prior."""
-    from policies.reuse import PRIOR_TABLES, routing_prior_of
+    from policies.reuse import transition_counts
     t0 = traces[0]
     geo = (t0.num_layers, t0.num_experts, t0.top_k)
     for t in traces:
@@ -137,11 +137,10 @@ def routing_prior(traces, layers: int | None = None) -> tuple[dict, dict]:
     if layers is not None and not 0 < layers <= geo[0]:
         raise ValueError(f"--layers {layers}: the traces have {geo[0]} MoE layers")
     L = layers or geo[0]
-    each = [routing_prior_of(t.experts[:, :L], t.offsets, t.num_experts) for t in traces]
-    tables = {k: sum(x[k] for x in each) for k in PRIOR_TABLES}
+    counts = sum(transition_counts(t.experts[:, :L], t.offsets, t.num_experts) for t in traces)
     meta = {"top_k": geo[2], "rows": sum(t.num_tokens for t in traces),
             "requests": sum(t.num_requests for t in traces), "source": "+".join(t.origin for t in traces)}
-    return tables, meta
+    return counts, meta
 
 
 def routing_prior_main(a) -> int:
@@ -149,16 +148,15 @@ def routing_prior_main(a) -> int:
     from policies.reuse import PRIOR_FILE, save_routing_prior
     from policies.traces import load
     try:
-        tables, meta = routing_prior([load(p) for p in a.traces], a.layers)
+        counts, meta = routing_prior([load(p) for p in a.traces], a.layers)
     except (ValueError, FileNotFoundError) as e:
         print(f"train_predictor: error: {e}", file=sys.stderr)
         return 2
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, PRIOR_FILE)
-    save_routing_prior(path, tables, **meta)
-    c = tables["same_layer"]
-    print(json.dumps({"out": path, "layers": c.shape[0], "experts": c.shape[1], "same_layer_pairs": int(c.sum()),
-                      **meta}))
+    save_routing_prior(path, counts, **meta)
+    print(json.dumps({"out": path, "layers": counts.shape[0], "experts": counts.shape[1],
+                      "same_layer_pairs": int(counts.sum()), **meta}))
     return 0
 
 

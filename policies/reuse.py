@@ -245,28 +245,21 @@ def transition_counts(experts, offsets, num_experts: int) -> np.ndarray:
 
 
 PRIOR_FILE = "routing_prior.npz"
-PRIOR_TABLES = ("same_layer",)   # transition_counts
 
 
-def routing_prior_of(experts, offsets, num_experts: int) -> dict[str, np.ndarray]:
-    """The tables of a routing prior from routing alone (experts int [T, L, K], sequences by offsets)."""
-    return {"same_layer": transition_counts(experts, offsets, num_experts)}
-
-
-def save_routing_prior(path: str, tables: dict, *, top_k: int, source: str, rows: int, requests: int) -> None:
-    """Write a routing prior ({same_layer: counts float [L, E, E]}) to `path` atomically: a temporary file in the
-    same folder, renamed over it, so a failed write leaves any earlier prior whole."""
+def save_routing_prior(path: str, counts, *, top_k: int, source: str, rows: int, requests: int) -> None:
+    """Write a routing prior (transition_counts: float [L, E, E], stored as `same_layer`) to `path` atomically: a
+    temporary file in the same folder, renamed over it, so a failed write leaves any earlier prior whole."""
     import os
-    arrs = {k: np.asarray(tables[k], np.float32) for k in PRIOR_TABLES}
-    for k, c in arrs.items():
-        if c.ndim != 3 or c.shape[1] != c.shape[2]:
-            raise ValueError(f"routing prior {path}: {k} must be counts [L, E, E], got shape {c.shape}")
-        if not (np.isfinite(c).all() and (c >= 0).all()):
-            raise ValueError(f"routing prior {path}: {k} counts must be finite and >= 0")
+    c = np.asarray(counts, np.float32)
+    if c.ndim != 3 or c.shape[1] != c.shape[2]:
+        raise ValueError(f"routing prior {path}: same_layer must be counts [L, E, E], got shape {c.shape}")
+    if not (np.isfinite(c).all() and (c >= 0).all()):
+        raise ValueError(f"routing prior {path}: same_layer counts must be finite and >= 0")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrs, top_k=np.int64(top_k), rows=np.int64(rows), requests=np.int64(requests),
+            np.savez(f, same_layer=c, top_k=np.int64(top_k), rows=np.int64(rows), requests=np.int64(requests),
                      source=np.array(source))
         os.replace(tmp, path)
     finally:
@@ -274,25 +267,23 @@ def save_routing_prior(path: str, tables: dict, *, top_k: int, source: str, rows
             os.remove(tmp)
 
 
-def load_routing_prior(path: str, num_layers: int, num_experts: int, top_k: int) -> tuple[dict, dict]:
-    """({same_layer: counts float64 [L, E, E]}, meta) from a `save_routing_prior` file; ValueError
-    naming the file and what does not match the model (layers, experts, top-k) or is malformed. Wrong counts are
-    never used."""
+def load_routing_prior(path: str, num_layers: int, num_experts: int, top_k: int) -> tuple[np.ndarray, dict]:
+    """(counts float64 [L, E, E], meta) from a `save_routing_prior` file; ValueError naming the file and what does
+    not match the model (layers, experts, top-k) or is malformed. Wrong counts are never used."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            tables = {k: np.asarray(z[k], np.float64) for k in PRIOR_TABLES}
+            c = np.asarray(z["same_layer"], np.float64)
             meta = {"top_k": int(z["top_k"]), "rows": int(z["rows"]), "requests": int(z["requests"]),
                     "source": str(z["source"]), "path": path}
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"routing prior {path}: not a routing prior file ({type(e).__name__}: {e})") from None
     want = (num_layers, num_experts, num_experts)
-    for k, c in tables.items():
-        if c.shape != want or meta["top_k"] != top_k:
-            raise ValueError(f"routing prior {path}: {k} {c.shape} with top_k {meta['top_k']} do not match the "
-                             f"model (MoE layers, experts, experts) = {want} with top_k {top_k}")
-        if not (np.isfinite(c).all() and (c >= 0).all()):
-            raise ValueError(f"routing prior {path}: {k} counts must be finite and >= 0")
-    return tables, meta
+    if c.shape != want or meta["top_k"] != top_k:
+        raise ValueError(f"routing prior {path}: same_layer {c.shape} with top_k {meta['top_k']} do not match the "
+                         f"model (MoE layers, experts, experts) = {want} with top_k {top_k}")
+    if not (np.isfinite(c).all() and (c >= 0).all()):
+        raise ValueError(f"routing prior {path}: same_layer counts must be finite and >= 0")
+    return c, meta
 
 
 class MixedReuse:
@@ -361,9 +352,13 @@ class MixedReuse:
         return (w[0] * p[0] + w[1] * p[1]) / w.sum()
 
 
-def make_reuse_values(num_layers: int, num_experts: int, top_k: int, *, memory: bool = True, prior=None):
+def make_reuse_values(num_layers: int, num_experts: int, top_k: int, *, memory: bool | None = None, prior=None):
     """The runtime's reuse values (prefetch.reuse_values): TransitionReuse alone, or mixed with a long-memory table
-    (prefetch.reuse_memory, MixedReuse) warm-started from `prior` counts [L, E, E] when given."""
+    (prefetch.reuse_memory, MixedReuse) warm-started from `prior` counts [L, E, E] when given. memory None: mixed
+    exactly when there is a prior (without one the mix gained no hits and doubled the cost: docs/benchmarks.md
+    session 16)."""
+    if memory is None:
+        memory = prior is not None
     if not memory:
         assert prior is None, "a routing prior needs the long-memory table (reuse_memory)"
         return TransitionReuse(num_layers, num_experts, top_k)

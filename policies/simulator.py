@@ -359,10 +359,8 @@ class Simulator:
         self._batch: list = []                # routing events not yet published (publish_every > 1)
         self._batched = 0                     # MoE layers in it
         self.reuse = ReuseEstimator(self.L, self.E, model.top_k) if cfg.value_residents else None
-        memory = cfg.reuse_memory if cfg.reuse_memory is not None else cfg.reuse_prior is not None
-        self.values = make_reuse_values(self.L, self.E, model.top_k, memory=memory,
-                                        prior=cfg.reuse_prior if memory else None) \
-            if cfg.reuse_values else None
+        self.values = make_reuse_values(self.L, self.E, model.top_k, memory=cfg.reuse_memory,
+                                        prior=cfg.reuse_prior) if cfg.reuse_values else None
         self._values_pending: tuple | None = None   # (layer, float32 [E]): ride with the next layer's calls
         self.step_times: list[float] = []
         # the window: fixed, or adapted as the coordinator does (its telemetry: orders used / wasted by expiry)

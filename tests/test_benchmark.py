@@ -87,8 +87,7 @@ def test_reuse_values_match_a_replay_that_evicts_by_them(run, policy):
         o = full.offsets
         prior = transition_counts(full.experts[o[3]:], o[3:] - o[3], E)
         assert prior.sum() > 0 and res["routing_prior"]["requests"] == 2
-        assert np.array_equal(load_routing_prior(res["planner"]["routing_prior"], L, E, tr.top_k)[0]["same_layer"],
-                              prior)
+        assert np.array_equal(load_routing_prior(res["planner"]["routing_prior"], L, E, tr.top_k)[0], prior)
         reuse = MixedReuse(L, E, tr.top_k, prior=prior)
         assert len(m["reuse_weight_memory"]) == L
         # the prior is what makes these hits: without it, or without the long-memory table, they differ
@@ -113,7 +112,7 @@ def test_prior_from_trace_needs_requests_the_run_does_not_replay(tmp_path):
         prior_from_trace(tr, cut_trace(tr, None, 60, 3), str(tmp_path))
     path, meta = prior_from_trace(tr, cut_trace(tr, 2, 60, 2), str(tmp_path))   # requests 0-1, first 2 layers
     o = tr.offsets
-    counts = load_routing_prior(path, 2, 8, 1)[0]["same_layer"]
+    counts = load_routing_prior(path, 2, 8, 1)[0]
     assert np.array_equal(counts, transition_counts(tr.experts[o[2]:, :2], o[2:] - o[2], 8))
     assert meta["requests"] == 1 and meta["rows"] == o[3] - o[2]
 

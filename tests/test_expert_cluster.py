@@ -115,15 +115,14 @@ def test_reuse_values_start_from_the_stores_routing_prior(ray_local, stores):
     path = os.path.join(store, PRIOR_FILE)
     counts = np.random.default_rng(0).integers(0, 50, (L, E, E)).astype(np.float64)
     try:
-        save_routing_prior(path, {"same_layer": counts}, top_k=K, source="test", rows=10, requests=1)
+        save_routing_prior(path, counts, top_k=K, source="test", rows=10, requests=1)
         with ExpertCluster(cluster_cfg(store, "c-prior", 2 * man.expert_bytes)) as c:
             assert np.allclose(c.publisher.reuse.slow.counts(), counts)
             assert_greedy_equals_hf(c, t, "mixtral, reuse values from a routing prior", 8)
             rv = c.stats()["prefetch"]["reuse_values"]
             assert rv["memory"] and rv["prior"]["path"] == path and rv["prior"]["rows"] == 10
             assert rv["scored_steps"] > 0 and len(rv["weight_memory"]) == L
-        c = counts[:, 1:, 1:]
-        save_routing_prior(path, {"same_layer": c}, top_k=K, source="test", rows=10, requests=1)
+        save_routing_prior(path, counts[:, 1:, 1:], top_k=K, source="test", rows=10, requests=1)
         bad = ExpertCluster(cluster_cfg(store, "c-prior-bad", 2 * man.expert_bytes))
         with pytest.raises(ValueError, match=f"routing prior {path}: same_layer \\({L}, {E - 1}, {E - 1}\\)"):
             bad.start()

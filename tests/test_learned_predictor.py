@@ -120,9 +120,9 @@ def test_routing_prior_cli_counts_any_routing_trace(tmp_path):
     out = tmp_path / "store"
     assert train_main(["--routing-prior", "--traces", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
                        "--out", str(out), "--layers", "2"]) == 0
-    tables, meta = load_routing_prior(str(out / PRIOR_FILE), 2, E, K)
+    counts, meta = load_routing_prior(str(out / PRIOR_FILE), 2, E, K)
     ref = transition_counts(a.experts[:, :2], a.offsets, E) + transition_counts(b.experts[:, :2], b.offsets, E)
-    assert np.array_equal(tables["same_layer"], ref) and meta["rows"] == 500 and meta["requests"] == 5
+    assert np.array_equal(counts, ref) and meta["rows"] == 500 and meta["requests"] == 5
     assert ref.sum() == 2 * (297 + 198) * K * K
     other = synthetic_trace(100, L, E + 1, K, num_requests=2, seed=0)
     other.save_npz(tmp_path / "o.npz")

@@ -6,7 +6,7 @@ import pytest
 from policies.predictors import Candidates
 from policies.ranking import HBM, NVME, ClusterView, PlannerConfig, PrefetchPlanner, RequestView
 from policies.reuse import (PRIOR_FILE, MixedReuse, ReuseEstimator, TransitionReuse, load_routing_prior,
-                            routing_prior_of, save_routing_prior, transition_counts)
+                            save_routing_prior, transition_counts)
 
 L, E, K = 3, 8, 2
 MB = 1 << 20
@@ -261,12 +261,11 @@ def test_mixed_reuse_scores_decode_steps_of_the_same_slots_only():
 
 def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_path):
     x = _markov(np.stack([np.arange(E)] * L), 50, 0)
-    tables = routing_prior_of(x, [0, 50], E)
-    assert set(tables) == {"same_layer"} and np.array_equal(tables["same_layer"], transition_counts(x, [0, 50], E))
+    c = transition_counts(x, [0, 50], E)
     path = str(tmp_path / PRIOR_FILE)
-    save_routing_prior(path, tables, top_k=1, source="unit", rows=50, requests=1)
+    save_routing_prior(path, c, top_k=1, source="unit", rows=50, requests=1)
     got, meta = load_routing_prior(path, L, E, 1)
-    assert set(got) == {"same_layer"} and np.array_equal(got["same_layer"], tables["same_layer"])
+    assert np.array_equal(got, c)
     assert meta == {"top_k": 1, "rows": 50, "requests": 1, "source": "unit", "path": path}
     with pytest.raises(ValueError, match=rf"routing prior {path}: same_layer \(3, 8, 8\) with top_k 1 .* \(4, 8, 8\)"):
         load_routing_prior(path, L + 1, E, 1)
@@ -277,20 +276,19 @@ def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_pat
     with pytest.raises(ValueError, match=f"routing prior {junk}: not a routing prior file"):
         load_routing_prior(str(junk), L, E, 1)
     half = tmp_path / "half.npz"          # the table missing
-    np.savez(str(half), counts=tables["same_layer"], top_k=1, rows=1, requests=1, source="x")
+    np.savez(str(half), counts=c, top_k=1, rows=1, requests=1, source="x")
     with pytest.raises(ValueError, match="not a routing prior file .*same_layer"):
         load_routing_prior(str(half), L, E, 1)
     # a write that fails leaves the earlier prior whole and no temporary file behind
     with pytest.raises(TypeError):
-        save_routing_prior(path, {k: 2 * v for k, v in tables.items()}, top_k=1, source="unit", rows=object(),
-                           requests=1)
-    assert np.array_equal(load_routing_prior(path, L, E, 1)[0]["same_layer"], tables["same_layer"])
+        save_routing_prior(path, 2 * c, top_k=1, source="unit", rows=object(), requests=1)
+    assert np.array_equal(load_routing_prior(path, L, E, 1)[0], c)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PRIOR_FILE, "junk.npz", "half.npz"])
     with pytest.raises(ValueError, match=f"routing prior {path}: same_layer counts must be finite and >= 0"):
-        save_routing_prior(path, {"same_layer": np.full((L, E, E), np.nan)}, top_k=1, source="u", rows=1, requests=1)
+        save_routing_prior(path, np.full((L, E, E), np.nan), top_k=1, source="u", rows=1, requests=1)
     with pytest.raises(ValueError, match=r"same_layer must be counts \[L, E, E\], got shape \(3, 8\)"):
-        save_routing_prior(path, {"same_layer": np.ones((L, E))}, top_k=1, source="u", rows=1, requests=1)
-    assert np.array_equal(load_routing_prior(path, L, E, 1)[0]["same_layer"], tables["same_layer"])
-    np.savez(str(tmp_path / "neg.npz"), same_layer=-tables["same_layer"], top_k=1, rows=1, requests=1, source="x")
+        save_routing_prior(path, np.ones((L, E)), top_k=1, source="u", rows=1, requests=1)
+    assert np.array_equal(load_routing_prior(path, L, E, 1)[0], c)
+    np.savez(str(tmp_path / "neg.npz"), same_layer=-c, top_k=1, rows=1, requests=1, source="x")
     with pytest.raises(ValueError, match="same_layer counts must be finite and >= 0"):
         load_routing_prior(str(tmp_path / "neg.npz"), L, E, 1)
