@@ -130,8 +130,9 @@ class _Metrics:
         self.served.set(snap["served_by_prefetch"], tags=self.tags)
 
 
-def planner_config(pf, model: str | None = None) -> PlannerConfig:
-    """The planner's settings from the cluster config's `prefetch:` section (cluster/config.py PrefetchConfig)."""
+def planner_config(pf, model: str | None = None, tier_kinds: dict | None = None) -> PlannerConfig:
+    """The planner's settings from the cluster config's `prefetch:` section (cluster/config.py PrefetchConfig);
+    tier_kinds {tier name: kind}: the config's tiers, which TierSets name."""
     lat, bw = list(TierCosts().latency_s), list(TierCosts().bandwidth_Bps)
     names = ("hbm", "peer", "dram", "nvme", "s3")
     for name, c in (pf.tier_costs or {}).items():
@@ -140,7 +141,7 @@ def planner_config(pf, model: str | None = None) -> PlannerConfig:
     return PlannerConfig(threshold=pf.threshold, hbm_confirm_prob=pf.hbm_confirm_prob,
                          max_inflight_bytes=int(pf.max_inflight_bytes), layer_time_s=pf.layer_time_s,
                          latency_ref_s=pf.latency_ref_s, costs=TierCosts(tuple(lat), tuple(bw)),
-                         stage_to_dram=pf.stage_to_dram, model=model)
+                         stage_to_dram=pf.stage_to_dram, model=model, tier_kinds=dict(tier_kinds or {}))
 
 
 def access_policy(pf) -> AccessPolicy | None:
@@ -156,7 +157,8 @@ class PrefetchCoordinator:
     def __init__(self, pf, geometry: dict, workers: dict, worker_node: dict, owners: np.ndarray, storage: dict,
                  *, router_weights=None, store_dir: str | None = None, model: str | None = None):
         """pf: the config's PrefetchConfig. geometry: moe_layers (decoder layer of each MoE layer), num_experts,
-        top_k, nbytes [L, E], store_tiers {tier name: bool [L, E] held}, tier_set (active tier names).
+        top_k, nbytes [L, E], store_tiers {tier kind: bool [L, E] held}, tier_set (active tier names), tier_kinds
+        {tier name: kind} (the config's tiers: a TierSet names them).
         workers {wid: handle}, worker_node {wid: node id}, owners [L, E] primary owner wid per MoE layer,
         storage {node id: [StorageActor]}."""
         self.pf = pf
@@ -169,7 +171,7 @@ class PrefetchCoordinator:
         self.store = np.zeros((2, self.L, self.E), bool)                   # [nvme, s3] held by the store
         for kind, held in st.items():   # {"nvme" | "s3": bool [L, E]} within the active TierSet
             self.store[int(kind == "s3")] |= np.asarray(held, bool)
-        self.planner = PrefetchPlanner(planner_config(pf, model), access_policy(pf))
+        self.planner = PrefetchPlanner(planner_config(pf, model, geometry.get("tier_kinds")), access_policy(pf))
         self.model = model
         self.predictor = make_predictor(pf.policy, num_layers=self.L, num_experts=self.E, top_k=self.K,
                                         router_weights=router_weights, store_dir=store_dir)
@@ -184,6 +186,7 @@ class PrefetchCoordinator:
         self.storage = storage
         self._set_workers(workers, worker_node, owners)
         self.requests: dict = {}        # live request -> (token, MoE layer) of its last event
+        self._moved: set = set()        # requests with an event since the last decision (their predictions scored)
         self.meta: dict = {}            # request -> (tiers, tenant, latency budget)
         self.denied: dict = {}
         self.step = 0
@@ -311,6 +314,10 @@ class PrefetchCoordinator:
         AccessDenied (naming tenant and what) if the tenant may not use the model or those tiers."""
         tiers = list(tiers) if tiers is not None else list(self.tier_set)
         self.meta[request] = (tiers, tenant, latency_budget_s)   # a denied request stays known: no order for it
+        if len(self.meta) > 2 * MAX_LIVE_REQUESTS:   # registered and never routed nor ended (a caller's leak):
+            for r in [r for r in self.meta if r not in self.requests][:len(self.meta) - MAX_LIVE_REQUESTS]:
+                self.meta.pop(r)                     # forget the oldest; a live request keeps its rules
+                self.denied.pop(r, None)
         if self.planner.access is not None:
             try:
                 self.planner.access.check(tenant, self.model, tiers)
@@ -402,6 +409,7 @@ class PrefetchCoordinator:
             if last is None and len(self.requests) >= MAX_LIVE_REQUESTS:   # a runtime that never ends requests
                 self._end([next(iter(self.requests))])                   # cannot grow us: forget the oldest
             self.requests[req] = (tok, li)
+            self._moved.add(req)
         if self.reuse is not None:
             self.reuse.observe_many(reqs, li, ids)
         used = np.unique(ids)
@@ -418,13 +426,15 @@ class PrefetchCoordinator:
             self._adapt()
         window = self.wc.window
         views, scored = [], []
+        moved, self._moved = self._moved, set()
         for req, (tok, li) in self.requests.items():
             tiers, tenant, budget = self.meta.get(req, (self.tier_set, None, None))
             horizon = max(1, int(window * self.planner.budget_factor(budget)))   # the planner's own cut
             tp = time.perf_counter()
             c = self.predictor.predict(req, horizon)
             self._pred_s += time.perf_counter() - tp
-            scored.append((req, tok * self.L + li, c.distance, c.expert, c.prob))
+            if req in moved:   # scored once per position: a request that did not route since is not counted again
+                scored.append((req, tok * self.L + li, c.distance, c.expert, c.prob))
             views.append(RequestView(req, c, tiers, tenant, budget))
         self.tel.record_predictions(scored, self.planner.cfg.threshold)
         if not views or not self._polled:
@@ -497,7 +507,13 @@ class PrefetchCoordinator:
         `.remote()` costs the actor more than a step's decision). keep: the worker's residents' values (the
         latest step's win)."""
         buf = self._held.get(wi)
-        if buf is not None:                 # a call is outstanding: hold (a later order for a key wins)
+        if buf is not None:   # a call is outstanding: hold, the later word on a key winning (the worker applies a
+            if cancel:        # call's cancellations before its orders, so both must not travel for one key)
+                gone = {(int(a), int(b)) for a, b in cancel}
+                buf[0][:] = [it for it in buf[0] if (it[0], it[1]) not in gone]
+            if items:
+                again = {(it[0], it[1]) for it in items}
+                buf[1][:] = [k for k in buf[1] if (int(k[0]), int(k[1])) not in again]
             buf[0].extend(items)
             buf[1].extend(cancel)
             if keep is not None:

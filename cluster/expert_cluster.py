@@ -654,7 +654,8 @@ class ExpertCluster:
             mask = np.array([[t.name in held[(l, e)] for e in range(E)] for l in a.moe_layers], bool)
             store_tiers[t.kind] = store_tiers.get(t.kind, np.zeros((L, E), bool)) | mask
         geometry = {"moe_layers": list(a.moe_layers), "num_experts": E, "top_k": a.top_k, "nbytes": nbytes,
-                    "store_tiers": store_tiers, "tier_set": self.cfg.active_tiers}
+                    "store_tiers": store_tiers, "tier_set": self.cfg.active_tiers,
+                    "tier_kinds": {t.name: t.kind for t in self.cfg.tiers}}
         router = _router_weights(dense) if pf.policy in ("next_gate", "pre_gated", "ensemble", "learned") else None
         nvme = self._nvme_path()
         nodes = {w: s["node_id"] for w, s in self._worker_nodes().items()}

@@ -391,18 +391,22 @@ class CompletionServer:
                                 top_p=body.top_p, seed=body.seed, tenant=tenant, tiers=tiers,
                                 stop_token_ids=tuple(body.stop_token_ids) if body.stop_token_ids is not None
                                 else None)
-        if getattr(self.cluster, "coordinator", None) is not None and (tenant is not None or tiers is not None):
+        registered = getattr(self.cluster, "coordinator", None) is not None and (tenant is not None or
+                                                                                tiers is not None)
+        if registered:
             try:   # before its first routing event (same caller: Ray keeps the order): its prefetches honour these
                 self.cluster.register_request(rid, tenant, None if tiers is None else list(tiers))
             except Exception:  # noqa: BLE001 - admitted above; a stricter prefetch rule only means no prefetch
                 pass
         try:
             handle = self.engine.submit(req)
-        except RequestError as e:
-            field = {"prompt_ids": "prompt"}.get(e.field, e.field)
-            self.m_requests.inc(1, {"status": "invalid"})
-            return _error(400, f"{field}: {e.reason}", param=field)
-        except EngineOverloaded as e:
+        except (RequestError, EngineOverloaded) as e:
+            if registered:   # it will never run: the coordinator forgets what it was told
+                self.cluster.end_requests([rid])
+            if isinstance(e, RequestError):
+                field = {"prompt_ids": "prompt"}.get(e.field, e.field)
+                self.m_requests.inc(1, {"status": "invalid"})
+                return _error(400, f"{field}: {e.reason}", param=field)
             self.m_requests.inc(1, {"status": "overloaded"})
             return _error(503, f"server overloaded: {e}; retry later", kind="overloaded",
                           headers={"Retry-After": str(a.retry_after_s)})

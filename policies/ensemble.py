@@ -176,6 +176,12 @@ class Ensemble(Predictor):
         D = min(len(layers), self.C)
         return _from_dense(self._mix(st.P[:D], layers[:D]), layers[:D])
 
+    def _forget(self, request) -> None:
+        # the members forget it too: a member still tracking it would predict from its position while the
+        # ensemble labels the result with layers counted from the start
+        for p in self.members:
+            p.end(request)
+
     def _arrays(self):
         return [self.logw, self.hits, self.n, self.sel, self.selhit]
 

@@ -107,7 +107,7 @@ class Predictor:
         if st is None:
             st = self._reqs[event.request] = self._new_request()
             while len(self._reqs) > self.max_requests:  # a caller that never calls end() cannot grow us
-                self._reqs.popitem(last=False)
+                self._forget(self._reqs.popitem(last=False)[0])
         else:
             self._reqs.move_to_end(event.request)
         # `adjacent`: this event directly follows the request's previous one (no unknown position between)
@@ -137,6 +137,9 @@ class Predictor:
     # -- for subclasses ----------------------------------------------------------------------------------------
     def _new_request(self) -> _Req:
         return _Req()
+
+    def _forget(self, request: Hashable) -> None:
+        """`request` was dropped by the request cap (its caller never ended it)."""
 
     def _observe(self, st: _Req, ev: RoutingEvent, experts: np.ndarray, adjacent: bool) -> None:
         pass

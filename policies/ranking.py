@@ -42,7 +42,8 @@ How it ranks (one call = one decision step)
   9. Issue order: warm before cold (shorter transfers first: peer, dram, nvme, s3), then earliest deadline first
      within a tier (the nearest distance: an order needed next layer must not queue behind one needed in ten, or
      both arrive late), then value. The `priority` handed to the workers encodes the same order:
-     (number of tiers - source) + 0.999 / (1 + distance) + a value tie-break below 0.001.
+     (number of tiers - source) + 0.998 / (1 + distance) + a value tie-break below the step between the plan's
+     two farthest distances.
 
 Plan.keep carries step 6's resident values (and keep_used, their worth once used): with `eviction_hints` the
 coordinator hands each worker its residents' values so that a demand miss evicts the resident least likely to be
@@ -131,6 +132,9 @@ class PlannerConfig:
     costs: TierCosts = TierCosts()
     stage_to_dram: bool = True
     model: str | None = None           # the model name tenants are checked against
+    # a TierSet names the cluster config's tiers, which may be called anything ("local-nvme", "archive"): each
+    # name's kind (dram / nvme / s3) is its place in TIER_NAMES; names that are kinds themselves need no entry
+    tier_kinds: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         assert 0 < self.threshold <= 1 and 0 < self.hbm_confirm_prob <= 1, "probabilities must lie in (0, 1]"
@@ -212,7 +216,9 @@ class Plan:
     request: list        # [M] attributed request
     denied: dict = field(default_factory=dict)   # request -> AccessDenied message
     wanted: np.ndarray | None = None   # bool [L, E]: every (layer, expert) some request predicts in its window
-    victims: list | None = None        # [M] per order, the residents (layer, expert) it may displace (HBM only)
+    victims: list | None = None        # [M] per order, the residents (layer, expert) it may displace (HBM only):
+                                       # all its worker's plan displaces, lowest value first, each worth less
+                                       # than every HBM order of that worker
     keep: np.ndarray | None = None     # float64 [L, E] what keeping each resident / in-flight expert is worth (s/B,
                                        # step 6's resident value): the workers evict lowest first on a demand miss
     keep_used: np.ndarray | None = None  # float64 [L, E] its worth once used (its prediction is spent: what is
@@ -280,12 +286,13 @@ class PrefetchPlanner:
             names = TIER_NAMES[1:] if rv.tiers is None else tuple(rv.tiers)
             g = groups.get(names)
             if g is None:
-                unknown = [t for t in names if t not in TIER_NAMES]
+                kinds = [cfg.tier_kinds.get(t, t) for t in names]
+                unknown = [t for t, k in zip(names, kinds) if k not in TIER_NAMES]
                 if unknown:
                     raise ValueError(f"request {rv.request!r}: unknown tiers {unknown} in its TierSet "
-                                     f"(known: {TIER_NAMES})")
+                                     f"(known: {sorted(set(TIER_NAMES) | set(cfg.tier_kinds))})")
                 allowed = np.zeros(NUM_TIERS, bool)
-                allowed[[TIER_NAMES.index(t) for t in names]] = True
+                allowed[[TIER_NAMES.index(k) for k in kinds]] = True
                 g = groups[names] = len(masks)
                 masks.append(allowed)
             if self.access is not None:
@@ -358,7 +365,9 @@ class PrefetchPlanner:
         keep_used = None
         if view.reuse is not None:   # what keeping a resident is worth: its reuse at the next token (L layers on)
             nb_all = view.nbytes.reshape(-1)
-            stall_r = cfg.costs.seconds(np.minimum(tables[0], NUM_TIERS - 1), nb_all)
+            # costed from the fastest copy any live request's TierSet allows (as the sources of step 4), so that
+            # the plan does not depend on which request is listed first
+            stall_r = cfg.costs.seconds(np.minimum(tables.min(0), NUM_TIERS - 1), nb_all)
             if cfg.layer_time_s is not None:
                 stall_r = np.minimum(stall_r, L * cfg.layer_time_s)
             per_b = stall_r / np.maximum(nb_all, 1)
@@ -397,11 +406,7 @@ class PrefetchPlanner:
             displace_ok[:] = False
         good = fits | displace_ok
         to_hbm = _seg_cumsum((~good).astype(np.int64), w) == 0  # the worker's prefix that really fits
-        # victims: the residents each HBM order displaces, lowest value first (the worker evicts only these)
         jd = np.where(to_hbm & ~fits, j - rstart[w] + 1, 0)    # residents of its worker displaced up to here
-        jd_prev = np.zeros_like(jd)                              # ... up to the row before
-        jd_prev[1:] = jd[:-1]
-        jd_prev[_starts(w)] = 0
         # -- 7. the rest: stage colder-than-DRAM copies into the owner's node DRAM ------------------------------
         node = view.node_of[w]
         stage = (~to_hbm & cfg.stage_to_dram & SO & (S > DRAM) & ~view.present[DRAM].reshape(-1)[uk]
@@ -421,12 +426,24 @@ class PrefetchPlanner:
         # -- 9. issue order: warm before cold, then earliest deadline (nearest distance), then value ---------------
         idx = idx[_order(S[idx], D[idx], -value[idx], uk[idx])]
         vmax = value[idx].max() if len(idx) else 1.0
-        pri = (NUM_TIERS - S[idx]) + 0.998 / (1.0 + D[idx]) + 0.0009 * value[idx] / max(vmax, 1e-300)
+        # the value tie-break stays below the smallest step between two distances of this plan, so that no value
+        # puts a farther order before a nearer one, however far the window reaches
+        dmax = float(D[idx].max()) if len(idx) else 0.0
+        tie = 0.9 * 0.998 / ((1.0 + dmax) * (2.0 + dmax))
+        pri = (NUM_TIERS - S[idx]) + 0.998 / (1.0 + D[idx]) + tie * value[idx] / max(vmax, 1e-300)
         tgt = np.where(to_hbm[idx], TARGET_HBM, TARGET_DRAM).astype(np.int64)
+        # victims: the residents the worker's plan displaces, lowest value first (the worker evicts only these).
+        # The worker loads in priority order, not in value order, so a nearer order of lower value may take the
+        # free bytes first: every HBM order of the worker names all of them, and whichever loads once the free
+        # bytes are gone evicts from them. Each is worth less than the worker's lowest-valued HBM order (the one
+        # that displaced the last of them), so no order can evict a resident worth more than itself
         victims: list = [[] for _ in range(len(idx))]
-        for o_ in np.flatnonzero(to_hbm[idx] & (jd[idx] > jd_prev[idx])).tolist():
-            i = idx[o_]
-            victims[o_] = [divmod(int(k), E) for k in rk[rstart[w[i]] + jd_prev[i]:rstart[w[i]] + jd[i]]]
+        hb = idx[to_hbm[idx]]
+        ndisp = np.zeros(W, np.int64)                            # residents each worker's plan displaces
+        np.maximum.at(ndisp, w[hb], jd[hb])
+        for o_ in np.flatnonzero(to_hbm[idx] & (ndisp[w[idx]] > 0)).tolist():
+            a = rstart[w[idx[o_]]]
+            victims[o_] = [divmod(int(k), E) for k in rk[a:a + ndisp[w[idx[o_]]]]]
         return Plan(w[idx].astype(np.int64), lay[idx].astype(np.int64), ex[idx].astype(np.int64),
                     S[idx].astype(np.int64), tgt, P[idx], value[idx], pri, nb[idx],
                     [requests[int(r)].request for r in R[idx]], denied, wanted.reshape(L, E), victims,

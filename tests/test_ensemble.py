@@ -119,3 +119,19 @@ def test_registry_builds_every_name_and_refuses_bad_input(trace):
     assert ens.names == ["cross_layer", "previous_token"]
     with pytest.raises(ValueError, match="ensemble members"):
         make_predictor("ensemble", **geo, members=["ensemble"])
+
+
+def test_a_request_the_ensemble_drops_at_its_cap_is_dropped_by_its_members_too():
+    """Past `max_requests` live requests the ensemble forgets the oldest; its members forget it with it, so that
+    nobody predicts for it from a position the ensemble no longer knows (their layers would be mislabelled)."""
+    L, E, K = 8, 8, 2
+    ens = make_predictor("ensemble", num_layers=L, num_experts=E, top_k=K, members=["previous_token"])
+    ens.max_requests = 3
+    for r in range(4):   # each at token 1, layer 4
+        for t, n in ((0, L), (1, 5)):
+            for l in range(n):
+                ens.observe(RoutingEvent(r, t, l, np.array([l, l + 1]) % E))
+    m = ens.members[0]
+    assert 0 not in m._reqs and 3 in m._reqs
+    assert sorted(set(ens.predict(3, 2).layer.tolist())) == [5, 6]      # a request it keeps: the next layers
+    assert sorted(set(ens.predict(0, 2).layer.tolist())) == sorted(set(m.predict(0, 2).layer.tolist()))

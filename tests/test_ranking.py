@@ -3,6 +3,7 @@ never evicting a more valuable expert, DRAM staging, latency budgets, determinis
 import numpy as np
 import pytest
 
+from policies.hbm_cache import CacheIndex
 from policies.predictors import Candidates
 from policies.ranking import (DRAM, HBM, NVME, PEER, S3, AccessPolicy, ClusterView, PlannerConfig,
                               PrefetchPlanner, RequestView, TenantRule, TierCosts, WindowController)
@@ -85,6 +86,19 @@ def test_warm_before_cold_and_priority_follows_issue_order():
     assert list(plan.priority) == sorted(plan.priority, reverse=True)
     # the value is P x stall per byte: the colder source is worth more to hide
     assert plan.value[3] > plan.value[2] > plan.value[1]
+
+
+def test_priority_puts_the_nearer_order_first_however_far_the_window_reaches():
+    """A window of tens of layers (Mixtral's 32 layers x a few tokens ahead): a likelier expert one layer farther
+    still goes after the nearer one, as the plan issues them."""
+    Lw = 64
+    v = ClusterView.empty(np.zeros((Lw, E), np.int64), np.full((Lw, E), MB), np.array([1 << 30]),
+                          dram_free_bytes=np.array([0]))
+    for d in (1, 40, 60):
+        r = RequestView("r", cands([(d, 0, 1, 0.06), (d + 1, 1, 2, 0.99)]))
+        plan = PrefetchPlanner(PlannerConfig(max_inflight_bytes=1 << 30)).plan([r], v, 64)
+        assert list(zip(plan.layer, plan.expert)) == [(0, 1), (1, 2)]
+        assert plan.priority[0] > plan.priority[1], (d, plan.priority)
 
 
 def test_value_capped_by_lead_time():
@@ -178,9 +192,42 @@ def test_deterministic_for_a_seed_and_independent_of_request_order():
                                                                     for o in c]
 
 
+def test_a_residents_worth_does_not_depend_on_which_request_is_listed_first():
+    """A resident's reuse is costed from the fastest copy any live request may read: the same requests in another
+    order give the same plan (here: the order that displaces it)."""
+    owner = np.zeros((2, 4), np.int64)
+    present = np.zeros((5, 2, 4), bool)
+    present[NVME] = present[S3] = True
+    present[HBM, 0, 0] = True                      # the worker is full with (0, 0)
+    reuse = np.zeros((2, 4))
+    reuse[0, 0] = 0.5
+    b = RequestView("B", cands([(1, 1, 2, 0.9)]), tiers=("nvme", "s3"))
+    a = RequestView("A", Candidates.empty(), tiers=("s3",))   # live, nothing predicted, S3 only
+    plans = []
+    for reqs in ([b, a], [a, b]):
+        v = ClusterView(owner, np.zeros(1, np.int64), present.copy(), np.full((2, 4), 4 * MB), np.array([0]),
+                        np.array([0]), reuse=reuse)
+        p = PrefetchPlanner(PlannerConfig(stage_to_dram=False)).plan(reqs, v, 2.0)
+        plans.append(([(o.layer, o.expert, o.target) for o in p.orders()], p.victims))
+    assert plans[0] == plans[1] == ([(1, 2, "hbm")], [[(0, 0)]])
+
+
 def test_unknown_tier_is_a_clear_error():
     with pytest.raises(ValueError, match=r"request 'x': unknown tiers \['tape'\]"):
         PrefetchPlanner().plan([RequestView("x", cands([(1, 0, 0, 0.5)]), tiers=("tape",))], view(), 2)
+
+
+def test_tiersets_name_the_configs_tiers_whatever_they_are_called():
+    """A config may call its tiers anything (`local-nvme`, `archive`); the planner reads their kinds, and a
+    TierSet of names still keeps every order inside it."""
+    v = view(store=(NVME, S3))
+    p = PrefetchPlanner(PlannerConfig(tier_kinds={"local-nvme": "nvme", "archive": "s3", "ram": "dram"}))
+    plan = p.plan([RequestView("a", cands([(1, 0, 1, 0.9)]), tiers=("ram", "local-nvme"))], v, 2)
+    assert [(o.layer, o.expert, o.source) for o in plan.orders()] == [(0, 1, "nvme")]
+    plan = p.plan([RequestView("b", cands([(1, 0, 1, 0.9)]), tiers=("archive",))], v, 2)
+    assert [o.source for o in plan.orders()] == ["s3"]                 # the NVMe copy is outside its TierSet
+    with pytest.raises(ValueError, match=r"unknown tiers \['local-nvme'\]"):   # without the config's kinds
+        PrefetchPlanner().plan([RequestView("a", cands([(1, 0, 1, 0.9)]), tiers=("local-nvme",))], v, 2)
 
 
 def test_window_controller_shrinks_on_waste_grows_on_stalls_and_is_bounded():
@@ -223,7 +270,7 @@ def test_window_growth_that_does_not_cut_stalls_is_undone():
                                                 pytest.approx(again.window)]
 
 
-def test_victims_are_the_lowest_valued_residents_and_split_between_orders():
+def test_victims_are_the_lowest_valued_residents_the_plan_displaces():
     v = view(free=(MB, 0))
     for e in (0, 2, 4):                             # worker 0 holds (0, 0), (0, 2), (0, 4)
         v.present[HBM, 0, e] = True
@@ -232,8 +279,24 @@ def test_victims_are_the_lowest_valued_residents_and_split_between_orders():
     plan = PrefetchPlanner(PlannerConfig(hbm_confirm_prob=0.5)).plan([r], v, 2)
     got = {(o.layer, o.expert): vic for o, vic in zip(plan.orders(), plan.victims) if o.target == "hbm"}
     # (1, 0) fits in the free MB; (1, 2) displaces (0, 0) (worth 0); (1, 4) displaces (0, 2) (0.55 < 0.8);
-    # (1, 6) would displace (0, 4) (0.6 < 0.7): allowed
-    assert got == {(1, 0): [], (1, 2): [(0, 0)], (1, 4): [(0, 2)], (1, 6): [(0, 4)]}
+    # (1, 6) displaces (0, 4) (0.6 < 0.7). Each order may draw on all three: the worker loads in priority order
+    assert got == {k: [(0, 0), (0, 2), (0, 4)] for k in [(1, 0), (1, 2), (1, 4), (1, 6)]}
+
+
+def test_a_nearer_order_of_lower_value_loading_first_drops_nothing():
+    """The worker loads by priority (nearest first), not by value: a nearer order of lower value takes the free
+    bytes, and the farther, likelier one still loads by evicting the resident nobody predicts."""
+    v = view(free=(MB, MB))
+    v.present[HBM, 0, 0] = True                     # worker 0: (0, 0), nobody predicts it, and one free MB
+    r = RequestView("a", cands([(3, 3, 2, 0.9), (1, 1, 0, 0.6)]))
+    plan = PrefetchPlanner(PlannerConfig(stage_to_dram=False, layer_time_s=1e-3)).plan([r], v, 4)
+    assert plan.value[list(zip(plan.layer, plan.expert)).index((3, 2))] > \
+        plan.value[list(zip(plan.layer, plan.expert)).index((1, 0))]
+    cache = CacheIndex(budget=2 * MB)
+    cache.insert((0, 0), MB)
+    for o, vic in sorted(zip(plan.orders(), plan.victims), key=lambda x: -x[0].priority):
+        cache.insert_evicting_only((o.layer, o.expert), MB, vic)   # DoesNotFit fails the test
+    assert sorted(cache.keys()) == [(1, 0), (3, 2)]
 
 
 def test_displacement_property_budget_victims_and_values():
@@ -247,18 +310,22 @@ def test_displacement_property_budget_victims_and_values():
                 for _ in range(40)]
         plan = PrefetchPlanner(PlannerConfig(hbm_confirm_prob=0.3)).plan(
             [RequestView("r", cands(rows[:20])), RequestView("s", cands(rows[20:]))], v, 3)
-        value = {}
-        for o in plan.orders():
-            value[(o.layer, o.expert)] = o.value
-        seen = set()
         for w in range(W):
             mine = [(o, vic) for o, vic in zip(plan.orders(), plan.victims) if o.worker == w and o.target == "hbm"]
-            victims = [x for _, vic in mine for x in vic]
+            victims = {x for _, vic in mine for x in vic}
             assert len(mine) * MB <= v.free_bytes[w] + len(victims) * MB, trial
             for o, vic in mine:
+                assert len(set(vic)) == len(vic), trial
                 for x in vic:
-                    assert v.present[HBM][x] and v.owner[x] == w and x not in seen, (trial, x)
-                    seen.add(x)
+                    assert v.present[HBM][x] and v.owner[x] == w, (trial, x)
+            # loaded in any order, the worker's orders all fit, evicting only named victims
+            for perm in (mine, mine[::-1]):
+                cache = CacheIndex(budget=int(v.free_bytes[w]) + int(v.present[HBM][v.owner == w].sum()) * MB)
+                for x in zip(*np.nonzero(v.present[HBM] & (v.owner == w))):
+                    cache.insert(tuple(int(a) for a in x), MB)
+                for o, vic in perm:
+                    gone = cache.insert_evicting_only((o.layer, o.expert), MB, vic)
+                    assert all(plan.keep[g] < o.value for g in gone), (trial, gone)
         assert all(not v.present[HBM][o.layer, o.expert] for o in plan.orders())
 
 

@@ -1,0 +1,168 @@
+"""The PrefetchCoordinator's step in process, without Ray (its worker and storage handles are recorders): orders
+held behind an outstanding call keep the later word on each key, telemetry scores a request's predictions once per
+position, registrations that never route stay bounded, and tiers named otherwise than their kinds are planned."""
+import asyncio
+
+import numpy as np
+
+from actors.prefetch_coordinator import MAX_LIVE_REQUESTS, PrefetchCoordinator
+from cluster.config import PrefetchConfig
+from policies.predictors import Candidates
+
+L, E, K = 4, 8, 1
+
+
+class _Nop:
+    def remote(self, *a, **k):
+        return None
+
+
+class _Handle:
+    def __getattr__(self, name):
+        return _Nop()
+
+
+class _Prefetch:
+    """A worker's `prefetch` whose calls stay outstanding until the test acknowledges them."""
+    def __init__(self):
+        self.calls, self.futs = [], []
+
+    def remote(self, items, cancel, keep):
+        self.calls.append(([(i[0], i[1]) for i in items], [tuple(c) for c in cancel or []]))
+        f = asyncio.get_running_loop().create_future()
+        self.futs.append(f)
+        return f
+
+
+class _Worker(_Handle):
+    def __init__(self):
+        self.prefetch = _Prefetch()
+
+
+class _Scripted:
+    """A predictor that predicts, after each event at layer l, the (layer, expert) the test scripted for l."""
+    def __init__(self, script):
+        self.script, self.last = script, None
+
+    def observe(self, ev):
+        self.last = ev.layer
+
+    def predict(self, request, horizon):
+        if self.last is None:
+            return Candidates.empty()
+        l, e = self.script[self.last]
+        return Candidates(np.array([1]), np.array([l]), np.array([e]), np.array([0.9]))
+
+    def end(self, request):
+        pass
+
+    def state_nbytes(self):
+        return 0
+
+
+def coordinator(workers, tier_set=("nvme",), tier_kinds=None, **pf):
+    geo = {"moe_layers": list(range(L)), "num_experts": E, "top_k": K, "nbytes": np.full((L, E), 1 << 20),
+           "store_tiers": {"nvme": np.ones((L, E), bool)}, "tier_set": list(tier_set)}
+    if tier_kinds is not None:
+        geo["tier_kinds"] = tier_kinds
+    cfg = dict(policy="cross_layer", lookahead_layers=1, lookahead_tokens=1, refresh_s=1e9, value_residents=False)
+    cfg.update(pf)
+    c = PrefetchCoordinator(PrefetchConfig(**cfg), geo, workers, {w: "n0" for w in workers},
+                            np.zeros((L, E), np.int64), {"n0": [_Handle()]})
+    c.metrics = None
+    c._polled = True
+    c.budget[:] = 8 << 20
+    c._maybe_poll = lambda: None
+    return c
+
+
+def event(layer, expert, pos=0, row=0):
+    return {"layer": layer, "rows": np.array([row]), "pos": np.array([pos]), "ids": np.array([[expert]]),
+            "w": np.ones((1, 1), np.float32), "hidden": None}
+
+
+def test_an_order_cancelled_while_held_is_not_sent_and_a_reorder_lifts_its_cancel():
+    w = _Worker()
+    c = coordinator({0: w})
+    c.predictor = _Scripted({0: (1, 3), 1: (2, 5), 2: (3, 6), 3: (2, 5)})
+
+    async def run():
+        await c.publish({"runtime": "a", "requests": ["r"], "layers": [event(0, 0)]})   # orders (1, 3): outstanding
+        await c.publish({"runtime": "a", "requests": ["r"], "layers": [event(1, 0)]})   # (1, 3) refuted; (2, 5)
+        await c.publish({"runtime": "a", "requests": ["r"], "layers": [event(2, 1)]})   # (2, 5) refuted; (3, 6)
+        assert len(w.prefetch.calls) == 1
+        w.prefetch.futs[0].set_result(1)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(w.prefetch.calls) == 2
+        items, cancel = w.prefetch.calls[1]
+        assert items == [(3, 6)], items                 # (2, 5) was cancelled after it was held: never sent
+        assert (2, 5) in cancel and (1, 3) in cancel
+        # ordered again after a cancel that is still held: the order wins, the cancel does not travel
+        await c.publish({"runtime": "a", "requests": ["r"], "layers": [event(3, 0)]})   # (3, 6) refuted; (2, 5)
+        c._send(0, [(2, 5, 1.0, "r", [], None)], [])
+        w.prefetch.futs[1].set_result(1)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        items, cancel = w.prefetch.calls[2]
+        assert (2, 5) in items and (2, 5) not in cancel and (3, 6) in cancel, (items, cancel)
+
+    asyncio.run(run())
+    assert c.inflight[2, 5] and not c.inflight[3, 6]
+
+
+def test_an_idle_requests_predictions_are_scored_once_per_position():
+    c = coordinator({0: _Handle(), 1: _Handle()}, lookahead_layers=4, lookahead_tokens=2)
+    c.owner[:] = np.tile(np.arange(E) % 2, (L, 1))
+    c.budget = np.full(2, 4 << 20)
+    rng = np.random.default_rng(0)
+
+    def ev(layer, rows, pos):
+        ids = rng.choice(E, (len(rows), 1))
+        return {"layer": layer, "rows": np.asarray(rows), "pos": np.asarray(pos), "ids": ids,
+                "w": np.ones(ids.shape, np.float32), "hidden": None}
+
+    async def run():
+        for t in range(3):
+            for l in range(L):
+                await c.publish({"runtime": "a", "requests": ["r0", "r1"], "layers": [ev(l, [0, 1], [t, t])]})
+        pending = sum(len(v) for v in c.tel._pending["r1"].by_pos.values())
+        assert pending > 0
+        for t in range(3, 30):   # r1 stays live but idle (its end was lost); r0 decodes on
+            for l in range(L):
+                await c.publish({"runtime": "a", "requests": ["r0"], "layers": [ev(l, [0], [t])]})
+        assert sum(len(v) for v in c.tel._pending["r1"].by_pos.values()) == pending
+        before = c.tel.recall_n.copy()
+        await c.publish({"runtime": "a", "requests": ["r1"], "layers": [ev(0, [0], [3])]})
+        # one event of r1 scores one prediction per distance that reached its position, not one per idle step
+        assert (c.tel.recall_n - before).max() <= 1, c.tel.recall_n - before
+
+    asyncio.run(run())
+
+
+def test_registrations_that_never_route_stay_bounded_and_live_requests_keep_their_rules():
+    c = coordinator({0: _Handle()}, tier_set=("dram", "nvme"),
+                    tenants={"ok": {"tiers": ["dram", "nvme"]}, "narrow": {"tiers": ["nvme"]}})
+
+    async def run():
+        await c.register_request("live", "narrow", ["nvme"])
+        await c.publish({"runtime": "a", "requests": ["live"], "layers": [event(0, 1)]})
+        for i in range(3 * MAX_LIVE_REQUESTS):   # refused by the engine before they ever ran, ends never sent
+            await c.register_request(f"cmpl-{i}", "ok")
+
+    asyncio.run(run())
+    assert len(c.meta) <= 2 * MAX_LIVE_REQUESTS
+    assert c.meta["live"] == (["nvme"], "narrow", None)        # the live request's TierSet and tenant stay
+    assert f"cmpl-{3 * MAX_LIVE_REQUESTS - 1}" in c.meta       # the newest registrations stay
+
+
+def test_tiers_named_otherwise_than_their_kinds_are_planned():
+    w = _Worker()
+    c = coordinator({0: w}, tier_set=("ram", "local-nvme"), tier_kinds={"ram": "dram", "local-nvme": "nvme"})
+    c.predictor = _Scripted({0: (1, 3)})
+
+    async def run():
+        await c.publish({"runtime": "a", "requests": ["r"], "layers": [event(0, 0)]})
+
+    asyncio.run(run())
+    assert w.prefetch.calls and w.prefetch.calls[0][0] == [(1, 3)]
