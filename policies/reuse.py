@@ -145,10 +145,11 @@ class TransitionReuse:
         self.last = np.concatenate([self.last, np.full((grow, self.L, self.K), -1, np.int64)])
         self.pos = np.concatenate([self.pos, np.full((grow, self.L), -1, np.int64)])
 
-    def observe(self, layer: int, slots, experts, pos=None) -> np.ndarray:
+    def observe(self, layer: int, slots, experts, pos) -> np.ndarray:
         """One step's routing at MoE layer index `layer`: slots int [N] (a slot may have several rows: prefill; they
-        go in `pos` order, else in the order given), experts int [N, k] (ids < 0 or >= E ignored), pos int [N] the
-        rows' token positions. Learns each slot's transitions from its previous token and returns float64 [E]:
+        go in `pos` order), experts int [N, k] (ids < 0 or >= E ignored), pos int [N] the rows' token positions
+        (required: a slot's next token is one at a later position; a position not after the slot's last one at this
+        layer starts a new sequence). Learns each slot's transitions from its previous token and returns float64 [E]:
         P(at least one of these slots selects each expert at layer `layer` of its next token)."""
         step = self._advance(layer, slots, experts, pos)
         return np.zeros(self.E) if step is None else self._learn_predict(layer, *step)
@@ -166,7 +167,8 @@ class TransitionReuse:
             ids = np.where(bad, -1, ids)
         if ids.shape[1] < self.K:
             ids = np.concatenate([ids, np.full((N, self.K - ids.shape[1]), -1, np.int64)], 1)
-        pos = np.arange(N) if pos is None else np.asarray(pos, np.int64).reshape(-1)
+        pos = np.asarray(pos, np.int64).reshape(-1)
+        assert len(pos) == N, f"{N} slots but {len(pos)} positions"
         if slots.max() >= len(self.last):
             self._grow(int(slots.max()) + 1)
         if N > 1 and len(np.unique(slots)) < N:   # prefill: a slot's rows chain in position order
@@ -270,12 +272,21 @@ def save_routing_prior(path: str, counts, *, top_k: int, source: str, rows: int,
 def load_routing_prior(path: str, num_layers: int, num_experts: int, top_k: int) -> tuple[np.ndarray, dict]:
     """(counts float64 [L, E, E], meta) from a `save_routing_prior` file; ValueError naming the file and what does
     not match the model (layers, experts, top-k) or is malformed. Wrong counts are never used."""
+    def whole(z, key):   # an integer scalar, as save_routing_prior writes it (not 2.7, not [2, 2])
+        a = z[key]
+        if a.shape != () or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{key} must be an integer scalar, got {a.dtype} {a.shape}")
+        return int(a)
+
     try:
         with np.load(path, allow_pickle=False) as z:
-            c = np.asarray(z["same_layer"], np.float64)
-            meta = {"top_k": int(z["top_k"]), "rows": int(z["rows"]), "requests": int(z["requests"]),
+            raw = z["same_layer"]
+            if not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+                raise ValueError(f"same_layer must hold real counts, got {raw.dtype}")
+            c = raw.astype(np.float64)
+            meta = {"top_k": whole(z, "top_k"), "rows": whole(z, "rows"), "requests": whole(z, "requests"),
                     "source": str(z["source"]), "path": path}
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise ValueError(f"routing prior {path}: not a routing prior file ({type(e).__name__}: {e})") from None
     want = (num_layers, num_experts, num_experts)
     if c.shape != want or meta["top_k"] != top_k:
@@ -324,7 +335,7 @@ class MixedReuse:
         self.fast.reset(slots)
         self.slow.reset(slots)
 
-    def observe(self, layer: int, slots, experts, pos=None) -> np.ndarray:
+    def observe(self, layer: int, slots, experts, pos) -> np.ndarray:
         """TransitionReuse.observe of both tables, mixed: float64 [E] P(at least one of these slots selects each
         expert at layer `layer` of its next token). The slots' bookkeeping is done once, for both."""
         slots = np.asarray(slots, np.int64).reshape(-1)

@@ -125,6 +125,13 @@ def _fail(origin: str, what: str):
     raise TraceFormatError(f"{origin}: {what}")
 
 
+_MAX_EXPERTS = 1 << 15   # expert ids are stored as int16
+
+
+def _is_int(v) -> bool:   # JSON true / false are not integers here
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _validate(tr: RoutingTrace, origin: str) -> None:
     x, w, o = tr.experts, tr.weights, tr.offsets
     if x.ndim != 3 or not np.issubdtype(x.dtype, np.integer):
@@ -132,6 +139,8 @@ def _validate(tr: RoutingTrace, origin: str) -> None:
     T, L, K = x.shape
     if (L, K) != (tr.num_layers, tr.top_k):
         _fail(origin, f"experts has shape {x.shape} but meta says num_layers={tr.num_layers}, top_k={tr.top_k}")
+    if L < 1 or K < 1:
+        _fail(origin, f"num_layers and top_k must be >= 1, got {L} and {K}")
     if tr.num_experts < K:
         _fail(origin, f"num_experts={tr.num_experts} is smaller than top_k={K}")
     if w.shape != x.shape:
@@ -232,14 +241,17 @@ def load_jsonl(path: str | os.PathLike, *, num_experts: int | None = None, num_l
             missing = [k for k in _JSONL_KEYS if k not in o]
             if missing:
                 _fail(where, f"missing key(s) {', '.join(missing)}")
-            t, l, ex = o["token_idx"], o["layer"], o["experts"]
-            if not (isinstance(t, int) and isinstance(l, int) and t >= 0 and l >= 0):
+            t, l, ex, pid = o["token_idx"], o["layer"], o["experts"], o["problem_id"]
+            if not (_is_int(t) and _is_int(l) and t >= 0 and l >= 0):
                 _fail(where, f"token_idx and layer must be non-negative integers, got {t!r}, {l!r}")
-            if not (isinstance(ex, list) and ex and all(isinstance(e, int) and e >= 0 for e in ex)):
-                _fail(where, f"experts must be a non-empty list of non-negative integers, got {ex!r}")
+            if not (isinstance(ex, list) and ex and all(_is_int(e) and 0 <= e < _MAX_EXPERTS for e in ex)):
+                _fail(where, f"experts must be a non-empty list of integers in [0, {_MAX_EXPERTS}), got {ex!r}")
+            if not (isinstance(pid, str) or _is_int(pid)):
+                _fail(where, f"problem_id must be a string or an integer, got {pid!r}")
             pr = o.get("gating_probs")
-            if pr is not None and (not isinstance(pr, list) or len(pr) != len(ex)):
-                _fail(where, f"gating_probs must be a list as long as experts ({len(ex)}), got {pr!r}")
+            if pr is not None and (not isinstance(pr, list) or len(pr) != len(ex) or
+                                   not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pr)):
+                _fail(where, f"gating_probs must be a list of numbers as long as experts ({len(ex)}), got {pr!r}")
             recs.append((o["problem_id"], t, l, ex, pr, n))
             if "dataset" in o:
                 datasets.add(str(o["dataset"]))
@@ -266,6 +278,10 @@ def load_jsonl(path: str | os.PathLike, *, num_experts: int | None = None, num_l
             _fail(origin, f"num_experts={num_experts} but expert {E - 1} occurs")
         E = num_experts
     T = int(offsets[-1])
+    if T > 16 * len(recs):   # the arrays are dense in rows: a stray token_idx must not allocate gigabytes
+        worst = max(problems, key=problems.get)
+        _fail(origin, f"token_idx values leave most rows empty: {T} token rows for {len(recs)} records (problem "
+                      f"{worst!r} reaches token {problems[worst] - 1})")
     rows = np.array([base[r[0]] + r[1] for r in recs])
     layers = np.array([r[2] for r in recs])
     flat = rows * L + layers

@@ -292,3 +292,19 @@ def test_routing_prior_file_round_trip_geometry_errors_and_atomic_writes(tmp_pat
     np.savez(str(tmp_path / "neg.npz"), same_layer=-c, top_k=1, rows=1, requests=1, source="x")
     with pytest.raises(ValueError, match="same_layer counts must be finite and >= 0"):
         load_routing_prior(str(tmp_path / "neg.npz"), L, E, 1)
+    for bad, why in [(dict(top_k=np.array([1, 1])), r"top_k must be an integer scalar, got int64 \(2,\)"),
+                     (dict(top_k=1.7), r"top_k must be an integer scalar, got float64"),   # not read as 1
+                     (dict(same_layer=c.astype(np.complex64)), "same_layer must hold real counts")]:
+        bad_path = tmp_path / "meta.npz"
+        np.savez(str(bad_path), **{**dict(same_layer=c, top_k=1, rows=1, requests=1, source="x"), **bad})
+        with pytest.raises(ValueError, match=f"routing prior {bad_path}: not a routing prior file .*{why}"):
+            load_routing_prior(str(bad_path), L, E, 1)
+
+
+def test_positions_are_required_and_must_match_the_slots():
+    """Without positions a slot's token never moves on, and nothing would be learned: they are required."""
+    tr = TransitionReuse(L, E, 1)
+    with pytest.raises(TypeError):
+        tr.observe(0, [0], [[1]])
+    with pytest.raises(AssertionError, match="2 slots but 1 positions"):
+        tr.observe(0, [0, 1], [[1], [2]], pos=[0])

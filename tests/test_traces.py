@@ -159,6 +159,8 @@ def _set(idx, value):
     (dict(experts=lambda x: x.astype(np.float32)), r"experts must be an integer array \[T, L, K\], got float32"),
     (dict(experts=np.array([None, 1], dtype=object)), "unreadable array"),
     (dict(weights=lambda w: w.astype(np.int16)), "weights must be floating point"),
+    (dict(meta=np.array(json.dumps({"num_layers": 2, "num_experts": 4, "top_k": 0})),
+          experts=lambda x: x[..., :0], weights=lambda w: w[..., :0]), "num_layers and top_k must be >= 1"),
 ])
 def test_npz_malformed(tmp_path, override, message):
     p = _npz(tmp_path, **override)
@@ -186,10 +188,17 @@ def test_not_a_trace(tmp_path):
     (['{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [1, 2]}',
       '{"problem_id": 0, "token_idx": 1, "layer": 0, "experts": [1]}'], r"t.jsonl:2: 1 experts where"),
     (['{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [1, 2], "gating_probs": [1.0]}'],
-     "gating_probs must be a list as long"),
+     "gating_probs must be a list of numbers as long"),
     (['{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [2, 2]}'], "selects an expert twice"),
     (['[1, 2]'], "expected a JSON object"),
     ([""], "no records"),
+    (['{"problem_id": [1], "token_idx": 0, "layer": 0, "experts": [1, 2]}'], "problem_id must be a string or"),
+    (['{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [1, 2], "gating_probs": ["a", "b"]}'],
+     "gating_probs must be a list of numbers"),
+    (['{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [1, 40000]}'], r"integers in \[0, 32768\)"),
+    (['{"problem_id": 0, "token_idx": 0, "layer": true, "experts": [1, 2]}'], "non-negative integers, got 0, True"),
+    (['{"problem_id": 0, "token_idx": 1000000000, "layer": 0, "experts": [1, 2]}'],
+     "token_idx values leave most rows empty: 1000000001 token rows for 1 records"),
 ])
 def test_jsonl_malformed(tmp_path, lines, message):
     p = tmp_path / "t.jsonl"
