@@ -573,7 +573,7 @@ class PrefetchCoordinator:
         t = np.array(self.step_times) if self.step_times else np.zeros(1)
         dec = t - (np.array(self.submit_times) if self.submit_times else 0.0)
         snap.update(policy=self.pf.policy, steps=self.step, batches=self.batches, staged=self.staged,
-                    dropped_batches=self.dropped, live_requests=len(self.requests),
+                    dropped_batches=self.dropped, live_requests=len(self.requests), registered_requests=len(self.meta),
                     denied={str(k): v for k, v in self.denied.items()}, restarted=self.restarted,
                     inflight=int(self.inflight.sum()), staging=int(self.staging.sum()),
                     step_ms_p50=float(np.percentile(t, 50) * 1e3), step_ms_p99=float(np.percentile(t, 99) * 1e3),

@@ -356,7 +356,8 @@ class CompletionServer:
         if coord is not None:  # the prefetch coordinator's view: routing batches received, requests still live
             try:
                 cs = await asyncio.wait_for(coord.stats.remote(), 10)
-                coord = {k: cs.get(k) for k in ("policy", "batches", "steps", "live_requests", "dropped_batches")}
+                coord = {k: cs.get(k) for k in ("policy", "batches", "steps", "live_requests", "registered_requests",
+                                                "dropped_batches")}
             except Exception as e:  # noqa: BLE001 - stats must answer even when the coordinator does not
                 coord = {"error": f"{type(e).__name__}: {e}"}
         return {"coordinator": coord, "engine": self.engine.snapshot(), "replica_pid": os.getpid(),

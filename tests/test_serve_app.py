@@ -110,6 +110,19 @@ def test_the_prefetch_coordinator_hears_of_every_request_and_its_end(url):
     assert c["policy"] == "topk_frequency" and c["batches"] > 0 and c["live_requests"] == 0, c
 
 
+def test_a_request_the_engine_refuses_is_forgotten_by_the_coordinator(url):
+    """A request with a tenant is registered with the coordinator before the engine sees it; when the engine refuses
+    it (400), the coordinator is told it ended, so refused requests do not pile up there."""
+    def registered():
+        return requests.get(f"{url}/v1/stats", timeout=30).json()["coordinator"]["registered_requests"]
+    before = registered()
+    for i in range(5):
+        r = complete(url, prompt=[5, 9999], max_tokens=2, user=f"tenant-{i}")
+        assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"], r.text
+    time.sleep(0.5)   # the end reaches the coordinator after the registration (same caller: in order)
+    assert registered() == before
+
+
 def test_streaming_yields_the_same_tokens(url, reference):
     model, tok = reference
     p = ids_of(reference, "class Foo(")
