@@ -52,6 +52,8 @@ import time
 
 import numpy as np
 
+from jobs._cli import at_least, check_out_file, fraction, load_trace_or_error, one_line
+
 HIDDEN = 512                     # hidden size of the generated model; the intermediate size sets the expert size
 # policies the benchmark runs without a PrefetchCoordinator (the oracle prefetches from the driver, resident warms
 # every cache, slru is the cache alone)
@@ -63,6 +65,21 @@ SEED_STRATEGIES = ("multi_lookahead", "topk_frequency", "intelligent_adaptive")
 # predictor (--predictor-dir), else the routers (next_gate), on a replay of the model's hidden states; else from the
 # routing history (transition). The runtime's reuse values as configured (default on)
 FAST_PATH = "fast_path"
+# what may follow NAME+ (run_policy): the cache's eviction by the runtime's reuse values, or plain LRU
+EVICT_SUFFIXES = ("reuse", "reuse_fast", "lru")
+
+
+def policy_error(name: str) -> str | None:
+    """Why `name` is not a benchmark policy (run_policy's reading of it), or None: NAME or NAME+SUFFIX where NAME is
+    a baseline, fast_path or a registry predictor the coordinator runs (cluster/config.py PrefetchConfig.policy)."""
+    from policies.registry import PREDICTOR_NAMES
+    base, _, evict = name.partition("+")
+    valid = dict.fromkeys(NO_COORDINATOR + (FAST_PATH,) + PREDICTOR_NAMES)
+    if base not in valid:
+        return f"unknown policy {base!r}; valid: {', '.join(valid)}"
+    if evict not in ("",) + EVICT_SUFFIXES:
+        return f"policy {name!r}: the suffix after '+' must be {', '.join(map(repr, EVICT_SUFFIXES))}"
+    return None
 
 
 def fast_path_source(tr, a) -> str:
@@ -239,7 +256,7 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     from policies.traces import TraceSlots
     out: dict = {"policy": policy}
     policy, _, evict = policy.partition("+")
-    if evict not in ("", "reuse", "reuse_fast", "lru"):
+    if evict not in ("",) + EVICT_SUFFIXES:
         raise ValueError(f"policy {out['policy']!r}: the suffix after '+' must be 'reuse', 'reuse_fast' or 'lru'")
     # the baselines and seed strategies: LRU (slru: SLRU) caches, no reuse values unless NAME+reuse
     planner = {**(planner or {}), "reuse_values": reuse_values_on(out["policy"], a)}
@@ -641,9 +658,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("policies", help="replay a trace through the real cluster, per policy")
     p.add_argument("--trace", required=True)
     p.add_argument("--expert-mib", type=float, default=None, help="expert size (default 2, --quick 0.5)")
-    p.add_argument("--cache-fraction", type=float, default=0.25)
+    p.add_argument("--cache-fraction", type=fraction, default=0.25)
     p.add_argument("--dram-fraction", type=float, default=None,
-                   help="DRAM tier budget / all experts' bytes (default 1.0; with --tier s3 0: no DRAM tier)")
+                   help="DRAM tier budget / all experts' bytes (default 1.0; with --tier s3 or link 0: no DRAM tier)")
     p.add_argument("--tier", choices=("dram", "s3", "link"), default="dram",
                    help="where loads come from: dram (the object store, a memcpy on the compute cores), s3 "
                         "(a local moto server behind the shaping proxy: each load waits --s3-latency-ms + "
@@ -657,7 +674,7 @@ def main(argv=None) -> int:
     p.add_argument("--link-split-kib", type=float, default=None,
                    help="--tier link: split a read over the channels free when it starts, one part per this many "
                         "KiB at least, as the S3 and NVMe adapters split reads (default: a read holds one channel)")
-    p.add_argument("--prefetch-concurrency", type=int, default=None,
+    p.add_argument("--prefetch-concurrency", type=at_least(1), default=None,
                    help="workers.prefetch_concurrency: prefetch loads each worker runs at once (default 2)")
     p.add_argument("--placement", choices=("balanced", "by_layer"), default=None, help="workers.placement")
     p.add_argument("--model-dir", default=None,
@@ -666,8 +683,8 @@ def main(argv=None) -> int:
     p.add_argument("--predictor-dir", default=None,
                    help="a trained predictor (predictor.json + predictor.safetensors of jobs.train_predictor), "
                         "copied beside the store for the learned policy")
-    p.add_argument("--threshold", type=float, default=None, help="prefetch.threshold (planner)")
-    p.add_argument("--hbm-confirm-prob", type=float, default=None, help="prefetch.hbm_confirm_prob (planner)")
+    p.add_argument("--threshold", type=fraction, default=None, help="prefetch.threshold (planner)")
+    p.add_argument("--hbm-confirm-prob", type=fraction, default=None, help="prefetch.hbm_confirm_prob (planner)")
     p.add_argument("--lookahead-tokens", type=int, default=None, help="prefetch.lookahead_tokens (planner)")
     p.add_argument("--eviction-hints", action="store_true",
                    help="prefetch.eviction_hints true: a worker's demand miss evicts by the planner's resident "
@@ -678,7 +695,7 @@ def main(argv=None) -> int:
     p.add_argument("--speculate-layers", type=int, default=None,
                    help="prefetch.speculate_layers: MoE layers the runtime's fast path predicts itself (0: off; "
                         "hidden-state policies only, policies/fast_path.py)")
-    p.add_argument("--speculate-threshold", type=float, default=None, help="prefetch.speculate_threshold")
+    p.add_argument("--speculate-threshold", type=fraction, default=None, help="prefetch.speculate_threshold")
     p.add_argument("--speculate-values", action=argparse.BooleanOptionalAction, default=None,
                    help="prefetch.speculate_values: the fast path's P values decide the workers' evictions")
     p.add_argument("--reuse-values", action=argparse.BooleanOptionalAction, default=None,
@@ -698,7 +715,7 @@ def main(argv=None) -> int:
                    help="prefetch.publish_every_layers: MoE layers per routing batch the runtime sends")
     p.add_argument("--cache-policy", default="lru", choices=("lru", "lfu", "slru", "prefetch_aware"),
                    help="the workers' eviction policy for every run but `slru` (policies/hbm_cache.py)")
-    p.add_argument("--repeat", type=int, default=1,
+    p.add_argument("--repeat", type=at_least(1), default=1,
                    help="replay every policy this many times (interleaved); the JSON keeps each run and the range")
     p.add_argument("--quick", action="store_true", help="few layers and tokens: under two minutes here")
     p.add_argument("--policies", default=None, help="comma list (default: on_demand,oracle,resident + "
@@ -707,12 +724,13 @@ def main(argv=None) -> int:
                                                     "NAME+reuse / NAME+lru: with / without the reuse values; "
                                                     "NAME+reuse_fast: with them, without their long-memory table "
                                                     "and without a routing prior)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=None, help="trace rows to replay (default 1024, --quick 160)")
-    p.add_argument("--layers", type=int, default=None, help="first MoE layers only (default all, --quick 4)")
-    p.add_argument("--requests", type=int, default=None, help="first requests of the trace (default 2 x batch)")
-    p.add_argument("--window", type=int, default=2, help="lookahead in MoE layers (coordinator and oracle)")
+    p.add_argument("--workers", type=at_least(1), default=2)
+    p.add_argument("--batch", type=at_least(1), default=4)
+    p.add_argument("--tokens", type=at_least(1), default=None, help="trace rows to replay (default 1024, --quick 160)")
+    p.add_argument("--layers", type=at_least(1), default=None, help="first MoE layers only (default all, --quick 4)")
+    p.add_argument("--requests", type=at_least(1), default=None,
+                   help="first requests of the trace (default 2 x batch)")
+    p.add_argument("--window", type=at_least(1), default=2, help="lookahead in MoE layers (coordinator and oracle)")
     p.add_argument("--address", default=None, help="Ray address (auto: the cluster `ray job submit` runs in)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "moe-benchmark"))
     p.add_argument("--seed", type=int, default=0)
@@ -726,12 +744,25 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from jobs.simulate import load_trace
     t_all = time.perf_counter()
+    # every check before the store is built and Ray starts: a bad flag must not cost a conversion or a replay
+    check_out_file(p, a.json, "--json")
+    for name in (a.policies.split(",") if a.policies else []):
+        if err := policy_error(name):
+            p.error(f"--policies {a.policies}: {err}")
     mib = a.expert_mib or (0.5 if a.quick else 2.0)
     tokens = a.tokens or (160 if a.quick else 1024)
     layers = a.layers or (4 if a.quick else None)
-    full = load_trace(a.trace)
+    full = load_trace_or_error(p, a.trace, "--trace", loader=load_trace)
     tr = cut_trace(full, layers, tokens, a.requests or 2 * a.batch)
     L, E, K = tr.num_layers, tr.num_experts, tr.top_k
+    replayed = f"the replayed trace ({a.trace}" + (f", cut to {layers} layers by --layers/--quick)" if layers else ")")
+    if a.model_dir:
+        ml, me = model_geometry(p, a.model_dir)
+        if (ml, me) != (L, E):
+            p.error(f"--model-dir {a.model_dir}: the model has {ml} MoE layers x {me} experts, {replayed} has "
+                    f"{L} x {E}")
+    if a.predictor_dir and (err := predictor_dir_error(a.predictor_dir, (L, E, K), replayed)):
+        p.error(f"--predictor-dir {a.predictor_dir}: {err}")
     a.routing_prior_meta = None
     if a.routing_prior_from_trace:
         try:
@@ -779,6 +810,41 @@ def main(argv=None) -> int:
     finally:
         if s3 is not None:
             s3.__exit__(None, None, None)
+
+
+def model_geometry(parser, model_dir: str) -> tuple[int, int]:
+    """(MoE layers, experts) of the checkpoint at model_dir, read as the converter reads it; else a parser error."""
+    from storage_adapters.errors import StoreError
+    from storage_adapters.families import geometry
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        parser.error(f"--model-dir {model_dir}: no config.json (expected a Hugging Face checkpoint directory)")
+    try:
+        with open(path) as f:
+            g = geometry(json.load(f), path)
+    except (OSError, ValueError, StoreError) as e:   # unreadable, not JSON, unsupported family or missing keys
+        parser.error(f"--model-dir {model_dir}: {one_line(e)}")
+    return len(g.moe_layers), g.num_experts
+
+
+def predictor_dir_error(d: str, geo: tuple[int, int, int], replayed: str = "the replay") -> str | None:
+    """Why the trained predictor in d cannot serve a replay of geometry (L, E, K) (checked before it is copied
+    beside the store), or None. The geometry is predictor.json's, which LearnedPredictor.save writes."""
+    from policies.learned import FORMAT, PREDICTOR_FILE, PREDICTOR_META
+    missing = [f for f in (PREDICTOR_META, PREDICTOR_FILE) if not os.path.isfile(os.path.join(d, f))]
+    if missing:
+        return f"no {' or '.join(missing)} there (python -m jobs.train_predictor --out DIR writes them)"
+    try:
+        with open(os.path.join(d, PREDICTOR_META)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{PREDICTOR_META} is unreadable or not JSON ({one_line(e)})"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return f"{PREDICTOR_META} is not a {FORMAT} file"
+    got = tuple(meta.get(k) for k in ("num_layers", "num_experts", "top_k"))
+    if got != tuple(geo):
+        return f"the predictor is for L={got[0]} E={got[1]} K={got[2]}, {replayed} is L={geo[0]} E={geo[1]} K={geo[2]}"
+    return None
 
 
 def planner_settings(a, eb: int) -> dict:
@@ -960,6 +1026,10 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
     plot(res, png, f"{os.path.basename(a.trace)}: {L} x {E} top-{K}, {eb / 2**20:.2f} MiB experts, "
                    f"cache {a.cache_fraction:.0%}, batch {a.batch}, {a.workers} workers")
     _say(f"wrote {a.json} and {png} in {out['wall_s']:.0f} s")
+    if res and not ok:   # nothing was measured: a caller (a script, CI) must not take this for a result
+        print(f"benchmark: error: every policy run failed ({', '.join(res)}); their errors are in {a.json}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from jobs._cli import at_least, check_out_file
+
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_model")
 
 
@@ -110,15 +112,20 @@ def collect(model, prompts: list[list[int]], max_tokens: int, hidden: bool):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.collect_traces", description=__doc__.split("\n\n")[1])
     ap.add_argument("--checkpoint", default=EMBEDDED)
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=at_least(1), default=64)
     ap.add_argument("--prompt-bytes", type=int, default=96)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--hidden", action="store_true", help="also record the hidden state at every MoE layer")
     ap.add_argument("--split", choices=("heldout", "train"), default="heldout",
                     help="which stdlib files the prompts come from (train: for training predictors)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="an .npz file in an existing folder")
     a = ap.parse_args(argv)
+    # before the model loads and the requests run: traces are read back by suffix (policies.traces.load), and
+    # save_npz writes into an existing folder only
+    if not a.out.endswith(".npz"):
+        ap.error(f"--out {a.out}: must end in .npz (the trace is written in the npz format)")
+    check_out_file(ap, a.out, "--out", parent_must_exist=True)
     import torch
 
     from cluster.model import LocalExperts, MoEModel, load_checkpoint

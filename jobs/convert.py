@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 
+from jobs._cli import at_least
 from storage_adapters.converter import convert, open_target, plan_conversion
 from storage_adapters.crypto import KeyError_, load_key
 from storage_adapters.errors import StoreError
@@ -23,10 +24,15 @@ def parse_args(argv=None):
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS)")
     p.add_argument("--checksum", default="xxh64", choices=["xxh64", "sha256"])
     p.add_argument("--encrypt-key-file", default=None, help="AES-256 key file: store blobs encrypted at rest")
-    p.add_argument("--max-inflight", type=int, default=4, help="experts converted concurrently (bounds memory)")
+    p.add_argument("--max-inflight", type=at_least(1), default=4, help="experts converted concurrently (bounds memory)")
     p.add_argument("--json", default=None, help="write a JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for u in a.store:
+        # file://relative/path would be read relative to the cwd (its "host" taken as the first folder)
+        if u.startswith("file://") and not u[len("file://"):].startswith("/"):
+            p.error(f"--store {u!r}: a file:// URI needs an absolute path, file:///abs/path (three slashes)")
+    return a
 
 
 async def run(args) -> dict:

@@ -17,6 +17,32 @@ import os
 import sys
 import time
 
+from jobs._cli import at_least, check_out_file, load_trace_or_error, one_line
+
+HIDDEN_STATE = ("next_gate", "learned", "pre_gated")   # predictors that read the router inputs (trace.hidden)
+
+
+def unavailable_reason(name: str, *, has_hidden: bool, model_dir, store_dir, dense) -> str:
+    """Why predictor `name` cannot run on this trace with these flags (it is not in available_names)."""
+    from policies.learned import has_pre_gates, has_trained_predictor
+    from policies.registry import split_router_weights
+    why = []
+    if name in HIDDEN_STATE and not has_hidden:
+        why.append("the trace has no hidden states (collect with python -m jobs.collect_traces --hidden)")
+    if name == "next_gate" and model_dir is None:
+        why.append("it needs --model-dir (the checkpoint whose routers made the trace)")
+    elif name == "next_gate" and not split_router_weights(dense)[0]:
+        why.append(f"--model-dir {model_dir} has no router (gate) weights")
+    if name == "learned" and store_dir is None:
+        why.append("it needs --store-dir holding a trained predictor (python -m jobs.train_predictor --out DIR)")
+    elif name == "learned" and not has_trained_predictor(store_dir):
+        why.append(f"--store-dir {store_dir} has no predictor.safetensors + predictor.json "
+                   f"(python -m jobs.train_predictor --out {store_dir})")
+    if name == "pre_gated" and (model_dir is None or not has_pre_gates(dense)):
+        why.append("it needs --model-dir with pre_gate weights" if model_dir is None else
+                   f"--model-dir {model_dir} has no pre_gate weights")
+    return "; ".join(why) or "not available for this trace"
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.eval_predictors", description=__doc__.split("\n\n")[1])
@@ -25,36 +51,48 @@ def main(argv=None) -> int:
     ap.add_argument("--store-dir", default=None, help="directory with predictor.safetensors + predictor.json")
     ap.add_argument("--predictors", default=None, help="comma-separated names (default: all that apply)")
     ap.add_argument("--distances", default="1,2")
-    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N token rows only")
+    ap.add_argument("--max-tokens", type=at_least(1), default=None, help="evaluate the first N token rows only")
     ap.add_argument("--json", required=True)
     a = ap.parse_args(argv)
+    # the checks that need no trace or checkpoint first, then the ones that do; all before any replay
+    check_out_file(ap, a.json, "--json")
+    if a.model_dir and not os.path.isfile(os.path.join(a.model_dir, "config.json")):
+        ap.error(f"--model-dir {a.model_dir}: no config.json (expected a checkpoint directory)")
     import numpy as np
     import torch
 
     from policies.registry import PREDICTOR_NAMES, available_names, make_predictor
     from policies.replay import recall_at_k
-    from policies.traces import load
+    want = a.predictors.split(",") if a.predictors else None
+    bad = [n for n in want or [] if n not in PREDICTOR_NAMES]
+    if bad:
+        print(f"eval_predictors: error: unknown predictors {bad}; valid: {', '.join(PREDICTOR_NAMES)}",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
-    trace = load(a.trace)
+    trace = load_trace_or_error(ap, a.trace, "--trace")
     if a.max_tokens:
         trace = trace.head(a.max_tokens)
     dense = None
     if a.model_dir:
         from cluster.model import load_checkpoint
-        dense = {k: v.float().numpy() for k, v in load_checkpoint(a.model_dir)[1].items()}
+        try:
+            dense = {k: v.float().numpy() for k, v in load_checkpoint(a.model_dir)[1].items()}
+        except (OSError, ValueError) as e:   # an unreadable config.json or weights, an unsupported model
+            ap.error(f"--model-dir {a.model_dir}: {one_line(e)}")
     has_hidden = trace.hidden is not None
     names = available_names(trace=trace, store_dir=a.store_dir, router_weights=dense, practical=False)
     if not has_hidden:
-        names = tuple(n for n in names if n not in ("next_gate", "learned", "pre_gated"))
+        names = tuple(n for n in names if n not in HIDDEN_STATE)
     names = names + ("ensemble",)
-    if a.predictors:
-        want = a.predictors.split(",")
-        bad = [n for n in want if n not in PREDICTOR_NAMES]
-        if bad:
-            print(f"eval_predictors: error: unknown predictors {bad}; valid: {', '.join(PREDICTOR_NAMES)}",
-                  file=sys.stderr)
-            return 2
-        names = tuple(n for n in want if n in names)
+    if want:
+        # a predictor asked for by name runs or is an error: a result without it would pass for a complete one
+        for n in want:
+            if n not in names:
+                why = unavailable_reason(n, has_hidden=has_hidden, model_dir=a.model_dir, store_dir=a.store_dir,
+                                         dense=dense)
+                ap.error(f"--predictors {a.predictors}: {n} cannot run: {why}")
+        names = tuple(want)
     geo = dict(num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k)
     dists = [int(d) for d in a.distances.split(",")]
     events = int(trace.known.sum())

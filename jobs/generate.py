@@ -32,6 +32,24 @@ def build_config(args):
                                 "active_tier_set": "default", "workers": workers})
 
 
+def check_store(cfg) -> None:
+    """Read the store's manifest here, before Ray starts: a store without one (or unreadable) is then a one-line
+    error (ManifestError, StoreError naming each tier tried) instead of a storage actor's remote traceback."""
+    import asyncio
+
+    from storage_adapters.store import load_manifest
+    from storage_adapters.tiers import adapter_for
+
+    async def read():
+        adapters = [adapter_for(t) for t in cfg.storage_tiers]
+        try:
+            await load_manifest(adapters)
+        finally:
+            for ad in adapters:
+                await ad.close()
+    asyncio.run(read())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__.split("\n\n")[1])
     ap.add_argument("--store", required=True)
@@ -63,9 +81,11 @@ def main(argv=None) -> int:
         except ValueError:
             print(f"generate: error: --prompt-ids {args.prompt_ids!r}: expected integers like 1,2,3", file=sys.stderr)
             return 2
+    from storage_adapters.errors import StoreError
     try:
         cfg = build_config(args)
-    except ConfigError as e:
+        check_store(cfg)
+    except (ConfigError, StoreError) as e:
         print(f"generate: error: {e}", file=sys.stderr)
         return 2
     with ExpertCluster(cfg) as c:

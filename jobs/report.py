@@ -3,9 +3,10 @@
 PNG plots of a run's cache/prefetch statistics, for people who would rather look than read: hit rate and stall
 time over time, bytes read per tier, prefetch used vs wasted, and the lookahead window over time. Writes one PNG
 per panel plus `report.png` with every panel stacked, and prints what it drew and which series were absent.
-The same from Python (the benchmark, the coordinator): `render_report(stats_dict, out_dir)`.
+The same from Python: `render_report(stats_dict, out_dir)` (what `jobs.batch_infer --report` calls).
 
-Stats JSON schema (version 1) — what the PrefetchCoordinator's stats and the benchmarks write:
+Stats JSON schema (version 1) — what `python -m jobs.batch_infer --stats STATS.json` writes (the benchmark's and the
+simulator's JSON are other formats):
 
     {
       "schema": "moe-stats/1",             # optional; if present must be this string

@@ -26,6 +26,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from jobs._cli import at_least, check_in_file, check_out_file, fraction, one_line, real_in
+from policies.traces import TraceFormatError
+
 TRACES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "traces")
 SEED_FIVE = ("on_demand", "oracle", "multi_lookahead", "topk_frequency", "intelligent_adaptive")
 EXTRA = ("cross_layer", "previous_token", "next_gate", "learned", "ensemble")
@@ -436,26 +439,26 @@ def plot_seed(res: dict, png: str) -> None:
 
 
 # -- main --------------------------------------------------------------------------------------------------------
-def parse(argv=None):
+def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.simulate", description=__doc__.split("\n\n")[1])
     ap.add_argument("--study", choices=("policies", "seed-tables", "scale", "planner-cost"), default="policies")
     ap.add_argument("--hardware", default=None, help="rtx3090 | a100-80gb-pcie | h100-sxm | local (default h100-sxm)")
     ap.add_argument("--calib", default=None, help="calibration JSON for --hardware local (jobs.benchmark's output)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--storage", default="nvme-gen4", choices=("nvme-gen4", "s3"))
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=at_least(1), default=1)
     ap.add_argument("--policy", default="all", help="a registry name, a comma list, or all")
     ap.add_argument("--trace", default=None)
     ap.add_argument("--fit-trace", default=None, help="trace the synthetic generator is shaped after")
     ap.add_argument("--embedded-trace", default="/tmp/embedded-hidden.npz")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=at_least(1), default=1)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
-    ap.add_argument("--tokens", type=int, default=0, help="rows of routing to simulate (0: a trace's first 2048, "
-                                                          "or 1024 synthetic)")
+    ap.add_argument("--tokens", type=at_least(1), default=None,
+                    help="rows of routing to simulate (default: a trace's first 2048, or 1024 synthetic)")
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--cache-fraction", type=float, default=0.25)
-    ap.add_argument("--dram-fraction", type=float, default=1.0)
-    ap.add_argument("--window", type=float, default=4.0)
+    ap.add_argument("--cache-fraction", type=fraction, default=0.25)
+    ap.add_argument("--dram-fraction", type=real_in(0.0, 1.0), default=1.0)
+    ap.add_argument("--window", type=real_in(0.0, lo_open=True), default=4.0)
     ap.add_argument("--confirm-prob", type=float, default=0.5, help="planner hbm_confirm_prob")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale-workers", type=lambda s: [int(x) for x in s.split(",")],
@@ -467,13 +470,49 @@ def parse(argv=None):
     ap.add_argument("--scale-steps", type=int, default=4)
     ap.add_argument("--cost-reps", type=int, default=10)
     ap.add_argument("--json", required=True)
+    return ap
+
+
+def parse(argv=None, ap: argparse.ArgumentParser | None = None):
+    """The arguments, checked before any simulation: names, ranges and files each a one-line parser error."""
+    ap = ap or make_parser()
     a = ap.parse_args(argv)
     a.tier = "s3" if a.storage == "s3" else "nvme"
+    from policies.registry import PREDICTOR_NAMES
+    if a.policy != "all":
+        bad = [p for p in a.policy.split(",") if p not in PREDICTOR_NAMES]
+        if bad:   # a typo is not a policy that does not apply ("unavailable" in the JSON): refuse it
+            ap.error(f"--policy {a.policy}: unknown {', '.join(map(repr, bad))}; valid: all or "
+                     f"{', '.join(PREDICTOR_NAMES)}")
+    for flag, path in (("--trace", a.trace), ("--fit-trace", a.fit_trace), ("--calib", a.calib)):
+        if path is not None:
+            check_in_file(ap, path, flag)
+    if a.calib:
+        try:
+            with open(a.calib) as f:
+                calib = json.load(f)
+        except (OSError, ValueError) as e:
+            ap.error(f"--calib {a.calib}: not a readable JSON file ({one_line(e)})")
+        if not isinstance(calib, dict):
+            ap.error(f"--calib {a.calib}: expected a JSON object (jobs.benchmark's output or its calibration block)")
+        a.calib_data = calib.get("calibration", calib)
+    check_out_file(ap, a.json, "--json")
     return a
 
 
 def main(argv=None) -> int:
-    a = parse(argv)
+    ap = make_parser()
+    a = parse(argv, ap)
+    try:
+        return _main(a, argv)
+    except TraceFormatError as e:   # raised while loading, before any simulation; its message starts with the file
+        msg = one_line(e)
+        flag = next((f for f, p in (("--trace", a.trace), ("--fit-trace", a.fit_trace),
+                                    ("--embedded-trace", a.embedded_trace)) if p and msg.startswith(p)), None)
+        ap.error(f"{flag}: {msg}" if flag else msg)
+
+
+def _main(a, argv) -> int:
     from policies import profiles as P
     from policies.simulator import SimConfig
     cmd = "python -m jobs.simulate " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -488,11 +527,7 @@ def main(argv=None) -> int:
         res = study_planner_cost(a)
         plot = plot_planner_cost
     else:
-        calib = None
-        if a.calib:
-            with open(a.calib) as f:
-                calib = json.load(f)
-            calib = calib.get("calibration", calib)
+        calib = getattr(a, "calib_data", None)
         hw = P.hardware(a.hardware or "h100-sxm", calib)
         if a.model is None and a.hardware == "local" and calib and "model" in calib:
             model = P.Model(**calib["model"])              # the benchmark's expert size, on this trace's geometry

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from jobs._cli import at_least
+
 
 def _concat(traces):
     from policies.traces import RoutingTrace
@@ -165,11 +167,12 @@ def main(argv=None) -> int:
     ap.add_argument("--traces", nargs="+", required=True,
                     help="npz traces with hidden states (--routing-prior: any trace format policies/traces.py reads)")
     ap.add_argument("--out", required=True, help="store directory: predictor.safetensors + predictor.json go there")
-    ap.add_argument("--horizon", type=int, default=2, help="distances 1..D predicted (layers ahead)")
-    ap.add_argument("--rank", type=int, default=128, help="PCA components of the hidden state")
-    ap.add_argument("--hidden-units", type=int, default=512)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=1024)
+    # each >= 1, checked before the traces load: 0 gave torch errors, a ZeroDivisionError or a rank-0 predictor
+    ap.add_argument("--horizon", type=at_least(1), default=2, help="distances 1..D predicted (layers ahead)")
+    ap.add_argument("--rank", type=at_least(1), default=128, help="PCA components of the hidden state")
+    ap.add_argument("--hidden-units", type=at_least(1), default=512)
+    ap.add_argument("--epochs", type=at_least(1), default=6)
+    ap.add_argument("--batch", type=at_least(1), default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
