@@ -394,7 +394,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             logits = self.model.forward(cache, tokens.to(self.model.device), n_new)        # [B, V] f32
-            nxt = self._sample(logits, active)                                             # [B] int64 (CPU)
+            nxt, bad = self._sample(logits, active)                                        # [B] int64 (CPU)
         except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine lives on
             log.warning("engine step failed for requests %s: %s: %s", [self.rows[r].req.id for r in active],
                         type(e).__name__, e)
@@ -420,7 +420,11 @@ class Engine:
                 self.rows[r].hits += (after[0] - before[0]) * share
                 self.rows[r].misses += (after[1] - before[1]) * share
         ids = nxt.tolist()                                                   # the one host sync of the step
+        for r, msg in bad.items():   # their sampling failed: they end with the error, the others go on
+            self._retire(r, "error", msg)
         for r in active:
+            if r in bad:
+                continue
             row = self.rows[r]
             if row.t_first is None:
                 row.t_first = now
@@ -459,9 +463,11 @@ class Engine:
                                             prompt_tokens=len(row.req.prompt_ids), latency_s=time.perf_counter()
                                             - row.t_submit, tenant=row.req.tenant))
 
-    def _sample(self, logits: torch.Tensor, active: list[int]) -> torch.Tensor:
-        """Next token of every active row with that request's own settings; [B] int64 on the CPU."""
+    def _sample(self, logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, dict]:
+        """(next token of every active row with that request's own settings, [B] int64 on the CPU; {row: error} of
+        the rows whose sampling failed: one request's settings must not fail the others of its step)."""
         out = torch.zeros(self.max_batch, dtype=torch.int64)
+        bad: dict[int, str] = {}
         greedy = [r for r in active if self.rows[r].gen is None]
         if greedy:
             idx = torch.tensor(greedy)
@@ -473,9 +479,14 @@ class Engine:
                 groups.setdefault((float(q.temperature), float(q.top_p)), []).append(r)
         for (temp, top_p), rs in groups.items():  # one `sample` per distinct setting: the rows' own generators
             idx = torch.tensor(rs)
-            out[idx] = sample(logits[idx.to(logits.device)], temperature=temp, top_p=top_p,
-                              generators=[self.rows[r].gen for r in rs]).cpu()
-        return out
+            try:
+                out[idx] = sample(logits[idx.to(logits.device)], temperature=temp, top_p=top_p,
+                                  generators=[self.rows[r].gen for r in rs]).cpu()
+            except Exception as e:  # noqa: BLE001 - only these rows' requests fail
+                log.warning("sampling failed for requests %s: %s: %s", [self.rows[r].req.id for r in rs],
+                            type(e).__name__, e)
+                bad.update(dict.fromkeys(rs, f"sampling failed: {type(e).__name__}: {e}"))
+        return out, bad
 
     def _retire(self, r: int, reason: str, error: str | None = None) -> None:
         row = self.rows[r]

@@ -947,7 +947,10 @@ def sample(logits: Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
     assert 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"
     B = logits.shape[0]
     assert generators is not None and len(generators) == B, "sampling needs one torch.Generator per row"
-    probs = torch.softmax(logits.float() / temperature, dim=-1)              # [B, V]
+    # shifted by the row's max first: the same softmax, but a tiny temperature sends the others to -inf, never the
+    # top token to +inf (inf - inf gave NaN probabilities and an index of -1)
+    lf = logits.float()
+    probs = torch.softmax((lf - lf.amax(dim=-1, keepdim=True)) / temperature, dim=-1)   # [B, V]
     p_sorted, idx = probs.sort(dim=-1, descending=True)                      # [B, V]
     before = p_sorted.cumsum(dim=-1) - p_sorted                              # mass of strictly likelier tokens
     p_sorted = p_sorted.masked_fill(before >= top_p, 0.0)                    # keeps the top token always

@@ -200,6 +200,33 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(ckpt, prompts)
     assert st["failed_steps"] == 1 and st["requests_failed"] == 2 and st["requests_done"] == 2
 
 
+def test_one_requests_sampling_never_fails_the_others_of_its_step(model, prompts, monkeypatch):
+    """A temperature so small that logits / T overflows samples the top token (it gave NaN probabilities and
+    failed the whole step); and a sampling failure ends only the requests of that setting."""
+    ref = generate(model, [prompts[0]], 6)[0]
+    eng = Engine(model, max_batch=3)
+    hs = [eng.submit(GenerationRequest("greedy", prompts[0], 6)),
+          eng.submit(GenerationRequest("tiny-t", prompts[0], 6, temperature=1e-40, seed=1))]
+    drain(eng, hs)
+    assert [h.result().token_ids for h in hs] == [ref, ref] and all(h.result().error is None for h in hs)
+    import cluster.engine as engine_mod
+    real = engine_mod.sample
+
+    def fussy(logits, temperature, **kw):   # fails for one setting only
+        if temperature == 0.7:
+            raise RuntimeError("no sampler for 0.7")
+        return real(logits, temperature=temperature, **kw)
+    monkeypatch.setattr(engine_mod, "sample", fussy)
+    hs = [eng.submit(GenerationRequest("greedy2", prompts[0], 6)),
+          eng.submit(GenerationRequest("t07", prompts[1], 6, temperature=0.7, seed=2)),
+          eng.submit(GenerationRequest("t09", prompts[2], 6, temperature=0.9, seed=3))]
+    drain(eng, hs)
+    r = [h.result() for h in hs]
+    assert r[0].token_ids == ref and r[0].finish_reason == "length"
+    assert r[1].finish_reason == "error" and "no sampler for 0.7" in r[1].error and r[1].token_ids == []
+    assert r[2].finish_reason == "length" and len(r[2].token_ids) == 6
+
+
 def test_background_loop_threads_asyncio_and_streams(model, prompts):
     refs = [generate(model, [p], 16)[0] for p in prompts]
     with Engine(model, max_batch=4) as eng:
