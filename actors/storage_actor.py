@@ -36,7 +36,7 @@ class StorageActor:
         dram = cfg.dram
         self.lru = ByteBudgetLRU(int(dram.budget_bytes) if dram else 0)
         self._refs: dict[BlobId, ray.ObjectRef] = {}
-        self._inflight: dict[BlobId, asyncio.Future] = {}
+        self._inflight: dict[BlobId, tuple] = {}   # blob -> (future, storage tiers its read may use; None: all)
         self._store: ExpertStore | None = None
         self._open_lock = asyncio.Lock()
         self._dense_ref = None
@@ -100,15 +100,25 @@ class StorageActor:
             self.lru.touch(bid)
             self.counters["hits"] += 1
             return ref, "dram"
-        fut = self._inflight.get(bid)
-        if fut is not None:
-            self.counters["coalesced"] += 1
-            return await asyncio.shield(fut)
+        mine = self._storage_tiers(tiers)
+        ent = self._inflight.get(bid)
+        if ent is not None:
+            fut, theirs = ent
+            # join a read in flight only when every tier it may read is one this caller may read too: else it
+            # could hand over bytes (or an error) from a tier outside the caller's TierSet
+            if mine is None or (theirs is not None and set(theirs) <= set(mine)):
+                self.counters["coalesced"] += 1
+                try:
+                    return await asyncio.shield(fut)
+                except Exception:  # noqa: BLE001 - their read failed; ours may still succeed from our own tiers
+                    pass
+            self.counters["misses"] += 1
+            return await self._load(bid, mine)
         self.counters["misses"] += 1
         fut = asyncio.get_running_loop().create_future()
-        self._inflight[bid] = fut
+        self._inflight[bid] = (fut, mine)
         try:
-            got = await self._load(bid, self._storage_tiers(tiers))
+            got = await self._load(bid, mine)
             fut.set_result(got)
         except BaseException as e:
             self.counters["errors"] += 1

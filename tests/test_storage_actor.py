@@ -147,3 +147,43 @@ def test_stage_prefetches_into_dram_and_dense_is_served(ray_local, store):
     from safetensors.numpy import load
     dense = load(ray.get(dref).tobytes())
     assert set(dense) == set(man.dense.tensors)
+
+
+def test_a_read_in_flight_is_joined_only_within_the_callers_tierset(tmp_path, monkeypatch):
+    """In process (no Ray: a put is a tuple). Tenant A's read of a blob runs on a slow tier whose copy is corrupt;
+    tenant B, whose TierSet holds only the fast tier, asks meanwhile. B must not get A's read (its error, or bytes
+    from a tier outside B's TierSet): B reads its own tier. A caller allowed every tier still joins."""
+    import asyncio
+    import actors.storage_actor as sa
+    from jobs.make_checkpoint import PRESETS, write_checkpoint
+    from storage_adapters.converter import Target, convert, plan_conversion
+    from storage_adapters.manifest import blob_key
+    from storage_adapters.nvme import NvmeAdapter
+    ckpt = write_checkpoint(str(tmp_path / "ckpt"), PRESETS["tiny"], seed=0)
+    targets = [Target(NvmeAdapter(str(tmp_path / t), tier=t)) for t in ("fast", "slow")]
+    asyncio.run(convert(plan_conversion(ckpt), targets, progress=False))
+    bad = tmp_path / "slow" / blob_key(0, 1)
+    b = bytearray(bad.read_bytes())
+    b[100] ^= 0xFF
+    bad.write_bytes(bytes(b))
+    cfg = ClusterConfig.model_validate({"ray": {"namespace": "x"}, "tiers": [
+        {"kind": "dram", "budget_bytes": 1 << 30},
+        {"kind": "nvme", "name": "fast", "path": str(tmp_path / "fast"), "o_direct": False},
+        {"kind": "nvme", "name": "slow", "path": str(tmp_path / "slow"), "o_direct": False,
+         "emulate": {"latency_s": 0.3, "bandwidth_Bps": 1e9}}]})
+    monkeypatch.setattr(sa, "ray", type("R", (), {"put": staticmethod(lambda x: ("ref", x))}))
+    actor = sa.StorageActor(cfg, "n0")
+
+    async def main():
+        async def later(tiers):
+            await asyncio.sleep(0.05)
+            return await actor.get_tiered(0, 1, tiers)
+        a, b_, c = await asyncio.gather(actor.get_tiered(0, 1, ["dram", "slow"]), later(["dram", "fast"]),
+                                        later(None), return_exceptions=True)
+        return a, b_, c
+
+    a, b_, c = asyncio.run(main())
+    assert type(a).__name__ == "BlobIntegrityError"
+    assert not isinstance(b_, BaseException) and b_[1] == "fast", b_
+    assert not isinstance(c, BaseException), c     # it joined A's read, which failed, then read its own tiers
+    assert actor.counters["coalesced"] == 1
