@@ -241,7 +241,10 @@ class ExpertWorker:
         # call threads, the I/O pool, the prefetch threads and the compiled-graph thread
         self._lock = threading.RLock()
         self._loading: dict[Key, Future] = {}
-        self._stale_on_arrival: set[Key] = set()   # cancelled by the fast path while on the wire: marked on landing
+        self._stale_on_arrival: set[Key] = set()   # cancelled while on the wire: marked stale on landing
+        # prefetches taken off the queue and not landed yet -> the request each is for (None: the fast path's), so
+        # that a cancellation finds them from the moment they leave the queue, before their load is registered
+        self._taken: dict[Key, str | None] = {}
         self._queue: list[_Queued] = []
         self._queued: dict[Key, _Queued] = {}
         self._seq = itertools.count()
@@ -377,7 +380,7 @@ class ExpertWorker:
                     for victim in gone:
                         del self._res[victim]
                     self._res[key] = res
-                    if prefetched and request is None and key in self._stale_on_arrival:   # the fast path's
+                    if prefetched and key in self._stale_on_arrival:   # cancelled while it was on the wire
                         self.counters["stale_marked"] += self.cache.mark_stale(keys=(key,))
                     if pin:
                         self.cache.pin(key)
@@ -401,7 +404,7 @@ class ExpertWorker:
                 self._stale_on_arrival.discard(key)
 
     def _miss_cause(self, key: Key) -> str:  # under the lock, for a key not resident
-        if key in self._loading:
+        if key in self._loading or key in self._taken:
             return "in_flight"          # ordered (or another call's miss) and on the wire: too late, not wrong
         if key in self._queued:
             return "queued"            # ordered, still behind other loads
@@ -979,7 +982,12 @@ class ExpertWorker:
                 victims = [(int(a), int(b)) for a, b in item[4]] if len(item) > 4 and item[4] is not None else None
                 tiers = list(item[5]) if len(item) > 5 and item[5] is not None else None
                 key = (int(layer), int(expert))
-                if key in self._res or key in self._loading:
+                try:
+                    self.manifest.blob(*key)
+                except KeyError:   # an order for an expert the store does not hold: dropped, nothing else stops
+                    self.counters["prefetch_dropped"] += 1
+                    continue
+                if key in self._res or key in self._loading or key in self._taken:
                     e = self.cache.entries.get(key)
                     if e is not None:   # predicted again: a cancelled (stale) resident is wanted after all
                         e.stale = False
@@ -1018,11 +1026,16 @@ class ExpertWorker:
                         not self.cache.admits(q.key, self.manifest.blob(*q.key).size):
                     self.counters["prefetch_declined"] += 1
                     continue
+                self._taken[q.key] = q.request
             try:
                 self._load(q.key, prefetched=True, request=q.request, victims=q.victims, tiers=q.tiers)
                 self._count(prefetch_loads=1)
             except Exception:  # noqa: BLE001 - a failed prefetch must not fail anyone: demand retries it
                 self._count(prefetch_dropped=1)
+            finally:
+                with self._lock:
+                    self._taken.pop(q.key, None)
+                    self._stale_on_arrival.discard(q.key)
 
     def cancel(self, request: str | None = None, items: list[tuple] | None = None,
                requests: list | None = None, fast_path: bool = False) -> int:
@@ -1041,8 +1054,11 @@ class ExpertWorker:
             marked = sum(self.cache.mark_stale(request=r) for r in reqs)
             if keys:
                 marked += self.cache.mark_stale(keys=keys, unowned_only=fast_path)
-                if fast_path:   # on the wire now: marked when it lands, unless ordered again first
-                    self._stale_on_arrival.update(k for k in keys if k in self._loading and k not in self._res)
+            # prefetches on the wire now (taken off the queue, not landed): marked when they land, unless ordered
+            # again first; the fast path's cancellations touch only its own (those without a request)
+            self._stale_on_arrival.update(
+                k for k, r in self._taken.items() if k not in self._res and
+                (r in reqs or (keys and k in keys and not (fast_path and r is not None))))
             self.counters["cancelled"] += n
             self.counters["stale_marked"] += marked   # loaded, never used, now first to evict
         return n

@@ -82,11 +82,12 @@ class NvmeAdapter:
             addr = np.frombuffer(mv, np.uint8).ctypes.data if total else 0
             # O_DIRECT needs buffer address, file offset and length aligned; the unaligned tail goes buffered.
             body = total - total % PAGE if direct and addr % PAGE == 0 and offset % PAGE == 0 else 0
+            if body < total:   # opened before any chunk is in flight: a failed open closes no descriptor in use
+                fd_buf = self._open(key, False)
             loop = asyncio.get_running_loop()
             futs = [loop.run_in_executor(self._pool, self._pread, fd, mv[s:min(s + self.chunk_bytes, body)],
                                          offset + s) for s in range(0, body, self.chunk_bytes)]
             if body < total:
-                fd_buf = self._open(key, False)
                 futs += [loop.run_in_executor(self._pool, self._pread, fd_buf,
                                               mv[s:min(s + self.chunk_bytes, total)], offset + s)
                          for s in range(body, total, self.chunk_bytes)]
