@@ -5,7 +5,9 @@ shapes, dtypes) before a byte is written, so bad input fails fast and leaves not
 writes dense.safetensors, one blob per (layer, expert), and finally manifest.json to every target, each
 atomically. Re-running is idempotent and resumes: objects already present with the right checksum are skipped,
 leftovers of an interrupted run (temp files, incomplete multipart uploads) are cleared and rewritten.
-Peak memory is bounded by `max_inflight` experts plus one 16 MiB dense chunk, whatever the checkpoint's size.
+Peak memory is bounded by `max_inflight` experts plus one 16 MiB dense chunk, whatever the checkpoint's size —
+except with encryption at rest: an encrypted copy of the dense file (and of aux files) is read, sealed and
+uploaded whole, so it needs about twice the dense file's size in memory.
 """
 from __future__ import annotations
 
