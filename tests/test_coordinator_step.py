@@ -7,19 +7,10 @@ import numpy as np
 
 from actors.prefetch_coordinator import MAX_LIVE_REQUESTS, PrefetchCoordinator
 from cluster.config import PrefetchConfig
+from jobs.bench_coordinator import _Handle   # an actor handle whose every `.remote` does nothing
 from policies.predictors import Candidates
 
 L, E, K = 4, 8, 1
-
-
-class _Nop:
-    def remote(self, *a, **k):
-        return None
-
-
-class _Handle:
-    def __getattr__(self, name):
-        return _Nop()
 
 
 class _Prefetch:
