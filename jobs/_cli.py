@@ -39,6 +39,18 @@ def real_in(lo: float, hi: float = math.inf, *, lo_open: bool = False):
 fraction = real_in(0.0, 1.0, lo_open=True)    # (0, 1]: a share of something that cannot be empty
 
 
+def int_list(lo: int):
+    """type=: a comma list of integers >= lo (at least one)."""
+    one = at_least(lo)
+
+    def parse(s: str) -> list[int]:
+        items = [x.strip() for x in s.split(",")]
+        if not items or any(not x for x in items):
+            raise argparse.ArgumentTypeError(f"expected a comma list of integers >= {lo}, got {s!r}")
+        return [one(x) for x in items]
+    return parse
+
+
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 

@@ -52,7 +52,7 @@ import time
 
 import numpy as np
 
-from jobs._cli import at_least, check_out_file, fraction, load_trace_or_error, one_line
+from jobs._cli import at_least, check_out_file, fraction, load_trace_or_error, one_line, real_in
 
 HIDDEN = 512                     # hidden size of the generated model; the intermediate size sets the expert size
 # policies the benchmark runs without a PrefetchCoordinator (the oracle prefetches from the driver, resident warms
@@ -67,6 +67,12 @@ SEED_STRATEGIES = ("multi_lookahead", "topk_frequency", "intelligent_adaptive")
 FAST_PATH = "fast_path"
 # what may follow NAME+ (run_policy): the cache's eviction by the runtime's reuse values, or plain LRU
 EVICT_SUFFIXES = ("reuse", "reuse_fast", "lru")
+
+
+def ratio_list(s: str) -> list:
+    """type= of --prefetch-ratio: a comma list of 'full' (None: whole experts) and gate_up ratios in [0, 1]."""
+    frac = real_in(0.0, 1.0)
+    return [None if r.strip() == "full" else frac(r.strip()) for r in s.split(",")]
 
 
 def policy_error(name: str) -> str | None:
@@ -735,7 +741,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "moe-benchmark"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-simulate", action="store_true", help="skip the simulator's prediction of this run")
-    p.add_argument("--prefetch-ratio", default=None,
+    p.add_argument("--prefetch-ratio", type=ratio_list, default=None,
                    help="comma list of weight_prefetch_config moe.gate_up ratios, 'full' = whole-expert prefetch "
                         "(partial off), e.g. full,0.8,0.5,0.25: every prefetching policy runs once per ratio, same "
                         "cache budget and predictor (docs/weight_prefetch.md)")
@@ -906,8 +912,7 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
     else:
         ray.init(address="local", num_cpus=4, object_store_memory=max(256 << 20, int(dram * 1.5)),
                  include_dashboard=False)  # "local": a fresh instance, never someone else's running cluster
-    ratios = [None if r.strip() == "full" else float(r) for r in a.prefetch_ratio.split(",")] \
-        if a.prefetch_ratio else [None]
+    ratios = a.prefetch_ratio or [None]
     runs = [(p, r, p if r is None else f"{p}@{r}") for p in pols
             for r in (ratios if p not in ("on_demand", "resident") else [None])]
     res, reps = {}, {}

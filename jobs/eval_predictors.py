@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from jobs._cli import at_least, check_out_file, load_trace_or_error, one_line
+from jobs._cli import at_least, check_out_file, int_list, load_trace_or_error, one_line
 
 HIDDEN_STATE = ("next_gate", "learned", "pre_gated")   # predictors that read the router inputs (trace.hidden)
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", default=None, help="checkpoint directory (router / pre_gate weights)")
     ap.add_argument("--store-dir", default=None, help="directory with predictor.safetensors + predictor.json")
     ap.add_argument("--predictors", default=None, help="comma-separated names (default: all that apply)")
-    ap.add_argument("--distances", default="1,2")
+    ap.add_argument("--distances", type=int_list(1), default=[1, 2], help="layer distances scored (comma list)")
     ap.add_argument("--max-tokens", type=at_least(1), default=None, help="evaluate the first N token rows only")
     ap.add_argument("--json", required=True)
     a = ap.parse_args(argv)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                 ap.error(f"--predictors {a.predictors}: {n} cannot run: {why}")
         names = tuple(want)
     geo = dict(num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k)
-    dists = [int(d) for d in a.distances.split(",")]
+    dists = list(a.distances)
     events = int(trace.known.sum())
     out = {"trace": a.trace, "tokens": trace.num_tokens, "requests": trace.num_requests, "events": events,
            "k": trace.top_k, "num_layers": trace.num_layers, "num_experts": trace.num_experts,

@@ -484,6 +484,10 @@ def parse(argv=None, ap: argparse.ArgumentParser | None = None):
         if bad:   # a typo is not a policy that does not apply ("unavailable" in the JSON): refuse it
             ap.error(f"--policy {a.policy}: unknown {', '.join(map(repr, bad))}; valid: all or "
                      f"{', '.join(PREDICTOR_NAMES)}")
+    bad = [p for p in a.scale_policies if p not in PREDICTOR_NAMES]
+    if bad:
+        ap.error(f"--scale-policies {','.join(a.scale_policies)}: unknown {', '.join(map(repr, bad))}; valid: "
+                 f"{', '.join(PREDICTOR_NAMES)}")
     for flag, path in (("--trace", a.trace), ("--fit-trace", a.fit_trace), ("--calib", a.calib)):
         if path is not None:
             check_in_file(ap, path, flag)

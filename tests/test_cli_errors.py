@@ -115,6 +115,14 @@ def test_benchmark_fractions(bench, capsys, flag, value):
     assert msg.endswith(f"argument {flag}: must be in (0, 1], got {value}")
 
 
+@pytest.mark.parametrize("value,want", [("full,2", "must be in [0, 1], got 2"),
+                                        ("0.5,half", "expected a number in [0, 1], got 'half'")])
+def test_benchmark_prefetch_ratio(bench, capsys, value, want):
+    # parsed only after Ray had started before
+    assert exits_2(capsys, lambda a: bench(*a), ["--prefetch-ratio", value]).endswith(
+        f"argument --prefetch-ratio: {want}")
+
+
 def test_benchmark_json_is_a_directory(bench, files, capsys):
     msg = exits_2(capsys, lambda a: bench(*a), ["--json", str(files / "a_dir")])
     assert f"--json {files / 'a_dir'}: is a directory" in msg
@@ -212,6 +220,10 @@ def test_eval_flags(files, capsys):
                                                              ["--model-dir", str(files)])
     assert f"--trace {files / 'nope.npz'}: no such file" in exits_2(
         capsys, lambda a: eval_main(files, *a), ["--trace", str(files / "nope.npz")])
+    for bad, want in (("1,x", "expected an integer >= 1, got 'x'"), ("0", "must be >= 1, got 0"),
+                      ("1,", "expected a comma list of integers >= 1, got '1,'")):
+        assert exits_2(capsys, lambda a: eval_main(files, *a), ["--distances", bad]).endswith(
+            f"argument --distances: {want}")
 
 
 def test_eval_runs_what_was_asked(files):
@@ -229,6 +241,11 @@ def sim_main(files, *args):
 def test_simulate_unknown_policy(files, capsys):
     msg = exits_2(capsys, lambda a: sim_main(files, *a), ["--policy", "cross_layer,foo"])
     assert "--policy cross_layer,foo: unknown 'foo'; valid: all or on_demand" in msg
+
+
+def test_simulate_unknown_scale_policy(files, capsys):
+    msg = exits_2(capsys, lambda a: sim_main(files, *a), ["--scale-policies", "on_demand,cross_layr"])
+    assert "--scale-policies on_demand,cross_layr: unknown 'cross_layr'; valid: on_demand" in msg
 
 
 def test_simulate_a_real_name_that_does_not_apply_stays_unavailable(files):
