@@ -479,15 +479,13 @@ def parse(argv=None, ap: argparse.ArgumentParser | None = None):
     a = ap.parse_args(argv)
     a.tier = "s3" if a.storage == "s3" else "nvme"
     from policies.registry import PREDICTOR_NAMES
-    if a.policy != "all":
-        bad = [p for p in a.policy.split(",") if p not in PREDICTOR_NAMES]
-        if bad:   # a typo is not a policy that does not apply ("unavailable" in the JSON): refuse it
-            ap.error(f"--policy {a.policy}: unknown {', '.join(map(repr, bad))}; valid: all or "
+    # a typo is not a policy that does not apply ("unavailable" in the JSON): refuse it
+    for flag, names, also in (("--policy", [] if a.policy == "all" else a.policy.split(","), "all or "),
+                              ("--scale-policies", a.scale_policies, "")):
+        bad = [p for p in names if p not in PREDICTOR_NAMES]
+        if bad:
+            ap.error(f"{flag} {','.join(names)}: unknown {', '.join(map(repr, bad))}; valid: {also}"
                      f"{', '.join(PREDICTOR_NAMES)}")
-    bad = [p for p in a.scale_policies if p not in PREDICTOR_NAMES]
-    if bad:
-        ap.error(f"--scale-policies {','.join(a.scale_policies)}: unknown {', '.join(map(repr, bad))}; valid: "
-                 f"{', '.join(PREDICTOR_NAMES)}")
     for flag, path in (("--trace", a.trace), ("--fit-trace", a.fit_trace), ("--calib", a.calib)):
         if path is not None:
             check_in_file(ap, path, flag)

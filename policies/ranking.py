@@ -437,13 +437,12 @@ class PrefetchPlanner:
         # free bytes first: every HBM order of the worker names all of them, and whichever loads once the free
         # bytes are gone evicts from them. Each is worth less than the worker's lowest-valued HBM order (the one
         # that displaced the last of them), so no order can evict a resident worth more than itself
-        victims: list = [[] for _ in range(len(idx))]
         hb = idx[to_hbm[idx]]
         ndisp = np.zeros(W, np.int64)                            # residents each worker's plan displaces
         np.maximum.at(ndisp, w[hb], jd[hb])
-        for o_ in np.flatnonzero(to_hbm[idx] & (ndisp[w[idx]] > 0)).tolist():
-            a = rstart[w[idx[o_]]]
-            victims[o_] = [divmod(int(k), E) for k in rk[a:a + ndisp[w[idx[o_]]]]]
+        displaced = {wi: [divmod(int(k), E) for k in rk[rstart[wi]:rstart[wi] + ndisp[wi]]]   # one list per worker,
+                     for wi in np.flatnonzero(ndisp).tolist()}                             # shared by its orders
+        victims: list = [displaced.get(int(w[i]), []) if to_hbm[i] else [] for i in idx.tolist()]
         return Plan(w[idx].astype(np.int64), lay[idx].astype(np.int64), ex[idx].astype(np.int64),
                     S[idx].astype(np.int64), tgt, P[idx], value[idx], pri, nb[idx],
                     [requests[int(r)].request for r in R[idx]], denied, wanted.reshape(L, E), victims,
