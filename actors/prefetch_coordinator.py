@@ -186,6 +186,10 @@ class PrefetchCoordinator:
         self.storage = storage
         self._set_workers(workers, worker_node, owners)
         self.requests: dict = {}        # live request -> (token, MoE layer) of its last event
+        self._seen: dict = {}           # live request -> (its runtime, that runtime's batch count at its last event)
+        self._rt_batches: dict = {}     # runtime -> routing batches with layers it sent
+        self._rt_step: dict = {}        # runtime -> the decision step of its last such batch
+        self.expired = 0                # live requests forgotten as idle (their end never reached us)
         self._moved: set = set()        # requests with an event since the last decision (their predictions scored)
         self.meta: dict = {}            # request -> (tiers, tenant, latency budget)
         self.denied: dict = {}
@@ -333,6 +337,7 @@ class PrefetchCoordinator:
         ended = set(requests)
         for r in requests:
             self.requests.pop(r, None)
+            self._seen.pop(r, None)
             if not keep_meta:
                 self.meta.pop(r, None)
                 self.denied.pop(r, None)
@@ -365,9 +370,15 @@ class PrefetchCoordinator:
         table = batch["requests"]
         self._submit_s = 0.0
         self._pred_s = 0.0
+        rt = batch.get("runtime")
+        self._rt_batches[rt] = self._rt_batches.get(rt, 0) + 1
+        self._rt_step[rt] = self.step + 1
+        mark = (rt, self._rt_batches[rt])
         for ev in batch["layers"]:
-            self._observe(ev, table)
+            self._observe(ev, table, mark)
         self.step += 1
+        if self.step % 16 == 0:
+            self._expire_idle()
         self._decide()
         self.step_times.append(time.perf_counter() - t0)
         self.submit_times.append(self._submit_s)
@@ -384,7 +395,7 @@ class PrefetchCoordinator:
         except Exception:  # noqa: BLE001 - an export problem must not break serving
             pass
 
-    def _observe(self, ev: dict, table) -> None:
+    def _observe(self, ev: dict, table, mark: tuple) -> None:
         li = self.layer_idx.get(int(ev["layer"]))
         if li is None:
             return
@@ -409,6 +420,7 @@ class PrefetchCoordinator:
             if last is None and len(self.requests) >= MAX_LIVE_REQUESTS:   # a runtime that never ends requests
                 self._end([next(iter(self.requests))])                   # cannot grow us: forget the oldest
             self.requests[req] = (tok, li)
+            self._seen[req] = mark
             self._moved.add(req)
         if self.reuse is not None:
             self.reuse.observe_many(reqs, li, ids)
@@ -419,6 +431,20 @@ class PrefetchCoordinator:
         self.inflight[li, used] = False
         for e in used.tolist():
             self.order_req.pop((li, e), None)
+
+    def _expire_idle(self) -> None:
+        """Forget live requests whose end never reached us: ones their runtime has not routed for
+        `request_idle_batches` of its batches, and every one of a runtime silent for that many batches per runtime
+        heard of (a crashed replica). Counted in batches, not seconds: decisions stay a function of the inputs."""
+        idle = int(self.pf.request_idle_batches)
+        quiet = idle * len(self._rt_step)
+        gone = {rt for rt, s in self._rt_step.items() if self.step - s > quiet}
+        stale = [r for r, (rt, n) in self._seen.items() if rt in gone or self._rt_batches[rt] - n > idle]
+        for rt in gone:
+            del self._rt_step[rt], self._rt_batches[rt]
+        if stale:
+            self.expired += len(stale)
+            self._end(stale, keep_meta=True)   # its rules stay (bounded by the meta cap) should it route again
 
     def _decide(self) -> None:
         self.tel.expire(self.step)
@@ -574,6 +600,7 @@ class PrefetchCoordinator:
         dec = t - (np.array(self.submit_times) if self.submit_times else 0.0)
         snap.update(policy=self.pf.policy, steps=self.step, batches=self.batches, staged=self.staged,
                     dropped_batches=self.dropped, live_requests=len(self.requests), registered_requests=len(self.meta),
+                    expired_requests=self.expired,
                     denied={str(k): v for k, v in self.denied.items()}, restarted=self.restarted,
                     inflight=int(self.inflight.sum()), staging=int(self.staging.sum()),
                     step_ms_p50=float(np.percentile(t, 50) * 1e3), step_ms_p99=float(np.percentile(t, 99) * 1e3),

@@ -243,6 +243,10 @@ class PrefetchConfig(_Model):
     refresh_s: float = Field(0.05, gt=0)             # how often the coordinator re-reads workers' residency
     adapt_every: int = Field(16, ge=1)               # decision steps between window adaptations
     expiry_steps: int = Field(64, ge=1)              # a prefetch unused for this many steps counts as wasted
+    # a live request that its runtime's last this-many routing batches did not name is forgotten (its end never
+    # reached the coordinator: a client gone, a runtime that crashed), so nothing more is prefetched for it; a
+    # runtime silent for this many batches per runtime heard of loses its requests alike
+    request_idle_batches: int = Field(512, ge=1)
     # the runtime sends one batch per this many MoE layers (and at each forward's last): every coordinator step
     # costs CPU beside the decode loop, and with the fast path below covering the next layers a per-layer step
     # bought nothing (measured: docs/benchmarks.md, session 6)

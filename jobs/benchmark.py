@@ -755,6 +755,8 @@ def main(argv=None) -> int:
     for name in (a.policies.split(",") if a.policies else []):
         if err := policy_error(name):
             p.error(f"--policies {a.policies}: {err}")
+    if err := config_error(a):
+        p.error(err)
     mib = a.expert_mib or (0.5 if a.quick else 2.0)
     tokens = a.tokens or (160 if a.quick else 1024)
     layers = a.layers or (4 if a.quick else None)
@@ -816,6 +818,37 @@ def main(argv=None) -> int:
     finally:
         if s3 is not None:
             s3.__exit__(None, None, None)
+
+
+# the flag behind each config setting the flags fill in (cluster_config), by the setting's last key
+_FLAG_OF = {"prefetch_concurrency": "--prefetch-concurrency", "placement": "--placement", "threshold": "--threshold",
+            "hbm_confirm_prob": "--hbm-confirm-prob", "lookahead_tokens": "--lookahead-tokens",
+            "lookahead_layers": "--window", "publish_every_layers": "--publish-every",
+            "speculate_layers": "--speculate-layers", "speculate_threshold": "--speculate-threshold",
+            "speculate_fanout": "--speculate-fanout", "routing_prior": "--routing-prior", "count": "--workers",
+            "channels": "--link-channels", "split_min_bytes": "--link-split-kib"}
+
+
+def config_error(a) -> str | None:
+    """Why the cluster config the flags make would be refused (cluster/config.py), or None: checked before the store
+    is built and Ray starts, where it used to fail each policy's run after both. The message names the flag."""
+    from pydantic import ValidationError
+    try:
+        cluster_config(os.path.join(a.work, "store"), workers=a.workers, hbm=1 << 20, dram=0, policy="on_demand",
+                       window=a.window, ns="check", address=None, inflight=1 << 20, planner=planner_settings(a, 0),
+                       link=link_settings(a), worker_opts=worker_settings(a))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [k for k in err["loc"] if isinstance(k, str)]
+        key = loc[-1] if loc else "?"
+        if key in ("bandwidth_Bps", "latency_s"):   # the link's emulation or the tier cost made of the same flags
+            flag = ("--s3-mbps" if a.tier == "s3" else "--link-mbps") if key == "bandwidth_Bps" else (
+                "--s3-latency-ms" if a.tier == "s3" else "--link-latency-ms")
+        else:
+            flag = _FLAG_OF.get(key, "a flag")
+        value = getattr(a, flag.lstrip("-").replace("-", "_"), None) if flag.startswith("--") else None
+        return f"{flag} {value}: {err['msg'].lower()} (the cluster config's {'.'.join(loc)})"
+    return None
 
 
 def model_geometry(parser, model_dir: str) -> tuple[int, int]:

@@ -315,3 +315,19 @@ def test_train_predictor_counts_must_be_positive(files, tmp_path, capsys, flag):
     msg = exits_2(capsys, main, ["--traces", str(files / "th.npz"), "--out", str(tmp_path / "p"), flag, "0"])
     assert msg.endswith(f"argument {flag}: must be >= 1, got 0")
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--prefetch-concurrency", "100"], "--prefetch-concurrency 100: input should be less than or equal to 64 "
+                                        "(the cluster config's workers.prefetch_concurrency)"),
+    (["--lookahead-tokens", "65"], "--lookahead-tokens 65: input should be less than or equal to 64"),
+    (["--window", "500"], "--window 500: input should be less than or equal to 128 (the cluster config's "
+                          "prefetch.lookahead_layers)"),
+    (["--speculate-layers", "9"], "--speculate-layers 9: input should be less than or equal to 8"),
+    (["--tier", "link", "--link-channels", "0"], "--link-channels 0: input should be greater than or equal to 1"),
+    (["--tier", "link", "--link-mbps", "0"], "--link-mbps 0.0: input should be greater than 0"),
+    (["--tier", "s3", "--s3-latency-ms", "-2"], "--s3-latency-ms -2.0: input should be greater than or equal to 0"),
+])
+def test_benchmark_settings_the_cluster_config_refuses_fail_before_ray(bench, capsys, args, want):
+    # these used to pass the parser, start Ray, then fail every policy's run alone
+    assert want in exits_2(capsys, lambda a: bench(*a), args)

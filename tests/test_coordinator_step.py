@@ -1,6 +1,7 @@
 """The PrefetchCoordinator's step in process, without Ray (its worker and storage handles are recorders): orders
 held behind an outstanding call keep the later word on each key, telemetry scores a request's predictions once per
-position, registrations that never route stay bounded, and tiers named otherwise than their kinds are planned."""
+position, registrations that never route stay bounded, tiers named otherwise than their kinds are planned, and
+requests whose end never arrives are forgotten."""
 import asyncio
 
 import numpy as np
@@ -157,3 +158,49 @@ def test_tiers_named_otherwise_than_their_kinds_are_planned():
 
     asyncio.run(run())
     assert w.prefetch.calls and w.prefetch.calls[0][0] == [(1, 3)]
+
+
+class _Cancels:
+    def __init__(self):
+        self.requests = []
+
+    def remote(self, requests=None, items=None, **kw):
+        self.requests += list(requests or [])
+
+
+def test_requests_whose_end_never_arrives_are_forgotten_after_their_runtime_moves_on_without_them():
+    w = _Worker()
+    w.cancel = _Cancels()
+    c = coordinator({0: w}, request_idle_batches=8)
+    ended = []
+    c.predictor.end = ended.append
+
+    async def batch(rt, reqs):
+        await c.publish({"runtime": rt, "requests": reqs, "layers": [event(0, 1, row=i) for i in range(len(reqs))]})
+
+    async def run():
+        await c.register_request("lost", "t")
+        await batch("a", ["r", "lost"])   # runtime a: batch 1, step 1
+        await batch("b", ["crash"])       # runtime b: its only batch, step 2 (then it crashes)
+        for _ in range(8):                # a's batches 2..9: "lost" missed 8 of them, the limit
+            await batch("a", ["r"])
+        c._expire_idle()
+        assert set(c.requests) == {"r", "lost", "crash"}
+        await batch("a", ["r"])           # a's batch 10: 9 missed
+        c._expire_idle()
+        assert set(c.requests) == {"r", "crash"}, c.requests
+        assert "lost" in w.cancel.requests and "lost" in ended    # its queued orders cancelled, its state ended
+        assert c.meta["lost"][1] == "t"                           # its rules stay should it route again
+        while c.step < 18:               # b silent for 16 steps (8 batches x 2 runtimes heard of): not yet
+            await batch("a", ["r"])
+        c._expire_idle()
+        assert "crash" in c.requests
+        await batch("a", ["r"])           # 17 steps
+        c._expire_idle()
+        assert set(c.requests) == {"r"}
+        await batch("a", ["r", "lost"])   # it routes again: tracked afresh
+        assert set(c.requests) == {"r", "lost"}
+        return await c.stats()
+
+    st = asyncio.run(run())
+    assert st["expired_requests"] == 2 and st["live_requests"] == 2, st
