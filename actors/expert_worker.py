@@ -802,11 +802,10 @@ class ExpertWorker:
         if bad:
             return "whole", self._partial_failed(key, r, bad, c.tiers)
         dev = torch.empty(b.size, dtype=torch.uint8, device=self.device)
-        rest_dev = self._h2d.copy(host)[0] if n else None
         for t, pre, at in ((g, r.blob[:P], 0), (u, r.blob[P:], n)):
             dev[t.offset:t.offset + P].copy_(pre)
-            if n:
-                dev[t.offset + P:t.offset + t.length].copy_(rest_dev[at:at + n])
+            if n:   # straight into the blob: no device temporary to free while copies from it are queued
+                self._h2d.copy(host[at:at + n], dst=dev[t.offset + P:t.offset + t.length])
         with self._lock:
             cn = self.counters
             cn["bytes_loaded"] += host.nbytes

@@ -65,9 +65,13 @@ class HostToDevice:
         if not self.cuda:
             np.copyto(dev.numpy(), host)
             return dev, None
+        caller = torch.cuda.current_stream(self.device)
         slot = self._slots.get()
         try:
             with torch.cuda.stream(self.stream):
+                # dev was allocated on the caller's stream, and the caching allocator hands out a block freed there
+                # while that stream's queued kernels may still read or write it: the DMA goes after them
+                self.stream.wait_stream(caller)
                 for i, off in enumerate(range(0, n, self.chunk)):
                     b, m = i & 1, min(self.chunk, n - off)
                     if i >= 2:

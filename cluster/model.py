@@ -51,7 +51,8 @@ class UnsupportedModelError(ValueError):
 # transformers 5.x config-class defaults for keys a config.json may leave out (configuration_<family>.py).
 _FAMILY_DEFAULTS: dict[str, dict] = {
     "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=4096 * 32, eos_token_id=2,
-                    bos_token_id=1, pad_token_id=None, num_experts_per_tok=2, num_local_experts=8),
+                    bos_token_id=1, pad_token_id=None, num_experts_per_tok=2, num_local_experts=8,
+                    num_key_value_heads=8),
     "qwen2_moe": dict(rms_norm_eps=1e-6, rope_theta=10_000.0, max_position_embeddings=32768, eos_token_id=None,
                       bos_token_id=None, pad_token_id=None, num_experts_per_tok=4, num_experts=60,
                       num_key_value_heads=16, qkv_bias=True, norm_topk_prob=False, decoder_sparse_step=1,
@@ -128,7 +129,8 @@ class ModelArgs:
         if act != "silu":
             raise UnsupportedModelError(f"{family}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
         H, n_layers, nH = int(need("hidden_size")), int(need("num_hidden_layers")), int(need("num_attention_heads"))
-        nKV = int(_get(config, d, "num_key_value_heads") or nH)
+        # absent: the family's default (Mixtral 8, like its config class); an explicit null: one per attention head
+        nKV = int(config.get("num_key_value_heads", d.get("num_key_value_heads")) or nH)
         # Mixtral/Qwen3/OLMoE: `head_dim` if set (and not null), else H // nH
         D = int(config.get("head_dim") or H // nH)
         assert nH % nKV == 0, f"{family}: {nH} attention heads are not a multiple of {nKV} key/value heads"
@@ -181,6 +183,9 @@ class ModelArgs:
         if rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(f"{family}: RoPE type {rope_type!r} is not supported; "
                                         f"supported: {', '.join(ROPE_TYPES)}")
+        if rope_type == "yarn" and config.get("original_max_position_embeddings") is not None:
+            # a top-level value wins over the one in the RoPE block, as transformers' standardize_rope_params reads it
+            rp["original_max_position_embeddings"] = config["original_max_position_embeddings"]
         prf = rp.pop("partial_rotary_factor", config.get("partial_rotary_factor"))
         if prf not in (None, 1, 1.0):
             raise UnsupportedModelError(f"{family}: partial_rotary_factor {prf} is not supported (full RoPE only)")

@@ -5,7 +5,8 @@ and recorded in docs/benchmarks.md "GPU").
   the CPU), greedy tokens equal, and bf16 on the device.
 - Dense offload on the device: host weights pinned, two device slots, copies on a stream of their own; logits
   bit-for-bit those of the same model with offload off.
-- HostToDevice (actors/h2d.py): chunked pinned staging gives the exact bytes, for sizes around chunk multiples and
+- HostToDevice (actors/h2d.py): chunked pinned staging gives the exact bytes, for sizes around chunk multiples,
+  into a block recycled while a kernel queued on the caller's stream still writes it, and
   from several threads at once.
 - ExpertWorker on the GPU in a real Ray cluster: its cache is device memory, outputs match the CPU reference,
   the budget holds in the index and in what the CUDA allocator reports, prefetch turns misses into hits.
@@ -111,6 +112,24 @@ def test_host_to_device_gives_the_exact_bytes(n):
     out = dst.cpu().numpy()
     np.testing.assert_array_equal(out[4:4 + n], host)
     assert not out[:4].any() and not out[4 + n:].any(), "a copy into a slice wrote outside it"
+
+
+def test_host_to_device_waits_for_the_kernels_queued_on_a_recycled_block():
+    # a block freed while a kernel queued on the caller's stream still writes it is handed out again at once: the
+    # DMA into it must run after that kernel, or the kernel's late write lands in the copied bytes
+    h2d = HostToDevice(DEV, chunk_bytes=1 << 20, slots=1)
+    n = 4 << 20
+    host = np.random.default_rng(7).integers(0, 256, n, dtype=np.uint8)
+    old = torch.empty(n, dtype=torch.uint8, device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)   # ~0.1 s of GPU time queued ahead of the write below
+    old.fill_(7)                      # queued: runs after the sleep
+    ptr = old.data_ptr()
+    del old                           # freed with the write still queued on the default stream
+    dev, _ = h2d.copy(host)
+    assert dev.data_ptr() == ptr, "the allocator did not recycle the block: the case is not exercised"
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(dev.cpu().numpy(), host)
 
 
 def test_host_to_device_from_many_threads_while_the_gpu_computes():

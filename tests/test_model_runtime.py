@@ -12,6 +12,7 @@ hook, expert grouping, bf16 blobs.
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import numpy as np
 import pytest
@@ -276,16 +277,34 @@ def test_dense_weights_that_do_not_fit_are_refused(tiny):
     assert "model.layers.1.self_attn.q_norm.weight" in str(e.value) and "q_proj.bias" in str(e.value)
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0},
-                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 24}])
-def test_scaled_rope_matches_transformers(tiny, rope):
+@pytest.mark.parametrize("rope,top", [({"rope_type": "linear", "factor": 2.0}, {}),
+                                      ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 24}, {}),
+                                      # a top-level original_max_position_embeddings wins over the block's
+                                      ({"rope_type": "yarn", "factor": 4.0}, {"original_max_position_embeddings": 24}),
+                                      ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 48},
+                                       {"original_max_position_embeddings": 24})])
+def test_scaled_rope_matches_transformers(tiny, rope, top):
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    cfg = {**tiny["qwen3_moe"].config, "rope_parameters": {"rope_theta": 10000.0, **rope}}
-    hf_cfg = AutoConfig.for_model("qwen3_moe", **{k: v for k, v in cfg.items() if k != "model_type"})
+    cfg = {**tiny["qwen3_moe"].config, **top, "rope_parameters": {"rope_theta": 10000.0, **rope}}
+    # a deep copy: transformers writes into the RoPE block it is given
+    hf_cfg = AutoConfig.for_model("qwen3_moe", **copy.deepcopy({k: v for k, v in cfg.items() if k != "model_type"}))
     want, want_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
     got, scale = rope_frequencies(ModelArgs.from_config(cfg))
     assert torch.allclose(got, want, rtol=1e-6) and abs(scale - want_scale) < 1e-9
+
+
+@pytest.mark.parametrize("family,kv", [("mixtral", "absent"), ("mixtral", 2), ("olmoe", "absent"), ("olmoe", None),
+                                       ("qwen3_moe", "absent"), ("qwen2_moe", "absent")])
+def test_key_value_heads_default_as_each_config_class_does(tiny, family, kv):
+    from transformers import AutoConfig
+    cfg = {**tiny[family].config}
+    cfg.pop("num_key_value_heads", None)
+    cfg["num_attention_heads"] = 16
+    if kv != "absent":
+        cfg["num_key_value_heads"] = kv
+    hf_cfg = AutoConfig.for_model(family, **{k: v for k, v in cfg.items() if k != "model_type"})
+    assert ModelArgs.from_config(cfg).num_kv_heads == hf_cfg.num_key_value_heads, (family, kv)
 
 
 def test_bf16_runtime_tracks_float32(tiny):
