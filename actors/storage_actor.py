@@ -9,6 +9,7 @@ verifies checksums and falls back across tiers, so the DRAM tier only ever holds
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
@@ -29,6 +30,8 @@ class StorageActor:
         """cfg: the validated ClusterConfig (cluster/config.py). endpoint_overrides: tier name -> endpoint URL
         resolved at start (e.g. the embedded S3 server)."""
         self.cfg, self.node_id = cfg, node_id
+        for name in ("storage_adapters", "actors"):   # telemetry.log_level: the adapters log here (retried reads)
+            logging.getLogger(name).setLevel(cfg.telemetry.log_level)
         return_large_frees_to_os()  # blob buffers are freed after ray.put: give the memory back, not to a heap
         tiers = cfg.storage_tiers
         self._adapters = [adapter_for(t, (endpoint_overrides or {}).get(t.name)) for t in tiers]

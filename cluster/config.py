@@ -6,6 +6,7 @@ folder. Environment variables are read here and only here (encryption keys named
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -64,8 +65,7 @@ class LinkEmulation(_Model):
 class NvmeTier(_Model):
     kind: Literal["nvme"]
     name: str = "nvme"
-    path: str                            # store root on each node's local disk
-    budget_bytes: ByteSize | None = None
+    path: str                            # store root on each node's local disk (a full copy of the store)
     chunk_bytes: ByteSize = ByteSize(4 << 20)
     parallelism: int = Field(8, ge=1, le=256)
     o_direct: bool = True
@@ -374,17 +374,31 @@ class WeightPrefetchConfig(_Ratios):
 
 
 class TelemetryConfig(_Model):
+    # the level of the project's loggers (cluster, actors, storage_adapters, policies, jobs) in the driver and in
+    # the storage actors, which are the processes that log
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    stats_path: str | None = None
+    stats_path: str | None = None        # ExpertCluster writes its stats() here as JSON when it shuts down
 
 
-class ModelConfig(_Model):
-    checkpoint: str | None = None        # a Hugging Face checkpoint dir to convert on first start (optional)
+LOGGERS = ("cluster", "actors", "storage_adapters", "policies", "jobs")
+
+
+def apply_log_level(tel: TelemetryConfig) -> None:
+    """Set telemetry.log_level on the project's loggers in this process. Where nothing handles their records (a
+    plain driver script: Python's last-resort handler shows warnings only), they get a stderr handler of their own."""
+    bare = not logging.getLogger().handlers
+    for name in LOGGERS:
+        lg = logging.getLogger(name)
+        lg.setLevel(tel.log_level)
+        if bare and not any(getattr(h, "_moe", False) for h in lg.handlers):
+            h = logging.StreamHandler()
+            h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            h._moe = True
+            lg.addHandler(h)
 
 
 class ClusterConfig(_Model):
     ray: RayConfig = RayConfig()
-    model: ModelConfig = ModelConfig()
     workers: WorkersConfig = WorkersConfig()
     tiers: list[Tier]
     tier_sets: dict[str, list[str]] = Field(default_factory=dict)
@@ -478,6 +492,9 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         enc = t.get("encryption") if isinstance(t, dict) else None
         if isinstance(enc, dict) and isinstance(enc.get("key_file"), str):
             enc["key_file"] = str((base / os.path.expanduser(enc["key_file"])).resolve())
+    tel = raw.get("telemetry")
+    if isinstance(tel, dict) and isinstance(tel.get("stats_path"), str):
+        tel["stats_path"] = str((base / os.path.expanduser(tel["stats_path"])).resolve())
     pf = raw.get("prefetch")
     if isinstance(pf, dict) and isinstance(pf.get("routing_prior"), str):
         pf["routing_prior"] = str((base / os.path.expanduser(pf["routing_prior"])).resolve())

@@ -22,8 +22,10 @@ before a layer's compute calls leave; the reuse values and the coordinator's bat
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import json
 import logging
 import os
 import socket
@@ -44,7 +46,7 @@ from policies.placement import Placement, place
 from storage_adapters.manifest import Manifest
 
 from . import ray_compat
-from .config import ClusterConfig
+from .config import ClusterConfig, apply_log_level
 from .model import MoEModel, generate, load_dense_from_bytes
 from .storage_tier import start_storage_actors
 
@@ -595,6 +597,7 @@ class ExpertCluster:
             raise
 
     def _start(self) -> "ExpertCluster":
+        apply_log_level(self.cfg.telemetry)
         if not ray.is_initialized():
             ray_compat.init_ray(self.cfg)
             self._started_ray = True
@@ -760,6 +763,9 @@ class ExpertCluster:
         return wid
 
     def shutdown(self) -> None:
+        path = self.cfg.telemetry.stats_path
+        if path and getattr(self, "model", None) is not None and self.workers:
+            self._write_stats(path)
         if getattr(self, "experts", None) is not None:
             self.experts.close_graph()
         if self.coordinator is not None:
@@ -778,6 +784,19 @@ class ExpertCluster:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+    def _write_stats(self, path: str) -> None:
+        """telemetry.stats_path: stats() as JSON, written whole (a temporary file renamed) or not at all."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            st = self.stats()
+            with open(tmp, "w") as f:
+                json.dump(st, f, indent=1, default=str)
+            os.replace(tmp, path)
+        except Exception as e:  # noqa: BLE001 - the stats are a by-product: shutting down must go on
+            log.warning("telemetry.stats_path %s: stats not written: %s: %s", path, type(e).__name__, e)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
     def __enter__(self):
         return self.start()

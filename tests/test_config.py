@@ -32,6 +32,8 @@ def test_sizes_paths_and_views(tmp_path):
     assert int(cfg.tier("nvme").chunk_bytes) == 1 << 20
     assert cfg.tier("nvme").path == str(tmp_path / "store" / "nvme")  # relative to the config file
     assert cfg.prefetch.routing_prior == str(tmp_path / "store" / "routing_prior.npz")
+    cfg = load_config(write(tmp_path, GOOD + "telemetry: {stats_path: out/stats.json}\n"))
+    assert cfg.telemetry.stats_path == str(tmp_path / "out" / "stats.json")
     assert [t.name for t in cfg.storage_tiers] == ["nvme", "s3"]
     cold = cfg.model_copy(update={"active_tier_set": "cold"})
     assert [t.name for t in cold.storage_tiers] == ["s3"] and cold.dram is None
@@ -48,6 +50,10 @@ def test_sizes_paths_and_views(tmp_path):
     ("tiers: [{kind: nvme, path: x}]\nactive_tier_set: fast", "(top level)", "'fast' is not one of"),
     ("tiers: [{kind: nvme, path: x, encryption: {}}]", "tiers[0].encryption", "exactly one of key_file or key_env"),
     ("tiers: [{kind: nvme, path: x}]\nray: {adress: auto}", "ray.adress", "Extra inputs"),
+    # settings nothing read (a checkpoint to convert at start, an NVMe budget) are refused, not silently ignored
+    ("tiers: [{kind: nvme, path: x}]\nmodel: {checkpoint: ckpt}", "model", "Extra inputs"),
+    ("tiers: [{kind: nvme, path: x, budget_bytes: 1GiB}]", "tiers[0].budget_bytes", "Extra inputs"),
+    ("tiers: [{kind: nvme, path: x}]\ntelemetry: {log_level: LOUD}", "telemetry.log_level", "'DEBUG'"),
     ("tiers: [{kind: nvme, path: x}]\nworkers: {h2d_copy_threads: 0}", "workers.h2d_copy_threads",
      "greater than or equal to 1"),
     ("tiers: [{kind: nvme, path: x}]\nworkers: {h2d_chunk_bytes: 1KiB}", "workers.h2d_chunk_bytes",
@@ -210,3 +216,21 @@ def test_weight_prefetch_invalid_names_the_key(tmp_path, section, where, what):
         load_config(p)
     msg = str(e.value)
     assert str(p) in msg and f": {where}:" in msg and what in msg, msg
+
+
+def test_log_level_reaches_the_projects_loggers():
+    import logging
+    from cluster.config import LOGGERS, TelemetryConfig, apply_log_level
+    before = {n: logging.getLogger(n).level for n in LOGGERS}
+    try:
+        apply_log_level(TelemetryConfig(log_level="DEBUG"))
+        assert logging.getLogger("storage_adapters.nvme").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("cluster.engine").isEnabledFor(logging.DEBUG)
+        apply_log_level(TelemetryConfig(log_level="ERROR"))
+        assert not logging.getLogger("cluster.expert_cluster").isEnabledFor(logging.WARNING)
+        handlers = [len(logging.getLogger(n).handlers) for n in LOGGERS]
+        apply_log_level(TelemetryConfig(log_level="INFO"))
+        assert [len(logging.getLogger(n).handlers) for n in LOGGERS] == handlers, "a handler added again"
+    finally:
+        for n, lv in before.items():
+            logging.getLogger(n).setLevel(lv)

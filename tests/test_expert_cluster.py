@@ -2,6 +2,7 @@
 on prefill and 16 decode steps, and greedy tokens are identical — with experts spread over two workers whose HBM
 caches are so small that experts are evicted and re-read mid-run. Plus re-placement when workers join/leave."""
 
+import json
 import os
 
 import numpy as np
@@ -94,14 +95,21 @@ def test_logits_and_greedy_tokens_match_transformers(ray_local, stores, family):
         assert {w["worker_id"]: w["eviction_values"] for w in st["workers"]} == held
 
 
-def test_reuse_values_off_leaves_lru_and_the_same_tokens(ray_local, stores):
+def test_reuse_values_off_leaves_lru_and_the_same_tokens(ray_local, stores, tmp_path):
     t, store, man = stores["mixtral"]
     cfg = cluster_cfg(store, "c-noreuse", 2 * man.expert_bytes, prefetch={"reuse_values": False})
+    path = tmp_path / "stats.json"
+    cfg = cfg.model_copy(update={"telemetry": cfg.telemetry.model_copy(update={"stats_path": str(path)})})
     with ExpertCluster(cfg) as c:
         assert c.publisher is None and c.model.on_route is None
         assert_greedy_equals_hf(c, t, "mixtral, LRU caches", 8)
         st = c.stats()
         assert all(w["eviction_values"] == 0 and w["evictions"] > 0 for w in st["workers"])
+        assert not path.exists()
+    # telemetry.stats_path: the stats as they stood at shutdown
+    written = json.loads(path.read_text())
+    assert written["hits"] >= st["hits"] and written["misses"] >= st["misses"] and len(written["workers"]) == 2
+    assert not list(tmp_path.glob("stats.json.tmp*"))
 
 
 def test_reuse_values_start_from_the_stores_routing_prior(ray_local, stores):
