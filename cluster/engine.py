@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _MODEL_EOS = object()
 DEFAULT_MAX_LEN = 4096   # a 32k-context model would otherwise reserve 32k KV slots per row
+SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 64 - 1   # what torch.Generator.manual_seed takes (it raises ValueError beyond)
 
 
 @dataclass
@@ -300,6 +301,8 @@ class Engine:
             raise RequestError("top_p", f"must be in (0, 1], got {tp!r}")
         if req.seed is not None and (not isinstance(req.seed, int) or isinstance(req.seed, bool)):
             raise RequestError("seed", f"must be an integer or null, got {req.seed!r}")
+        if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
+            raise RequestError("seed", f"must be in [{SEED_MIN}, {SEED_MAX}], got {req.seed}")
         if req.stop_token_ids is not None and not all(isinstance(s, int) for s in req.stop_token_ids):
             raise RequestError("stop_token_ids", "must be a list of integer token ids")
         if req.tiers is not None and (isinstance(req.tiers, str) or not req.tiers
@@ -337,7 +340,7 @@ class Engine:
                 self.stats.rejected_overload += 1
                 raise EngineOverloaded(f"all {self.max_batch} rows are busy and {len(self.waiting) - free} "
                                        f"requests wait (max_queue {self.max_queue})")
-            self._in_flight.add(req.id)
+            self._in_flight.add(req.id)   # last: a submit that raised left nothing in flight (run() relies on it)
             self.waiting.append(row)
             self._cv.notify_all()
         return h
@@ -459,6 +462,7 @@ class Engine:
         with self._cv:
             self._in_flight.discard(row.req.id)
             self.stats.requests_failed += 1
+        self._end(row.req.id)   # as _retire: the coordinator may hold a registration for it (Serve registers first)
         row.handle._finish(GenerationResult(id=row.req.id, token_ids=[], finish_reason="error", error=why,
                                             prompt_tokens=len(row.req.prompt_ids), latency_s=time.perf_counter()
                                             - row.t_submit, tenant=row.req.tenant))
@@ -535,9 +539,11 @@ class Engine:
                 try:
                     h = self.submit(req)
                 except (RequestError, EngineOverloaded) as e:
-                    yield GenerationResult(id=str(getattr(req, "id", "")), token_ids=[], finish_reason="error",
-                                           error=str(e), prompt_tokens=len(getattr(req, "prompt_ids", []) or []),
-                                           tenant=getattr(req, "tenant", None))
+                    yield _refused(req, str(e))
+                    continue
+                except Exception as e:  # noqa: BLE001 - a bug in submit fails this request only, not the run
+                    log.warning("submit(%r) failed: %s: %s", getattr(req, "id", None), type(e).__name__, e)
+                    yield _refused(req, f"submit failed: {type(e).__name__}: {e}")
                     continue
                 in_flight += 1
                 h.add_done_callback(done.put)
@@ -613,6 +619,13 @@ class Engine:
                      running=self.running)
         d["mean_requests_per_step"] = round(d["request_steps"] / d["steps"], 3) if d["steps"] else 0.0
         return d
+
+
+def _refused(req, error: str) -> GenerationResult:
+    """The "error" result of a request that never entered the engine (submit raised; nothing is in flight)."""
+    return GenerationResult(id=str(getattr(req, "id", "")), token_ids=[], finish_reason="error", error=error,
+                            prompt_tokens=len(getattr(req, "prompt_ids", []) or []),
+                            tenant=getattr(req, "tenant", None))
 
 
 def _meet(a: tuple[str, ...] | None, b: tuple[str, ...] | None) -> tuple[str, ...] | None:

@@ -1,8 +1,9 @@
 """python -m jobs.batch_infer --config ray_config.yaml --input IN --output OUT [--store URI] [--max-batch N]
 
-Batch inference on one ExpertCluster: prompts from JSONL or Parquet (read with Ray Data), decoded together with
-continuous batching (cluster/engine.py: finished requests leave the batch, waiting ones join), one output row per
-prompt. Meant to run as a Ray job (the runtime_env is the one of ray_config.yaml):
+Batch inference on one ExpertCluster: prompts from JSONL or Parquet (a local JSONL file streamed by the driver,
+the rest read with Ray Data), decoded together with continuous batching (cluster/engine.py: finished requests
+leave the batch, waiting ones join), one output row per prompt. Meant to run as a Ray job (the runtime_env is the
+one of ray_config.yaml):
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env-json "$(python -m jobs.batch_infer --config ray_config.yaml --print-runtime-env)" \
@@ -10,7 +11,8 @@ prompt. Meant to run as a Ray job (the runtime_env is the one of ray_config.yaml
 
 Input rows: `id` (string or integer, unique), `prompt` (text, or a list of token ids), optional `max_tokens`
 (default --max-tokens), `temperature` (default 0: greedy), `top_p`, `seed`, `tenant`. JSONL is read line by
-line (`ray.data.read_text`) so one malformed line, a wrong type or a missing field costs only that row.
+line as bytes, each line decoded on its own, so one malformed line (invalid JSON or UTF-8), a wrong type or a
+missing field costs only that row.
 
 Output rows (JSONL: one object a line; Parquet: OUT is a folder of part files, readable with
 `pandas.read_parquet(OUT)` / `ray.data.read_parquet(OUT)`):
@@ -21,7 +23,11 @@ Output rows (JSONL: one object a line; Parquet: OUT is a folder of part files, r
 Progress lines every --progress-s seconds; --stats/--report record and draw a timeline of the cluster's counters
 (jobs/report.py).
 
-Durability: rows are committed in small groups — JSONL appended, flushed and fsync'ed; Parquet as part files
+The store is read (its manifest) before Ray starts: a wrong --store is a one-line error, exit 2. SIGTERM (`ray job
+stop`) ends the job like Ctrl-C: finished rows are committed and --stats/--report written before it exits.
+
+Durability: rows are committed in small groups (every --commit-rows rows, and --commit-s seconds after a row
+finished even while a long request still runs) — JSONL appended, flushed and fsync'ed; Parquet as part files
 written to a temporary name and renamed — so a crash loses nothing committed. A torn last JSONL line is dropped on
 the next start. Resume: a re-run skips every id that already has a successful row in OUT; rows that failed are
 dropped from OUT (atomically) and retried. Duplicate ids in the input are reported and only the first is decoded.
@@ -31,16 +37,24 @@ bad arguments or configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
+from jobs._cli import at_least
+
 ROW_FIELDS = ("id", "row", "tenant", "completion", "token_ids", "tokens", "prompt_tokens", "finish_reason",
               "latency_s", "ttft_s", "hits", "misses", "error", "finished_at")
+
+
+SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 64 - 1    # cluster/engine.py's (torch.Generator's range), without importing torch
 
 
 def _say(msg: str) -> None:
@@ -73,8 +87,13 @@ def _plain(v):
 
 
 def parse_row(raw, row: int, default_max_tokens: int) -> tuple[Item | None, str | None, str | None]:
-    """(item, None, id) for a good row, (None, error, id-or-None) for a bad one. `raw` is a dict (Parquet) or the
-    text of a JSONL line."""
+    """(item, None, id) for a good row, (None, error, id-or-None) for a bad one. `raw` is a dict (Parquet) or a
+    JSONL line (bytes, or its text)."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"row {row}: not valid UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start}: {e.reason}", None
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
@@ -125,6 +144,8 @@ def parse_row(raw, row: int, default_max_tokens: int) -> tuple[Item | None, str 
         seed = int(seed)
     if seed is not None and not _is_int(seed):
         return bad(f"seed: expected an integer, got {seed!r:.40}")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        return bad(f"seed: expected an integer in [{SEED_MIN}, {SEED_MAX}], got {seed}")
     tenant = raw.get("tenant")
     if tenant is not None and not isinstance(tenant, str):
         return bad(f"tenant: expected a string, got {type(tenant).__name__}")
@@ -132,8 +153,15 @@ def parse_row(raw, row: int, default_max_tokens: int) -> tuple[Item | None, str 
 
 
 def read_rows(path: str):
-    """Yield (row number, raw) from a JSONL file (raw: the line's text) or Parquet file/folder (raw: a dict),
-    streamed through Ray Data in input order."""
+    """Yield (row number, raw) in input order from a JSONL file or folder (raw: the line's bytes, decoded by
+    parse_row, so an undecodable line is that row's error) or a Parquet file/folder (raw: a dict). A local JSONL
+    file is streamed here; the rest through Ray Data."""
+    if "://" not in path and os.path.isfile(path) and not _is_parquet(path):
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield n, line
+        return
     import ray.data
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True   # row numbers mean something; results come back in order anyway
@@ -145,10 +173,14 @@ def read_rows(path: str):
     if _is_parquet(path):
         for n, r in enumerate(ray.data.read_parquet(path, **kw).iter_rows(), 1):
             yield n, dict(r)
-    else:
-        for n, r in enumerate(ray.data.read_text(path, drop_empty_lines=False, **kw).iter_rows(), 1):
-            if r["text"].strip():
-                yield n, r["text"]
+    else:  # whole files as bytes (read_text decodes a file at once: one bad byte failed all its rows)
+        n = 0
+        for r in ray.data.read_binary_files(path, **kw).iter_rows():
+            data = r["bytes"]
+            for line in data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"):
+                n += 1
+                if line.strip():
+                    yield n, line
 
 
 def _is_parquet(path: str) -> bool:
@@ -262,23 +294,48 @@ def open_sink(path: str):
 
 
 class Committer:
-    """Buffers finished rows and commits them every `every_rows` rows or `every_s` seconds."""
+    """Buffers finished rows and commits them every `every_rows` rows or `every_s` seconds. A timer thread commits
+    what waits longer than every_s: rows done before a long request are not held until the next row finishes."""
 
     def __init__(self, sink, every_rows: int = 16, every_s: float = 2.0):
         self.sink, self.every_rows, self.every_s = sink, every_rows, every_s
         self.buf: list[dict] = []
         self.last = time.monotonic()
+        self._lock = threading.Lock()             # buf and the sink: the caller's thread and the timer's
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._tick, name="batch-infer-commit", daemon=True)
+        if 0 < every_s < math.inf:                # 0: every add commits anyway; inf: never by time
+            self._timer.start()
 
     def add(self, row: dict) -> None:
-        self.buf.append(row)
-        if len(self.buf) >= self.every_rows or time.monotonic() - self.last >= self.every_s:
+        with self._lock:
+            self.buf.append(row)
+            due = len(self.buf) >= self.every_rows or time.monotonic() - self.last >= self.every_s
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        if self.buf:
-            self.sink.commit(self.buf)
-            self.buf = []
-        self.last = time.monotonic()
+        with self._lock:
+            if self.buf:
+                self.sink.commit(self.buf)
+                self.buf = []
+            self.last = time.monotonic()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(max(0.05, self.last + self.every_s - time.monotonic())):
+            if time.monotonic() - self.last >= self.every_s:
+                try:
+                    self.flush()
+                except Exception as e:  # noqa: BLE001 - the rows stay buffered; close() commits them or raises
+                    self.last = time.monotonic()      # next try in every_s, not at once
+                    _say(f"commit failed (retried later): {type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        """Stop the timer and commit what is left (the caller's thread: a failure raises here)."""
+        self._stop.set()
+        if self._timer.is_alive():
+            self._timer.join()
+        self.flush()
 
 
 # -- progress -----------------------------------------------------------------------------------------------------
@@ -436,14 +493,14 @@ def _hm_since(c, base: tuple[int, int]) -> tuple[int, int]:
     return cnt.get("hits", 0) - base[0], cnt.get("misses", 0) - base[1]
 
 
-def run(args) -> dict:
-    """The whole job; returns the summary."""
+def run(args, cfg=None) -> dict:
+    """The whole job (cfg: build_config(args), already checked by main); returns the summary."""
     import ray
 
     from cluster.engine import Engine, GenerationRequest
     from cluster.expert_cluster import ExpertCluster
 
-    cfg = build_config(args)
+    cfg = cfg or build_config(args)
     sink = open_sink(args.output)
     done = set(sink.done)
     if done:
@@ -515,7 +572,7 @@ def run(args) -> dict:
                 item = items.pop(res.id)
                 emit(_result_row(res, item, decode))
         finally:
-            committer.flush()
+            committer.close()
             if rec is not None:
                 rec.close(args.stats, args.report)
         t_end = time.monotonic()
@@ -539,6 +596,24 @@ def run(args) -> dict:
     return summary
 
 
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (`ray job stop`) raises SystemExit like Ctrl-C's KeyboardInterrupt, so run()'s finally blocks commit
+    the buffered rows and write --stats/--report; the handler from before is back afterwards. (ray.init, when the
+    cluster starts, swaps in a sys.exit handler of its own: the same effect, and it is undone here too.)"""
+    if threading.current_thread() is not threading.main_thread():   # signal.signal works only there
+        yield
+        return
+
+    def term(signum, frame):
+        raise SystemExit(128 + signum)
+    prev = signal.signal(signal.SIGTERM, term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.batch_infer", description=__doc__.split("\n\n")[1])
     ap.add_argument("--config", default="ray_config.yaml")
@@ -547,8 +622,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--store", default=None, help="file:///path or s3://bucket/prefix (default: the config's tiers)")
     ap.add_argument("--endpoint-url", default=None, help="S3 endpoint for --store s3://...")
     ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="for rows that do not say")
-    ap.add_argument("--max-len", type=int, default=None, help="context per request (default: the model's)")
+    ap.add_argument("--max-tokens", type=at_least(1), default=64, help="for rows that do not say")
+    ap.add_argument("--max-len", type=at_least(1), default=None, help="context per request (default: the model's)")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--hbm-budget", default=None, help="per worker, e.g. 8MiB (default: ray_config.yaml)")
     ap.add_argument("--commit-rows", type=int, default=16, help="commit output every this many rows ...")
@@ -583,8 +658,17 @@ def main(argv=None) -> int:
         return 2
     if args.max_batch < 1:
         ap.error("--max-batch must be >= 1")
+    from jobs.generate import check_store
+    from storage_adapters.errors import StoreError
+    try:  # the config and the store's manifest, before Ray starts: a wrong --store is one line, not a traceback
+        cfg = build_config(args)
+        check_store(cfg)
+    except (ConfigError, StoreError) as e:
+        print(f"batch_infer: error: {e}", file=sys.stderr)
+        return 2
     try:
-        summary = run(args)
+        with _sigterm_exits():
+            summary = run(args, cfg)
     except (ConfigError, ValueError) as e:
         print(f"batch_infer: error: {e}", file=sys.stderr)
         return 2

@@ -91,7 +91,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 64 - 1)   # torch.Generator's range (cluster/engine.py)
     n: Literal[1] = 1
     stop_token_ids: list[int] | None = None      # vLLM's extension: stop on these ids instead of the EOS
     user: str | None = None                      # OpenAI's end-user id; the tenant when auth is off
@@ -105,16 +105,20 @@ class CompletionRequest(BaseModel):
         return v
 
 
-def cluster_config(a: ServeArgs):
+def _build_config(a: ServeArgs):
     """The ExpertCluster's config: the file, with `store` replacing its storage tiers as jobs.generate does;
     without a store, a local-S3 tier marked `embedded` (which only the demo starts) is left out."""
     from cluster.config import EMBEDDED, load_config
     from jobs.generate import build_config
     if a.store:
-        cfg = build_config(SimpleNamespace(config=a.config, store=a.store, endpoint_url=a.endpoint_url,
-                                           workers=a.workers, hbm_budget=a.hbm_budget))
-    else:
-        cfg = _config_tiers(a, load_config(a.config), embedded=EMBEDDED)
+        return build_config(SimpleNamespace(config=a.config, store=a.store, endpoint_url=a.endpoint_url,
+                                            workers=a.workers, hbm_budget=a.hbm_budget))
+    return _config_tiers(a, load_config(a.config), embedded=EMBEDDED)
+
+
+def cluster_config(a: ServeArgs):
+    """_build_config, in the replica: its NVMe store must be there (a missing manifest is named here)."""
+    cfg = _build_config(a)
     tiers = cfg.storage_tiers
     if tiers and all(t.kind == "nvme" and not os.path.exists(os.path.join(t.path, "manifest.json")) for t in tiers):
         raise FileNotFoundError(
@@ -151,6 +155,10 @@ api = FastAPI(title="moe-expert-cluster", description="OpenAI-compatible complet
 async def _bad_body(request: Request, exc: RequestValidationError):
     """pydantic's errors as 400: the first field and why, every error listed."""
     errs = exc.errors()
+    if errs and errs[0]["type"] == "json_invalid":   # its loc is ("body", character offset): not a field
+        e = errs[0]
+        pos = e["loc"][1] if len(e["loc"]) > 1 else "?"
+        return _error(400, f"body: invalid JSON at position {pos}: {(e.get('ctx') or {}).get('error') or e['msg']}")
 
     def where(e):
         loc = [str(p) for p in e["loc"] if p != "body"]
@@ -401,16 +409,20 @@ class CompletionServer:
                 pass
         try:
             handle = self.engine.submit(req)
-        except (RequestError, EngineOverloaded) as e:
+        except Exception as e:  # noqa: BLE001 - every refusal, a bug included, is a JSON answer
             if registered:   # it will never run: the coordinator forgets what it was told
                 self.cluster.end_requests([rid])
             if isinstance(e, RequestError):
                 field = {"prompt_ids": "prompt"}.get(e.field, e.field)
                 self.m_requests.inc(1, {"status": "invalid"})
                 return _error(400, f"{field}: {e.reason}", param=field)
-            self.m_requests.inc(1, {"status": "overloaded"})
-            return _error(503, f"server overloaded: {e}; retry later", kind="overloaded",
-                          headers={"Retry-After": str(a.retry_after_s)})
+            if isinstance(e, EngineOverloaded):
+                self.m_requests.inc(1, {"status": "overloaded"})
+                return _error(503, f"server overloaded: {e}; retry later", kind="overloaded",
+                              headers={"Retry-After": str(a.retry_after_s)})
+            log.exception("engine.submit failed for %s", rid)
+            self.m_requests.inc(1, {"status": "error"})
+            return _error(500, f"could not submit the request: {type(e).__name__}: {e}", kind="server_error")
         if body.stream:
             return StreamingResponse(self._sse(handle, rid), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -478,12 +490,32 @@ class CompletionServer:
 
 
 def build_app(args: dict):
-    """The Serve application for `args` (see ServeArgs); invalid args fail here, naming the key."""
+    """The Serve application for `args` (see ServeArgs). What can be checked without Ray fails here, before anything
+    is deployed (`serve run` calls this before it starts Ray), naming what is wrong: the args, the config file
+    (ConfigError names the file and key), a `model_name` that auth does not serve, a `store` whose manifest cannot
+    be read. The config's own tiers (no `store`) are the cluster's nodes' business: the replica checks them."""
+    from storage_adapters.errors import StoreError
+
+    def invalid(e: ValidationError):
+        return ValueError("invalid jobs.serve_app arguments: " + "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
     try:
         a = ServeArgs(**(args or {}))
     except ValidationError as e:
-        raise ValueError("invalid jobs.serve_app arguments: " + "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        raise invalid(e) from None
+    try:
+        cfg = _build_config(a)
+    except ValidationError as e:   # workers / hbm_budget / store applied to the config's models
+        raise invalid(e) from None
+    if cfg.auth.enabled and a.model_name not in cfg.auth.models:
+        raise ValueError(f"invalid jobs.serve_app arguments: model_name {a.model_name!r} is not one of auth.models "
+                         f"{cfg.auth.models} in {a.config}")
+    if a.store:
+        from jobs.generate import check_store
+        try:
+            check_store(cfg)
+        except StoreError as e:
+            raise ValueError(f"invalid jobs.serve_app arguments: store {a.store}: {e}") from None
     return CompletionServer.options(
         num_replicas=a.num_replicas, max_ongoing_requests=a.max_ongoing_requests,
         max_queued_requests=a.max_queued_requests,
@@ -492,4 +524,10 @@ def build_app(args: dict):
         ray_actor_options={"num_cpus": a.num_cpus}).bind(a.model_dump())
 
 
-app = build_app({})
+def __getattr__(name: str):
+    """`jobs.serve_app:app` (serve run / deploy / build): the app with its defaults, built (and checked) on first
+    use, so that importing this module for build_app(args) reads no default config."""
+    if name == "app":
+        globals()["app"] = built = build_app({})
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import tiny_store
 from storage_adapters.local_s3 import free_port
-from jobs.batch_infer import JsonlSink, ParquetSink, parse_row
+from jobs.batch_infer import Committer, JsonlSink, ParquetSink, make_parser, parse_row, read_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -233,6 +233,9 @@ def test_parquet_sink_ignores_uncommitted_parts_and_compacts(tmp_path):
     ('{"id": "x", "prompt": [1], "temperature": -1}', "row 4 (id x): temperature: expected a number >= 0"),
     ('{"id": "x", "prompt": [1], "top_p": 0}', "row 4 (id x): top_p: expected a number in (0, 1]"),
     ('{"id": "x", "prompt": [1], "tenant": 3}', "row 4 (id x): tenant: expected a string, got int"),
+    # torch.Generator.manual_seed raises ValueError beyond [-2**63, 2**64): it failed the whole job
+    ('{"id": "x", "prompt": [1], "seed": 18446744073709551616}', "row 4 (id x): seed: expected an integer in ["),
+    ('{"id": "x", "prompt": [1], "seed": -9223372036854775809}', "row 4 (id x): seed: expected an integer in ["),
 ])
 def test_parse_row(raw, err):
     item, got, rid = parse_row(raw, 4, 16)
@@ -261,3 +264,91 @@ def test_config_inside_a_ray_job_joins_and_defers_to_the_jobs_runtime_env(monkey
     # embedded S3 tiers exist only inside jobs.demo: dropped, the NVMe store stays
     cfg = build_config(args)
     assert [t.kind for t in cfg.tiers] == ["dram", "nvme"] and "s3" not in cfg.tier_sets.get("default", [])
+
+
+def test_an_undecodable_line_costs_only_its_row(tmp_path):
+    """One line of invalid UTF-8 (a Latin-1 byte) used to fail the decoding of the whole file: exit 2, no row."""
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b'{"id": "a", "prompt": [1, 2]}\n'
+                  b'{"id": "caf\xe9", "prompt": "x"}\n'       # Latin-1, not UTF-8
+                  b'\n'
+                  b'{"id": "b", "prompt": "\xc3\xa9t\xc3\xa9"}\n')  # UTF-8 text
+    got = [(n, *parse_row(raw, n, 8)) for n, raw in read_rows(str(p))]
+    assert [n for n, *_ in got] == [1, 2, 4]                      # row numbers are line numbers
+    (_, a, err_a, _), (_, bad, err, rid), (_, b, err_b, _) = got
+    assert err_a is None and a.prompt == [1, 2] and err_b is None and b.prompt == "\u00e9t\u00e9"
+    assert bad is None and rid is None and err == "row 2: not valid UTF-8: byte 0xe9 at offset 11: invalid " \
+        "continuation byte", err
+
+
+def test_committer_commits_on_time_while_no_row_arrives():
+    """Rows finished before a long request are committed --commit-s after, not when the next row finishes."""
+    class Sink:
+        commits = []
+
+        def commit(self, rows):
+            self.commits.append(list(rows))
+    sink = Sink()
+    c = Committer(sink, every_rows=100, every_s=0.2)
+    c.add({"id": "a"})
+    deadline = time.monotonic() + 5
+    while not sink.commits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sink.commits == [[{"id": "a"}]]
+    c.add({"id": "b"})
+    c.close()                                                     # the rest, at once
+    assert sink.commits == [[{"id": "a"}], [{"id": "b"}]]
+
+
+@pytest.mark.parametrize("flag", ["--max-len", "--max-tokens"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_lengths_must_be_positive(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        make_parser().parse_args(["--input", "i.jsonl", "--output", "o.jsonl", flag, value])
+    assert e.value.code == 2 and f"argument {flag}: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_a_wrong_store_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import cluster.expert_cluster
+    from jobs.batch_infer import main
+
+    def no_ray(*a, **k):
+        raise AssertionError("the cluster (and Ray) started for a store that does not exist")
+    monkeypatch.setattr(cluster.expert_cluster, "ExpertCluster", no_ray)
+    inp = tmp_path / "in.jsonl"
+    _write_jsonl(inp, [{"id": "a", "prompt": [1]}])
+    rc = main(["--config", os.path.join(ROOT, "ray_config.yaml"), "--store", f"file://{tmp_path}/nope",
+               "--input", str(inp), "--output", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("batch_infer: error: no usable manifest: nvme (file://") and "nope" in err, err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_sigterm_ends_the_run_through_its_finally_blocks(store, tmp_path, monkeypatch):
+    """`ray job stop` sends SIGTERM: it must unwind run() (which commits buffered rows and writes --stats) instead
+    of killing the process; the handler before main is back afterwards."""
+    import jobs.batch_infer as bi
+    uri = store[0]
+    unwound = []
+
+    def fake_run(args, cfg):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)                                        # a long step the signal interrupts
+        finally:
+            unwound.append(cfg.storage_tiers[0].path)
+        return {}
+    monkeypatch.setattr(bi, "run", fake_run)
+    heard = []
+    prev = signal.signal(signal.SIGTERM, lambda *a: heard.append(a[0]))   # stands in for the default: no exit
+    try:
+        inp = tmp_path / "in.jsonl"
+        _write_jsonl(inp, [{"id": "a", "prompt": [1]}])
+        with pytest.raises(SystemExit) as e:
+            bi.main(["--config", os.path.join(ROOT, "ray_config.yaml"), "--store", uri, "--input", str(inp),
+                     "--output", str(tmp_path / "out.jsonl")])
+        assert e.value.code == 128 + signal.SIGTERM and unwound and not heard
+        os.kill(os.getpid(), signal.SIGTERM)                      # the previous handler again
+        assert heard == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, prev)

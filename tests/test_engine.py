@@ -135,6 +135,8 @@ def test_seeded_sampling_is_independent_of_batch_composition(model, prompts):
     ("top_p", dict(top_p=0.0), "(0, 1]"),
     ("top_p", dict(top_p=1.5), "(0, 1]"),
     ("id", dict(id=""), "non-empty"),
+    ("seed", dict(seed=2 ** 64, temperature=0.5), "must be in [-9223372036854775808, 18446744073709551615]"),
+    ("seed", dict(seed=-2 ** 63 - 1), "must be in ["),   # torch.Generator.manual_seed would raise ValueError
 ])
 def test_invalid_requests_never_enter_the_batch(model, field, kw, why):
     eng = Engine(model, max_batch=2)
@@ -265,6 +267,45 @@ def test_run_batches_lazily_and_reports_bad_rows(model, prompts):
     assert out["bad"].finish_reason == "error" and out["bad"].error.startswith("prompt_ids: ")
     for i, p in enumerate(prompts):
         assert out[f"b{i}"].token_ids == generate(model, [p], 8)[0]
+
+
+def test_run_fails_only_the_request_whose_submit_raised(model, prompts):
+    """A seed torch cannot take is a RequestError naming it; any other exception out of submit (a bug) fails that
+    request alone: the run goes on and nothing is left in flight."""
+    eng = Engine(model, max_batch=2)
+    real = eng.submit
+
+    def submit(req):
+        if req.id == "boom":
+            raise RuntimeError("kaboom")
+        return real(req)
+    eng.submit = submit
+    reqs = [GenerationRequest("a", prompts[0], 5),
+            GenerationRequest("big-seed", prompts[1], 5, temperature=0.8, seed=2 ** 64),
+            GenerationRequest("boom", prompts[2], 5),
+            GenerationRequest("b", prompts[3], 5)]
+    out = {r.id: r for r in eng.run(iter(reqs))}
+    assert out["big-seed"].finish_reason == "error" and out["big-seed"].error.startswith("seed: must be in [")
+    assert out["boom"].finish_reason == "error" and out["boom"].error == "submit failed: RuntimeError: kaboom"
+    assert out["boom"].prompt_tokens == len(prompts[2])
+    for k, i in (("a", 0), ("b", 3)):
+        assert out[k].token_ids == generate(model, [prompts[i]], 5)[0], k
+    assert not eng._in_flight and eng.snapshot()["waiting"] == 0 and eng.snapshot()["active"] == 0
+
+
+def test_requests_that_never_got_a_row_end_too(model, prompts):
+    """on_request_end (the coordinator's registration) for requests cancelled while waiting and still waiting at
+    stop(), not only for those that held a row."""
+    ends = []
+    eng = Engine(model, max_batch=1, on_request_end=ends.append)
+    hs = [eng.submit(GenerationRequest(x, prompts[i], 30)) for i, x in enumerate("abc")]
+    eng.step()                                    # "a" holds the row, "b" and "c" wait
+    assert eng.cancel("b")
+    eng.step()
+    assert hs[1].result(timeout=0).error == "cancelled" and ends == ["b"]
+    eng.stop()                                    # "a" running, "c" waiting: both end
+    assert [h.result(timeout=0).error for h in hs] == ["engine stopped", "cancelled", "engine stopped"]
+    assert sorted(ends) == ["a", "b", "c"]
 
 
 class CountingExperts(LocalExperts):

@@ -20,7 +20,7 @@ import requests
 import torch
 from ray import serve
 
-from conftest import convert_checkpoint
+from conftest import convert_checkpoint, tiny_store
 from storage_adapters.local_s3 import free_port
 from cluster.model import LocalExperts, MoEModel, generate, load_checkpoint
 
@@ -181,6 +181,7 @@ def test_seeded_sampling_is_reproducible(url, reference):
     (dict(prompt=[5, 6], n=2), 400, "n", "1"),
     (dict(max_tokens=3), 400, "prompt", "Field required"),
     (dict(prompt=[5, 6], model="gpt-4"), 404, "model", "does not exist"),
+    (dict(prompt=[5, 6], temperature=0.5, seed=2 ** 64), 400, "seed", "less than or equal to 18446744073709551615"),
 ])
 def test_bad_requests_are_json_errors_naming_the_field(url, body, status, param, why):
     r = complete(url, **body)
@@ -192,7 +193,103 @@ def test_bad_requests_are_json_errors_naming_the_field(url, body, status, param,
 def test_invalid_json_is_a_400(url):
     r = requests.post(f"{url}/v1/completions", data=b"{not json", headers={"content-type": "application/json"},
                       timeout=30)
-    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] is None, err
+    assert err["message"] == "body: invalid JSON at position 1: Expecting property name enclosed in double quotes"
+
+
+# -- no Ray below: the body model, the error handler and build_app in this process ---------------------------------
+def _post_in_process(body: bytes):
+    """POST /v1/completions straight into the FastAPI app (ASGI): what happens before a handler needs its replica
+    (the middleware, body parsing, the exception handlers). Returns (status, JSON body)."""
+    import asyncio
+
+    from jobs.serve_app import api
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    inbox, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    async def send(msg):
+        sent.append(msg)
+    asyncio.run(api(scope, receive, send))
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_invalid_json_names_no_field():
+    """The offset pydantic puts in an invalid body's loc is not a parameter (it was answered as param "33")."""
+    status, body = _post_in_process(b'{"prompt": [1, 2], "max_tokens": 3,}')
+    assert status == 400 and body["error"]["param"] is None, body
+    assert body["error"]["message"] == ("body: invalid JSON at position 35: Expecting property name enclosed in "
+                                        "double quotes"), body
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1])
+def test_a_seed_torch_cannot_take_is_refused_by_the_body_model(seed):
+    """torch.Generator.manual_seed raises ValueError beyond [-2**63, 2**64): a non-JSON 500 and a leaked
+    coordinator registration; now a 400 naming seed, before anything is registered."""
+    from pydantic import ValidationError
+
+    from jobs.serve_app import CompletionRequest
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest(prompt=[1, 2], temperature=0.5, seed=seed)
+    assert [err["loc"] for err in e.value.errors()] == [("seed",)]
+    assert CompletionRequest(prompt=[1], seed=2 ** 64 - 1).seed == 2 ** 64 - 1
+
+
+def test_a_submit_that_raises_is_a_json_500_and_the_coordinator_is_told():
+    """Any exception out of engine.submit (a ValueError from torch's manual_seed was one): a JSON 500, and the
+    request registered with the coordinator just before is ended there, not leaked. The handler in this process,
+    on a server object with stand-ins for its cluster and engine."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.config import AuthConfig
+    from jobs.serve_app import CompletionRequest, CompletionServer, ServeArgs
+    server = object.__new__(CompletionServer.func_or_class)
+    registered, ended = [], []
+    server.args, server.auth = ServeArgs(), AuthConfig()
+    server.cluster = SimpleNamespace(coordinator=object(), register_request=lambda rid, *a: registered.append(rid),
+                                     end_requests=ended.extend)
+    server.m_requests = SimpleNamespace(inc=lambda *a: None)
+
+    def submit(req):
+        raise RuntimeError("kaboom")
+    server.engine = SimpleNamespace(submit=submit)
+    r = asyncio.run(server.completions(CompletionRequest(prompt=[1, 2], user="tenant-a"), SimpleNamespace()))
+    assert r.status_code == 500 and json.loads(r.body)["error"] == {
+        "message": "could not submit the request: RuntimeError: kaboom", "type": "server_error", "param": None,
+        "code": 500}
+    assert len(registered) == 1 and ended == registered
+
+
+def test_build_app_checks_the_config_store_and_model_name(tmp_path):
+    """`serve run` calls the builder before it starts Ray: a config that does not load, a store without a
+    manifest, a model_name auth does not serve fail there with one clear error, not in a replica later."""
+    from cluster.config import ConfigError
+    from jobs.serve_app import build_app
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read configuration"):
+        build_app({"config": str(tmp_path / "nope.yaml")})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers: {count: 0}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: workers\.count"):
+        build_app({"config": str(bad)})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"tiers:\n  - {{kind: dram, budget_bytes: 1MiB}}\n  - {{kind: nvme, path: {tmp_path}/none}}\n"
+                   f"auth: {{enabled: true, models: [m1], tenants: {{t: {{api_key_sha256: ['{'0' * 64}']}}}}}}\n")
+    with pytest.raises(ValueError, match=r"model_name 'moe-expert-cluster' is not one of auth\.models \['m1'\]"):
+        build_app({"config": str(cfg)})
+    with pytest.raises(ValueError, match=rf"store file://{tmp_path}/none: no usable manifest"):
+        build_app({"config": str(cfg), "model_name": "m1", "store": f"file://{tmp_path}/none"})
+    with pytest.raises(ValueError, match=r"workers\.hbm_budget_bytes: could not parse"):
+        build_app({"config": str(cfg), "model_name": "m1", "hbm_budget": "lots"})
+    tiny_store(tmp_path, f"file://{tmp_path}/store")
+    assert type(build_app({"config": str(cfg), "model_name": "m1", "store": f"file://{tmp_path}/store"})).__name__ \
+        == "Application"
 
 
 HTTP_BODIES_TRIED = []
