@@ -7,7 +7,8 @@ atomically. Re-running is idempotent and resumes: objects already present with t
 leftovers of an interrupted run (temp files, incomplete multipart uploads) are cleared and rewritten.
 Peak memory is bounded by `max_inflight` experts plus one 16 MiB dense chunk, whatever the checkpoint's size —
 except with encryption at rest: an encrypted copy of the dense file (and of aux files) is read, sealed and
-uploaded whole, so it needs about twice the dense file's size in memory.
+uploaded whole, so it needs about twice the dense file's size in memory. The dense file is staged on disk beside
+the first local (file://) store, or in $TMPDIR when there is none: a tmpfs there would hold it in memory.
 """
 from __future__ import annotations
 
@@ -392,6 +393,14 @@ def _pack_expert(p: ExpertPlan, algo: str) -> tuple[np.ndarray, dict[str, Tensor
     return blob, tensors, digest(blob, algo)
 
 
+def _existing_parent(path: str) -> str:
+    """The nearest folder above path that exists (the store's own folder may not yet)."""
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(d):
+        d = os.path.dirname(d)
+    return d
+
+
 async def convert(plan: ConversionPlan, targets: list[Target], *, checksum_algo: str = "xxh64",
                   max_inflight: int = 4, progress: bool = True) -> ConvertReport:
     assert targets, "convert needs at least one target store"
@@ -403,9 +412,16 @@ async def convert(plan: ConversionPlan, targets: list[Target], *, checksum_algo:
     with PeakAnonMemory() as mem:
         report = ConvertReport(manifest=None)  # type: ignore[arg-type]
         report.cleaned = await _clean(targets)
-        with tempfile.TemporaryDirectory(prefix="moe-convert-") as tmp:
+        # the dense file is staged beside the first local store (on its disk), not in $TMPDIR: that may be a tmpfs,
+        # holding the whole file in memory, or too small
+        stage = next((d for d in (_existing_parent(t.adapter.root) for t in targets
+                                  if isinstance(t.adapter, NvmeAdapter)) if os.access(d, os.W_OK)), None)
+        with tempfile.TemporaryDirectory(prefix="moe-convert-", dir=stage) as tmp:
             dpath = os.path.join(tmp, DENSE_KEY)
-            dtensors, dsum, dsize = await loop.run_in_executor(None, _build_dense, plan, dpath, checksum_algo)
+            try:
+                dtensors, dsum, dsize = await loop.run_in_executor(None, _build_dense, plan, dpath, checksum_algo)
+            except OSError as e:
+                raise StoreError(f"staging the dense file at {dpath}: {e.strerror or e}") from e
             dcopies = {t.tier: await _put(t, DENSE_KEY, None, dsum, report, src_path=dpath) for t in targets}
         dense = DenseFile(key=DENSE_KEY, size=dsize, checksum=dsum, tensors=dtensors, tiers=dcopies)
         aux = {}

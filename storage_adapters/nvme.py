@@ -74,6 +74,7 @@ class NvmeAdapter:
         total = len(mv)
         fd, direct = self._open_for_read(key)
         fd_buf = None
+        closes_later = False
         try:
             size = os.fstat(fd).st_size
             if offset + total > size:
@@ -84,16 +85,23 @@ class NvmeAdapter:
             body = total - total % PAGE if direct and addr % PAGE == 0 and offset % PAGE == 0 else 0
             if body < total:   # opened before any chunk is in flight: a failed open closes no descriptor in use
                 fd_buf = self._open(key, False)
-            loop = asyncio.get_running_loop()
-            futs = [loop.run_in_executor(self._pool, self._pread, fd, mv[s:min(s + self.chunk_bytes, body)],
-                                         offset + s) for s in range(0, body, self.chunk_bytes)]
+            cfs = [self._pool.submit(self._pread, fd, mv[s:min(s + self.chunk_bytes, body)], offset + s)
+                   for s in range(0, body, self.chunk_bytes)]
             if body < total:
-                futs += [loop.run_in_executor(self._pool, self._pread, fd_buf,
-                                              mv[s:min(s + self.chunk_bytes, total)], offset + s)
-                         for s in range(body, total, self.chunk_bytes)]
+                cfs += [self._pool.submit(self._pread, fd_buf, mv[s:min(s + self.chunk_bytes, total)], offset + s)
+                        for s in range(body, total, self.chunk_bytes)]
             # Wait for every chunk, failed or not, before closing: a thread still in preadv on a closed (and
             # possibly reused) descriptor would read another file's bytes into the caller's buffer.
-            results = await asyncio.gather(*futs, return_exceptions=True)
+            gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in cfs), return_exceptions=True)
+            try:
+                results = await asyncio.shield(gathered)
+            except asyncio.CancelledError:   # the caller gave up: chunks not started never read, and the
+                for f in cfs:                # descriptors close once the running ones are done, not now
+                    f.cancel()
+                fds = [fd] + ([fd_buf] if fd_buf is not None else [])
+                gathered.add_done_callback(lambda _: [os.close(x) for x in fds])
+                closes_later = True
+                raise
             errs = [r for r in results if isinstance(r, BaseException)]
             if errs:
                 e = errs[0]
@@ -103,9 +111,10 @@ class NvmeAdapter:
                 raise e
             got = sum(results)
         finally:
-            os.close(fd)
-            if fd_buf is not None:
-                os.close(fd_buf)
+            if not closes_later:
+                os.close(fd)
+                if fd_buf is not None:
+                    os.close(fd_buf)
         if got != total:
             raise TierAccessError(f"tier {self.tier!r}: short read of {self.path(key)}: {got} of {total} bytes")
         return got

@@ -75,6 +75,7 @@ class S3Adapter:
         self._client_cm = None
         self._loop = None
         self._sem: asyncio.Semaphore | None = None
+        self._making: tuple | None = None   # (loop, asyncio.Lock): one client made per loop, however many ask at once
         self._boto3 = None
         self.retries = 0  # counted for telemetry and tests
         self.upload_concurrency = upload_concurrency
@@ -100,12 +101,21 @@ class S3Adapter:
 
     async def _aclient(self):
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:  # aiobotocore clients are bound to one event loop
-            from aiobotocore.session import get_session
-            self._client_cm = get_session().create_client("s3", endpoint_url=self.endpoint_url,
-                                                           config=self._botocore_config())
-            self._client = await self._client_cm.__aenter__()
-            self._loop, self._sem = loop, asyncio.Semaphore(self.max_connections)
+        if self._client is not None and self._loop is loop:
+            return self._client
+        # aiobotocore clients are bound to one event loop. Making one awaits (credentials may come over the
+        # network): without the lock every read starting meanwhile made its own client and semaphore, leaking
+        # them and lifting the max_connections cap
+        if self._making is None or self._making[0] is not loop:
+            self._making = (loop, asyncio.Lock())
+        async with self._making[1]:
+            if self._client is None or self._loop is not loop:
+                from aiobotocore.session import get_session
+                cm = get_session().create_client("s3", endpoint_url=self.endpoint_url,
+                                                 config=self._botocore_config())
+                client = await cm.__aenter__()
+                self._client_cm, self._client = cm, client
+                self._loop, self._sem = loop, asyncio.Semaphore(self.max_connections)
         return self._client
 
     def _sync_client(self):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import time
 
+HISTORY = 1024   # windows PartTuner.history keeps
+
 
 class PartTuner:
     def __init__(self, max_parts: int, *, start: int | None = None, window_blobs: int = 4, max_hold: int = 32,
@@ -25,7 +27,8 @@ class PartTuner:
         self._base: tuple[int, float] | None = None  # (parts, throughput) the current probe is judged against
         self._active, self._busy_since = 0, 0.0
         self._win_bytes, self._win_busy, self._win_blobs = 0, 0.0, 0
-        self.history: list[tuple[int, float]] = []   # (parts, bytes/s) per window, for telemetry and tests
+        # (parts, bytes/s) of the last HISTORY windows, for telemetry and tests: the tuner lives as long as its actor
+        self.history: list[tuple[int, float]] = []
 
     def begin(self) -> int:
         """A blob read starts: the number of parts to split it into."""
@@ -51,6 +54,8 @@ class PartTuner:
 
     def _judge(self, rate: float) -> None:
         self.history.append((self.parts, rate))
+        if len(self.history) > 2 * HISTORY:   # trimmed in halves: amortised O(1)
+            del self.history[:-HISTORY]
         if self._base is not None and self._base[0] != self.parts:   # we were probing a neighbour
             if rate < self._base[1]:                                  # worse: go back, probe less often
                 self.parts = self._base[0]

@@ -431,3 +431,71 @@ def test_nvme_unreadable_object_is_tier_access_error(tmp_path, o_direct):
         return str(ei.value)
     msg = asyncio.run(go())
     assert os.path.join(str(tmp_path), "experts", "L000") in msg
+
+
+def test_nvme_a_cancelled_read_closes_its_descriptors_only_after_its_chunks(tmp_path, monkeypatch):
+    # closing at the cancel let a thread still in preadv read through a reused descriptor number: another file's
+    # bytes written into the caller's buffer after read_into had returned
+    (tmp_path / "a.bin").write_bytes(b"A" * (1 << 20))
+    (tmp_path / "b.bin").write_bytes(b"B" * (1 << 20))
+    ad = NvmeAdapter(str(tmp_path), chunk_bytes=256 << 10, parallelism=2, o_direct=False)
+    gate, started = threading.Event(), threading.Semaphore(0)
+    pread = NvmeAdapter._pread
+
+    def held(fd, view, off):   # a deep device queue: the chunk stays in flight until the test lets it go
+        started.release()
+        gate.wait(10)
+        return pread(fd, view, off)
+    monkeypatch.setattr(NvmeAdapter, "_pread", staticmethod(held))
+    open_fds = len(os.listdir("/proc/self/fd"))
+
+    async def run():
+        buf = np.zeros(1 << 20, np.uint8)
+        t = asyncio.create_task(ad.read_into("a.bin", buf))
+        while not started.acquire(blocking=False):
+            await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        others = [os.open(tmp_path / "b.bin", os.O_RDONLY) for _ in range(4)]   # would take the freed numbers
+        gate.set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(os.listdir("/proc/self/fd")) == open_fds + len(others):
+                break
+        for f in others:
+            os.close(f)
+        return buf
+    buf = asyncio.run(run())
+    assert set(np.unique(buf).tolist()) <= {0, ord("A")}, "another file's bytes reached the buffer"
+    assert len(os.listdir("/proc/self/fd")) == open_fds, "the cancelled read's descriptors were never closed"
+    ad._pool.shutdown()
+
+
+def test_s3_reads_that_start_together_share_one_client(fault_proxy, s3_bucket, s3_obj, monkeypatch):
+    # making the client awaits (credentials may come over the network: instance roles, IRSA); every part read that
+    # started meanwhile used to make a client of its own, each with its own connection cap, left open at close()
+    import aiobotocore.session as sess
+    prefix, key, data = s3_obj
+    made = []
+    create, creds = sess.AioSession.create_client, sess.AioSession.get_credentials
+
+    def counting(self, *a, **k):
+        made.append(1)
+        return create(self, *a, **k)
+
+    async def slow_creds(self):
+        await asyncio.sleep(0.05)
+        return await creds(self)
+    monkeypatch.setattr(sess.AioSession, "create_client", counting)
+    monkeypatch.setattr(sess.AioSession, "get_credentials", slow_creds)
+    a = s3_adapter(fault_proxy, s3_bucket, prefix, max_connections=2, adaptive_parts=False)
+
+    async def go():
+        n = 4 * PART
+        bufs = [bytearray(n) for _ in range(3)]
+        await asyncio.gather(*(a.read_into(key, b, i * PART) for i, b in enumerate(bufs)))
+        return bufs
+    bufs = run(a, go)
+    assert all(bytes(b) == data[i * PART:i * PART + 4 * PART] for i, b in enumerate(bufs))
+    assert len(made) == 1, f"{len(made)} clients made for one event loop"

@@ -527,3 +527,26 @@ def test_side_files_travel_with_the_store(ckpt, tmp_path):
     (tmp_path / "store" / "aux" / "tokenizer.json").write_bytes(tok.replace(b"BPE", b"XYZ"))
     with pytest.raises(BlobIntegrityError, match="aux/tokenizer.json"):
         asyncio.run(go())
+
+
+def test_the_dense_file_is_staged_beside_the_local_store_and_a_staging_failure_names_it(ckpt, tmp_path, monkeypatch):
+    # it was staged in $TMPDIR (a tmpfs holds it in memory; a full one gave a bare OSError traceback)
+    import storage_adapters.converter as conv
+    build, seen = conv._build_dense, []
+
+    def spy(plan, path, algo):
+        seen.append(path)
+        return build(plan, path, algo)
+    monkeypatch.setattr(conv, "_build_dense", spy)
+    (tmp_path / "stores").mkdir()
+    root = tmp_path / "stores" / "store"
+    run_convert(ckpt("fused"), [f"file://{root}"])
+    assert os.path.dirname(os.path.dirname(seen[0])) == str(root.parent), seen
+    assert [p.name for p in root.parent.iterdir()] == ["store"], "the staging folder was left behind"
+
+    def full(plan, path, algo):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(conv, "_build_dense", full)
+    with pytest.raises(StoreError, match=r"staging the dense file at .*/stores/moe-convert-\w+/dense.safetensors: "
+                                         r"No space left on device"):
+        run_convert(ckpt("fused"), [f"file://{tmp_path / 'stores' / 'other'}"])

@@ -43,3 +43,14 @@ def test_idle_time_between_reads_does_not_count():
         clock.t += 5.0  # idle
     (_, rate), = t.history
     assert rate == pytest.approx(100e6)
+
+
+def test_history_stays_bounded():
+    from storage_adapters.tuning import HISTORY
+    now = [0.0]
+    t = PartTuner(max_parts=8, window_blobs=1, clock=lambda: now[0])
+    for _ in range(5 * HISTORY):
+        t.begin()
+        now[0] += 0.01
+        t.end(1 << 20)
+    assert HISTORY <= len(t.history) <= 2 * HISTORY
