@@ -474,10 +474,13 @@ async def convert(plan: ConversionPlan, targets: list[Target], *, checksum_algo:
     return report
 
 
-def open_target(uri: str, *, endpoint_url: str | None = None, key: bytes | None = None, **kw) -> Target:
-    """A Target for `file:///path` (tier "nvme") or `s3://bucket/prefix` (tier "s3")."""
+def open_target(uri: str, *, endpoint_url: str | None = None, key: bytes | None = None, tier: str | None = None,
+                **kw) -> Target:
+    """A Target for `file:///path` or `s3://bucket/prefix`. tier: the name the manifest records the copy under,
+    which must be the config's name of the tier that reads it (cluster/config.py); default its kind, "nvme" or
+    "s3"."""
     if uri.startswith("file://"):
-        return Target(NvmeAdapter(uri[len("file://"):], tier="nvme"), key)
+        return Target(NvmeAdapter(uri[len("file://"):], tier=tier or "nvme"), key)
     if uri.startswith("s3://"):
-        return Target(S3Adapter(uri, tier="s3", endpoint_url=endpoint_url, **kw), key)
+        return Target(S3Adapter(uri, tier=tier or "s3", endpoint_url=endpoint_url, **kw), key)
     raise StoreError(f"store URI {uri!r}: expected file:///path or s3://bucket/prefix")

@@ -331,3 +331,33 @@ def test_train_predictor_counts_must_be_positive(files, tmp_path, capsys, flag):
 def test_benchmark_settings_the_cluster_config_refuses_fail_before_ray(bench, capsys, args, want):
     # these used to pass the parser, start Ray, then fail every policy's run alone
     assert want in exits_2(capsys, lambda a: bench(*a), args)
+
+
+def test_convert_names_its_copies_for_the_configs_tiers(tmp_path):
+    # a copy was always recorded as "nvme" / "s3", so a config naming its tier otherwise could never read it, and
+    # two local copies in one run hit an assertion
+    from storage_adapters.manifest import Manifest
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = convert_cli("--store", f"local-nvme=file://{a}", "--store", f"file://{b}")
+    assert r.returncode == 0, r.stderr
+    m = Manifest.from_json((a / "manifest.json").read_bytes(), str(a))
+    assert set(m.locations) == {"local-nvme", "nvme"} and set(m.blobs[0].tiers) == {"local-nvme", "nvme"}
+    import asyncio
+    from types import SimpleNamespace
+    from storage_adapters.store import ExpertStore
+    from storage_adapters.tiers import adapter_for
+    tier = SimpleNamespace(kind="nvme", name="local-nvme", path=str(a), chunk_bytes=4 << 20, parallelism=2,
+                           o_direct=False, emulate=None)
+
+    async def read():   # a config whose tier is called local-nvme reads the copy made under that name
+        st = await ExpertStore.open([adapter_for(tier)])
+        try:
+            return await st.read_blob(m.blobs[0].layer, m.blobs[0].expert)
+        finally:
+            await st.close()
+    blob, came_from = asyncio.run(read())
+    assert len(blob) == m.blobs[0].size and came_from == "local-nvme"
+    r = convert_cli("--store", f"file://{tmp_path / 'c'}", "--store", f"file://{tmp_path / 'd'}")
+    assert r.returncode == 2 and "two copies under one tier name 'nvme'" in r.stderr, r.stderr
+    r = convert_cli("--store", f"=file://{tmp_path / 'e'}")
+    assert r.returncode == 2 and "an empty tier name" in r.stderr, r.stderr
