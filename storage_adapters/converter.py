@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -116,6 +117,9 @@ def _load_tensors(ckpt: str) -> dict[str, TensorInfo]:
     return tensors
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
 def plan_conversion(ckpt: str) -> ConversionPlan:
     if not os.path.isdir(ckpt):
         raise CheckpointError(f"{ckpt}: checkpoint directory does not exist or is not a directory")
@@ -133,7 +137,14 @@ def plan_conversion(ckpt: str) -> ConversionPlan:
     per: dict[tuple[int, int], dict[str, TensorInfo]] = {}
     fused: dict[int, dict[str, TensorInfo]] = {}
     dense: list[TensorInfo] = []
+    # DeepSeek-V3 ships its multi-token-prediction module as the layers after the last decoder layer (layer 61):
+    # decoding never runs it, and transformers skips it on load, so it is left out of the store too
+    n_layers = int(config.get("num_hidden_layers") or 0)
+    mtp = range(n_layers, n_layers + int(config.get("num_nextn_predict_layers") or 0)) \
+        if geom.family.startswith("deepseek") else range(0)
     for name, info in tensors.items():
+        if mtp and (m := _LAYER.match(name)) and int(m[1]) in mtp:
+            continue
         if m := PER_EXPERT.match(name):
             per.setdefault((int(m["layer"]), int(m["expert"])), {})[role_of(m["proj"])] = info
         elif m := FUSED.match(name):

@@ -550,3 +550,26 @@ def test_the_dense_file_is_staged_beside_the_local_store_and_a_staging_failure_n
     with pytest.raises(StoreError, match=r"staging the dense file at .*/stores/moe-convert-\w+/dense.safetensors: "
                                          r"No space left on device"):
         run_convert(ckpt("fused"), [f"file://{tmp_path / 'stores' / 'other'}"])
+
+
+def test_deepseeks_multi_token_prediction_layers_are_left_out(ckpt, tmp_path):
+    # DeepSeek-V3 ships its MTP module as layer num_hidden_layers (61) with routed experts: it was refused as
+    # "expert tensors in layers [61], which config.json says are dense"
+    src = ckpt("deepseek_v2")
+    d = tmp_path / "dsv"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    L, H = cfg["num_hidden_layers"], cfg["hidden_size"]
+    cfg["num_nextn_predict_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    I = cfg["moe_intermediate_size"]
+    specs = [(f"model.layers.{L}.mlp.experts.0.gate_proj.weight", "F32", (I, H)),
+             (f"model.layers.{L}.eh_proj.weight", "F32", (H, 2 * H))]
+    C.write_safetensors_streaming(str(d / "mtp.safetensors"), specs, lambda name, n: bytes(n))
+    plan = plan_conversion(str(d))
+    assert all(p.layer < L for p in plan.experts), "an MTP expert was planned"
+    assert not [t.name for t in plan.dense if t.name.startswith(f"model.layers.{L}.")], "MTP weights in the dense file"
+    cfg["num_nextn_predict_layers"] = 0   # without the key saying so, such layers are still refused
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"expert tensors in layers \[{L}\]"):
+        plan_conversion(str(d))
