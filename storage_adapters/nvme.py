@@ -8,6 +8,7 @@ import asyncio
 import errno
 import logging
 import os
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -98,8 +99,7 @@ class NvmeAdapter:
             except asyncio.CancelledError:   # the caller gave up: chunks not started never read, and the
                 for f in cfs:                # descriptors close once the running ones are done, not now
                     f.cancel()
-                fds = [fd] + ([fd_buf] if fd_buf is not None else [])
-                gathered.add_done_callback(lambda _: [os.close(x) for x in fds])
+                _close_after(cfs, [fd] + ([fd_buf] if fd_buf is not None else []))
                 closes_later = True
                 raise
             errs = [r for r in results if isinstance(r, BaseException)]
@@ -206,3 +206,24 @@ class NvmeAdapter:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+def _close_after(futures: list, fds: list[int]) -> None:
+    """Close fds once every future is done, from whichever thread finishes last (not the event loop, which may be
+    gone by then)."""
+    if not futures:
+        for x in fds:
+            os.close(x)
+        return
+    left, lock = [len(futures)], threading.Lock()
+
+    def one_done(_):
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            for x in fds:
+                os.close(x)
+    for f in futures:
+        f.add_done_callback(one_done)
+
