@@ -198,7 +198,11 @@ class PrefetchCoordinator:
         self.step_times: deque = deque(maxlen=4096)     # seconds per batch, all of it
         self.submit_times: deque = deque(maxlen=4096)   # of which submitting the orders (Ray .remote calls)
         self.predictor_times: deque = deque(maxlen=4096)  # of which in the predictor (observe + predict)
+        self.scoring_times: deque = deque(maxlen=4096)  # of which scoring predictions, after the orders are out
         self._submit_s = self._pred_s = 0.0
+        self._truths: list = []   # this batch's routing, scored against earlier predictions once orders are out
+        self.batched = True       # a decode step's rows at once; False: always row by row (the tests' reference)
+        self._scored: list = []   # this step's predictions, recorded for scoring at the same time
         self._adapt_mark = (0, 0, 0.0, 0, 0)   # used, wasted, stall_s, late, step at the last adaptation
         self.late = 0                          # routed experts whose prefetch was still in flight
         self._poll_task = None
@@ -380,9 +384,15 @@ class PrefetchCoordinator:
         if self.step % 16 == 0:
             self._expire_idle()
         self._decide()
-        self.step_times.append(time.perf_counter() - t0)
+        # the telemetry's scoring waits until the orders are out: it changes no decision (it reads what the
+        # predictor said and what the router chose), so it stays off the routing-in -> orders-out latency
+        t1 = time.perf_counter()
+        self._score()
+        t2 = time.perf_counter()
+        self.step_times.append(t2 - t0)
         self.submit_times.append(self._submit_s)
         self.predictor_times.append(self._pred_s)
+        self.scoring_times.append(t2 - t1)
         if self.metrics is not None:
             self.metrics.step.observe(self.step_times[-1], tags=self.metrics.tags)
             if self.step % 256 == 0:   # Prometheus sees progress without anyone calling stats()
@@ -395,6 +405,19 @@ class PrefetchCoordinator:
         except Exception:  # noqa: BLE001 - an export problem must not break serving
             pass
 
+    def _score_truths(self) -> None:
+        for t in self._truths:
+            self.tel.record_truth_many(*t)
+        self._truths = []
+
+    def _score(self) -> None:
+        """The routing observed this batch scores the predictions made for it, then this step's predictions are
+        recorded (the order of the calls a step made before they were deferred)."""
+        self._score_truths()
+        if self._scored:
+            self.tel.record_predictions(self._scored, self.planner.cfg.threshold)
+            self._scored = []
+
     def _observe(self, ev: dict, table, mark: tuple) -> None:
         li = self.layer_idx.get(int(ev["layer"]))
         if li is None:
@@ -404,24 +427,47 @@ class PrefetchCoordinator:
         resident_before = self.resident[self.owner[li, ids], li, ids]          # [N, k] as known
         # ordered by us and still in flight as the layer ran: late (a longer window would have hidden them)
         self.late += int((self.inflight[li, ids] & ~resident_before).sum())
-        reqs = [table[int(r)] for r in rows]
-        for n, req in enumerate(reqs):
-            tok = int(pos[n])
-            last = self.requests.get(req)
-            # a reused id starting over is a new request; a prefill goes token by token within each layer, so an
-            # earlier token at a LATER layer is the same request
-            if last is not None and tok < last[0] and li <= last[1]:
-                self._end([req], keep_meta=True)
-            self.tel.record_truth(req, tok * self.L + li, ids[n], resident_before[n])
+        reqs = [table[r] for r in rows.tolist()]
+        toks = pos.tolist()
+        new = sum(r not in self.requests for r in reqs)
+        if not self.batched or len(set(reqs)) < len(reqs) or len(self.requests) + new > MAX_LIVE_REQUESTS or any(
+                t < self.requests[r][0] and li <= self.requests[r][1] for r, t in zip(reqs, toks)
+                if r in self.requests):
+            # a request twice in the event (a prefill), a forgotten one or a reused id: row by row, as each row's
+            # ends must come between the rows around it (and after the truths of the events before)
+            self._score_truths()
+            for n, req in enumerate(reqs):
+                tok = toks[n]
+                last = self.requests.get(req)
+                # a reused id starting over is a new request; a prefill goes token by token within each layer, so
+                # an earlier token at a LATER layer is the same request
+                if last is not None and tok < last[0] and li <= last[1]:
+                    self._end([req], keep_meta=True)
+                self.tel.record_truth(req, tok * self.L + li, ids[n], resident_before[n])
+                tp = time.perf_counter()
+                self.predictor.observe(RoutingEvent(req, tok, li, ids[n], w[n],
+                                                    None if hidden is None else hidden[n]))
+                self._pred_s += time.perf_counter() - tp
+                if last is None and len(self.requests) >= MAX_LIVE_REQUESTS:   # a runtime that never ends
+                    self._end([next(iter(self.requests))])                   # requests cannot grow us
+                self.requests[req] = (tok, li)
+                self._seen[req] = mark
+                self._moved.add(req)
+        else:   # the common case, a decode step: every row at once
+            self._truths.append((reqs, pos * self.L + li, ids, resident_before))
             tp = time.perf_counter()
-            self.predictor.observe(RoutingEvent(req, tok, li, ids[n], w[n],
-                                                None if hidden is None else hidden[n]))
+            many = getattr(self.predictor, "observe_many", None)   # policies' predictors have it; an injected
+            if many is not None:                                  # one may have only observe()
+                many(reqs, pos, li, ids, w, hidden)
+            else:
+                for n, (req, tok) in enumerate(zip(reqs, toks)):
+                    self.predictor.observe(RoutingEvent(req, tok, li, ids[n], w[n],
+                                                        None if hidden is None else hidden[n]))
             self._pred_s += time.perf_counter() - tp
-            if last is None and len(self.requests) >= MAX_LIVE_REQUESTS:   # a runtime that never ends requests
-                self._end([next(iter(self.requests))])                   # cannot grow us: forget the oldest
-            self.requests[req] = (tok, li)
-            self._seen[req] = mark
-            self._moved.add(req)
+            for req, tok in zip(reqs, toks):
+                self.requests[req] = (tok, li)
+                self._seen[req] = mark
+            self._moved.update(reqs)
         if self.reuse is not None:
             self.reuse.observe_many(reqs, li, ids)
         used = np.unique(ids)
@@ -453,16 +499,21 @@ class PrefetchCoordinator:
         window = self.wc.window
         views, scored = [], []
         moved, self._moved = self._moved, set()
-        for req, (tok, li) in self.requests.items():
-            tiers, tenant, budget = self.meta.get(req, (self.tier_set, None, None))
-            horizon = max(1, int(window * self.planner.budget_factor(budget)))   # the planner's own cut
-            tp = time.perf_counter()
-            c = self.predictor.predict(req, horizon)
-            self._pred_s += time.perf_counter() - tp
+        reqs = list(self.requests)
+        metas = [self.meta.get(req, (self.tier_set, None, None)) for req in reqs]
+        # each request's horizon: the planner's own cut of the window for its latency budget
+        horizons = [max(1, int(window * self.planner.budget_factor(m[2]))) for m in metas]
+        tp = time.perf_counter()
+        many = getattr(self.predictor, "predict_many", None)
+        cands = many(reqs, horizons) if many is not None else [
+            self.predictor.predict(r, h) for r, h in zip(reqs, horizons)]
+        self._pred_s += time.perf_counter() - tp
+        for req, c, (tiers, tenant, budget) in zip(reqs, cands, metas):
             if req in moved:   # scored once per position: a request that did not route since is not counted again
+                tok, li = self.requests[req]
                 scored.append((req, tok * self.L + li, c.distance, c.expert, c.prob))
             views.append(RequestView(req, c, tiers, tenant, budget))
-        self.tel.record_predictions(scored, self.planner.cfg.threshold)
+        self._scored = scored   # recorded by _score once the orders are out
         if not views or not self._polled:
             return
         view = self.view()
@@ -478,16 +529,20 @@ class PrefetchCoordinator:
     def _issue(self, plan, cancels: dict[int, list]) -> None:
         """One `prefetch` call per worker that has orders or cancellations this step, one `stage` per node."""
         t0 = time.perf_counter()
-        dl = np.asarray(self.moe_layers)
+        dl = self.moe_layers
         hbm = plan.target == TARGET_HBM
         by_worker: dict[int, list] = {wi: [] for wi in cancels}
-        for i in np.flatnonzero(hbm).tolist():
-            l, e = int(plan.layer[i]), int(plan.expert[i])
+        hi = np.flatnonzero(hbm)
+        named: dict[int, list] = {}   # a worker's orders share one victims list: converted once
+        for i, w, l, e, pri in zip(hi.tolist(), plan.worker[hi].tolist(), plan.layer[hi].tolist(),
+                                   plan.expert[hi].tolist(), plan.priority[hi].tolist()):
             req = plan.request[i]
             tiers = self.meta.get(req, (None,))[0]
-            victims = [(int(dl[a]), b) for a, b in plan.victims[i]]
-            by_worker.setdefault(int(plan.worker[i]), []).append(
-                (int(dl[l]), e, float(plan.priority[i]), req, victims, tiers))
+            v = plan.victims[i]
+            victims = named.get(id(v))
+            if victims is None:
+                victims = named[id(v)] = [(dl[a], b) for a, b in v]
+            by_worker.setdefault(w, []).append((dl[l], e, pri, req, victims, tiers))
             self.order_req[(l, e)] = req
         keep = self._keep(plan, list(by_worker)) if by_worker else {}
         for wi, items in by_worker.items():
@@ -499,9 +554,9 @@ class PrefetchCoordinator:
         st = ~hbm
         if st.any():
             by_node: dict[int, list] = {}
-            for i in np.flatnonzero(st).tolist():
-                by_node.setdefault(int(self.node_of[plan.worker[i]]), []).append(
-                    (int(dl[plan.layer[i]]), int(plan.expert[i])))
+            for n, l, e in zip(self.node_of[plan.worker[st]].tolist(), plan.layer[st].tolist(),
+                               plan.expert[st].tolist()):
+                by_node.setdefault(n, []).append((dl[l], e))
             for ni, items in by_node.items():
                 node = self.nodes[ni]
                 if node in self.storage:
@@ -572,12 +627,10 @@ class PrefetchCoordinator:
         if not stale.any():
             return {}
         l, e = np.nonzero(stale)
-        dl = np.asarray(self.moe_layers)
-        out = {}
-        own = self.owner[l, e]
-        for wi in np.unique(own).tolist():
-            m = own == wi
-            out[wi] = [(int(dl[a]), int(b)) for a, b in zip(l[m], e[m])]
+        dl = self.moe_layers
+        out: dict[int, list] = {}
+        for wi, a, b in zip(self.owner[l, e].tolist(), l.tolist(), e.tolist()):
+            out.setdefault(wi, []).append((dl[a], b))
         self.tel.record_cancel(l, e)
         self.inflight[l, e] = False
         for k in zip(l.tolist(), e.tolist()):
@@ -597,7 +650,9 @@ class PrefetchCoordinator:
     async def stats(self) -> dict:
         snap = self.tel.snapshot()
         t = np.array(self.step_times) if self.step_times else np.zeros(1)
-        dec = t - (np.array(self.submit_times) if self.submit_times else 0.0)
+        # the decision: routing in -> orders out, less submitting them (Ray's cost) and less the scoring after
+        dec = t - (np.array(self.submit_times) if self.submit_times else 0.0) - (
+            np.array(self.scoring_times) if self.scoring_times else 0.0)
         snap.update(policy=self.pf.policy, steps=self.step, batches=self.batches, staged=self.staged,
                     dropped_batches=self.dropped, live_requests=len(self.requests), registered_requests=len(self.meta),
                     expired_requests=self.expired,
@@ -616,10 +671,10 @@ class PrefetchCoordinator:
         """Seconds spent handling each of the last batches (routing batch in -> orders out)."""
         return list(self.step_times)
 
-    async def step_breakdown_s(self) -> tuple[list[float], list[float], list[float]]:
-        """Per batch: total seconds, of which submitting the orders, of which in the predictor
-        (jobs.bench_coordinator reads them)."""
-        return list(self.step_times), list(self.submit_times), list(self.predictor_times)
+    async def step_breakdown_s(self) -> tuple[list[float], list[float], list[float], list[float]]:
+        """Per batch: total seconds, of which submitting the orders, of which in the predictor, of which scoring
+        predictions after the orders were out (jobs.bench_coordinator reads them)."""
+        return list(self.step_times), list(self.submit_times), list(self.predictor_times), list(self.scoring_times)
 
     async def learned_head(self) -> tuple[int, np.ndarray, np.ndarray] | None:
         """(online updates so far, w2, b2) of the learned predictor this actor fine-tunes (alone or as an ensemble

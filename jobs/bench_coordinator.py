@@ -7,13 +7,17 @@ Three measurements on the same synthetic routing (a per-layer Markov chain over 
 something to predict; a 25% HBM cache; every expert in NVMe and S3):
   planner   policies/ranking.PrefetchPlanner.plan alone (pure numpy) on the candidates of `requests` live
             requests, each predicting `window` layers ahead with the policy's predictor
-  step      the coordinator's whole per-batch handling (score + observe + predict + plan + issue) in process,
-            with handles whose `.remote` does nothing: the decision logic without Ray's submission cost; split
-            into step_predictor (the predictor's observe + predict) and step_excl_predictor (the rest)
+  step      the coordinator's whole per-batch handling (observe + predict + plan + issue + score) in process,
+            with in-process worker handles: orders apply to a 25% cache after the step (as the actor run's
+            sinks), which the coordinator polls between steps, so it plans against full caches as in serving; no
+            Ray submission cost. Split into step_predictor (the predictor's observe + predict),
+            step_excl_predictor (the rest), step_scoring (scoring predictions, after the orders are out) and
+            step_decision (routing in -> orders out: the step less the scoring)
   actor     the real PrefetchCoordinator actor fed one batch per layer step by `.remote()` (as runtimes do),
             with sink worker / storage actors (prefetched experts become resident in a 25% cache); its own
-            per-batch timing, split into actor_decision (everything but submitting the orders; also without the
-            predictor) and actor_submit (the `.remote()` calls: one per worker with orders or cancellations)
+            per-batch timing, split into actor_decision (routing in -> orders out, less submitting them; also
+            without the predictor), actor_submit (the `.remote()` calls: one per worker with orders or
+            cancellations) and actor_scoring (after the orders are out)
 `*_cpu` rows are the thread's CPU time for the same calls (time.thread_time): on a shared, overloaded machine
 wall-clock percentiles mostly measure preemption, CPU time what the code costs.
 With --embedded, instead: the embedded model (jobs/embedded_model) served by a local ExpertCluster (2 workers whose
@@ -26,6 +30,7 @@ Prints a table and writes JSON: {"planner"|"step"|"actor"|"actor_decision"|"acto
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import time
@@ -69,6 +74,55 @@ class _Handle:
     """In-process stand-in for an actor handle: every method's `.remote` does nothing."""
     def __getattr__(self, name):
         return _Nop()
+
+
+class _SinkCache:
+    """A worker's cache bookkeeping without bytes (as the actor run's Sink): prefetched experts become resident,
+    named victims out first, then the oldest past `cap` experts; so after warm-up the coordinator plans against a
+    full 25% cache, as in serving."""
+    def __init__(self, cap: int, nbytes: int):
+        self.cap, self.nbytes, self.res = cap, nbytes, {}
+
+    def prefetch(self, items, cancel=None, keep=None):
+        for it in items:
+            for v in (it[4] if len(it) > 4 and it[4] else ()):
+                self.res.pop(tuple(v), None)
+            self.res[(it[0], it[1])] = True
+            while len(self.res) > self.cap:
+                self.res.pop(next(iter(self.res)))
+
+    def snapshot(self):
+        return list(self.res), [], len(self.res) * self.nbytes, self.cap * self.nbytes
+
+
+class _Call:
+    def __init__(self, fn, done: bool):
+        self.fn, self.done = fn, done
+
+    def remote(self, *a, **k):
+        loop = asyncio.get_running_loop()
+        if not self.done:   # applied after the step, as a worker would: not the coordinator's time; nothing
+            loop.call_soon(lambda: self.fn(*a, **k))   # to wait for (the coordinator holds nothing back)
+            return None
+        f = loop.create_future()
+        f.set_result(self.fn(*a, **k))
+        return f
+
+
+class _InProcessWorker:
+    """A handle whose prefetch applies to a _SinkCache at once and whose snapshot answers an already-done
+    future, so the coordinator's own poll (refresh_s) reads the caches as it reads real workers'."""
+    def __init__(self, sink):
+        self.prefetch = _Call(sink.prefetch, False)
+        self.snapshot = _Call(sink.snapshot, True)
+        self.cancel = self.stage = _Call(lambda *a, **k: 0, False)
+
+
+class _InProcessStorage:
+    """A node's storage handle: stages nothing, and its DRAM tier is empty with 64 MiB free."""
+    def __init__(self):
+        self.stage = _Call(lambda *a, **k: 0, False)
+        self.snapshot = _Call(lambda: ([], [], 0, 64 << 20), True)
 
 
 def geometry(L, E, W, nbytes):
@@ -131,18 +185,15 @@ def coordinator_args(args):
 
 
 def bench_step(args, routes) -> dict:
-    import asyncio
-
     from actors.prefetch_coordinator import PrefetchCoordinator
     pf, geo, owner = coordinator_args(args)
+    pf = pf.model_copy(update={"refresh_s": 1e-9})   # poll the caches after every step (a task between steps)
     W = args.workers
-    c = PrefetchCoordinator(pf, geo, {w: _Handle() for w in range(W)}, {w: "n0" for w in range(W)}, owner,
-                            {"n0": [_Handle()]})
+    cap = args.layers * args.experts // 4 // W      # experts per worker: a 25% cache
+    sinks = [_SinkCache(cap, 1 << 20) for _ in range(W)]
+    c = PrefetchCoordinator(pf, geo, {w: _InProcessWorker(sinks[w]) for w in range(W)}, {w: "n0" for w in range(W)},
+                            owner, {"n0": [_InProcessStorage()]})
     c.metrics = None
-    c._polled = True
-    c.budget[:] = args.layers * args.experts // 4 // W << 20
-    c.dram_budget[:] = 64 << 20
-    c._maybe_poll = lambda: None
 
     cpu = []
 
@@ -152,14 +203,20 @@ def bench_step(args, routes) -> dict:
             c0 = time.thread_time()
             await c.publish(b)
             cpu.append(time.thread_time() - c0)
+            await asyncio.sleep(0)      # the poll task runs between steps, as on the actor's event loop
+            await asyncio.sleep(0)
             n += 1
             if n >= args.steps:
                 break
     asyncio.run(run())
+    resident = sum(len(s.res) for s in sinks)
+    assert resident >= 0.9 * cap * W, f"the caches hold {resident} experts, expected about {cap * W} (full)"
     t = np.array(list(c.step_times)[args.warmup:])
     p = np.array(list(c.predictor_times)[args.warmup:])
+    sc = np.array(list(c.scoring_times)[args.warmup:])
+    sub = np.array(list(c.submit_times)[args.warmup:])
     return {"step": pct(t), "step_cpu": pct(cpu[args.warmup:]), "step_predictor": pct(p),
-            "step_excl_predictor": pct(t - p)}
+            "step_excl_predictor": pct(t - p), "step_scoring": pct(sc), "step_decision": pct(t - sc - sub)}
 
 
 def bench_actor(args, routes) -> dict:
@@ -219,10 +276,11 @@ def bench_actor(args, routes) -> dict:
                 break
         ray.get(pending)
         s = ray.get(coord.stats.remote())
-        times, submit, pred = ray.get(coord.step_breakdown_s.remote())
-        t, sub, pr = (np.array(a[args.warmup:]) for a in (times, submit, pred))
-        out = {"actor": pct(t), "actor_decision": pct(t - sub), "actor_decision_excl_predictor": pct(t - sub - pr),
-               "actor_submit": pct(sub)}
+        times, submit, pred, scoring = ray.get(coord.step_breakdown_s.remote())
+        t, sub, pr, sc = (np.array(a[args.warmup:]) for a in (times, submit, pred, scoring))
+        out = {"actor": pct(t), "actor_decision": pct(t - sub - sc),
+               "actor_decision_excl_predictor": pct(t - sub - sc - pr), "actor_submit": pct(sub),
+               "actor_scoring": pct(sc)}
         out["actor"].update(dropped=dropped, issued=s["prefetches"]["issued"],
                             orders_per_step=s["prefetches"]["issued"] / max(s["steps"], 1),
                             recall_at_1=s["recall_at_k"].get(1))
@@ -332,8 +390,9 @@ def main(argv=None) -> dict:
     print(f"coordinator decision time per layer step: L={args.layers} E={args.experts} W={args.workers} "
           f"k={args.top_k} requests={args.requests} window={args.window} policy={args.policy}")
     print(f"{'what':<32}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>8}")
-    for k in ("planner", "planner_cpu", "step", "step_cpu", "step_predictor", "step_excl_predictor", "actor", "actor_decision",
-              "actor_decision_excl_predictor", "actor_submit"):
+    for k in ("planner", "planner_cpu", "step", "step_cpu", "step_predictor", "step_excl_predictor", "step_scoring",
+              "step_decision", "actor", "actor_decision", "actor_decision_excl_predictor", "actor_submit",
+              "actor_scoring"):
         if k in res:
             r = res[k]
             print(f"{k:<32}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['n']:>8}")

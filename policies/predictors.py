@@ -9,6 +9,13 @@ The interface (every predictor):
                               prediction made at the last layer wraps into the next token's first layers. Before
                               the first event, the "last event" is (token -1, layer L-1): the next layers are
                               token 0's first ones.
+  observe_many(requests, tokens, layer, experts, probs, hidden)
+                              one layer's routing of several requests (rows in routing order): the same as
+                              observe() of each row in row order; the coordinator calls it once per layer event.
+  predict_many(requests, horizons)
+                              -> [Candidates], the same as predict() of each; the coordinator's per-step call.
+                              The base class loops; a predictor whose tables allow it vectorizes both over the
+                              requests (CrossLayerTransition does), so a layer step costs about one request's.
   end(request)                the request finished: drop its per-request state (shared tables stay).
   state_nbytes()              bytes of state held (shared tables + live requests); what the bounded-memory
                               tests watch.
@@ -103,19 +110,17 @@ class Predictor:
         ex = np.array(event.experts, dtype=np.int64)  # a copy: the caller may reuse its buffer
         assert ex.shape == (self.K,), f"expected {self.K} experts, got shape {ex.shape}"
         assert 0 <= ex.min() and ex.max() < self.E, f"expert ids {ex.tolist()} outside [0, {self.E})"
-        st = self._reqs.get(event.request)
-        if st is None:
-            st = self._reqs[event.request] = self._new_request()
-            while len(self._reqs) > self.max_requests:  # a caller that never calls end() cannot grow us
-                self._forget(self._reqs.popitem(last=False)[0])
-        else:
-            self._reqs.move_to_end(event.request)
-        # `adjacent`: this event directly follows the request's previous one (no unknown position between)
-        adjacent = (st.experts is not None and
-                    (event.token, event.layer) == ((st.token, st.layer + 1) if st.layer + 1 < self.L
-                                                   else (st.token + 1, 0)))
-        self._observe(st, event, ex, adjacent)
+        st = self._track(event.request)
+        self._observe(st, event, ex, self._adjacent(st, event.token, event.layer))
         st.token, st.layer, st.experts = event.token, event.layer, ex
+
+    def observe_many(self, requests: list, tokens: np.ndarray, layer: int, experts: np.ndarray,
+                     probs: np.ndarray | None = None, hidden: np.ndarray | None = None) -> None:
+        """Rows of one layer's routing: requests [N], tokens int [N], experts int [N, K], probs float [N, K] or
+        None, hidden float [N, H] or None. The same as observe() of each row, in row order."""
+        for n, req in enumerate(requests):
+            self.observe(RoutingEvent(req, int(tokens[n]), int(layer), experts[n],
+                                      None if probs is None else probs[n], None if hidden is None else hidden[n]))
 
     def predict(self, request: Hashable, horizon: int = 1) -> Candidates:
         assert horizon >= 1, f"horizon must be >= 1, got {horizon}"
@@ -126,6 +131,10 @@ class Predictor:
         pos = here + np.arange(1, horizon + 1)
         return self._predict(request, st, pos // self.L, pos % self.L)
 
+    def predict_many(self, requests: list, horizons: list[int]) -> list[Candidates]:
+        """predict(requests[i], horizons[i]) for every i."""
+        return [self.predict(r, h) for r, h in zip(requests, horizons)]
+
     def end(self, request: Hashable) -> None:
         self._reqs.pop(request, None)
 
@@ -135,6 +144,23 @@ class Predictor:
         return sum(a.nbytes for a in self._arrays()) + per_req
 
     # -- for subclasses ----------------------------------------------------------------------------------------
+    def _track(self, request: Hashable) -> _Req:
+        """The request's state, created if new (the least recently observed forgotten past max_requests), and
+        marked most recently observed."""
+        st = self._reqs.get(request)
+        if st is None:
+            st = self._reqs[request] = self._new_request()
+            while len(self._reqs) > self.max_requests:  # a caller that never calls end() cannot grow us
+                self._forget(self._reqs.popitem(last=False)[0])
+        else:
+            self._reqs.move_to_end(request)
+        return st
+
+    def _adjacent(self, st: _Req, token: int, layer: int) -> bool:
+        """(token, layer) directly follows the request's previous event (no unknown position between)."""
+        return (st.experts is not None and
+                (token, layer) == ((st.token, st.layer + 1) if st.layer + 1 < self.L else (st.token + 1, 0)))
+
     def _new_request(self) -> _Req:
         return _Req()
 
@@ -262,9 +288,84 @@ class CrossLayerTransition(Predictor):
         for d in range(1, D):
             l = layers[d - 1]  # the source layer of this hop
             rs = self.rowsum[l]
-            p = p @ (self.counts[l] / np.where(rs > 0, rs, 1.0)[:, None])  # [E, E] rows sum to 1 (or 0)
+            p = (p / np.where(rs > 0, rs, 1.0)) @ self.counts[l]  # p @ the row-normalised C[l] (rows: 1 or 0)
             P[d] = self.K * p
         return _from_dense(P, layers)
+
+    # -- the coordinator's batched calls: one layer event's requests at once ---------------------------------------
+    def observe_many(self, requests, tokens, layer, experts, probs=None, hidden=None):
+        N = len(requests)
+        if N < 2 or len(set(requests)) < N:   # one request's rows chain into each other (a prefill): row by row
+            return super().observe_many(requests, tokens, layer, experts, probs, hidden)
+        layer = int(layer)
+        assert 0 <= layer < self.L, f"layer {layer} outside [0, {self.L})"
+        ex = np.array(experts, dtype=np.int64)   # [N, K] a copy: the caller may reuse its buffer
+        assert ex.shape == (N, self.K), f"expected [{N}, {self.K}] experts, got shape {ex.shape}"
+        assert 0 <= ex.min() and ex.max() < self.E, f"expert ids outside [0, {self.E}) at layer {layer}"
+        src, prev, rows = [], [], []
+        for n, (req, tok) in enumerate(zip(requests, np.asarray(tokens).tolist())):
+            st = self._track(req)
+            if self._adjacent(st, tok, layer):
+                src.append(st.layer)
+                prev.append(st.experts)
+                rows.append(n)
+            st.token, st.layer, st.experts = tok, layer, ex[n]
+        if rows:
+            self._count(np.array(src, np.int64), np.stack(prev), ex[rows])
+
+    def _count(self, src: np.ndarray, prev: np.ndarray, cur: np.ndarray) -> None:
+        """Transitions prev [n, K] at source layers src [n] -> cur [n, K], as n row-by-row _observe calls."""
+        E, K = self.E, self.K
+        w = np.ones(len(src))
+        if self.decay != 1.0:
+            # row by row, every observation of a source layer first decays that layer's rows: so the table is
+            # decayed once per observation here, and the i-th of them once per later one of the same layer
+            later = np.triu(src[:, None] == src[None, :], 1).sum(1)
+            w = self.decay ** later
+            ls, n = np.unique(src, return_counts=True)
+            f = self.decay ** n
+            self.counts[ls] *= f[:, None, None]
+            self.rowsum[ls] *= f[:, None]
+        cell = ((src[:, None, None] * E + prev[:, :, None]) * E + cur[:, None, :]).reshape(-1)   # [n * K * K]
+        np.add.at(self.counts.reshape(-1), cell, np.repeat(w, K * K))
+        np.add.at(self.rowsum.reshape(-1), (src[:, None] * E + prev).reshape(-1), np.repeat(w * K, K))
+
+    def predict_many(self, requests, horizons):
+        assert min(horizons, default=1) >= 1, f"horizons must be >= 1, got {horizons}"
+        out = [Candidates.empty()] * len(requests)
+        sts = [self._reqs.get(r) for r in requests]
+        idx = [i for i, st in enumerate(sts) if st is not None and st.experts is not None]
+        if not idx:
+            return out
+        L, E, K = self.L, self.E, self.K
+        R, hs = len(idx), np.array([horizons[i] for i in idx])
+        H = int(hs.max())
+        src = np.array([sts[i].layer for i in idx], np.int64)                       # [R]
+        prev = np.stack([sts[i].experts for i in idx])                              # [R, K]
+        here = np.array([sts[i].token * L + sts[i].layer for i in idx], np.int64)
+        layers = (here[:, None] + np.arange(1, H + 1)) % L                          # [R, H] target layers
+        n = self.rowsum[src[:, None], prev].sum(1)                                  # [R]
+        p = self.counts[src[:, None], prev].sum(1) / np.where(n > 0, n, 1.0)[:, None]   # [R, E]; 0 without evidence
+        P = np.empty((R, H, E))
+        P[:, 0] = K * p
+        for d in range(1, H):
+            # p @ (C / rowsum) with the division on p's side: [R, E] numbers instead of an [E, E] matrix
+            a = layers[:, d - 1]                                                    # the hop's source layer
+            if (a == a[0]).all():   # a decode step: every request's hop leaves the same layer
+                rs = self.rowsum[a[0]]
+                p = (p / np.where(rs > 0, rs, 1.0)) @ self.counts[a[0]]
+            else:
+                rs = self.rowsum[a]
+                p = np.einsum("re,ref->rf", p / np.where(rs > 0, rs, 1.0), self.counts[a])
+            P[:, d] = K * p
+        P[np.arange(H)[None, :] >= hs[:, None]] = 0.0                               # past each request's horizon
+        r, d, e = np.nonzero(P > 0)
+        cut = np.searchsorted(r, np.arange(R + 1))
+        dist, lay, prob = d + 1, layers[r, d], np.minimum(P[r, d, e], 1.0)
+        for j, i in enumerate(idx):
+            a, b = cut[j], cut[j + 1]
+            out[i] = Candidates(dist[a:b], lay[a:b], e[a:b], prob[a:b])
+        return out
 
     def _arrays(self):
         return [self.counts, self.rowsum]

@@ -136,6 +136,42 @@ class Telemetry:
             predicted |= hit_top | hit_thr
         self.timely += int((predicted & resident).sum())
 
+    def record_truth_many(self, requests: list, pos: np.ndarray, experts: np.ndarray,
+                          resident: np.ndarray) -> None:
+        """record_truth of each row in row order (requests [N], pos int [N], experts int [N, K], resident bool
+        [N, K]): the pending lookups per row, the scoring of every matched prediction at once."""
+        N, K = experts.shape
+        self.events += N
+        self.selected += N * K
+        rows, ds, tops, thrs, nthrs = [], [], [], [], []
+        for n, (req, q) in enumerate(zip(requests, np.asarray(pos).tolist())):
+            p = self._pending.get(req)
+            if p is None or not p.by_pos:
+                continue
+            preds = p.by_pos.pop(q, None)
+            if p.by_pos:   # anything older than q can no longer be scored
+                for old in [x for x in p.by_pos if x < q]:
+                    del p.by_pos[old]
+            for d, top, thr, nthr in preds or ():
+                rows.append(n)
+                ds.append(d)
+                tops.append(top)
+                thrs.append(thr)
+                nthrs.append(nthr)
+        if not rows:
+            return
+        r, d = np.array(rows), np.array(ds)
+        ex = experts[r]                                            # [M, K] the truth each prediction is scored on
+        i = np.arange(len(r))[:, None]
+        hit_top, hit_thr = np.stack(tops)[i, ex], np.stack(thrs)[i, ex]   # [M, K]
+        np.add.at(self.recall_sum, d, hit_top.sum(1) / self.K)
+        np.add.at(self.recall_n, d, 1)
+        np.add.at(self.tp, d, hit_thr.sum(1))       # experts are distinct: hits among thr = thr ∩ selected
+        np.add.at(self.predicted, d, np.array(nthrs))
+        predicted = np.zeros((N, K), np.int64)
+        np.add.at(predicted, r, hit_top | hit_thr)
+        self.timely += int(((predicted > 0) & resident).sum())
+
     def end_request(self, request: Hashable) -> None:
         self._pending.pop(request, None)
 

@@ -5,6 +5,7 @@ requests whose end never arrives are forgotten."""
 import asyncio
 
 import numpy as np
+import pytest
 
 from actors.prefetch_coordinator import MAX_LIVE_REQUESTS, PrefetchCoordinator
 from cluster.config import PrefetchConfig
@@ -204,3 +205,99 @@ def test_requests_whose_end_never_arrives_are_forgotten_after_their_runtime_move
 
     st = asyncio.run(run())
     assert st["expired_requests"] == 2 and st["live_requests"] == 2, st
+
+
+class _RecordingCache:
+    """A worker's 25% cache (jobs.bench_coordinator's sink: victims out, then the oldest) whose prefetch calls are
+    recorded: (orders (layer, expert, request, victims), their priorities, cancellations)."""
+    def __init__(self, cap):
+        from jobs.bench_coordinator import _SinkCache
+        self.sink, self.calls = _SinkCache(cap, 1 << 20), []
+
+    def prefetch(self, items, cancel=None, keep=None):
+        self.calls.append(([(i[0], i[1], i[3], tuple(map(tuple, i[4]))) for i in items], [i[2] for i in items],
+                           sorted(map(tuple, cancel or []))))
+        self.sink.prefetch(items, cancel, keep)
+
+    def snapshot(self):
+        return self.sink.snapshot()
+
+
+def test_a_decode_steps_rows_handled_at_once_decide_as_row_by_row():
+    """A decode step's rows go to the predictor and the telemetry at once (observe_many, predict_many,
+    record_truth_many) and the scoring waits until the orders are out: the orders, their victims, cancellations
+    and the telemetry are those of the row-by-row calls, over requests that drift apart, skip steps (gaps), end,
+    join, and one that prefills (its rows twice in an event: the row-by-row path)."""
+    from policies.predictors import CrossLayerTransition, Predictor
+    from policies.telemetry import Telemetry
+
+    class RowByRow(CrossLayerTransition):
+        observe_many = Predictor.observe_many
+        predict_many = Predictor.predict_many
+
+    class RowByRowTelemetry(Telemetry):
+        def record_truth_many(self, requests, pos, experts, resident):
+            for r, q, x, z in zip(requests, pos, experts, resident):
+                self.record_truth(r, int(q), x, z)
+
+    from jobs.bench_coordinator import _InProcessStorage, _InProcessWorker
+
+    def make(row_by_row):
+        caches = [_RecordingCache(4), _RecordingCache(4)]          # 8 of the 32 experts
+        ws = {0: _InProcessWorker(caches[0]), 1: _InProcessWorker(caches[1])}
+        geo = {"moe_layers": list(range(L)), "num_experts": E, "top_k": K, "nbytes": np.full((L, E), 1 << 20),
+               "store_tiers": {"nvme": np.ones((L, E), bool)}, "tier_set": ["nvme"]}
+        pf = PrefetchConfig(policy="cross_layer", lookahead_layers=3, lookahead_tokens=2, refresh_s=1e-9,
+                            threshold=0.05)
+        c = PrefetchCoordinator(pf, geo, ws, {0: "n0", 1: "n0"}, np.tile(np.arange(E) % 2, (L, 1)),
+                                {"n0": [_InProcessStorage()]})
+        c.metrics = None
+        if row_by_row:
+            c.batched = False   # the coordinator's row-by-row path, as it was before the batched one
+            c.predictor = RowByRow(L, E, K)
+            tel = RowByRowTelemetry(L, E, K, max_distance=c.tel.D, expiry=c.tel.expiry)
+            c.tel = tel
+        return c, caches
+
+    rng = np.random.default_rng(7)
+    script = []
+    first = {"r0": 0, "r1": 2, "r2": 5, "r3": 1}
+    for step in range(160):
+        layer = step % L
+        live = [r for r in ("r0", "r1", "r2", "r3") if (r != "r2" or step < 90) and (r != "r3" or step >= 40)]
+        rows = [r for r in live if rng.random() < 0.9]
+        toks = [first[r] + step // L for r in rows]
+        if step == 120:
+            rows, toks = rows + [rows[0]], toks + [toks[0] + 1]   # a prefill row: the row-by-row path
+        script.append((layer, rows, toks, rng.integers(0, E, (len(rows), K)), step == 90))
+    out = []
+    for row_by_row in (False, True):
+        c, ws = make(row_by_row)
+
+        async def run():
+            for layer, rows, toks, ids, end_r2 in script:
+                if end_r2:
+                    await c.end_request(["r2"])
+                if rows:
+                    await c.publish({"runtime": "a", "requests": rows, "layers": [
+                        {"layer": layer, "rows": np.arange(len(rows)), "pos": np.array(toks), "ids": ids,
+                         "w": np.ones(ids.shape, np.float32), "hidden": None}]})
+                for _ in range(3):          # the orders land and the poll reads the caches between steps
+                    await asyncio.sleep(0)
+            return await c.stats()
+
+        out.append((asyncio.run(run()), [w.calls for w in ws]))
+    (fast, fast_calls), (slow, slow_calls) = out
+    n_orders = sum(len(items) for calls in slow_calls for items, _, _ in calls)
+    assert n_orders > 40, f"only {n_orders} orders: the comparison says little"
+    for a, b in zip(fast_calls, slow_calls):
+        assert [(items, cancel) for items, _, cancel in a] == [(items, cancel) for items, _, cancel in b]
+        np.testing.assert_allclose(np.concatenate([p for _, p, _ in a]), np.concatenate([p for _, p, _ in b]),
+                                   rtol=1e-9)
+    for key in ("recall_at_k", "precision_by_distance"):
+        assert fast[key].keys() == slow[key].keys() and fast[key], key
+        for d in fast[key]:
+            assert fast[key][d] == pytest.approx(slow[key][d], rel=1e-9), (key, d)
+    assert fast["timely_recall"] == pytest.approx(slow["timely_recall"], rel=1e-12)
+    assert fast["prefetches"] == slow["prefetches"]
+    assert 0 < fast["decision_ms_p50"] <= fast["step_ms_p50"]

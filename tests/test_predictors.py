@@ -234,3 +234,58 @@ def test_readme_orientation_figures(name):
     )
     for label, g, w in zip(("transition", "previous token", "frequency", "LRU", "Belady"), got, want):
         assert abs(g - w) <= 0.03, f"{name} {label}: measured {g:.3f}, README {w}"
+
+
+# -- the coordinator's batched calls ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("half_life", [None, 40.0])
+def test_transition_batched_calls_equal_row_by_row(half_life):
+    """observe_many / predict_many (one layer event's requests at once, as the PrefetchCoordinator calls them) give
+    the tables and candidates of observe / predict row by row: requests at different positions, gaps, a request
+    that joins late, a prefill (one request twice in an event), unknown requests, horizons of 1..8."""
+    rng = np.random.default_rng(3)
+    Lp, Ep, Kp = 5, 12, 3
+    a, b = CrossLayerTransition(Lp, Ep, Kp, half_life=half_life), CrossLayerTransition(Lp, Ep, Kp, half_life=half_life)
+    reqs = ["r0", "r1", "r2", "r3"]
+    first = {"r0": 0, "r1": 3, "r2": 7, "r3": 1}                  # each request's token at step 0: they differ
+    batched = 0
+    for step in range(150):
+        layer = step % Lp
+        live = reqs[:1 + min(step // 10, 3)]                       # r3 joins at step 30
+        rows = [r for r in live if rng.random() < 0.85]            # a request that skips a step leaves a gap
+        toks = [first[r] + step // Lp for r in rows]
+        if step % 17 == 0 and rows:
+            rows, toks = rows + [rows[0]], toks + [toks[0] + 1]    # a prefill: the same request's next token
+        if not rows:
+            continue
+        ids = np.stack([rng.choice(Ep, Kp, replace=False) for _ in rows])
+        for r, t, x in zip(rows, toks, ids):
+            a.observe(RoutingEvent(r, t, layer, x))
+        b.observe_many(rows, np.array(toks), layer, ids)
+        batched += len(set(rows)) == len(rows) and len(rows) > 1
+        asked = reqs + ["never-seen"]
+        hs = [int(h) for h in rng.integers(1, 9, size=len(asked))]
+        want = [a.predict(r, h) for r, h in zip(asked, hs)]
+        got = b.predict_many(asked, hs)
+        for r, x, y in zip(asked, want, got):
+            assert np.array_equal(x.distance, y.distance) and np.array_equal(x.layer, y.layer), r
+            assert np.array_equal(x.expert, y.expert), r
+            np.testing.assert_allclose(y.prob, x.prob, rtol=1e-9, atol=1e-12, err_msg=r)
+    assert batched > 80, "the vectorized path was hardly exercised"
+    assert (a.rowsum > 0).mean() > 0.9, "too few transitions were counted to compare"
+    np.testing.assert_allclose(b.counts, a.counts, rtol=1e-12)
+    np.testing.assert_allclose(b.rowsum, a.rowsum, rtol=1e-12)
+
+
+def test_base_predictor_batched_calls_loop_over_rows():
+    """A predictor without its own batched calls (PreviousToken) answers observe_many / predict_many as row by row."""
+    a, b = PreviousToken(3, 6, 2), PreviousToken(3, 6, 2)
+    ids = np.array([[0, 1], [2, 3]])
+    for l in range(3):
+        for r, x in zip(["x", "y"], ids + l):
+            a.observe(ev(r, 0, l, x))
+        b.observe_many(["x", "y"], np.array([0, 0]), l, ids + l)
+    for x, y in zip([a.predict("x", 3), a.predict("y", 2)], b.predict_many(["x", "y"], [3, 2])):
+        assert np.array_equal(x.expert, y.expert) and np.array_equal(x.distance, y.distance)
+        np.testing.assert_allclose(y.prob, x.prob)
+    assert len(b.predict_many(["x"], [3])[0]) == 6

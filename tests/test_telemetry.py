@@ -71,3 +71,37 @@ def test_runtime_counters_summed_over_runtimes_and_window_history():
     assert s["bytes_by_tier"] == {"dram": 15, "nvme": 7} and s["hit_rate"] == pytest.approx(5 / 9)
     assert s["window"] == 3.0 and s["window_history"] == [(2, 2.5), (3, 3.0)]
     assert s["hook"] == {"loop_s": 0.25, "deferred_s": 0.5, "layers": 8}   # "b" reported no hook counters
+
+
+def test_record_truth_many_scores_as_row_by_row():
+    """The coordinator scores a layer event's rows at once (record_truth_many): the same recall, precision and
+    timely recall as record_truth row by row, a request twice in the event (a prefill) included, whose later row
+    drops its earlier pending positions."""
+    rng = np.random.default_rng(0)
+    one, many = Telemetry(L, E, K), Telemetry(L, E, K)
+    for step in range(60):
+        reqs = [f"r{i}" for i in range(5) if rng.random() < 0.8]
+        if not reqs:
+            continue
+        pos = np.array([step + i for i in range(len(reqs))])
+        if step % 7 == 0:
+            reqs, pos = reqs + [reqs[0]], np.append(pos, pos[0] + 1)
+        items = []   # predictions made 3 positions back for the next 1..3 positions, some above threshold
+        for r, q in zip(reqs, pos):
+            n = int(rng.integers(1, 9))
+            items.append((r, int(q) - 3, rng.integers(1, 4, n), rng.integers(0, E, n), rng.random(n)))
+        for t in (one, many):
+            t.record_predictions(items, threshold=0.5)
+        ids = np.stack([rng.choice(E, K, replace=False) for _ in reqs])
+        res = rng.random((len(reqs), K)) < 0.5
+        for r, q, x, z in zip(reqs, pos, ids, res):
+            one.record_truth(r, int(q), x, z)
+        many.record_truth_many(reqs, pos, ids, res)
+    a, b = one.snapshot(), many.snapshot()
+    assert one.recall_n.sum() > 100, "too few predictions were scored to compare"
+    for key in ("recall_at_k", "precision_by_distance"):
+        assert a[key].keys() == b[key].keys()
+        for d in a[key]:
+            assert b[key][d] == pytest.approx(a[key][d], rel=1e-12), (key, d)
+    assert (many.timely, many.selected, many.events) == (one.timely, one.selected, one.events)
+    assert np.array_equal(many.tp, one.tp) and np.array_equal(many.predicted, one.predicted)
