@@ -15,7 +15,7 @@ Names (PREDICTOR_NAMES) and what each needs:
   request_level         nothing (kNN over past requests; call begin(request, embedding) before the first event to
                         prefetch for the whole request; policies/request_level.py)
   ensemble              members= (names) or the default: every practical predictor that applies given what was
-                        passed (policies/ensemble.py)
+                        passed, but request_level and intelligent_adaptive (policies/ensemble.py)
 
 router_weights: either {MoE layer 0..L-1: float [E, H]} router weights, or a (gates, norms) pair as
 speculation.gates_from_dense returns, or a checkpoint's dense tensors {name: tensor} (cluster.model.load_checkpoint's
@@ -130,8 +130,11 @@ def make_predictor(name: str, *, num_layers: int, num_experts: int, top_k: int, 
     members = kw.pop("members", None)
     member_kw = kw.pop("member_kw", {})
     if members is None:
+        # not request_level (the whole-request warm-up: begin()), nor intelligent_adaptive: it is an ensemble of
+        # the frequency, transition and pattern signals the other members give, and ran half of the ensemble's time
+        # for no recall (docs/benchmarks.md, session 19)
         members = [n for n in available_names(trace=trace, store_dir=store_dir, router_weights=router_weights)
-                   if n != "request_level"]
+                   if n not in ("request_level", "intelligent_adaptive")]
         if "pre_gated" in members and "learned" in members:  # Pre-gated MoE: a trained pre-gate replaces the aux
             members.remove("learned")
     bad = [m for m in members if m == "ensemble" or m not in PREDICTOR_NAMES]

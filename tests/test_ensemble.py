@@ -115,6 +115,9 @@ def test_registry_builds_every_name_and_refuses_bad_input(trace):
         assert ((c.prob > 0) & (c.prob <= 1)).all() and set(c.distance.tolist()) <= {1, 2}
     ens = make_predictor("ensemble", **geo, trace=trace, router_weights=gates)
     assert "next_gate" in ens.names and "oracle" not in ens.names and "on_demand" not in ens.names
+    # not the whole-request warm-up, nor the seed's own mixture of what the other members give (half the cost)
+    assert "request_level" not in ens.names and "intelligent_adaptive" not in ens.names, ens.names
+    assert {"multi_lookahead", "cross_layer", "topk_frequency", "previous_token"} <= set(ens.names), ens.names
     ens = make_predictor("ensemble", **geo, members=["cross_layer", "previous_token"])
     assert ens.names == ["cross_layer", "previous_token"]
     with pytest.raises(ValueError, match="ensemble members"):
