@@ -383,12 +383,15 @@ class PrefetchCoordinator:
         self.step += 1
         if self.step % 16 == 0:
             self._expire_idle()
-        self._decide()
-        # the telemetry's scoring waits until the orders are out: it changes no decision (it reads what the
-        # predictor said and what the router chose), so it stays off the routing-in -> orders-out latency
-        t1 = time.perf_counter()
-        self._score()
-        t2 = time.perf_counter()
+        try:
+            self._decide()
+        finally:
+            # the telemetry's scoring waits until the orders are out: it changes no decision (it reads what the
+            # predictor said and what the router chose), so it stays off the routing-in -> orders-out latency;
+            # a step whose decision failed is scored all the same
+            t1 = time.perf_counter()
+            self._score()
+            t2 = time.perf_counter()
         self.step_times.append(t2 - t0)
         self.submit_times.append(self._submit_s)
         self.predictor_times.append(self._pred_s)
@@ -513,7 +516,7 @@ class PrefetchCoordinator:
                 tok, li = self.requests[req]
                 scored.append((req, tok * self.L + li, c.distance, c.expert, c.prob))
             views.append(RequestView(req, c, tiers, tenant, budget))
-        self._scored = scored   # recorded by _score once the orders are out
+        self._scored = scored   # recorded by _score once the orders are out (or the decision failed)
         if not views or not self._polled:
             return
         view = self.view()

@@ -1,7 +1,7 @@
 """Coordinator decision time per layer step (issue #4 target: p99 <= 1 ms with 32 layers x 64 experts x 8 workers).
 
     python -m jobs.bench_coordinator [--layers 32 --experts 64 --workers 8 --top-k 8 --requests 8 --steps 2000]
-                                     [--policy cross_layer] [--no-actor] --json OUT
+                                     [--policy cross_layer] [--runtimes 1] [--no-actor] --json OUT
 
 Three measurements on the same synthetic routing (a per-layer Markov chain over experts, so predictors have
 something to predict; a 25% HBM cache; every expert in NVMe and S3):
@@ -166,13 +166,21 @@ def bench_planner(args, routes) -> dict:
 
 
 def batches(args, routes):
-    L, B = args.layers, args.requests
-    reqs = [f"r{b}" for b in range(B)]
+    """One routing batch per layer step of each runtime. With --runtimes R the requests are split over R runtimes
+    whose decode steps are L / R layers apart, so a step predicts for requests at R different layers."""
+    L, B, R = args.layers, args.requests, getattr(args, "runtimes", 1)
+    groups = [np.arange(j, B, R) for j in range(R)]   # the requests' rows of each runtime
     for t in range(routes.shape[0]):
         for l in range(L):
-            yield {"runtime": "bench", "requests": reqs, "counters": {},
-                   "layers": [{"layer": l, "rows": np.arange(B), "pos": np.full(B, t), "ids": routes[t, l],
-                               "w": np.full(routes[t, l].shape, 1.0 / args.top_k, np.float32), "hidden": None}]}
+            for j, g in enumerate(groups):
+                q = t * L + l - j * (L // R)                # runtime j is j * L / R layers behind
+                if q < 0 or not len(g):
+                    continue
+                tq, lq = divmod(q, L)
+                ids = routes[tq, lq, g]
+                yield {"runtime": f"bench{j}", "requests": [f"r{b}" for b in g], "counters": {},
+                       "layers": [{"layer": lq, "rows": np.arange(len(g)), "pos": np.full(len(g), tq), "ids": ids,
+                                   "w": np.full(ids.shape, 1.0 / args.top_k, np.float32), "hidden": None}]}
 
 
 def coordinator_args(args):
@@ -187,7 +195,7 @@ def coordinator_args(args):
 def bench_step(args, routes) -> dict:
     from actors.prefetch_coordinator import PrefetchCoordinator
     pf, geo, owner = coordinator_args(args)
-    pf = pf.model_copy(update={"refresh_s": 1e-9})   # poll the caches after every step (a task between steps)
+    pf = pf.model_copy(update={"refresh_s": 1e-9})   # poll the caches as often as the loop lets a poll finish
     W = args.workers
     cap = args.layers * args.experts // 4 // W      # experts per worker: a 25% cache
     sinks = [_SinkCache(cap, 1 << 20) for _ in range(W)]
@@ -362,6 +370,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--runtimes", type=int, default=1,
+                    help="split the requests over this many runtimes, L / runtimes layers apart (the step and actor "
+                         "runs; so a step predicts for requests at several layers)")
     ap.add_argument("--window", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=100)
@@ -375,6 +386,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lookahead-layers", type=int, default=2, help="--embedded: initial window")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
+    if not 1 <= args.runtimes <= args.requests:
+        ap.error(f"--runtimes {args.runtimes}: must be between 1 and --requests ({args.requests})")
     if args.embedded:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         res = {"config": vars(args), **bench_embedded(args)}

@@ -257,6 +257,7 @@ class CrossLayerTransition(Predictor):
     The README's "cross-layer transition" column is this at distance 1 with half_life=None, online from an empty
     table over the whole trace (no per-request reset)."""
     name = "transition"
+    chunk = 1 << 22   # predict_many: (request, distance, expert) numbers at once at most
 
     def __init__(self, num_layers, num_experts, top_k, *, half_life: float | None = None, **kw):
         super().__init__(num_layers, num_experts, top_k, **kw)
@@ -335,40 +336,49 @@ class CrossLayerTransition(Predictor):
         out = [Candidates.empty()] * len(requests)
         sts = [self._reqs.get(r) for r in requests]
         idx = [i for i, st in enumerate(sts) if st is not None and st.experts is not None]
-        if not idx:
-            return out
+        # requests in chunks of at most ~4M (request, distance, expert) numbers: bounded memory at any batch
+        step = max(1, self.chunk // (self.E * max(horizons[i] for i in idx))) if idx else 1
+        for a in range(0, len(idx), step):
+            self._predict_rows([sts[i] for i in idx[a:a + step]], [horizons[i] for i in idx[a:a + step]],
+                               idx[a:a + step], out)
+        return out
+
+    def _predict_rows(self, sts: list, horizons: list, where: list, out: list) -> None:
+        """predict() of requests with a last event (states sts), into out[where[j]]."""
         L, E, K = self.L, self.E, self.K
-        R, hs = len(idx), np.array([horizons[i] for i in idx])
+        R, hs = len(sts), np.array(horizons)
         H = int(hs.max())
-        src = np.array([sts[i].layer for i in idx], np.int64)                       # [R]
-        prev = np.stack([sts[i].experts for i in idx])                              # [R, K]
-        here = np.array([sts[i].token * L + sts[i].layer for i in idx], np.int64)
-        layers = (here[:, None] + np.arange(1, H + 1)) % L                          # [R, H] target layers
-        n = self.rowsum[src[:, None], prev].sum(1)                                  # [R]
-        p = self.counts[src[:, None], prev].sum(1) / np.where(n > 0, n, 1.0)[:, None]   # [R, E]; 0 without evidence
+        src = np.array([st.layer for st in sts], np.int64)                           # [R]
+        prev = np.stack([st.experts for st in sts])                                  # [R, K]
+        here = np.array([st.token * L + st.layer for st in sts], np.int64)
+        layers = (here[:, None] + np.arange(1, H + 1)) % L                           # [R, H] target layers
+        n = self.rowsum[src[:, None], prev].sum(1)                                   # [R]
+        p = self.counts[src[:, None], prev].sum(1) / np.where(n > 0, n, 1.0)[:, None]   # [R, E]; 0: no evidence
         P = np.empty((R, H, E))
         P[:, 0] = K * p
         for d in range(1, H):
-            # p @ (C / rowsum) with the division on p's side: [R, E] numbers instead of an [E, E] matrix
-            a = layers[:, d - 1]                                                    # the hop's source layer
-            if (a == a[0]).all():   # a decode step: every request's hop leaves the same layer
+            # p @ (C / rowsum) with the division on p's side ([R, E] numbers instead of an [E, E] matrix), one
+            # product per source layer of the hop: a decode step's requests share one; requests at other layers
+            # (another runtime, one that skipped a step) make a few more
+            a = layers[:, d - 1]
+            if (a == a[0]).all():
                 rs = self.rowsum[a[0]]
                 p = (p / np.where(rs > 0, rs, 1.0)) @ self.counts[a[0]]
             else:
-                rs = self.rowsum[a]
-                p = np.einsum("re,ref->rf", p / np.where(rs > 0, rs, 1.0), self.counts[a])
+                q = np.empty_like(p)
+                for l in np.unique(a).tolist():
+                    m = a == l
+                    rs = self.rowsum[l]
+                    q[m] = (p[m] / np.where(rs > 0, rs, 1.0)) @ self.counts[l]
+                p = q
             P[:, d] = K * p
-        P[np.arange(H)[None, :] >= hs[:, None]] = 0.0                               # past each request's horizon
+        P[np.arange(H)[None, :] >= hs[:, None]] = 0.0                                # past each request's horizon
         r, d, e = np.nonzero(P > 0)
         cut = np.searchsorted(r, np.arange(R + 1))
         dist, lay, prob = d + 1, layers[r, d], np.minimum(P[r, d, e], 1.0)
-        for j, i in enumerate(idx):
+        for j, i in enumerate(where):
             a, b = cut[j], cut[j + 1]
             out[i] = Candidates(dist[a:b], lay[a:b], e[a:b], prob[a:b])
-        return out
-
-    def _arrays(self):
-        return [self.counts, self.rowsum]
 
 
 class PreviousToken(Predictor):

@@ -241,11 +241,13 @@ def test_readme_orientation_figures(name):
 @pytest.mark.parametrize("half_life", [None, 40.0])
 def test_transition_batched_calls_equal_row_by_row(half_life):
     """observe_many / predict_many (one layer event's requests at once, as the PrefetchCoordinator calls them) give
-    the tables and candidates of observe / predict row by row: requests at different positions, gaps, a request
-    that joins late, a prefill (one request twice in an event), unknown requests, horizons of 1..8."""
+    the tables and candidates of observe / predict row by row: requests at different positions (a request that
+    skipped a step predicts from another layer than the rest), gaps, a request that joins late, a prefill (one
+    request twice in an event), unknown requests, horizons of 1..8, predictions made in chunks of requests."""
     rng = np.random.default_rng(3)
     Lp, Ep, Kp = 5, 12, 3
     a, b = CrossLayerTransition(Lp, Ep, Kp, half_life=half_life), CrossLayerTransition(Lp, Ep, Kp, half_life=half_life)
+    b.chunk = 2 * Ep * 8   # predict_many in chunks of 2 requests at the largest horizon
     reqs = ["r0", "r1", "r2", "r3"]
     first = {"r0": 0, "r1": 3, "r2": 7, "r3": 1}                  # each request's token at step 0: they differ
     batched = 0
