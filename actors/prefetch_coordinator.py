@@ -3,16 +3,18 @@
 Runtimes publish batches of routing events without waiting (`publish.remote(batch)`, fire-and-forget; the
 actor is created with `max_pending_calls`, so a runtime whose coordinator lags gets an immediate error and drops
 the batch — counted — instead of queueing without bound or blocking the decode loop). Per batch the actor:
-  1. scores the predictions it made earlier against the true routing (telemetry: recall@k and precision per
-     layer distance, timely recall), marks prefetches used, and feeds the events to the predictor
-     (policies/registry.py, chosen by `prefetch.policy`);
-  2. predicts each live request's next `window` MoE layers (positions wrap into the next tokens);
+  1. marks prefetches used and feeds the events to the predictor (policies/registry.py, chosen by
+     `prefetch.policy`): a decode step's rows at once (`observe_many`), a prefill's row by row;
+  2. predicts each live request's next `window` MoE layers (positions wrap into the next tokens), all at once
+     (`predict_many`);
   3. asks the planner (policies/ranking.py) for orders against its view of the cluster — which worker owns
      what, what is resident / in flight / staged where, free bytes — and issues them: `prefetch` to the owning
      ExpertWorkers (HBM; each order names the only residents it may displace) and `stage` to the owner node's
      StorageActor (DRAM), fire-and-forget;
   4. cancels in-flight orders no request predicts any more, and everything of requests that ended;
-  5. every `adapt_every` steps adapts the window (WindowController) from the wasted fraction and stall deltas.
+  5. every `adapt_every` steps adapts the window (WindowController) from the wasted fraction and stall deltas;
+  6. once the orders are out, scores the predictions made earlier against the true routing (telemetry: recall@k
+     and precision per layer distance, timely recall) and records this step's for scoring.
 Its view is refreshed from the workers' and storage actors' `snapshot()` every `refresh_s` in the background,
 and kept current between refreshes from what it ordered and what the routing says was just used.
 
