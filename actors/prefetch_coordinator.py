@@ -435,7 +435,9 @@ class PrefetchCoordinator:
         reqs = [table[r] for r in rows.tolist()]
         toks = pos.tolist()
         new = sum(r not in self.requests for r in reqs)
-        if not self.batched or len(set(reqs)) < len(reqs) or len(self.requests) + new > MAX_LIVE_REQUESTS or any(
+        observe_many = getattr(self.predictor, "observe_many", None)   # an injected predictor may lack it
+        if not self.batched or observe_many is None or len(set(reqs)) < len(reqs) or \
+                len(self.requests) + new > MAX_LIVE_REQUESTS or any(
                 t < self.requests[r][0] and li <= self.requests[r][1] for r, t in zip(reqs, toks)
                 if r in self.requests):
             # a request twice in the event (a prefill), a forgotten one or a reused id: row by row, as each row's
@@ -461,13 +463,7 @@ class PrefetchCoordinator:
         else:   # the common case, a decode step: every row at once
             self._truths.append((reqs, pos * self.L + li, ids, resident_before))
             tp = time.perf_counter()
-            many = getattr(self.predictor, "observe_many", None)   # policies' predictors have it; an injected
-            if many is not None:                                  # one may have only observe()
-                many(reqs, pos, li, ids, w, hidden)
-            else:
-                for n, (req, tok) in enumerate(zip(reqs, toks)):
-                    self.predictor.observe(RoutingEvent(req, tok, li, ids[n], w[n],
-                                                        None if hidden is None else hidden[n]))
+            observe_many(reqs, pos, li, ids, w, hidden)
             self._pred_s += time.perf_counter() - tp
             for req, tok in zip(reqs, toks):
                 self.requests[req] = (tok, li)

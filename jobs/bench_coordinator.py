@@ -110,8 +110,8 @@ class _Call:
 
 
 class _InProcessWorker:
-    """A handle whose prefetch applies to a _SinkCache at once and whose snapshot answers an already-done
-    future, so the coordinator's own poll (refresh_s) reads the caches as it reads real workers'."""
+    """A handle whose prefetch applies to a _SinkCache right after the step and whose snapshot answers an
+    already-done future, so the coordinator's own poll (refresh_s) reads the caches as it reads real workers'."""
     def __init__(self, sink):
         self.prefetch = _Call(sink.prefetch, False)
         self.snapshot = _Call(sink.snapshot, True)
@@ -236,18 +236,12 @@ def bench_actor(args, routes) -> dict:
 
     @ray.remote(num_cpus=0)
     class Sink:
-        """A worker's bookkeeping without bytes: prefetched experts become resident (named victims out first,
-        then the oldest), so the coordinator sees a full cache after warm-up, as in serving."""
+        """A _SinkCache behind a Ray actor: the coordinator sees a full cache after warm-up, as in serving."""
         def __init__(self):
-            self.res: dict = {}
+            self.cache = _SinkCache(cap, 1 << 20)
 
         def prefetch(self, items, cancel=None, keep=None):
-            for it in items:
-                for v in (it[4] if len(it) > 4 and it[4] else ()):
-                    self.res.pop(tuple(v), None)
-                self.res[(it[0], it[1])] = True
-                while len(self.res) > cap:
-                    self.res.pop(next(iter(self.res)))
+            self.cache.prefetch(items, cancel, keep)
             return len(items)
 
         def cancel(self, request=None, items=None, requests=None):
@@ -257,7 +251,7 @@ def bench_actor(args, routes) -> dict:
             return 0
 
         def snapshot(self):
-            return list(self.res), [], len(self.res) << 20, cap << 20
+            return self.cache.snapshot()
 
     pf, geo, owner = coordinator_args(args)
     pf = pf.model_copy(update={"refresh_s": 0.05})

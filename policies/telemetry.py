@@ -117,13 +117,7 @@ class Telemetry:
         owner's cache before the layer ran (as the coordinator knew it)."""
         self.events += 1
         self.selected += len(experts)
-        p = self._pending.get(request)
-        if p is None or not p.by_pos:
-            return
-        preds = p.by_pos.pop(pos, None)
-        if p.by_pos:   # anything older than pos can no longer be scored
-            for old in [q for q in p.by_pos if q < pos]:
-                del p.by_pos[old]
+        preds = self._take(request, pos)
         if not preds:
             return
         predicted = np.zeros(len(experts), bool)
@@ -145,14 +139,7 @@ class Telemetry:
         self.selected += N * K
         rows, ds, tops, thrs, nthrs = [], [], [], [], []
         for n, (req, q) in enumerate(zip(requests, np.asarray(pos).tolist())):
-            p = self._pending.get(req)
-            if p is None or not p.by_pos:
-                continue
-            preds = p.by_pos.pop(q, None)
-            if p.by_pos:   # anything older than q can no longer be scored
-                for old in [x for x in p.by_pos if x < q]:
-                    del p.by_pos[old]
-            for d, top, thr, nthr in preds or ():
+            for d, top, thr, nthr in self._take(req, q):
                 rows.append(n)
                 ds.append(d)
                 tops.append(top)
@@ -171,6 +158,17 @@ class Telemetry:
         predicted = np.zeros((N, K), np.int64)
         np.add.at(predicted, r, hit_top | hit_thr)
         self.timely += int(((predicted > 0) & resident).sum())
+
+    def _take(self, request: Hashable, pos: int) -> list:
+        """The request's predictions for position `pos`, removed with every older one (no longer scorable)."""
+        p = self._pending.get(request)
+        if p is None or not p.by_pos:
+            return []
+        preds = p.by_pos.pop(pos, None) or []
+        if p.by_pos:
+            for old in [q for q in p.by_pos if q < pos]:
+                del p.by_pos[old]
+        return preds
 
     def end_request(self, request: Hashable) -> None:
         self._pending.pop(request, None)
