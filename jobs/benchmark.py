@@ -1,5 +1,6 @@
 """python -m jobs.benchmark policies --trace PATH [--expert-mib N] [--cache-fraction F] [--quick]
-                                   [--policies a,b,...] [--workers W] [--batch B] --json OUT   (+ OUT's .png)
+                                   [--policies a,b,...] [--workers W] [--gpus-per-worker G] [--batch B]
+                                   --json OUT   (+ OUT's .png)
                                    [--prefetch-ratio full,0.8,0.5,0.25]   (partial prefetch, docs/weight_prefetch.md)
                                    [--tier s3 --s3-latency-ms MS --s3-mbps MBPS]   (I/O-bound: loads from shaped S3)
                                    [--tier link --link-latency-ms MS --link-mbps MBPS --link-channels N
@@ -731,6 +732,9 @@ def main(argv=None) -> int:
                                                     "NAME+reuse_fast: with them, without their long-memory table "
                                                     "and without a routing prior)")
     p.add_argument("--workers", type=at_least(1), default=2)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs each worker asks Ray for (e.g. 0.5: two workers per GPU); > 0 puts the worker caches "
+                        "in device memory and computes there (default 0: CPU workers)")
     p.add_argument("--batch", type=at_least(1), default=4)
     p.add_argument("--tokens", type=at_least(1), default=None, help="trace rows to replay (default 1024, --quick 160)")
     p.add_argument("--layers", type=at_least(1), default=None, help="first MoE layers only (default all, --quick 4)")
@@ -757,6 +761,8 @@ def main(argv=None) -> int:
             p.error(f"--policies {a.policies}: {err}")
     if err := config_error(a):
         p.error(err)
+    if a.gpus_per_worker > 0 and not a.address and (err := gpu_error(a.gpus_per_worker, a.workers)):
+        p.error(f"--gpus-per-worker {a.gpus_per_worker:g}: {err}")
     mib = a.expert_mib or (0.5 if a.quick else 2.0)
     tokens = a.tokens or (160 if a.quick else 1024)
     layers = a.layers or (4 if a.quick else None)
@@ -826,7 +832,22 @@ _FLAG_OF = {"prefetch_concurrency": "--prefetch-concurrency", "placement": "--pl
             "lookahead_layers": "--window", "publish_every_layers": "--publish-every",
             "speculate_layers": "--speculate-layers", "speculate_threshold": "--speculate-threshold",
             "speculate_fanout": "--speculate-fanout", "routing_prior": "--routing-prior", "count": "--workers",
+            "num_gpus_per_worker": "--gpus-per-worker",
             "channels": "--link-channels", "split_min_bytes": "--link-split-kib"}
+
+
+def gpu_error(per_worker: float, workers: int) -> str | None:
+    """Why this machine cannot place `workers` workers of `per_worker` GPUs each, or None (a local run only: a
+    cluster's GPUs are Ray's to count)."""
+    import torch
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        return "no CUDA GPU on this machine"
+    if per_worker > 1 and per_worker != int(per_worker):
+        return "above 1 it must be a whole number of GPUs (Ray's rule)"
+    if per_worker * workers > n:
+        return f"{workers} workers x {per_worker:g} GPUs need {per_worker * workers:g}; this machine has {n}"
+    return None
 
 
 def config_error(a) -> str | None:
@@ -924,8 +945,11 @@ def link_settings(a) -> dict | None:
 
 
 def worker_settings(a) -> dict:
-    return {k: v for k, v in (("prefetch_concurrency", getattr(a, "prefetch_concurrency", None)),
-                              ("placement", getattr(a, "placement", None))) if v is not None}
+    out = {k: v for k, v in (("prefetch_concurrency", getattr(a, "prefetch_concurrency", None)),
+                             ("placement", getattr(a, "placement", None))) if v is not None}
+    if getattr(a, "gpus_per_worker", 0):   # workers on GPUs: their caches are device memory, compute on the device
+        out.update(num_gpus_per_worker=a.gpus_per_worker, device="cuda")
+    return out
 
 
 def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3, t_all) -> int:

@@ -333,6 +333,36 @@ def test_benchmark_settings_the_cluster_config_refuses_fail_before_ray(bench, ca
     assert want in exits_2(capsys, lambda a: bench(*a), args)
 
 
+def test_benchmark_gpus_per_worker_is_checked_before_ray(bench, capsys, monkeypatch):
+    import torch
+    assert "--gpus-per-worker -1.0: input should be greater than or equal to 0 (the cluster config's " \
+           "workers.num_gpus_per_worker)" in exits_2(capsys, lambda a: bench(*a), ["--gpus-per-worker", "-1"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert exits_2(capsys, lambda a: bench(*a), ["--gpus-per-worker", "0.5"]).endswith(
+        "--gpus-per-worker 0.5: no CUDA GPU on this machine")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert exits_2(capsys, lambda a: bench(*a), ["--gpus-per-worker", "0.5", "--workers", "3"]).endswith(
+        "--gpus-per-worker 0.5: 3 workers x 0.5 GPUs need 1.5; this machine has 1")
+    assert exits_2(capsys, lambda a: bench(*a), ["--gpus-per-worker", "1.5", "--workers", "1"]).endswith(
+        "--gpus-per-worker 1.5: above 1 it must be a whole number of GPUs (Ray's rule)")
+    with pytest.raises(AssertionError, match="got past its checks"):   # two workers on halves of one GPU: valid
+        bench("--gpus-per-worker", "0.5", "--workers", "2")
+
+
+def test_benchmark_gpu_workers_ask_ray_for_gpus_and_compute_on_the_device():
+    from types import SimpleNamespace
+
+    from jobs.benchmark import cluster_config, worker_settings
+    a = SimpleNamespace(prefetch_concurrency=None, placement=None, gpus_per_worker=0.5)
+    cfg = cluster_config("/s", workers=2, hbm=1 << 20, dram=0, policy="on_demand", window=2, ns="n", address=None,
+                         inflight=1 << 20, worker_opts=worker_settings(a))
+    assert cfg.workers.num_gpus_per_worker == 0.5 and cfg.workers.device == "cuda"
+    cpu = cluster_config("/s", workers=2, hbm=1 << 20, dram=0, policy="on_demand", window=2, ns="n", address=None,
+                         inflight=1 << 20, worker_opts=worker_settings(SimpleNamespace(gpus_per_worker=0.0)))
+    assert cpu.workers.num_gpus_per_worker == 0 and cpu.workers.device == "auto"
+
+
 def test_convert_names_its_copies_for_the_configs_tiers(tmp_path):
     # a copy was always recorded as "nvme" / "s3", so a config naming its tier otherwise could never read it, and
     # two local copies in one run hit an assertion
