@@ -126,39 +126,98 @@ class Ensemble(Predictor):
         return _EReq(P=np.zeros((C, M, E), np.float32), top=np.full((C, C, M + 1, K), -1, np.int16),
                      sel=np.zeros((C, C, M + 1, E), bool), ppos=np.full((C, C), -1, np.int64))
 
+    def observe_many(self, requests: list, tokens: np.ndarray, layer: int, experts: np.ndarray,
+                     probs: np.ndarray | None = None, hidden: np.ndarray | None = None) -> None:
+        """One layer's routing of distinct requests at once: every row is scored, the members observe all rows
+        (their own observe_many: vectorized where they have one), then their predictions for every row are
+        taken in one predict_many each and recorded. The one difference from observe() row by row: a row's
+        recorded predictions (and the mixing weights they were mixed with) are taken after the whole layer, as
+        the coordinator's predict_many is. A prefill (a request twice) or rows that would push out a live request
+        go row by row."""
+        ids = np.array(experts, dtype=np.int64).reshape(len(requests), -1)   # a copy: the caller may reuse it
+        new = sum(r not in self._reqs for r in requests)
+        if len(set(requests)) < len(requests) or len(self._reqs) + new > self.max_requests or not len(requests):
+            return super().observe_many(requests, tokens, layer, ids, probs, hidden)
+        assert 0 <= layer < self.L, f"layer {layer} outside [0, {self.L})"
+        assert ids.shape[1] == self.K, f"expected {self.K} experts per row, got shape {ids.shape}"
+        assert 0 <= ids.min() and ids.max() < self.E, f"expert ids outside [0, {self.E})"
+        for p, h in zip(self.members, self.hidden_only):
+            if hidden is not None or not h:
+                p.observe_many(requests, tokens, layer, ids, probs, hidden)
+        toks = np.asarray(tokens, np.int64)
+        qs = toks * self.L + int(layer)
+        sts = [self._track(r) for r in requests]
+        for st, q, ex in zip(sts, qs.tolist(), ids):
+            self._score(st, q, int(layer), ex)
+        self._record(sts, qs, self._member_predictions(requests))
+        for st, t, ex in zip(sts, toks.tolist(), ids):
+            st.token, st.layer, st.experts = t, int(layer), ex
+
     def _observe(self, st: _EReq, ev: RoutingEvent, experts: np.ndarray, adjacent: bool) -> None:
-        C, L, M = self.C, self.L, len(self.members)
-        q = ev.token * L + ev.layer
+        q = ev.token * self.L + ev.layer
+        self._score(st, q, ev.layer, experts)
+        self._record([st], np.array([q]), self._member_predictions([ev.request]))
+
+    def _score(self, st: _EReq, q: int, layer: int, experts: np.ndarray) -> None:
+        """The routing at position q scores every pending prediction made for it (members' and the mix's)."""
+        C, M = self.C, len(self.members)
         slot = q % C
         pend = st.ppos[slot] == q                                           # [C] distances with predictions for q
-        if pend.any():
-            d = np.flatnonzero(pend)                                        # distance - 1
-            truth = np.zeros(self.E + 1, bool)                              # index E: the -1 (no prediction) slot
-            truth[experts] = True
-            hit = truth[st.top[slot, d]].sum(-1)                            # [n, M+1] true experts in the top-k
-            sel = st.sel[slot, d]                                           # [n, M+1, E]
-            nsel = sel.sum(-1)
-            selhit = sel[..., experts].sum(-1)
-            self.hits[:, d] = self.hits[:, d] * self.decay + hit.T
-            self.n[:, d] = self.n[:, d] * self.decay + 1.0
-            self.sel[:, d] = self.sel[:, d] * self.decay + nsel.T
-            self.selhit[:, d] = self.selhit[:, d] * self.decay + selhit.T
-            g = self.group[ev.layer]
-            lw = self.logw[g, d] - self.eta * (1.0 - hit[:, :M] / self.K)   # [n, M] Hedge on 1 - recall@k
-            lw -= lw.max(-1, keepdims=True)
-            self.logw[g, d] = np.maximum(lw, -self.floor)
-            st.ppos[slot, d] = -1
-        # the members' predictions from here, kept for predict() and scored when their targets arrive
+        if not pend.any():
+            return
+        d = np.flatnonzero(pend)                                            # distance - 1
+        truth = np.zeros(self.E + 1, bool)                                  # index E: the -1 (no prediction) slot
+        truth[experts] = True
+        hit = truth[st.top[slot, d]].sum(-1)                                # [n, M+1] true experts in the top-k
+        sel = st.sel[slot, d]                                               # [n, M+1, E]
+        nsel = sel.sum(-1)
+        selhit = sel[..., experts].sum(-1)
+        self.hits[:, d] = self.hits[:, d] * self.decay + hit.T
+        self.n[:, d] = self.n[:, d] * self.decay + 1.0
+        self.sel[:, d] = self.sel[:, d] * self.decay + nsel.T
+        self.selhit[:, d] = self.selhit[:, d] * self.decay + selhit.T
+        g = self.group[layer]
+        lw = self.logw[g, d] - self.eta * (1.0 - hit[:, :M] / self.K)       # [n, M] Hedge on 1 - recall@k
+        lw -= lw.max(-1, keepdims=True)
+        self.logw[g, d] = np.maximum(lw, -self.floor)
+        st.ppos[slot, d] = -1
+
+    def _member_predictions(self, requests: list) -> np.ndarray:
+        """float32 [R, C, M, E]: every member's prediction for distances 1..C after each request's last event."""
+        R, C, E = len(requests), self.C, self.E
+        P = np.zeros((R, C, len(self.members), E), np.float32)
         for i, p in enumerate(self.members):
-            st.P[:, i] = dense(p.predict(ev.request, C), C, self.E)
-        mixed = self._mix(st.P, (q + np.arange(1, C + 1)) % L)              # [C, E]
-        tgt = q + np.arange(1, C + 1)
+            cs = p.predict_many(requests, [C] * R)
+            rows = np.repeat(np.arange(R), [len(c) for c in cs])
+            dist = np.concatenate([c.distance for c in cs])
+            m = dist <= C
+            P[rows[m], dist[m] - 1, i, np.concatenate([c.expert for c in cs])[m]] = \
+                np.concatenate([c.prob for c in cs])[m]
+        return P
+
+    def _record(self, sts: list, qs: np.ndarray, P: np.ndarray) -> None:
+        """Keep the members' predictions P [R, C, M, E] made at positions qs [R] (for predict()), and their top-k
+        and P >= 0.5 sets and the mix's, pending until their targets' routing arrives."""
+        C, M = self.C, len(self.members)
+        tgt = qs[:, None] + np.arange(1, C + 1)                             # [R, C] target positions
+        mixed = self._mix_rows(P, tgt % self.L)                             # [R, C, E]
+        top_m, top_e = topk_rows(P, self.K), topk_rows(mixed, self.K)       # [R, C, M, K], [R, C, K]
+        sel_m, sel_e = P >= 0.5, mixed >= 0.5
         s, dd = tgt % C, np.arange(C)
-        st.top[s, dd, :M] = topk_rows(st.P, self.K)
-        st.top[s, dd, M] = topk_rows(mixed, self.K)
-        st.sel[s, dd, :M] = st.P >= 0.5
-        st.sel[s, dd, M] = mixed >= 0.5
-        st.ppos[s, dd] = tgt
+        for n, st in enumerate(sts):
+            st.P[:] = P[n]
+            st.top[s[n], dd, :M] = top_m[n]
+            st.top[s[n], dd, M] = top_e[n]
+            st.sel[s[n], dd, :M] = sel_m[n]
+            st.sel[s[n], dd, M] = sel_e[n]
+            st.ppos[s[n], dd] = tgt[n]
+
+    def _mix_rows(self, P: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """P [R, D, M, E] for target layers [R, D] -> [R, D, E] (_mix of each row)."""
+        w = self.weights()[self.group[layers], np.arange(layers.shape[1])]  # [R, D, M]
+        if self.mode == "pick":
+            w = np.eye(w.shape[-1])[np.argmax(w, -1)]
+        return np.einsum("rdm,rdme->rde", w.astype(np.float32), P)
 
     def _mix(self, P: np.ndarray, layers: np.ndarray) -> np.ndarray:
         """P [D, M, E] members' predictions for target layers [D] (D <= C) -> [D, E]."""

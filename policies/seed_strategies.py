@@ -178,6 +178,55 @@ class MultiLookAhead(Predictor):
             return _from_dense(np.minimum(self.K * p, 1.0), layers[:len(p)])
         return _from_dense(np.minimum(self.K * p, 1.0), layers[:Dp])
 
+    def predict_many(self, requests: list, horizons: list[int]) -> list[Candidates]:
+        """predict() of each request, with the tables read for all of them at once (the per-distance estimates do
+        not depend on the horizon, so one pass at the largest serves all). Horizons past D (the chained
+        co-occurrence) go request by request."""
+        if len(requests) <= 1 or max(horizons) > self.D:
+            return super().predict_many(requests, horizons)
+        assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
+        L, E, K, a, Dp = self.L, self.E, self.K, self.alpha, max(horizons)
+        sts = [self._reqs.get(r) for r in requests]
+        here = np.array([-1 if st is None or st.experts is None else st.token * L + st.layer for st in sts])
+        layers = (here[:, None] + np.arange(1, Dp + 1)) % L                # [R, Dp] target layers
+        p = np.zeros((len(requests), Dp, E))
+        if "frequency" in self.use:
+            n = self.nfreq[layers]
+            p = np.where(n[..., None] > 0, self.freq[layers] / np.maximum(n, 1e-300)[..., None] / K, 0.0)
+        # the requests whose last event is still in their ring: the co-occurrence and pattern back-off
+        ring = [(i, here[i] % self.D) for i, st in enumerate(sts)
+                if getattr(st, "pos", None) is not None and st.pos[here[i] % self.D] == here[i]]
+        if ring:
+            A = np.array([i for i, _ in ring])
+            l = np.array([sts[i].lay[s] for i, s in ring])                  # [A] source layers
+            x = np.stack([sts[i].ex[s] for i, s in ring])                   # [A, K] source experts
+            dd = np.arange(Dp)
+            pa = p[A]
+            prior = pa.sum(-1, keepdims=True) > 0                           # [A, Dp, 1]
+            if self.co.size:
+                c = self.co[dd[None, :, None], l[:, None, None], x[:, None, :]].sum(2)             # [A, Dp, E]
+                n = self.rowsum[dd[None, :, None], l[:, None, None], x[:, None, :]].sum(2)[..., None]
+                w = a * K * K
+                pa = np.where(prior, (c + w * pa) / np.maximum(n + w, 1e-12), c / np.maximum(n, 1e-12))
+                prior = prior | (n > 0)
+            if self.pkey.size:
+                keys = np.stack([sts[i].keys[s] for i, s in ring])          # [A, n]
+                nk = np.array([sts[i].nkeys[s] for i, s in ring])
+                w = a * K
+                for j in range(int(nk.max())):                              # coarse (length 1) to fine (length n)
+                    on = (nk > j)[:, None, None]
+                    key = keys[:, j]
+                    b = key % self.B
+                    hit = self.pkey[dd[None, :], j, b[:, None]] == key[:, None]                      # [A, Dp]
+                    c = np.where(hit[..., None], self.pcount[dd[None, :], j, b[:, None]], 0.0)
+                    n = np.where(hit, self.ptotal[dd[None, :], j, b[:, None]], 0.0)[..., None] * K
+                    pa = np.where(on, np.where(prior, (c + w * pa) / np.maximum(n + w, 1e-12),
+                                               c / np.maximum(n, 1e-12)), pa)
+                    prior = prior | (on & (n > 0))
+            p[A] = pa
+        P = np.minimum(K * p, 1.0)
+        return [_from_dense(P[i, :h], layers[i, :h]) for i, h in enumerate(horizons)]
+
     def _arrays(self):
         return [self.freq, self.nfreq, self.co, self.rowsum, self.pkey, self.pcount, self.ptotal]
 

@@ -291,3 +291,35 @@ def test_base_predictor_batched_calls_loop_over_rows():
         assert np.array_equal(x.expert, y.expert) and np.array_equal(x.distance, y.distance)
         np.testing.assert_allclose(y.prob, x.prob)
     assert len(b.predict_many(["x"], [3])[0]) == 6
+
+
+@pytest.mark.parametrize("components", [("frequency", "cooccurrence", "pattern"), ("cooccurrence",), ("pattern",),
+                                        ("frequency", "pattern")])
+@pytest.mark.parametrize("half_life", [None, 50.0])
+def test_multi_lookahead_predict_many_equals_predict(components, half_life):
+    """MultiLookAhead.predict_many reads its tables for all requests at once: bit-for-bit the candidates of
+    predict() per request, for requests whose last event is in their ring and ones whose is not (a gap), an
+    unknown request, horizons 1..D mixed, and horizons past D (the chained co-occurrence, request by request)."""
+    from policies.seed_strategies import MultiLookAhead
+    rng = np.random.default_rng(4)
+    Lp, Ep, Kp = 5, 12, 3
+    p = MultiLookAhead(Lp, Ep, Kp, horizon=3, pattern_length=3, buckets=7, components=components,
+                       half_life=half_life)
+    reqs, pos, compared = ["a", "b", "c", "d"], {"a": 0, "b": 0, "c": 0, "d": 0}, 0
+    for step in range(300):
+        r = reqs[rng.integers(4)]
+        q = pos[r]
+        pos[r] += 1 if rng.random() < 0.9 else 2          # a skipped position: the next event is not adjacent
+        x = rng.choice(Ep, Kp, replace=False) if rng.random() < 0.5 else np.arange(Kp) + q % 3
+        p.observe(ev(r, q // Lp, q % Lp, x))
+        if step % 7 == 0:
+            asked = reqs + ["never-seen"]
+            top = 3 if step % 21 else 5                     # 5 > D: the whole call goes request by request
+            hs = [int(h) for h in rng.integers(1, top + 1, len(asked))]
+            for r2, h, got in zip(asked, hs, p.predict_many(asked, hs)):
+                want = p.predict(r2, h)
+                for f in ("distance", "layer", "expert", "prob"):
+                    x1, x2 = getattr(got, f), getattr(want, f)
+                    assert x1.dtype == x2.dtype and np.array_equal(x1, x2), (step, r2, h, f, x1, x2)
+                compared += len(want)
+    assert compared > 150, "too few candidates were compared"
