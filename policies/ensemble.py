@@ -11,6 +11,11 @@ still in [0, 1]); mode="pick" uses only the member of largest weight (ties: the 
 kept relative to their maximum and clipped at -`floor`, so a member that was bad once can recover after a workload
 change. Everything is a deterministic function of the events (no randomness).
 
+observe_many (the coordinator's call: one layer event's rows, distinct requests) scores every row, lets each member
+observe them all in one observe_many, then takes every row's predictions in one predict_many per member: a row's
+recorded predictions (and the weights they are mixed with) come after the whole layer rather than mid-layer, as the
+coordinator's own predict_many does. Members' tables end the same either way (each sees the rows in order).
+
 Members whose class sets `needs_hidden` (next-gate, learned, pre-gated) skip events without a hidden state. A
 member with `begin(request, ...)` (request-level) gets the ensemble's begin() calls.
 
