@@ -139,9 +139,11 @@ class Ensemble(Predictor):
         recorded predictions (and the mixing weights they were mixed with) are taken after the whole layer, as
         the coordinator's predict_many is. A prefill (a request twice) or rows that would push out a live request
         go row by row."""
+        if not len(requests):
+            return
         ids = np.array(experts, dtype=np.int64).reshape(len(requests), -1)   # a copy: the caller may reuse it
         new = sum(r not in self._reqs for r in requests)
-        if len(set(requests)) < len(requests) or len(self._reqs) + new > self.max_requests or not len(requests):
+        if len(set(requests)) < len(requests) or len(self._reqs) + new > self.max_requests:
             return super().observe_many(requests, tokens, layer, ids, probs, hidden)
         assert 0 <= layer < self.L, f"layer {layer} outside [0, {self.L})"
         assert ids.shape[1] == self.K, f"expected {self.K} experts per row, got shape {ids.shape}"

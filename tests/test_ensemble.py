@@ -185,6 +185,7 @@ def test_batched_observe_equals_row_by_row_where_no_row_sees_another(prefill_eve
             x, y = a.predict(r, 3), b.predict(r, 3)
             assert np.array_equal(x.expert, y.expert) and np.array_equal(x.prob, y.prob), r
     assert batched > 60, "the batched path was hardly exercised"
+    b.observe_many([], np.zeros(0, np.int64), 0, np.zeros((0, K), np.int64))   # an empty event changes nothing
     for x, y in zip(_state(a), _state(b)):
         assert np.array_equal(x, y)
     assert a.scores() == b.scores() and a.scores()["members"]["previous_token"]["scored"][0] > 300
