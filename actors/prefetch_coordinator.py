@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 import ray
@@ -194,6 +194,8 @@ class PrefetchCoordinator:
         self.expired = 0                # live requests forgotten as idle (their end never reached us)
         self._moved: set = set()        # requests with an event since the last decision (their predictions scored)
         self.meta: dict = {}            # request -> (tiers, tenant, latency budget)
+        self._meta_seq: dict = {}       # request -> the caller's number of its registration (when numbered)
+        self._ended_seq: OrderedDict = OrderedDict()   # request -> the caller's number of its latest end (bounded)
         self.denied: dict = {}
         self.step = 0
         self.staged = self.dropped = self.batches = 0
@@ -319,15 +321,23 @@ class PrefetchCoordinator:
 
     # -- requests -----------------------------------------------------------------------------------------------
     async def register_request(self, request, tenant: str | None = None, tiers: list[str] | None = None,
-                               latency_budget_s: float | None = None) -> None:
+                               latency_budget_s: float | None = None, seq: int | None = None) -> None:
         """Optional, before a request's first event: its tenant, TierSet and latency budget. Raises
-        AccessDenied (naming tenant and what) if the tenant may not use the model or those tiers."""
+        AccessDenied (naming tenant and what) if the tenant may not use the model or those tiers.
+        seq: the caller's number for this call, counted with its end_request calls. Ray runs an async actor's
+        calls out of order, so a request refused right after registering can have its end run first; a
+        registration numbered below the request's end is then stale and ignored (it would never be ended)."""
+        if seq is not None and self._ended_seq.get(request, -1) > seq:
+            return
         tiers = list(tiers) if tiers is not None else list(self.tier_set)
         self.meta[request] = (tiers, tenant, latency_budget_s)   # a denied request stays known: no order for it
+        if seq is not None:
+            self._meta_seq[request] = seq
         if len(self.meta) > 2 * MAX_LIVE_REQUESTS:   # registered and never routed nor ended (a caller's leak):
             for r in [r for r in self.meta if r not in self.requests][:len(self.meta) - MAX_LIVE_REQUESTS]:
                 self.meta.pop(r)                     # forget the oldest; a live request keeps its rules
                 self.denied.pop(r, None)
+                self._meta_seq.pop(r, None)
         if self.planner.access is not None:
             try:
                 self.planner.access.check(tenant, self.model, tiers)
@@ -335,18 +345,28 @@ class PrefetchCoordinator:
                 self.denied[request] = str(e)
                 raise
 
-    async def end_request(self, requests: list) -> None:
-        """Requests that finished: forget them, cancel their queued prefetches everywhere."""
-        self._end(list(requests))
+    async def end_request(self, requests: list, seq: int | None = None) -> None:
+        """Requests that finished: forget them, cancel their queued prefetches everywhere. seq: as in
+        register_request; a registration numbered above it (the id reused by a later request) keeps its rules."""
+        requests = list(requests)
+        if seq is not None:
+            for r in requests:
+                self._ended_seq[r] = seq
+                self._ended_seq.move_to_end(r)
+            while len(self._ended_seq) > 4 * MAX_LIVE_REQUESTS:   # late registrations come within moments
+                self._ended_seq.popitem(last=False)
+        self._end(requests, keep_meta_of={r for r in requests if self._meta_seq.get(r, -1) > seq}
+                  if seq is not None else ())
 
-    def _end(self, requests: list, keep_meta: bool = False) -> None:
+    def _end(self, requests: list, keep_meta: bool = False, keep_meta_of=()) -> None:
         ended = set(requests)
         for r in requests:
             self.requests.pop(r, None)
             self._seen.pop(r, None)
-            if not keep_meta:
+            if not keep_meta and r not in keep_meta_of:
                 self.meta.pop(r, None)
                 self.denied.pop(r, None)
+                self._meta_seq.pop(r, None)
             self.predictor.end(r)
             if self.reuse is not None:
                 self.reuse.end(r)

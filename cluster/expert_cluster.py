@@ -581,6 +581,7 @@ class ExpertCluster:
         self._next_worker = 0
         self.lost_workers: list[int] = []
         self.coordinator = None
+        self._coord_seq = itertools.count()   # numbers register/end calls: the coordinator runs them out of order
         self.publisher: RoutePublisher | None = None
         self.routing_prior_meta: dict | None = None   # the routing prior the runtime started from, if any
         self._access = access_policy(cfg.prefetch)   # tenants' rules (None: no access control)
@@ -716,7 +717,7 @@ class ExpertCluster:
         if self.coordinator is not None:
             try:
                 self.coordinator.register_request.remote(request, tenant, None if tiers is None else list(tiers),
-                                                         latency_budget_s)
+                                                         latency_budget_s, seq=next(self._coord_seq))
             except Exception:  # noqa: BLE001 - coordinator behind or gone: serving goes on without prefetch
                 pass
         if self._access is not None:   # checked here too when no coordinator runs (on_demand, the fast path alone)
@@ -734,7 +735,7 @@ class ExpertCluster:
             self.publisher.denied.difference_update(request_ids)
         if self.coordinator is not None:
             try:
-                self.coordinator.end_request.remote(list(request_ids))
+                self.coordinator.end_request.remote(list(request_ids), seq=next(self._coord_seq))
             except Exception:  # noqa: BLE001 - coordinator behind or gone: nothing to cancel on its side
                 pass
 

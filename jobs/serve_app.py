@@ -403,7 +403,8 @@ class CompletionServer:
         registered = getattr(self.cluster, "coordinator", None) is not None and (tenant is not None or
                                                                                 tiers is not None)
         if registered:
-            try:   # before its first routing event (same caller: Ray keeps the order): its prefetches honour these
+            try:   # before its first routing event: its prefetches honour these (numbered with its end: an async
+                   # actor runs calls out of order, and a stale registration is dropped by the coordinator)
                 self.cluster.register_request(rid, tenant, None if tiers is None else list(tiers))
             except Exception:  # noqa: BLE001 - admitted above; a stricter prefetch rule only means no prefetch
                 pass

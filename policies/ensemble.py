@@ -141,7 +141,8 @@ class Ensemble(Predictor):
         go row by row."""
         if not len(requests):
             return
-        ids = np.array(experts, dtype=np.int64).reshape(len(requests), -1)   # a copy: the caller may reuse it
+        assert np.ndim(experts) == 2, f"experts must be [rows, k], got shape {np.shape(experts)}"
+        ids = np.array(experts, dtype=np.int64)   # a copy: the caller may reuse its buffer
         new = sum(r not in self._reqs for r in requests)
         if len(set(requests)) < len(requests) or len(self._reqs) + new > self.max_requests:
             return super().observe_many(requests, tokens, layer, ids, probs, hidden)

@@ -336,3 +336,26 @@ def test_the_benchmarks_runtimes_route_layers_apart_and_its_step_plans_against_f
             break
     res = bench_step(args, routes)
     assert res["step"]["n"] == 280 and 0 < res["step_decision"]["p50_ms"] <= res["step"]["p50_ms"], res
+
+
+def test_a_registration_that_runs_after_its_end_is_dropped_and_a_reused_id_keeps_its_new_rules():
+    """Ray runs an async actor's calls out of order: a request the engine refused right after registering it can
+    have its end_request run first. The caller numbers both calls; a registration numbered below the end is
+    stale (it would never be ended), while a later registration of the same id (a reused id) survives the old
+    end arriving late."""
+    c = coordinator({0: _Handle()}, tier_set=("dram", "nvme"), tenants={"ok": {"tiers": ["dram", "nvme"]}})
+
+    async def run():
+        await c.end_request(["refused"], seq=2)                 # the end ran first
+        await c.register_request("refused", "ok", seq=1)        # then its registration: stale
+        await c.register_request("reused", "ok", ["nvme"], seq=5)
+        await c.end_request(["reused"], seq=3)                  # the previous request of that id ends late
+        await c.register_request("plain", "ok", seq=6)
+        await c.end_request(["plain"], seq=7)                   # in order: forgotten as before
+        await c.register_request("unnumbered", "ok")            # callers that do not number: as before
+        await c.end_request(["unnumbered"])
+
+    asyncio.run(run())
+    assert "refused" not in c.meta and "plain" not in c.meta and "unnumbered" not in c.meta, c.meta
+    assert c.meta["reused"] == (["nvme"], "ok", None), c.meta
+    assert len(c.meta) == 1 and len(c._meta_seq) == 1, (c.meta, c._meta_seq)
