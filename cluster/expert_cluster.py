@@ -29,7 +29,9 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 # shared Mixtral trace the transition counts' orders (precision ~0.3) cost more than they saved (docs/benchmarks.md)
 SPECULATING_POLICIES = ("next_gate", "learned", "pre_gated", "ensemble")
 STALE_RIDERS_MAX = 256   # refuted fast-path orders held per worker until a compute call to it carries them
+CONTROL_BACKLOG = 4096   # register / end calls held while the coordinator lags, before the oldest are dropped
 
 
 @dataclass
@@ -582,6 +585,9 @@ class ExpertCluster:
         self.lost_workers: list[int] = []
         self.coordinator = None
         self._coord_seq = itertools.count()   # numbers register/end calls: the coordinator runs them out of order
+        self._coord_backlog: deque = deque()  # register/end calls the coordinator's pending-calls cap refused
+        self._coord_lock = threading.Lock()   # the Serve handler registers, the engine's thread ends
+        self.control_calls_dropped = 0
         self.publisher: RoutePublisher | None = None
         self.routing_prior_meta: dict | None = None   # the routing prior the runtime started from, if any
         self._access = access_policy(cfg.prefetch)   # tenants' rules (None: no access control)
@@ -715,11 +721,8 @@ class ExpertCluster:
         orders honour them). Raises AccessDenied, naming tenant and what, if the tenant may not use the model or
         those tiers; the runtime's fast path then orders nothing for it either."""
         if self.coordinator is not None:
-            try:
-                self.coordinator.register_request.remote(request, tenant, None if tiers is None else list(tiers),
-                                                         latency_budget_s, seq=next(self._coord_seq))
-            except Exception:  # noqa: BLE001 - coordinator behind or gone: serving goes on without prefetch
-                pass
+            self._to_coordinator("register_request", request, tenant, None if tiers is None else list(tiers),
+                                 latency_budget_s)
         if self._access is not None:   # checked here too when no coordinator runs (on_demand, the fast path alone)
             try:
                 self._access.check(tenant, self.manifest.model.family,
@@ -734,10 +737,25 @@ class ExpertCluster:
         if self.publisher is not None and self.publisher.denied:
             self.publisher.denied.difference_update(request_ids)
         if self.coordinator is not None:
-            try:
-                self.coordinator.end_request.remote(list(request_ids), seq=next(self._coord_seq))
-            except Exception:  # noqa: BLE001 - coordinator behind or gone: nothing to cancel on its side
-                pass
+            self._to_coordinator("end_request", list(request_ids))
+
+    def _to_coordinator(self, method: str, *args) -> None:
+        """A register / end call, numbered (the coordinator runs calls out of order and sorts these by number).
+        One refused because the coordinator lags (its pending-calls cap, which the routing batches share) waits
+        here and goes before the next one, so a request's end is not lost and its registration does not leak;
+        past CONTROL_BACKLOG waiting calls the oldest are dropped (counted: a coordinator that is gone)."""
+        with self._coord_lock:
+            self._coord_backlog.append((method, args, next(self._coord_seq)))
+            while self._coord_backlog:
+                m, a, seq = self._coord_backlog[0]
+                try:
+                    getattr(self.coordinator, m).remote(*a, seq=seq)
+                except Exception:  # noqa: BLE001 - behind (pending-calls cap) or gone: kept for the next call
+                    break
+                self._coord_backlog.popleft()
+            while len(self._coord_backlog) > CONTROL_BACKLOG:
+                self._coord_backlog.popleft()
+                self.control_calls_dropped += 1
 
     def _spawn_worker(self) -> int:
         w = self.cfg.workers
@@ -909,7 +927,9 @@ class ExpertCluster:
                             "dense_offload": self.model.dense_offload_stats()},
                 "prefetch": {"policy": self.cfg.prefetch.policy, "coordinator": self.coordinator_stats(),
                              "published": self.publisher.sent if self.publisher else 0,
-                             "dropped": self.publisher.dropped if self.publisher else 0, "fast_path": fast,
+                             "dropped": self.publisher.dropped if self.publisher else 0,
+                             "control_calls_waiting": len(self._coord_backlog),
+                             "control_calls_dropped": self.control_calls_dropped, "fast_path": fast,
                              "reuse_values": reuse}}
 
 

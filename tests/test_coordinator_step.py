@@ -359,3 +359,40 @@ def test_a_registration_that_runs_after_its_end_is_dropped_and_a_reused_id_keeps
     assert "refused" not in c.meta and "plain" not in c.meta and "unnumbered" not in c.meta, c.meta
     assert c.meta["reused"] == (["nvme"], "ok", None), c.meta
     assert len(c.meta) == 1 and len(c._meta_seq) == 1, (c.meta, c._meta_seq)
+
+
+def test_register_and_end_calls_refused_by_a_lagging_coordinator_wait_and_go_with_the_next_one():
+    """The coordinator's pending-calls cap (shared with the routing batches) makes `.remote()` raise while it lags.
+    A refused register / end call used to be dropped: an end lost leaks its registration, a registration lost
+    leaves the request planned with the default TierSet. Now it waits in the cluster and goes, numbered, before
+    the next call; the coordinator then sorts them out by number (the test above)."""
+    from cluster.config import ClusterConfig
+    from cluster.expert_cluster import CONTROL_BACKLOG, ExpertCluster
+
+    class Lagging:
+        def __init__(self):
+            self.refuse, self.got = 0, []
+
+        def __getattr__(self, method):
+            outer = self
+
+            class M:
+                def remote(self, *a, seq=None):
+                    if outer.refuse:
+                        outer.refuse -= 1
+                        raise RuntimeError("PendingCallsLimitExceeded")
+                    outer.got.append((method, a[0], seq))
+            return M()
+
+    c = ExpertCluster(ClusterConfig.model_validate({"tiers": [{"kind": "nvme", "path": "/nonexistent"}]}))
+    c.coordinator = lag = Lagging()
+    lag.refuse = 2
+    c.register_request("a", "t")            # refused: waits
+    c.end_requests(["a"])                   # refused: waits
+    c.register_request("b", "t")            # goes, after the two waiting ones, in their order
+    assert lag.got == [("register_request", "a", 0), ("end_request", ["a"], 1), ("register_request", "b", 2)]
+    assert len(c._coord_backlog) == 0 and c.control_calls_dropped == 0
+    lag.refuse = 10 ** 9                    # a coordinator that is gone: the backlog stays bounded
+    for i in range(CONTROL_BACKLOG + 5):
+        c.end_requests([f"x{i}"])
+    assert len(c._coord_backlog) == CONTROL_BACKLOG and c.control_calls_dropped == 5
