@@ -326,9 +326,16 @@ class PrefetchCoordinator:
         AccessDenied (naming tenant and what) if the tenant may not use the model or those tiers.
         seq: the caller's number for this call, counted with its end_request calls. Ray runs an async actor's
         calls out of order, so a request refused right after registering can have its end run first; a
-        registration numbered below the request's end is then stale and ignored (it would never be ended)."""
+        registration numbered below the request's end is then stale and ignored (it would never be ended).
+        The same rules also ride on the request's routing batches (publish's "rules"), so a batch that runs before
+        this call is planned under them all the same."""
+        err = self._register(request, tenant, tiers, latency_budget_s, seq)
+        if err is not None:
+            raise err
+
+    def _register(self, request, tenant, tiers, latency_budget_s, seq) -> AccessDenied | None:
         if seq is not None and self._ended_seq.get(request, -1) > seq:
-            return
+            return None
         tiers = list(tiers) if tiers is not None else list(self.tier_set)
         self.meta[request] = (tiers, tenant, latency_budget_s)   # a denied request stays known: no order for it
         if seq is not None:
@@ -343,7 +350,8 @@ class PrefetchCoordinator:
                 self.planner.access.check(tenant, self.model, tiers)
             except AccessDenied as e:
                 self.denied[request] = str(e)
-                raise
+                return e
+        return None
 
     async def end_request(self, requests: list, seq: int | None = None) -> None:
         """Requests that finished: forget them, cancel their queued prefetches everywhere. seq: as in
@@ -394,6 +402,9 @@ class PrefetchCoordinator:
         if not batch["layers"]:   # counters only (a runtime whose experts are all warm): nothing to plan
             return
         table = batch["requests"]
+        for r, (tiers, tenant, budget, seq) in (batch.get("rules") or {}).items():
+            if self._meta_seq.get(r, -1) < seq:   # its register_request has not run yet (out of order)
+                self._register(r, tenant, tiers, budget, seq)
         self._submit_s = 0.0
         self._pred_s = 0.0
         rt = batch.get("runtime")

@@ -365,6 +365,9 @@ class RoutePublisher:
         self.moe_layers = list(model.args.moe_layers)
         self._moe_index = {l: i for i, l in enumerate(self.moe_layers)}
         self.denied: set = set()          # requests refused by access control: no fast-path order for them
+        # registered requests' rules (tiers, tenant, latency budget, call number): they ride on the request's
+        # routing batches, as Ray may run a batch before the register_request call sent ahead of it
+        self.rules: dict = {}
         self.speculated = 0               # fast-path orders sent (experts x owners; the workers skip residents)
         # the fast path's learned copy follows the coordinator's online fine-tuning: every `sync_every` batches
         # sent, its output layer is asked for; it is copied in when the reply is there (never waited for)
@@ -522,6 +525,10 @@ class RoutePublisher:
                               # the fast path's orders never pass the coordinator: its telemetry reports them
                               "fast_path_orders": self.speculated, "fast_path_superseded": self.superseded,
                               "fast_path_refuted": self.refuted}}
+        if self.rules and layers:
+            rules = {r: self.rules[r] for r in set(table) if r in self.rules}
+            if rules:
+                batch["rules"] = rules
         try:
             self.coordinator.publish.remote(batch)
             self.sent += 1
@@ -721,8 +728,11 @@ class ExpertCluster:
         orders honour them). Raises AccessDenied, naming tenant and what, if the tenant may not use the model or
         those tiers; the runtime's fast path then orders nothing for it either."""
         if self.coordinator is not None:
-            self._to_coordinator("register_request", request, tenant, None if tiers is None else list(tiers),
-                                 latency_budget_s)
+            seq = self._to_coordinator("register_request", request, tenant, None if tiers is None else list(tiers),
+                                       latency_budget_s)
+            if self.publisher is not None:
+                self.publisher.rules[request] = (None if tiers is None else list(tiers), tenant, latency_budget_s,
+                                                 seq)
         if self._access is not None:   # checked here too when no coordinator runs (on_demand, the fast path alone)
             try:
                 self._access.check(tenant, self.manifest.model.family,
@@ -736,16 +746,20 @@ class ExpertCluster:
         """Requests finished: the coordinator drops their state and cancels their queued prefetches."""
         if self.publisher is not None and self.publisher.denied:
             self.publisher.denied.difference_update(request_ids)
+        if self.publisher is not None and self.publisher.rules:
+            for r in request_ids:
+                self.publisher.rules.pop(r, None)
         if self.coordinator is not None:
             self._to_coordinator("end_request", list(request_ids))
 
-    def _to_coordinator(self, method: str, *args) -> None:
+    def _to_coordinator(self, method: str, *args) -> int:
         """A register / end call, numbered (the coordinator runs calls out of order and sorts these by number).
         One refused because the coordinator lags (its pending-calls cap, which the routing batches share) waits
         here and goes before the next one, so a request's end is not lost and its registration does not leak;
         past CONTROL_BACKLOG waiting calls the oldest are dropped (counted: a coordinator that is gone)."""
         with self._coord_lock:
-            self._coord_backlog.append((method, args, next(self._coord_seq)))
+            seq = next(self._coord_seq)
+            self._coord_backlog.append((method, args, seq))
             while self._coord_backlog:
                 m, a, seq = self._coord_backlog[0]
                 try:
@@ -756,6 +770,7 @@ class ExpertCluster:
             while len(self._coord_backlog) > CONTROL_BACKLOG:
                 self._coord_backlog.popleft()
                 self.control_calls_dropped += 1
+        return seq
 
     def _spawn_worker(self) -> int:
         w = self.cfg.workers

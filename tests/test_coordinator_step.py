@@ -366,6 +366,8 @@ def test_register_and_end_calls_refused_by_a_lagging_coordinator_wait_and_go_wit
     A refused register / end call used to be dropped: an end lost leaks its registration, a registration lost
     leaves the request planned with the default TierSet. Now it waits in the cluster and goes, numbered, before
     the next call; the coordinator then sorts them out by number (the test above)."""
+    from types import SimpleNamespace
+
     from cluster.config import ClusterConfig
     from cluster.expert_cluster import CONTROL_BACKLOG, ExpertCluster
 
@@ -386,9 +388,12 @@ def test_register_and_end_calls_refused_by_a_lagging_coordinator_wait_and_go_wit
 
     c = ExpertCluster(ClusterConfig.model_validate({"tiers": [{"kind": "nvme", "path": "/nonexistent"}]}))
     c.coordinator = lag = Lagging()
+    c.publisher = SimpleNamespace(rules={}, denied=set())
     lag.refuse = 2
     c.register_request("a", "t")            # refused: waits
+    assert c.publisher.rules == {"a": (None, "t", None, 0)}   # its rules ride on its routing batches meanwhile
     c.end_requests(["a"])                   # refused: waits
+    assert c.publisher.rules == {}
     c.register_request("b", "t")            # goes, after the two waiting ones, in their order
     assert lag.got == [("register_request", "a", 0), ("end_request", ["a"], 1), ("register_request", "b", 2)]
     assert len(c._coord_backlog) == 0 and c.control_calls_dropped == 0
@@ -396,3 +401,41 @@ def test_register_and_end_calls_refused_by_a_lagging_coordinator_wait_and_go_wit
     for i in range(CONTROL_BACKLOG + 5):
         c.end_requests([f"x{i}"])
     assert len(c._coord_backlog) == CONTROL_BACKLOG and c.control_calls_dropped == 5
+
+
+def test_a_routing_batch_that_runs_before_its_registration_is_planned_under_the_requests_rules():
+    """The rules of a registered request ride on its routing batches: a batch Ray runs before the register call
+    sent ahead of it is planned under them (a tenant refused there gets no order), and a batch of a request that
+    already ended does not bring its rules back."""
+    w = _Worker()
+    c = coordinator({0: w}, tier_set=("nvme",), tenants={"ok": {"tiers": ["nvme"]}})
+    c.predictor = _Scripted({0: (1, 3)})
+
+    async def evil():
+        await c.publish({"runtime": "a", "requests": ["evil"], "layers": [event(0, 0)],
+                         "rules": {"evil": (None, "mallory", None, 4)}})
+
+    async def gone():
+        await c.end_request(["gone"], seq=9)
+        await c.publish({"runtime": "a", "requests": ["gone"], "layers": [event(0, 0, pos=1)],
+                         "rules": {"gone": (None, "ok", None, 8)}})
+
+    asyncio.run(evil())
+    assert c.meta["evil"] == (["nvme"], "mallory", None) and "mallory" in c.denied["evil"], c.denied
+    assert w.prefetch.calls == [], "a refused tenant's request got a prefetch"
+    asyncio.run(gone())
+    assert "gone" not in c.meta
+
+
+def test_the_publisher_sends_a_registered_requests_rules_with_its_routing():
+    from types import SimpleNamespace
+
+    from cluster.expert_cluster import RoutePublisher
+    got = []
+    pub = SimpleNamespace(experts=SimpleNamespace(counters={"bytes_by_tier": {}, "miss_causes": {}}), runtime="rt",
+                          dropped=0, speculated=0, superseded=0, refuted=0, sent=0, speculator=None,
+                          rules={"a": (["nvme"], "t", None, 3), "z": (None, "u", 1.0, 4)},
+                          coordinator=SimpleNamespace(publish=SimpleNamespace(remote=got.append)))
+    RoutePublisher._send(pub, ["a", "b"], [{"layer": 0}])
+    RoutePublisher._send(pub, ["a"], None)          # counters only: nothing to plan, no rules
+    assert got[0]["rules"] == {"a": (["nvme"], "t", None, 3)} and "rules" not in got[1]
