@@ -731,8 +731,10 @@ class ExpertCluster:
             seq = self._to_coordinator("register_request", request, tenant, None if tiers is None else list(tiers),
                                        latency_budget_s)
             if self.publisher is not None:
-                self.publisher.rules[request] = (None if tiers is None else list(tiers), tenant, latency_budget_s,
-                                                 seq)
+                rules = self.publisher.rules
+                rules[request] = (None if tiers is None else list(tiers), tenant, latency_budget_s, seq)
+                while len(rules) > CONTROL_BACKLOG:   # requests never ended (a caller's leak): the oldest go
+                    del rules[next(iter(rules))]
         if self._access is not None:   # checked here too when no coordinator runs (on_demand, the fast path alone)
             try:
                 self._access.check(tenant, self.manifest.model.family,
