@@ -401,6 +401,9 @@ def test_register_and_end_calls_refused_by_a_lagging_coordinator_wait_and_go_wit
     for i in range(CONTROL_BACKLOG + 5):
         c.end_requests([f"x{i}"])
     assert len(c._coord_backlog) == CONTROL_BACKLOG and c.control_calls_dropped == 5
+    for i in range(CONTROL_BACKLOG + 3):    # registered, never ended: the rules kept for batches stay bounded
+        c.register_request(f"y{i}", "t")
+    assert len(c.publisher.rules) == CONTROL_BACKLOG and f"y{CONTROL_BACKLOG + 2}" in c.publisher.rules
 
 
 def test_a_routing_batch_that_runs_before_its_registration_is_planned_under_the_requests_rules():
