@@ -84,6 +84,25 @@ def _from_dense(P: np.ndarray, layers: np.ndarray) -> Candidates:
     return Candidates(d + 1, layers[d].astype(np.int64), e.astype(np.int64), np.minimum(P[d, e], 1.0))
 
 
+def _from_dense_many(P: np.ndarray, layers: np.ndarray, horizons) -> list[Candidates]:
+    """P [R, D, E], layers [R, D], horizons [R] -> [_from_dense(P[r, :h_r], layers[r, :h_r]) for each r], from one
+    nonzero over all of them."""
+    R, D, _ = P.shape
+    keep = np.arange(D)[None, :] < np.asarray(horizons)[:, None]        # [R, D]
+    r, d, e = np.nonzero((P > 0) & keep[..., None])
+    cut = np.searchsorted(r, np.arange(R + 1)).tolist()
+    dist, lay, ex, prob = d + 1, layers[r, d].astype(np.int64), e.astype(np.int64), np.minimum(P[r, d, e], 1.0)
+    return [Candidates(dist[a:b], lay[a:b], ex[a:b], prob[a:b]) for a, b in zip(cut[:-1], cut[1:])]
+
+
+def _targets(p: "Predictor", requests: list, horizon: int) -> tuple[list, np.ndarray]:
+    """The requests' states (None: unknown) and their next `horizon` target layers [R, horizon], as predict()
+    counts them (nothing observed yet: token 0's first layers)."""
+    sts = [p._reqs.get(r) for r in requests]
+    here = np.array([-1 if st is None or st.experts is None else st.token * p.L + st.layer for st in sts])
+    return sts, (here[:, None] + np.arange(1, horizon + 1)) % p.L
+
+
 @dataclass
 class _Req:
     token: int = -1
@@ -238,6 +257,14 @@ class TopKFrequency(Predictor):
     def _predict(self, request, st, tokens, layers):
         P = self.counts[layers] / np.maximum(self.n[layers], 1e-300)[:, None]  # [D, E]
         return _from_dense(P, layers)
+
+    def predict_many(self, requests, horizons):
+        if len(requests) <= 1:
+            return super().predict_many(requests, horizons)
+        assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
+        _, layers = _targets(self, requests, max(horizons))
+        P = self.counts[layers] / np.maximum(self.n[layers], 1e-300)[..., None]   # [R, D, E]
+        return _from_dense_many(P, layers, horizons)
 
     def _arrays(self):
         return [self.counts, self.n]
@@ -415,6 +442,22 @@ class PreviousToken(Predictor):
         d, s = np.nonzero(rows >= 0)
         p = np.maximum(self.reuse[layers[d]], 1e-9)
         return Candidates(d + 1, layers[d].astype(np.int64), rows[d, s], p)
+
+    def predict_many(self, requests, horizons):
+        if len(requests) <= 1:
+            return super().predict_many(requests, horizons)
+        assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
+        R = len(requests)
+        sts, layers = _targets(self, requests, max(horizons))
+        none = np.full((self.L, self.K), -1, np.int64)
+        last = np.stack([none if st is None or st.last is None else st.last for st in sts])   # [R, L, K]
+        rows = last[np.arange(R)[:, None], layers]                                            # [R, D, K]
+        keep = np.arange(layers.shape[1])[None, :] < np.asarray(horizons)[:, None]
+        r, d, s = np.nonzero((rows >= 0) & keep[..., None])
+        cut = np.searchsorted(r, np.arange(R + 1)).tolist()
+        dist, lay, ex = d + 1, layers[r, d].astype(np.int64), rows[r, d, s]
+        p = np.maximum(self.reuse[layers[r, d]], 1e-9)
+        return [Candidates(dist[a:b], lay[a:b], ex[a:b], p[a:b]) for a, b in zip(cut[:-1], cut[1:])]
 
     def _arrays(self):
         return [self.reuse, self.n]

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ensemble import Ensemble
-from .predictors import Candidates, Predictor, TopKFrequency, _decay_factor, _from_dense, _Req
+from .predictors import (Candidates, Predictor, TopKFrequency, _decay_factor, _from_dense, _from_dense_many, _Req,
+                         _targets)
 
 SEED_TOPK_HALF_LIFE = math.log(0.5) / math.log(0.999)  # §5: counts *= 0.999 per token -> half-life ~693 tokens
 COMPONENTS = ("frequency", "cooccurrence", "pattern")
@@ -185,10 +186,9 @@ class MultiLookAhead(Predictor):
         if len(requests) <= 1 or max(horizons) > self.D:
             return super().predict_many(requests, horizons)
         assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
-        L, E, K, a, Dp = self.L, self.E, self.K, self.alpha, max(horizons)
-        sts = [self._reqs.get(r) for r in requests]
-        here = np.array([-1 if st is None or st.experts is None else st.token * L + st.layer for st in sts])
-        layers = (here[:, None] + np.arange(1, Dp + 1)) % L                # [R, Dp] target layers
+        E, K, a, Dp = self.E, self.K, self.alpha, max(horizons)
+        sts, layers = _targets(self, requests, Dp)                         # [R, Dp] target layers
+        here = np.array([-1 if st is None or st.experts is None else st.token * self.L + st.layer for st in sts])
         p = np.zeros((len(requests), Dp, E))
         if "frequency" in self.use:
             n = self.nfreq[layers]
@@ -224,8 +224,7 @@ class MultiLookAhead(Predictor):
                                                c / np.maximum(n, 1e-12)), pa)
                     prior = prior | (on & (n > 0))
             p[A] = pa
-        P = np.minimum(K * p, 1.0)
-        return [_from_dense(P[i, :h], layers[i, :h]) for i, h in enumerate(horizons)]
+        return _from_dense_many(np.minimum(K * p, 1.0), layers, horizons)
 
     def _arrays(self):
         return [self.freq, self.nfreq, self.co, self.rowsum, self.pkey, self.pcount, self.ptotal]

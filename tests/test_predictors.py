@@ -323,3 +323,29 @@ def test_multi_lookahead_predict_many_equals_predict(components, half_life):
                     assert x1.dtype == x2.dtype and np.array_equal(x1, x2), (step, r2, h, f, x1, x2)
                 compared += len(want)
     assert compared > 150, "too few candidates were compared"
+
+
+@pytest.mark.parametrize("cls", [TopKFrequency, PreviousToken])
+def test_history_predict_many_equals_predict(cls):
+    """TopKFrequency and PreviousToken answer predict_many from one gather and one nonzero over all requests:
+    bit-for-bit the candidates (and dtypes) of predict() per request, for requests at different positions, one
+    never seen, and mixed horizons 1..7 (past one token of 5 layers: the prediction wraps)."""
+    rng = np.random.default_rng(6)
+    Lp, Ep, Kp = 5, 10, 2
+    p = cls(Lp, Ep, Kp, half_life=30.0)
+    reqs, pos, compared = ["a", "b", "c"], {"a": 0, "b": 2, "c": 4}, 0
+    for step in range(200):
+        r = reqs[rng.integers(3)]
+        q = pos[r]
+        pos[r] += 1
+        p.observe(ev(r, q // Lp, q % Lp, rng.choice(Ep, Kp, replace=False)))
+        if step % 5 == 0:
+            asked = reqs + ["never-seen"]
+            hs = [int(h) for h in rng.integers(1, 8, len(asked))]
+            for r2, h, got in zip(asked, hs, p.predict_many(asked, hs)):
+                want = p.predict(r2, h)
+                for f in ("distance", "layer", "expert", "prob"):
+                    x1, x2 = getattr(got, f), getattr(want, f)
+                    assert x1.dtype == x2.dtype and np.array_equal(x1, x2), (step, r2, h, f, x1, x2)
+                compared += len(want)
+    assert compared > 500, "too few candidates were compared"
