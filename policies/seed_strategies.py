@@ -95,7 +95,7 @@ class MultiLookAhead(Predictor):
         # the sources d = 1..D positions back that are still in the ring learn that `experts` followed them
         d = np.arange(1, D + 1)
         slot = (q - d) % D
-        ok = st.pos[slot] == q - d
+        ok = (st.pos[slot] == q - d) & (q - d >= 0)   # an empty ring entry holds -1, which q - d reaches at q < D
         if ok.any():
             d, slot = d[ok], slot[ok]
             src, ls = st.ex[slot], st.lay[slot]                        # [n, K], [n]
@@ -126,6 +126,108 @@ class MultiLookAhead(Predictor):
         st.keys[s] = -1
         st.keys[s, :nk] = [hash((l, i) + tuple(st.codes[-i:])) & _MASK for i in range(1, nk + 1)]
         st.nkeys[s], st.ex[s], st.lay[s], st.pos[s] = nk, experts, l, q
+
+    def observe_many(self, requests, tokens, layer, experts, probs=None, hidden=None):
+        """One layer event's rows at once: the same tables as observe() row by row (the decayed counts up to
+        rounding, the pattern buckets exactly, a bucket two rows' contexts fight over included) and the same
+        per-request state. A prefill (a request twice) or rows that would push a request out go row by row."""
+        N = len(requests)
+        new = sum(r not in self._reqs for r in requests)
+        if N < 2 or len(set(requests)) < N or len(self._reqs) + new > self.max_requests:
+            return super().observe_many(requests, tokens, layer, experts, probs, hidden)
+        L, D, K, l = self.L, self.D, self.K, int(layer)
+        assert 0 <= l < L, f"layer {l} outside [0, {L})"
+        ex = np.array(experts, dtype=np.int64)   # [N, K] a copy: the caller may reuse its buffer
+        assert ex.shape == (N, K), f"expected [{N}, {K}] experts, got shape {ex.shape}"
+        assert 0 <= ex.min() and ex.max() < self.E, f"expert ids outside [0, {self.E}) at layer {l}"
+        toks = np.asarray(tokens, np.int64)
+        q = toks * L + l                                                   # [N] positions
+        sts = [self._track(r) for r in requests]
+        adj = [self._adjacent(st, t, l) for st, t in zip(sts, toks.tolist())]
+        dec = self.decay
+        # frequency: row n's observation is decayed by the N-1-n rows after it
+        w = dec ** np.arange(N - 1, -1, -1) if dec != 1.0 else np.ones(N)
+        self.freq[l] *= dec ** N
+        self.nfreq[l] = self.nfreq[l] * dec ** N + w.sum()
+        np.add.at(self.freq[l], ex.reshape(-1), np.repeat(w, K))
+        # each row's ring: which of d = 1..D positions back it still holds (their layer is (l - d) mod L)
+        d = np.arange(1, D + 1)
+        slot = (q[:, None] - d[None, :]) % D                               # [N, D]
+        pos = np.stack([st.pos for st in sts])                             # [N, D]
+        back = q[:, None] - d[None, :]
+        ok = (pos[np.arange(N)[:, None], slot] == back) & (back >= 0)
+        rows, di = np.nonzero(ok)                                          # valid (row, distance - 1), row order
+        if len(rows):
+            sl = slot[rows, di]
+            src = np.stack([sts[r].ex[s] for r, s in zip(rows.tolist(), sl.tolist())])        # [n, K]
+            ls = np.array([sts[r].lay[s] for r, s in zip(rows.tolist(), sl.tolist())])
+            cur = ex[rows]                                                                     # [n, K]
+            if self.co.size:
+                # per distance, the m rows that count decay its source layer's table m times, the j-th row's
+                # counts by the m-1-j rows after it
+                wd = np.ones(len(rows))
+                if dec != 1.0:
+                    later = np.triu(di[:, None] == di[None, :], 1).sum(1)
+                    wd = dec ** later
+                    for dd in np.unique(di).tolist():
+                        m = di == dd
+                        f = dec ** int(m.sum())
+                        self.co[dd, ls[m][0]] *= f
+                        self.rowsum[dd, ls[m][0]] *= f
+                wd = wd.astype(np.float32)
+                np.add.at(self.co, (di[:, None, None], ls[:, None, None], src[:, :, None], cur[:, None, :]),
+                          np.broadcast_to(wd[:, None, None], (len(rows), K, K)))
+                np.add.at(self.rowsum, (di[:, None], ls[:, None], src), np.broadcast_to(K * wd[:, None], src.shape))
+            if self.pkey.size:
+                self._pattern_many(sts, rows, di, sl, cur)
+        # this position's pattern keys and ring entry, per row (its own state only)
+        for n, (st, a) in enumerate(zip(sts, adj)):
+            if not a:
+                st.codes = []
+            x = ex[n]
+            st.codes = (st.codes + [hash(tuple(np.sort(x).tolist()))])[-self.n:]
+            s, nk = int(q[n]) % D, len(st.codes)
+            st.keys[s] = -1
+            st.keys[s, :nk] = [hash((l, i) + tuple(st.codes[-i:])) & _MASK for i in range(1, nk + 1)]
+            st.nkeys[s], st.ex[s], st.lay[s], st.pos[s] = nk, x, l, q[n]
+            st.token, st.layer, st.experts = int(toks[n]), l, x
+
+    def _pattern_many(self, sts, rows, di, sl, cur) -> None:
+        """The pattern buckets' updates of several rows, as row by row: where rows with different contexts hit one
+        bucket, the last context's rows since the last change of context are what it holds."""
+        j, mm = [], []
+        for i, (r, s) in enumerate(zip(rows.tolist(), sl.tolist())):
+            nk = int(sts[r].nkeys[s])
+            j.extend([i] * nk)
+            mm.extend(range(nk))
+        if not j:
+            return
+        j, mm = np.array(j), np.array(mm)
+        key = np.array([sts[r].keys[s, m] for r, s, m in zip(rows[j].tolist(), sl[j].tolist(), mm.tolist())],
+                       np.int64)
+        dd, b = di[j], key % self.B
+        cell = (dd * self.n + mm) * self.B + b                             # contributions in row order
+        order = np.lexsort((np.arange(len(cell)), cell))                   # by cell, then row order
+        c_s, k_s = cell[order], key[order]
+        first = np.r_[True, c_s[1:] != c_s[:-1]]
+        grp = np.cumsum(first) - 1
+        last_i = np.r_[np.flatnonzero(first)[1:], len(c_s)] - 1           # each cell's last contribution
+        last_key = k_s[last_i][grp]
+        # the final run: contributions after the cell's last one of another context
+        diff = k_s != last_key
+        pos_in = np.arange(len(c_s))
+        last_diff = np.full(grp.max() + 1, -1)
+        np.maximum.at(last_diff, grp[diff], pos_in[diff])
+        in_run = pos_in > last_diff[grp]
+        cd, cm, cb = dd[order][last_i], mm[order][last_i], b[order][last_i]
+        replace = (last_diff >= 0) | (self.pkey[cd, cm, cb] != k_s[last_i])
+        self.pcount[cd[replace], cm[replace], cb[replace]] = 0.0
+        self.ptotal[cd[replace], cm[replace], cb[replace]] = 0.0
+        self.pkey[cd, cm, cb] = k_s[last_i]
+        sel = order[in_run]
+        ex = cur[j[sel]]                                                   # [n', K]
+        np.add.at(self.pcount, (dd[sel][:, None], mm[sel][:, None], b[sel][:, None], ex), 1.0)
+        np.add.at(self.ptotal, (dd[sel], mm[sel], b[sel]), 1.0)
 
     def _slot_dist(self, st: _MLAReq, layers: np.ndarray) -> np.ndarray:
         """[D', E] slot distributions (rows sum to 1, or 0 without evidence) for distances 1..D' <= D."""

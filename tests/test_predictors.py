@@ -349,3 +349,51 @@ def test_history_predict_many_equals_predict(cls):
                     assert x1.dtype == x2.dtype and np.array_equal(x1, x2), (step, r2, h, f, x1, x2)
                 compared += len(want)
     assert compared > 500, "too few candidates were compared"
+
+
+@pytest.mark.parametrize("components,buckets,geo", [(("frequency", "cooccurrence", "pattern"), 3, (4, 9, 2)),
+                                                    (("pattern",), 3, (4, 9, 2)), (("pattern",), 1, (1, 3, 1))])
+@pytest.mark.parametrize("half_life", [None, 20.0])
+def test_multi_lookahead_observe_many_equals_row_by_row(components, buckets, geo, half_life):
+    """MultiLookAhead.observe_many: the decayed frequency and co-occurrence tables of observe() row by row (up to
+    float32 rounding; exactly without decay), the pattern buckets exactly (3 buckets or one, so rows of one event
+    with different contexts fight over one, and a bucket can end with the context it started with after another
+    took it meanwhile), the same per-request state and predictions; gaps, a request that joins late and prefills
+    (row by row) included."""
+    from policies.seed_strategies import MultiLookAhead
+    rng = np.random.default_rng(8)
+    Lp, Ep, Kp = geo   # (1, 3, 1) with one bucket: every context of a layer event lands in the same cells
+    kw = dict(horizon=3, pattern_length=2, buckets=buckets, components=components, half_life=half_life)
+    a, b = MultiLookAhead(Lp, Ep, Kp, **kw), MultiLookAhead(Lp, Ep, Kp, **kw)
+    reqs, first, batched = ["r0", "r1", "r2", "r3"], {"r0": 0, "r1": 2, "r2": 5, "r3": 1}, 0
+    for step in range(240):
+        layer = step % Lp
+        live = reqs[:2 + min(step // 40, 2)]
+        rows = [r for r in live if rng.random() < 0.85]              # a skipped step leaves a gap
+        toks = [first[r] + step // Lp for r in rows]
+        if step % 23 == 0 and rows:
+            rows, toks = rows + [rows[0]], toks + [toks[0] + 1]      # a prefill
+        if not rows:
+            continue
+        ids = np.stack([rng.choice(Ep, Kp, replace=False) if rng.random() < 0.5 else np.arange(Kp) + layer % 2
+                        for _ in rows])
+        for r, t, x in zip(rows, toks, ids):
+            a.observe(ev(r, t, layer, x))
+        b.observe_many(rows, np.array(toks), layer, ids)
+        batched += len(set(rows)) == len(rows) > 1
+    assert batched > 120, "the batched path was hardly exercised"
+    exact = half_life is None
+    for name in ("freq", "nfreq", "co", "rowsum"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert np.array_equal(x, y) if exact else np.allclose(x, y, rtol=1e-5, atol=1e-6), name
+    for name in ("pkey", "pcount", "ptotal"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert (a.pkey >= 0).sum() >= min(10, a.pkey.size), "too few pattern buckets were used to compare"
+    for r in reqs + ["never-seen"]:
+        sa, sb = a._reqs.get(r), b._reqs.get(r)
+        if sa is not None:
+            for f in ("codes", "keys", "ex", "lay", "pos", "nkeys", "token", "layer"):
+                assert np.array_equal(getattr(sa, f), getattr(sb, f)), (r, f)
+        x, y = a.predict(r, 3), b.predict(r, 3)
+        assert np.array_equal(x.expert, y.expert) and np.array_equal(x.distance, y.distance), r
+        np.testing.assert_allclose(y.prob, x.prob, rtol=1e-5, err_msg=r)

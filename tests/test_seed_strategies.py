@@ -99,3 +99,14 @@ def test_bounded_memory(cls):
     assert sizes[-1] == sizes[100], (sizes[100], sizes[-1])   # flat once the request cap is reached
     fresh = cls(L, E, K, max_requests=16)
     assert sizes[-1] <= fresh.state_nbytes() + 16 * 64 * 1024
+
+
+def test_multi_lookahead_counts_no_transition_from_a_requests_empty_ring():
+    """A new request's ring entries hold position -1, which q - d reaches for its first D - 1 positions: those
+    were counted as transitions from expert 0 at layer 0 (fake co-occurrence)."""
+    p = MultiLookAhead(4, 8, 2, horizon=3, half_life=None)
+    p.observe(RoutingEvent("r", 0, 0, np.array([5, 6])))
+    assert p.co.sum() == 0 and p.rowsum.sum() == 0, "the first event of a request counted a transition"
+    p.observe(RoutingEvent("r", 0, 1, np.array([1, 2])))       # q = 1: one real source, d = 1
+    p.observe(RoutingEvent("r", 0, 2, np.array([3, 4])))       # q = 2: d = 1 and d = 2
+    assert p.co.sum() == 3 * 2 * 2 and p.co[0, 0, 0].sum() == 0, p.co.sum()
