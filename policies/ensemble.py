@@ -14,7 +14,8 @@ change. Everything is a deterministic function of the events (no randomness).
 observe_many (the coordinator's call: one layer event's rows, distinct requests) scores every row, lets each member
 observe them all in one observe_many, then takes every row's predictions in one predict_many per member: a row's
 recorded predictions (and the weights they are mixed with) come after the whole layer rather than mid-layer, as the
-coordinator's own predict_many does. Members' tables end the same either way (each sees the rows in order).
+coordinator's own predict_many does. Members' tables end the same either way up to rounding (each sees the rows
+in order; a member's own batched observe_many may round its decays differently).
 
 Members whose class sets `needs_hidden` (next-gate, learned, pre-gated) skip events without a hidden state. A
 member with `begin(request, ...)` (request-level) gets the ensemble's begin() calls.

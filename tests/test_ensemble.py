@@ -194,7 +194,8 @@ def test_batched_observe_equals_row_by_row_where_no_row_sees_another(prefill_eve
 def test_batched_observe_keeps_the_default_ensembles_recall():
     """The default members (their predictions do read other requests' rows through shared tables): taking a
     layer's predictions after the whole layer, not mid-layer, leaves every member's and the mix's recall@k within
-    0.01 of row by row, and the members' own tables identical (each observes the rows in the same order)."""
+    0.01 of row by row, and the members' own predictions equal up to float32 rounding (each observes the rows in
+    the same order; Multi-Look-Ahead's batched decay rounds differently)."""
     a, b = (make_predictor("ensemble", num_layers=L, num_experts=E, top_k=K) for _ in range(2))
     reqs = list(range(4))
     events = _layer_events(60, reqs, seed=3)
@@ -214,4 +215,4 @@ def test_batched_observe_keeps_the_default_ensembles_recall():
         for r in reqs:
             x, y = m1.predict(r, 2), m2.predict(r, 2)
             assert np.array_equal(x.expert, y.expert), m1.name
-            np.testing.assert_allclose(y.prob, x.prob, rtol=1e-6, err_msg=m1.name)
+            np.testing.assert_allclose(y.prob, x.prob, rtol=1e-5, err_msg=m1.name)
