@@ -209,7 +209,7 @@ class Ensemble(Predictor):
         and P >= 0.5 sets and the mix's, pending until their targets' routing arrives."""
         C, M = self.C, len(self.members)
         tgt = qs[:, None] + np.arange(1, C + 1)                             # [R, C] target positions
-        mixed = self._mix_rows(P, tgt % self.L)                             # [R, C, E]
+        mixed = self._mix(P, tgt % self.L)                             # [R, C, E]
         top_m, top_e = topk_rows(P, self.K), topk_rows(mixed, self.K)       # [R, C, M, K], [R, C, K]
         sel_m, sel_e = P >= 0.5, mixed >= 0.5
         s, dd = tgt % C, np.arange(C)
@@ -221,20 +221,12 @@ class Ensemble(Predictor):
             st.sel[s[n], dd, M] = sel_e[n]
             st.ppos[s[n], dd] = tgt[n]
 
-    def _mix_rows(self, P: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        """P [R, D, M, E] for target layers [R, D] -> [R, D, E] (_mix of each row)."""
-        w = self.weights()[self.group[layers], np.arange(layers.shape[1])]  # [R, D, M]
+    def _mix(self, P: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """P [..., D, M, E] members' predictions for target layers [..., D] (D <= C) -> [..., D, E]."""
+        w = self.weights()[self.group[layers], np.arange(layers.shape[-1])]  # [..., D, M]
         if self.mode == "pick":
             w = np.eye(w.shape[-1])[np.argmax(w, -1)]
-        return np.einsum("rdm,rdme->rde", w.astype(np.float32), P)
-
-    def _mix(self, P: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        """P [D, M, E] members' predictions for target layers [D] (D <= C) -> [D, E]."""
-        D = len(layers)
-        w = self.weights()[self.group[layers], np.arange(D)]               # [D, M]
-        if self.mode == "pick":
-            w = np.eye(w.shape[1])[np.argmax(w, -1)]
-        return np.einsum("dm,dme->de", w.astype(np.float32), P)
+        return np.einsum("...dm,...dme->...de", w.astype(np.float32), P)
 
     def _predict(self, request, st, tokens, layers) -> Candidates:
         if getattr(st, "P", None) is None:  # nothing observed: ask the members directly (e.g. request-level)

@@ -87,20 +87,28 @@ def _from_dense(P: np.ndarray, layers: np.ndarray) -> Candidates:
 def _from_dense_many(P: np.ndarray, layers: np.ndarray, horizons) -> list[Candidates]:
     """P [R, D, E], layers [R, D], horizons [R] -> [_from_dense(P[r, :h_r], layers[r, :h_r]) for each r], from one
     nonzero over all of them."""
-    R, D, _ = P.shape
-    keep = np.arange(D)[None, :] < np.asarray(horizons)[:, None]        # [R, D]
-    r, d, e = np.nonzero((P > 0) & keep[..., None])
+    r, d, e = np.nonzero((P > 0) & _within(horizons, P.shape[1])[..., None])
+    return _split_rows(r, len(P), d + 1, layers[r, d].astype(np.int64), e.astype(np.int64),
+                       np.minimum(P[r, d, e], 1.0))
+
+
+def _within(horizons, D: int) -> np.ndarray:
+    """bool [R, D]: distance d + 1 is within request r's horizon."""
+    return np.arange(D)[None, :] < np.asarray(horizons)[:, None]
+
+
+def _split_rows(r: np.ndarray, R: int, dist, lay, ex, prob) -> list[Candidates]:
+    """Flat candidate columns sorted by request row r -> one Candidates per request 0..R-1."""
     cut = np.searchsorted(r, np.arange(R + 1)).tolist()
-    dist, lay, ex, prob = d + 1, layers[r, d].astype(np.int64), e.astype(np.int64), np.minimum(P[r, d, e], 1.0)
     return [Candidates(dist[a:b], lay[a:b], ex[a:b], prob[a:b]) for a, b in zip(cut[:-1], cut[1:])]
 
 
-def _targets(p: "Predictor", requests: list, horizon: int) -> tuple[list, np.ndarray]:
-    """The requests' states (None: unknown) and their next `horizon` target layers [R, horizon], as predict()
-    counts them (nothing observed yet: token 0's first layers)."""
+def _targets(p: "Predictor", requests: list, horizon: int) -> tuple[list, np.ndarray, np.ndarray]:
+    """The requests' states (None: unknown), their last positions [R] (token * L + layer; -1 before the first
+    event) and their next `horizon` target layers [R, horizon], as predict() counts them."""
     sts = [p._reqs.get(r) for r in requests]
     here = np.array([-1 if st is None or st.experts is None else st.token * p.L + st.layer for st in sts])
-    return sts, (here[:, None] + np.arange(1, horizon + 1)) % p.L
+    return sts, here, (here[:, None] + np.arange(1, horizon + 1)) % p.L
 
 
 @dataclass
@@ -262,7 +270,7 @@ class TopKFrequency(Predictor):
         if len(requests) <= 1:
             return super().predict_many(requests, horizons)
         assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
-        _, layers = _targets(self, requests, max(horizons))
+        _, _, layers = _targets(self, requests, max(horizons))
         P = self.counts[layers] / np.maximum(self.n[layers], 1e-300)[..., None]   # [R, D, E]
         return _from_dense_many(P, layers, horizons)
 
@@ -448,16 +456,13 @@ class PreviousToken(Predictor):
             return super().predict_many(requests, horizons)
         assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
         R = len(requests)
-        sts, layers = _targets(self, requests, max(horizons))
+        sts, _, layers = _targets(self, requests, max(horizons))
         none = np.full((self.L, self.K), -1, np.int64)
         last = np.stack([none if st is None or st.last is None else st.last for st in sts])   # [R, L, K]
         rows = last[np.arange(R)[:, None], layers]                                            # [R, D, K]
-        keep = np.arange(layers.shape[1])[None, :] < np.asarray(horizons)[:, None]
-        r, d, s = np.nonzero((rows >= 0) & keep[..., None])
-        cut = np.searchsorted(r, np.arange(R + 1)).tolist()
-        dist, lay, ex = d + 1, layers[r, d].astype(np.int64), rows[r, d, s]
-        p = np.maximum(self.reuse[layers[r, d]], 1e-9)
-        return [Candidates(dist[a:b], lay[a:b], ex[a:b], p[a:b]) for a, b in zip(cut[:-1], cut[1:])]
+        r, d, s = np.nonzero((rows >= 0) & _within(horizons, layers.shape[1])[..., None])
+        return _split_rows(r, R, d + 1, layers[r, d].astype(np.int64), rows[r, d, s],
+                           np.maximum(self.reuse[layers[r, d]], 1e-9))
 
     def _arrays(self):
         return [self.reuse, self.n]

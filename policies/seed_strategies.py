@@ -117,11 +117,15 @@ class MultiLookAhead(Predictor):
                     self.pkey[dd[stale], mm[stale], b[stale]] = key[stale]
                 self.pcount[dd[:, None], mm[:, None], b[:, None], experts[None, :]] += 1.0
                 self.ptotal[dd, mm, b] += 1.0
-        # this position's pattern keys: (its layer, the last 1..n expert-set codes)
+        self._push(st, experts, l, q, adjacent)
+
+    def _push(self, st: _MLAReq, experts: np.ndarray, l: int, q: int, adjacent: bool) -> None:
+        """Position q (layer l) enters the request's ring, with its pattern keys: (its layer, the last 1..n
+        expert-set codes; a gap starts them over)."""
         if not adjacent:
             st.codes = []
         st.codes = (st.codes + [hash(tuple(np.sort(experts).tolist()))])[-self.n:]
-        s = q % D
+        s = q % self.D
         nk = len(st.codes)
         st.keys[s] = -1
         st.keys[s, :nk] = [hash((l, i) + tuple(st.codes[-i:])) & _MASK for i in range(1, nk + 1)]
@@ -180,17 +184,10 @@ class MultiLookAhead(Predictor):
                 np.add.at(self.rowsum, (di[:, None], ls[:, None], src), np.broadcast_to(K * wd[:, None], src.shape))
             if self.pkey.size:
                 self._pattern_many(sts, rows, di, sl, cur)
-        # this position's pattern keys and ring entry, per row (its own state only)
+        # each row's position enters its own ring
         for n, (st, a) in enumerate(zip(sts, adj)):
-            if not a:
-                st.codes = []
-            x = ex[n]
-            st.codes = (st.codes + [hash(tuple(np.sort(x).tolist()))])[-self.n:]
-            s, nk = int(q[n]) % D, len(st.codes)
-            st.keys[s] = -1
-            st.keys[s, :nk] = [hash((l, i) + tuple(st.codes[-i:])) & _MASK for i in range(1, nk + 1)]
-            st.nkeys[s], st.ex[s], st.lay[s], st.pos[s] = nk, x, l, q[n]
-            st.token, st.layer, st.experts = int(toks[n]), l, x
+            self._push(st, ex[n], l, int(q[n]), a)
+            st.token, st.layer, st.experts = int(toks[n]), l, ex[n]
 
     def _pattern_many(self, sts, rows, di, sl, cur) -> None:
         """The pattern buckets' updates of several rows, as row by row: where rows with different contexts hit one
@@ -289,8 +286,7 @@ class MultiLookAhead(Predictor):
             return super().predict_many(requests, horizons)
         assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
         E, K, a, Dp = self.E, self.K, self.alpha, max(horizons)
-        sts, layers = _targets(self, requests, Dp)                         # [R, Dp] target layers
-        here = np.array([-1 if st is None or st.experts is None else st.token * self.L + st.layer for st in sts])
+        sts, here, layers = _targets(self, requests, Dp)                   # [R, Dp] target layers
         p = np.zeros((len(requests), Dp, E))
         if "frequency" in self.use:
             n = self.nfreq[layers]

@@ -293,6 +293,19 @@ def test_base_predictor_batched_calls_loop_over_rows():
     assert len(b.predict_many(["x"], [3])[0]) == 6
 
 
+def _predict_many_is_predict(p, asked: list, hs: list, step: int) -> int:
+    """Asserts p.predict_many(asked, hs) is bit-for-bit (values and dtypes) p.predict of each; the candidates
+    compared."""
+    n = 0
+    for r, h, got in zip(asked, hs, p.predict_many(asked, hs)):
+        want = p.predict(r, h)
+        for f in ("distance", "layer", "expert", "prob"):
+            x1, x2 = getattr(got, f), getattr(want, f)
+            assert x1.dtype == x2.dtype and np.array_equal(x1, x2), (step, r, h, f, x1, x2)
+        n += len(want)
+    return n
+
+
 @pytest.mark.parametrize("components", [("frequency", "cooccurrence", "pattern"), ("cooccurrence",), ("pattern",),
                                         ("frequency", "pattern")])
 @pytest.mark.parametrize("half_life", [None, 50.0])
@@ -316,12 +329,7 @@ def test_multi_lookahead_predict_many_equals_predict(components, half_life):
             asked = reqs + ["never-seen"]
             top = 3 if step % 21 else 5                     # 5 > D: the whole call goes request by request
             hs = [int(h) for h in rng.integers(1, top + 1, len(asked))]
-            for r2, h, got in zip(asked, hs, p.predict_many(asked, hs)):
-                want = p.predict(r2, h)
-                for f in ("distance", "layer", "expert", "prob"):
-                    x1, x2 = getattr(got, f), getattr(want, f)
-                    assert x1.dtype == x2.dtype and np.array_equal(x1, x2), (step, r2, h, f, x1, x2)
-                compared += len(want)
+            compared += _predict_many_is_predict(p, asked, hs, step)
     assert compared > 150, "too few candidates were compared"
 
 
@@ -342,12 +350,7 @@ def test_history_predict_many_equals_predict(cls):
         if step % 5 == 0:
             asked = reqs + ["never-seen"]
             hs = [int(h) for h in rng.integers(1, 8, len(asked))]
-            for r2, h, got in zip(asked, hs, p.predict_many(asked, hs)):
-                want = p.predict(r2, h)
-                for f in ("distance", "layer", "expert", "prob"):
-                    x1, x2 = getattr(got, f), getattr(want, f)
-                    assert x1.dtype == x2.dtype and np.array_equal(x1, x2), (step, r2, h, f, x1, x2)
-                compared += len(want)
+            compared += _predict_many_is_predict(p, asked, hs, step)
     assert compared > 500, "too few candidates were compared"
 
 
