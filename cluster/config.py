@@ -251,7 +251,11 @@ class PrefetchConfig(_Model):
     # costs CPU beside the decode loop, and with the fast path below covering the next layers a per-layer step
     # bought nothing (measured: docs/benchmarks.md, session 6)
     publish_every_layers: int = Field(4, ge=1)
-    max_pending_batches: int = Field(16, ge=1)       # batches in flight to the coordinator before dropping
+    max_pending_batches: int = Field(16, ge=1)       # calls queued at the coordinator (all runtimes) before refusing
+    # a runtime's publish calls outstanding at most; routing flushed meanwhile is held and goes in one later call
+    # (each call costs the coordinator's process ~0.5 ms of Ray's CPU: docs/benchmarks.md session 21)
+    publish_inflight: int = Field(2, ge=1)
+    publish_backlog_layers: int = Field(256, ge=1)   # held layer events per runtime before the oldest are dropped
     publish_hidden: bool = True                      # send hidden states (predictors that use them need it)
     # the runtime's fast path (policies/fast_path.py): with a hidden-state policy (next_gate, learned, pre_gated,
     # ensemble), or any policy given speculate_source (transition: routing history only), the forward pass

@@ -333,12 +333,91 @@ class ClusterExperts:
             self._graph = None
 
 
+class RouteOutbox:
+    """Routing batches to the coordinator with at most `inflight` publish calls outstanding per runtime. Layers
+    flushed while that many are outstanding are held, and go together in the next call (rows renumbered into one
+    request table), so a coordinator that lags gets fewer, larger calls instead of losing routing. Each call costs
+    the actor's process ~0.4-0.6 ms of CPU in Ray's own threads, and while a burst of them is received its step
+    slows 3-5x (docs/benchmarks.md, session 21). Past `backlog` held layer events the oldest are dropped and
+    counted; so is a batch the pending-calls cap refuses. Thread-safe: the engine's thread flushes, and
+    ExpertCluster.end_requests drains from whichever thread ends a request.
+
+    send(table, layers) -> ObjectRef | None builds the batch and makes the call."""
+
+    def __init__(self, send, inflight: int = 2, backlog: int = 256):
+        assert inflight >= 1 and backlog >= 1, f"inflight {inflight} and backlog {backlog} must be >= 1"
+        self.send, self.inflight, self.backlog = send, inflight, backlog
+        self._calls: list = []                 # futures of the outstanding calls
+        self._held: deque = deque()            # (request table, [layer event]) in flush order
+        self._held_layers = 0
+        self._lock = threading.Lock()
+        self.sent = self.dropped = 0           # calls made; layer events dropped (backlog full or call refused)
+        self.coalesced = 0                     # flushes that went in a later flush's call
+
+    def put(self, table: list, layers: list, force: bool = False) -> None:
+        """Queue one flush's layers (their rows index `table`) and send what is held if a call may go (force: now,
+        whatever is outstanding: before a request's end, so its last routing does not arrive after it)."""
+        with self._lock:
+            if layers:
+                self._held.append((table, layers))
+                self._held_layers += len(layers)
+                while self._held_layers > self.backlog and len(self._held) > 1:
+                    n = len(self._held.popleft()[1])
+                    self._held_layers -= n
+                    self.dropped += n
+            if not self._held:
+                return
+            self._calls = [f for f in self._calls if not f.done()]
+            if len(self._calls) >= self.inflight and not force:
+                return
+            table, layers = merge_batches(self._held)
+            self.coalesced += len(self._held) - 1
+            self._held.clear()
+            self._held_layers = 0
+            try:
+                ref = self.send(table, layers)
+            except Exception:  # noqa: BLE001 - coordinator behind its pending-calls cap or gone: serve on demand
+                self.dropped += len(layers)
+                return
+            self.sent += 1
+            if ref is not None:
+                self._calls.append(ref.future())
+
+    @property
+    def outstanding(self) -> int:
+        return sum(not f.done() for f in self._calls)
+
+
+def merge_batches(groups) -> tuple[list, list]:
+    """[(table, layers)] -> one (table, layers): the layer events in order, each's `rows` renumbered into a table
+    that holds every group's requests (the latest group's order first: cache rows are reassigned as requests come
+    and go, so two flushes' tables may differ)."""
+    groups = list(groups)
+    if len(groups) == 1:
+        return groups[0]
+    table = list(groups[-1][0])
+    index = {r: i for i, r in enumerate(table)}
+    out = []
+    for t, layers in groups:
+        if t == table:
+            out.extend(layers)
+            continue
+        for r in t:
+            if r not in index:
+                index[r] = len(table)
+                table.append(r)
+        remap = np.fromiter((index[r] for r in t), np.int64, len(t))
+        out.extend({**ev, "rows": remap[ev["rows"]]} for ev in layers)
+    return table, out
+
+
 class RoutePublisher:
     """The model's on_route hook: buffers each MoE layer's routing (numpy copies of the router's top-k, the rows'
     positions, optionally the hidden states) and sends a batch to the PrefetchCoordinator every
-    `publish_every_layers` MoE layers and at the last MoE layer of each forward, fire-and-forget. The decode loop
-    never waits on it: a coordinator that lags makes `.remote()` fail at once (the actor's max_pending_calls),
-    and the batch is dropped and counted (`dropped`, also in the experts' counters as publish_dropped).
+    `publish_every_layers` MoE layers and at the last MoE layer of each forward, through a RouteOutbox: at most
+    `publish_inflight` calls outstanding, what is flushed meanwhile goes together in the next call. The decode loop
+    never waits on it; layers past the outbox's backlog, or refused by the actor's max_pending_calls, are dropped
+    and counted (`dropped`, in layer events, also in the experts' counters as publish_dropped).
 
     Who each routed row is: `model.route_rows[n]` is a KV-cache row; its request id is `cache.requests[row]` when
     an engine bound its cache (`publisher.cache = cache`), else `row_requests[row]` (ExpertCluster.generate sets
@@ -354,7 +433,8 @@ class RoutePublisher:
 
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
                  hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float | None = None,
-                 fanout: int | None = None, values: bool = False, reuse=None):
+                 fanout: int | None = None, values: bool = False, reuse=None, inflight: int = 2,
+                 backlog: int = 256):
         self.coordinator, self.model, self.experts = coordinator, model, experts
         self.speculator, self.values = speculator, values
         # unset: the source's default order filter (policies/fast_path.py order_filter)
@@ -371,7 +451,7 @@ class RoutePublisher:
         self.speculated = 0               # fast-path orders sent (experts x owners; the workers skip residents)
         # the fast path's learned copy follows the coordinator's online fine-tuning: every `sync_every` batches
         # sent, its output layer is asked for; it is copied in when the reply is there (never waited for)
-        self.sync_every = 64
+        self.sync_every = 64              # flushes
         self._head_ref = None
         self.head_updates = 0             # the coordinator's online updates in the head last copied in
         self._ordered: dict[int, np.ndarray] = {}   # MoE layer -> bool [E] what the fast path last ordered for it
@@ -384,7 +464,9 @@ class RoutePublisher:
         self.row_requests: list | None = None
         self.last_layer = model.args.moe_layers[-1] if model.args.moe_layers else -1
         self._buf: list[dict] = []
-        self.sent = self.dropped = 0
+        self.outbox = RouteOutbox(self._call, inflight, backlog)
+        self._counter_calls = self._counter_dropped = 0   # counters-only calls (warm experts), outside the outbox
+        self._flushes = 0
         self._quiet = 0   # MoE layers not published because the experts were warm
 
     def __call__(self, layer: int, topk_ids: torch.Tensor, topk_w: torch.Tensor, x: torch.Tensor) -> None:
@@ -510,14 +592,38 @@ class RoutePublisher:
                         del marks[next(iter(marks))]
                 self.refuted += len(wrong)
 
+    @property
+    def sent(self) -> int:
+        return self.outbox.sent + self._counter_calls
+
+    @property
+    def dropped(self) -> int:
+        return self.outbox.dropped + self._counter_dropped
+
     def flush(self) -> None:
         if not self._buf or self.coordinator is None:
             return
         table = self._table(np.array([int(ev["rows"].max(initial=0)) for ev in self._buf]))
         layers, self._buf = self._buf, []
-        self._send(table, layers)
+        self.outbox.put(table, layers)
+        self._flushes += 1
+        if self.speculator is not None and self.speculator.learned is not None:
+            self._sync_head()
+
+    def drain(self) -> None:
+        """Send the held layers now, whatever is outstanding (before the end of the requests they route)."""
+        if self.coordinator is not None:
+            self.outbox.put([], [], force=True)
 
     def _send(self, table: list, layers: list | None = None) -> None:
+        """A counters-only call (the experts are warm: no routing), fire-and-forget."""
+        try:
+            self._call(table, layers)
+            self._counter_calls += 1
+        except Exception:  # noqa: BLE001 - coordinator behind (pending-calls limit) or gone
+            self._counter_dropped += 1
+
+    def _call(self, table: list, layers: list | None = None):
         c = self.experts.counters
         batch = {"runtime": self.runtime, "requests": table, "layers": layers or [],
                  "counters": {**c, "bytes_by_tier": dict(c["bytes_by_tier"]), "miss_causes": dict(c["miss_causes"]),
@@ -529,13 +635,7 @@ class RoutePublisher:
             rules = {r: self.rules[r] for r in set(table) if r in self.rules}
             if rules:
                 batch["rules"] = rules
-        try:
-            self.coordinator.publish.remote(batch)
-            self.sent += 1
-        except Exception:  # noqa: BLE001 - coordinator behind (pending-calls limit) or gone: serve on demand
-            self.dropped += 1
-        if self.speculator is not None and self.speculator.learned is not None:
-            self._sync_head()
+        return self.coordinator.publish.remote(batch)
 
     def _sync_head(self) -> None:
         """Copy the coordinator's fine-tuned output layer into the fast path's learned copy once it has arrived."""
@@ -555,7 +655,7 @@ class RoutePublisher:
                     np.copyto(w["w2"], w2)
                     np.copyto(w["b2"], b2)
                     self.head_updates = n
-        elif self.sent % self.sync_every == 0:
+        elif self._flushes % self.sync_every == 0:
             try:
                 self._head_ref = self.coordinator.learned_head.remote()
             except Exception:  # noqa: BLE001 - coordinator behind or gone: try again later
@@ -693,7 +793,8 @@ class ExpertCluster:
         self.publisher = RoutePublisher(coordinator, self.model, self.experts, every=pf.publish_every_layers,
                                         hidden=hidden, speculator=spec, threshold=pf.speculate_threshold,
                                         fanout=pf.speculate_fanout,
-                                        values=pf.speculate_values and not pf.eviction_hints, reuse=reuse)
+                                        values=pf.speculate_values and not pf.eviction_hints, reuse=reuse,
+                                        inflight=pf.publish_inflight, backlog=pf.publish_backlog_layers)
         self.model.on_route = self.publisher
 
     def _reuse_values(self):
@@ -752,6 +853,8 @@ class ExpertCluster:
             for r in request_ids:
                 self.publisher.rules.pop(r, None)
         if self.coordinator is not None:
+            if self.publisher is not None:   # their last routing goes ahead of their end
+                self.publisher.drain()
             self._to_coordinator("end_request", list(request_ids))
 
     def _to_coordinator(self, method: str, *args) -> int:
@@ -945,6 +1048,7 @@ class ExpertCluster:
                 "prefetch": {"policy": self.cfg.prefetch.policy, "coordinator": self.coordinator_stats(),
                              "published": self.publisher.sent if self.publisher else 0,
                              "dropped": self.publisher.dropped if self.publisher else 0,
+                             "coalesced": self.publisher.outbox.coalesced if self.publisher else 0,
                              "control_calls_waiting": len(self._coord_backlog),
                              "control_calls_dropped": self.control_calls_dropped, "fast_path": fast,
                              "reuse_values": reuse}}

@@ -1,7 +1,8 @@
 """Coordinator decision time per layer step (issue #4 target: p99 <= 1 ms with 32 layers x 64 experts x 8 workers).
 
     python -m jobs.bench_coordinator [--layers 32 --experts 64 --workers 8 --top-k 8 --requests 8 --steps 2000]
-                                     [--policy cross_layer] [--runtimes 1] [--no-actor] --json OUT
+                                     [--policy cross_layer] [--runtimes 1] [--no-actor]
+                                     [--inflight 2 --layer-ms 5] --json OUT
 
 Three measurements on the same synthetic routing (a per-layer Markov chain over experts, so predictors have
 something to predict; a 25% HBM cache; every expert in NVMe and S3):
@@ -13,8 +14,12 @@ something to predict; a 25% HBM cache; every expert in NVMe and S3):
             Ray submission cost. Split into step_predictor (the predictor's observe + predict),
             step_excl_predictor (the rest), step_scoring (scoring predictions, after the orders are out) and
             step_decision (routing in -> orders out: the step less the scoring)
-  actor     the real PrefetchCoordinator actor fed one batch per layer step by `.remote()` (as runtimes do),
-            with sink worker / storage actors (prefetched experts become resident in a 25% cache); its own
+  actor     the real PrefetchCoordinator actor fed a batch per layer step through each runtime's RouteOutbox (as
+            RoutePublisher sends: at most --inflight calls outstanding, layers flushed meanwhile go together),
+            one layer step every --layer-ms (a decode's pace; 5 ms: a 32-layer model at ~6 tokens/s, the
+            offloading regime), with sink worker / storage actors (prefetched experts become resident in a
+            25% cache). --inflight 0: the pacing before session 21 (32 batches sent at once, then waited for,
+            a burst: calls received while a step runs slow it 3-5x, docs/benchmarks.md session 21). Its own
             per-batch timing, split into actor_decision (routing in -> orders out, less submitting them; also
             without the predictor), actor_submit (the `.remote()` calls: one per worker with orders or
             cancellations) and actor_scoring (after the orders are out)
@@ -38,6 +43,7 @@ import time
 import numpy as np
 
 from cluster.config import PrefetchConfig
+from cluster.expert_cluster import RouteOutbox
 from policies.ranking import ClusterView, HBM, NUM_TIERS, NVME, PlannerConfig, PrefetchPlanner, RequestView, S3
 from policies.registry import make_predictor
 from policies.predictors import RoutingEvent
@@ -264,26 +270,53 @@ def bench_actor(args, routes) -> dict:
             pf, geo, sinks, {w: "n0" for w in range(W)}, owner, {"n0": [store]})
         ray.get(coord.ping.remote())
         n, dropped = 0, 0
-        pending = []
-        for b in batches(args, routes):
-            try:
-                pending.append(coord.publish.remote(b))
-            except Exception:  # noqa: BLE001 - pending-calls limit: the runtime drops, as in serving
-                dropped += 1
-            n += 1
-            if len(pending) >= 32:        # pace like a runtime does (one batch per layer step)
-                ray.get(pending)
-                pending = []
-            if n >= args.steps:
-                break
-        ray.get(pending)
+        if args.inflight:   # each runtime sends through its RouteOutbox, as RoutePublisher does
+            boxes = {}
+
+            def call(rt):
+                return lambda table, evs: coord.publish.remote({"runtime": rt, "requests": table, "counters": {},
+                                                                "layers": evs})
+            t_next = time.perf_counter()
+            for b in batches(args, routes):
+                rt = b["runtime"]
+                box = boxes.get(rt) or boxes.setdefault(rt, RouteOutbox(call(rt), args.inflight, 1 << 20))
+                if args.layer_ms:        # one layer step of every runtime per --layer-ms: a decode's pace
+                    t_next += args.layer_ms / 1e3 / args.runtimes
+                    while time.perf_counter() < t_next:
+                        time.sleep(5e-5)
+                box.put(b["requests"], b["layers"])
+                n += 1
+                if n >= args.steps:
+                    break
+            for box in boxes.values():
+                while box.outstanding:
+                    time.sleep(1e-4)
+                box.put([], [], force=True)
+            ray.get(coord.ping.remote())   # an actor call queued after the last publish (ping is one)
+            dropped = sum(b.dropped for b in boxes.values())
+        else:                # the old pacing: 32 batches sent at once, then waited for (a burst)
+            pending = []
+            for b in batches(args, routes):
+                try:
+                    pending.append(coord.publish.remote(b))
+                except Exception:  # noqa: BLE001 - pending-calls limit: the runtime drops, as in serving
+                    dropped += 1
+                n += 1
+                if len(pending) >= 32:
+                    ray.get(pending)
+                    pending = []
+                if n >= args.steps:
+                    break
+            ray.get(pending)
         s = ray.get(coord.stats.remote())
         times, submit, pred, scoring = ray.get(coord.step_breakdown_s.remote())
-        t, sub, pr, sc = (np.array(a[args.warmup:]) for a in (times, submit, pred, scoring))
+        w0 = min(args.warmup, len(times) // 10)   # coalesced calls: fewer steps than batches
+        t, sub, pr, sc = (np.array(a[w0:]) for a in (times, submit, pred, scoring))
         out = {"actor": pct(t), "actor_decision": pct(t - sub - sc),
                "actor_decision_excl_predictor": pct(t - sub - sc - pr), "actor_submit": pct(sub),
                "actor_scoring": pct(sc)}
-        out["actor"].update(dropped=dropped, issued=s["prefetches"]["issued"],
+        out["actor"].update(dropped=dropped, issued=s["prefetches"]["issued"], calls=s["steps"],
+                            layers_per_call=n / max(s["steps"], 1),
                             orders_per_step=s["prefetches"]["issued"] / max(s["steps"], 1),
                             recall_at_1=s["recall_at_k"].get(1))
         return out
@@ -372,6 +405,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--policy", default="cross_layer")
     ap.add_argument("--no-actor", action="store_true")
+    ap.add_argument("--inflight", type=int, default=PrefetchConfig().publish_inflight,
+                    help="actor run: publish calls outstanding per runtime (RouteOutbox; 0: the old pacing, 32 "
+                         "batches at once then waited for)")
+    ap.add_argument("--layer-ms", type=float, default=5.0,
+                    help="actor run with --inflight: a layer step of every runtime every this many ms (0: as fast "
+                         "as the driver goes, which coalesces everything into a few huge calls)")
     ap.add_argument("--embedded", action="store_true", help="policies on the embedded model instead (see above)")
     ap.add_argument("--policies", default="on_demand,cross_layer,next_gate")
     ap.add_argument("--batch", type=int, default=4)

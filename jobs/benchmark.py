@@ -375,6 +375,8 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
     out.update(prefetch_bytes(base, st, max(s for s in c.sizes.values())), prefetch_ratio=ratio)
     out["cross_node_activation_bytes"] = act_bytes
     out["coordinator"] = coord
+    # routing batches the runtime sent, dropped (layer events) and coalesced into a later call (RouteOutbox)
+    out["publish"] = {k: st["prefetch"].get(k) for k in ("published", "dropped", "coalesced")}
     out["fast_path_orders"] = getattr(pub, "speculated", 0) if pub is not None else 0
     rv = st["prefetch"].get("reuse_values")
     if rv is not None and rv["weight_memory"] is not None:   # how much the long-memory table was trusted

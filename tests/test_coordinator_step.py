@@ -388,7 +388,7 @@ def test_register_and_end_calls_refused_by_a_lagging_coordinator_wait_and_go_wit
 
     c = ExpertCluster(ClusterConfig.model_validate({"tiers": [{"kind": "nvme", "path": "/nonexistent"}]}))
     c.coordinator = lag = Lagging()
-    c.publisher = SimpleNamespace(rules={}, denied=set())
+    c.publisher = SimpleNamespace(rules={}, denied=set(), drain=lambda: None)
     lag.refuse = 2
     c.register_request("a", "t")            # refused: waits
     assert c.publisher.rules == {"a": (None, "t", None, 0)}   # its rules ride on its routing batches meanwhile
@@ -439,6 +439,6 @@ def test_the_publisher_sends_a_registered_requests_rules_with_its_routing():
                           dropped=0, speculated=0, superseded=0, refuted=0, sent=0, speculator=None,
                           rules={"a": (["nvme"], "t", None, 3), "z": (None, "u", 1.0, 4)},
                           coordinator=SimpleNamespace(publish=SimpleNamespace(remote=got.append)))
-    RoutePublisher._send(pub, ["a", "b"], [{"layer": 0}])
-    RoutePublisher._send(pub, ["a"], None)          # counters only: nothing to plan, no rules
+    RoutePublisher._call(pub, ["a", "b"], [{"layer": 0}])
+    RoutePublisher._call(pub, ["a"], None)          # counters only: nothing to plan, no rules
     assert got[0]["rules"] == {"a": (["nvme"], "t", None, 3)} and "rules" not in got[1]
