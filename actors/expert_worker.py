@@ -516,11 +516,12 @@ class ExpertWorker:
             tb[r.tier] = tb.get(r.tier, 0) + int(r.blob.numel())
         return out, (hits, len(uniq) - hits, phits, stall, tb, why)
 
-    def _riders(self, orders=None, cancels=None, values=None) -> None:
+    def _riders(self, orders=None, cancels=None, values=None, coordinator=None) -> None:
         """The runtime's fast-path orders riding with a compute call: first cancel what it no longer wants (superseded
         by a nearer prediction, or refuted by the router), then queue the new ones. values {(layer, expert): P}:
         the latest predictions of this worker's experts (prefetch.speculate_values); from now on the cache evicts
-        the lowest first, and those it never valued last."""
+        the lowest first, and those it never valued last. coordinator: the PrefetchCoordinator's (items, cancel,
+        keep) for this worker, as its `prefetch` call takes them (prefetch.orders_ride), applied last."""
         if values:
             with self._lock:
                 self.cache.update_hints(values)
@@ -528,10 +529,14 @@ class ExpertWorker:
             self.cancel(items=cancels, fast_path=True)
         if orders:
             self.prefetch(orders)
+        if coordinator is not None:
+            items, cancel, keep = coordinator
+            self.prefetch(items, cancel or None, keep)
 
     def compute_call(self, req: tuple):
-        """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders, cancels, values]) as for
-        `compute` with with_stats=True (orders / cancels / values: the fast path's, applied first); returns (y, hits,
+        """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders, cancels, values[,
+        coordinator]]) as for `compute` with with_stats=True (orders / cancels / values: the fast path's, and the
+        coordinator's (items, cancel, keep), applied first: `_riders`); returns (y, hits,
         misses, prefetch_hits, stall seconds, {tier: bytes}, {miss cause: count}) flat. One argument and a flat reply
         cost Ray ~0.3 ms less per call than compute's six arguments and nested reply (each argument is serialized and
         bound on its own; measured by jobs/bench_runtime)."""

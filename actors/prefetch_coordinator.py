@@ -1,16 +1,18 @@
 """PrefetchCoordinator: one central async actor that turns the routing events of every runtime into prefetches.
 
-Runtimes publish batches of routing events without waiting (`publish.remote(batch)`, fire-and-forget; the
-actor is created with `max_pending_calls`, so a runtime whose coordinator lags gets an immediate error and drops
-the batch — counted — instead of queueing without bound or blocking the decode loop). Per batch the actor:
+Runtimes publish batches of routing events without waiting (`publish.remote(batch)` through a RouteOutbox: a
+few calls outstanding per runtime, routing flushed meanwhile goes together in the next; the actor is created with
+`max_pending_calls`, so a call past it fails at once and its routing is dropped — counted — instead of queueing
+without bound or blocking the decode loop). Per batch the actor:
   1. marks prefetches used and feeds the events to the predictor (policies/registry.py, chosen by
      `prefetch.policy`): a decode step's rows at once (`observe_many`), a prefill's row by row;
   2. predicts each live request's next `window` MoE layers (positions wrap into the next tokens), all at once
      (`predict_many`);
   3. asks the planner (policies/ranking.py) for orders against its view of the cluster — which worker owns
-     what, what is resident / in flight / staged where, free bytes — and issues them: `prefetch` to the owning
-     ExpertWorkers (HBM; each order names the only residents it may displace) and `stage` to the owner node's
-     StorageActor (DRAM), fire-and-forget;
+     what, what is resident / in flight / staged where, free bytes — and issues them: `prefetch` orders for the
+     owning ExpertWorkers (HBM; each order names the only residents it may displace), returned in publish's
+     reply for the runtime to carry with its compute calls (`orders_out`, prefetch.orders_ride) or sent to each
+     worker, and `stage` to the owner node's StorageActor (DRAM), fire-and-forget;
   4. cancels in-flight orders no request predicts any more, and everything of requests that ended;
   5. every `adapt_every` steps adapts the window (WindowController) from the wasted fraction and stall deltas;
   6. once the orders are out, scores the predictions made earlier against the true routing (telemetry: recall@k
@@ -155,15 +157,38 @@ def access_policy(pf) -> AccessPolicy | None:
     return AccessPolicy(rules)
 
 
+def merge_orders(buf: tuple[list, list, list], items: list, cancel: list, keep: list | None = None) -> None:
+    """Add a worker's later orders to ones not yet sent, buf = ([prefetch items], [cancel (layer, expert)], [keep]
+    or []), the later word on a key winning: a worker applies a call's cancellations before its orders, so both
+    must not travel for one key. keep (the residents' values) replaces the earlier."""
+    if cancel:
+        gone = {(int(a), int(b)) for a, b in cancel}
+        buf[0][:] = [it for it in buf[0] if (it[0], it[1]) not in gone]
+    if items:
+        again = {(it[0], it[1]) for it in items}
+        buf[1][:] = [k for k in buf[1] if (int(k[0]), int(k[1])) not in again]
+    buf[0].extend(items)
+    buf[1].extend(cancel)
+    if keep is not None:
+        buf[2][:] = [keep]
+
+
 class PrefetchCoordinator:
     def __init__(self, pf, geometry: dict, workers: dict, worker_node: dict, owners: np.ndarray, storage: dict,
-                 *, router_weights=None, store_dir: str | None = None, model: str | None = None):
+                 *, router_weights=None, store_dir: str | None = None, model: str | None = None,
+                 orders_out: bool = False):
         """pf: the config's PrefetchConfig. geometry: moe_layers (decoder layer of each MoE layer), num_experts,
         top_k, nbytes [L, E], store_tiers {tier kind: bool [L, E] held}, tier_set (active tier names), tier_kinds
         {tier name: kind} (the config's tiers: a TierSet names them).
         workers {wid: handle}, worker_node {wid: node id}, owners [L, E] primary owner wid per MoE layer,
-        storage {node id: [StorageActor]}."""
+        storage {node id: [StorageActor]}.
+        orders_out: the workers' orders (prefetch items, cancellations, keep values) go back in publish's reply,
+        {worker id: (items, cancel, keep)}, for the runtime to carry with its compute calls to those workers
+        (ExpertCluster does: no Ray call of their own), instead of a `prefetch` call per worker from here. Each
+        call costs this process ~0.3 ms to submit and more to take its reply (docs/benchmarks.md, session 21)."""
         self.pf = pf
+        self.orders_out = orders_out
+        self._out: dict | None = None   # this publish's orders by worker id (orders_out)
         self.moe_layers = [int(x) for x in geometry["moe_layers"]]
         self.L, self.E, self.K = len(self.moe_layers), int(geometry["num_experts"]), int(geometry["top_k"])
         self.layer_idx = {d: i for i, d in enumerate(self.moe_layers)}   # decoder layer -> MoE layer
@@ -390,11 +415,12 @@ class PrefetchCoordinator:
             h.cancel.remote(requests=list(requests))
 
     # -- the step -----------------------------------------------------------------------------------------------
-    async def publish(self, batch: dict) -> None:
+    async def publish(self, batch: dict) -> dict | None:
         """One batch of routing events from a runtime (cluster/expert_cluster.py RoutePublisher):
         {"runtime": id, "requests": [request id of each cache row], "counters": the runtime's cumulative
         counters, "layers": [{"layer": decoder layer, "rows": int64 [N] cache row, "pos": int64 [N] token
-        position, "ids": int64 [N, k], "w": float32 [N, k], "hidden": float32 [N, H] or None}, ...]}."""
+        position, "ids": int64 [N, k], "w": float32 [N, k], "hidden": float32 [N, H] or None}, ...]}. Returns the step's orders with orders_out ({worker id: (items,
+        cancel, keep)}; None when there are none), else None."""
         t0 = time.perf_counter()
         self.batches += 1
         self.tel.record_runtime(batch.get("runtime"), batch.get("counters") or {})
@@ -407,6 +433,7 @@ class PrefetchCoordinator:
                 self._register(r, tenant, tiers, budget, seq)
         self._submit_s = 0.0
         self._pred_s = 0.0
+        self._out = {} if self.orders_out else None
         rt = batch.get("runtime")
         self._rt_batches[rt] = self._rt_batches.get(rt, 0) + 1
         self._rt_step[rt] = self.step + 1
@@ -434,6 +461,8 @@ class PrefetchCoordinator:
             if self.step % 256 == 0:   # Prometheus sees progress without anyone calling stats()
                 self._export()
         self._maybe_poll()
+        out, self._out = self._out, None
+        return {w: (it, ca, kp[0] if kp else None) for w, (it, ca, kp) in out.items()} if out else None
 
     def _export(self, snap: dict | None = None) -> None:
         try:
@@ -619,18 +648,12 @@ class PrefetchCoordinator:
         together when it is acknowledged — fewer, larger calls when the coordinator outpaces a worker (each
         `.remote()` costs the actor more than a step's decision). keep: the worker's residents' values (the
         latest step's win)."""
+        if self._out is not None:   # orders_out: they leave with publish's reply
+            merge_orders(self._out.setdefault(self.wids[wi], ([], [], [])), items, cancel, keep)
+            return
         buf = self._held.get(wi)
-        if buf is not None:   # a call is outstanding: hold, the later word on a key winning (the worker applies a
-            if cancel:        # call's cancellations before its orders, so both must not travel for one key)
-                gone = {(int(a), int(b)) for a, b in cancel}
-                buf[0][:] = [it for it in buf[0] if (it[0], it[1]) not in gone]
-            if items:
-                again = {(it[0], it[1]) for it in items}
-                buf[1][:] = [k for k in buf[1] if (int(k[0]), int(k[1])) not in again]
-            buf[0].extend(items)
-            buf[1].extend(cancel)
-            if keep is not None:
-                buf[2][:] = [keep]
+        if buf is not None:   # a call is outstanding: hold
+            merge_orders(buf, items, cancel, keep)
             return
         ref = self.workers[self.wids[wi]].prefetch.remote(items, cancel or None, keep)
         if ref is None:                     # in-process benchmark handles: nothing to wait for
@@ -694,7 +717,9 @@ class PrefetchCoordinator:
                     decision_ms_p50=float(np.percentile(dec, 50) * 1e3),
                     decision_ms_p99=float(np.percentile(dec, 99) * 1e3),
                     predictor_state_bytes=int(self.predictor.state_nbytes()),
-                    window_growths_undone=self.wc.undone)
+                    window_growths_undone=self.wc.undone,
+                    # the actor process's CPU, every thread: Ray's receiving and replying included
+                    process_cpu_s=time.process_time())
         if self.metrics is not None:
             self._export(snap)
         return snap

@@ -256,6 +256,10 @@ class PrefetchConfig(_Model):
     # (each call costs the coordinator's process ~0.5 ms of Ray's CPU: docs/benchmarks.md session 21)
     publish_inflight: int = Field(2, ge=1)
     publish_backlog_layers: int = Field(256, ge=1)   # held layer events per runtime before the oldest are dropped
+    # the coordinator's orders come back in its publish replies and ride with the runtime's next compute call to
+    # each worker (a prefetch call of their own only to a worker the layer does not call), instead of a Ray call
+    # per worker from the coordinator
+    orders_ride: bool = True
     publish_hidden: bool = True                      # send hidden states (predictors that use them need it)
     # the runtime's fast path (policies/fast_path.py): with a hidden-state policy (next_gate, learned, pre_gated,
     # ensemble), or any policy given speculate_source (transition: routing history only), the forward pass

@@ -40,7 +40,7 @@ import torch
 
 from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_orders, pack_rows, unpack_reply,
                                   unpack_rows)
-from actors.prefetch_coordinator import PrefetchCoordinator, access_policy
+from actors.prefetch_coordinator import PrefetchCoordinator, access_policy, merge_orders
 from policies.fast_path import NextLayerSpeculator, likely_experts, order_filter
 from policies.ranking import AccessDenied
 from policies.reuse import PRIOR_FILE, MixedReuse, load_routing_prior, make_reuse_values
@@ -117,6 +117,11 @@ class ClusterExperts:
         # experts (prefetch.speculate_values), its cache's eviction values; they ride with the worker's next compute
         # call (never a call of their own), a layer's newer values replacing the older
         self.value_riders: dict[int, dict] = {}   # (publish() below resets it with the placement)
+        # worker -> ([prefetch items], [cancel (layer, expert)], [keep] or []): the coordinator's orders from its
+        # publish replies (prefetch.orders_ride), merged by merge_orders; they ride with the worker's next compute
+        # call in the tuple form (they name requests, victims and TierSets), or go in a prefetch call of their own
+        # when the layer does not call the worker
+        self.coord_riders: dict[int, tuple] = {}
         self._fits = fits
         self.publish(placement)
 
@@ -170,6 +175,7 @@ class ClusterExperts:
                         holders.setdefault(int(h), []).append(e)
             self.value_groups[layer] = [(w, np.array(es, np.int64)) for w, es in sorted(holders.items())]
         self.value_riders = {}
+        self.coord_riders = {}
 
     def moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         try:
@@ -226,15 +232,19 @@ class ClusterExperts:
                 parts[w] = (eids[sel], counts[sel], xs[mask], mask)
         riders, self.riders = self.riders, {}
         cancels, self.cancel_riders = self.cancel_riders, {}
+        coord, self.coord_riders = self.coord_riders, {}
         stale, values = self.stale_riders, self.value_riders
         for w, (e, cnt, xw, mask) in parts.items():
             ride, drop = riders.pop(w, None) or [], cancels.pop(w, None) or []
             if w in stale:
                 drop = drop + list(stale.pop(w))
             vals = _flat_values(values.pop(w, None))
-            extra = (ride, drop, vals) if (ride or drop or vals) else ()
-            payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(*extra) if extra else b"")) if small else \
-                (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + extra
+            co = coord.pop(w, None)
+            extra = (ride, drop, vals) if (ride or drop or vals or co) else ()
+            if co is not None:   # the coordinator's: applied after the fast path's (ExpertWorker._riders)
+                extra += ((co[0], co[1], co[2][0] if co[2] else None),)
+            payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(*extra) if extra else b"")) \
+                if small and co is None else (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + extra
             masks[w], rows[w], nexp[w] = mask, int(xw.shape[0]), len(e)
         for w in set(riders) | set(cancels):   # workers this layer does not call: refutations go along (before
             h = self.workers.get(w)             # the orders, as in a compute call) now that a call goes anyway
@@ -242,6 +252,10 @@ class ClusterExperts:
                 drop = (cancels.get(w) or []) + list(stale.pop(w, ()))   # and the values, which these loads
                 h.prefetch.remote(riders.get(w, []), drop or None, None, True,   # then evict by
                                   _flat_values(values.pop(w, None)))
+        for w, (items, cancel, keep) in coord.items():   # the coordinator's, likewise
+            h = self.workers.get(w)
+            if h is not None:
+                h.prefetch.remote(items, cancel or None, keep[0] if keep else None)
         ys = np.empty_like(xs)
         todo = dict(payloads)
         c = self.counters
@@ -342,11 +356,13 @@ class RouteOutbox:
     counted; so is a batch the pending-calls cap refuses. Thread-safe: the engine's thread flushes, and
     ExpertCluster.end_requests drains from whichever thread ends a request.
 
-    send(table, layers) -> ObjectRef | None builds the batch and makes the call."""
+    send(table, layers) -> ObjectRef | None builds the batch and makes the call. on_reply(value): given each
+    finished call's reply (the coordinator's orders with orders_out), from `poll` and `put` (not a forced one, so
+    that it runs in the thread that flushes)."""
 
-    def __init__(self, send, inflight: int = 2, backlog: int = 256):
+    def __init__(self, send, inflight: int = 2, backlog: int = 256, on_reply=None):
         assert inflight >= 1 and backlog >= 1, f"inflight {inflight} and backlog {backlog} must be >= 1"
-        self.send, self.inflight, self.backlog = send, inflight, backlog
+        self.send, self.inflight, self.backlog, self.on_reply = send, inflight, backlog, on_reply
         self._calls: list = []                 # futures of the outstanding calls
         self._held: deque = deque()            # (request table, [layer event]) in flush order
         self._held_layers = 0
@@ -365,10 +381,9 @@ class RouteOutbox:
                     n = len(self._held.popleft()[1])
                     self._held_layers -= n
                     self.dropped += n
-            if not self._held:
-                return
-            self._calls = [f for f in self._calls if not f.done()]
-            if len(self._calls) >= self.inflight and not force:
+            if not force:
+                self._poll()
+            if not self._held or (len(self._calls) >= self.inflight and not force):
                 return
             table, layers = merge_batches(self._held)
             self.coalesced += len(self._held) - 1
@@ -382,6 +397,28 @@ class RouteOutbox:
             self.sent += 1
             if ref is not None:
                 self._calls.append(ref.future())
+
+    def poll(self) -> None:
+        """Hand finished calls' replies to on_reply (cheap when none finished: a done() per outstanding call)."""
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
+        done, running = [], []
+        for f in self._calls:   # one pass: a call finishing meanwhile is in one list or the other
+            (done if f.done() else running).append(f)
+        if not done:
+            return
+        self._calls = running
+        if self.on_reply is None:
+            return
+        for f in done:
+            try:
+                reply = f.result()
+            except Exception:  # noqa: BLE001 - a call that failed (coordinator gone or restarting): no orders
+                continue
+            if reply is not None:
+                self.on_reply(reply)
 
     @property
     def outstanding(self) -> int:
@@ -464,9 +501,11 @@ class RoutePublisher:
         self.row_requests: list | None = None
         self.last_layer = model.args.moe_layers[-1] if model.args.moe_layers else -1
         self._buf: list[dict] = []
-        self.outbox = RouteOutbox(self._call, inflight, backlog)
+        # the coordinator's replies (its orders, with prefetch.orders_ride) ride with the next compute calls
+        self.outbox = RouteOutbox(self._call, inflight, backlog, on_reply=self._orders)
         self._counter_calls = self._counter_dropped = 0   # counters-only calls (warm experts), outside the outbox
         self._flushes = 0
+        self.coordinator_orders = 0       # the coordinator's orders that came back in its replies to ride along
         self._quiet = 0   # MoE layers not published because the experts were warm
 
     def __call__(self, layer: int, topk_ids: torch.Tensor, topk_w: torch.Tensor, x: torch.Tensor) -> None:
@@ -479,6 +518,8 @@ class RoutePublisher:
             c["hook_layers"] += 1
 
     def _route(self, layer: int, topk_ids: torch.Tensor, topk_w: torch.Tensor, x: torch.Tensor) -> None:
+        if self.coordinator is not None:   # orders that came back since: they go with this layer's calls
+            self.outbox.poll()
         if self.experts.warm:
             # every expert fits its owner's cache and is resident: nothing can miss, so routing is not sent (each
             # publish costs the decode loop a Ray submit and the coordinator CPU). Counters still go every 256 layers.
@@ -609,6 +650,13 @@ class RoutePublisher:
         self._flushes += 1
         if self.speculator is not None and self.speculator.learned is not None:
             self._sync_head()
+
+    def _orders(self, reply: dict) -> None:
+        """A publish reply's orders ({worker id: (items, cancel, keep)}) for ClusterExperts.coord_riders."""
+        cr = self.experts.coord_riders
+        for w, (items, cancel, keep) in reply.items():
+            merge_orders(cr.setdefault(w, ([], [], [])), items, cancel, keep)
+            self.coordinator_orders += len(items)
 
     def drain(self) -> None:
         """Send the held layers now, whatever is outstanding (before the end of the requests they route)."""
@@ -780,7 +828,7 @@ class ExpertCluster:
             name="prefetch-coordinator", namespace=self.cfg.ray.namespace, num_cpus=0,
             max_restarts=pf.max_restarts, max_task_retries=0, max_pending_calls=pf.max_pending_batches,
         ).remote(pf, geometry, dict(self.workers), nodes, self._owners(), self.storage, router_weights=router,
-                 store_dir=nvme, model=self.manifest.model.family)
+                 store_dir=nvme, model=self.manifest.model.family, orders_out=pf.orders_ride)
         ray.get(self.coordinator.ping.remote())   # a bad policy / missing weights fail here, at start
         spec = None
         if pf.speculate_layers > 0 and (pf.policy in SPECULATING_POLICIES or pf.speculate_source != "auto"):
@@ -1049,6 +1097,7 @@ class ExpertCluster:
                              "published": self.publisher.sent if self.publisher else 0,
                              "dropped": self.publisher.dropped if self.publisher else 0,
                              "coalesced": self.publisher.outbox.coalesced if self.publisher else 0,
+                             "coordinator_orders_ridden": self.publisher.coordinator_orders if self.publisher else 0,
                              "control_calls_waiting": len(self._coord_backlog),
                              "control_calls_dropped": self.control_calls_dropped, "fast_path": fast,
                              "reuse_values": reuse}}

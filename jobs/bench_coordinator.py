@@ -266,9 +266,11 @@ def bench_actor(args, routes) -> dict:
     try:
         sinks = {w: Sink.remote() for w in range(W)}
         store = Sink.remote()
+        ride = bool(args.inflight) and args.orders_ride
         coord = ray.remote(PrefetchCoordinator).options(num_cpus=0, max_pending_calls=64).remote(
-            pf, geo, sinks, {w: "n0" for w in range(W)}, owner, {"n0": [store]})
+            pf, geo, sinks, {w: "n0" for w in range(W)}, owner, {"n0": [store]}, orders_out=ride)
         ray.get(coord.ping.remote())
+        cpu0 = ray.get(coord.stats.remote())["process_cpu_s"]
         n, dropped = 0, 0
         if args.inflight:   # each runtime sends through its RouteOutbox, as RoutePublisher does
             boxes = {}
@@ -276,10 +278,15 @@ def bench_actor(args, routes) -> dict:
             def call(rt):
                 return lambda table, evs: coord.publish.remote({"runtime": rt, "requests": table, "counters": {},
                                                                 "layers": evs})
+
+            def orders(reply):   # the runtime carries them to the workers (here a call of their own: the bench
+                for w, (items, cancel, keep) in reply.items():   # has no compute calls to ride with)
+                    sinks[w].prefetch.remote(items, cancel or None, keep)
             t_next = time.perf_counter()
             for b in batches(args, routes):
                 rt = b["runtime"]
-                box = boxes.get(rt) or boxes.setdefault(rt, RouteOutbox(call(rt), args.inflight, 1 << 20))
+                box = boxes.get(rt) or boxes.setdefault(rt, RouteOutbox(call(rt), args.inflight, 1 << 20,
+                                                                        on_reply=orders))
                 if args.layer_ms:        # one layer step of every runtime per --layer-ms: a decode's pace
                     t_next += args.layer_ms / 1e3 / args.runtimes
                     while time.perf_counter() < t_next:
@@ -316,6 +323,8 @@ def bench_actor(args, routes) -> dict:
                "actor_decision_excl_predictor": pct(t - sub - sc - pr), "actor_submit": pct(sub),
                "actor_scoring": pct(sc)}
         out["actor"].update(dropped=dropped, issued=s["prefetches"]["issued"], calls=s["steps"],
+                            # the actor process's CPU per call, all threads (Ray's receive, reply, submits)
+                            process_cpu_ms_per_call=(s["process_cpu_s"] - cpu0) * 1e3 / max(s["steps"], 1),
                             layers_per_call=n / max(s["steps"], 1),
                             orders_per_step=s["prefetches"]["issued"] / max(s["steps"], 1),
                             recall_at_1=s["recall_at_k"].get(1))
@@ -411,6 +420,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--layer-ms", type=float, default=5.0,
                     help="actor run with --inflight: a layer step of every runtime every this many ms (0: as fast "
                          "as the driver goes, which coalesces everything into a few huge calls)")
+    ap.add_argument("--orders-ride", type=int, default=int(PrefetchConfig().orders_ride),
+                    help="actor run with --inflight: 1: the orders come back in the publish replies "
+                         "(prefetch.orders_ride; the driver then sends them to the sinks), 0: the coordinator calls "
+                         "each worker")
     ap.add_argument("--embedded", action="store_true", help="policies on the embedded model instead (see above)")
     ap.add_argument("--policies", default="on_demand,cross_layer,next_gate")
     ap.add_argument("--batch", type=int, default=4)

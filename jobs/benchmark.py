@@ -722,6 +722,9 @@ def main(argv=None) -> int:
                         "(default: the source's, policies/fast_path.py order_filter)")
     p.add_argument("--publish-every", type=int, default=None,
                    help="prefetch.publish_every_layers: MoE layers per routing batch the runtime sends")
+    p.add_argument("--orders-ride", type=int, choices=(0, 1), default=None,
+                   help="prefetch.orders_ride: 1 (the default) the coordinator's orders come back in its publish "
+                        "replies and ride with the compute calls; 0: it calls each worker")
     p.add_argument("--cache-policy", default="lru", choices=("lru", "lfu", "slru", "prefetch_aware"),
                    help="the workers' eviction policy for every run but `slru` (policies/hbm_cache.py)")
     p.add_argument("--repeat", type=at_least(1), default=1,
@@ -921,7 +924,8 @@ def planner_settings(a, eb: int) -> dict:
                              ("speculate_fanout", getattr(a, "speculate_fanout", None)),
                              ("speculate_values", getattr(a, "speculate_values", None)),
                              ("reuse_values", getattr(a, "reuse_values", None)),
-                             ("routing_prior", getattr(a, "routing_prior", None))) if v is not None}
+                             ("routing_prior", getattr(a, "routing_prior", None)),
+                             ("orders_ride", getattr(a, "orders_ride", None))) if v is not None}
     if not getattr(a, "value_residents", True):
         out["value_residents"] = False
     if getattr(a, "eviction_hints", False):

@@ -533,3 +533,18 @@ def test_a_lagging_coordinator_gets_fewer_larger_calls_and_loses_no_routing(env)
     assert sorted(got, key=lambda g: g[0]) == want and len(got) == 40 and most <= 2, (got[:5], most)
     assert box.sent < 20 and box.sent + box.coalesced == 40 and box.dropped == 0, (box.sent, box.coalesced)
     ray.kill(a)
+
+
+def test_the_coordinators_orders_ride_with_the_compute_calls_and_get_used(env, on_demand):
+    """prefetch.orders_ride (the default): a policy without the runtime's fast path (cross_layer), so every prefetch
+    a worker makes is the coordinator's. Its orders come back in the publish replies and go with the runtime's
+    compute calls, and the workers load them; the tokens are the reference's. (Its orders are few and rarely hit
+    here: cross_layer predicts this model poorly.)"""
+    with ExpertCluster(cfg(env, "cross_layer", "coord-ride")) as c:
+        assert c.publisher.speculator is None
+        assert c.generate(env["prompts"], NEW) == env["ref"]
+        st = c.stats()
+    p = st["prefetch"]
+    assert p["coordinator_orders_ridden"] > 0 and p["fast_path"] is None
+    assert sum(w["prefetch_loads"] for w in st["workers"]) > 0, [w["prefetch_loads"] for w in st["workers"]]
+    assert p["dropped"] == 0

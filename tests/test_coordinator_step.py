@@ -53,7 +53,7 @@ class _Scripted:
         return 0
 
 
-def coordinator(workers, tier_set=("nvme",), tier_kinds=None, **pf):
+def coordinator(workers, tier_set=("nvme",), tier_kinds=None, orders_out=False, **pf):
     geo = {"moe_layers": list(range(L)), "num_experts": E, "top_k": K, "nbytes": np.full((L, E), 1 << 20),
            "store_tiers": {"nvme": np.ones((L, E), bool)}, "tier_set": list(tier_set)}
     if tier_kinds is not None:
@@ -61,7 +61,7 @@ def coordinator(workers, tier_set=("nvme",), tier_kinds=None, **pf):
     cfg = dict(policy="cross_layer", lookahead_layers=1, lookahead_tokens=1, refresh_s=1e9, value_residents=False)
     cfg.update(pf)
     c = PrefetchCoordinator(PrefetchConfig(**cfg), geo, workers, {w: "n0" for w in workers},
-                            np.zeros((L, E), np.int64), {"n0": [_Handle()]})
+                            np.zeros((L, E), np.int64), {"n0": [_Handle()]}, orders_out=orders_out)
     c.metrics = None
     c._polled = True
     c.budget[:] = 8 << 20
@@ -102,6 +102,48 @@ def test_an_order_cancelled_while_held_is_not_sent_and_a_reorder_lifts_its_cance
 
     asyncio.run(run())
     assert c.inflight[2, 5] and not c.inflight[3, 6]
+
+
+def test_with_orders_out_the_same_orders_come_back_in_the_reply_and_no_worker_is_called():
+    """prefetch.orders_ride: publish returns the step's orders ({worker id: (items, cancel, keep)}) for the runtime
+    to carry with its compute calls; they are the prefetch calls the coordinator would have made (each
+    acknowledged at once here, so that none is held), and no worker is called. The runtime merges replies as held
+    orders are merged: a later cancel drops an earlier order of the key, a later order lifts its cancel."""
+    from types import SimpleNamespace
+
+    from cluster.expert_cluster import RoutePublisher
+    script = {0: (1, 3), 1: (2, 5), 2: (3, 6), 3: (2, 5)}
+    direct, out = _Worker(), _Worker()
+    a, b = coordinator({0: direct}), coordinator({0: out}, orders_out=True)
+    a.predictor, b.predictor = _Scripted(script), _Scripted(script)
+
+    async def run():
+        replies = []
+        for layer, e in [(0, 0), (1, 0), (2, 1), (3, 0)]:
+            batch = {"runtime": "a", "requests": ["r"], "layers": [event(layer, e)]}
+            await a.publish(batch)
+            for f in direct.prefetch.futs:
+                if not f.done():
+                    f.set_result(1)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            replies.append(await b.publish(batch))
+        return replies
+
+    replies = asyncio.run(run())
+    assert out.prefetch.calls == [] and len(direct.prefetch.calls) == 4, direct.prefetch.calls
+    got = [([(i[0], i[1]) for i in r[0][0]], [tuple(c) for c in r[0][1]]) for r in replies]
+    assert got == direct.prefetch.calls and all(r[0][2] is None for r in replies), (got, direct.prefetch.calls)
+    assert np.array_equal(a.inflight, b.inflight)
+    pub = SimpleNamespace(experts=SimpleNamespace(coord_riders={}), coordinator_orders=0)
+    for r in replies[:3]:   # (1, 3), then (2, 5) and (1, 3)'s cancel, then (3, 6) and (2, 5)'s cancel
+        RoutePublisher._orders(pub, r)
+    items, cancel, keep = pub.experts.coord_riders[0]
+    assert [(i[0], i[1]) for i in items] == [(3, 6)] and {(1, 3), (2, 5)} <= set(cancel) and keep == []
+    RoutePublisher._orders(pub, replies[3])   # (2, 5) ordered again: its cancel no longer travels
+    items, cancel, _ = pub.experts.coord_riders[0]
+    assert (2, 5) in [(i[0], i[1]) for i in items] and (2, 5) not in cancel and (3, 6) in cancel
+    assert pub.coordinator_orders == 4   # every order that came back, cancelled later or not
 
 
 def test_an_idle_requests_predictions_are_scored_once_per_position():
