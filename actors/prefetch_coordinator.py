@@ -228,7 +228,10 @@ class PrefetchCoordinator:
         self.submit_times: deque = deque(maxlen=4096)   # of which submitting the orders (Ray .remote calls)
         self.predictor_times: deque = deque(maxlen=4096)  # of which in the predictor (observe + predict)
         self.scoring_times: deque = deque(maxlen=4096)  # of which scoring predictions, after the orders are out
-        self._submit_s = self._pred_s = 0.0
+        # the decision's thread CPU seconds (routing in -> orders out, less submitting them): its wall time also
+        # counts waits for the GIL and the cores, which Ray's own threads in this process take while calls arrive
+        self.decision_cpu: deque = deque(maxlen=4096)
+        self._submit_s = self._pred_s = self._submit_cpu = 0.0
         self._truths: list = []   # this batch's routing, scored against earlier predictions once orders are out
         self.batched = True       # a decode step's rows at once; False: always row by row (the tests' reference)
         self._scored: list = []   # this step's predictions, recorded for scoring at the same time
@@ -421,7 +424,7 @@ class PrefetchCoordinator:
         counters, "layers": [{"layer": decoder layer, "rows": int64 [N] cache row, "pos": int64 [N] token
         position, "ids": int64 [N, k], "w": float32 [N, k], "hidden": float32 [N, H] or None}, ...]}. Returns the step's orders with orders_out ({worker id: (items,
         cancel, keep)}; None when there are none), else None."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self.batches += 1
         self.tel.record_runtime(batch.get("runtime"), batch.get("counters") or {})
         self.dropped = max(self.dropped, int((batch.get("counters") or {}).get("publish_dropped", 0)))
@@ -431,7 +434,7 @@ class PrefetchCoordinator:
         for r, (tiers, tenant, budget, seq) in (batch.get("rules") or {}).items():
             if self._meta_seq.get(r, -1) < seq:   # its register_request has not run yet (out of order)
                 self._register(r, tenant, tiers, budget, seq)
-        self._submit_s = 0.0
+        self._submit_s = self._submit_cpu = 0.0
         self._pred_s = 0.0
         self._out = {} if self.orders_out else None
         rt = batch.get("runtime")
@@ -450,6 +453,7 @@ class PrefetchCoordinator:
             # predictor said and what the router chose), so it stays off the routing-in -> orders-out latency;
             # a step whose decision failed is scored all the same
             t1 = time.perf_counter()
+            self.decision_cpu.append(time.thread_time() - c0 - self._submit_cpu)
             self._score()
             t2 = time.perf_counter()
         self.step_times.append(t2 - t0)
@@ -589,7 +593,7 @@ class PrefetchCoordinator:
 
     def _issue(self, plan, cancels: dict[int, list]) -> None:
         """One `prefetch` call per worker that has orders or cancellations this step, one `stage` per node."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         dl = self.moe_layers
         hbm = plan.target == TARGET_HBM
         by_worker: dict[int, list] = {wi: [] for wi in cancels}
@@ -625,6 +629,7 @@ class PrefetchCoordinator:
             self.staging[plan.layer[st], plan.expert[st]] = True
             self.staged += int(st.sum())
         self._submit_s = time.perf_counter() - t0
+        self._submit_cpu = time.thread_time() - c0
 
     def _keep(self, plan, wis: list[int]) -> dict[int, list]:
         """Per worker index in `wis`: [(decoder layer, expert, value)] of its residents and in-flight loads as this
@@ -728,10 +733,12 @@ class PrefetchCoordinator:
         """Seconds spent handling each of the last batches (routing batch in -> orders out)."""
         return list(self.step_times)
 
-    async def step_breakdown_s(self) -> tuple[list[float], list[float], list[float], list[float]]:
+    async def step_breakdown_s(self) -> tuple[list[float], ...]:
         """Per batch: total seconds, of which submitting the orders, of which in the predictor, of which scoring
-        predictions after the orders were out (jobs.bench_coordinator reads them)."""
-        return list(self.step_times), list(self.submit_times), list(self.predictor_times), list(self.scoring_times)
+        predictions after the orders were out; and the decision's thread CPU seconds (jobs.bench_coordinator
+        reads them)."""
+        return (list(self.step_times), list(self.submit_times), list(self.predictor_times),
+                list(self.scoring_times), list(self.decision_cpu))
 
     async def learned_head(self) -> tuple[int, np.ndarray, np.ndarray] | None:
         """(online updates so far, w2, b2) of the learned predictor this actor fine-tunes (alone or as an ensemble

@@ -24,7 +24,10 @@ something to predict; a 25% HBM cache; every expert in NVMe and S3):
             without the predictor), actor_submit (the `.remote()` calls: one per worker with orders or
             cancellations) and actor_scoring (after the orders are out)
 `*_cpu` rows are the thread's CPU time for the same calls (time.thread_time): on a shared, overloaded machine
-wall-clock percentiles mostly measure preemption, CPU time what the code costs.
+wall-clock percentiles mostly measure preemption, CPU time what the code costs. actor_decision_cpu is the
+actor's decision in thread CPU; its wall time also holds waits for the GIL and the cores, which Ray's own threads
+in the actor's process take while calls arrive (docs/benchmarks.md, session 21). The actor row also reports
+process_cpu_ms_per_call: the actor process's CPU per call, every thread.
 With --embedded, instead: the embedded model (jobs/embedded_model) served by a local ExpertCluster (2 workers whose
 caches hold 25% of the experts, experts on local disk) for each of --policies (on_demand first: the baseline),
 the same prompts, greedy: tokens/s, hits, misses, stall seconds, prefetches issued/used, timely recall; the tokens
@@ -316,12 +319,12 @@ def bench_actor(args, routes) -> dict:
                     break
             ray.get(pending)
         s = ray.get(coord.stats.remote())
-        times, submit, pred, scoring = ray.get(coord.step_breakdown_s.remote())
+        times, submit, pred, scoring, dcpu = ray.get(coord.step_breakdown_s.remote())
         w0 = min(args.warmup, len(times) // 10)   # coalesced calls: fewer steps than batches
         t, sub, pr, sc = (np.array(a[w0:]) for a in (times, submit, pred, scoring))
         out = {"actor": pct(t), "actor_decision": pct(t - sub - sc),
                "actor_decision_excl_predictor": pct(t - sub - sc - pr), "actor_submit": pct(sub),
-               "actor_scoring": pct(sc)}
+               "actor_scoring": pct(sc), "actor_decision_cpu": pct(dcpu[w0:])}
         out["actor"].update(dropped=dropped, issued=s["prefetches"]["issued"], calls=s["steps"],
                             # the actor process's CPU per call, all threads (Ray's receive, reply, submits)
                             process_cpu_ms_per_call=(s["process_cpu_s"] - cpu0) * 1e3 / max(s["steps"], 1),
@@ -450,8 +453,8 @@ def main(argv=None) -> dict:
           f"k={args.top_k} requests={args.requests} window={args.window} policy={args.policy}")
     print(f"{'what':<32}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>8}")
     for k in ("planner", "planner_cpu", "step", "step_cpu", "step_predictor", "step_excl_predictor", "step_scoring",
-              "step_decision", "actor", "actor_decision", "actor_decision_excl_predictor", "actor_submit",
-              "actor_scoring"):
+              "step_decision", "actor", "actor_decision", "actor_decision_cpu", "actor_decision_excl_predictor",
+              "actor_submit", "actor_scoring"):
         if k in res:
             r = res[k]
             print(f"{k:<32}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['n']:>8}")
