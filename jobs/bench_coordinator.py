@@ -2,7 +2,7 @@
 
     python -m jobs.bench_coordinator [--layers 32 --experts 64 --workers 8 --top-k 8 --requests 8 --steps 2000]
                                      [--policy cross_layer] [--runtimes 1] [--no-actor]
-                                     [--inflight 2 --layer-ms 5] --json OUT
+                                     [--inflight 2 --layer-ms 5 --compute-calls 1 --orders-ride 1] --json OUT
 
 Three measurements on the same synthetic routing (a per-layer Markov chain over experts, so predictors have
 something to predict; a 25% HBM cache; every expert in NVMe and S3):
@@ -18,7 +18,9 @@ something to predict; a 25% HBM cache; every expert in NVMe and S3):
             RoutePublisher sends: at most --inflight calls outstanding, layers flushed meanwhile go together),
             one layer step every --layer-ms (a decode's pace; 5 ms: a 32-layer model at ~6 tokens/s, the
             offloading regime), with sink worker / storage actors (prefetched experts become resident in a
-            25% cache). --inflight 0: the pacing before session 21 (32 batches sent at once, then waited for,
+            25% cache). Each layer step also makes the runtime's compute calls (--compute-calls 1: one per worker
+            owning a routed expert, waited for; the computed experts become resident), and with
+            prefetch.orders_ride the coordinator's orders ride with them. --inflight 0: the pacing before session 21 (32 batches sent at once, then waited for,
             a burst: calls received while a step runs slow it 3-5x, docs/benchmarks.md session 21). Its own
             per-batch timing, split into actor_decision (routing in -> orders out, less submitting them; also
             without the predictor), actor_submit (the `.remote()` calls: one per worker with orders or
@@ -46,6 +48,7 @@ import time
 import numpy as np
 
 from cluster.config import PrefetchConfig
+from actors.prefetch_coordinator import merge_orders
 from cluster.expert_cluster import RouteOutbox
 from policies.ranking import ClusterView, HBM, NUM_TIERS, NVME, PlannerConfig, PrefetchPlanner, RequestView, S3
 from policies.registry import make_predictor
@@ -253,6 +256,14 @@ def bench_actor(args, routes) -> dict:
             self.cache.prefetch(items, cancel, keep)
             return len(items)
 
+        def compute(self, layer, experts, coordinator=None):
+            """A layer's compute call from the runtime (--compute-calls): the coordinator's orders riding with it
+            are applied first; the computed experts are then resident (a demand load evicts the oldest)."""
+            if coordinator is not None:
+                self.cache.prefetch(*coordinator)
+            self.cache.prefetch([(layer, e) for e in experts])
+            return len(experts)
+
         def cancel(self, request=None, items=None, requests=None):
             return 0
 
@@ -282,9 +293,14 @@ def bench_actor(args, routes) -> dict:
                 return lambda table, evs: coord.publish.remote({"runtime": rt, "requests": table, "counters": {},
                                                                 "layers": evs})
 
-            def orders(reply):   # the runtime carries them to the workers (here a call of their own: the bench
-                for w, (items, cancel, keep) in reply.items():   # has no compute calls to ride with)
-                    sinks[w].prefetch.remote(items, cancel or None, keep)
+            riders: dict = {}
+
+            def orders(reply):   # the runtime carries them to the workers: with its next compute call to each
+                for w, (items, cancel, keep) in reply.items():   # (--compute-calls), else in a call of their own
+                    if args.compute_calls:
+                        merge_orders(riders.setdefault(w, ([], [], [])), items, cancel, keep)
+                    else:
+                        sinks[w].prefetch.remote(items, cancel or None, keep)
             t_next = time.perf_counter()
             for b in batches(args, routes):
                 rt = b["runtime"]
@@ -294,7 +310,22 @@ def bench_actor(args, routes) -> dict:
                     t_next += args.layer_ms / 1e3 / args.runtimes
                     while time.perf_counter() < t_next:
                         time.sleep(5e-5)
-                box.put(b["requests"], b["layers"])
+                if args.compute_calls:   # the layer's compute calls, one per owner of a routed expert, riders along;
+                    ev = b["layers"][0]                  # the batch is flushed while they are out (as the runtime's
+                    ids = np.unique(ev["ids"])           # deferred work), then the layer waits for them
+                    ws = owner[ev["layer"], ids]
+                    refs = []
+                    for w in np.unique(ws).tolist():
+                        r = riders.pop(w, None)
+                        refs.append(sinks[w].compute.remote(ev["layer"], ids[ws == w].tolist(), None if r is None
+                                                            else (r[0], r[1] or None, r[2][0] if r[2] else None)))
+                    for w in list(riders):               # workers this layer does not call: a call of their own
+                        it, ca, kp = riders.pop(w)
+                        sinks[w].prefetch.remote(it, ca or None, kp[0] if kp else None)
+                    box.put(b["requests"], b["layers"])
+                    ray.get(refs)
+                else:
+                    box.put(b["requests"], b["layers"])
                 n += 1
                 if n >= args.steps:
                     break
@@ -423,6 +454,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--layer-ms", type=float, default=5.0,
                     help="actor run with --inflight: a layer step of every runtime every this many ms (0: as fast "
                          "as the driver goes, which coalesces everything into a few huge calls)")
+    ap.add_argument("--compute-calls", type=int, choices=(0, 1), default=1,
+                    help="actor run with --inflight: 1: each layer step also makes the runtime's compute calls (one "
+                         "per worker owning a routed expert, waited for), and the coordinator's orders ride with "
+                         "them as in serving; 0: no compute calls")
     ap.add_argument("--orders-ride", type=int, default=int(PrefetchConfig().orders_ride),
                     help="actor run with --inflight: 1: the orders come back in the publish replies "
                          "(prefetch.orders_ride; the driver then sends them to the sinks), 0: the coordinator calls "
