@@ -274,7 +274,7 @@ def bench_actor(args, routes) -> dict:
             return self.cache.snapshot()
 
     pf, geo, owner = coordinator_args(args)
-    pf = pf.model_copy(update={"refresh_s": 0.05})
+    pf = pf.model_copy(update={"refresh_s": args.refresh_s})
     W = args.workers
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", namespace="bench-coordinator")
     try:
@@ -454,6 +454,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--layer-ms", type=float, default=5.0,
                     help="actor run with --inflight: a layer step of every runtime every this many ms (0: as fast "
                          "as the driver goes, which coalesces everything into a few huge calls)")
+    ap.add_argument("--refresh-s", type=float, default=PrefetchConfig().refresh_s,
+                    help="actor run: prefetch.refresh_s, how often the actor polls the sinks' snapshots")
     ap.add_argument("--compute-calls", type=int, choices=(0, 1), default=1,
                     help="actor run with --inflight: 1: each layer step also makes the runtime's compute calls (one "
                          "per worker owning a routed expert, waited for), and the coordinator's orders ride with "
