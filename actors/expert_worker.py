@@ -521,17 +521,18 @@ class ExpertWorker:
         by a nearer prediction, or refuted by the router), then queue the new ones. values {(layer, expert): P}:
         the latest predictions of this worker's experts (prefetch.speculate_values); from now on the cache evicts
         the lowest first, and those it never valued last. coordinator: the PrefetchCoordinator's (items, cancel,
-        keep) for this worker, as its `prefetch` call takes them (prefetch.orders_ride), applied last."""
+        keep) for this worker, as its `prefetch` call takes them (prefetch.orders_ride), applied before the fast
+        path's."""
         if values:
             with self._lock:
                 self.cache.update_hints(values)
+        if coordinator is not None:   # first: the fast path's orders come from newer routing than the reply
+            items, cancel, keep = coordinator   # they rode back in, so a stale coordinator cancel must not undo them
+            self.prefetch(items, cancel or None, keep)
         if cancels:
             self.cancel(items=cancels, fast_path=True)
         if orders:
             self.prefetch(orders)
-        if coordinator is not None:
-            items, cancel, keep = coordinator
-            self.prefetch(items, cancel or None, keep)
 
     def compute_call(self, req: tuple):
         """The runtime's per-layer call: req = (layer, experts, counts, x, tiers[, orders, cancels, values[,

@@ -157,6 +157,9 @@ def access_policy(pf) -> AccessPolicy | None:
     return AccessPolicy(rules)
 
 
+RIDE_MARGIN_STEPS = 4
+
+
 def merge_orders(buf: tuple[list, list, list], items: list, cancel: list, keep: list | None = None) -> None:
     """Add a worker's later orders to ones not yet sent, buf = ([prefetch items], [cancel (layer, expert)], [keep]
     or []), the later word on a key winning: a worker applies a call's cancellations before its orders, so both
@@ -188,6 +191,10 @@ class PrefetchCoordinator:
         call costs this process ~0.3 ms to submit and more to take its reply (docs/benchmarks.md, session 21)."""
         self.pf = pf
         self.orders_out = orders_out
+        # orders that ride reach their worker only once the runtime has taken the reply and calls the worker
+        # again: a snapshot taken within this many steps of an order may not list it yet, and must not be read as
+        # its having landed (or been dropped)
+        self._ride_margin = RIDE_MARGIN_STEPS if orders_out else 0
         self._out: dict | None = None   # this publish's orders by worker id (orders_out)
         self.moe_layers = [int(x) for x in geometry["moe_layers"]]
         self.L, self.E, self.K = len(self.moe_layers), int(geometry["num_experts"]), int(geometry["top_k"])
@@ -309,7 +316,7 @@ class PrefetchCoordinator:
                 li = self.layer_idx.get(int(l))
                 if li is not None:
                     pend[li, int(e)] = True
-            mine = self.inflight & (self.owner == i) & (self.inflight_step < step0)
+            mine = self.inflight & (self.owner == i) & (self.inflight_step < step0 - self._ride_margin)
             done = mine & ~pend
             self.inflight[done] = False
         for j, r in enumerate(ss):

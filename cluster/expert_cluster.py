@@ -31,7 +31,7 @@ import os
 import socket
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -363,12 +363,13 @@ class RouteOutbox:
     def __init__(self, send, inflight: int = 2, backlog: int = 256, on_reply=None):
         assert inflight >= 1 and backlog >= 1, f"inflight {inflight} and backlog {backlog} must be >= 1"
         self.send, self.inflight, self.backlog, self.on_reply = send, inflight, backlog, on_reply
-        self._calls: list = []                 # futures of the outstanding calls
+        self._calls: list = []                 # (future, layer events) of the outstanding calls, in call order
         self._held: deque = deque()            # (request table, [layer event]) in flush order
         self._held_layers = 0
         self._lock = threading.Lock()
         self.sent = self.dropped = 0           # calls made; layer events dropped (backlog full or call refused)
         self.coalesced = 0                     # flushes that went in a later flush's call
+        self.bad_replies = 0                   # replies on_reply raised on (their orders lost)
 
     def put(self, table: list, layers: list, force: bool = False) -> None:
         """Queue one flush's layers (their rows index `table`) and send what is held if a call may go (force: now,
@@ -396,7 +397,7 @@ class RouteOutbox:
                 return
             self.sent += 1
             if ref is not None:
-                self._calls.append(ref.future())
+                self._calls.append((ref.future(), len(layers)))
 
     def poll(self) -> None:
         """Hand finished calls' replies to on_reply (cheap when none finished: a done() per outstanding call)."""
@@ -404,25 +405,27 @@ class RouteOutbox:
             self._poll()
 
     def _poll(self) -> None:
-        done, running = [], []
-        for f in self._calls:   # one pass: a call finishing meanwhile is in one list or the other
-            (done if f.done() else running).append(f)
-        if not done:
+        n = 0   # the finished calls at the front only: replies are taken in call order, so a later word wins
+        while n < len(self._calls) and self._calls[n][0].done():
+            n += 1
+        if not n:
             return
-        self._calls = running
-        if self.on_reply is None:
-            return
-        for f in done:
+        done, self._calls = self._calls[:n], self._calls[n:]
+        for f, layers in done:
             try:
                 reply = f.result()
-            except Exception:  # noqa: BLE001 - a call that failed (coordinator gone or restarting): no orders
+            except Exception:  # noqa: BLE001 - a call that failed (coordinator gone or restarting): its routing
+                self.dropped += layers   # is lost, and it has no orders
                 continue
-            if reply is not None:
-                self.on_reply(reply)
+            if reply is not None and self.on_reply is not None:
+                try:
+                    self.on_reply(reply)
+                except Exception:  # noqa: BLE001 - a malformed reply must not fail the forward pass it runs in
+                    self.bad_replies += 1
 
     @property
     def outstanding(self) -> int:
-        return sum(not f.done() for f in self._calls)
+        return sum(not f.done() for f, _ in self._calls)
 
 
 def merge_batches(groups) -> tuple[list, list]:
@@ -506,6 +509,8 @@ class RoutePublisher:
         self._counter_calls = self._counter_dropped = 0   # counters-only calls (warm experts), outside the outbox
         self._flushes = 0
         self.coordinator_orders = 0       # the coordinator's orders that came back in its replies to ride along
+        self._ended: OrderedDict = OrderedDict()   # requests ended lately (bounded): no order rides for them
+        self._ended_new: deque = deque()           # appended by any thread, taken by the engine's
         self._quiet = 0   # MoE layers not published because the experts were warm
 
     def __call__(self, layer: int, topk_ids: torch.Tensor, topk_w: torch.Tensor, x: torch.Tensor) -> None:
@@ -519,6 +524,7 @@ class RoutePublisher:
 
     def _route(self, layer: int, topk_ids: torch.Tensor, topk_w: torch.Tensor, x: torch.Tensor) -> None:
         if self.coordinator is not None:   # orders that came back since: they go with this layer's calls
+            self._take_ended()
             self.outbox.poll()
         if self.experts.warm:
             # every expert fits its owner's cache and is resident: nothing can miss, so routing is not sent (each
@@ -652,11 +658,37 @@ class RoutePublisher:
             self._sync_head()
 
     def _orders(self, reply: dict) -> None:
-        """A publish reply's orders ({worker id: (items, cancel, keep)}) for ClusterExperts.coord_riders."""
-        cr = self.experts.coord_riders
+        """A publish reply's orders ({worker id: (items, cancel, keep)}) for ClusterExperts.coord_riders; orders
+        for a request that has ended are dropped (the coordinator's cancel for it has gone to the workers)."""
+        self._take_ended()
+        cr, ended = self.experts.coord_riders, self._ended
         for w, (items, cancel, keep) in reply.items():
+            if ended:
+                items = [it for it in items if it[3] not in ended]
             merge_orders(cr.setdefault(w, ([], [], [])), items, cancel, keep)
             self.coordinator_orders += len(items)
+
+    def ended(self, request_ids) -> None:
+        """Requests that ended (ExpertCluster.end_requests, from any thread): the coordinator's orders for them
+        that still wait to ride, or come back later, are dropped in the engine's thread (`_take_ended`)."""
+        self._ended_new.extend(request_ids)
+
+    def _take_ended(self) -> None:
+        if not self._ended_new:
+            return
+        gone = set()
+        while self._ended_new:
+            r = self._ended_new.popleft()
+            gone.add(r)
+            self._ended[r] = None
+        while len(self._ended) > CONTROL_BACKLOG:
+            self._ended.popitem(last=False)
+        for w, (items, _, _) in self.experts.coord_riders.items():
+            items[:] = [it for it in items if it[3] not in gone]
+
+    def registered(self, request) -> None:
+        """A request id registered (again): its orders are wanted."""
+        self._ended.pop(request, None)
 
     def drain(self) -> None:
         """Send the held layers now, whatever is outstanding (before the end of the requests they route)."""
@@ -679,8 +711,8 @@ class RoutePublisher:
                               # the fast path's orders never pass the coordinator: its telemetry reports them
                               "fast_path_orders": self.speculated, "fast_path_superseded": self.superseded,
                               "fast_path_refuted": self.refuted}}
-        if self.rules and layers:
-            rules = {r: self.rules[r] for r in set(table) if r in self.rules}
+        if self.rules and layers:   # one .get each: end_requests may drop a rule meanwhile (another thread)
+            rules = {r: v for r in set(table) if (v := self.rules.get(r)) is not None}
             if rules:
                 batch["rules"] = rules
         return self.coordinator.publish.remote(batch)
@@ -880,6 +912,7 @@ class ExpertCluster:
             seq = self._to_coordinator("register_request", request, tenant, None if tiers is None else list(tiers),
                                        latency_budget_s)
             if self.publisher is not None:
+                self.publisher.registered(request)
                 rules = self.publisher.rules
                 rules[request] = (None if tiers is None else list(tiers), tenant, latency_budget_s, seq)
                 while len(rules) > CONTROL_BACKLOG:   # requests never ended (a caller's leak): the oldest go
@@ -901,8 +934,9 @@ class ExpertCluster:
             for r in request_ids:
                 self.publisher.rules.pop(r, None)
         if self.coordinator is not None:
-            if self.publisher is not None:   # their last routing goes ahead of their end
-                self.publisher.drain()
+            if self.publisher is not None:   # their last routing goes ahead of their end; their orders stay
+                self.publisher.drain()       # behind
+                self.publisher.ended(request_ids)
             self._to_coordinator("end_request", list(request_ids))
 
     def _to_coordinator(self, method: str, *args) -> int:

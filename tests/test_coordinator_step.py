@@ -135,7 +135,8 @@ def test_with_orders_out_the_same_orders_come_back_in_the_reply_and_no_worker_is
     got = [([(i[0], i[1]) for i in r[0][0]], [tuple(c) for c in r[0][1]]) for r in replies]
     assert got == direct.prefetch.calls and all(r[0][2] is None for r in replies), (got, direct.prefetch.calls)
     assert np.array_equal(a.inflight, b.inflight)
-    pub = SimpleNamespace(experts=SimpleNamespace(coord_riders={}), coordinator_orders=0)
+    pub = SimpleNamespace(experts=SimpleNamespace(coord_riders={}), coordinator_orders=0, _ended={},
+                          _take_ended=lambda: None)
     for r in replies[:3]:   # (1, 3), then (2, 5) and (1, 3)'s cancel, then (3, 6) and (2, 5)'s cancel
         RoutePublisher._orders(pub, r)
     items, cancel, keep = pub.experts.coord_riders[0]
@@ -144,6 +145,93 @@ def test_with_orders_out_the_same_orders_come_back_in_the_reply_and_no_worker_is
     items, cancel, _ = pub.experts.coord_riders[0]
     assert (2, 5) in [(i[0], i[1]) for i in items] and (2, 5) not in cancel and (3, 6) in cancel
     assert pub.coordinator_orders == 4   # every order that came back, cancelled later or not
+
+
+def test_with_orders_out_a_snapshot_soon_after_an_order_does_not_count_it_landed():
+    """A riding order reaches its worker only after the runtime takes the reply and calls the worker again: a
+    snapshot taken within RIDE_MARGIN_STEPS of it, not listing it, must leave it in flight (else the coordinator
+    would order it again, or free its bytes in its view). Without riding the next snapshot settles it."""
+    from actors.prefetch_coordinator import RIDE_MARGIN_STEPS
+
+    class _Snapshotting(_Handle):
+        def __init__(self):
+            def snap():
+                f = asyncio.get_running_loop().create_future()
+                f.set_result(([], [], 0, 8 << 20))       # nothing resident, nothing pending
+                return f
+            self.snapshot = type("M", (), {"remote": staticmethod(snap)})()
+
+    def run(orders_out):
+        c = coordinator({0: _Snapshotting()}, orders_out=orders_out)
+        c.storage = {}                                      # no storage actor to poll
+        c.predictor = _Scripted({l: (3, 6) for l in range(L)})
+        seen = []
+
+        async def go():
+            await c.publish({"runtime": "a", "requests": ["r"], "layers": [event(0, 0)]})   # orders (3, 6)
+            for pos in range(1, RIDE_MARGIN_STEPS + 2):
+                await c.publish({"runtime": "a", "requests": ["r"], "layers": [event(0, 0, pos=pos)]})
+                await c._poll()
+                seen.append(bool(c.inflight[3, 6]))
+        asyncio.run(go())
+        return seen
+
+    assert run(False)[0] is False       # settled by the first snapshot after it (then ordered again: it is wanted)
+    assert run(True) == [True] * RIDE_MARGIN_STEPS + [False], run(True)
+
+
+def test_the_runtime_takes_replies_in_order_and_drops_orders_of_ended_requests():
+    """RouteOutbox hands replies over in call order (a later reply that finished first waits: its word must win),
+    counts a failed call's layers as dropped and survives a reply that on_reply cannot take; RoutePublisher drops
+    the coordinator's orders for a request that ended, both those waiting to ride and those that come back later,
+    until the id is registered again."""
+    from collections import OrderedDict, deque
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from cluster.expert_cluster import RouteOutbox, RoutePublisher
+
+    futs, got = [], []
+
+    class Ref:
+        def __init__(self):
+            self.f = Future()
+            futs.append(self.f)
+
+        def future(self):
+            return self.f
+
+    def on_reply(reply):
+        if reply == "bad":
+            raise ValueError("malformed")
+        got.append(reply)
+
+    ev = {"layer": 0, "rows": np.array([0])}
+    box = RouteOutbox(lambda table, layers: Ref(), inflight=3, on_reply=on_reply)
+    for _ in range(4):
+        box.put(["r"], [ev, ev])          # 3 calls, the 4th flush held
+    futs[1].set_result("second")
+    box.poll()
+    assert got == [] and box.outstanding == 2      # the first has not finished: nothing taken
+    futs[0].set_result("bad")
+    futs[2].set_exception(RuntimeError("coordinator died"))
+    box.poll()
+    assert got == ["second"] and box.bad_replies == 1 and box.dropped == 2 and box.outstanding == 0
+
+    pub = SimpleNamespace(experts=SimpleNamespace(coord_riders={}), coordinator_orders=0, _ended=OrderedDict(),
+                          _ended_new=deque())
+    pub._take_ended = lambda: RoutePublisher._take_ended(pub)
+    reply = {0: ([(1, 2, 3.0, "a", [], None), (1, 3, 3.0, "b", [], None)], [], None)}
+    RoutePublisher._orders(pub, reply)
+    RoutePublisher.ended(pub, ["a"])                # from another thread: taken at the next layer
+    pub._take_ended()
+    assert [it[3] for it in pub.experts.coord_riders[0][0]] == ["b"]
+    RoutePublisher._orders(pub, {0: ([(2, 2, 3.0, "a", [], None)], [(5, 5)], None)})   # a late reply
+    items, cancel, _ = pub.experts.coord_riders[0]
+    assert [it[3] for it in items] == ["b"] and cancel == [(5, 5)]
+    RoutePublisher.registered(pub, "a")             # the id reused by a new request
+    RoutePublisher._orders(pub, {0: ([(2, 2, 3.0, "a", [], None)], [], None)})
+    assert [it[3] for it in pub.experts.coord_riders[0][0]] == ["b", "a"]
 
 
 def test_an_idle_requests_predictions_are_scored_once_per_position():
@@ -430,7 +518,8 @@ def test_register_and_end_calls_refused_by_a_lagging_coordinator_wait_and_go_wit
 
     c = ExpertCluster(ClusterConfig.model_validate({"tiers": [{"kind": "nvme", "path": "/nonexistent"}]}))
     c.coordinator = lag = Lagging()
-    c.publisher = SimpleNamespace(rules={}, denied=set(), drain=lambda: None)
+    c.publisher = SimpleNamespace(rules={}, denied=set(), drain=lambda: None, ended=lambda ids: None,
+                                  registered=lambda r: None)
     lag.refuse = 2
     c.register_request("a", "t")            # refused: waits
     assert c.publisher.rules == {"a": (None, "t", None, 0)}   # its rules ride on its routing batches meanwhile
@@ -484,3 +573,19 @@ def test_the_publisher_sends_a_registered_requests_rules_with_its_routing():
     RoutePublisher._call(pub, ["a", "b"], [{"layer": 0}])
     RoutePublisher._call(pub, ["a"], None)          # counters only: nothing to plan, no rules
     assert got[0]["rules"] == {"a": (["nvme"], "t", None, 3)} and "rules" not in got[1]
+
+
+def test_a_worker_applies_the_coordinators_riding_orders_before_the_fast_paths():
+    """Both ride with one compute call: the fast path's come from the routing of this very layer, the coordinator's
+    from a reply to an earlier batch. Applied first, a stale coordinator cancel cannot undo a fresher fast-path
+    order of the same expert (the fast path's own cancels never touch the coordinator's orders)."""
+    from types import SimpleNamespace
+
+    from actors.expert_worker import ExpertWorker
+    calls = []
+    w = SimpleNamespace(prefetch=lambda items, cancel=None, keep=None: calls.append(("prefetch", items, cancel)),
+                        cancel=lambda items=None, fast_path=False: calls.append(("cancel", items, fast_path)))
+    ExpertWorker._riders(w, [(1, 3, 16.0, None, None, None)], [(2, 4)], None,
+                         ([(2, 5, 1.0, "r", [], None)], [(1, 3)], None))
+    assert calls == [("prefetch", [(2, 5, 1.0, "r", [], None)], [(1, 3)]), ("cancel", [(2, 4)], True),
+                     ("prefetch", [(1, 3, 16.0, None, None, None)], None)], calls
