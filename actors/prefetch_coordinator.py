@@ -231,6 +231,7 @@ class PrefetchCoordinator:
         self.denied: dict = {}
         self.step = 0
         self.staged = self.dropped = self.batches = 0
+        self.late_routing = 0           # routed rows of requests whose end had already run (skipped)
         self.step_times: deque = deque(maxlen=4096)     # seconds per batch, all of it
         self.submit_times: deque = deque(maxlen=4096)   # of which submitting the orders (Ray .remote calls)
         self.predictor_times: deque = deque(maxlen=4096)  # of which in the predictor (observe + predict)
@@ -449,7 +450,7 @@ class PrefetchCoordinator:
         self._rt_step[rt] = self.step + 1
         mark = (rt, self._rt_batches[rt])
         for ev in batch["layers"]:
-            self._observe(ev, table, mark)
+            self._observe(ev, table, mark, batch.get("seq"))
         self.step += 1
         if self.step % 16 == 0:
             self._expire_idle()
@@ -494,16 +495,30 @@ class PrefetchCoordinator:
             self.tel.record_predictions(self._scored, self.planner.cfg.threshold)
             self._scored = []
 
-    def _observe(self, ev: dict, table, mark: tuple) -> None:
+    def _observe(self, ev: dict, table, mark: tuple, seq: int | None = None) -> None:
         li = self.layer_idx.get(int(ev["layer"]))
         if li is None:
             return
         rows, pos, ids, w = ev["rows"], ev["pos"], ev["ids"], ev["w"]
         hidden = ev.get("hidden")
+        reqs = [table[r] for r in rows.tolist()]
+        all_ids = ids
+        if seq is not None and self._ended_seq:
+            # routing sent before its request's end (numbered alike) but run after it (Ray runs an async actor's
+            # calls out of order): the request is over, and must not come back as live until it idles out
+            live = [self._ended_seq.get(r, -1) < seq for r in reqs]
+            if not all(live):
+                keep = np.flatnonzero(live)
+                self.late_routing += len(reqs) - len(keep)
+                rows, pos, ids, w = rows[keep], pos[keep], ids[keep], w[keep]
+                hidden = hidden[keep] if hidden is not None else None
+                reqs = [reqs[i] for i in keep.tolist()]
+                if not reqs:
+                    self._ran(li, all_ids)
+                    return
         resident_before = self.resident[self.owner[li, ids], li, ids]          # [N, k] as known
         # ordered by us and still in flight as the layer ran: late (a longer window would have hidden them)
         self.late += int((self.inflight[li, ids] & ~resident_before).sum())
-        reqs = [table[r] for r in rows.tolist()]
         toks = pos.tolist()
         new = sum(r not in self.requests for r in reqs)
         observe_many = getattr(self.predictor, "observe_many", None)   # an injected predictor may lack it
@@ -542,6 +557,9 @@ class PrefetchCoordinator:
             self._moved.update(reqs)
         if self.reuse is not None:
             self.reuse.observe_many(reqs, li, ids)
+        self._ran(li, all_ids)   # every row's experts ran, an ended request's too
+
+    def _ran(self, li: int, ids: np.ndarray) -> None:
         used = np.unique(ids)
         self.tel.record_use(li, used)
         # the layer ran: what it used is now in its owners' caches (demand loads), no longer in flight
@@ -722,6 +740,7 @@ class PrefetchCoordinator:
             np.array(self.scoring_times) if self.scoring_times else 0.0)
         snap.update(policy=self.pf.policy, steps=self.step, batches=self.batches, staged=self.staged,
                     dropped_batches=self.dropped, live_requests=len(self.requests), registered_requests=len(self.meta),
+                    late_routing_rows=self.late_routing,
                     expired_requests=self.expired,
                     denied={str(k): v for k, v in self.denied.items()}, restarted=self.restarted,
                     inflight=int(self.inflight.sum()), staging=int(self.staging.sum()),

@@ -474,7 +474,7 @@ class RoutePublisher:
     def __init__(self, coordinator, model: MoEModel, experts: ClusterExperts, *, every: int = 1,
                  hidden: bool = False, runtime: str | None = None, speculator=None, threshold: float | None = None,
                  fanout: int | None = None, values: bool = False, reuse=None, inflight: int = 2,
-                 backlog: int = 256):
+                 backlog: int = 256, seq=None):
         self.coordinator, self.model, self.experts = coordinator, model, experts
         self.speculator, self.values = speculator, values
         # unset: the source's default order filter (policies/fast_path.py order_filter)
@@ -506,6 +506,9 @@ class RoutePublisher:
         self._buf: list[dict] = []
         # the coordinator's replies (its orders, with prefetch.orders_ride) ride with the next compute calls
         self.outbox = RouteOutbox(self._call, inflight, backlog, on_reply=self._orders)
+        # numbers a routing call in the sequence of the register / end calls (ExpertCluster._coord_seq): the
+        # coordinator skips a request's routing numbered below its end, should Ray run it after the end
+        self.seq = seq
         self._counter_calls = self._counter_dropped = 0   # counters-only calls (warm experts), outside the outbox
         self._flushes = 0
         self.coordinator_orders = 0       # the coordinator's orders that came back in its replies to ride along
@@ -711,6 +714,8 @@ class RoutePublisher:
                               # the fast path's orders never pass the coordinator: its telemetry reports them
                               "fast_path_orders": self.speculated, "fast_path_superseded": self.superseded,
                               "fast_path_refuted": self.refuted}}
+        if self.seq is not None and layers:
+            batch["seq"] = self.seq()
         if self.rules and layers:   # one .get each: end_requests may drop a rule meanwhile (another thread)
             rules = {r: v for r in set(table) if (v := self.rules.get(r)) is not None}
             if rules:
@@ -874,7 +879,8 @@ class ExpertCluster:
                                         hidden=hidden, speculator=spec, threshold=pf.speculate_threshold,
                                         fanout=pf.speculate_fanout,
                                         values=pf.speculate_values and not pf.eviction_hints, reuse=reuse,
-                                        inflight=pf.publish_inflight, backlog=pf.publish_backlog_layers)
+                                        inflight=pf.publish_inflight, backlog=pf.publish_backlog_layers,
+                                        seq=lambda: next(self._coord_seq))
         self.model.on_route = self.publisher
 
     def _reuse_values(self):

@@ -567,7 +567,7 @@ def test_the_publisher_sends_a_registered_requests_rules_with_its_routing():
     from cluster.expert_cluster import RoutePublisher
     got = []
     pub = SimpleNamespace(experts=SimpleNamespace(counters={"bytes_by_tier": {}, "miss_causes": {}}), runtime="rt",
-                          dropped=0, speculated=0, superseded=0, refuted=0, sent=0, speculator=None,
+                          dropped=0, speculated=0, superseded=0, refuted=0, sent=0, speculator=None, seq=None,
                           rules={"a": (["nvme"], "t", None, 3), "z": (None, "u", 1.0, 4)},
                           coordinator=SimpleNamespace(publish=SimpleNamespace(remote=got.append)))
     RoutePublisher._call(pub, ["a", "b"], [{"layer": 0}])
@@ -589,3 +589,50 @@ def test_a_worker_applies_the_coordinators_riding_orders_before_the_fast_paths()
                          ([(2, 5, 1.0, "r", [], None)], [(1, 3)], None))
     assert calls == [("prefetch", [(2, 5, 1.0, "r", [], None)], [(1, 3)]), ("cancel", [(2, 4)], True),
                      ("prefetch", [(1, 3, 16.0, None, None, None)], None)], calls
+
+
+def test_routing_numbered_before_its_requests_end_but_run_after_it_is_skipped():
+    """The runtime numbers its routing calls in the sequence of its register / end calls. Ray may run a request's
+    last routing after its end: the coordinator skips those rows (the request stays ended instead of living on
+    until it idles out), still counts the experts they used as resident, and takes the id's routing numbered
+    after the end (a reused id). Unnumbered routing is taken as before."""
+    w = _Worker()
+    c = coordinator({0: w})
+    c.predictor = _Scripted({l: (3, 6) for l in range(L)})
+
+    def batch(seq, reqs, e=0, pos=0):
+        ev = {"layer": 0, "rows": np.arange(len(reqs)), "pos": np.full(len(reqs), pos),
+              "ids": np.full((len(reqs), 1), e), "w": np.ones((len(reqs), 1), np.float32), "hidden": None}
+        out = {"runtime": "a", "requests": list(reqs), "layers": [ev]}
+        if seq is not None:
+            out["seq"] = seq
+        return out
+
+    async def run():
+        await c.end_request(["a"], seq=5)
+        await c.publish(batch(4, ["a", "b"], e=2))     # sent before a's end: a's row skipped, b's taken
+        assert "a" not in c.requests and "b" in c.requests and c.late_routing == 1
+        assert c.resident[:, 0, 2].any()                 # the layer did compute expert 2
+        await c.publish(batch(3, ["a"], e=4))            # nothing but a's stale row
+        assert "a" not in c.requests and c.late_routing == 2 and c.resident[:, 0, 4].any()
+        await c.publish(batch(7, ["a"], pos=1))          # numbered after the end: the id is in use again
+        assert "a" in c.requests
+        await c.end_request(["a"], seq=8)
+        await c.publish(batch(None, ["a"], pos=2))       # unnumbered: taken
+        assert "a" in c.requests and c.late_routing == 2
+
+    asyncio.run(run())
+
+
+def test_the_publisher_numbers_its_routing_calls():
+    from types import SimpleNamespace
+
+    from cluster.expert_cluster import RoutePublisher
+    got, n = [], iter(range(10, 20))
+    pub = SimpleNamespace(experts=SimpleNamespace(counters={"bytes_by_tier": {}, "miss_causes": {}}), runtime="rt",
+                          dropped=0, speculated=0, superseded=0, refuted=0, rules={}, seq=lambda: next(n),
+                          coordinator=SimpleNamespace(publish=SimpleNamespace(remote=got.append)))
+    RoutePublisher._call(pub, ["a"], [{"layer": 0}])
+    RoutePublisher._call(pub, ["a"], None)           # counters only: no number taken
+    RoutePublisher._call(pub, ["a"], [{"layer": 1}])
+    assert [b.get("seq") for b in got] == [10, None, 11]
