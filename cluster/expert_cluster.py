@@ -1001,9 +1001,11 @@ class ExpertCluster:
             except Exception:  # noqa: BLE001 - already gone
                 pass
             self.coordinator = None
+        killed = 0
         for h in list(self.workers.values()) + [h for hs in self.storage.values() for h in hs]:
             try:
                 ray.kill(h)
+                killed += 1
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.workers.clear()
@@ -1011,6 +1013,13 @@ class ExpertCluster:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+        elif killed and ray.is_initialized():   # gone before we return: a start in this namespace reuses names
+            try:
+                if not ray_compat.wait_named_actors_gone(self.cfg.ray.namespace,
+                                                         ("prefetch-coordinator", "expert-worker-", "storage-")):
+                    log.warning("namespace %s: killed actors still listed after 10 s", self.cfg.ray.namespace)
+            except Exception as e:  # noqa: BLE001 - shutting down must go on
+                log.warning("namespace %s: could not list named actors: %s", self.cfg.ray.namespace, e)
 
     def _write_stats(self, path: str) -> None:
         """telemetry.stats_path: stats() as JSON, written whole (a temporary file renamed) or not at all."""

@@ -1,6 +1,8 @@
 """Every Ray-version-sensitive call in one place (Ray is pinned in pyproject.toml; upgrade here, nowhere else)."""
 from __future__ import annotations
 
+import time
+
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -46,3 +48,18 @@ def prefer_node(node_id: str) -> NodeAffinitySchedulingStrategy:
 
 def get_actor(name: str, namespace: str):
     return ray.get_actor(name, namespace=namespace)
+
+
+def wait_named_actors_gone(namespace: str, prefixes: tuple[str, ...], timeout_s: float = 10.0) -> bool:
+    """`ray.kill` returns before the actor is gone: wait until no named actor of `namespace` whose name starts with
+    one of `prefixes` is listed (a cluster started again in the namespace would otherwise find the dying ones,
+    e.g. through get_if_exists). False if some are still listed after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == namespace and a["name"].startswith(prefixes)]
+        if not left:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
