@@ -176,6 +176,11 @@ def merge_orders(buf: tuple[list, list, list], items: list, cancel: list, keep: 
         buf[2][:] = [keep]
 
 
+def held_orders(buf: tuple[list, list, list]) -> tuple[list, list, list | None]:
+    """A merge_orders buffer as a `prefetch` call's (items, cancel, keep)."""
+    return buf[0], buf[1], buf[2][0] if buf[2] else None
+
+
 class PrefetchCoordinator:
     def __init__(self, pf, geometry: dict, workers: dict, worker_node: dict, owners: np.ndarray, storage: dict,
                  *, router_weights=None, store_dir: str | None = None, model: str | None = None,
@@ -474,7 +479,7 @@ class PrefetchCoordinator:
                 self._export()
         self._maybe_poll()
         out, self._out = self._out, None
-        return {w: (it, ca, kp[0] if kp else None) for w, (it, ca, kp) in out.items()} if out else None
+        return {w: held_orders(buf) for w, buf in out.items()} if out else None
 
     def _export(self, snap: dict | None = None) -> None:
         try:
@@ -701,9 +706,9 @@ class PrefetchCoordinator:
             await ref
         except Exception:  # noqa: BLE001 - a dead or failing worker: its orders are lost, serving goes on
             pass
-        items, cancel, keep = self._held.pop(wi, ([], [], []))
+        items, cancel, keep = held_orders(self._held.pop(wi, ([], [], [])))
         if (items or cancel) and wi < len(self.wids) and self.wids[wi] == wid:
-            self._send(wi, items, cancel, keep[0] if keep else None)
+            self._send(wi, items, cancel, keep)
 
     def _cancel_unwanted(self, wanted: np.ndarray) -> dict[int, list]:
         """In-flight orders that no request predicts any more (the prediction changed): worker index -> the

@@ -40,7 +40,7 @@ import torch
 
 from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_orders, pack_rows, unpack_reply,
                                   unpack_rows)
-from actors.prefetch_coordinator import PrefetchCoordinator, access_policy, merge_orders
+from actors.prefetch_coordinator import PrefetchCoordinator, access_policy, held_orders, merge_orders
 from policies.fast_path import NextLayerSpeculator, likely_experts, order_filter
 from policies.ranking import AccessDenied
 from policies.reuse import PRIOR_FILE, MixedReuse, load_routing_prior, make_reuse_values
@@ -241,8 +241,8 @@ class ClusterExperts:
             vals = _flat_values(values.pop(w, None))
             co = coord.pop(w, None)
             extra = (ride, drop, vals) if (ride or drop or vals or co) else ()
-            if co is not None:   # the coordinator's: applied after the fast path's (ExpertWorker._riders)
-                extra += ((co[0], co[1], co[2][0] if co[2] else None),)
+            if co is not None:   # the coordinator's: applied before the fast path's (ExpertWorker._riders)
+                extra += (held_orders(co),)
             payloads[w] = (pack_call(layer, e, cnt, xw) + (pack_orders(*extra) if extra else b"")) \
                 if small and co is None else (layer, e.tolist(), cnt.tolist(), pack_rows(xw)) + extra
             masks[w], rows[w], nexp[w] = mask, int(xw.shape[0]), len(e)
@@ -252,10 +252,11 @@ class ClusterExperts:
                 drop = (cancels.get(w) or []) + list(stale.pop(w, ()))   # and the values, which these loads
                 h.prefetch.remote(riders.get(w, []), drop or None, None, True,   # then evict by
                                   _flat_values(values.pop(w, None)))
-        for w, (items, cancel, keep) in coord.items():   # the coordinator's, likewise
+        for w, buf in coord.items():   # the coordinator's, likewise
             h = self.workers.get(w)
             if h is not None:
-                h.prefetch.remote(items, cancel or None, keep[0] if keep else None)
+                items, cancel, keep = held_orders(buf)
+                h.prefetch.remote(items, cancel or None, keep)
         ys = np.empty_like(xs)
         todo = dict(payloads)
         c = self.counters
@@ -686,7 +687,7 @@ class RoutePublisher:
             self._ended[r] = None
         while len(self._ended) > CONTROL_BACKLOG:
             self._ended.popitem(last=False)
-        for w, (items, _, _) in self.experts.coord_riders.items():
+        for items, _, _ in self.experts.coord_riders.values():
             items[:] = [it for it in items if it[3] not in gone]
 
     def registered(self, request) -> None:

@@ -48,7 +48,7 @@ import time
 import numpy as np
 
 from cluster.config import PrefetchConfig
-from actors.prefetch_coordinator import merge_orders
+from actors.prefetch_coordinator import held_orders, merge_orders
 from cluster.expert_cluster import RouteOutbox
 from policies.ranking import ClusterView, HBM, NUM_TIERS, NVME, PlannerConfig, PrefetchPlanner, RequestView, S3
 from policies.registry import make_predictor
@@ -317,11 +317,11 @@ def bench_actor(args, routes) -> dict:
                     refs = []
                     for w in np.unique(ws).tolist():
                         r = riders.pop(w, None)
-                        refs.append(sinks[w].compute.remote(ev["layer"], ids[ws == w].tolist(), None if r is None
-                                                            else (r[0], r[1] or None, r[2][0] if r[2] else None)))
+                        refs.append(sinks[w].compute.remote(ev["layer"], ids[ws == w].tolist(),
+                                                            None if r is None else held_orders(r)))
                     for w in list(riders):               # workers this layer does not call: a call of their own
-                        it, ca, kp = riders.pop(w)
-                        sinks[w].prefetch.remote(it, ca or None, kp[0] if kp else None)
+                        it, ca, kp = held_orders(riders.pop(w))
+                        sinks[w].prefetch.remote(it, ca or None, kp)
                     box.put(b["requests"], b["layers"])
                     ray.get(refs)
                 else:
