@@ -33,7 +33,8 @@ from typing import Hashable, Mapping
 
 import numpy as np
 
-from .predictors import Candidates, Predictor, RoutingEvent, _decay_factor, _from_dense, _Req
+from .predictors import (Candidates, Predictor, RoutingEvent, _decay_factor, _from_dense, _from_dense_many, _Req,
+                         _targets)
 
 
 def dense(c: Candidates, D: int, E: int) -> np.ndarray:
@@ -83,11 +84,13 @@ class Ensemble(Predictor):
         self.decay = _decay_factor(half_life)
         self.logw = np.zeros((self.G, self.C, M))       # Hedge log-weights per (layer group, distance, member)
         self.group = (np.arange(num_layers) * self.G) // num_layers   # [L] layer -> group
-        # decayed score sums per (member, or M = the ensemble itself; distance)
-        self.hits = np.zeros((M + 1, self.C))             # true experts in the top-k
-        self.n = np.zeros((M + 1, self.C))                # scored targets
-        self.sel = np.zeros((M + 1, self.C))              # experts given P >= 0.5
-        self.selhit = np.zeros((M + 1, self.C))           # ... of which true
+        # decayed score sums per (member, or M = the ensemble itself; distance), as views of one array so that a
+        # scored row moves all four in one operation
+        self._acc = np.zeros((4, M + 1, self.C))
+        self.hits = self._acc[0]                          # true experts in the top-k
+        self.n = self._acc[1]                             # scored targets
+        self.sel = self._acc[2]                           # experts given P >= 0.5
+        self.selhit = self._acc[3]                        # ... of which true
 
     # -- the interface -----------------------------------------------------------------------------------------
     def begin(self, request: Hashable, *args, **kw) -> None:
@@ -156,40 +159,44 @@ class Ensemble(Predictor):
         toks = np.asarray(tokens, np.int64)
         qs = toks * self.L + int(layer)
         sts = [self._track(r) for r in requests]
-        for st, q, ex in zip(sts, qs.tolist(), ids):
-            self._score(st, q, int(layer), ex)
+        self._score(sts, qs, int(layer), ids)
         self._record(sts, qs, self._member_predictions(requests))
-        for st, t, ex in zip(sts, toks.tolist(), ids):
-            st.token, st.layer, st.experts = t, int(layer), ex
+        self._moved_to(sts, toks, int(layer), ids)
 
     def _observe(self, st: _EReq, ev: RoutingEvent, experts: np.ndarray, adjacent: bool) -> None:
         q = ev.token * self.L + ev.layer
-        self._score(st, q, ev.layer, experts)
+        self._score([st], np.array([q]), ev.layer, experts[None])
         self._record([st], np.array([q]), self._member_predictions([ev.request]))
 
-    def _score(self, st: _EReq, q: int, layer: int, experts: np.ndarray) -> None:
-        """The routing at position q scores every pending prediction made for it (members' and the mix's)."""
-        C, M = self.C, len(self.members)
-        slot = q % C
-        pend = st.ppos[slot] == q                                           # [C] distances with predictions for q
-        if not pend.any():
+    def _score(self, sts: list, qs: np.ndarray, layer: int, ids: np.ndarray) -> None:
+        """The routing of one layer at positions qs [R] (ids [R, K]; distinct requests, states sts) scores every
+        pending prediction made for it (members' and the mix's). What each row scores is gathered for all rows at
+        once; the decayed sums and the Hedge weights then move row by row, in row order: the clip at -floor is not
+        linear, so rows folded into one update would weigh differently from the same rows one at a time."""
+        C, M, E = self.C, len(self.members), self.E
+        slot = (qs % C).tolist()
+        pend = np.stack([st.ppos[s] for st, s in zip(sts, slot)]) == np.asarray(qs)[:, None]   # [R, C] distances
+        rows = np.flatnonzero(pend.any(1))                                  # with a prediction for the row's q
+        if not len(rows):
             return
-        d = np.flatnonzero(pend)                                            # distance - 1
-        truth = np.zeros(self.E + 1, bool)                                  # index E: the -1 (no prediction) slot
-        truth[experts] = True
-        hit = truth[st.top[slot, d]].sum(-1)                                # [n, M+1] true experts in the top-k
-        sel = st.sel[slot, d]                                               # [n, M+1, E]
-        nsel = sel.sum(-1)
-        selhit = sel[..., experts].sum(-1)
-        self.hits[:, d] = self.hits[:, d] * self.decay + hit.T
-        self.n[:, d] = self.n[:, d] * self.decay + 1.0
-        self.sel[:, d] = self.sel[:, d] * self.decay + nsel.T
-        self.selhit[:, d] = self.selhit[:, d] * self.decay + selhit.T
+        n = len(rows)
+        top = np.stack([sts[r].top[slot[r]] for r in rows.tolist()])        # [n, C, M+1, K] int16, -1: none
+        sel = np.stack([sts[r].sel[slot[r]] for r in rows.tolist()])        # [n, C, M+1, E] P >= 0.5
+        ex = ids[rows]                                                      # [n, K]
+        truth = np.zeros((n, E + 1), bool)                                  # index E: the -1 (no prediction) slot
+        truth[np.arange(n)[:, None], ex] = True
+        hit = truth[np.arange(n)[:, None, None, None], top].sum(-1)         # [n, C, M+1] true experts in the top-k
+        upd = np.stack([hit, np.ones_like(hit), sel.sum(-1),                # [4, n, C, M+1]: what _acc's four sums
+                        np.take_along_axis(sel, ex[:, None, None, :], -1).sum(-1)]).astype(np.float64)   # gain
+        loss = self.eta * (1.0 - hit[..., :M] / self.K)                     # [n, C, M] Hedge on 1 - recall@k
         g = self.group[layer]
-        lw = self.logw[g, d] - self.eta * (1.0 - hit[:, :M] / self.K)       # [n, M] Hedge on 1 - recall@k
-        lw -= lw.max(-1, keepdims=True)
-        self.logw[g, d] = np.maximum(lw, -self.floor)
-        st.ppos[slot, d] = -1
+        for i, r in enumerate(rows.tolist()):
+            d = np.flatnonzero(pend[r])                                     # distance - 1
+            self._acc[:, :, d] = self._acc[:, :, d] * self.decay + upd[:, i, d].transpose(0, 2, 1)
+            lw = self.logw[g, d] - loss[i, d]                               # [nd, M]
+            lw -= lw.max(-1, keepdims=True)
+            self.logw[g, d] = np.maximum(lw, -self.floor)
+            sts[r].ppos[slot[r], d] = -1
 
     def _member_predictions(self, requests: list) -> np.ndarray:
         """float32 [R, C, M, E]: every member's prediction for distances 1..C after each request's last event."""
@@ -207,18 +214,15 @@ class Ensemble(Predictor):
     def _record(self, sts: list, qs: np.ndarray, P: np.ndarray) -> None:
         """Keep the members' predictions P [R, C, M, E] made at positions qs [R] (for predict()), and their top-k
         and P >= 0.5 sets and the mix's, pending until their targets' routing arrives."""
-        C, M = self.C, len(self.members)
+        C = self.C
         tgt = qs[:, None] + np.arange(1, C + 1)                             # [R, C] target positions
-        mixed = self._mix(P, tgt % self.L)                             # [R, C, E]
-        top_m, top_e = topk_rows(P, self.K), topk_rows(mixed, self.K)       # [R, C, M, K], [R, C, K]
-        sel_m, sel_e = P >= 0.5, mixed >= 0.5
+        both = np.concatenate([P, self._mix(P, tgt % self.L)[:, :, None]], 2)   # [R, C, M+1, E]: members, mix
+        top, sel = topk_rows(both, self.K), both >= 0.5                     # [R, C, M+1, K], [R, C, M+1, E]
         s, dd = tgt % C, np.arange(C)
         for n, st in enumerate(sts):
             st.P[:] = P[n]
-            st.top[s[n], dd, :M] = top_m[n]
-            st.top[s[n], dd, M] = top_e[n]
-            st.sel[s[n], dd, :M] = sel_m[n]
-            st.sel[s[n], dd, M] = sel_e[n]
+            st.top[s[n], dd] = top[n]
+            st.sel[s[n], dd] = sel[n]
             st.ppos[s[n], dd] = tgt[n]
 
     def _mix(self, P: np.ndarray, layers: np.ndarray) -> np.ndarray:
@@ -227,6 +231,19 @@ class Ensemble(Predictor):
         if self.mode == "pick":
             w = np.eye(w.shape[-1])[np.argmax(w, -1)]
         return np.einsum("...dm,...dme->...de", w.astype(np.float32), P)
+
+    def predict_many(self, requests: list, horizons: list[int]) -> list[Candidates]:
+        """predict() of each request; those observed mixed at once (one weights() and one mix for all)."""
+        assert min(horizons, default=1) >= 1, f"horizons must be >= 1, got {horizons}"
+        sts, _, layers = _targets(self, requests, self.C)
+        known = [i for i, st in enumerate(sts) if st is not None]
+        out = [None if st is not None else self.predict(r, h) for r, h, st in zip(requests, horizons, sts)]
+        if known:
+            mixed = self._mix(np.stack([sts[i].P for i in known]), layers[known])     # [R', C, E]
+            hs = [min(horizons[i], self.C) for i in known]
+            for i, c in zip(known, _from_dense_many(mixed, layers[known], hs)):
+                out[i] = c
+        return out
 
     def _predict(self, request, st, tokens, layers) -> Candidates:
         if getattr(st, "P", None) is None:  # nothing observed: ask the members directly (e.g. request-level)

@@ -216,3 +216,37 @@ def test_batched_observe_keeps_the_default_ensembles_recall():
             x, y = m1.predict(r, 2), m2.predict(r, 2)
             assert np.array_equal(x.expert, y.expert), m1.name
             np.testing.assert_allclose(y.prob, x.prob, rtol=1e-5, err_msg=m1.name)
+
+
+def test_predict_many_equals_predict():
+    """The coordinator's per-step call mixes every observed request at once: bit-for-bit (values and dtypes)
+    predict() of each, for horizons below, at and past the ensemble's C, requests at different positions and one
+    never seen (asked of the members directly)."""
+    p = make_predictor("ensemble", num_layers=L, num_experts=E, top_k=K)
+    rng, compared = np.random.default_rng(8), 0
+    for i, (rows, toks, l, ids) in enumerate(_layer_events(30, ["a", "b", "c"], seed=4)):
+        p.observe_many(rows, toks, l, ids)
+        if i % 3 == 0:
+            asked = ["a", "b", "c", "never-seen"]
+            hs = [int(h) for h in rng.integers(1, p.C + 3, len(asked))]
+            for r, h, got in zip(asked, hs, p.predict_many(asked, hs)):
+                want = p.predict(r, h)
+                for f in ("distance", "layer", "expert", "prob"):
+                    x, y = getattr(want, f), getattr(got, f)
+                    assert x.dtype == y.dtype and np.array_equal(x, y), (i, r, h, f)
+                compared += len(want)
+    assert compared > 500, "too few candidates were compared"
+
+
+def test_a_position_routed_twice_is_scored_once():
+    """A layer event delivered twice (a runtime's retry) scores the predictions made for it once: the second
+    delivery finds them spent, whether it comes batched or row by row."""
+    p = make_predictor("ensemble", num_layers=L, num_experts=E, top_k=K)
+    events = _layer_events(6, ["a", "b"], seed=5)
+    for rows, toks, l, ids in events:
+        p.observe_many(rows, toks, l, ids)
+    rows, toks, l, ids = events[-1]
+    scored = [s["scored"] for s in p.scores()["members"].values()]
+    p.observe_many(rows, toks, l, ids)
+    p.observe(RoutingEvent(rows[0], int(toks[0]), l, ids[0]))
+    assert [s["scored"] for s in p.scores()["members"].values()] == scored and scored[0][0] > 0

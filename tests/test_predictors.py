@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_candidates_contract
-from policies.predictors import CrossLayerTransition, OnDemand, Oracle, PreviousToken, RoutingEvent, TopKFrequency
+from policies.predictors import (Candidates, CrossLayerTransition, OnDemand, Oracle, Predictor, PreviousToken,
+                                 RoutingEvent, TopKFrequency)
 from policies.replay import access_sequence, cache_hit_rate, next_use, recall_at_k
 from policies.traces import RoutingTrace, load, synthetic_trace
 
@@ -280,17 +281,65 @@ def test_transition_batched_calls_equal_row_by_row(half_life):
 
 
 def test_base_predictor_batched_calls_loop_over_rows():
-    """A predictor without its own batched calls (PreviousToken) answers observe_many / predict_many as row by row."""
-    a, b = PreviousToken(3, 6, 2), PreviousToken(3, 6, 2)
-    ids = np.array([[0, 1], [2, 3]])
+    """A predictor without its own batched calls answers observe_many / predict_many as row by row: every row
+    observed in row order, each with its own token, experts and weights, and each request predicted."""
+    class Rows(Predictor):
+        def __init__(self):
+            super().__init__(3, 6, 2)
+            self.seen = []
+
+        def _observe(self, st, ev, experts, adjacent):
+            self.seen.append((ev.request, ev.token, ev.layer, experts.tolist(), ev.probs.tolist(), adjacent))
+
+        def _predict(self, request, st, tokens, layers):
+            return Candidates(np.arange(1, len(layers) + 1), layers.astype(np.int64),
+                              np.full(len(layers), st.token + 1, np.int64), np.ones(len(layers)))
+    p, ids, w = Rows(), np.array([[0, 1], [2, 3]]), np.array([[0.6, 0.4], [0.7, 0.3]])
     for l in range(3):
-        for r, x in zip(["x", "y"], ids + l):
-            a.observe(ev(r, 0, l, x))
-        b.observe_many(["x", "y"], np.array([0, 0]), l, ids + l)
-    for x, y in zip([a.predict("x", 3), a.predict("y", 2)], b.predict_many(["x", "y"], [3, 2])):
-        assert np.array_equal(x.expert, y.expert) and np.array_equal(x.distance, y.distance)
-        np.testing.assert_allclose(y.prob, x.prob)
-    assert len(b.predict_many(["x"], [3])[0]) == 6
+        p.observe_many(["x", "y"], np.array([0, 4]), l, ids + l, w)
+    assert p.seen == [(r, t, l, (x + l).tolist(), pw.tolist(), l > 0)
+                      for l in range(3) for r, t, x, pw in zip(["x", "y"], [0, 4], ids, w)]
+    got = p.predict_many(["x", "y", "z"], [3, 2, 1])
+    assert [c.expert.tolist() for c in got] == [[1, 1, 1], [5, 5], [0]]
+    assert [c.layer.tolist() for c in got] == [[0, 1, 2], [0, 1], [0]]
+
+
+@pytest.mark.parametrize("cls", [TopKFrequency, PreviousToken])
+@pytest.mark.parametrize("half_life", [None, 30.0])
+def test_history_observe_many_equals_row_by_row(cls, half_life):
+    """TopKFrequency's and PreviousToken's observe_many (one layer event's distinct requests at once) leave
+    bit-for-bit the tables, request states and predictions of observe() row by row: requests at different
+    positions, one skipping steps, one joining late, prefills (a request twice: row by row), a request cap that
+    forgets the least recently seen."""
+    rng = np.random.default_rng(11)
+    Lp, Ep, Kp = 5, 12, 3
+    a, b = cls(Lp, Ep, Kp, half_life=half_life, max_requests=4), cls(Lp, Ep, Kp, half_life=half_life, max_requests=4)
+    reqs, first, batched = ["r0", "r1", "r2", "r3", "r4"], {"r0": 0, "r1": 3, "r2": 7, "r3": 1, "r4": 2}, 0
+    for step in range(160):
+        layer = step % Lp
+        rows = [r for r in reqs[:2 + min(step // 20, 3)] if rng.random() < 0.85]   # r4 joins: the cap forgets
+        toks = [first[r] + step // Lp for r in rows]
+        if step % 13 == 0 and rows:
+            rows, toks = rows + [rows[0]], toks + [toks[0] + 1]
+        if not rows:
+            continue
+        ids = np.stack([rng.choice(Ep, Kp, replace=False) for _ in rows])
+        for r, t, x in zip(rows, toks, ids):
+            a.observe(RoutingEvent(r, t, layer, x))
+        b.observe_many(rows, np.array(toks), layer, ids)
+        ids[:] = -1                                   # the caller reuses its buffer: nothing may alias it
+        batched += len(set(rows)) == len(rows) > 1
+        for r in reqs + ["never-seen"]:
+            x, y = a.predict(r, 7), b.predict(r, 7)
+            for f in ("distance", "layer", "expert", "prob"):
+                assert np.array_equal(getattr(x, f), getattr(y, f)), (step, r, f)
+    assert batched > 90, "the batched path was hardly exercised"
+    for x, y in zip(a._arrays(), b._arrays()):
+        assert np.array_equal(x, y)
+    assert list(a._reqs) == list(b._reqs) and len(b._reqs) == 4
+    for sa, sb in zip(a._reqs.values(), b._reqs.values()):
+        assert (sa.token, sa.layer) == (sb.token, sb.layer) and np.array_equal(sa.experts, sb.experts)
+        assert sa.last is None or np.array_equal(sa.last, sb.last)
 
 
 def _predict_many_is_predict(p, asked: list, hs: list, step: int) -> int:
