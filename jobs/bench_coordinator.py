@@ -1,8 +1,9 @@
 """Coordinator decision time per layer step (issue #4 target: p99 <= 1 ms with 32 layers x 64 experts x 8 workers).
 
     python -m jobs.bench_coordinator [--layers 32 --experts 64 --workers 8 --top-k 8 --requests 8 --steps 2000]
-                                     [--policy cross_layer] [--runtimes 1] [--no-actor]
-                                     [--inflight 2 --layer-ms 5 --compute-calls 1 --orders-ride 1] --json OUT
+                                     [--policy cross_layer] [--runtimes 1] [--no-actor] [--step-gap-ms 0]
+                                     [--inflight 2 --layer-ms 5 --compute-calls 1 --orders-ride 1]
+                                     [--pin-coordinator CORE] --json OUT
 
 Three measurements on the same synthetic routing (a per-layer Markov chain over experts, so predictors have
 something to predict; a 25% HBM cache; every expert in NVMe and S3):
@@ -13,7 +14,9 @@ something to predict; a 25% HBM cache; every expert in NVMe and S3):
             sinks), which the coordinator polls between steps, so it plans against full caches as in serving; no
             Ray submission cost. Split into step_predictor (the predictor's observe + predict),
             step_excl_predictor (the rest), step_scoring (scoring predictions, after the orders are out) and
-            step_decision (routing in -> orders out: the step less the scoring)
+            step_decision (routing in -> orders out: the step less the scoring). Steps run back to back, caches
+            warm; --step-gap-ms G sleeps G ms before each, as a paced decode leaves the coordinator idle, and the
+            same step then costs 1.7-1.9x (docs/benchmarks.md, session 22)
   actor     the real PrefetchCoordinator actor fed a batch per layer step through each runtime's RouteOutbox (as
             RoutePublisher sends: at most --inflight calls outstanding, layers flushed meanwhile go together),
             one layer step every --layer-ms (a decode's pace; 5 ms: a 32-layer model at ~6 tokens/s, the
@@ -28,8 +31,10 @@ something to predict; a 25% HBM cache; every expert in NVMe and S3):
 `*_cpu` rows are the thread's CPU time for the same calls (time.thread_time): on a shared, overloaded machine
 wall-clock percentiles mostly measure preemption, CPU time what the code costs. actor_decision_cpu is the
 actor's decision in thread CPU; its wall time also holds waits for the GIL and the cores, which Ray's own threads
-in the actor's process take while calls arrive (docs/benchmarks.md, session 21). The actor row also reports
-process_cpu_ms_per_call: the actor process's CPU per call, every thread.
+in the actor's process take while calls arrive (docs/benchmarks.md, session 21), and the cores it shares with the
+sinks, the driver and Ray's daemons: --pin-coordinator CORE gives the actor's process that core alone and
+everything else the others (session 22). The actor row also reports process_cpu_ms_per_call: the actor process's
+CPU per call, every thread.
 With --embedded, instead: the embedded model (jobs/embedded_model) served by a local ExpertCluster (2 workers whose
 caches hold 25% of the experts, experts on local disk) for each of --policies (on_demand first: the baseline),
 the same prompts, greedy: tokens/s, hits, misses, stall seconds, prefetches issued/used, timely recall; the tokens
@@ -217,9 +222,13 @@ def bench_step(args, routes) -> dict:
 
     cpu = []
 
+    gap = getattr(args, "step_gap_ms", 0.0) / 1e3
+
     async def run():
         n = 0
         for b in batches(args, routes):
+            if gap:   # the core idles between steps, as a paced decode leaves the coordinator's (see --step-gap-ms)
+                time.sleep(gap)
             c0 = time.thread_time()
             await c.publish(b)
             cpu.append(time.thread_time() - c0)
@@ -237,6 +246,14 @@ def bench_step(args, routes) -> dict:
     sub = np.array(list(c.submit_times)[args.warmup:])
     return {"step": pct(t), "step_cpu": pct(cpu[args.warmup:]), "step_predictor": pct(p),
             "step_excl_predictor": pct(t - p), "step_scoring": pct(sc), "step_decision": pct(t - sc - sub)}
+
+
+def _pin_process(_self, core: int) -> list:
+    """Runs in the coordinator actor: every thread of its process onto `core` (Linux affinity is per thread)."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")]
+    for t in tids:
+        os.sched_setaffinity(t, {core})
+    return tids
 
 
 def bench_actor(args, routes) -> dict:
@@ -276,6 +293,9 @@ def bench_actor(args, routes) -> dict:
     pf, geo, owner = coordinator_args(args)
     pf = pf.model_copy(update={"refresh_s": args.refresh_s})
     W = args.workers
+    pin, cores = getattr(args, "pin_coordinator", None), os.sched_getaffinity(0)
+    if pin is not None:   # everything Ray starts from here inherits the driver's cores: all but the coordinator's
+        os.sched_setaffinity(0, cores - {pin})
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", namespace="bench-coordinator")
     try:
         sinks = {w: Sink.remote() for w in range(W)}
@@ -284,6 +304,8 @@ def bench_actor(args, routes) -> dict:
         coord = ray.remote(PrefetchCoordinator).options(num_cpus=0, max_pending_calls=64).remote(
             pf, geo, sinks, {w: "n0" for w in range(W)}, owner, {"n0": [store]}, orders_out=ride)
         ray.get(coord.ping.remote())
+        if pin is not None:
+            ray.get(coord.__ray_call__.remote(_pin_process, pin))
         cpu0 = ray.get(coord.stats.remote())["process_cpu_s"]
         n, dropped = 0, 0
         if args.inflight:   # each runtime sends through its RouteOutbox, as RoutePublisher does
@@ -365,6 +387,7 @@ def bench_actor(args, routes) -> dict:
         return out
     finally:
         ray.shutdown()
+        os.sched_setaffinity(0, cores)
 
 
 EMBEDDED_PROMPTS = ["def ", "import os\n", "class Foo(object):\n    def __init__(self", "    for i in range(",
@@ -448,6 +471,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--policy", default="cross_layer")
     ap.add_argument("--no-actor", action="store_true")
+    ap.add_argument("--step-gap-ms", type=float, default=0.0,
+                    help="in-process step: the thread sleeps this long before each step, as the coordinator idles "
+                         "between a paced decode's layer steps (0: back to back, caches warm)")
+    ap.add_argument("--pin-coordinator", type=int, default=None, metavar="CORE",
+                    help="the coordinator actor's process on this core alone, everything else on the others "
+                         "(the coordinator on a core of its own, as on a head node)")
     ap.add_argument("--inflight", type=int, default=PrefetchConfig().publish_inflight,
                     help="actor run: publish calls outstanding per runtime (RouteOutbox; 0: the old pacing, 32 "
                          "batches at once then waited for)")
@@ -472,6 +501,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--lookahead-layers", type=int, default=2, help="--embedded: initial window")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
+    cores = sorted(os.sched_getaffinity(0))
+    if args.pin_coordinator is not None and (args.pin_coordinator not in cores or len(cores) < 2):
+        ap.error(f"--pin-coordinator {args.pin_coordinator}: this process may run on cores {cores}; the coordinator "
+                 f"needs one of them to itself and the rest of Ray at least one other")
+    if args.step_gap_ms < 0:
+        ap.error(f"--step-gap-ms {args.step_gap_ms}: must be >= 0")
     if not 1 <= args.runtimes <= args.requests:
         ap.error(f"--runtimes {args.runtimes}: must be between 1 and --requests ({args.requests})")
     if args.embedded:

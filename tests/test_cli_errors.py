@@ -391,3 +391,30 @@ def test_convert_names_its_copies_for_the_configs_tiers(tmp_path):
     assert r.returncode == 2 and "two copies under one tier name 'nvme'" in r.stderr, r.stderr
     r = convert_cli("--store", f"=file://{tmp_path / 'e'}")
     assert r.returncode == 2 and "an empty tier name" in r.stderr, r.stderr
+
+
+# -- jobs.bench_coordinator ---------------------------------------------------------------------------------------
+def test_bench_coordinator_pin_names_a_core_of_this_process(monkeypatch, capsys):
+    """--pin-coordinator needs a core this process may use, and another for the rest of Ray: refused before any
+    step runs (the run itself replaced by a failure)."""
+    import jobs.bench_coordinator as BC
+    monkeypatch.setattr(BC, "bench_planner", lambda *a, **k: (_ for _ in ()).throw(AssertionError("it ran")))
+    cores = sorted(os.sched_getaffinity(0))
+    msg = exits_2(capsys, BC.main, ["--pin-coordinator", str(max(cores) + 1), "--json", os.devnull])
+    assert f"--pin-coordinator {max(cores) + 1}: this process may run on cores {cores}" in msg
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {cores[0]})
+    msg = exits_2(capsys, BC.main, ["--pin-coordinator", str(cores[0]), "--json", os.devnull])
+    assert "needs one of them to itself and the rest of Ray at least one other" in msg
+
+
+def test_bench_coordinator_pins_every_thread_of_the_process():
+    """_pin_process (run in the coordinator actor) moves every thread of its process, not only the calling one
+    (Linux affinity is per thread): checked in a child process with a second thread started before the call."""
+    code = ("import os, threading, time\nimport jobs.bench_coordinator as b\n"
+            "threading.Thread(target=time.sleep, args=(2,), daemon=True).start()\n"
+            "core = min(os.sched_getaffinity(0))\ntids = b._pin_process(None, core)\n"
+            "print(len(tids), all(os.sched_getaffinity(t) == {core} for t in tids))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    n, ok = r.stdout.split()
+    assert int(n) >= 2 and ok == "True", r.stdout + r.stderr
