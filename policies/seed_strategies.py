@@ -352,15 +352,42 @@ class Recency(Predictor):
     def _observe(self, st, ev, experts, adjacent):
         st.last[ev.layer, experts] = ev.token
 
+    def observe_many(self, requests, tokens, layer, experts, probs=None, hidden=None):
+        layer = int(layer)
+        ex = self._distinct_rows(requests, layer, experts)
+        if ex is None:
+            return super().observe_many(requests, tokens, layer, experts, probs, hidden)
+        sts = [self._track(r) for r in requests]
+        for st, t, x in zip(sts, np.asarray(tokens).tolist(), ex):
+            st.last[layer, x] = t
+        self._moved_to(sts, tokens, layer, ex)
+
     def _predict(self, request, st, tokens, layers):
         if getattr(st, "last", None) is None:
             return Candidates.empty()
-        last = st.last[layers]                                          # [D, E]
-        age = tokens[:, None] - last
+        return _from_dense(self._dense(st.last[layers], tokens), layers)
+
+    def _dense(self, last: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """last int32 [..., D, E] (each target's latest uses), tokens [..., D] the targets' tokens -> P [..., D, E]."""
+        age = tokens[..., None] - last
         s = np.where(last >= 0, np.exp2(-(np.maximum(age, 1) - 1) / self.h), 0.0)
-        tot = s.sum(1, keepdims=True)
-        P = np.minimum(self.K * s / np.where(tot > 0, tot, 1.0), 1.0)
-        return _from_dense(P, layers)
+        tot = s.sum(-1, keepdims=True)
+        return np.minimum(self.K * s / np.where(tot > 0, tot, 1.0), 1.0)
+
+    def predict_many(self, requests, horizons):
+        """predict() of each request, the observed ones from one gather over all of them."""
+        assert min(horizons, default=1) >= 1, f"horizons must be >= 1, got {horizons}"
+        sts, here, layers = _targets(self, requests, max(horizons, default=1))
+        known = [i for i, st in enumerate(sts) if st is not None]
+        out = [Candidates.empty()] * len(requests)
+        if known:
+            last = np.stack([sts[i].last for i in known])                   # [R', L, E]
+            lay = layers[known]                                             # [R', D]
+            toks = (here[known][:, None] + np.arange(1, lay.shape[1] + 1)) // self.L
+            P = self._dense(last[np.arange(len(known))[:, None], lay], toks)
+            for i, c in zip(known, _from_dense_many(P, lay, [horizons[i] for i in known])):
+                out[i] = c
+        return out
 
     def _req_nbytes(self, st):
         return st.last.nbytes

@@ -11,6 +11,7 @@ from conftest import assert_candidates_contract
 from policies.predictors import (Candidates, CrossLayerTransition, OnDemand, Oracle, Predictor, PreviousToken,
                                  RoutingEvent, TopKFrequency)
 from policies.replay import access_sequence, cache_hit_rate, next_use, recall_at_k
+from policies.seed_strategies import Recency
 from policies.traces import RoutingTrace, load, synthetic_trace
 
 TRACES = Path("/work/shared/traces")
@@ -304,16 +305,23 @@ def test_base_predictor_batched_calls_loop_over_rows():
     assert [c.layer.tolist() for c in got] == [[0, 1, 2], [0, 1], [0]]
 
 
-@pytest.mark.parametrize("cls", [TopKFrequency, PreviousToken])
+def _history(cls, half_life, *geo, **kw):
+    """A history predictor; Recency's decay is in tokens (half_life None: its default)."""
+    if cls is Recency:
+        return cls(*geo, **({} if half_life is None else {"half_life_tokens": half_life / 10}), **kw)
+    return cls(*geo, half_life=half_life, **kw)
+
+
+@pytest.mark.parametrize("cls", [TopKFrequency, PreviousToken, Recency])
 @pytest.mark.parametrize("half_life", [None, 30.0])
 def test_history_observe_many_equals_row_by_row(cls, half_life):
-    """TopKFrequency's and PreviousToken's observe_many (one layer event's distinct requests at once) leave
-    bit-for-bit the tables, request states and predictions of observe() row by row: requests at different
+    """TopKFrequency's, PreviousToken's and Recency's observe_many (one layer event's distinct requests at once)
+    leave bit-for-bit the tables, request states and predictions of observe() row by row: requests at different
     positions, one skipping steps, one joining late, prefills (a request twice: row by row), a request cap that
     forgets the least recently seen."""
     rng = np.random.default_rng(11)
     Lp, Ep, Kp = 5, 12, 3
-    a, b = cls(Lp, Ep, Kp, half_life=half_life, max_requests=4), cls(Lp, Ep, Kp, half_life=half_life, max_requests=4)
+    a, b = (_history(cls, half_life, Lp, Ep, Kp, max_requests=4) for _ in range(2))
     reqs, first, batched = ["r0", "r1", "r2", "r3", "r4"], {"r0": 0, "r1": 3, "r2": 7, "r3": 1, "r4": 2}, 0
     for step in range(160):
         layer = step % Lp
@@ -382,14 +390,14 @@ def test_multi_lookahead_predict_many_equals_predict(components, half_life):
     assert compared > 150, "too few candidates were compared"
 
 
-@pytest.mark.parametrize("cls", [TopKFrequency, PreviousToken])
+@pytest.mark.parametrize("cls", [TopKFrequency, PreviousToken, Recency])
 def test_history_predict_many_equals_predict(cls):
-    """TopKFrequency and PreviousToken answer predict_many from one gather and one nonzero over all requests:
-    bit-for-bit the candidates (and dtypes) of predict() per request, for requests at different positions, one
-    never seen, and mixed horizons 1..7 (past one token of 5 layers: the prediction wraps)."""
+    """TopKFrequency, PreviousToken and Recency answer predict_many from one gather and one nonzero over all
+    requests: bit-for-bit the candidates (and dtypes) of predict() per request, for requests at different
+    positions, one never seen, and mixed horizons 1..7 (past one token of 5 layers: the prediction wraps)."""
     rng = np.random.default_rng(6)
     Lp, Ep, Kp = 5, 10, 2
-    p = cls(Lp, Ep, Kp, half_life=30.0)
+    p = _history(cls, 30.0, Lp, Ep, Kp)
     reqs, pos, compared = ["a", "b", "c"], {"a": 0, "b": 2, "c": 4}, 0
     for step in range(200):
         r = reqs[rng.integers(3)]
