@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import time
 
@@ -249,11 +250,19 @@ def bench_step(args, routes) -> dict:
 
 
 def _pin_process(_self, core: int) -> list:
-    """Runs in the coordinator actor: every thread of its process onto `core` (Linux affinity is per thread)."""
-    tids = [int(t) for t in os.listdir("/proc/self/task")]
-    for t in tids:
-        os.sched_setaffinity(t, {core})
-    return tids
+    """Runs in the coordinator actor: every thread of its process onto `core` (Linux affinity is per thread; a
+    thread started meanwhile by one not yet moved is caught by the next pass, one that ended is skipped)."""
+    done: set = set()
+    while True:
+        tids = {int(t) for t in os.listdir("/proc/self/task")} - done
+        if not tids:
+            return sorted(done)
+        for t in tids:
+            try:
+                os.sched_setaffinity(t, {core})
+                done.add(t)
+            except ProcessLookupError:   # the thread ended
+                done.add(t)
 
 
 def bench_actor(args, routes) -> dict:
@@ -294,10 +303,11 @@ def bench_actor(args, routes) -> dict:
     pf = pf.model_copy(update={"refresh_s": args.refresh_s})
     W = args.workers
     pin, cores = getattr(args, "pin_coordinator", None), os.sched_getaffinity(0)
-    if pin is not None:   # everything Ray starts from here inherits the driver's cores: all but the coordinator's
-        os.sched_setaffinity(0, cores - {pin})
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", namespace="bench-coordinator")
     try:
+        if pin is not None:   # everything Ray starts from here inherits the driver's cores: all but the coordinator's
+            os.sched_setaffinity(0, cores - {pin})
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
+                 namespace="bench-coordinator")
         sinks = {w: Sink.remote() for w in range(W)}
         store = Sink.remote()
         ride = bool(args.inflight) and args.orders_ride
@@ -386,8 +396,10 @@ def bench_actor(args, routes) -> dict:
                             recall_at_1=s["recall_at_k"].get(1))
         return out
     finally:
-        ray.shutdown()
-        os.sched_setaffinity(0, cores)
+        try:
+            ray.shutdown()
+        finally:
+            os.sched_setaffinity(0, cores)
 
 
 EMBEDDED_PROMPTS = ["def ", "import os\n", "class Foo(object):\n    def __init__(self", "    for i in range(",
@@ -505,8 +517,11 @@ def main(argv=None) -> dict:
     if args.pin_coordinator is not None and (args.pin_coordinator not in cores or len(cores) < 2):
         ap.error(f"--pin-coordinator {args.pin_coordinator}: this process may run on cores {cores}; the coordinator "
                  f"needs one of them to itself and the rest of Ray at least one other")
-    if args.step_gap_ms < 0:
-        ap.error(f"--step-gap-ms {args.step_gap_ms}: must be >= 0")
+    if not (math.isfinite(args.step_gap_ms) and args.step_gap_ms >= 0):
+        ap.error(f"--step-gap-ms {args.step_gap_ms}: must be a finite number >= 0")
+    if args.pin_coordinator is not None and (args.no_actor or args.embedded):
+        ap.error(f"--pin-coordinator {args.pin_coordinator}: pins the actor run's coordinator, which "
+                 f"{'--no-actor' if args.no_actor else '--embedded'} does not start")
     if not 1 <= args.runtimes <= args.requests:
         ap.error(f"--runtimes {args.runtimes}: must be between 1 and --requests ({args.requests})")
     if args.embedded:

@@ -84,13 +84,27 @@ class Ensemble(Predictor):
         self.decay = _decay_factor(half_life)
         self.logw = np.zeros((self.G, self.C, M))       # Hedge log-weights per (layer group, distance, member)
         self.group = (np.arange(num_layers) * self.G) // num_layers   # [L] layer -> group
-        # decayed score sums per (member, or M = the ensemble itself; distance), as views of one array so that a
-        # scored row moves all four in one operation
+        # decayed score sums per (member, or M = the ensemble itself; distance) in one array, so that a scored row
+        # moves all four in one operation: hits, n, sel, selhit (the properties below) are its rows
         self._acc = np.zeros((4, M + 1, self.C))
-        self.hits = self._acc[0]                          # true experts in the top-k
-        self.n = self._acc[1]                             # scored targets
-        self.sel = self._acc[2]                           # experts given P >= 0.5
-        self.selhit = self._acc[3]                        # ... of which true
+
+    # views of _acc taken when asked for (not kept as attributes: a copied or unpickled ensemble would keep
+    # separate arrays that its scoring no longer moves)
+    @property
+    def hits(self) -> np.ndarray:
+        return self._acc[0]    # [M+1, C] true experts in the top-k
+
+    @property
+    def n(self) -> np.ndarray:
+        return self._acc[1]    # [M+1, C] scored targets
+
+    @property
+    def sel(self) -> np.ndarray:
+        return self._acc[2]    # [M+1, C] experts given P >= 0.5
+
+    @property
+    def selhit(self) -> np.ndarray:
+        return self._acc[3]    # [M+1, C] ... of which true
 
     # -- the interface -----------------------------------------------------------------------------------------
     def begin(self, request: Hashable, *args, **kw) -> None:
@@ -234,6 +248,7 @@ class Ensemble(Predictor):
 
     def predict_many(self, requests: list, horizons: list[int]) -> list[Candidates]:
         """predict() of each request; those observed mixed at once (one weights() and one mix for all)."""
+        assert len(horizons) == len(requests), f"{len(requests)} requests but {len(horizons)} horizons"
         assert min(horizons, default=1) >= 1, f"horizons must be >= 1, got {horizons}"
         sts, _, layers = _targets(self, requests, self.C)
         known = [i for i, st in enumerate(sts) if st is not None]
@@ -260,7 +275,7 @@ class Ensemble(Predictor):
             p.end(request)
 
     def _arrays(self):
-        return [self.logw, self.hits, self.n, self.sel, self.selhit]
+        return [self.logw, self._acc]
 
     def _req_nbytes(self, st: _EReq) -> int:
         return sum(a.nbytes for a in (st.P, st.top, st.sel, st.ppos) if a is not None)

@@ -165,7 +165,7 @@ class Predictor:
     @staticmethod
     def _moved_to(sts: list, tokens, layer: int, ex: np.ndarray) -> None:
         """The rows' requests (states sts) are now at (token, layer), having selected ex [N, K]."""
-        for st, t, x in zip(sts, np.asarray(tokens).tolist(), ex):
+        for st, t, x in zip(sts, np.asarray(tokens, np.int64).tolist(), ex):   # ints, as observe() keeps them
             st.token, st.layer, st.experts = t, layer, x
 
     def predict(self, request: Hashable, horizon: int = 1) -> Candidates:

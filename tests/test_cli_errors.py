@@ -395,13 +395,19 @@ def test_convert_names_its_copies_for_the_configs_tiers(tmp_path):
 
 # -- jobs.bench_coordinator ---------------------------------------------------------------------------------------
 def test_bench_coordinator_pin_names_a_core_of_this_process(monkeypatch, capsys):
-    """--pin-coordinator needs a core this process may use, and another for the rest of Ray: refused before any
-    step runs (the run itself replaced by a failure)."""
+    """--pin-coordinator needs a core this process may use, another for the rest of Ray, and the actor run;
+    --step-gap-ms a finite pause: refused before any step runs (the run itself replaced by a failure)."""
     import jobs.bench_coordinator as BC
     monkeypatch.setattr(BC, "bench_planner", lambda *a, **k: (_ for _ in ()).throw(AssertionError("it ran")))
     cores = sorted(os.sched_getaffinity(0))
     msg = exits_2(capsys, BC.main, ["--pin-coordinator", str(max(cores) + 1), "--json", os.devnull])
     assert f"--pin-coordinator {max(cores) + 1}: this process may run on cores {cores}" in msg
+    for other in ("--no-actor", "--embedded"):
+        msg = exits_2(capsys, BC.main, ["--pin-coordinator", str(cores[0]), other, "--json", os.devnull])
+        assert f"--pin-coordinator {cores[0]}: pins the actor run's coordinator, which {other} does not start" in msg
+    for gap in ("-1", "nan", "inf"):
+        msg = exits_2(capsys, BC.main, ["--step-gap-ms", gap, "--json", os.devnull])
+        assert f"--step-gap-ms {float(gap)}: must be a finite number >= 0" in msg
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {cores[0]})
     msg = exits_2(capsys, BC.main, ["--pin-coordinator", str(cores[0]), "--json", os.devnull])
     assert "needs one of them to itself and the rest of Ray at least one other" in msg

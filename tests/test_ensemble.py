@@ -250,3 +250,20 @@ def test_a_position_routed_twice_is_scored_once():
     p.observe_many(rows, toks, l, ids)
     p.observe(RoutingEvent(rows[0], int(toks[0]), l, ids[0]))
     assert [s["scored"] for s in p.scores()["members"].values()] == scored and scored[0][0] > 0
+
+
+def test_a_copied_ensemble_keeps_scoring():
+    """A deep copy and an unpickled copy score what they observe next exactly as the original does (the decayed
+    sums are one array; scores() must read the one the scoring moves, in a copy too)."""
+    import copy
+    import pickle
+    p = make_predictor("ensemble", num_layers=L, num_experts=E, top_k=K)
+    events = _layer_events(20, ["a", "b"], seed=6)
+    for rows, toks, l, ids in events[:40]:
+        p.observe_many(rows, toks, l, ids)
+    copies = [copy.deepcopy(p), pickle.loads(pickle.dumps(p))]
+    for rows, toks, l, ids in events[40:]:
+        for q in [p] + copies:
+            q.observe_many(rows, toks, l, ids)
+    assert p.scores()["ensemble"]["scored"][0] > 40
+    assert all(q.scores() == p.scores() for q in copies)
