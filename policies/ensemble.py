@@ -23,8 +23,9 @@ member with `begin(request, ...)` (request-level) gets the ensemble's begin() ca
 scores() -> plain dict for telemetry: per member and for the ensemble itself, recall@k and precision per distance,
 the number of scored targets, and the members' mean weight per distance.
 
-Memory: the weights [G, C, M]; score sums [M + 1, C]; per request the members' latest dense predictions [C, M, E]
-float32 and the pending top-k [C, C, M + 1, K] int16 and P >= 0.5 masks [C, C, M + 1, E] bool; end() drops them.
+Memory: the weights [G, C, M]; the four score sums [4, M + 1, C]; per request the members' latest dense predictions
+[C, M, E] float32 and the pending top-k [C, C, M + 1, K] int16 and P >= 0.5 masks [C, C, M + 1, E] bool; end() drops
+them.
 """
 from __future__ import annotations
 
