@@ -23,8 +23,9 @@ something to predict; a 25% HBM cache; every expert in NVMe and S3):
             offloading regime), with sink worker / storage actors (prefetched experts become resident in a
             25% cache). Each layer step also makes the runtime's compute calls (--compute-calls 1: one per worker
             owning a routed expert, waited for; the computed experts become resident), and with
-            prefetch.orders_ride the coordinator's orders ride with them. --inflight 0: the pacing before session 21 (32 batches sent at once, then waited for,
-            a burst: calls received while a step runs slow it 3-5x, docs/benchmarks.md session 21). Its own
+            prefetch.orders_ride the coordinator's orders ride with them. --inflight 0: the pacing before
+            session 21 (32 batches sent at once, then waited for, a burst: calls received while a step runs slow
+            it 3-5x, docs/benchmarks.md session 21). Its own
             per-batch timing, split into actor_decision (routing in -> orders out, less submitting them; also
             without the predictor), actor_submit (the `.remote()` calls: one per worker with orders or
             cancellations) and actor_scoring (after the orders are out)
