@@ -358,7 +358,7 @@ class Recency(Predictor):
         if ex is None:
             return super().observe_many(requests, tokens, layer, experts, probs, hidden)
         sts = [self._track(r) for r in requests]
-        for st, t, x in zip(sts, np.asarray(tokens).tolist(), ex):
+        for st, t, x in zip(sts, np.asarray(tokens, np.int64).tolist(), ex):
             st.last[layer, x] = t
         self._moved_to(sts, tokens, layer, ex)
 
@@ -381,10 +381,9 @@ class Recency(Predictor):
         known = [i for i, st in enumerate(sts) if st is not None]
         out = [Candidates.empty()] * len(requests)
         if known:
-            last = np.stack([sts[i].last for i in known])                   # [R', L, E]
             lay = layers[known]                                             # [R', D]
             toks = (here[known][:, None] + np.arange(1, lay.shape[1] + 1)) // self.L
-            P = self._dense(last[np.arange(len(known))[:, None], lay], toks)
+            P = self._dense(np.stack([sts[i].last[l] for i, l in zip(known, lay)]), toks)   # from [R', D, E]
             for i, c in zip(known, _from_dense_many(P, lay, [horizons[i] for i in known])):
                 out[i] = c
         return out
