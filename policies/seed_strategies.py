@@ -163,9 +163,9 @@ class MultiLookAhead(Predictor):
         rows, di = np.nonzero(ok)                                          # valid (row, distance - 1), row order
         if len(rows):
             sl = slot[rows, di]
-            src = np.stack([sts[r].ex[s] for r, s in zip(rows.tolist(), sl.tolist())])        # [n, K]
-            ls = np.array([sts[r].lay[s] for r, s in zip(rows.tolist(), sl.tolist())])
-            cur = ex[rows]                                                                     # [n, K]
+            src = np.stack([st.ex for st in sts])[rows, sl]                  # [n, K] the sources' experts
+            ls = np.stack([st.lay for st in sts])[rows, sl]                  # [n] and layers
+            cur = ex[rows]                                                   # [n, K]
             if self.co.size:
                 # per distance, the m rows that count decay its source layer's table m times, the j-th row's
                 # counts by the m-1-j rows after it
@@ -183,25 +183,22 @@ class MultiLookAhead(Predictor):
                           np.broadcast_to(wd[:, None, None], (len(rows), K, K)))
                 np.add.at(self.rowsum, (di[:, None], ls[:, None], src), np.broadcast_to(K * wd[:, None], src.shape))
             if self.pkey.size:
-                self._pattern_many(sts, rows, di, sl, cur)
+                self._pattern_many(np.stack([st.keys for st in sts])[rows, sl],     # [n, n_len] pattern keys
+                                   np.stack([st.nkeys for st in sts])[rows, sl], di, cur)
         # each row's position enters its own ring
         for n, (st, a) in enumerate(zip(sts, adj)):
             self._push(st, ex[n], l, int(q[n]), a)
             st.token, st.layer, st.experts = int(toks[n]), l, ex[n]
 
-    def _pattern_many(self, sts, rows, di, sl, cur) -> None:
-        """The pattern buckets' updates of several rows, as row by row: where rows with different contexts hit one
-        bucket, the last context's rows since the last change of context are what it holds."""
-        j, mm = [], []
-        for i, (r, s) in enumerate(zip(rows.tolist(), sl.tolist())):
-            nk = int(sts[r].nkeys[s])
-            j.extend([i] * nk)
-            mm.extend(range(nk))
-        if not j:
+    def _pattern_many(self, keys: np.ndarray, nkeys: np.ndarray, di: np.ndarray, cur: np.ndarray) -> None:
+        """The pattern buckets' updates of several (row, distance) sources (keys int64 [n, pattern_length] and how
+        many are valid [n], distance - 1 di [n], the experts that followed cur [n, K]), as row by row: where rows
+        with different contexts hit one bucket, the last context's rows since the last change of context are what
+        it holds."""
+        j, mm = np.nonzero(np.arange(keys.shape[1])[None, :] < nkeys[:, None])   # row order, then length
+        if not len(j):
             return
-        j, mm = np.array(j), np.array(mm)
-        key = np.array([sts[r].keys[s, m] for r, s, m in zip(rows[j].tolist(), sl[j].tolist(), mm.tolist())],
-                       np.int64)
+        key = keys[j, mm]
         dd, b = di[j], key % self.B
         cell = (dd * self.n + mm) * self.B + b                             # contributions in row order
         order = np.lexsort((np.arange(len(cell)), cell))                   # by cell, then row order
