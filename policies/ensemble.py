@@ -176,7 +176,7 @@ class Ensemble(Predictor):
         sts = [self._track(r) for r in requests]
         self._score(sts, qs, int(layer), ids)
         self._record(sts, qs, self._member_predictions(requests))
-        self._moved_to(sts, toks, int(layer), ids)
+        self._moved_to(sts, toks.tolist(), int(layer), ids)
 
     def _observe(self, st: _EReq, ev: RoutingEvent, experts: np.ndarray, adjacent: bool) -> None:
         q = ev.token * self.L + ev.layer

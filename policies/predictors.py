@@ -144,7 +144,15 @@ class Predictor:
     def observe_many(self, requests: list, tokens: np.ndarray, layer: int, experts: np.ndarray,
                      probs: np.ndarray | None = None, hidden: np.ndarray | None = None) -> None:
         """Rows of one layer's routing: requests [N], tokens int [N], experts int [N, K], probs float [N, K] or
-        None, hidden float [N, H] or None. The same as observe() of each row, in row order."""
+        None, hidden float [N, H] or None. The same as observe() of each row, in row order. A subclass with
+        `_observe_rows` gets the rows of distinct requests at once; others (and a prefill) go row by row."""
+        ex = None if self._observe_rows is None else self._distinct_rows(requests, int(layer), experts)
+        if ex is not None:
+            toks = np.asarray(tokens, np.int64).tolist()   # ints, as observe() keeps them
+            sts = [self._track(r) for r in requests]
+            self._observe_rows(sts, toks, int(layer), ex)
+            self._moved_to(sts, toks, int(layer), ex)
+            return
         for n, req in enumerate(requests):
             self.observe(RoutingEvent(req, int(tokens[n]), int(layer), experts[n],
                                       None if probs is None else probs[n], None if hidden is None else hidden[n]))
@@ -162,10 +170,15 @@ class Predictor:
         assert 0 <= ex.min() and ex.max() < self.E, f"expert ids outside [0, {self.E}) at layer {layer}"
         return ex
 
+    # _observe_rows(sts, tokens, layer, ex): the rows of distinct requests (states sts, already tracked; tokens
+    # list[int]; experts int64 [N, K]), to leave the tables as _observe of each row in row order would; the
+    # requests' positions move after it. None: no batched form (observe_many goes row by row)
+    _observe_rows = None
+
     @staticmethod
-    def _moved_to(sts: list, tokens, layer: int, ex: np.ndarray) -> None:
+    def _moved_to(sts: list, tokens: list, layer: int, ex: np.ndarray) -> None:
         """The rows' requests (states sts) are now at (token, layer), having selected ex [N, K]."""
-        for st, t, x in zip(sts, np.asarray(tokens, np.int64).tolist(), ex):   # ints, as observe() keeps them
+        for st, t, x in zip(sts, tokens, ex):
             st.token, st.layer, st.experts = t, layer, x
 
     def predict(self, request: Hashable, horizon: int = 1) -> Candidates:
@@ -281,12 +294,7 @@ class TopKFrequency(Predictor):
         self.counts[l, experts] += 1.0
         self.n[l] += 1.0
 
-    def observe_many(self, requests, tokens, layer, experts, probs=None, hidden=None):
-        layer = int(layer)
-        ex = self._distinct_rows(requests, layer, experts)
-        if ex is None:
-            return super().observe_many(requests, tokens, layer, experts, probs, hidden)
-        sts = [self._track(r) for r in requests]
+    def _observe_rows(self, sts, tokens, layer, ex):
         c, n = self.counts[layer], self.n        # c: a view of the layer's row
         for x in ex:   # each row decays the row first, as observe() does: bit-for-bit its tables, ~5x cheaper
             if self.decay != 1.0:
@@ -294,7 +302,6 @@ class TopKFrequency(Predictor):
                 n[layer] *= self.decay
             c[x] += 1.0
             n[layer] += 1.0
-        self._moved_to(sts, tokens, layer, ex)
 
     def _predict(self, request, st, tokens, layers):
         P = self.counts[layers] / np.maximum(self.n[layers], 1e-300)[:, None]  # [D, E]
@@ -364,14 +371,10 @@ class CrossLayerTransition(Predictor):
 
     # -- the coordinator's batched calls: one layer event's requests at once ---------------------------------------
     def observe_many(self, requests, tokens, layer, experts, probs=None, hidden=None):
-        N = len(requests)
-        if N < 2 or len(set(requests)) < N:   # one request's rows chain into each other (a prefill): row by row
-            return super().observe_many(requests, tokens, layer, experts, probs, hidden)
         layer = int(layer)
-        assert 0 <= layer < self.L, f"layer {layer} outside [0, {self.L})"
-        ex = np.array(experts, dtype=np.int64)   # [N, K] a copy: the caller may reuse its buffer
-        assert ex.shape == (N, self.K), f"expected [{N}, {self.K}] experts, got shape {ex.shape}"
-        assert 0 <= ex.min() and ex.max() < self.E, f"expert ids outside [0, {self.E}) at layer {layer}"
+        ex = self._distinct_rows(requests, layer, experts)   # [N, K]; None: a prefill (its rows chain) or one row
+        if ex is None:
+            return super().observe_many(requests, tokens, layer, experts, probs, hidden)
         src, prev, rows = [], [], []
         for n, (req, tok) in enumerate(zip(requests, np.asarray(tokens).tolist())):
             st = self._track(req)
@@ -477,12 +480,7 @@ class PreviousToken(Predictor):
             self.reuse[l] += (hit - self.reuse[l]) / self.n[l]
         st.last[l] = experts
 
-    def observe_many(self, requests, tokens, layer, experts, probs=None, hidden=None):
-        layer = int(layer)
-        ex = self._distinct_rows(requests, layer, experts)
-        if ex is None:
-            return super().observe_many(requests, tokens, layer, experts, probs, hidden)
-        sts = [self._track(r) for r in requests]
+    def _observe_rows(self, sts, tokens, layer, ex):
         prev = np.stack([st.last[layer] for st in sts])                      # [N, K]
         hits = (ex[:, :, None] == prev[:, None, :]).any(2).sum(1) / self.K    # [N] as _observe's, row by row
         n, u = self.n[layer], self.reuse[layer]
@@ -492,7 +490,6 @@ class PreviousToken(Predictor):
         self.n[layer], self.reuse[layer] = n, u
         for st, x in zip(sts, ex):
             st.last[layer] = x
-        self._moved_to(sts, tokens, layer, ex)
 
     def _predict(self, request, st, tokens, layers):
         if st.last is None:

@@ -135,15 +135,10 @@ class MultiLookAhead(Predictor):
         """One layer event's rows at once: the same tables as observe() row by row (the decayed counts up to
         rounding, the pattern buckets exactly, a bucket two rows' contexts fight over included) and the same
         per-request state. A prefill (a request twice) or rows that would push a request out go row by row."""
-        N = len(requests)
-        new = sum(r not in self._reqs for r in requests)
-        if N < 2 or len(set(requests)) < N or len(self._reqs) + new > self.max_requests:
+        N, L, D, K, l = len(requests), self.L, self.D, self.K, int(layer)
+        ex = self._distinct_rows(requests, l, experts)                     # [N, K]
+        if ex is None or len(self._reqs) + sum(r not in self._reqs for r in requests) > self.max_requests:
             return super().observe_many(requests, tokens, layer, experts, probs, hidden)
-        L, D, K, l = self.L, self.D, self.K, int(layer)
-        assert 0 <= l < L, f"layer {l} outside [0, {L})"
-        ex = np.array(experts, dtype=np.int64)   # [N, K] a copy: the caller may reuse its buffer
-        assert ex.shape == (N, K), f"expected [{N}, {K}] experts, got shape {ex.shape}"
-        assert 0 <= ex.min() and ex.max() < self.E, f"expert ids outside [0, {self.E}) at layer {l}"
         toks = np.asarray(tokens, np.int64)
         q = toks * L + l                                                   # [N] positions
         sts = [self._track(r) for r in requests]
@@ -349,15 +344,9 @@ class Recency(Predictor):
     def _observe(self, st, ev, experts, adjacent):
         st.last[ev.layer, experts] = ev.token
 
-    def observe_many(self, requests, tokens, layer, experts, probs=None, hidden=None):
-        layer = int(layer)
-        ex = self._distinct_rows(requests, layer, experts)
-        if ex is None:
-            return super().observe_many(requests, tokens, layer, experts, probs, hidden)
-        sts = [self._track(r) for r in requests]
-        for st, t, x in zip(sts, np.asarray(tokens, np.int64).tolist(), ex):
+    def _observe_rows(self, sts, tokens, layer, ex):
+        for st, t, x in zip(sts, tokens, ex):
             st.last[layer, x] = t
-        self._moved_to(sts, tokens, layer, ex)
 
     def _predict(self, request, st, tokens, layers):
         if getattr(st, "last", None) is None:

@@ -240,6 +240,20 @@ def test_readme_orientation_figures(name):
 
 # -- the coordinator's batched calls ----------------------------------------------------------------------------
 
+def _batched_events(rng, reqs, first, steps, L, E, K, live, prefill_every):
+    """(rows, tokens, layer, experts [N, K]) per layer step: the requests live(step) (a prefix of reqs: later ones
+    join late), each skipping a step now and then (a gap), at token first[r] + step // L; every prefill_every-th
+    step the first row's request again at its next token (a prefill). Steps without rows are skipped."""
+    for step in range(steps):
+        layer = step % L
+        rows = [r for r in reqs[:live(step)] if rng.random() < 0.85]
+        toks = [first[r] + step // L for r in rows]
+        if step % prefill_every == 0 and rows:
+            rows, toks = rows + [rows[0]], toks + [toks[0] + 1]
+        if rows:
+            yield rows, toks, layer, np.stack([rng.choice(E, K, replace=False) for _ in rows])
+
+
 @pytest.mark.parametrize("half_life", [None, 40.0])
 def test_transition_batched_calls_equal_row_by_row(half_life):
     """observe_many / predict_many (one layer event's requests at once, as the PrefetchCoordinator calls them) give
@@ -253,16 +267,8 @@ def test_transition_batched_calls_equal_row_by_row(half_life):
     reqs = ["r0", "r1", "r2", "r3"]
     first = {"r0": 0, "r1": 3, "r2": 7, "r3": 1}                  # each request's token at step 0: they differ
     batched = 0
-    for step in range(150):
-        layer = step % Lp
-        live = reqs[:1 + min(step // 10, 3)]                       # r3 joins at step 30
-        rows = [r for r in live if rng.random() < 0.85]            # a request that skips a step leaves a gap
-        toks = [first[r] + step // Lp for r in rows]
-        if step % 17 == 0 and rows:
-            rows, toks = rows + [rows[0]], toks + [toks[0] + 1]    # a prefill: the same request's next token
-        if not rows:
-            continue
-        ids = np.stack([rng.choice(Ep, Kp, replace=False) for _ in rows])
+    for rows, toks, layer, ids in _batched_events(rng, reqs, first, 150, Lp, Ep, Kp,
+                                                  lambda step: 1 + min(step // 10, 3), 17):   # r3 joins at step 30
         for r, t, x in zip(rows, toks, ids):
             a.observe(RoutingEvent(r, t, layer, x))
         b.observe_many(rows, np.array(toks), layer, ids)
@@ -323,15 +329,10 @@ def test_history_observe_many_equals_row_by_row(cls, half_life):
     Lp, Ep, Kp = 5, 12, 3
     a, b = (_history(cls, half_life, Lp, Ep, Kp, max_requests=4) for _ in range(2))
     reqs, first, batched = ["r0", "r1", "r2", "r3", "r4"], {"r0": 0, "r1": 3, "r2": 7, "r3": 1, "r4": 2}, 0
-    for step in range(160):
-        layer = step % Lp
-        rows = [r for r in reqs[:2 + min(step // 20, 3)] if rng.random() < 0.85]   # r4 joins: the cap forgets
-        toks = [first[r] + step // Lp for r in rows]
-        if step % 13 == 0 and rows:
-            rows, toks = rows + [rows[0]], toks + [toks[0] + 1]
-        if not rows:
-            continue
-        ids = np.stack([rng.choice(Ep, Kp, replace=False) for _ in rows])
+    rows_calls = []                                   # the batched form's own calls: it must really run
+    b._observe_rows = lambda *args, _f=b._observe_rows: rows_calls.append(1) or _f(*args)
+    for rows, toks, layer, ids in _batched_events(rng, reqs, first, 160, Lp, Ep, Kp,
+                                                  lambda step: 2 + min(step // 20, 3), 13):   # r4 joins: cap forgets
         for r, t, x in zip(rows, toks, ids):
             a.observe(RoutingEvent(r, t, layer, x))
         b.observe_many(rows, np.array(toks), layer, ids)
@@ -340,8 +341,9 @@ def test_history_observe_many_equals_row_by_row(cls, half_life):
         for r in reqs + ["never-seen"]:
             x, y = a.predict(r, 7), b.predict(r, 7)
             for f in ("distance", "layer", "expert", "prob"):
-                assert np.array_equal(getattr(x, f), getattr(y, f)), (step, r, f)
+                assert np.array_equal(getattr(x, f), getattr(y, f)), (layer, toks, r, f)
     assert batched > 90, "the batched path was hardly exercised"
+    assert len(rows_calls) == batched, "observe_many went row by row where its rows were distinct"
     for x, y in zip(a._arrays(), b._arrays()):
         assert np.array_equal(x, y)
     assert list(a._reqs) == list(b._reqs) and len(b._reqs) == 4
