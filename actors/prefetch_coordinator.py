@@ -145,7 +145,8 @@ def planner_config(pf, model: str | None = None, tier_kinds: dict | None = None)
     return PlannerConfig(threshold=pf.threshold, hbm_confirm_prob=pf.hbm_confirm_prob,
                          max_inflight_bytes=int(pf.max_inflight_bytes), layer_time_s=pf.layer_time_s,
                          latency_ref_s=pf.latency_ref_s, costs=TierCosts(tuple(lat), tuple(bw)),
-                         stage_to_dram=pf.stage_to_dram, model=model, tier_kinds=dict(tier_kinds or {}))
+                         stage_to_dram=pf.stage_to_dram, model=model, tier_kinds=dict(tier_kinds or {}),
+                         engine=pf.planner_engine)
 
 
 def access_policy(pf) -> AccessPolicy | None:

@@ -237,6 +237,7 @@ class PrefetchConfig(_Model):
     value_residents: bool = True                     # residents keep their learned next-token reuse value
     eviction_hints: bool = False                     # workers evict by the planner's resident values on a miss
     layer_time_s: float | None = Field(None, gt=0)   # caps the stall a prefetch can hide (lead time)
+    planner_engine: Literal["compiled", "numpy"] = "compiled"   # numpy: the planner's reference (~3x the time)
     latency_ref_s: float = Field(0.1, gt=0)          # a request latency budget equal to this: neutral
     tier_costs: dict[Literal["peer", "dram", "nvme", "s3"], TierCost] | None = None   # planner's defaults if None
     tenants: dict[str, TenantAccess] | None = None   # None: no access control; else unknown tenants are denied

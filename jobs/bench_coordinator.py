@@ -1,7 +1,8 @@
 """Coordinator decision time per layer step (issue #4 target: p99 <= 1 ms with 32 layers x 64 experts x 8 workers).
 
     python -m jobs.bench_coordinator [--layers 32 --experts 64 --workers 8 --top-k 8 --requests 8 --steps 2000]
-                                     [--policy cross_layer] [--runtimes 1] [--no-actor] [--step-gap-ms 0]
+                                     [--policy cross_layer] [--planner-engine compiled|numpy] [--runtimes 1]
+                                     [--no-actor] [--step-gap-ms 0]
                                      [--inflight 2 --layer-ms 5 --compute-calls 1 --orders-ride 1]
                                      [--pin-coordinator CORE] --json OUT
 
@@ -157,7 +158,8 @@ def bench_planner(args, routes) -> dict:
     nbytes = 1 << 20
     owner = np.tile(np.arange(E) % W, (L, 1))
     rng = np.random.default_rng(1)
-    planner = PrefetchPlanner(PlannerConfig(max_inflight_bytes=64 * nbytes))
+    engine = getattr(args, "planner_engine", "compiled")
+    planner = PrefetchPlanner(PlannerConfig(max_inflight_bytes=64 * nbytes, engine=engine))
     times, cpu = [], []
     steps = 0
     for t in range(routes.shape[0]):
@@ -207,7 +209,8 @@ def coordinator_args(args):
     geo, owner = geometry(L, E, W, 1 << 20)
     geo["top_k"] = args.top_k
     pf = PrefetchConfig(policy=args.policy, lookahead_layers=args.window, lookahead_tokens=1,
-                        max_inflight_bytes=64 << 20, refresh_s=1e9)
+                        max_inflight_bytes=64 << 20, refresh_s=1e9,
+                        planner_engine=getattr(args, "planner_engine", "compiled"))
     return pf, geo, owner
 
 
@@ -483,6 +486,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--policy", default="cross_layer")
+    ap.add_argument("--planner-engine", choices=("compiled", "numpy"), default="compiled",
+                    help="the planner's ranking: one numba call, or its numpy reference (prefetch.planner_engine)")
     ap.add_argument("--no-actor", action="store_true")
     ap.add_argument("--step-gap-ms", type=float, default=0.0,
                     help="in-process step: the thread sleeps this long before each step, as the coordinator idles "
@@ -538,7 +543,8 @@ def main(argv=None) -> dict:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         res.update(bench_actor(args, routes))
     print(f"coordinator decision time per layer step: L={args.layers} E={args.experts} W={args.workers} "
-          f"k={args.top_k} requests={args.requests} window={args.window} policy={args.policy}")
+          f"k={args.top_k} requests={args.requests} window={args.window} policy={args.policy} "
+          f"planner_engine={args.planner_engine}")
     print(f"{'what':<32}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>8}")
     for k in ("planner", "planner_cpu", "step", "step_cpu", "step_predictor", "step_excl_predictor", "step_scoring",
               "step_decision", "actor", "actor_decision", "actor_decision_cpu", "actor_decision_excl_predictor",

@@ -135,8 +135,11 @@ class PlannerConfig:
     # a TierSet names the cluster config's tiers, which may be called anything ("local-nvme", "archive"): each
     # name's kind (dram / nvme / s3) is its place in TIER_NAMES; names that are kinds themselves need no entry
     tier_kinds: dict[str, str] = field(default_factory=dict)
+    # "compiled": steps 3-9 in one numba call (rank_kernel.py); "numpy": the reference, ~120 numpy calls a step
+    engine: str = "compiled"
 
     def __post_init__(self):
+        assert self.engine in ("compiled", "numpy"), f"planner engine: 'compiled' or 'numpy', not {self.engine!r}"
         assert 0 < self.threshold <= 1 and 0 < self.hbm_confirm_prob <= 1, "probabilities must lie in (0, 1]"
         assert self.max_inflight_bytes >= 0, "max_inflight_bytes must be >= 0"
 
@@ -263,6 +266,8 @@ def _seg_cumsum(x: np.ndarray, seg: np.ndarray) -> np.ndarray:
 class PrefetchPlanner:
     def __init__(self, cfg: PlannerConfig = PlannerConfig(), access: AccessPolicy | None = None):
         self.cfg, self.access = cfg, access
+        self._lat = np.asarray(cfg.costs.latency_s, np.float64)     # [T] s
+        self._bw = np.asarray(cfg.costs.bandwidth_Bps, np.float64)  # [T] B/s
 
     def budget_factor(self, latency_budget_s: float | None) -> float:
         """> 1 for a tight budget (aggressive), < 1 for a loose one (conservative)."""
@@ -278,7 +283,6 @@ class PrefetchPlanner:
         L, E = view.owner.shape
         LE = L * E
         denied: dict = {}
-        below = view.present[1:].reshape(NUM_TIERS - 1, LE)     # copies below HBM
         groups: dict[tuple, int] = {}                            # TierSet -> group index
         masks: list[np.ndarray] = []                             # per group: bool [NUM_TIERS] allowed
         cands, ris, gids, ms = [], [], [], []
@@ -309,144 +313,170 @@ class PrefetchPlanner:
         if not cands:
             return _empty_plan(denied, np.zeros((L, E), bool))
         lens = [len(c) for c in cands]
-        dist = np.concatenate([c.distance for c in cands])
+        dist = np.concatenate([c.distance for c in cands]).astype(np.int64, copy=False)
         lay = np.concatenate([c.layer for c in cands])
         ex = np.concatenate([c.expert for c in cands])
-        prob = np.concatenate([c.prob for c in cands]).astype(np.float64)
+        prob = np.concatenate([c.prob for c in cands]).astype(np.float64, copy=False)
         if lay.min() < 0 or lay.max() >= L or ex.min() < 0 or ex.max() >= E:
             bad = next(requests[ri].request for ri, c in zip(ris, cands)
                        if c.layer.min() < 0 or c.layer.max() >= L or c.expert.min() < 0 or c.expert.max() >= E)
             raise ValueError(f"request {bad!r}: candidates outside layers [0, {L}) x experts [0, {E})")
-        m = np.repeat(np.asarray(ms), lens)
-        key = lay * E + ex
-        # the source is the fastest allowed copy below HBM: for a resident expert, what a miss would cost once
-        # evicted (its value guards it), for the others where the prefetch reads from; 5: nowhere allowed
-        ok = below[None] & np.stack(masks)[:, 1:, None]          # [G, T-1, LE]
-        tables = np.where(ok.any(1), 1 + ok.argmax(1), NUM_TIERS)   # [G, LE]
-        gid = np.repeat(np.asarray(gids), lens)
-        src = tables[gid, key]
-        keep = (dist <= window * m) & (prob >= cfg.threshold / m) & (src < NUM_TIERS)
-        if not keep.any():
+        key = (lay * E + ex).astype(np.int64, copy=False)
+        m = np.repeat(np.asarray(ms, np.float64), lens)
+        gid = np.repeat(np.asarray(gids, np.int64), lens)
+        rid = np.repeat(np.asarray(ris, np.int64), lens)
+        has_reuse = view.reuse is not None
+        has_used = has_reuse and view.reuse_used is not None
+        none = np.zeros(0)
+        rank = _rank_numpy if cfg.engine == "numpy" else _compiled()
+        (nk, w, lay, ex, S, tgt, P, value, pri, nb, R, wanted, res_value, keep_used, rk, rstart, ndisp) = rank(
+            dist, key, prob, m, gid, rid, np.stack(masks), view.present.reshape(NUM_TIERS, LE),
+            view.inflight.reshape(LE), view.staging.reshape(LE), view.nbytes.reshape(LE).astype(np.int64, copy=False),
+            view.owner.reshape(LE).astype(np.int64, copy=False), view.node_of.astype(np.int64, copy=False),
+            np.asarray(view.free_bytes, np.int64), np.asarray(view.dram_free_bytes, np.int64),
+            view.reuse.reshape(LE).astype(np.float64, copy=False) if has_reuse else none,
+            view.reuse_used.reshape(LE).astype(np.float64, copy=False) if has_used else none, has_reuse, has_used,
+            self._lat, self._bw, float(window), float(cfg.threshold), float(cfg.hbm_confirm_prob),
+            max(int(cfg.max_inflight_bytes) - int(view.inflight_bytes), 0),
+            -1.0 if cfg.layer_time_s is None else float(cfg.layer_time_s), L, bool(cfg.stage_to_dram))
+        if nk == 0:
             return _empty_plan(denied, np.zeros((L, E), bool))
-        key, src, dist, gid = key[keep], src[keep], dist[keep], gid[keep]
-        prob = np.minimum(prob[keep], 1 - 1e-12)
-        rid = np.repeat(np.asarray(ris), lens)[keep]
-        stage_ok = np.stack(masks)[:, DRAM][gid]
-
-        # -- 4. dedup per (layer, expert): P = 1 - prod(1 - p), nearest distance, fastest allowed source ------------
-        cnt = np.bincount(key, minlength=LE)
-        wanted = cnt > 0
-        uk = np.flatnonzero(wanted)                              # sorted: ties below break by (layer, expert)
-        P = -np.expm1(np.bincount(key, weights=np.log1p(-prob), minlength=LE)[uk])
-        # one sort gives, per key, the nearest distance and the request to attribute the order to (the one that
-        # needs it soonest; ties: the highest probability, then the earlier request); prob in (0, 1)
-        o = np.argsort((key * (int(dist.max()) + 1) + dist) * 2.0 - prob, kind="stable")
-        first = _starts(key[o])
-        D = dist[o][first]
-        R = rid[o][first]                                        # in uk order (keys ascending)
-        if len(masks) == 1:
-            S = tables[0][uk]
-            SO = np.full(len(uk), bool(masks[0][DRAM]))
-        else:   # several TierSets: the fastest source any of them allows; staged if any allows DRAM
-            Sd = np.full(LE, NUM_TIERS)
-            np.minimum.at(Sd, key, src)
-            S = Sd[uk]
-            SO = np.bincount(key, weights=stage_ok.astype(np.float64), minlength=LE)[uk] > 0
-        lay, ex = uk // E, uk % E
-        nb = view.nbytes.reshape(-1)[uk].astype(np.int64)
-        # -- 5. value --------------------------------------------------------------------------------------------
-        stall = cfg.costs.seconds(S, nb)
-        if cfg.layer_time_s is not None:
-            stall = np.minimum(stall, D * cfg.layer_time_s)
-        value = P * stall / np.maximum(nb, 1)
-        # resident / in flight: worth keeping (their value guards them from eviction) but nothing to fetch
-        at_hbm = view.present[HBM].reshape(-1)[uk] | view.inflight.reshape(-1)[uk]
-        res_value = np.zeros(LE)
-        keep_used = None
-        if view.reuse is not None:   # what keeping a resident is worth: its reuse at the next token (L layers on)
-            nb_all = view.nbytes.reshape(-1)
-            # costed from the fastest copy any live request's TierSet allows (as the sources of step 4), so that
-            # the plan does not depend on which request is listed first
-            stall_r = cfg.costs.seconds(np.minimum(tables.min(0), NUM_TIERS - 1), nb_all)
-            if cfg.layer_time_s is not None:
-                stall_r = np.minimum(stall_r, L * cfg.layer_time_s)
-            per_b = stall_r / np.maximum(nb_all, 1)
-            res_value = view.reuse.reshape(-1) * per_b
-            if view.reuse_used is not None:
-                keep_used = (view.reuse_used.reshape(-1) * per_b).reshape(L, E)
-        res_value[uk[at_hbm]] = np.maximum(res_value[uk[at_hbm]], value[at_hbm])
-        todo = ~at_hbm
-        uk, lay, ex, P, D, S, SO, R, nb, value = (a[todo] for a in (uk, lay, ex, P, D, S, SO, R, nb, value))
-        w = view.owner.reshape(-1)[uk]
-
-        # -- 6. HBM per worker: free bytes first, then displacement of strictly lower-valued residents -------------
-        o = _order(w, -value)                                    # by worker, value desc, (layer, expert) for ties
-        uk, lay, ex, P, D, S, SO, R, nb, value, w = (a[o] for a in (uk, lay, ex, P, D, S, SO, R, nb, value, w))
-        cum = _seg_cumsum(nb, w)                                 # bytes needed up to and including each row
-        fits = cum <= view.free_bytes[w]
-        # residents per worker, lowest value first, as one flat array with per-worker offsets
-        rk = np.flatnonzero(view.present[HBM].reshape(-1))
-        rw = view.owner.reshape(-1)[rk]
-        rk = rk[_order(rw, res_value[rk])]
-        rw = view.owner.reshape(-1)[rk]
-        rv_ = res_value[rk]
-        rcum = np.cumsum(view.nbytes.reshape(-1)[rk])            # flat, across workers
-        W = len(view.node_of)
-        rcount = np.bincount(rw, minlength=W)
-        rend = np.cumsum(rcount)
-        rstart = rend - rcount
-        rbase = rcum[np.maximum(rstart - 1, 0)] * (rstart > 0) if len(rcum) else np.zeros(W, np.int64)
-        #                                                        ^ resident bytes of the workers before
-        extra = cum - view.free_bytes[w]                         # bytes to displace
-        j = np.searchsorted(rcum, rbase[w] + extra, side="left")   # last resident displaced (flat index)
-        displace_ok = (j < rend[w]) & (P >= cfg.hbm_confirm_prob)
-        if len(rv_):
-            displace_ok &= rv_[np.minimum(j, len(rv_) - 1)] < value
-        else:
-            displace_ok[:] = False
-        good = fits | displace_ok
-        to_hbm = _seg_cumsum((~good).astype(np.int64), w) == 0  # the worker's prefix that really fits
-        jd = np.where(to_hbm & ~fits, j - rstart[w] + 1, 0)    # residents of its worker displaced up to here
-        # -- 7. the rest: stage colder-than-DRAM copies into the owner's node DRAM ------------------------------
-        node = view.node_of[w]
-        stage = (~to_hbm & cfg.stage_to_dram & SO & (S > DRAM) & ~view.present[DRAM].reshape(-1)[uk]
-                 & ~view.staging.reshape(-1)[uk])
-        if stage.any():
-            sidx = np.flatnonzero(stage)
-            sidx = sidx[_order(node[sidx], -value[sidx], uk[sidx])]
-            sfit = _seg_cumsum(nb[sidx], node[sidx]) <= view.dram_free_bytes[node[sidx]]
-            stage[:] = False
-            stage[sidx[sfit]] = True
-        chosen = to_hbm | stage
-        # -- 8. global in-flight cap, best value first --------------------------------------------------------------
-        room = max(int(cfg.max_inflight_bytes) - int(view.inflight_bytes), 0)
-        idx = np.flatnonzero(chosen)
-        idx = idx[_order(-value[idx], uk[idx])]
-        idx = idx[np.cumsum(nb[idx]) <= room]
-        # -- 9. issue order: warm before cold, then earliest deadline (nearest distance), then value ---------------
-        idx = idx[_order(S[idx], D[idx], -value[idx], uk[idx])]
-        vmax = value[idx].max() if len(idx) else 1.0
-        # the value tie-break stays below the smallest step between two distances of this plan, so that no value
-        # puts a farther order before a nearer one, however far the window reaches
-        dmax = float(D[idx].max()) if len(idx) else 0.0
-        tie = 0.9 * 0.998 / ((1.0 + dmax) * (2.0 + dmax))
-        pri = (NUM_TIERS - S[idx]) + 0.998 / (1.0 + D[idx]) + tie * value[idx] / max(vmax, 1e-300)
-        tgt = np.where(to_hbm[idx], TARGET_HBM, TARGET_DRAM).astype(np.int64)
         # victims: the residents the worker's plan displaces, lowest value first (the worker evicts only these).
         # The worker loads in priority order, not in value order, so a nearer order of lower value may take the
         # free bytes first: every HBM order of the worker names all of them, and whichever loads once the free
         # bytes are gone evicts from them. Each is worth less than the worker's lowest-valued HBM order (the one
         # that displaced the last of them), so no order can evict a resident worth more than itself
-        hb = idx[to_hbm[idx]]
-        ndisp = np.zeros(W, np.int64)                            # residents each worker's plan displaces
-        np.maximum.at(ndisp, w[hb], jd[hb])
         displaced = {wi: [divmod(int(k), E) for k in rk[rstart[wi]:rstart[wi] + ndisp[wi]]]   # one list per worker,
                      for wi in np.flatnonzero(ndisp).tolist()}                             # shared by its orders
-        victims: list = [displaced.get(int(w[i]), []) if to_hbm[i] else [] for i in idx.tolist()]
-        return Plan(w[idx].astype(np.int64), lay[idx].astype(np.int64), ex[idx].astype(np.int64),
-                    S[idx].astype(np.int64), tgt, P[idx], value[idx], pri, nb[idx],
-                    [requests[int(r)].request for r in R[idx]], denied, wanted.reshape(L, E), victims,
-                    res_value.reshape(L, E), keep_used)
+        victims: list = [displaced.get(wi, []) if t == TARGET_HBM else [] for wi, t in zip(w.tolist(), tgt.tolist())]
+        return Plan(w, lay, ex, S, tgt, P, value, pri, nb, [requests[r].request for r in R.tolist()], denied,
+                    wanted.reshape(L, E), victims, res_value.reshape(L, E),
+                    keep_used.reshape(L, E) if has_used else None)
+
+
+def _compiled():
+    """The compiled ranking (policies/rank_kernel.py), imported on first use: numba's import and cache load stay
+    out of processes that never plan."""
+    from .rank_kernel import rank
+    return rank
+
+
+def _rank_numpy(dist, key, prob, m, gid, rid, allowed, present, inflight, staging, nbytes, owner, node_of,
+                free_bytes, dram_free, reuse, reuse_used, has_reuse, has_used, lat, bw, window, threshold, confirm,
+                room, layer_time, L, stage_to_dram):
+    """Steps 3-9 in numpy: the readable reference of policies/rank_kernel.rank (same arguments, same results;
+    PlannerConfig(engine="numpy"))."""
+    LE = len(owner)
+    E = LE // L
+    W = len(free_bytes)
+    # the source is the fastest allowed copy below HBM: for a resident expert, what a miss would cost once
+    # evicted (its value guards it), for the others where the prefetch reads from; 5: nowhere allowed
+    ok = present[1:][None] & allowed[:, 1:, None]                # [G, T-1, LE]
+    tables = np.where(ok.any(1), 1 + ok.argmax(1), NUM_TIERS)   # [G, LE]
+    src = tables[gid, key]
+    keep = (dist <= window * m) & (prob >= threshold / m) & (src < NUM_TIERS)
+    if not keep.any():
+        z = np.zeros(0, np.int64)
+        return (0,) + (z,) * 16
+    key, src, dist, gid = key[keep], src[keep], dist[keep], gid[keep]
+    prob = np.minimum(prob[keep], 1 - 1e-12)
+    rid = rid[keep]
+
+    # -- 4. dedup per (layer, expert): P = 1 - prod(1 - p), nearest distance, fastest allowed source ------------
+    cnt = np.bincount(key, minlength=LE)
+    wanted = cnt > 0
+    uk = np.flatnonzero(wanted)                                  # sorted: ties below break by (layer, expert)
+    P = -np.expm1(np.bincount(key, weights=np.log1p(-prob), minlength=LE)[uk])
+    # one sort gives, per key, the nearest distance and the request to attribute the order to (the one that
+    # needs it soonest; ties: the highest probability, then the earlier request); prob in (0, 1)
+    o = np.argsort((key * (int(dist.max()) + 1) + dist) * 2.0 - prob, kind="stable")
+    first = _starts(key[o])
+    D = dist[o][first]
+    R = rid[o][first]                                            # in uk order (keys ascending)
+    Sd = np.full(LE, NUM_TIERS)
+    np.minimum.at(Sd, key, src)
+    S = Sd[uk]                                                   # several TierSets: the fastest any allows,
+    SO = np.bincount(key, weights=allowed[gid, DRAM].astype(np.float64), minlength=LE)[uk] > 0   # staged if any
+    nb = nbytes[uk]                                                                             # allows DRAM
+    # -- 5. value --------------------------------------------------------------------------------------------
+    stall = lat[S] + nb / bw[S]
+    if layer_time >= 0:
+        stall = np.minimum(stall, D * layer_time)
+    value = P * stall / np.maximum(nb, 1)
+    # resident / in flight: worth keeping (their value guards them from eviction) but nothing to fetch
+    at_hbm = present[HBM][uk] | inflight[uk]
+    res_value = np.zeros(LE)
+    keep_used = np.zeros(0)
+    if has_reuse:   # what keeping a resident is worth: its reuse at the next token (L layers on)
+        # costed from the fastest copy any live request's TierSet allows (as the sources of step 4), so that
+        # the plan does not depend on which request is listed first
+        s_r = np.minimum(tables.min(0), NUM_TIERS - 1)
+        stall_r = lat[s_r] + nbytes / bw[s_r]
+        if layer_time >= 0:
+            stall_r = np.minimum(stall_r, L * layer_time)
+        per_b = stall_r / np.maximum(nbytes, 1)
+        res_value = reuse * per_b
+        if has_used:
+            keep_used = reuse_used * per_b
+    res_value[uk[at_hbm]] = np.maximum(res_value[uk[at_hbm]], value[at_hbm])
+    todo = ~at_hbm
+    uk, P, D, S, SO, R, nb, value = (a[todo] for a in (uk, P, D, S, SO, R, nb, value))
+    w = owner[uk]
+
+    # -- 6. HBM per worker: free bytes first, then displacement of strictly lower-valued residents -------------
+    o = _order(w, -value)                                        # by worker, value desc, (layer, expert) for ties
+    uk, P, D, S, SO, R, nb, value, w = (a[o] for a in (uk, P, D, S, SO, R, nb, value, w))
+    cum = _seg_cumsum(nb, w)                                     # bytes needed up to and including each row
+    fits = cum <= free_bytes[w]
+    # residents per worker, lowest value first, as one flat array with per-worker offsets
+    rk = np.flatnonzero(present[HBM])
+    rw = owner[rk]
+    rk = rk[_order(rw, res_value[rk])]
+    rw = owner[rk]
+    rv_ = res_value[rk]
+    rcum = np.cumsum(nbytes[rk])                                 # flat, across workers
+    rcount = np.bincount(rw, minlength=W)
+    rend = np.cumsum(rcount)
+    rstart = rend - rcount
+    rbase = rcum[np.maximum(rstart - 1, 0)] * (rstart > 0) if len(rcum) else np.zeros(W, np.int64)
+    #                                                            ^ resident bytes of the workers before
+    extra = cum - free_bytes[w]                                  # bytes to displace
+    j = np.searchsorted(rcum, rbase[w] + extra, side="left")     # last resident displaced (flat index)
+    displace_ok = (j < rend[w]) & (P >= confirm)
+    if len(rv_):
+        displace_ok &= rv_[np.minimum(j, len(rv_) - 1)] < value
+    else:
+        displace_ok[:] = False
+    good = fits | displace_ok
+    to_hbm = _seg_cumsum((~good).astype(np.int64), w) == 0      # the worker's prefix that really fits
+    jd = np.where(to_hbm & ~fits, j - rstart[w] + 1, 0)        # residents of its worker displaced up to here
+    # -- 7. the rest: stage colder-than-DRAM copies into the owner's node DRAM ------------------------------
+    node = node_of[w]
+    stage = ~to_hbm & stage_to_dram & SO & (S > DRAM) & ~present[DRAM][uk] & ~staging[uk]
+    if stage.any():
+        sidx = np.flatnonzero(stage)
+        sidx = sidx[_order(node[sidx], -value[sidx], uk[sidx])]
+        sfit = _seg_cumsum(nb[sidx], node[sidx]) <= dram_free[node[sidx]]
+        stage[:] = False
+        stage[sidx[sfit]] = True
+    # -- 8. global in-flight cap, best value first --------------------------------------------------------------
+    idx = np.flatnonzero(to_hbm | stage)
+    idx = idx[_order(-value[idx], uk[idx])]
+    idx = idx[np.cumsum(nb[idx]) <= room]
+    # -- 9. issue order: warm before cold, then earliest deadline (nearest distance), then value ---------------
+    idx = idx[_order(S[idx], D[idx], -value[idx], uk[idx])]
+    vmax = value[idx].max() if len(idx) else 1.0
+    # the value tie-break stays below the smallest step between two distances of this plan, so that no value
+    # puts a farther order before a nearer one, however far the window reaches
+    dmax = float(D[idx].max()) if len(idx) else 0.0
+    tie = 0.9 * 0.998 / ((1.0 + dmax) * (2.0 + dmax))
+    pri = (NUM_TIERS - S[idx]) + 0.998 / (1.0 + D[idx]) + tie * value[idx] / max(vmax, 1e-300)
+    tgt = np.where(to_hbm[idx], TARGET_HBM, TARGET_DRAM).astype(np.int64)
+    hb = idx[to_hbm[idx]]
+    ndisp = np.zeros(W, np.int64)                                # residents each worker's plan displaces
+    np.maximum.at(ndisp, w[hb], jd[hb])
+    return (int(wanted.sum()), w[idx], uk[idx] // E, uk[idx] % E, S[idx], tgt, P[idx], value[idx], pri,
+            nb[idx], R[idx], wanted, res_value, keep_used, rk, rstart, ndisp)
 
 
 def _order(*keys: np.ndarray) -> np.ndarray:

@@ -1,0 +1,224 @@
+"""The planner's ranking (policies/ranking.py steps 3-9) compiled with numba: one call per decision step instead of
+~120 small numpy calls. Why: a paced decode leaves the coordinator idle between layer steps, and after an idle spell
+each small numpy call costs 1.7-1.9x its warm cost, while compiled code costs ~1.2x (docs/benchmarks.md, sessions
+22-23). Same inputs, same orders as `ranking._rank_numpy` (the readable reference, `PlannerConfig(engine="numpy")`),
+to the last bit except P, whose log1p / expm1 come from libm here and from numpy's SIMD loops there (<= 1 ulp);
+tests/test_rank_kernel.py checks the two agree on randomized clusters.
+
+Plain loops over the rows (a few hundred candidates) and the flat (layer, expert) keys (a few thousand); every
+sort is a stable mergesort with the same tie-breaks as the reference. Compiled once per machine on first use and
+cached beside this file (numba's cache=True), so an actor start costs a cache load, not a compile.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+_T = 5          # tiers (ranking.TIER_NAMES): hbm, peer, dram, nvme, s3
+_HBM, _DRAM = 0, 2
+
+
+@njit(cache=True)
+def _bucket(idx, k, nkeys):
+    """idx stably re-ordered by k[idx], small ints in [0, nkeys) (a counting sort: O(n), where a comparison sort
+    of a few hundred rows costs ~10 us)."""
+    start = np.zeros(nkeys + 1, np.int64)
+    for i in idx:
+        start[k[i] + 1] += 1
+    for b in range(nkeys):
+        start[b + 1] += start[b]
+    out = np.empty_like(idx)
+    for i in idx:
+        out[start[k[i]]] = i
+        start[k[i]] += 1
+    return out
+
+
+@njit(cache=True)
+def rank(dist, key, prob, m, gid, rid, allowed, present, inflight, staging, nbytes, owner, node_of, free_bytes,
+         dram_free, reuse, reuse_used, has_reuse, has_used, lat, bw, window, threshold, confirm, room, layer_time,
+         L, stage_to_dram):
+    """Rows: the live requests' candidates (int64 dist / key = layer * E + expert / gid: TierSet group / rid:
+    request index; float64 prob / m: latency-budget factor). allowed bool [G, T]; present bool [T, LE]; inflight,
+    staging bool [LE]; nbytes, owner int64 [LE]; node_of, free_bytes int64 [W]; dram_free int64 [N]; reuse,
+    reuse_used float64 [LE] (read only when has_*); lat, bw float64 [T]; layer_time < 0: none.
+    Returns (nk, w, lay, ex, S, tgt, P, value, pri, nb, R, wanted, res_value, keep_used, rk, rstart, ndisp): the
+    orders' arrays in issue order (nk = 0: no candidate passed the filters) and what the victim lists are cut from."""
+    LE = len(owner)
+    E = LE // L
+    W = len(free_bytes)
+    G = allowed.shape[0]
+    # -- 3. per TierSet group, the fastest allowed copy below HBM of every key (T: none) -----------------------
+    tables = np.full((G, LE), _T, np.int64)
+    for g in range(G):
+        for t in range(_T - 1, 0, -1):
+            if allowed[g, t]:
+                for k in range(LE):
+                    if present[t, k]:
+                        tables[g, k] = t
+    # -- 2. the request's window and threshold; 4. dedup per key ----------------------------------------------
+    N = len(key)
+    acc = np.zeros(LE)
+    cnt = np.zeros(LE, np.int64)
+    ok = np.zeros(N, np.bool_)
+    dmax = 0
+    for i in range(N):
+        src = tables[gid[i], key[i]]
+        if dist[i] <= window * m[i] and prob[i] >= threshold / m[i] and src < _T:
+            ok[i] = True
+            if dist[i] > dmax:
+                dmax = dist[i]
+    nk = 0
+    best = np.full(LE, -1, np.int64)    # per key the row it is attributed to (nearest, likeliest, first)
+    bestf = np.zeros(LE)
+    Sd = np.full(LE, _T, np.int64)
+    SOd = np.zeros(LE, np.bool_)
+    for i in range(N):
+        if not ok[i]:
+            continue
+        k = key[i]
+        p = min(prob[i], 1 - 1e-12)
+        acc[k] += math.log1p(-p)
+        cnt[k] += 1
+        f = (k * (dmax + 1) + dist[i]) * 2.0 - p
+        if best[k] < 0 or f < bestf[k]:
+            best[k], bestf[k] = i, f
+        src = tables[gid[i], k]
+        if src < Sd[k]:
+            Sd[k] = src
+        if allowed[gid[i], _DRAM]:
+            SOd[k] = True
+        if cnt[k] == 1:
+            nk += 1
+    wanted = cnt > 0
+    res_value = np.zeros(LE)
+    keep_used = np.zeros(LE if has_used else 0)
+    if has_reuse:   # a resident's reuse at the next token, costed from the fastest copy any TierSet allows
+        for k in range(LE):
+            s = _T
+            for g in range(G):
+                s = min(s, tables[g, k])
+            s = min(s, _T - 1)
+            st = lat[s] + nbytes[k] / bw[s]
+            if layer_time >= 0:
+                st = min(st, L * layer_time)
+            per_b = st / max(nbytes[k], 1)
+            res_value[k] = reuse[k] * per_b
+            if has_used:
+                keep_used[k] = reuse_used[k] * per_b
+    # -- 5. value of the keys not already at the owner's HBM (resident or in flight) ----------------------------
+    uk = np.empty(nk, np.int64)
+    P = np.empty(nk)
+    D = np.empty(nk, np.int64)
+    S = np.empty(nk, np.int64)
+    SO = np.empty(nk, np.bool_)
+    R = np.empty(nk, np.int64)
+    nb = np.empty(nk, np.int64)
+    value = np.empty(nk)
+    n = 0
+    for k in range(LE):
+        if cnt[k] == 0:
+            continue
+        pk = -math.expm1(acc[k])
+        b = best[k]
+        s = Sd[k]
+        st = lat[s] + nbytes[k] / bw[s]
+        if layer_time >= 0:
+            st = min(st, dist[b] * layer_time)
+        v = pk * st / max(nbytes[k], 1)
+        if present[_HBM, k] or inflight[k]:   # worth keeping, nothing to fetch
+            res_value[k] = max(res_value[k], v)
+            continue
+        uk[n], P[n], D[n], S[n], SO[n], R[n], nb[n], value[n] = k, pk, dist[b], s, SOd[k], rid[b], nbytes[k], v
+        n += 1
+    uk, P, D, S, SO, R, nb, value = uk[:n], P[:n], D[:n], S[:n], SO[:n], R[:n], nb[:n], value[:n]
+    w = owner[uk]
+    node = node_of[w]
+    # every order below is a lexicographic one ending in (-value, key): one stable sort by -value of the rows (in
+    # key order), then stable counting sorts by the leading small-int keys (worker, node, distance, tier)
+    g = np.argsort(-value, kind="mergesort")
+    # -- 6. HBM per worker: free bytes first, then displacement of strictly lower-valued residents ----------------
+    nres = 0
+    for k in range(LE):
+        if present[_HBM, k]:
+            nres += 1
+    rk = np.empty(nres, np.int64)
+    j = 0
+    for k in range(LE):
+        if present[_HBM, k]:
+            rk[j] = k
+            j += 1
+    rk = rk[_bucket(np.argsort(res_value[rk], kind="mergesort"), owner[rk], W)]   # per worker, lowest value first
+    rv = res_value[rk]
+    rcum = np.cumsum(nbytes[rk])                                  # flat, across workers
+    rcount = np.zeros(W, np.int64)
+    for k in rk:
+        rcount[owner[k]] += 1
+    rend = np.cumsum(rcount)
+    rstart = rend - rcount
+    to_hbm = np.zeros(n, np.bool_)
+    jd = np.zeros(n, np.int64)
+    cum = 0
+    blocked = False
+    prev = -1
+    for i in _bucket(g, w, W):                                    # by worker, value desc, key
+        x = w[i]
+        if x != prev:
+            cum, blocked, prev = 0, False, x
+        cum += nb[i]                                              # bytes needed up to and including this row
+        if blocked:
+            continue
+        fits = cum <= free_bytes[x]
+        base = rcum[rstart[x] - 1] if rstart[x] > 0 else 0        # resident bytes of the workers before
+        ji = np.searchsorted(rcum, base + cum - free_bytes[x])    # last resident displaced (flat index)
+        disp = ji < rend[x] and P[i] >= confirm and nres > 0 and rv[min(ji, nres - 1)] < value[i]
+        if fits or disp:
+            to_hbm[i] = True
+            if not fits:
+                jd[i] = ji - rstart[x] + 1                        # residents of its worker displaced up to here
+        else:
+            blocked = True                                        # the worker's prefix that really fits ends here
+    # -- 7. the rest: stage colder-than-DRAM copies into the owner's node DRAM ------------------------------------
+    stage = np.zeros(n, np.bool_)
+    if stage_to_dram:
+        for i in range(n):
+            stage[i] = not to_hbm[i] and SO[i] and S[i] > _DRAM and not present[_DRAM, uk[i]] and not staging[uk[i]]
+        sidx = _bucket(g[stage[g]], node, len(dram_free))         # by node, value desc, key
+        cum, prev = 0, -1
+        for i in sidx:
+            if node[i] != prev:
+                cum, prev = 0, node[i]
+            cum += nb[i]
+            stage[i] = cum <= dram_free[node[i]]
+    # -- 8. global in-flight cap, best value first ----------------------------------------------------------------
+    idx = g[to_hbm[g] | stage[g]]
+    tot = 0
+    c = 0
+    for q in range(len(idx)):
+        tot += nb[idx[q]]
+        if tot > room:
+            break
+        c += 1
+    idx = idx[:c]
+    # -- 9. issue order: warm before cold, earliest deadline, value ----------------------------------------------
+    M = len(idx)
+    vmax = 1.0
+    dm = 0
+    if M:
+        vmax = value[idx].max()
+        dm = D[idx].max()
+    idx = _bucket(_bucket(idx, D, dm + 1), S, _T + 1)
+    tie = 0.9 * 0.998 / ((1.0 + dm) * (2.0 + dm))
+    pri = np.empty(M)
+    tgt = np.empty(M, np.int64)
+    ndisp = np.zeros(W, np.int64)
+    for q in range(M):
+        i = idx[q]
+        pri[q] = (_T - S[i]) + 0.998 / (1.0 + D[i]) + tie * value[i] / max(vmax, 1e-300)
+        tgt[q] = 0 if to_hbm[i] else 1
+        if to_hbm[i] and jd[i] > ndisp[w[i]]:
+            ndisp[w[i]] = jd[i]
+    return (nk, w[idx], uk[idx] // E, uk[idx] % E, S[idx], tgt, P[idx], value[idx], pri, nb[idx], R[idx], wanted,
+            res_value, keep_used, rk, rstart, ndisp)
