@@ -205,13 +205,14 @@ class PrefetchCoordinator:
         self.moe_layers = [int(x) for x in geometry["moe_layers"]]
         self.L, self.E, self.K = len(self.moe_layers), int(geometry["num_experts"]), int(geometry["top_k"])
         self.layer_idx = {d: i for i, d in enumerate(self.moe_layers)}   # decoder layer -> MoE layer
-        self.nbytes = np.asarray(geometry["nbytes"], np.int64)            # [L, E]
+        self.nbytes = np.array(geometry["nbytes"], np.int64)              # [L, E] (a writable copy: see _arg)
         self.tier_set = list(geometry["tier_set"])
         st = geometry["store_tiers"]
         self.store = np.zeros((2, self.L, self.E), bool)                   # [nvme, s3] held by the store
         for kind, held in st.items():   # {"nvme" | "s3": bool [L, E]} within the active TierSet
             self.store[int(kind == "s3")] |= np.asarray(held, bool)
         self.planner = PrefetchPlanner(planner_config(pf, model, geometry.get("tier_kinds")), access_policy(pf))
+        self.planner.warm_up()   # the compiled kernel loads here, not in the first decision
         self.model = model
         self.predictor = make_predictor(pf.policy, num_layers=self.L, num_experts=self.E, top_k=self.K,
                                         router_weights=router_weights, store_dir=store_dir)

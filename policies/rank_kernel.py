@@ -37,70 +37,91 @@ def _bucket(idx, k, nkeys):
 
 
 @njit(cache=True)
-def rank(dist, key, prob, m, gid, rid, allowed, present, inflight, staging, nbytes, owner, node_of, free_bytes,
-         dram_free, reuse, reuse_used, has_reuse, has_used, lat, bw, window, threshold, confirm, room, layer_time,
-         L, stage_to_dram):
-    """Rows: the live requests' candidates (int64 dist / key = layer * E + expert / gid: TierSet group / rid:
-    request index; float64 prob / m: latency-budget factor). allowed bool [G, T]; present bool [T, LE]; inflight,
+def bad_row(lay, ex, L, E):
+    """The first candidate row outside layers [0, L) x experts [0, E); -1: none."""
+    for i in range(len(lay)):
+        if lay[i] < 0 or lay[i] >= L or ex[i] < 0 or ex[i] >= E:
+            return i
+    return -1
+
+
+@njit(cache=True)
+def _src(present, allowed, g, k):
+    """The fastest tier below HBM holding a copy of key k that TierSet group g allows; _T: none."""
+    for t in range(1, _T):
+        if allowed[g, t] and present[t, k]:
+            return t
+    return _T
+
+
+@njit(cache=True)
+def rank(lens, ris, gids, ms, dist, lay, ex, prob, allowed, present, inflight, staging, nbytes, owner, node_of,
+         free_bytes, dram_free, reuse, reuse_used, has_reuse, has_used, lat, bw, window, threshold, confirm, room,
+         layer_time, E, stage_to_dram):
+    """Per live request j (of those with candidates): lens[j] rows, its index ris[j] among the planner's requests,
+    its TierSet group gids[j] and latency-budget factor ms[j]. Rows (requests' candidates one after another, within
+    range: bad_row): int64 dist / lay / ex, float64 prob. allowed bool [G, T]; present bool [T, LE]; inflight,
     staging bool [LE]; nbytes, owner int64 [LE]; node_of, free_bytes int64 [W]; dram_free int64 [N]; reuse,
     reuse_used float64 [LE] (read only when has_*); lat, bw float64 [T]; layer_time < 0: none.
     Returns (nk, w, lay, ex, S, tgt, P, value, pri, nb, R, wanted, res_value, keep_used, rk, rstart, ndisp): the
-    orders' arrays in issue order (nk = 0: no candidate passed the filters) and what the victim lists are cut from."""
+    orders' arrays in issue order (nk = 0: no candidate passed the filters) and what the victim lists are cut from.
+    Per-key state lives in compact slots (a few hundred keys), not [LE] arrays: a step touches little memory."""
     LE = len(owner)
-    E = LE // L
+    L = LE // E
     W = len(free_bytes)
     G = allowed.shape[0]
-    # -- 3. per TierSet group, the fastest allowed copy below HBM of every key (T: none) -----------------------
-    tables = np.full((G, LE), _T, np.int64)
-    for g in range(G):
-        for t in range(_T - 1, 0, -1):
-            if allowed[g, t]:
-                for k in range(LE):
-                    if present[t, k]:
-                        tables[g, k] = t
-    # -- 2. the request's window and threshold; 4. dedup per key ----------------------------------------------
-    N = len(key)
-    acc = np.zeros(LE)
-    cnt = np.zeros(LE, np.int64)
+    N = len(lay)
+    # -- 2. each request's window and threshold; 3. a source tier below HBM its TierSet allows ------------------
+    key = np.empty(N, np.int64)
+    rid = np.empty(N, np.int64)
+    gid = np.empty(N, np.int64)
     ok = np.zeros(N, np.bool_)
     dmax = 0
-    for i in range(N):
-        src = tables[gid[i], key[i]]
-        if dist[i] <= window * m[i] and prob[i] >= threshold / m[i] and src < _T:
-            ok[i] = True
-            if dist[i] > dmax:
-                dmax = dist[i]
+    i = 0
+    for j in range(len(lens)):
+        win, thr = window * ms[j], threshold / ms[j]
+        for _ in range(lens[j]):
+            k = lay[i] * E + ex[i]
+            key[i], rid[i], gid[i] = k, ris[j], gids[j]
+            if dist[i] <= win and prob[i] >= thr and _src(present, allowed, gids[j], k) < _T:
+                ok[i] = True
+                dmax = max(dmax, dist[i])
+            i += 1
+    # -- 4. dedup per key: P = 1 - prod(1 - p), the nearest row (then the likeliest, then the first), the fastest
+    # source any of its requests' TierSets allows, staged if any allows DRAM --------------------------------------
+    slot = np.full(LE, -1, np.int64)
+    keys = np.empty(N, np.int64)
+    acc = np.zeros(N)
+    best = np.empty(N, np.int64)
+    bestf = np.empty(N)
+    Sd = np.empty(N, np.int64)
+    SOd = np.zeros(N, np.bool_)
     nk = 0
-    best = np.full(LE, -1, np.int64)    # per key the row it is attributed to (nearest, likeliest, first)
-    bestf = np.zeros(LE)
-    Sd = np.full(LE, _T, np.int64)
-    SOd = np.zeros(LE, np.bool_)
     for i in range(N):
         if not ok[i]:
             continue
         k = key[i]
-        p = min(prob[i], 1 - 1e-12)
-        acc[k] += math.log1p(-p)
-        cnt[k] += 1
-        f = (k * (dmax + 1) + dist[i]) * 2.0 - p
-        if best[k] < 0 or f < bestf[k]:
-            best[k], bestf[k] = i, f
-        src = tables[gid[i], k]
-        if src < Sd[k]:
-            Sd[k] = src
-        if allowed[gid[i], _DRAM]:
-            SOd[k] = True
-        if cnt[k] == 1:
+        s = slot[k]
+        if s < 0:
+            s = slot[k] = nk
+            keys[s], best[s], Sd[s] = k, -1, _T
             nk += 1
-    wanted = cnt > 0
+        p = min(prob[i], 1 - 1e-12)
+        acc[s] += math.log1p(-p)
+        f = (k * (dmax + 1) + dist[i]) * 2.0 - p
+        if best[s] < 0 or f < bestf[s]:
+            best[s], bestf[s] = i, f
+        Sd[s] = min(Sd[s], _src(present, allowed, gid[i], k))
+        if allowed[gid[i], _DRAM]:
+            SOd[s] = True
+    wanted = slot >= 0
     res_value = np.zeros(LE)
     keep_used = np.zeros(LE if has_used else 0)
     if has_reuse:   # a resident's reuse at the next token, costed from the fastest copy any TierSet allows
         for k in range(LE):
-            s = _T
+            s = _T - 1
             for g in range(G):
-                s = min(s, tables[g, k])
-            s = min(s, _T - 1)
+                s = min(s, _src(present, allowed, g, k))
             st = lat[s] + nbytes[k] / bw[s]
             if layer_time >= 0:
                 st = min(st, L * layer_time)
@@ -108,7 +129,7 @@ def rank(dist, key, prob, m, gid, rid, allowed, present, inflight, staging, nbyt
             res_value[k] = reuse[k] * per_b
             if has_used:
                 keep_used[k] = reuse_used[k] * per_b
-    # -- 5. value of the keys not already at the owner's HBM (resident or in flight) ----------------------------
+    # -- 5. value of the keys not already at the owner's HBM (resident or in flight), in key order --------------
     uk = np.empty(nk, np.int64)
     P = np.empty(nk)
     D = np.empty(nk, np.int64)
@@ -118,20 +139,18 @@ def rank(dist, key, prob, m, gid, rid, allowed, present, inflight, staging, nbyt
     nb = np.empty(nk, np.int64)
     value = np.empty(nk)
     n = 0
-    for k in range(LE):
-        if cnt[k] == 0:
-            continue
-        pk = -math.expm1(acc[k])
-        b = best[k]
-        s = Sd[k]
-        st = lat[s] + nbytes[k] / bw[s]
+    for s in np.argsort(keys[:nk]):
+        k = keys[s]
+        pk = -math.expm1(acc[s])
+        b = best[s]
+        st = lat[Sd[s]] + nbytes[k] / bw[Sd[s]]
         if layer_time >= 0:
             st = min(st, dist[b] * layer_time)
         v = pk * st / max(nbytes[k], 1)
         if present[_HBM, k] or inflight[k]:   # worth keeping, nothing to fetch
             res_value[k] = max(res_value[k], v)
             continue
-        uk[n], P[n], D[n], S[n], SO[n], R[n], nb[n], value[n] = k, pk, dist[b], s, SOd[k], rid[b], nbytes[k], v
+        uk[n], P[n], D[n], S[n], SO[n], R[n], nb[n], value[n] = k, pk, dist[b], Sd[s], SOd[s], rid[b], nbytes[k], v
         n += 1
     uk, P, D, S, SO, R, nb, value = uk[:n], P[:n], D[:n], S[:n], SO[:n], R[:n], nb[:n], value[:n]
     w = owner[uk]

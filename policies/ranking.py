@@ -269,6 +269,14 @@ class PrefetchPlanner:
         self._lat = np.asarray(cfg.costs.latency_s, np.float64)     # [T] s
         self._bw = np.asarray(cfg.costs.bandwidth_Bps, np.float64)  # [T] B/s
 
+    def warm_up(self) -> None:
+        """Plan one tiny step, so that the compiled kernel is loaded from numba's cache (or compiled, the first time
+        on a machine: seconds) now rather than in the first decision of a live decode."""
+        view = ClusterView.empty(np.zeros((1, 2), np.int64), np.ones((1, 2), np.int64), np.ones(1, np.int64))
+        view.reuse = np.zeros((1, 2))
+        self.plan([RequestView(None, Candidates(np.ones(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                                                np.ones(1)))], view, 1.0)
+
     def budget_factor(self, latency_budget_s: float | None) -> float:
         """> 1 for a tight budget (aggressive), < 1 for a loose one (conservative)."""
         if latency_budget_s is None:
@@ -312,33 +320,31 @@ class PrefetchPlanner:
                 ms.append(self.budget_factor(rv.latency_budget_s))
         if not cands:
             return _empty_plan(denied, np.zeros((L, E), bool))
-        lens = [len(c) for c in cands]
+        lens = np.array([len(c) for c in cands], np.int64)
         dist = np.concatenate([c.distance for c in cands]).astype(np.int64, copy=False)
-        lay = np.concatenate([c.layer for c in cands])
-        ex = np.concatenate([c.expert for c in cands])
+        lay = np.concatenate([c.layer for c in cands]).astype(np.int64, copy=False)
+        ex = np.concatenate([c.expert for c in cands]).astype(np.int64, copy=False)
         prob = np.concatenate([c.prob for c in cands]).astype(np.float64, copy=False)
-        if lay.min() < 0 or lay.max() >= L or ex.min() < 0 or ex.max() >= E:
-            bad = next(requests[ri].request for ri, c in zip(ris, cands)
-                       if c.layer.min() < 0 or c.layer.max() >= L or c.expert.min() < 0 or c.expert.max() >= E)
-            raise ValueError(f"request {bad!r}: candidates outside layers [0, {L}) x experts [0, {E})")
-        key = (lay * E + ex).astype(np.int64, copy=False)
-        m = np.repeat(np.asarray(ms, np.float64), lens)
-        gid = np.repeat(np.asarray(gids, np.int64), lens)
-        rid = np.repeat(np.asarray(ris, np.int64), lens)
+        compiled = cfg.engine == "compiled"
+        bad = _compiled()[1](lay, ex, L, E) if compiled else _bad_row(lay, ex, L, E)
+        if bad >= 0:
+            ri = ris[int(np.searchsorted(np.cumsum(lens), bad, side="right"))]
+            raise ValueError(f"request {requests[ri].request!r}: candidates outside layers [0, {L}) x experts "
+                             f"[0, {E})")
         has_reuse = view.reuse is not None
         has_used = has_reuse and view.reuse_used is not None
         none = np.zeros(0)
-        rank = _rank_numpy if cfg.engine == "numpy" else _compiled()
+        rank = _compiled()[0] if compiled else _rank_numpy
         (nk, w, lay, ex, S, tgt, P, value, pri, nb, R, wanted, res_value, keep_used, rk, rstart, ndisp) = rank(
-            dist, key, prob, m, gid, rid, np.stack(masks), view.present.reshape(NUM_TIERS, LE),
-            view.inflight.reshape(LE), view.staging.reshape(LE), view.nbytes.reshape(LE).astype(np.int64, copy=False),
-            view.owner.reshape(LE).astype(np.int64, copy=False), view.node_of.astype(np.int64, copy=False),
-            np.asarray(view.free_bytes, np.int64), np.asarray(view.dram_free_bytes, np.int64),
-            view.reuse.reshape(LE).astype(np.float64, copy=False) if has_reuse else none,
-            view.reuse_used.reshape(LE).astype(np.float64, copy=False) if has_used else none, has_reuse, has_used,
+            lens, np.array(ris, np.int64), np.array(gids, np.int64), np.array(ms, np.float64), dist, lay, ex, prob,
+            np.stack(masks), _arg(view.present, bool, NUM_TIERS, LE), _arg(view.inflight, bool, LE),
+            _arg(view.staging, bool, LE), _arg(view.nbytes, np.int64, LE), _arg(view.owner, np.int64, LE),
+            _arg(view.node_of, np.int64), _arg(view.free_bytes, np.int64), _arg(view.dram_free_bytes, np.int64),
+            _arg(view.reuse, np.float64, LE) if has_reuse else none,
+            _arg(view.reuse_used, np.float64, LE) if has_used else none, has_reuse, has_used,
             self._lat, self._bw, float(window), float(cfg.threshold), float(cfg.hbm_confirm_prob),
             max(int(cfg.max_inflight_bytes) - int(view.inflight_bytes), 0),
-            -1.0 if cfg.layer_time_s is None else float(cfg.layer_time_s), L, bool(cfg.stage_to_dram))
+            -1.0 if cfg.layer_time_s is None else float(cfg.layer_time_s), E, bool(cfg.stage_to_dram))
         if nk == 0:
             return _empty_plan(denied, np.zeros((L, E), bool))
         # victims: the residents the worker's plan displaces, lowest value first (the worker evicts only these).
@@ -354,21 +360,40 @@ class PrefetchPlanner:
                     keep_used.reshape(L, E) if has_used else None)
 
 
+def _arg(a, dtype, *shape: int) -> np.ndarray:
+    """a as a writable, C-contiguous array of dtype (reshaped to `shape` if given): the one array type the compiled
+    kernel is specialised for. A read-only array (as Ray hands them over) would make numba compile, or load, a
+    second specialisation in the middle of a decision."""
+    a = np.ascontiguousarray(a, dtype)
+    if not a.flags.writeable:
+        a = a.copy()
+    return a.reshape(shape) if shape else a
+
+
 def _compiled():
-    """The compiled ranking (policies/rank_kernel.py), imported on first use: numba's import and cache load stay
-    out of processes that never plan."""
-    from .rank_kernel import rank
-    return rank
+    """The compiled ranking and row check (policies/rank_kernel.py), imported on first use: numba's import and
+    cache load stay out of processes that never plan."""
+    from .rank_kernel import bad_row, rank
+    return rank, bad_row
 
 
-def _rank_numpy(dist, key, prob, m, gid, rid, allowed, present, inflight, staging, nbytes, owner, node_of,
-                free_bytes, dram_free, reuse, reuse_used, has_reuse, has_used, lat, bw, window, threshold, confirm,
-                room, layer_time, L, stage_to_dram):
-    """Steps 3-9 in numpy: the readable reference of policies/rank_kernel.rank (same arguments, same results;
+def _bad_row(lay: np.ndarray, ex: np.ndarray, L: int, E: int) -> int:
+    bad = np.flatnonzero((lay < 0) | (lay >= L) | (ex < 0) | (ex >= E))
+    return int(bad[0]) if len(bad) else -1
+
+
+def _rank_numpy(lens, ris, gids, ms, dist, lay, ex, prob, allowed, present, inflight, staging, nbytes, owner,
+                node_of, free_bytes, dram_free, reuse, reuse_used, has_reuse, has_used, lat, bw, window, threshold,
+                confirm, room, layer_time, E, stage_to_dram):
+    """Steps 2-9 in numpy: the readable reference of policies/rank_kernel.rank (same arguments, same results;
     PlannerConfig(engine="numpy"))."""
     LE = len(owner)
-    E = LE // L
+    L = LE // E
     W = len(free_bytes)
+    key = lay * E + ex
+    m = np.repeat(ms, lens)
+    gid = np.repeat(gids, lens)
+    rid = np.repeat(ris, lens)
     # the source is the fastest allowed copy below HBM: for a resident expert, what a miss would cost once
     # evicted (its value guards it), for the others where the prefetch reads from; 5: nowhere allowed
     ok = present[1:][None] & allowed[:, 1:, None]                # [G, T-1, LE]

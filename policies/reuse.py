@@ -39,6 +39,20 @@ class ReuseEstimator:
         self.n01 = np.full((num_layers, num_experts), prior_weight * base)
         self.last: dict[Hashable, np.ndarray] = {}    # request -> bool [L, E] its last token's selection
         self.seen: dict[Hashable, np.ndarray] = {}    # request -> bool [L] a token has been seen at that layer
+        # kept as the counts change (one layer per observe), so that reuse() of every live request is four
+        # operations on [L, E] instead of a stack of them all and two logs: how many requests' last token selected
+        # each expert, and log(1 - p11), log(1 - p01)
+        self.n_used = np.zeros((num_layers, num_experts), np.int64)        # int64 [L, E]
+        self.log_miss1 = np.zeros((num_layers, num_experts))
+        self.log_miss0 = np.zeros((num_layers, num_experts))
+        self.refresh()
+
+    def refresh(self, layer=slice(None)) -> None:
+        """Re-derive the logs of `layer` (default: all) from the counts; needed only after changing n1 / n11 / n0 /
+        n01 directly."""
+        p11, p01 = self.n11[layer] / self.n1[layer], self.n01[layer] / self.n0[layer]
+        self.log_miss1[layer] = np.log1p(-np.minimum(p11, 1 - 1e-12))
+        self.log_miss0[layer] = np.log1p(-np.minimum(p01, 1 - 1e-12))
 
     def observe(self, request: Hashable, layer: int, experts) -> None:
         """Request `request`'s next token selected `experts` at MoE layer `layer` (ids < 0: unknown, ignored)."""
@@ -73,12 +87,16 @@ class ReuseEstimator:
             self.n11[layer] = d * self.n11[layer] + (prev & c).sum(0)
             self.n0[layer] = d * self.n0[layer] + (~prev).sum(0)
             self.n01[layer] = d * self.n01[layer] + (~prev & c).sum(0)
+            self.refresh(layer)
+        self.n_used[layer] += cur.sum(0) - np.stack([x[layer] for x in lasts]).sum(0)
         for i, r in enumerate(requests):
             lasts[i][layer] = cur[i]
             self.seen[r][layer] = True
 
     def end(self, request: Hashable) -> None:
-        self.last.pop(request, None)
+        last = self.last.pop(request, None)
+        if last is not None:
+            self.n_used -= last
         self.seen.pop(request, None)
 
     def p_next(self) -> tuple[np.ndarray, np.ndarray]:
@@ -89,15 +107,14 @@ class ReuseEstimator:
         """float64 [L, E]: P(at least one of `requests` (default: every live one) selects the expert at its next
         token). A request not seen yet at a layer counts as "not selected" there."""
         reqs = list(self.last) if requests is None else [r for r in requests if r in self.last]
-        p11, p01 = self.p_next()
         if not reqs:
             return np.zeros((self.L, self.E))
-        used = np.stack([self.last[r] for r in reqs])                       # bool [R, L, E]
-        n_used = used.sum(0)                                                 # [L, E]
+        if len(reqs) == len(self.last):   # every request known (the coordinator's live ones): the running count
+            n_used = self.n_used
+        else:
+            n_used = np.stack([self.last[r] for r in reqs]).sum(0)          # [L, E]
         # 1 - (1 - p11)^n_used (1 - p01)^(R - n_used), in logs
-        log_miss = n_used * np.log1p(-np.minimum(p11, 1 - 1e-12)) + \
-            (len(reqs) - n_used) * np.log1p(-np.minimum(p01, 1 - 1e-12))
-        return -np.expm1(log_miss)
+        return -np.expm1(n_used * self.log_miss1 + (len(reqs) - n_used) * self.log_miss0)
 
 
 class TransitionReuse:

@@ -100,3 +100,33 @@ def test_both_engines_on_a_case_worked_by_hand():
 def test_unknown_engine_is_refused():
     with pytest.raises(AssertionError, match="engine"):
         PlannerConfig(engine="fast")
+
+
+def test_warm_up_loads_the_kernel_and_read_only_views_reuse_it():
+    """After warm_up the kernel is specialised for the planner's argument types; a view of read-only arrays (as Ray
+    hands them over) is converted, not compiled for: no second specialisation mid-decision."""
+    from policies.rank_kernel import rank
+    planner = PrefetchPlanner(PlannerConfig())
+    planner.warm_up()
+    n = len(rank.signatures)
+    assert n >= 1
+    rng = np.random.default_rng(5)
+    reqs, view, window, cfg = random_case(rng)
+    for a in (view.owner, view.node_of, view.present, view.nbytes, view.free_bytes, view.dram_free_bytes,
+              view.inflight, view.staging):
+        a.flags.writeable = False
+    a = PrefetchPlanner(PlannerConfig(engine="numpy", **cfg)).plan(reqs, view, window)
+    b = PrefetchPlanner(PlannerConfig(**cfg)).plan(reqs, view, window)
+    assert len(rank.signatures) == n, rank.signatures
+    assert a.request == b.request and np.array_equal(a.layer, b.layer) and np.array_equal(a.expert, b.expert)
+
+
+def test_candidates_out_of_range_name_their_request():
+    view = ClusterView.empty(np.zeros((2, 4), np.int64), np.ones((2, 4), np.int64), np.ones(1, np.int64))
+    ok = Candidates(np.ones(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1))
+    bad = Candidates(np.ones(2, np.int64), np.array([2, 1]), np.array([0, 1]), np.ones(2))   # layer 2 of 2
+    for engine in ("numpy", "compiled"):
+        with pytest.raises(ValueError, match=r"request 'second'.*outside layers \[0, 2\) x experts \[0, 4\)"):
+            PrefetchPlanner(PlannerConfig(engine=engine)).plan(
+                [RequestView("first", ok), RequestView("empty", Candidates.empty()), RequestView("second", bad)],
+                view, 2.0)

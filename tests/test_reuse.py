@@ -40,6 +40,7 @@ def test_reuse_combines_live_requests_and_forgets_ended_ones():
     est = ReuseEstimator(L, E, K)
     est.n11[:] = 0.5 * est.n1        # p11 = 0.5 everywhere
     est.n01[:] = 0.1 * est.n0        # p01 = 0.1
+    est.refresh()
     est.observe("a", 0, [3, 4])
     est.observe("b", 0, [3, 5])
     r = est.reuse()
@@ -120,6 +121,39 @@ def test_observe_many_equals_row_by_row_for_distinct_requests_and_handles_prefil
     for x, y in ((a.n1, b.n1), (a.n11, b.n11), (a.n0, b.n0), (a.n01, b.n01)):
         assert np.allclose(x, y)
     assert a.last.keys() == b.last.keys() and all(np.array_equal(a.last[r], b.last[r]) for r in a.last)
+
+
+def test_reuse_of_all_live_requests_equals_the_direct_formula():
+    """reuse() keeps a running count of the live requests' selections and the logs of p11 / p01: over observes,
+    prefills and ends it equals, to the bit, the formula over a stack of every live request's last selection."""
+    rng = np.random.default_rng(3)
+    est = ReuseEstimator(L, E, K, half_life=50)
+    live: set = set()
+    checked = 0
+    for t in range(60):
+        for l in range(L):
+            reqs = sorted(rng.choice(["a", "b", "c", "d", "e"], size=int(rng.integers(1, 4)), replace=False).tolist())
+            if t % 7 == 3:
+                reqs = reqs + reqs[:1]                              # a request twice: the row-by-row path
+            est.observe_many(reqs, l, np.stack([rng.choice(E, K, replace=False) for _ in reqs]))
+            live |= set(reqs)
+            if rng.random() < 0.1 and live:                         # a request ends
+                r = sorted(live)[0]
+                est.end(r)
+                live.discard(r)
+            p11, p01 = est.p_next()
+
+            def direct(reqs):
+                n_used = np.stack([est.last[r] for r in reqs]).sum(0)
+                return -np.expm1(n_used * np.log1p(-np.minimum(p11, 1 - 1e-12))
+                                 + (len(reqs) - n_used) * np.log1p(-np.minimum(p01, 1 - 1e-12)))
+            if live:
+                assert np.array_equal(est.reuse(list(live)), direct(sorted(live))), (t, l)
+                assert np.array_equal(est.n_used, np.stack([est.last[r] for r in live]).sum(0)), (t, l)
+            if len(live) > 1:                                        # a subset: stacked, not the running count
+                assert np.array_equal(est.reuse(sorted(live)[:1]), direct(sorted(live)[:1])), (t, l)
+                checked += 1
+    assert checked > 50
 
 
 # -- TransitionReuse: the runtime's eviction values (prefetch.reuse_values) ------------------------------------------
