@@ -14,6 +14,8 @@ $(BIN)/.installed: pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e '.[test]'
+	# compile the planner's numba kernel once now (cached beside it) rather than in the first process that plans
+	$(BIN)/python -c "from policies.ranking import PrefetchPlanner; PrefetchPlanner().warm_up()"
 	touch $@
 
 demo: $(BIN)/.installed
