@@ -215,15 +215,9 @@ class Ensemble(Predictor):
 
     def _member_predictions(self, requests: list) -> np.ndarray:
         """float32 [R, C, M, E]: every member's prediction for distances 1..C after each request's last event."""
-        R, C, E = len(requests), self.C, self.E
-        P = np.zeros((R, C, len(self.members), E), np.float32)
+        P = np.empty((len(requests), self.C, len(self.members), self.E), np.float32)
         for i, p in enumerate(self.members):
-            cs = p.predict_many(requests, [C] * R)
-            rows = np.repeat(np.arange(R), [len(c) for c in cs])
-            dist = np.concatenate([c.distance for c in cs])
-            m = dist <= C
-            P[rows[m], dist[m] - 1, i, np.concatenate([c.expert for c in cs])[m]] = \
-                np.concatenate([c.prob for c in cs])[m]
+            P[:, :, i] = p.predict_dense_many(requests, self.C)   # dense rows where the member has them
         return P
 
     def _record(self, sts: list, qs: np.ndarray, P: np.ndarray) -> None:

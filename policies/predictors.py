@@ -92,6 +92,11 @@ def _from_dense_many(P: np.ndarray, layers: np.ndarray, horizons) -> list[Candid
                        np.minimum(P[r, d, e], 1.0))
 
 
+def _dense32(P: np.ndarray) -> np.ndarray:
+    """Dense probabilities as their candidates carry them: min(P, 1) where P > 0, else 0; float32."""
+    return np.where(P > 0, np.minimum(P, 1.0), 0.0).astype(np.float32)
+
+
 def _within(horizons, D: int) -> np.ndarray:
     """bool [R, D]: distance d + 1 is within request r's horizon."""
     return np.arange(D)[None, :] < np.asarray(horizons)[:, None]
@@ -193,6 +198,21 @@ class Predictor:
     def predict_many(self, requests: list, horizons: list[int]) -> list[Candidates]:
         """predict(requests[i], horizons[i]) for every i."""
         return [self.predict(r, h) for r, h in zip(requests, horizons)]
+
+    def predict_dense_many(self, requests: list, horizon: int) -> np.ndarray:
+        """float32 [R, horizon, E]: predict_many(requests, [horizon] * R) as dense rows (row d-1 = distance d, 0
+        where no candidate), what the ensemble mixes. Predictors whose predict_many starts from dense rows override
+        it with those rows, skipping the candidates and the scatter back."""
+        R = len(requests)
+        P = np.zeros((R, horizon, self.E), np.float32)
+        cs = self.predict_many(requests, [horizon] * R)
+        if not any(len(c) for c in cs):
+            return P
+        rows = np.repeat(np.arange(R), [len(c) for c in cs])
+        dist = np.concatenate([c.distance for c in cs])
+        m = dist <= horizon
+        P[rows[m], dist[m] - 1, np.concatenate([c.expert for c in cs])[m]] = np.concatenate([c.prob for c in cs])[m]
+        return P
 
     def end(self, request: Hashable) -> None:
         self._reqs.pop(request, None)
@@ -312,8 +332,15 @@ class TopKFrequency(Predictor):
             return super().predict_many(requests, horizons)
         assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
         _, _, layers = _targets(self, requests, max(horizons))
-        P = self.counts[layers] / np.maximum(self.n[layers], 1e-300)[..., None]   # [R, D, E]
-        return _from_dense_many(P, layers, horizons)
+        return _from_dense_many(self._dense_rows(layers), layers, horizons)
+
+    def _dense_rows(self, layers: np.ndarray) -> np.ndarray:
+        return self.counts[layers] / np.maximum(self.n[layers], 1e-300)[..., None]   # [R, D, E]
+
+    def predict_dense_many(self, requests, horizon):
+        if len(requests) <= 1:   # as predict_many: row by row
+            return super().predict_dense_many(requests, horizon)
+        return _dense32(self._dense_rows(_targets(self, requests, horizon)[2]))
 
     def _arrays(self):
         return [self.counts, self.n]
@@ -417,9 +444,31 @@ class CrossLayerTransition(Predictor):
 
     def _predict_rows(self, sts: list, horizons: list, where: list, out: list) -> None:
         """predict() of requests with a last event (states sts), into out[where[j]]."""
-        L, E, K = self.L, self.E, self.K
         R, hs = len(sts), np.array(horizons)
         H = int(hs.max())
+        P, layers = self._dense_rows(sts, H)
+        P[np.arange(H)[None, :] >= hs[:, None]] = 0.0                                # past each request's horizon
+        r, d, e = np.nonzero(P > 0)
+        cut = np.searchsorted(r, np.arange(R + 1))
+        dist, lay, prob = d + 1, layers[r, d], np.minimum(P[r, d, e], 1.0)
+        for j, i in enumerate(where):
+            a, b = cut[j], cut[j + 1]
+            out[i] = Candidates(dist[a:b], lay[a:b], e[a:b], prob[a:b])
+
+    def predict_dense_many(self, requests, horizon):
+        out = np.zeros((len(requests), horizon, self.E), np.float32)
+        sts = [self._reqs.get(r) for r in requests]
+        idx = [i for i, st in enumerate(sts) if st is not None and st.experts is not None]
+        step = max(1, self.chunk // (self.E * horizon))   # bounded memory, as predict_many
+        for a in range(0, len(idx), step):
+            out[idx[a:a + step]] = _dense32(self._dense_rows([sts[i] for i in idx[a:a + step]], horizon)[0])
+        return out
+
+    def _dense_rows(self, sts: list, H: int) -> tuple[np.ndarray, np.ndarray]:
+        """P float64 [R, H, E] for distances 1..H of requests with a last event (states sts), and the target
+        layers [R, H]."""
+        L, E, K = self.L, self.E, self.K
+        R = len(sts)
         src = np.array([st.layer for st in sts], np.int64)                           # [R]
         prev = np.stack([st.experts for st in sts])                                  # [R, K]
         here = np.array([st.token * L + st.layer for st in sts], np.int64)
@@ -444,13 +493,7 @@ class CrossLayerTransition(Predictor):
                     q[m] = (p[m] / np.where(rs > 0, rs, 1.0)) @ self.counts[l]
                 p = q
             P[:, d] = K * p
-        P[np.arange(H)[None, :] >= hs[:, None]] = 0.0                                # past each request's horizon
-        r, d, e = np.nonzero(P > 0)
-        cut = np.searchsorted(r, np.arange(R + 1))
-        dist, lay, prob = d + 1, layers[r, d], np.minimum(P[r, d, e], 1.0)
-        for j, i in enumerate(where):
-            a, b = cut[j], cut[j + 1]
-            out[i] = Candidates(dist[a:b], lay[a:b], e[a:b], prob[a:b])
+        return P, layers
 
 
 class PreviousToken(Predictor):
@@ -504,13 +547,27 @@ class PreviousToken(Predictor):
             return super().predict_many(requests, horizons)
         assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
         R = len(requests)
-        sts, _, layers = _targets(self, requests, max(horizons))
-        none = np.full((self.L, self.K), -1, np.int64)
-        last = np.stack([none if st is None or st.last is None else st.last for st in sts])   # [R, L, K]
-        rows = last[np.arange(R)[:, None], layers]                                            # [R, D, K]
+        rows, layers = self._last_rows(requests, max(horizons))
         r, d, s = np.nonzero((rows >= 0) & _within(horizons, layers.shape[1])[..., None])
         return _split_rows(r, R, d + 1, layers[r, d].astype(np.int64), rows[r, d, s],
                            np.maximum(self.reuse[layers[r, d]], 1e-9))
+
+    def _last_rows(self, requests: list, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """The requests' latest experts at their next `horizon` target layers int [R, horizon, K] (-1: none), and
+        those layers [R, horizon]."""
+        sts, _, layers = _targets(self, requests, horizon)
+        none = np.full((self.L, self.K), -1, np.int64)
+        last = np.stack([none if st is None or st.last is None else st.last for st in sts])   # [R, L, K]
+        return last[np.arange(len(requests))[:, None], layers], layers                      # [R, D, K]
+
+    def predict_dense_many(self, requests, horizon):
+        if len(requests) <= 1:   # as predict_many: row by row
+            return super().predict_dense_many(requests, horizon)
+        rows, layers = self._last_rows(requests, horizon)
+        r, d, s = np.nonzero(rows >= 0)
+        P = np.zeros((len(requests), horizon, self.E), np.float32)
+        P[r, d, rows[r, d, s]] = np.maximum(self.reuse[layers[r, d]], 1e-9)
+        return P
 
     def _arrays(self):
         return [self.reuse, self.n]

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ensemble import Ensemble
-from .predictors import (Candidates, Predictor, TopKFrequency, _decay_factor, _from_dense, _from_dense_many, _Req,
-                         _targets)
+from .predictors import (Candidates, Predictor, TopKFrequency, _decay_factor, _dense32, _from_dense, _from_dense_many,
+                         _Req, _targets)
 
 SEED_TOPK_HALF_LIFE = math.log(0.5) / math.log(0.999)  # §5: counts *= 0.999 per token -> half-life ~693 tokens
 COMPONENTS = ("frequency", "cooccurrence", "pattern")
@@ -277,7 +277,17 @@ class MultiLookAhead(Predictor):
         if len(requests) <= 1 or max(horizons) > self.D:
             return super().predict_many(requests, horizons)
         assert min(horizons) >= 1, f"horizons must be >= 1, got {horizons}"
-        E, K, a, Dp = self.E, self.K, self.alpha, max(horizons)
+        P, layers = self._dense_rows(requests, max(horizons))
+        return _from_dense_many(P, layers, horizons)
+
+    def predict_dense_many(self, requests, horizon):
+        if len(requests) <= 1 or horizon > self.D:   # as predict_many: row by row
+            return super().predict_dense_many(requests, horizon)
+        return _dense32(self._dense_rows(requests, horizon)[0])
+
+    def _dense_rows(self, requests: list, Dp: int) -> tuple[np.ndarray, np.ndarray]:
+        """min(K x P, 1) float64 [R, Dp, E] of distances 1..Dp <= D, and the target layers [R, Dp]."""
+        E, K, a = self.E, self.K, self.alpha
         sts, here, layers = _targets(self, requests, Dp)                   # [R, Dp] target layers
         p = np.zeros((len(requests), Dp, E))
         if "frequency" in self.use:
@@ -314,7 +324,7 @@ class MultiLookAhead(Predictor):
                                                c / np.maximum(n, 1e-12)), pa)
                     prior = prior | (on & (n > 0))
             p[A] = pa
-        return _from_dense_many(np.minimum(K * p, 1.0), layers, horizons)
+        return np.minimum(K * p, 1.0), layers
 
     def _arrays(self):
         return [self.freq, self.nfreq, self.co, self.rowsum, self.pkey, self.pcount, self.ptotal]

@@ -459,3 +459,33 @@ def test_multi_lookahead_observe_many_equals_row_by_row(components, buckets, geo
         x, y = a.predict(r, 3), b.predict(r, 3)
         assert np.array_equal(x.expert, y.expert) and np.array_equal(x.distance, y.distance), r
         np.testing.assert_allclose(y.prob, x.prob, rtol=1e-5, err_msg=r)
+
+
+@pytest.mark.parametrize("name", ["topk_frequency", "cross_layer", "previous_token", "multi_lookahead"])
+def test_predict_dense_many_equals_the_candidates_scattered(name):
+    """The dense rows a predictor hands the ensemble (predict_dense_many, its own override) equal its candidates
+    scattered into [R, horizon, E] (the base class's way, what the ensemble did before) to the bit: known and
+    unknown requests, one request or several, horizons within and past multi-lookahead's direct tables, chunks."""
+    from policies.registry import make_predictor
+    rng = np.random.default_rng(11)
+    Lp, Ep, Kp = 6, 10, 3
+    p = make_predictor(name, num_layers=Lp, num_experts=Ep, top_k=Kp)
+    assert type(p).predict_dense_many is not Predictor.predict_dense_many, "the override is what is tested"
+    if name == "cross_layer":
+        p.chunk = 2 * Ep * 5   # dense rows in chunks of two requests at horizon 5
+    reqs = ["a", "b", "c", "d"]
+    first = {"a": 0, "b": 2, "c": 5, "d": 1}
+    checked = 0
+    for n, (rows, toks, layer, ex) in enumerate(_batched_events(rng, reqs, first, 60, Lp, Ep, Kp,
+                                                                  lambda s: 2 + s // 20, 9)):
+        p.observe_many(rows, np.array(toks), layer, ex)
+        if n % 3:
+            continue
+        for ask in (reqs + ["unknown"], ["b"], ["unknown", "c"]):
+            for h in (1, 2, 4, 5):
+                got = p.predict_dense_many(ask, h)
+                want = Predictor.predict_dense_many(p, ask, h)
+                assert got.dtype == np.float32 and got.shape == (len(ask), h, Ep)
+                assert np.array_equal(got, want), (name, n, ask, h)
+                checked += int(want.any())
+    assert checked > 50
