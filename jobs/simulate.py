@@ -178,7 +178,8 @@ def study_seed_tables(a) -> dict:
         for b in a.batches:
             _say(f"{mname} batch {b}")
             cfg = SimConfig(workers=1, batch=b, cache_fraction=a.cache_fraction, window=a.window,
-                            confirm_prob=a.confirm_prob)
+                            confirm_prob=a.confirm_prob,
+                            planner_engine=a.planner_engine)
             rows = run_policies(hw, model, store, cfg, tr, pols, tier=a.tier)
             # the seed's On-Demand keeps no cache (only the active experts: hit rate ~0%); its speedups are over
             # that. The same here: on_demand with a cache of top_k experts, and every row's speedup over it
@@ -209,21 +210,23 @@ def _embedded_rows(a) -> dict:
     res = {}
     for b in (1, 4, 16):
         cfg = SimConfig(workers=1, batch=b, cache_fraction=a.cache_fraction, window=a.window,
-                        max_tokens=a.tokens or 2000, confirm_prob=a.confirm_prob)
+                        max_tokens=a.tokens or 2000, confirm_prob=a.confirm_prob,
+                        planner_engine=a.planner_engine)
         res[b] = run_policies(hw, model, P.storage(a.storage), cfg, tr, pols, tier=a.tier)
     return {"trace": os.path.abspath(path), "batches": res}
 
 
 def planner_cost(sim, batch: int, shards: int = 1, every: int = 1, reps: int = 20, by: str = "request") -> dict:
     """Wall cost of one coordinator decision step for `batch` live requests, on a warm simulator: observe the
-    batch's events of one layer, predict for every request, plan. every: one decision per `every` layers with the
+    batch's events of one layer, predict for every request, plan, with the coordinator's batched calls (one
+    observe_many of the layer's rows, one predict_many of all requests). every: one decision per `every` layers with the
     window widened by as much (cost per layer = the call's / every). shards, by:
       "request"  requests split over that many coordinators running in parallel, each planning over the whole
                  cluster view (cost = the slowest shard's)
       "layer"    shard s owns the MoE layers l with l % shards == s and plans only for them, over a view of its
                  layers alone; at a layer step the shards owning the window's target layers act in parallel
                  (cost = the slowest of them), each observing the events and predicting for every request"""
-    from policies.predictors import Candidates, RoutingEvent
+    from policies.predictors import Candidates
     rng = np.random.default_rng(0)
     tr = sim.trace
     L = tr.num_layers
@@ -235,18 +238,22 @@ def planner_cost(sim, batch: int, shards: int = 1, every: int = 1, reps: int = 2
     per_call = []
     for r in range(reps):
         l = r % L
-        evs_all = [RoutingEvent(int(reqs[i]), r, l, tr.experts[rows[i], l].astype(np.int64)) for i in range(batch)
-                   if tr.experts[rows[i], l, 0] >= 0]
+        known = tr.experts[rows, l, 0] >= 0                    # [batch] rows routed at this layer
+        ids = tr.experts[rows, l].astype(np.int64)              # [batch, K]
         worst = 0.0
+
+        def observe(g):   # the layer's rows of requests g, in one call
+            g = g[known[g]]
+            if len(g):
+                sim.pred.observe_many([int(x) for x in reqs[g]], np.full(len(g), r), l, ids[g])
+
         if by == "request":
             for g in np.array_split(np.arange(batch), shards):
-                gs = set(int(reqs[i]) for i in g)
                 t0 = time.perf_counter()
-                for ev in evs_all:
-                    if ev.request in gs:
-                        sim.pred.observe(ev)
-                views = [rk.RequestView(int(reqs[i]), c) for i in g
-                         if len(c := sim.pred.predict(int(reqs[i]), h))]
+                observe(g)
+                names = [int(x) for x in reqs[g]]
+                views = [rk.RequestView(q, c) for q, c in zip(names, sim.pred.predict_many(names, [h] * len(g)))
+                         if len(c)]
                 sim.planner.plan(views, sim._view(), win * every)
                 worst = max(worst, time.perf_counter() - t0)
         else:
@@ -258,14 +265,13 @@ def planner_cost(sim, batch: int, shards: int = 1, every: int = 1, reps: int = 2
                 local = np.full(L, -1)
                 local[mine] = np.arange(len(mine))
                 t0 = time.perf_counter()
-                for ev in evs_all:
-                    sim.pred.observe(ev)
+                observe(np.arange(batch))
                 views = []
-                for i in range(batch):
-                    c = sim.pred.predict(int(reqs[i]), h)
+                names = [int(x) for x in reqs]
+                for q, c in zip(names, sim.pred.predict_many(names, [h] * batch)):
                     keep = local[c.layer] >= 0
                     if keep.any():
-                        views.append(rk.RequestView(int(reqs[i]), Candidates(
+                        views.append(rk.RequestView(q, Candidates(
                             c.distance[keep], local[c.layer[keep]], c.expert[keep], c.prob[keep])))
                 v = rk.ClusterView(full.owner[mine], full.node_of, full.present[:, mine], full.nbytes[mine],
                                    full.free_bytes, full.dram_free_bytes, full.inflight[mine], full.staging[mine],
@@ -297,7 +303,8 @@ def study_planner_cost(a) -> dict:
     for n in workers:
         b = n * a.per_worker_batch
         cfg = SimConfig(workers=n, batch=b, cache_fraction=a.cache_fraction, window=a.window,
-                        max_tokens=b * a.scale_steps, confirm_prob=a.confirm_prob)
+                        max_tokens=b * a.scale_steps, confirm_prob=a.confirm_prob,
+                        planner_engine=a.planner_engine)
         pred = make_predictor(pol, num_layers=model.num_layers, num_experts=model.num_experts, top_k=model.top_k)
         sim = Simulator(hw, model, P.storage(a.storage), cfg, tr, pred, tier=a.tier)
         m = sim.run()
@@ -354,7 +361,8 @@ def study_scale(a) -> dict:
         for n in workers:
             b = n * a.per_worker_batch
             cfg = SimConfig(workers=n, batch=b, cache_fraction=a.cache_fraction, window=a.window,
-                            max_tokens=b * steps, confirm_prob=a.confirm_prob)
+                            max_tokens=b * steps, confirm_prob=a.confirm_prob,
+                            planner_engine=a.planner_engine)
             row = {"workers": n, "batch": b}
             for pol in a.scale_policies:
                 pred = make_predictor(pol, num_layers=model.num_layers, num_experts=model.num_experts,
@@ -460,6 +468,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dram-fraction", type=real_in(0.0, 1.0), default=1.0)
     ap.add_argument("--window", type=real_in(0.0, lo_open=True), default=4.0)
     ap.add_argument("--confirm-prob", type=float, default=0.5, help="planner hbm_confirm_prob")
+    ap.add_argument("--planner-engine", choices=("compiled", "numpy"), default="compiled",
+                    help="the planner's ranking: one numba call, or its numpy reference (same orders)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale-workers", type=lambda s: [int(x) for x in s.split(",")],
                     default=[1, 2, 4, 8, 16, 32, 64, 256])
@@ -545,7 +555,8 @@ def _main(a, argv) -> int:
         if "on_demand" not in pols:
             pols = ["on_demand"] + pols
         cfg = SimConfig(workers=a.workers, batch=a.batch, cache_fraction=a.cache_fraction,
-                        dram_fraction=a.dram_fraction, window=a.window, confirm_prob=a.confirm_prob)
+                        dram_fraction=a.dram_fraction, window=a.window, confirm_prob=a.confirm_prob,
+                        planner_engine=a.planner_engine)
         res = {"hardware": P.describe(hw), "model": P.describe(model), "storage": P.describe(store),
                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "routing": info,
                "policies": run_policies(hw, model, store, cfg, tr, pols, tier=a.tier)}

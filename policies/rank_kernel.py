@@ -37,10 +37,11 @@ def _bucket(idx, k, nkeys):
 
 
 @njit(cache=True)
-def bad_row(lay, ex, L, E):
-    """The first candidate row outside layers [0, L) x experts [0, E); -1: none."""
+def bad_row(dist, lay, ex, L, E):
+    """The first candidate row outside layers [0, L) x experts [0, E) or at a negative distance; -1: none (the
+    kernel has no bounds checks: it indexes with these)."""
     for i in range(len(lay)):
-        if lay[i] < 0 or lay[i] >= L or ex[i] < 0 or ex[i] >= E:
+        if lay[i] < 0 or lay[i] >= L or ex[i] < 0 or ex[i] >= E or dist[i] < 0:
             return i
     return -1
 

@@ -66,6 +66,7 @@ TIER_NAMES = ("hbm", "peer", "dram", "nvme", "s3")   # fastest first; indices be
 HBM, PEER, DRAM, NVME, S3 = range(5)
 NUM_TIERS = len(TIER_NAMES)
 TARGETS = ("hbm", "dram")                            # where an order puts the expert
+CONFIRM_SLACK = 1e-9                                 # P within this of hbm_confirm_prob has reached it
 TARGET_HBM, TARGET_DRAM = 0, 1
 
 
@@ -173,6 +174,8 @@ class ClusterView:
         assert self.nbytes.shape == (L, E), f"nbytes must be [{L}, {E}]"
         assert self.owner.min() >= 0 and self.owner.max() < len(self.node_of), "owner outside the workers"
         assert len(self.free_bytes) == len(self.node_of), "free_bytes needs one entry per worker"
+        assert len(self.node_of) == 0 or (self.node_of.min() >= 0 and self.node_of.max() < len(self.dram_free_bytes)), \
+            f"node_of {self.node_of.tolist()} names nodes outside dram_free_bytes' {len(self.dram_free_bytes)}"
         if self.inflight is None:
             self.inflight = np.zeros((L, E), bool)
         if self.staging is None:
@@ -326,11 +329,11 @@ class PrefetchPlanner:
         ex = np.concatenate([c.expert for c in cands]).astype(np.int64, copy=False)
         prob = np.concatenate([c.prob for c in cands]).astype(np.float64, copy=False)
         compiled = cfg.engine == "compiled"
-        bad = _compiled()[1](lay, ex, L, E) if compiled else _bad_row(lay, ex, L, E)
+        bad = _compiled()[1](dist, lay, ex, L, E) if compiled else _bad_row(dist, lay, ex, L, E)
         if bad >= 0:
             ri = ris[int(np.searchsorted(np.cumsum(lens), bad, side="right"))]
             raise ValueError(f"request {requests[ri].request!r}: candidates outside layers [0, {L}) x experts "
-                             f"[0, {E})")
+                             f"[0, {E}), or at a negative distance")
         has_reuse = view.reuse is not None
         has_used = has_reuse and view.reuse_used is not None
         none = np.zeros(0)
@@ -342,7 +345,9 @@ class PrefetchPlanner:
             _arg(view.node_of, np.int64), _arg(view.free_bytes, np.int64), _arg(view.dram_free_bytes, np.int64),
             _arg(view.reuse, np.float64, LE) if has_reuse else none,
             _arg(view.reuse_used, np.float64, LE) if has_used else none, has_reuse, has_used,
-            self._lat, self._bw, float(window), float(cfg.threshold), float(cfg.hbm_confirm_prob),
+            # P = 1 - prod(1 - p) comes back from logs a few ulp off p: a prediction exactly at hbm_confirm_prob (or
+            # 1.0, capped at 1 - 1e-12) must count as having reached it, in either engine
+            self._lat, self._bw, float(window), float(cfg.threshold), float(cfg.hbm_confirm_prob) - CONFIRM_SLACK,
             max(int(cfg.max_inflight_bytes) - int(view.inflight_bytes), 0),
             -1.0 if cfg.layer_time_s is None else float(cfg.layer_time_s), E, bool(cfg.stage_to_dram))
         if nk == 0:
@@ -377,8 +382,8 @@ def _compiled():
     return rank, bad_row
 
 
-def _bad_row(lay: np.ndarray, ex: np.ndarray, L: int, E: int) -> int:
-    bad = np.flatnonzero((lay < 0) | (lay >= L) | (ex < 0) | (ex >= E))
+def _bad_row(dist: np.ndarray, lay: np.ndarray, ex: np.ndarray, L: int, E: int) -> int:
+    bad = np.flatnonzero((lay < 0) | (lay >= L) | (ex < 0) | (ex >= E) | (dist < 0))
     return int(bad[0]) if len(bad) else -1
 
 

@@ -79,8 +79,9 @@ class ReuseEstimator:
                 self.seen[r] = np.zeros(self.L, bool)
             seen[i] = self.seen[r][layer]
             lasts.append(last)
+        before = np.stack([x[layer] for x in lasts])                       # [N, E] (all False where not seen)
         if seen.any():
-            prev = np.stack([lasts[i][layer] for i in np.flatnonzero(seen)])   # [M, E]
+            prev = before[seen]                                              # [M, E]
             c = cur[seen]
             d = self.decay ** len(prev)      # the rows of one step decay together
             self.n1[layer] = d * self.n1[layer] + prev.sum(0)
@@ -88,7 +89,7 @@ class ReuseEstimator:
             self.n0[layer] = d * self.n0[layer] + (~prev).sum(0)
             self.n01[layer] = d * self.n01[layer] + (~prev & c).sum(0)
             self.refresh(layer)
-        self.n_used[layer] += cur.sum(0) - np.stack([x[layer] for x in lasts]).sum(0)
+        self.n_used[layer] += cur.sum(0) - before.sum(0)
         for i, r in enumerate(requests):
             lasts[i][layer] = cur[i]
             self.seen[r][layer] = True
@@ -109,7 +110,7 @@ class ReuseEstimator:
         reqs = list(self.last) if requests is None else [r for r in requests if r in self.last]
         if not reqs:
             return np.zeros((self.L, self.E))
-        if len(reqs) == len(self.last):   # every request known (the coordinator's live ones): the running count
+        if len(reqs) == len(self.last) and len(set(reqs)) == len(reqs):   # every live one, once: the running count
             n_used = self.n_used
         else:
             n_used = np.stack([self.last[r] for r in reqs]).sum(0)          # [L, E]

@@ -237,6 +237,7 @@ class SimConfig:
                                       # MixedReuse; None: when reuse_prior is given), warm-started from reuse_prior's
                                       # counts float [L, E, E]
     reuse_prior: object = None
+    planner_engine: str = "compiled"  # the planner's ranking: numba-compiled, or the numpy reference (same orders)
     publish_every: int = 1            # the runtime's routing batches: one per this many MoE layers and at each
                                       # token's last (prefetch.publish_every_layers); the coordinator decides once
                                       # per batch, on all its events
@@ -354,7 +355,8 @@ class Simulator:
             cap = int(max(1.0, cfg.window) * model.top_k * self.eb * W)
         self.planner = planner or self._rk.PrefetchPlanner(self._rk.PlannerConfig(
             threshold=cfg.threshold, hbm_confirm_prob=cfg.confirm_prob, max_inflight_bytes=int(cap), layer_time_s=self.layer_time,
-            costs=self._rk.TierCosts(tuple(lat), tuple(bw)), stage_to_dram=cfg.dram_fraction < 1))
+            costs=self._rk.TierCosts(tuple(lat), tuple(bw)), stage_to_dram=cfg.dram_fraction < 1,
+            engine=cfg.planner_engine))
         self.planner_wall: list[float] = []
         self._batch: list = []                # routing events not yet published (publish_every > 1)
         self._batched = 0                     # MoE layers in it

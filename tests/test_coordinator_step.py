@@ -636,3 +636,28 @@ def test_the_publisher_numbers_its_routing_calls():
     RoutePublisher._call(pub, ["a"], None)           # counters only: no number taken
     RoutePublisher._call(pub, ["a"], [{"layer": 1}])
     assert [b.get("seq") for b in got] == [10, None, 11]
+
+
+def test_the_view_follows_a_re_placement_and_storage_only_nodes():
+    """view() gathers each expert's copy at its owner (HBM) and at its owner's node (DRAM) with flat indexes made
+    when the workers are set: after a re-placement that moves experts and nodes, with a storage-only node among
+    the nodes, it equals the direct fancy index."""
+    rng = np.random.default_rng(2)
+    c = coordinator({0: _Worker(), 1: _Worker()})
+
+    def check():
+        ll, ee = np.meshgrid(np.arange(L), np.arange(E), indexing="ij")
+        c.resident[:] = rng.random(c.resident.shape) < 0.4
+        c.dram[:] = rng.random(c.dram.shape) < 0.4
+        v = c.view()
+        assert np.array_equal(v.present[0], c.resident[c.owner, ll, ee])
+        assert np.array_equal(v.present[2], c.dram[c.node_of[c.owner], ll, ee])
+        return v
+
+    check()
+    c.storage = {"n0": [_Handle()], "a-storage-only": [_Handle()], "z-storage-only": [_Handle()]}
+    owners = np.where(rng.random((L, E)) < 0.5, 2, 1)
+    c._set_workers({1: _Worker(), 2: _Worker()}, {1: "z-storage-only", 2: "n9"}, owners)
+    assert c.nodes == ["a-storage-only", "n0", "n9", "z-storage-only"] and c.node_of.tolist() == [3, 2]
+    v = check()
+    assert v.present[0].any() and v.present[2].any()

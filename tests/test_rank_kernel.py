@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from policies.predictors import Candidates
-from policies.ranking import NVME, PEER, S3, ClusterView, PlannerConfig, PrefetchPlanner, RequestView
+from policies.ranking import HBM, NVME, PEER, S3, ClusterView, PlannerConfig, PrefetchPlanner, RequestView
 
 TIERSETS = [None, ("dram", "nvme"), ("nvme",), ("peer", "dram", "nvme", "s3"), ("s3",), ("dram",)]
 
@@ -130,3 +130,40 @@ def test_candidates_out_of_range_name_their_request():
             PrefetchPlanner(PlannerConfig(engine=engine)).plan(
                 [RequestView("first", ok), RequestView("empty", Candidates.empty()), RequestView("second", bad)],
                 view, 2.0)
+
+
+@pytest.mark.parametrize("p", [0.228, 0.236, 0.45, 0.5, 0.67, 1.0])
+def test_a_prediction_exactly_at_the_confirm_probability_displaces_in_both_engines(p):
+    """P = 1 - prod(1 - p) comes back from logs a few ulp off p, differently in libm and numpy: a prediction at
+    exactly hbm_confirm_prob (1.0 included, which the planner caps below 1) has reached it in both engines."""
+    view = ClusterView.empty(np.zeros((1, 2), np.int64), np.ones((1, 2), np.int64), np.zeros(1, np.int64))
+    view.present[HBM, 0, 1] = True                         # the one resident, which nobody predicts: value 0
+    c = Candidates(np.ones(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([p]))
+    for engine in ("numpy", "compiled"):
+        plan = PrefetchPlanner(PlannerConfig(engine=engine, hbm_confirm_prob=p)).plan([RequestView("r", c)], view, 1.0)
+        assert [(o.expert, o.target) for o in plan.orders()] == [(0, "hbm")], (engine, p)
+        assert plan.victims == [[(0, 1)]], (engine, p)
+
+
+def test_a_view_whose_workers_sit_on_nodes_without_dram_entries_is_refused():
+    """The kernel indexes dram_free_bytes by node without bounds checks: such a view is refused where it is made."""
+    with pytest.raises(AssertionError, match="node_of"):
+        ClusterView.empty(np.zeros((1, 2), np.int64), np.ones((1, 2), np.int64), np.ones(2, np.int64),
+                          node_of=[0, 1], dram_free_bytes=np.ones(1, np.int64))
+
+
+def test_a_negative_distance_is_refused_with_its_request():
+    view = ClusterView.empty(np.zeros((2, 4), np.int64), np.ones((2, 4), np.int64), np.ones(1, np.int64))
+    bad = Candidates(np.array([-1]), np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1))
+    for engine in ("numpy", "compiled"):
+        with pytest.raises(ValueError, match="request 'neg'.*negative distance"):
+            PrefetchPlanner(PlannerConfig(engine=engine)).plan([RequestView("neg", bad)], view, 2.0)
+
+
+def test_the_config_picks_the_engine():
+    from actors.prefetch_coordinator import planner_config
+    from cluster.config import PrefetchConfig
+    assert planner_config(PrefetchConfig()).engine == "compiled"
+    assert planner_config(PrefetchConfig(planner_engine="numpy")).engine == "numpy"
+    with pytest.raises(ValueError, match="planner_engine"):
+        PrefetchConfig(planner_engine="fast")

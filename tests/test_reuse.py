@@ -152,6 +152,9 @@ def test_reuse_of_all_live_requests_equals_the_direct_formula():
                 assert np.array_equal(est.n_used, np.stack([est.last[r] for r in live]).sum(0)), (t, l)
             if len(live) > 1:                                        # a subset: stacked, not the running count
                 assert np.array_equal(est.reuse(sorted(live)[:1]), direct(sorted(live)[:1])), (t, l)
+                # as many ids as live requests, one twice: not all of them, so not the running count either
+                twice = sorted(live)[:-1] + sorted(live)[:1]
+                assert np.array_equal(est.reuse(twice), direct(twice)), (t, l)
                 checked += 1
     assert checked > 50
 

@@ -301,3 +301,29 @@ def test_routing_batches_decide_once_per_batch():
     assert m4["cpu_contention_ms_per_token"] == pytest.approx(2 * 1.0, rel=1e-9)   # 2 decisions x 1 ms a token
     assert s4.c.orders > 0 and m4["hit_rate"] > 0
     assert _strip(_run(tr, "cross_layer", replace(base, publish_every=4))[1]) == _strip(m4), "deterministic"
+
+
+@pytest.mark.parametrize("by,shards", [("request", 1), ("request", 2), ("layer", 2)])
+def test_planner_cost_times_the_coordinators_batched_calls(by, shards):
+    """jobs.simulate's planner-cost study times what the coordinator runs per layer step: one observe_many of the
+    layer's rows and one predict_many of all requests per shard (not a call per request), then one plan; the
+    fresh requests it times are ended after. Engines: both planners give a decision."""
+    from jobs.simulate import planner_cost
+    tr = synthetic_trace(200, 4, 16, 2, correlation=0.7, num_requests=4, seed=1)
+    for engine in ("compiled", "numpy"):
+        sim, _ = _run(tr, "cross_layer", SimConfig(batch=4, workers=2, planner_engine=engine))
+        calls = {"observe_many": 0, "predict_many": 0, "observe": 0, "predict": 0, "plan": 0}
+        for name in ("observe_many", "predict_many", "observe", "predict"):
+            f = getattr(sim.pred, name)
+            setattr(sim.pred, name,
+                    lambda *a, _f=f, _n=name, **k: (calls.__setitem__(_n, calls[_n] + 1), _f(*a, **k))[1])
+        plan = sim.planner.plan
+        sim.planner.plan = lambda *a, **k: (calls.__setitem__("plan", calls["plan"] + 1), plan(*a, **k))[1]
+        before = set(sim.pred._reqs)
+        res = planner_cost(sim, 4, shards=shards, every=2, reps=6, by=by)
+        assert res["call_ms_p50"] > 0 and res["per_layer_ms_p50"] == pytest.approx(res["call_ms_p50"] / 2)
+        assert calls["predict_many"] == calls["plan"] and calls["plan"] >= 6, calls
+        assert calls["predict"] == 0 and calls["observe"] == 0, f"a call per request: {calls}"
+        assert 1 <= calls["observe_many"] <= calls["plan"], calls
+        assert set(sim.pred._reqs) == before, "the timed requests were not ended"
+        assert sim.planner.cfg.engine == engine
