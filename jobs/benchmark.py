@@ -7,7 +7,8 @@
                                     --link-split-kib K]
                                    [--prefetch-concurrency N] [--placement balanced|by_layer]
                                    [--model-dir CKPT] [--predictor-dir DIR] [--threshold P] [--hbm-confirm-prob P]
-                                   [--lookahead-tokens N] [--cache-policy lru|slru|...] [--repeat N]
+                                   [--lookahead-tokens N] [--planner-engine compiled|numpy]
+                                   [--cache-policy lru|slru|...] [--repeat N]
 
 Replays a routing trace through the REAL cluster, per policy: a store generated on local disk with the trace's
 geometry (layers x experts, top-k) and experts of `--expert-mib` MiB (jobs.make_checkpoint + the converter), real
@@ -695,6 +696,8 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=fraction, default=None, help="prefetch.threshold (planner)")
     p.add_argument("--hbm-confirm-prob", type=fraction, default=None, help="prefetch.hbm_confirm_prob (planner)")
     p.add_argument("--lookahead-tokens", type=int, default=None, help="prefetch.lookahead_tokens (planner)")
+    p.add_argument("--planner-engine", choices=("compiled", "numpy"), default=None,
+                   help="prefetch.planner_engine: the ranking as one numba call (default) or its numpy reference")
     p.add_argument("--eviction-hints", action="store_true",
                    help="prefetch.eviction_hints true: a worker's demand miss evicts by the planner's resident "
                         "values (Plan.keep) instead of its own policy")
@@ -925,7 +928,8 @@ def planner_settings(a, eb: int) -> dict:
                              ("speculate_values", getattr(a, "speculate_values", None)),
                              ("reuse_values", getattr(a, "reuse_values", None)),
                              ("routing_prior", getattr(a, "routing_prior", None)),
-                             ("orders_ride", getattr(a, "orders_ride", None))) if v is not None}
+                             ("orders_ride", getattr(a, "orders_ride", None)),
+                             ("planner_engine", getattr(a, "planner_engine", None))) if v is not None}
     if not getattr(a, "value_residents", True):
         out["value_residents"] = False
     if getattr(a, "eviction_hints", False):

@@ -167,3 +167,15 @@ def test_the_config_picks_the_engine():
     assert planner_config(PrefetchConfig(planner_engine="numpy")).engine == "numpy"
     with pytest.raises(ValueError, match="planner_engine"):
         PrefetchConfig(planner_engine="fast")
+
+
+def test_the_benchmark_flag_reaches_the_cluster_config():
+    from types import SimpleNamespace
+    from jobs.benchmark import cluster_config, planner_settings
+    a = SimpleNamespace(threshold=None, hbm_confirm_prob=None, lookahead_tokens=None, tier="dram",
+                        planner_engine="numpy")
+    cfg = cluster_config("/tmp/none", workers=1, hbm=1 << 20, dram=1 << 20, policy="cross_layer", window=2, ns="t",
+                         address=None, inflight=1 << 20, planner=planner_settings(a, 0))
+    assert cfg.prefetch.planner_engine == "numpy"
+    a.planner_engine = None   # not given: the config's default
+    assert "planner_engine" not in planner_settings(a, 0)
