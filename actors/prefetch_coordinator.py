@@ -291,8 +291,9 @@ class PrefetchCoordinator:
         # flat positions of each (layer, expert) at its owner in resident [W, L, E] and at the owner's node in
         # dram [N, L, E]: one take instead of a three-array fancy index each step
         LE = self.L * self.E
+        self.owner_node = self.node_of[self.owner]                                                      # [L, E]
         self._at_owner = (self.owner * LE + np.arange(LE).reshape(self.L, self.E)).reshape(-1)          # [LE]
-        self._at_node = (self.node_of[self.owner] * LE + np.arange(LE).reshape(self.L, self.E)).reshape(-1)
+        self._at_node = (self.owner_node * LE + np.arange(LE).reshape(self.L, self.E)).reshape(-1)
         self._polled = False
 
     async def set_placement(self, workers: dict, worker_node: dict, owners: np.ndarray) -> None:
@@ -354,7 +355,7 @@ class PrefetchCoordinator:
         own = self.owner
         present = np.zeros((NUM_TIERS, L, E), bool)
         present[HBM] = self.resident.reshape(-1).take(self._at_owner).reshape(L, E)
-        owner_node = self.node_of[own]
+        owner_node = self.owner_node
         present[DRAM] = self.dram.reshape(-1).take(self._at_node).reshape(L, E) if len(self.nodes) else False
         present[PEER] = (self.resident.any(0) | self.dram.any(0)) & ~present[HBM] & ~present[DRAM]
         present[NVME], present[S3] = self.store[0], self.store[1]

@@ -433,14 +433,18 @@ class CrossLayerTransition(Predictor):
     def predict_many(self, requests, horizons):
         assert min(horizons, default=1) >= 1, f"horizons must be >= 1, got {horizons}"
         out = [Candidates.empty()] * len(requests)
+        for where, sts in self._known_chunks(requests, horizons):
+            self._predict_rows(sts, [horizons[i] for i in where], where, out)
+        return out
+
+    def _known_chunks(self, requests: list, horizons: list):
+        """(indexes, states) of the requests with a last event, in chunks of at most ~`chunk` (request, distance,
+        expert) numbers at their largest horizon: bounded memory at any batch."""
         sts = [self._reqs.get(r) for r in requests]
         idx = [i for i, st in enumerate(sts) if st is not None and st.experts is not None]
-        # requests in chunks of at most ~4M (request, distance, expert) numbers: bounded memory at any batch
         step = max(1, self.chunk // (self.E * max(horizons[i] for i in idx))) if idx else 1
         for a in range(0, len(idx), step):
-            self._predict_rows([sts[i] for i in idx[a:a + step]], [horizons[i] for i in idx[a:a + step]],
-                               idx[a:a + step], out)
-        return out
+            yield idx[a:a + step], [sts[i] for i in idx[a:a + step]]
 
     def _predict_rows(self, sts: list, horizons: list, where: list, out: list) -> None:
         """predict() of requests with a last event (states sts), into out[where[j]]."""
@@ -457,11 +461,8 @@ class CrossLayerTransition(Predictor):
 
     def predict_dense_many(self, requests, horizon):
         out = np.zeros((len(requests), horizon, self.E), np.float32)
-        sts = [self._reqs.get(r) for r in requests]
-        idx = [i for i, st in enumerate(sts) if st is not None and st.experts is not None]
-        step = max(1, self.chunk // (self.E * horizon))   # bounded memory, as predict_many
-        for a in range(0, len(idx), step):
-            out[idx[a:a + step]] = _dense32(self._dense_rows([sts[i] for i in idx[a:a + step]], horizon)[0])
+        for where, sts in self._known_chunks(requests, [horizon] * len(requests)):
+            out[where] = _dense32(self._dense_rows(sts, horizon)[0])
         return out
 
     def _dense_rows(self, sts: list, H: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,13 +1,14 @@
-"""The planner's ranking (policies/ranking.py steps 3-9) compiled with numba: one call per decision step instead of
+"""The planner's ranking (policies/ranking.py steps 2-9) compiled with numba: one call per decision step instead of
 ~120 small numpy calls. Why: a paced decode leaves the coordinator idle between layer steps, and after an idle spell
 each small numpy call costs 1.7-1.9x its warm cost, while compiled code costs ~1.2x (docs/benchmarks.md, sessions
 22-23). Same inputs, same orders as `ranking._rank_numpy` (the readable reference, `PlannerConfig(engine="numpy")`),
 to the last bit except P, whose log1p / expm1 come from libm here and from numpy's SIMD loops there (<= 1 ulp);
 tests/test_rank_kernel.py checks the two agree on randomized clusters.
 
-Plain loops over the rows (a few hundred candidates) and the flat (layer, expert) keys (a few thousand); every
-sort is a stable mergesort with the same tie-breaks as the reference. Compiled once per machine on first use and
-cached beside this file (numba's cache=True), so an actor start costs a cache load, not a compile.
+Plain loops over the rows (a few hundred candidates) and the flat (layer, expert) keys (a few thousand); the sorts
+(one stable mergesort by value, counting sorts by worker, node, distance and tier) keep the reference's
+tie-breaks. Compiled once per machine on first use and cached beside this file (numba's cache=True), so an actor
+start costs a cache load, not a compile.
 """
 from __future__ import annotations
 
@@ -160,16 +161,8 @@ def rank(lens, ris, gids, ms, dist, lay, ex, prob, allowed, present, inflight, s
     # key order), then stable counting sorts by the leading small-int keys (worker, node, distance, tier)
     g = np.argsort(-value, kind="mergesort")
     # -- 6. HBM per worker: free bytes first, then displacement of strictly lower-valued residents ----------------
-    nres = 0
-    for k in range(LE):
-        if present[_HBM, k]:
-            nres += 1
-    rk = np.empty(nres, np.int64)
-    j = 0
-    for k in range(LE):
-        if present[_HBM, k]:
-            rk[j] = k
-            j += 1
+    rk = np.flatnonzero(present[_HBM])                            # residents, by key
+    nres = len(rk)
     rk = rk[_bucket(np.argsort(res_value[rk], kind="mergesort"), owner[rk], W)]   # per worker, lowest value first
     rv = res_value[rk]
     rcum = np.cumsum(nbytes[rk])                                  # flat, across workers

@@ -115,12 +115,6 @@ class TierCosts:
             f"TierCosts needs {NUM_TIERS} latencies and bandwidths ({TIER_NAMES})"
         assert all(b > 0 for b in self.bandwidth_Bps), f"bandwidths must be > 0, got {self.bandwidth_Bps}"
 
-    def seconds(self, tier: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-        """float64 [N]: time to move nbytes [N] up from tier [N]."""
-        lat = np.asarray(self.latency_s)[tier]
-        bw = np.asarray(self.bandwidth_Bps)[tier]
-        return lat + nbytes / bw
-
 
 @dataclass(frozen=True)
 class PlannerConfig:
@@ -136,7 +130,7 @@ class PlannerConfig:
     # a TierSet names the cluster config's tiers, which may be called anything ("local-nvme", "archive"): each
     # name's kind (dram / nvme / s3) is its place in TIER_NAMES; names that are kinds themselves need no entry
     tier_kinds: dict[str, str] = field(default_factory=dict)
-    # "compiled": steps 3-9 in one numba call (rank_kernel.py); "numpy": the reference, ~120 numpy calls a step
+    # "compiled": steps 2-9 in one numba call (rank_kernel.py); "numpy": the reference, ~120 numpy calls a step
     engine: str = "compiled"
 
     def __post_init__(self):
@@ -328,8 +322,8 @@ class PrefetchPlanner:
         lay = np.concatenate([c.layer for c in cands]).astype(np.int64, copy=False)
         ex = np.concatenate([c.expert for c in cands]).astype(np.int64, copy=False)
         prob = np.concatenate([c.prob for c in cands]).astype(np.float64, copy=False)
-        compiled = cfg.engine == "compiled"
-        bad = _compiled()[1](dist, lay, ex, L, E) if compiled else _bad_row(dist, lay, ex, L, E)
+        rank, bad_row = _compiled() if cfg.engine == "compiled" else (_rank_numpy, _bad_row)
+        bad = bad_row(dist, lay, ex, L, E)
         if bad >= 0:
             ri = ris[int(np.searchsorted(np.cumsum(lens), bad, side="right"))]
             raise ValueError(f"request {requests[ri].request!r}: candidates outside layers [0, {L}) x experts "
@@ -337,7 +331,6 @@ class PrefetchPlanner:
         has_reuse = view.reuse is not None
         has_used = has_reuse and view.reuse_used is not None
         none = np.zeros(0)
-        rank = _compiled()[0] if compiled else _rank_numpy
         (nk, w, lay, ex, S, tgt, P, value, pri, nb, R, wanted, res_value, keep_used, rk, rstart, ndisp) = rank(
             lens, np.array(ris, np.int64), np.array(gids, np.int64), np.array(ms, np.float64), dist, lay, ex, prob,
             np.stack(masks), _arg(view.present, bool, NUM_TIERS, LE), _arg(view.inflight, bool, LE),
