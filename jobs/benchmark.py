@@ -93,7 +93,22 @@ def policy_error(name: str) -> str | None:
 def fast_path_source(tr, a) -> str:
     if replays_hidden(tr, a):
         return "learned" if getattr(a, "predictor_dir", None) else "next_gate"
-    return "transition"
+    return "learned" if routing_only_predictor(a) else "transition"
+
+
+def routing_only_predictor(a) -> bool:
+    """Whether --predictor-dir (or --predictor-from-trace) gives a routing-only learned predictor: one that needs no
+    hidden state, so it predicts in a replay without one too."""
+    d = getattr(a, "predictor_dir", None)
+    if not d:
+        return False
+    from policies.learned import PREDICTOR_META
+    try:
+        with open(os.path.join(d, PREDICTOR_META)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("hidden_size") == 0
 
 
 def _say(msg):
@@ -135,6 +150,31 @@ def prior_from_trace(full, cut, work: str) -> tuple[str, dict]:
     path = os.path.join(work, f"routing_prior-{os.path.basename(full.origin)}-from{R}-L{L}.npz")
     save_routing_prior(path, counts, **meta)
     return path, meta
+
+
+def predictor_from_trace(full, cut, work: str, horizon: int = 2, seed: int = 0) -> str:
+    """A routing-only learned predictor (policies/learned.py) trained on the requests of trace `full` that its
+    replayed cut `cut` (cut_trace: its first requests) leaves out, over the cut's layers: other prompts of the same
+    workload, never the replayed ones. Written under `work` (and reused from there when trained alike); its dir."""
+    from jobs.train_predictor import cut as skip_cut, train
+    from policies.learned import PREDICTOR_META, LearnedPredictor, has_trained_predictor
+    R, L = cut.num_requests, cut.num_layers
+    if full.num_requests <= R:
+        raise ValueError(f"--predictor-from-trace: {full.origin} has {full.num_requests} requests and the replay "
+                         f"uses all of them (--requests {R}): no other request to train on")
+    training = {"source": f"{full.origin} requests {R}..{full.num_requests - 1}, first {L} layers",
+                "routing_only": True, "horizon": int(horizon), "seed": int(seed)}
+    d = os.path.join(work, f"predictor-{os.path.basename(full.origin)}-from{R}-L{L}-D{horizon}")
+    if has_trained_predictor(d):
+        with open(os.path.join(d, PREDICTOR_META)) as f:
+            if json.load(f).get("training") == training:
+                return d
+    t0 = time.perf_counter()
+    w = train(skip_cut(full, R, L), horizon=horizon, seed=seed, routing_only=True)
+    _say(f"routing-only predictor trained on {full.num_requests - R} other requests in "
+         f"{time.perf_counter() - t0:.0f} s")
+    LearnedPredictor(w, full.top_k, meta={"training": training}).save(d)
+    return d
 
 
 def build_store(work: str, L: int, E: int, K: int, expert_bytes: int) -> tuple[str, object]:
@@ -693,6 +733,12 @@ def main(argv=None) -> int:
     p.add_argument("--predictor-dir", default=None,
                    help="a trained predictor (predictor.json + predictor.safetensors of jobs.train_predictor), "
                         "copied beside the store for the learned policy")
+    p.add_argument("--predictor-from-trace", action="store_true",
+                   help="train a routing-only learned predictor (jobs.train_predictor --routing-only) on the trace's "
+                        "requests this run does not replay (those after the first --requests), its first --layers "
+                        "layers, and use it as --predictor-dir: the learned policy and the fast path read it")
+    p.add_argument("--predictor-horizon", type=int, default=2,
+                   help="with --predictor-from-trace: distances 1..D it predicts (layers ahead)")
     p.add_argument("--threshold", type=fraction, default=None, help="prefetch.threshold (planner)")
     p.add_argument("--hbm-confirm-prob", type=fraction, default=None, help="prefetch.hbm_confirm_prob (planner)")
     p.add_argument("--lookahead-tokens", type=int, default=None, help="prefetch.lookahead_tokens (planner)")
@@ -783,8 +829,18 @@ def main(argv=None) -> int:
         if (ml, me) != (L, E):
             p.error(f"--model-dir {a.model_dir}: the model has {ml} MoE layers x {me} experts, {replayed} has "
                     f"{L} x {E}")
+    if a.predictor_dir and a.predictor_from_trace:
+        p.error("--predictor-dir and --predictor-from-trace: give one")
+    if not 1 <= a.predictor_horizon <= L:
+        p.error(f"--predictor-horizon {a.predictor_horizon}: must lie in [1, {L}] (the replay's MoE layers)")
     if a.predictor_dir and (err := predictor_dir_error(a.predictor_dir, (L, E, K), replayed)):
         p.error(f"--predictor-dir {a.predictor_dir}: {err}")
+    if a.predictor_from_trace:
+        try:
+            a.predictor_dir = predictor_from_trace(full, tr, a.work, a.predictor_horizon)
+        except ValueError as e:
+            print(f"benchmark: error: {e}", file=sys.stderr)
+            return 2
     a.routing_prior_meta = None
     if a.routing_prior_from_trace:
         try:
@@ -969,9 +1025,10 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
         for f in ("predictor.json", "predictor.safetensors"):
             shutil.copy(os.path.join(a.predictor_dir, f), os.path.join(s3.store if s3 else store, f))
     planner = planner_settings(a, eb)
-    if "speculate_layers" not in planner and not replays_hidden(tr, a):
+    if "speculate_layers" not in planner and not replays_hidden(tr, a) and not routing_only_predictor(a):
         # no real router inputs in this replay (a routing-only trace: the workers see random activations), so the
-        # runtime's hidden-state fast path would speculate from noise; off unless asked for (--speculate-layers)
+        # runtime's hidden-state fast path would speculate from noise; off unless asked for (--speculate-layers) or
+        # the predictor beside the store reads routing alone
         planner["speculate_layers"] = 0
     import ray
     if a.address:

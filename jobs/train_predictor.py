@@ -1,5 +1,6 @@
 """python -m jobs.train_predictor --traces T.npz [T2.npz ...] --out STORE_DIR [--horizon D] [--rank R]
                                  [--hidden-units U] [--epochs N] [--batch B] [--lr LR] [--val-fraction F] [--seed S]
+                                 [--routing-only] [--skip-requests N] [--layers N]
 
 Train the learned (PreScope-style) expert predictor of policies/learned.py offline from traces with hidden states
 (`python -m jobs.collect_traces --hidden --split train`), and write predictor.safetensors + predictor.json into
@@ -8,6 +9,9 @@ not touched. Training uses torch (CUDA when present, else CPU): a whitened PCA o
 (source layer, distance) one-hidden-layer MLPs trained jointly with Adam on binary cross-entropy against the
 multi-hot truth. A fraction of the requests is held out; the JSON line printed at the end (and the meta file)
 reports their next-layer recall@k, measured by policies.replay.recall_at_k through the predictor itself.
+--routing-only trains the same MLPs on routing alone (any trace format, no hidden state; policies/learned.py): for
+models traced without hidden states, such as ../shared/traces. --skip-requests N leaves out the first N requests of
+each trace (the ones `jobs.benchmark --requests N` replays), --layers N keeps the first N MoE layers.
 
 python -m jobs.train_predictor --routing-prior --traces T [T2 ...] --out STORE_DIR [--layers N]
 instead counts the traces' token-to-token routing transitions (any trace format, routing only) into
@@ -26,21 +30,27 @@ import numpy as np
 from jobs._cli import at_least
 
 
-def _concat(traces):
+def _concat(traces, routing_only: bool = False):
+    """One trace of all `traces` (one geometry). routing_only: their hidden states are dropped (none needed)."""
     from policies.traces import RoutingTrace
     for t in traces:
-        if t.hidden is None:
-            raise ValueError(f"{t.origin}: no hidden states (collect with python -m jobs.collect_traces --hidden)")
+        if t.hidden is None and not routing_only:
+            raise ValueError(f"{t.origin}: no hidden states (collect with python -m jobs.collect_traces --hidden, or "
+                             f"train a routing-only predictor: --routing-only)")
     t0 = traces[0]
-    geo = (t0.num_layers, t0.num_experts, t0.top_k, t0.hidden.shape[-1])
+
+    def H(t):
+        return 0 if routing_only else t.hidden.shape[-1]
+    geo = (t0.num_layers, t0.num_experts, t0.top_k, H(t0))
     for t in traces:
-        g = (t.num_layers, t.num_experts, t.top_k, t.hidden.shape[-1])
+        g = (t.num_layers, t.num_experts, t.top_k, H(t))
         if g != geo:
             raise ValueError(f"{t.origin}: geometry L, E, K, H = {g} differs from {t0.origin}'s {geo}")
     offs = [np.asarray(t.offsets[1:]) + s for t, s in zip(traces, np.cumsum([0] + [t.num_tokens for t in traces]))]
     return RoutingTrace(np.concatenate([t.experts for t in traces]), np.concatenate([t.weights for t in traces]),
                         np.r_[0, np.concatenate(offs)], *geo[:3], t0.model, t0.phase,
-                        np.concatenate([t.hidden for t in traces]), {}, "+".join(t.origin for t in traces))
+                        None if routing_only else np.concatenate([t.hidden for t in traces]), {},
+                        "+".join(t.origin for t in traces))
 
 
 def split_requests(trace, val_fraction: float, seed: int):
@@ -55,22 +65,44 @@ def split_requests(trace, val_fraction: float, seed: int):
         rows = np.concatenate([np.arange(trace.offsets[r], trace.offsets[r + 1]) for r in np.flatnonzero(mask)])
         lens = np.diff(trace.offsets)[mask]
         return RoutingTrace(trace.experts[rows], trace.weights[rows], np.r_[0, np.cumsum(lens)], trace.num_layers,
-                            trace.num_experts, trace.top_k, trace.model, trace.phase, trace.hidden[rows], {},
+                            trace.num_experts, trace.top_k, trace.model, trace.phase,
+                            None if trace.hidden is None else trace.hidden[rows], {},
                             trace.origin)
     return pick(~val), (pick(val) if n_val else None)
 
 
+def cut(trace, skip_requests: int = 0, layers: int | None = None):
+    """The trace without its first `skip_requests` requests, cut to its first `layers` MoE layers (None: all)."""
+    from policies.traces import RoutingTrace
+    R, L = trace.num_requests, trace.num_layers
+    if skip_requests >= R:
+        raise ValueError(f"{trace.origin}: --skip-requests {skip_requests} leaves none of its {R} requests")
+    if layers is not None and not 0 < layers <= L:
+        raise ValueError(f"{trace.origin}: --layers {layers}: the trace has {L} MoE layers")
+    if not skip_requests and layers in (None, L):
+        return trace
+    Lc = layers or L
+    a = int(trace.offsets[skip_requests])
+    return RoutingTrace(trace.experts[a:, :Lc], trace.weights[a:, :Lc], trace.offsets[skip_requests:] - a, Lc,
+                        trace.num_experts, trace.top_k, trace.model, trace.phase,
+                        None if trace.hidden is None else trace.hidden[a:, :Lc], dict(trace.meta),
+                        f"{trace.origin}[requests {skip_requests}.., {Lc} layers]")
+
+
 def train(trace, *, horizon: int = 2, rank: int = 128, hidden_units: int = 512, epochs: int = 6,
-          batch: int = 1024, lr: float = 3e-3, seed: int = 0, device: str | None = None, log=None) -> dict:
-    """-> the weights dict of policies.learned.LearnedPredictor (numpy float32)."""
+          batch: int = 1024, lr: float = 3e-3, seed: int = 0, device: str | None = None, log=None,
+          routing_only: bool = False) -> dict:
+    """-> the weights dict of policies.learned.LearnedPredictor (numpy float32). routing_only: no hidden state read
+    (R = H = 0; the trace needs none)."""
     import torch
 
-    from policies.learned import examples, fit_projection
+    from policies.learned import examples, fit_projection, routing_only_projection
     torch.manual_seed(seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     L, E = trace.num_layers, trace.num_experts
     D = min(horizon, L)
-    mean, proj = fit_projection(trace.hidden[trace.known], rank, seed=seed)
+    mean, proj = routing_only_projection() if routing_only else fit_projection(trace.hidden[trace.known], rank,
+                                                                               seed=seed)
     ex = examples(trace, mean, proj, D)
     R = proj.shape[1]
     F, U = 2 * R + 2 * E, hidden_units
@@ -150,7 +182,7 @@ def routing_prior_main(a) -> int:
     from policies.reuse import PRIOR_FILE, save_routing_prior
     from policies.traces import load
     try:
-        counts, meta = routing_prior([load(p) for p in a.traces], a.layers)
+        counts, meta = routing_prior([cut(load(p), a.skip_requests) for p in a.traces], a.layers)
     except (ValueError, FileNotFoundError) as e:
         print(f"train_predictor: error: {e}", file=sys.stderr)
         return 2
@@ -165,7 +197,8 @@ def routing_prior_main(a) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.train_predictor", description=__doc__.split("\n\n")[1])
     ap.add_argument("--traces", nargs="+", required=True,
-                    help="npz traces with hidden states (--routing-prior: any trace format policies/traces.py reads)")
+                    help="npz traces with hidden states (--routing-only, --routing-prior: any trace format "
+                         "policies/traces.py reads)")
     ap.add_argument("--out", required=True, help="store directory: predictor.safetensors + predictor.json go there")
     # each >= 1, checked before the traces load: 0 gave torch errors, a ZeroDivisionError or a rank-0 predictor
     ap.add_argument("--horizon", type=at_least(1), default=2, help="distances 1..D predicted (layers ahead)")
@@ -178,12 +211,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--routing-only", action="store_true",
+                    help="a predictor from routing alone (no hidden state: the experts a layer selected and the "
+                         "request's latest at the target layer), for traces without hidden states")
+    ap.add_argument("--skip-requests", type=at_least(0), default=0, metavar="N",
+                    help="leave each trace's first N requests out of training (the ones a benchmark replays: "
+                         "jobs.benchmark --requests N)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="the first N MoE layers only (a store cut to N layers; also with --routing-prior)")
     ap.add_argument("--routing-prior", action="store_true",
                     help="instead: count the traces' token-to-token routing transitions (routing only: npz or "
                          "Mixtral JSONL, no hidden states needed) into STORE_DIR/routing_prior.npz, the warm start of "
                          "the runtime's long-memory reuse values (prefetch.reuse_memory, policies/reuse.py)")
-    ap.add_argument("--layers", type=int, default=None,
-                    help="with --routing-prior: the first N MoE layers only (a store cut to N layers)")
     a = ap.parse_args(argv)
     if a.routing_prior:
         return routing_prior_main(a)
@@ -191,7 +230,7 @@ def main(argv=None) -> int:
     from policies.replay import recall_at_k
     from policies.traces import load
     try:
-        trace = _concat([load(p) for p in a.traces])
+        trace = _concat([cut(load(p), a.skip_requests, a.layers) for p in a.traces], a.routing_only)
     except (ValueError, FileNotFoundError) as e:
         print(f"train_predictor: error: {e}", file=sys.stderr)
         return 2
@@ -199,10 +238,12 @@ def main(argv=None) -> int:
     log = None if a.quiet else (lambda s: print(f"train_predictor: {s}", file=sys.stderr, flush=True))
     t0 = time.time()
     w = train(tr, horizon=a.horizon, rank=a.rank, hidden_units=a.hidden_units, epochs=a.epochs, batch=a.batch,
-              lr=a.lr, seed=a.seed, device=a.device, log=log)
+              lr=a.lr, seed=a.seed, device=a.device, log=log, routing_only=a.routing_only)
     train_s = time.time() - t0
     meta = {"training": {"traces": [str(p) for p in a.traces], "rows": tr.num_tokens, "requests": tr.num_requests,
-                         "epochs": a.epochs, "lr": a.lr, "batch": a.batch, "seed": a.seed, "seconds": round(train_s, 1)}}
+                         "skipped_requests": a.skip_requests, "routing_only": a.routing_only,
+                         "epochs": a.epochs, "lr": a.lr, "batch": a.batch, "seed": a.seed,
+                         "seconds": round(train_s, 1)}}
     p = LearnedPredictor(w, trace.top_k, meta=meta, finetune=False)
     if val is not None:
         r = recall_at_k(p, val, 1)

@@ -11,7 +11,8 @@ owner workers before layer l computes. The coordinator keeps the longer range: w
 staging, ranking by value and the byte caps.
 
 Sources, best first (`from_sources`):
-  learned     the trained auxiliary predictor beside the store (policies/learned.py): the same features and
+  learned     the trained auxiliary predictor beside the store (policies/learned.py), a routing-only one included
+              (it reads no hidden state, so it serves routing-only replays too): the same features and
               weights as LearnedPredictor; per cache row it keeps what the row's latest state at each layer adds to
               the MLPs' input layer ([rows, L, D, U]: `_split_input_layer`). Equal
               to LearnedPredictor's prediction for the same events (tests/test_fast_path.py); not fine-tuned here:
@@ -48,7 +49,8 @@ class NextLayerSpeculator:
         assert len(sources) == 1, \
             "NextLayerSpeculator needs exactly one of learned=, gates=, pre_gates=, transition=True"
         self.learned, self.gates = learned, None
-        self.hidden = not transition                                    # whether step() reads `hidden`
+        # whether step() reads `hidden`: not for the routing history, nor for a routing-only learned predictor
+        self.hidden = not transition and (learned is None or learned.needs_hidden)
         if transition:
             self.source, self.depth = "transition", max(1, min(int(depth), self.L))
             self.counts = np.zeros((self.L, self.E, self.E))                # [L, E, E] as CrossLayerTransition
@@ -130,8 +132,11 @@ class NextLayerSpeculator:
         if self.source == "transition":
             return urows, self._transition(layer, urows, np.asarray(pos, np.int64) if sel is None
                                            else np.asarray(pos, np.int64)[sel], top)
-        x = np.asarray(hidden, np.float32)
-        x = x if sel is None else x[sel]                    # [n, H]
+        if not self.hidden:                                 # a routing-only learned predictor: no router input
+            x = np.zeros((len(urows), 0), np.float32)
+        else:
+            x = np.asarray(hidden, np.float32)
+            x = x if sel is None else x[sel]                # [n, H]
         if self.learned is None:
             tgt = (layer + np.arange(1, self.depth + 1)) % self.L
             logits = np.einsum("nh,deh->dne", x, self.gates[tgt])           # [depth, n, E]

@@ -14,6 +14,12 @@ with binary cross-entropy against the multi-hot truth, so the sigmoid estimates 
 previous token's state matters: attention at layer m mixes in earlier tokens, and on the embedded model adding it
 lifts next-layer recall@2 by ~0.04 over the hidden state alone.
 
+Routing only (R = H = 0, `python -m jobs.train_predictor --routing-only`): the same MLPs on ex_l and ex_m' alone,
+for models whose traces carry no hidden state (the shared traces) and runtimes that do not ship it. Trained on other
+prompts' routing, it predicts the next layer of unseen prompts far better than the online tables: next-layer recall@k
+0.65 against 0.56 for the cross-layer transition on gpt-oss-20b, 0.69 against 0.45 on DeepSeek-V2-Lite
+(docs/benchmarks.md "Session 24"). Events need no hidden state then (`needs_hidden` is False).
+
 Files, beside the store (`save(dir)` / `load(dir)`):
   predictor.safetensors   mean [H], proj [H, R], w1 [L, D, F, U], b1 [L, D, U], w2 [L, D, U, E], b2 [L, D, E] f32
   predictor.json          {"format": "learned-expert-predictor", "version": 1, num_layers, num_experts, top_k,
@@ -53,6 +59,7 @@ PREDICTOR_FILE = "predictor.safetensors"
 PREDICTOR_META = "predictor.json"
 FORMAT = "learned-expert-predictor"
 FEATURES = ("hidden", "experts", "recent_experts_at_target", "recent_hidden_at_target")
+ROUTING_FEATURES = ("experts", "recent_experts_at_target")   # a routing-only predictor's (R = H = 0)
 _PRE_GATE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?:block_sparse_moe|mlp)\.pre_gate\.weight$")
 _GATE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
 _TENSORS = ("mean", "proj", "w1", "b1", "w2", "b2")
@@ -99,15 +106,23 @@ def fit_projection(hidden: np.ndarray, rank: int, *, max_rows: int = 200_000, se
     return mean.astype(np.float32), proj.astype(np.float32)
 
 
+def routing_only_projection() -> tuple[np.ndarray, np.ndarray]:
+    """(mean [0], proj [0, 0]): the compression of a routing-only predictor, which reads no hidden state."""
+    return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
+
+
 def examples(trace: RoutingTrace, mean: np.ndarray, proj: np.ndarray, horizon: int) -> Examples:
-    """The training examples of a trace with hidden states (vectorised; see the module docstring for the rule)."""
-    if trace.hidden is None:
-        raise ValueError(f"{trace.origin}: no hidden states (collect with python -m jobs.collect_traces --hidden)")
+    """The training examples of a trace (vectorised; see the module docstring for the rule). It needs hidden states
+    unless the projection is a routing-only one (R = 0)."""
+    R = proj.shape[1]
+    if trace.hidden is None and R:
+        raise ValueError(f"{trace.origin}: no hidden states (collect with python -m jobs.collect_traces --hidden, "
+                         f"or train a routing-only predictor: --routing-only)")
     T, L, K = trace.experts.shape
     E = trace.num_experts
     known = trace.known
-    z = np.zeros((T, L, proj.shape[1]), np.float32)
-    for l in range(L):  # per layer: bounded temporaries
+    z = np.zeros((T, L, R), np.float32)
+    for l in range(L if R else 0):  # per layer: bounded temporaries
         z[:, l] = compress(trace.hidden[:, l], mean, proj)
     z[~known] = 0.0
     multi = np.zeros((T, L, E), np.float32)
@@ -162,8 +177,12 @@ class LearnedPredictor(Predictor):
                              f"{shapes} with F = 2R + 2E = {2 * R + 2 * E}")
         if not 1 <= D <= L:
             raise ValueError(f"horizon D={D} must lie in [1, L={L}]")
+        if (H == 0) != (R == 0):
+            raise ValueError(f"learned predictor weights: hidden size {H} with rank {R} (a routing-only predictor "
+                             f"has both 0)")
         super().__init__(L, E, top_k, max_requests=max_requests)
         self.H, self.R, self.D, self.U = H, R, D, U
+        self.needs_hidden = H > 0        # routing only: events need no hidden state (module docstring)
         self.w = w
         self.finetune, self.lr = finetune, float(lr)
         self.meta = dict(meta or {})
@@ -193,7 +212,8 @@ class LearnedPredictor(Predictor):
         from safetensors.numpy import save_file
         os.makedirs(store_dir, exist_ok=True)
         meta = dict(self.meta, format=FORMAT, version=1, num_layers=self.L, num_experts=self.E, top_k=self.K,
-                    hidden_size=self.H, rank=self.R, horizon=self.D, hidden_units=self.U, features=list(FEATURES),
+                    hidden_size=self.H, rank=self.R, horizon=self.D, hidden_units=self.U,
+                    features=list(FEATURES if self.H else ROUTING_FEATURES),
                     online_updates=self.updates)
         path = os.path.join(store_dir, PREDICTOR_FILE)
         save_file({k: self.w[k] for k in _TENSORS}, path + ".tmp")
@@ -205,7 +225,7 @@ class LearnedPredictor(Predictor):
 
     # -- Predictor hooks -----------------------------------------------------------------------------------
     def observe(self, event: RoutingEvent) -> None:
-        if event.hidden is None or np.shape(event.hidden) != (self.H,):
+        if self.needs_hidden and (event.hidden is None or np.shape(event.hidden) != (self.H,)):
             raise ValueError(f"learned predictor needs the hidden state [{self.H}] entering the router: event "
                              f"(request {event.request!r}, token {event.token}, layer {event.layer}) has "
                              f"{None if event.hidden is None else np.shape(event.hidden)}")
@@ -223,7 +243,7 @@ class LearnedPredictor(Predictor):
         if self.finetune:
             self._sgd(st, q, experts)
         l = ev.layer
-        z = compress(np.asarray(ev.hidden), w["mean"], w["proj"])       # [R]
+        z = compress(np.asarray(ev.hidden), w["mean"], w["proj"]) if self.R else w["mean"]   # [R] ([0]: routing)
         st.zh[l] = z
         st.mh[l] = 0.0
         st.mh[l, experts] = 1.0

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from jobs.benchmark import cut_trace, main, prior_from_trace
+from jobs.benchmark import (cut_trace, fast_path_source, main, predictor_from_trace, prior_from_trace,
+                            routing_only_predictor)
 from policies.hbm_cache import CacheIndex
 from policies.replay import access_sequence, cache_hit_rate
 from policies.reuse import MixedReuse, TransitionReuse, load_routing_prior, transition_counts
@@ -115,6 +116,33 @@ def test_prior_from_trace_needs_requests_the_run_does_not_replay(tmp_path):
     counts = load_routing_prior(path, 2, 8, 1)[0]
     assert np.array_equal(counts, transition_counts(tr.experts[o[2]:, :2], o[2:] - o[2], 8))
     assert meta["requests"] == 1 and meta["rows"] == o[3] - o[2]
+
+
+def test_predictor_from_trace_trains_on_the_requests_the_run_does_not_replay(tmp_path):
+    """--predictor-from-trace: a routing-only learned predictor trained on the requests after the replayed ones,
+    over the replayed layers (the weights are those of training on exactly that piece), reused when asked again
+    alike; the fast path of a routing-only replay then reads it instead of the transition counts."""
+    from argparse import Namespace
+
+    from jobs.train_predictor import cut, train
+    from policies.learned import LearnedPredictor
+    tr = synthetic_trace(240, 3, 8, 2, correlation=0.9, num_requests=6, seed=5)
+    with pytest.raises(ValueError, match="has 6 requests and the replay uses all of them"):
+        predictor_from_trace(tr, cut_trace(tr, None, 240, 6), str(tmp_path))
+    replayed = cut_trace(tr, 2, 80, 2)                                # requests 0-1, first 2 layers
+    d = predictor_from_trace(tr, replayed, str(tmp_path), horizon=1)
+    p = LearnedPredictor.load(d, finetune=False)
+    assert (p.L, p.E, p.K, p.D, p.H) == (2, 8, 2, 1, 0)
+    assert "requests 2..5" in p.meta["training"]["source"]
+    ref = train(cut(tr, 2, 2), horizon=1, routing_only=True)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(p.w[k], v, err_msg=k)
+    stamp = (tmp_path / d.split("/")[-1] / "predictor.safetensors").stat().st_mtime_ns
+    assert predictor_from_trace(tr, replayed, str(tmp_path), horizon=1) == d
+    assert (tmp_path / d.split("/")[-1] / "predictor.safetensors").stat().st_mtime_ns == stamp   # not trained again
+    a = Namespace(predictor_dir=d, model_dir=None)
+    assert routing_only_predictor(a) and fast_path_source(replayed, a) == "learned"
+    assert fast_path_source(replayed, Namespace(predictor_dir=None, model_dir=None)) == "transition"
 
 
 def test_resident_oracle_and_coordinator(run):

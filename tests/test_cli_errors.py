@@ -424,3 +424,17 @@ def test_bench_coordinator_pins_every_thread_of_the_process():
                        env={**os.environ, "PYTHONPATH": REPO})
     n, ok = r.stdout.split()
     assert int(n) >= 2 and ok == "True", r.stdout + r.stderr
+
+
+def test_benchmark_predictor_from_trace_checks(bench, files, tmp_path, capsys):
+    """--predictor-from-trace: not with --predictor-dir, a horizon within the replay's layers, and requests left
+    over to train on (the replay uses all 3 here: exit 2, nothing trained)."""
+    d = fake_predictor(tmp_path / "pred", 3, 8, 1)
+    msg = exits_2(capsys, lambda a: bench(*a), ["--predictor-dir", str(d), "--predictor-from-trace"])
+    assert "--predictor-dir and --predictor-from-trace: give one" in msg
+    msg = exits_2(capsys, lambda a: bench(*a), ["--predictor-from-trace", "--predictor-horizon", "4"])
+    assert "--predictor-horizon 4: must lie in [1, 3]" in msg
+    assert bench("--predictor-from-trace", "--requests", "3") == 2
+    msg = last_error(capsys)
+    assert "--predictor-from-trace:" in msg and "no other request to train on" in msg
+    assert not [p for p in (files / "work").glob("predictor-*")]

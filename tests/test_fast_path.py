@@ -18,7 +18,8 @@ def random_learned_d(d: int, seed=0, rank: int = R) -> LearnedPredictor:
     and compression rank (rank >= H: the speculator folds the compression into its product)"""
     rng = np.random.default_rng(seed)
     F = 2 * rank + 2 * E
-    w = {"mean": rng.normal(size=H), "proj": rng.normal(size=(H, rank)) * 0.3,
+    h = H if rank else 0   # rank 0: a routing-only predictor (no hidden state)
+    w = {"mean": rng.normal(size=h), "proj": rng.normal(size=(h, rank)) * 0.3,
          "w1": rng.normal(size=(L, d, F, U)) * 0.3, "b1": rng.normal(size=(L, d, U)) * 0.1,
          "w2": rng.normal(size=(L, d, U, E)) * 0.3, "b2": rng.normal(size=(L, d, E)) * 0.1}
     return LearnedPredictor({k: v.astype(np.float32) for k, v in w.items()}, K, finetune=False)
@@ -91,6 +92,39 @@ def test_learned_rows_match_the_per_request_predictor(trace, depth, absorb, rank
             if t + 1 >= trace.offsets[r + 1] - trace.offsets[r]:
                 ref.end(r)
     assert checked == trace.num_tokens * L
+
+
+@pytest.mark.parametrize("depth,absorb", [(D, False), (L, True)])
+def test_routing_only_learned_rows_match_the_per_request_predictor(trace, depth, absorb):
+    """A routing-only learned predictor (R = H = 0, jobs.train_predictor --routing-only) on the fast path: no hidden
+    state is read (the step is given None), and each row's P equals the per-request predictor's, fed no hidden
+    state either."""
+    ref = random_learned_d(depth, 5, rank=0)
+    spec = NextLayerSpeculator(L, E, K, depth=depth, learned=random_learned_d(depth, 5, rank=0), rows=1)
+    assert not ref.needs_hidden and not spec.hidden
+    checked = 0
+    for rows, reqs, toks in decode_batches(trace, 3):
+        at = trace.offsets[reqs] + toks
+        for l in range(L):
+            ids = trace.experts[at, l].astype(np.int64)
+            urows, P = spec.step(l, rows[::-1], toks[::-1], ids[::-1], None)
+            if absorb:
+                spec.absorb()
+            for n, r in enumerate(reqs.tolist()):
+                ref.observe(RoutingEvent(r, int(toks[n]), l, ids[n]))
+            for n, r in enumerate(reqs.tolist()):
+                got = P[:, urows.tolist().index(int(rows[n]))]
+                np.testing.assert_allclose(got, dense(ref.predict(r, depth), depth), rtol=2e-5, atol=2e-6)
+                checked += 1
+        for r, t in zip(reqs.tolist(), toks.tolist()):
+            if t + 1 >= trace.offsets[r + 1] - trace.offsets[r]:
+                ref.end(r)
+    assert checked == trace.num_tokens * L
+    # what it predicts depends on the routing: another layer-0 selection gives other probabilities
+    a = NextLayerSpeculator(L, E, K, depth=1, learned=random_learned_d(1, 5, rank=0))
+    p0 = a.step(0, np.array([0]), np.array([0]), np.array([[0, 1]]), None)[1]
+    p1 = a.step(0, np.array([1]), np.array([0]), np.array([[2, 3]]), None)[1]
+    assert not np.allclose(p0, p1)
 
 
 @pytest.mark.parametrize("reused,rank", [(False, R), (True, R), (True, H)])

@@ -11,7 +11,7 @@ import pytest
 from jobs.train_predictor import main as train_main
 from jobs.train_predictor import split_requests, train
 from policies.learned import PREDICTOR_FILE, PREDICTOR_META, LearnedPredictor, PreGated
-from policies.predictors import RoutingEvent, TopKFrequency
+from policies.predictors import CrossLayerTransition, RoutingEvent, TopKFrequency
 from policies.registry import make_predictor
 from policies.replay import recall_at_k
 from policies.reuse import PRIOR_FILE, load_routing_prior, transition_counts
@@ -107,6 +107,45 @@ def test_train_cli_writes_the_store_files(tmp_path):
     no_hidden = synthetic_trace(100, L, E, K, num_requests=2, seed=0)
     no_hidden.save_npz(tmp_path / "n.npz")
     assert train_main(["--traces", str(tmp_path / "n.npz"), "--out", str(out)]) == 2
+
+
+def test_routing_only_predictor_learns_routing_from_other_requests(tmp_path):
+    """Routing only (no hidden state anywhere): trained on some requests of a trace whose layer l+1 follows a fixed
+    map of layer l 90% of the time, it predicts held-out requests as well as the cross-layer table fed the same
+    training requests first (the ideal first-order model here), and far above frequency; its events carry no hidden
+    state; the CLI leaves out the first --skip-requests requests and keeps the first --layers layers."""
+    tr = synthetic_trace(3000, L, E, K, correlation=0.9, num_requests=30, seed=2)
+    assert tr.hidden is None
+    fit, held = split_requests(tr, 0.2, seed=0)
+    w = train(fit, horizon=2, hidden_units=32, epochs=8, batch=256, lr=1e-2, seed=0, routing_only=True)
+    p = LearnedPredictor(w, K, finetune=False)
+    assert p.H == p.R == 0 and not p.needs_hidden
+    learned = recall_at_k(p, held, 1).overall
+    primed = CrossLayerTransition(L, E, K)
+    recall_at_k(primed, fit, 1)                                    # the table learns the training requests
+    table = recall_at_k(primed, held, 1).overall
+    freq = recall_at_k(TopKFrequency(L, E, K), held, 1).overall
+    assert learned >= table - 0.02 and learned > freq + 0.3, (learned, table, freq)
+    p.save(tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / PREDICTOR_META).read_text())
+    assert meta["hidden_size"] == 0 and meta["features"] == ["experts", "recent_experts_at_target"]
+    q = LearnedPredictor.load(tmp_path / "p")
+    q.observe(RoutingEvent(0, 0, 0, held.experts[0, 0]))          # no hidden state needed
+    assert len(q.predict(0, 2)) > 0
+    with pytest.raises(ValueError, match="routing-only"):
+        LearnedPredictor(dict(w, mean=np.zeros(H, np.float32), proj=np.zeros((H, 0), np.float32)), K)
+    # the CLI: requests 0..4 left out, 2 layers kept, from a trace without hidden states
+    tr.save_npz(tmp_path / "t.npz")
+    out = tmp_path / "store"
+    assert train_main(["--traces", str(tmp_path / "t.npz"), "--out", str(out), "--routing-only",
+                       "--skip-requests", "5", "--layers", "2", "--epochs", "1", "--hidden-units", "8",
+                       "--val-fraction", "0", "--quiet"]) == 0
+    meta = json.loads((out / PREDICTOR_META).read_text())
+    assert meta["num_layers"] == 2 and meta["hidden_size"] == 0
+    assert meta["training"]["requests"] == 25 and meta["training"]["rows"] == tr.num_tokens - tr.offsets[5]
+    assert train_main(["--traces", str(tmp_path / "t.npz"), "--out", str(tmp_path / "x"), "--routing-only",
+                       "--skip-requests", "30"]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_routing_prior_cli_counts_any_routing_trace(tmp_path):
