@@ -42,6 +42,7 @@ from actors.expert_worker import (SMALL_PAYLOAD, ExpertWorker, pack_call, pack_o
                                   unpack_rows)
 from actors.prefetch_coordinator import PrefetchCoordinator, access_policy, held_orders, merge_orders
 from policies.fast_path import NextLayerSpeculator, likely_experts, order_filter
+from policies.learned import is_routing_only
 from policies.ranking import AccessDenied
 from policies.reuse import PRIOR_FILE, MixedReuse, load_routing_prior, make_reuse_values
 from policies.placement import Placement, place
@@ -871,7 +872,9 @@ class ExpertCluster:
         spec = None
         if pf.speculate_layers > 0 and (pf.policy in SPECULATING_POLICIES or pf.speculate_source != "auto"):
             spec = self._speculator(router)
-        self._publish(self.coordinator, spec, reuse, hidden=pf.publish_hidden and router is not None)
+        # the coordinator's predictor reads hidden states, unless it is a routing-only learned one: then none is sent
+        hidden = router is not None and not (pf.policy == "learned" and is_routing_only(nvme))
+        self._publish(self.coordinator, spec, reuse, hidden=pf.publish_hidden and hidden)
 
     def _publish(self, coordinator, spec: NextLayerSpeculator | None, reuse, hidden: bool = False) -> None:
         """Install the routing hook (RoutePublisher) with the prefetch settings, to `coordinator` (or none)."""

@@ -99,16 +99,8 @@ def fast_path_source(tr, a) -> str:
 def routing_only_predictor(a) -> bool:
     """Whether --predictor-dir (or --predictor-from-trace) gives a routing-only learned predictor: one that needs no
     hidden state, so it predicts in a replay without one too."""
-    d = getattr(a, "predictor_dir", None)
-    if not d:
-        return False
-    from policies.learned import PREDICTOR_META
-    try:
-        with open(os.path.join(d, PREDICTOR_META)) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("hidden_size") == 0
+    from policies.learned import is_routing_only
+    return is_routing_only(getattr(a, "predictor_dir", None))
 
 
 def _say(msg):

@@ -24,10 +24,10 @@ HIDDEN_STATE = ("next_gate", "learned", "pre_gated")   # predictors that read th
 
 def unavailable_reason(name: str, *, has_hidden: bool, model_dir, store_dir, dense) -> str:
     """Why predictor `name` cannot run on this trace with these flags (it is not in available_names)."""
-    from policies.learned import has_pre_gates, has_trained_predictor
+    from policies.learned import has_pre_gates, has_trained_predictor, is_routing_only
     from policies.registry import split_router_weights
     why = []
-    if name in HIDDEN_STATE and not has_hidden:
+    if name in HIDDEN_STATE and not has_hidden and not (name == "learned" and is_routing_only(store_dir)):
         why.append("the trace has no hidden states (collect with python -m jobs.collect_traces --hidden)")
     if name == "next_gate" and model_dir is None:
         why.append("it needs --model-dir (the checkpoint whose routers made the trace)")
@@ -81,9 +81,11 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:   # an unreadable config.json or weights, an unsupported model
             ap.error(f"--model-dir {a.model_dir}: {one_line(e)}")
     has_hidden = trace.hidden is not None
+    from policies.learned import is_routing_only
+    routing_learned = is_routing_only(a.store_dir)   # a routing-only learned predictor needs no hidden state
     names = available_names(trace=trace, store_dir=a.store_dir, router_weights=dense, practical=False)
     if not has_hidden:
-        names = tuple(n for n in names if n not in HIDDEN_STATE)
+        names = tuple(n for n in names if n not in HIDDEN_STATE or (n == "learned" and routing_learned))
     names = names + ("ensemble",)
     if want:
         # a predictor asked for by name runs or is an error: a result without it would pass for a complete one
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
     for name in names:
         kw = {}
         if name == "ensemble" and not has_hidden:
-            kw["members"] = [n for n in available_names(trace=trace) if n != "request_level"]
+            kw["members"] = [n for n in available_names(trace=trace) if n != "request_level"] + (
+                ["learned"] if routing_learned else [])
         res = {}
         for d in dists:
             p = make_predictor(name, **geo, trace=trace, store_dir=a.store_dir, router_weights=dense, **kw)

@@ -17,7 +17,7 @@ lifts next-layer recall@2 by ~0.04 over the hidden state alone.
 Routing only (R = H = 0, `python -m jobs.train_predictor --routing-only`): the same MLPs on ex_l and ex_m' alone,
 for models whose traces carry no hidden state (the shared traces) and runtimes that do not ship it. Trained on other
 prompts' routing, it predicts the next layer of unseen prompts far better than the online tables: next-layer recall@k
-0.65 against 0.56 for the cross-layer transition on gpt-oss-20b, 0.69 against 0.45 on DeepSeek-V2-Lite
+0.66 against 0.56 for the cross-layer transition on gpt-oss-20b, 0.69 against 0.44 on DeepSeek-V2-Lite
 (docs/benchmarks.md "Session 24"). Events need no hidden state then (`needs_hidden` is False).
 
 Files, beside the store (`save(dir)` / `load(dir)`):
@@ -68,6 +68,18 @@ _TENSORS = ("mean", "proj", "w1", "b1", "w2", "b2")
 def has_trained_predictor(store_dir) -> bool:
     return (os.path.isfile(os.path.join(store_dir, PREDICTOR_FILE)) and
             os.path.isfile(os.path.join(store_dir, PREDICTOR_META)))
+
+
+def is_routing_only(store_dir) -> bool:
+    """Whether store_dir holds a trained routing-only predictor (one that reads no hidden state)."""
+    if not store_dir or not has_trained_predictor(store_dir):
+        return False
+    try:
+        with open(os.path.join(store_dir, PREDICTOR_META)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("hidden_size") == 0
 
 
 def has_pre_gates(dense: Mapping) -> bool:

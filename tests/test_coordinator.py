@@ -402,14 +402,18 @@ def test_fast_path_orders_the_next_layers_likely_experts_from_their_owners(env, 
     c.experts.stale_riders.clear()
 
 
-def test_fast_path_follows_the_coordinators_online_fine_tuning(env):
+@pytest.mark.parametrize("routing_only", [False, True])
+def test_fast_path_follows_the_coordinators_online_fine_tuning(env, routing_only):
     """policy learned: the runtime's copy of the predictor (the fast path's) takes the output layer the coordinator
-    fine-tunes online, while generation goes on, and the tokens stay the reference's."""
+    fine-tunes online, while generation goes on, and the tokens stay the reference's. A routing-only predictor
+    (jobs.train_predictor --routing-only) does the same with no hidden state read or sent to the coordinator."""
     import numpy as np
     from policies.learned import PREDICTOR_FILE, PREDICTOR_META, LearnedPredictor
     man = env["man"]
     L, E, H = len(man.model.moe_layers), man.model.num_experts, man.model.hidden_size
-    R, D, U, F = 8, 2, 16, 2 * 8 + 2 * E
+    R = 0 if routing_only else 8
+    H = H if R else 0
+    D, U, F = 2, 16, 2 * R + 2 * E
     rng = np.random.default_rng(0)
     w = {"mean": np.zeros(H), "proj": rng.normal(size=(H, R)) * 0.1, "w1": rng.normal(size=(L, D, F, U)) * 0.3,
          "b1": np.zeros((L, D, U)), "w2": rng.normal(size=(L, D, U, E)) * 0.3, "b2": np.zeros((L, D, E))}
@@ -418,6 +422,7 @@ def test_fast_path_follows_the_coordinators_online_fine_tuning(env):
         with ExpertCluster(cfg(env, "learned", "coord-learned", publish_every_layers=1)) as c:
             pub = c.publisher
             assert pub.speculator.source == "learned" and pub.speculator.depth == D
+            assert pub.hidden is not routing_only and pub.speculator.hidden is not routing_only
             start = pub.speculator.w["w2"].copy()
             pub.sync_every = 4
             assert c.generate(env["prompts"], NEW) == env["ref"]

@@ -134,8 +134,15 @@ def test_routing_only_predictor_learns_routing_from_other_requests(tmp_path):
     assert len(q.predict(0, 2)) > 0
     with pytest.raises(ValueError, match="routing-only"):
         LearnedPredictor(dict(w, mean=np.zeros(H, np.float32), proj=np.zeros((H, 0), np.float32)), K)
-    # the CLI: requests 0..4 left out, 2 layers kept, from a trace without hidden states
+    # jobs.eval_predictors runs it on a trace without hidden states (only hidden-state predictors are refused)
+    from jobs.eval_predictors import main as eval_main
     tr.save_npz(tmp_path / "t.npz")
+    assert eval_main(["--trace", str(tmp_path / "t.npz"), "--store-dir", str(tmp_path / "p"), "--max-tokens", "400",
+                      "--predictors", "learned,cross_layer", "--distances", "1",
+                      "--json", str(tmp_path / "e.json")]) == 0
+    got = json.loads((tmp_path / "e.json").read_text())["predictors"]["learned"]["recall_at_k_d1"]
+    assert got == round(recall_at_k(LearnedPredictor.load(tmp_path / "p"), tr.head(400), 1).overall, 4)
+    # the CLI: requests 0..4 left out, 2 layers kept, from a trace without hidden states
     out = tmp_path / "store"
     assert train_main(["--traces", str(tmp_path / "t.npz"), "--out", str(out), "--routing-only",
                        "--skip-requests", "5", "--layers", "2", "--epochs", "1", "--hidden-units", "8",
