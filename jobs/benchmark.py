@@ -144,7 +144,7 @@ def prior_from_trace(full, cut, work: str) -> tuple[str, dict]:
     return path, meta
 
 
-def predictor_from_trace(full, cut, work: str, horizon: int = 2, seed: int = 0) -> str:
+def predictor_from_trace(full, cut, work: str, horizon: int = 2, seed: int = 0, say=None) -> str:
     """A routing-only learned predictor (policies/learned.py) trained on the requests of trace `full` that its
     replayed cut `cut` (cut_trace: its first requests) leaves out, over the cut's layers: other prompts of the same
     workload, never the replayed ones. Written under `work` (and reused from there when trained alike); its dir."""
@@ -163,8 +163,8 @@ def predictor_from_trace(full, cut, work: str, horizon: int = 2, seed: int = 0) 
                 return d
     t0 = time.perf_counter()
     w = train(skip_cut(full, R, L), horizon=horizon, seed=seed, routing_only=True)
-    _say(f"routing-only predictor trained on {full.num_requests - R} other requests in "
-         f"{time.perf_counter() - t0:.0f} s")
+    (say or _say)(f"routing-only predictor trained on {full.num_requests - R} other requests in "
+                  f"{time.perf_counter() - t0:.0f} s")
     LearnedPredictor(w, full.top_k, meta={"training": training}).save(d)
     return d
 

@@ -9,7 +9,9 @@ the real PrefetchPlanner and the real cache bookkeeping, on hardware/storage/mod
 Routing: --trace PATH, else the model's shared trace (../shared/traces) when it has one, else the synthetic
 generator (policies/synthetic.py) shaped like --fit-trace (default: the gpt-oss-20b decode trace) in the model's
 geometry; the JSON's `routing` block reports how close the generator came. `--hardware local --calib JSON` is this
-machine as measured by `python -m jobs.benchmark policies` (its `calibration` block).
+machine as measured by `python -m jobs.benchmark policies` (its `calibration` block). The learned policy runs with
+`--predictor-dir DIR`, or `--predictor-from-trace`: a routing-only predictor trained on the trace's requests after
+the simulated rows (as `jobs.benchmark --predictor-from-trace` does).
 
 The JSON maps `policies` -> name -> metrics (speedup over on_demand, fraction_of_oracle, tokens_per_s,
 latency_ms_per_token, hit_rate, stall, memory_mb_peak, bytes_per_link, prefetch precision/recall, planner cost).
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
@@ -88,17 +91,20 @@ def routing_for(model, *, trace_path: str | None, tokens: int, requests: int, se
 
 
 # -- running policies --------------------------------------------------------------------------------------------
-def predictor_kw(policy: str, model, trace) -> dict:
+def predictor_kw(policy: str, model, trace, store_dir: str | None = None) -> dict:
     """What a policy needs beyond geometry: router weights for next_gate (the embedded model's, when the trace
-    carries hidden states of it)."""
+    carries hidden states of it); the trained predictor's directory for learned (and the ensemble's member)."""
+    kw = {}
     if policy in ("next_gate", "ensemble") and model.name == "embedded" and trace.hidden is not None:
         from cluster.model import load_checkpoint
         from jobs.collect_traces import EMBEDDED
-        return {"router_weights": load_checkpoint(EMBEDDED)[1]}
-    return {}
+        kw["router_weights"] = load_checkpoint(EMBEDDED)[1]
+    if policy in ("learned", "ensemble") and store_dir:
+        kw["store_dir"] = store_dir
+    return kw
 
 
-def run_policies(hw, model, store, cfg, trace, policies, *, tier: str) -> dict:
+def run_policies(hw, model, store, cfg, trace, policies, *, tier: str, store_dir: str | None = None) -> dict:
     from policies.simulator import Simulator, add_relative
     from policies.registry import make_predictor
     out: dict = {}
@@ -107,7 +113,7 @@ def run_policies(hw, model, store, cfg, trace, policies, *, tier: str) -> dict:
         try:
             pred = make_predictor(pol, num_layers=trace.num_layers, num_experts=trace.num_experts,
                                   top_k=trace.top_k, trace=trace if pol in ("oracle",) else None,
-                                  **predictor_kw(pol, model, trace))
+                                  **predictor_kw(pol, model, trace, store_dir))
         except (ValueError, ImportError, FileNotFoundError) as e:
             out[pol] = {"unavailable": f"{type(e).__name__}: {e}"}
             _say(f"{pol}: unavailable ({e})")
@@ -131,11 +137,15 @@ def cost_per_mtok(hw, workers: int, tps: float) -> float:
     return hw.dollars_per_gpu_hour * workers / max(tps, 1e-12) / 3600 * 1e6
 
 
-def all_policies(trace) -> list[str]:
+def all_policies(trace, store_dir: str | None = None) -> list[str]:
+    from policies.learned import has_trained_predictor, is_routing_only
     from policies.registry import PREDICTOR_NAMES
     skip = {"pre_gated", "request_level"}
     if trace.hidden is None:
-        skip |= {"next_gate", "learned"}
+        skip.add("next_gate")
+    usable = store_dir and has_trained_predictor(store_dir) and (trace.hidden is not None or is_routing_only(store_dir))
+    if not usable:
+        skip.add("learned")
     return [p for p in PREDICTOR_NAMES if p not in skip]
 
 
@@ -479,6 +489,15 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-worker-batch", type=int, default=4)
     ap.add_argument("--scale-steps", type=int, default=4)
     ap.add_argument("--cost-reps", type=int, default=10)
+    ap.add_argument("--predictor-dir", default=None,
+                    help="a trained predictor (jobs.train_predictor's files) for the learned policy and the ensemble")
+    ap.add_argument("--predictor-from-trace", action="store_true",
+                    help="train a routing-only learned predictor on the trace's requests after the simulated rows "
+                         "(jobs.benchmark --predictor-from-trace) and use it as --predictor-dir")
+    ap.add_argument("--predictor-horizon", type=at_least(1), default=2,
+                    help="with --predictor-from-trace: distances 1..D it predicts")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "moe-simulate"),
+                    help="where --predictor-from-trace writes (and reuses) its predictor")
     ap.add_argument("--json", required=True)
     return ap
 
@@ -509,6 +528,13 @@ def parse(argv=None, ap: argparse.ArgumentParser | None = None):
             ap.error(f"--calib {a.calib}: expected a JSON object (jobs.benchmark's output or its calibration block)")
         a.calib_data = calib.get("calibration", calib)
     check_out_file(ap, a.json, "--json")
+    if a.predictor_dir and a.predictor_from_trace:
+        ap.error("--predictor-dir and --predictor-from-trace: give one")
+    if a.predictor_dir:
+        from policies.learned import has_trained_predictor
+        if not has_trained_predictor(a.predictor_dir):
+            ap.error(f"--predictor-dir {a.predictor_dir}: no predictor.json + predictor.safetensors there "
+                     f"(python -m jobs.train_predictor --out DIR writes them)")
     return a
 
 
@@ -522,6 +548,11 @@ def main(argv=None) -> int:
         flag = next((f for f, p in (("--trace", a.trace), ("--fit-trace", a.fit_trace),
                                     ("--embedded-trace", a.embedded_trace)) if p and msg.startswith(p)), None)
         ap.error(f"{flag}: {msg}" if flag else msg)
+
+
+def ap_error(msg: str):
+    print(f"simulate: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _main(a, argv) -> int:
@@ -549,9 +580,20 @@ def _main(a, argv) -> int:
         else:
             model = P.model(a.model or "qwen1.5-moe-a2.7b")
         store = P.storage(a.storage)
+        if a.predictor_from_trace and not (a.trace or model.trace):
+            ap_error(f"--predictor-from-trace: {model.name} has no trace here to train on (give --trace)")
         tr, info = routing_for(model, trace_path=a.trace, tokens=a.tokens, requests=a.requests, seed=a.seed,
                                fit_trace=a.fit_trace)
-        pols = all_policies(tr) if a.policy == "all" else a.policy.split(",")
+        store_dir = a.predictor_dir
+        if a.predictor_from_trace:
+            from jobs.benchmark import predictor_from_trace
+            try:
+                store_dir = predictor_from_trace(load_trace(info["path"], model), tr, a.work, a.predictor_horizon,
+                                                 say=_say)
+            except ValueError as e:
+                ap_error(str(e))
+            info["predictor"] = store_dir
+        pols = all_policies(tr, store_dir) if a.policy == "all" else a.policy.split(",")
         if "on_demand" not in pols:
             pols = ["on_demand"] + pols
         cfg = SimConfig(workers=a.workers, batch=a.batch, cache_fraction=a.cache_fraction,
@@ -559,7 +601,7 @@ def _main(a, argv) -> int:
                         planner_engine=a.planner_engine)
         res = {"hardware": P.describe(hw), "model": P.describe(model), "storage": P.describe(store),
                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "routing": info,
-               "policies": run_policies(hw, model, store, cfg, tr, pols, tier=a.tier)}
+               "policies": run_policies(hw, model, store, cfg, tr, pols, tier=a.tier, store_dir=store_dir)}
         plot = lambda r, png: plot_policies(r["policies"], f"{model.name} on {hw.name} x{a.workers}, batch "  # noqa: E731
                                             f"{a.batch}", png)
     res["command"] = cmd

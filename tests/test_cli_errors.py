@@ -273,6 +273,33 @@ def test_simulate_trace_and_calib_files(files, capsys):
     assert f"--calib {files / 'calib.json'}: not a readable JSON file" in msg
 
 
+def test_simulate_predictor_flags(files, tmp_path, capsys):
+    """--predictor-from-trace trains a routing-only predictor on the trace's requests after the simulated rows, and
+    the learned policy runs on it (also in --policy all); --predictor-dir must hold one; not both; no trace to train
+    on (synthetic routing) is an error before any simulation."""
+    from jobs.simulate import main
+    from policies.learned import LearnedPredictor
+    from policies.traces import load
+    assert sim_main(files, "--policy", "cross_layer,learned", "--predictor-from-trace", "--work", str(tmp_path)) == 0
+    out = json.loads((files / "sim" / "s.json").read_text())
+    d, pol = out["routing"]["predictor"], out["policies"]
+    assert "tokens_per_s" in pol["learned"] and "tokens_per_s" in pol["cross_layer"]
+    simulated = load(str(files / "e4.npz")).head(60).num_requests
+    p = LearnedPredictor.load(d)
+    assert p.H == 0 and f"requests {simulated}..3" in p.meta["training"]["source"]
+    assert sim_main(files, "--policy", "all", "--predictor-dir", d) == 0
+    assert "tokens_per_s" in json.loads((files / "sim" / "s.json").read_text())["policies"]["learned"]
+    msg = exits_2(capsys, lambda a: sim_main(files, *a), ["--predictor-dir", str(tmp_path / "none")])
+    assert f"--predictor-dir {tmp_path / 'none'}: no predictor.json + predictor.safetensors" in msg
+    msg = exits_2(capsys, lambda a: sim_main(files, *a), ["--predictor-dir", d, "--predictor-from-trace"])
+    assert "--predictor-dir and --predictor-from-trace: give one" in msg
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "qwen1.5-moe-a2.7b", "--tokens", "8", "--predictor-from-trace", "--work", str(tmp_path),
+              "--json", str(tmp_path / "q.json")])
+    assert e.value.code == 2 and "has no trace here" in last_error(capsys)
+    assert not (tmp_path / "q.json").exists()
+
+
 # -- jobs.generate ------------------------------------------------------------------------------------------------
 def test_generate_store_without_manifest(tmp_path, monkeypatch, capsys):
     import cluster.expert_cluster
