@@ -122,16 +122,24 @@ def cut_trace(tr, layers: int | None, tokens: int | None, requests: int | None =
     counts = np.bincount(req, minlength=tr.num_requests)
     offs = np.r_[0, np.cumsum(counts[counts > 0])]
     Lc = x.shape[1]
+    # the source requests it covers, one whose rows were all dropped included (replayed_requests)
+    meta = dict(tr.meta, cut_requests=R)
     return RoutingTrace(x, tr.weights[rows][:, :Lc], offs, Lc, tr.num_experts, tr.top_k, tr.model, tr.phase,
-                        None if tr.hidden is None else tr.hidden[rows][:, :Lc], dict(tr.meta),
+                        None if tr.hidden is None else tr.hidden[rows][:, :Lc], meta,
                         f"{tr.origin}[{R} requests, <= {per} rows each, {Lc} layers]")
+
+
+def replayed_requests(cut) -> int:
+    """How many of its source trace's first requests a piece covers: cut_trace's count (a request with no known
+    routing in the kept layers is dropped from the piece but is still not "another" request), else its own."""
+    return int(cut.meta.get("cut_requests", cut.num_requests))
 
 
 def prior_from_trace(full, cut, work: str) -> tuple[str, dict]:
     """(path, meta): a routing prior (policies/reuse.py) counted from the requests of trace `full` that its
     replayed cut `cut` (cut_trace: its first requests) leaves out, over the cut's layers, written under `work`."""
     from policies.reuse import save_routing_prior, transition_counts
-    R, L, o = cut.num_requests, cut.num_layers, full.offsets
+    R, L, o = replayed_requests(cut), cut.num_layers, full.offsets
     if full.num_requests <= R:
         raise ValueError(f"--routing-prior-from-trace: {full.origin} has {full.num_requests} requests and the replay "
                          f"uses all of them (--requests {R}): no other request to learn a prior from")
@@ -144,25 +152,44 @@ def prior_from_trace(full, cut, work: str) -> tuple[str, dict]:
     return path, meta
 
 
+# what --predictor-from-trace trains with (jobs.train_predictor's defaults): part of its cache key
+FROM_TRACE_TRAINING = {"hidden_units": 512, "epochs": 6, "batch": 1024, "lr": 3e-3}
+
+
 def predictor_from_trace(full, cut, work: str, horizon: int = 2, seed: int = 0, say=None) -> str:
     """A routing-only learned predictor (policies/learned.py) trained on the requests of trace `full` that its
-    replayed cut `cut` (cut_trace: its first requests) leaves out, over the cut's layers: other prompts of the same
-    workload, never the replayed ones. Written under `work` (and reused from there when trained alike); its dir."""
+    replayed cut `cut` (cut_trace or head: its first requests) leaves out, over the cut's layers: other prompts of
+    the same workload, never the replayed ones. Written under `work` and reused from there when trained on the same
+    routing with the same settings; its dir."""
+    import hashlib
+
     from jobs.train_predictor import cut as skip_cut, train
     from policies.learned import PREDICTOR_META, LearnedPredictor, has_trained_predictor
-    R, L = cut.num_requests, cut.num_layers
+    R, L = replayed_requests(cut), cut.num_layers
     if full.num_requests <= R:
         raise ValueError(f"--predictor-from-trace: {full.origin} has {full.num_requests} requests and the replay "
                          f"uses all of them (--requests {R}): no other request to train on")
+    horizon = max(1, min(int(horizon), L))
+    o = full.offsets
+    data = hashlib.sha256(np.ascontiguousarray(full.experts[o[R]:, :L]).tobytes())
+    data.update(np.asarray(o[R:] - o[R], np.int64).tobytes())
     training = {"source": f"{full.origin} requests {R}..{full.num_requests - 1}, first {L} layers",
-                "routing_only": True, "horizon": int(horizon), "seed": int(seed)}
-    d = os.path.join(work, f"predictor-{os.path.basename(full.origin)}-from{R}-L{L}-D{horizon}")
-    if has_trained_predictor(d):
-        with open(os.path.join(d, PREDICTOR_META)) as f:
-            if json.load(f).get("training") == training:
-                return d
+                "routing_only": True, "horizon": horizon, "seed": int(seed), "routing_sha256": data.hexdigest(),
+                **FROM_TRACE_TRAINING}
+    d = os.path.join(work, f"predictor-{os.path.basename(full.origin)}-from{R}-L{L}-D{horizon}-"
+                           f"{data.hexdigest()[:12]}")
+    mpath = os.path.join(d, PREDICTOR_META)
+    try:
+        with open(mpath) as f:
+            meta = json.load(f)
+        if has_trained_predictor(d) and isinstance(meta, dict) and meta.get("training") == training:
+            return d
+    except (OSError, ValueError):   # none yet, or unreadable: trained (again) below
+        pass
+    if os.path.exists(mpath):   # first: a save cut short must not leave this json beside other weights
+        os.remove(mpath)
     t0 = time.perf_counter()
-    w = train(skip_cut(full, R, L), horizon=horizon, seed=seed, routing_only=True)
+    w = train(skip_cut(full, R, L), horizon=horizon, seed=seed, routing_only=True, **FROM_TRACE_TRAINING)
     (say or _say)(f"routing-only predictor trained on {full.num_requests - R} other requests in "
                   f"{time.perf_counter() - t0:.0f} s")
     LearnedPredictor(w, full.top_k, meta={"training": training}).save(d)
@@ -309,6 +336,8 @@ def run_policy(policy: str, tr, store: str, a, *, hbm: int, dram: int, inflight:
         planner["speculate_source"] = fast_path_source(tr, a)
         if getattr(a, "speculate_layers", None) is None:
             planner.pop("speculate_layers", None)   # the configured depth, on a routing-only trace too
+    if policy == "learned" and routing_only_predictor(a) and getattr(a, "speculate_layers", None) is None:
+        planner.pop("speculate_layers", None)       # its fast path reads routing alone: no noise to speculate from
     coord_policy = policy if policy not in NO_COORDINATOR + (FAST_PATH,) else "on_demand"
     cfg = cluster_config(store, workers=a.workers, hbm=hbm, dram=dram, policy=coord_policy, window=a.window,
                          ns=f"bench-{policy}-{ratio}-{os.getpid()}", address=a.address, inflight=inflight,
@@ -651,7 +680,7 @@ def simulate_same(calib: dict, tr, a, policies: list[str]) -> dict:
         try:
             pred = make_predictor(p, num_layers=tr.num_layers, num_experts=tr.num_experts, top_k=tr.top_k,
                                   trace=tr if p == "oracle" else None,
-                                  store_dir=getattr(a, "predictor_dir", None) if p == "learned" else None)
+                                  store_dir=getattr(a, "predictor_dir", None) if p in ("learned", "ensemble") else None)
         except (ValueError, ImportError, FileNotFoundError) as e:
             out[name] = {"unavailable": str(e)}
             continue
@@ -823,7 +852,7 @@ def main(argv=None) -> int:
                     f"{L} x {E}")
     if a.predictor_dir and a.predictor_from_trace:
         p.error("--predictor-dir and --predictor-from-trace: give one")
-    if not 1 <= a.predictor_horizon <= L:
+    if a.predictor_from_trace and not 1 <= a.predictor_horizon <= L:
         p.error(f"--predictor-horizon {a.predictor_horizon}: must lie in [1, {L}] (the replay's MoE layers)")
     if a.predictor_dir and (err := predictor_dir_error(a.predictor_dir, (L, E, K), replayed)):
         p.error(f"--predictor-dir {a.predictor_dir}: {err}")
@@ -1017,10 +1046,10 @@ def _run_all(a, argv, tr, store, inter, eb, total, hbm, dram, inflight, pols, s3
         for f in ("predictor.json", "predictor.safetensors"):
             shutil.copy(os.path.join(a.predictor_dir, f), os.path.join(s3.store if s3 else store, f))
     planner = planner_settings(a, eb)
-    if "speculate_layers" not in planner and not replays_hidden(tr, a) and not routing_only_predictor(a):
+    if "speculate_layers" not in planner and not replays_hidden(tr, a):
         # no real router inputs in this replay (a routing-only trace: the workers see random activations), so the
-        # runtime's hidden-state fast path would speculate from noise; off unless asked for (--speculate-layers) or
-        # the predictor beside the store reads routing alone
+        # runtime's hidden-state fast path would speculate from noise; off unless asked for (--speculate-layers)
+        # (fast_path, and learned with a routing-only predictor, keep theirs: run_policy)
         planner["speculate_layers"] = 0
     import ray
     if a.address:

@@ -138,13 +138,12 @@ def cost_per_mtok(hw, workers: int, tps: float) -> float:
 
 
 def all_policies(trace, store_dir: str | None = None) -> list[str]:
-    from policies.learned import has_trained_predictor, is_routing_only
+    from policies.learned import is_routing_only
     from policies.registry import PREDICTOR_NAMES
     skip = {"pre_gated", "request_level"}
     if trace.hidden is None:
         skip.add("next_gate")
-    usable = store_dir and has_trained_predictor(store_dir) and (trace.hidden is not None or is_routing_only(store_dir))
-    if not usable:
+    if trace.hidden is None and not is_routing_only(store_dir):   # else listed, "unavailable" without a predictor
         skip.add("learned")
     return [p for p in PREDICTOR_NAMES if p not in skip]
 

@@ -140,6 +140,21 @@ def test_predictor_from_trace_trains_on_the_requests_the_run_does_not_replay(tmp
     stamp = (tmp_path / d.split("/")[-1] / "predictor.safetensors").stat().st_mtime_ns
     assert predictor_from_trace(tr, replayed, str(tmp_path), horizon=1) == d
     assert (tmp_path / d.split("/")[-1] / "predictor.safetensors").stat().st_mtime_ns == stamp   # not trained again
+    # other routing after the replayed requests (the file rewritten): trained again, into another directory
+    other = synthetic_trace(240, 3, 8, 2, correlation=0.9, num_requests=6, seed=5)
+    other.experts[tr.offsets[2]:] = (other.experts[tr.offsets[2]:] + 1) % 8      # the same cut, other routing after
+    assert predictor_from_trace(other, replayed, str(tmp_path), horizon=1) != d
+    # an unreadable cached json: trained again, not an error
+    (tmp_path / d.split("/")[-1] / "predictor.json").write_text("{cut short")
+    assert predictor_from_trace(tr, replayed, str(tmp_path), horizon=1) == d
+    assert LearnedPredictor.load(d).meta["training"]["horizon"] == 1
+    # a replayed request with no known routing in the kept layers drops out of the cut, but is not trained on
+    holes = synthetic_trace(240, 3, 8, 2, correlation=0.9, num_requests=6, seed=5)
+    holes.experts[:holes.offsets[1], :2] = -1
+    piece = cut_trace(holes, 2, 80, 2)
+    assert piece.num_requests == 1
+    p = LearnedPredictor.load(predictor_from_trace(holes, piece, str(tmp_path), horizon=1), finetune=False)
+    assert "requests 2..5" in p.meta["training"]["source"]
     a = Namespace(predictor_dir=d, model_dir=None)
     assert routing_only_predictor(a) and fast_path_source(replayed, a) == "learned"
     assert fast_path_source(replayed, Namespace(predictor_dir=None, model_dir=None)) == "transition"

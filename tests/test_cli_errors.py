@@ -461,6 +461,8 @@ def test_benchmark_predictor_from_trace_checks(bench, files, tmp_path, capsys):
     assert "--predictor-dir and --predictor-from-trace: give one" in msg
     msg = exits_2(capsys, lambda a: bench(*a), ["--predictor-from-trace", "--predictor-horizon", "4"])
     assert "--predictor-horizon 4: must lie in [1, 3]" in msg
+    with pytest.raises(AssertionError, match="got past its checks"):   # the horizon is checked only for training
+        bench("--layers", "1")
     assert bench("--predictor-from-trace", "--requests", "3") == 2
     msg = last_error(capsys)
     assert "--predictor-from-trace:" in msg and "no other request to train on" in msg
