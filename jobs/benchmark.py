@@ -132,7 +132,8 @@ def cut_trace(tr, layers: int | None, tokens: int | None, requests: int | None =
 def replayed_requests(cut) -> int:
     """How many of its source trace's first requests a piece covers: cut_trace's count (a request with no known
     routing in the kept layers is dropped from the piece but is still not "another" request), else its own."""
-    return int(cut.meta.get("cut_requests", cut.num_requests))
+    # a piece cut further (head) keeps the larger count: it may skip more than needed, never train on a replayed one
+    return max(int(cut.meta.get("cut_requests", 0)), cut.num_requests)
 
 
 def prior_from_trace(full, cut, work: str) -> tuple[str, dict]:
@@ -175,6 +176,7 @@ def predictor_from_trace(full, cut, work: str, horizon: int = 2, seed: int = 0, 
     data.update(np.asarray(o[R:] - o[R], np.int64).tobytes())
     training = {"source": f"{full.origin} requests {R}..{full.num_requests - 1}, first {L} layers",
                 "routing_only": True, "horizon": horizon, "seed": int(seed), "routing_sha256": data.hexdigest(),
+                "num_experts": int(full.num_experts), "top_k": int(full.top_k),
                 **FROM_TRACE_TRAINING}
     d = os.path.join(work, f"predictor-{os.path.basename(full.origin)}-from{R}-L{L}-D{horizon}-"
                            f"{data.hexdigest()[:12]}")

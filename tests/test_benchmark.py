@@ -155,6 +155,10 @@ def test_predictor_from_trace_trains_on_the_requests_the_run_does_not_replay(tmp
     assert piece.num_requests == 1
     p = LearnedPredictor.load(predictor_from_trace(holes, piece, str(tmp_path), horizon=1), finetune=False)
     assert "requests 2..5" in p.meta["training"]["source"]
+    # the same routing read as another geometry (more experts) is another predictor
+    wide = synthetic_trace(240, 3, 8, 2, correlation=0.9, num_requests=6, seed=5)
+    wide.num_experts = 16
+    assert LearnedPredictor.load(predictor_from_trace(wide, replayed, str(tmp_path), horizon=1)).E == 16
     a = Namespace(predictor_dir=d, model_dir=None)
     assert routing_only_predictor(a) and fast_path_source(replayed, a) == "learned"
     assert fast_path_source(replayed, Namespace(predictor_dir=None, model_dir=None)) == "transition"
