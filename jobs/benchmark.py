@@ -153,16 +153,13 @@ def prior_from_trace(full, cut, work: str) -> tuple[str, dict]:
     return path, meta
 
 
-# what --predictor-from-trace trains with (jobs.train_predictor's defaults): part of its cache key
-FROM_TRACE_TRAINING = {"hidden_units": 512, "epochs": 6, "batch": 1024, "lr": 3e-3}
-
-
 def predictor_from_trace(full, cut, work: str, horizon: int = 2, seed: int = 0, say=None) -> str:
     """A routing-only learned predictor (policies/learned.py) trained on the requests of trace `full` that its
     replayed cut `cut` (cut_trace or head: its first requests) leaves out, over the cut's layers: other prompts of
     the same workload, never the replayed ones. Written under `work` and reused from there when trained on the same
     routing with the same settings; its dir."""
     import hashlib
+    import inspect
 
     from jobs.train_predictor import cut as skip_cut, train
     from policies.learned import PREDICTOR_META, LearnedPredictor, has_trained_predictor
@@ -177,7 +174,9 @@ def predictor_from_trace(full, cut, work: str, horizon: int = 2, seed: int = 0, 
     training = {"source": f"{full.origin} requests {R}..{full.num_requests - 1}, first {L} layers",
                 "routing_only": True, "horizon": horizon, "seed": int(seed), "routing_sha256": data.hexdigest(),
                 "num_experts": int(full.num_experts), "top_k": int(full.top_k),
-                **FROM_TRACE_TRAINING}
+                # jobs.train_predictor's defaults it trains with: a predictor trained with other ones is not reused
+                **{k: v.default for k, v in inspect.signature(train).parameters.items()
+                   if k in ("hidden_units", "epochs", "batch", "lr")}}
     d = os.path.join(work, f"predictor-{os.path.basename(full.origin)}-from{R}-L{L}-D{horizon}-"
                            f"{data.hexdigest()[:12]}")
     mpath = os.path.join(d, PREDICTOR_META)
@@ -191,7 +190,7 @@ def predictor_from_trace(full, cut, work: str, horizon: int = 2, seed: int = 0, 
     if os.path.exists(mpath):   # first: a save cut short must not leave this json beside other weights
         os.remove(mpath)
     t0 = time.perf_counter()
-    w = train(skip_cut(full, R, L), horizon=horizon, seed=seed, routing_only=True, **FROM_TRACE_TRAINING)
+    w = train(skip_cut(full, R, L), horizon=horizon, seed=seed, routing_only=True)
     (say or _say)(f"routing-only predictor trained on {full.num_requests - R} other requests in "
                   f"{time.perf_counter() - t0:.0f} s")
     LearnedPredictor(w, full.top_k, meta={"training": training}).save(d)

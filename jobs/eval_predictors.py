@@ -22,12 +22,18 @@ from jobs._cli import at_least, check_out_file, int_list, load_trace_or_error, o
 HIDDEN_STATE = ("next_gate", "learned", "pre_gated")   # predictors that read the router inputs (trace.hidden)
 
 
+def reads_hidden(name: str, store_dir) -> bool:
+    """Whether predictor `name` needs the trace's hidden states (a routing-only learned predictor does not)."""
+    from policies.learned import is_routing_only
+    return name in HIDDEN_STATE and not (name == "learned" and is_routing_only(store_dir))
+
+
 def unavailable_reason(name: str, *, has_hidden: bool, model_dir, store_dir, dense) -> str:
     """Why predictor `name` cannot run on this trace with these flags (it is not in available_names)."""
-    from policies.learned import has_pre_gates, has_trained_predictor, is_routing_only
+    from policies.learned import has_pre_gates, has_trained_predictor
     from policies.registry import split_router_weights
     why = []
-    if name in HIDDEN_STATE and not has_hidden and not (name == "learned" and is_routing_only(store_dir)):
+    if not has_hidden and reads_hidden(name, store_dir):
         why.append("the trace has no hidden states (collect with python -m jobs.collect_traces --hidden)")
     if name == "next_gate" and model_dir is None:
         why.append("it needs --model-dir (the checkpoint whose routers made the trace)")
@@ -81,11 +87,9 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:   # an unreadable config.json or weights, an unsupported model
             ap.error(f"--model-dir {a.model_dir}: {one_line(e)}")
     has_hidden = trace.hidden is not None
-    from policies.learned import is_routing_only
-    routing_learned = is_routing_only(a.store_dir)   # a routing-only learned predictor needs no hidden state
     names = available_names(trace=trace, store_dir=a.store_dir, router_weights=dense, practical=False)
     if not has_hidden:
-        names = tuple(n for n in names if n not in HIDDEN_STATE or (n == "learned" and routing_learned))
+        names = tuple(n for n in names if not reads_hidden(n, a.store_dir))
     names = names + ("ensemble",)
     if want:
         # a predictor asked for by name runs or is an error: a result without it would pass for a complete one
@@ -104,8 +108,8 @@ def main(argv=None) -> int:
     for name in names:
         kw = {}
         if name == "ensemble" and not has_hidden:
-            kw["members"] = [n for n in available_names(trace=trace) if n != "request_level"] + (
-                ["learned"] if routing_learned else [])
+            kw["members"] = [n for n in available_names(trace=trace, store_dir=a.store_dir)
+                             if n != "request_level" and not reads_hidden(n, a.store_dir)]
         res = {}
         for d in dists:
             p = make_predictor(name, **geo, trace=trace, store_dir=a.store_dir, router_weights=dense, **kw)

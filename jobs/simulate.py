@@ -541,7 +541,7 @@ def main(argv=None) -> int:
     ap = make_parser()
     a = parse(argv, ap)
     try:
-        return _main(a, argv)
+        return _main(a, argv, ap)
     except TraceFormatError as e:   # raised while loading, before any simulation; its message starts with the file
         msg = one_line(e)
         flag = next((f for f, p in (("--trace", a.trace), ("--fit-trace", a.fit_trace),
@@ -549,12 +549,7 @@ def main(argv=None) -> int:
         ap.error(f"{flag}: {msg}" if flag else msg)
 
 
-def ap_error(msg: str):
-    print(f"simulate: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _main(a, argv) -> int:
+def _main(a, argv, ap) -> int:
     from policies import profiles as P
     from policies.simulator import SimConfig
     cmd = "python -m jobs.simulate " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -580,7 +575,7 @@ def _main(a, argv) -> int:
             model = P.model(a.model or "qwen1.5-moe-a2.7b")
         store = P.storage(a.storage)
         if a.predictor_from_trace and not (a.trace or model.trace):
-            ap_error(f"--predictor-from-trace: {model.name} has no trace here to train on (give --trace)")
+            ap.error(f"--predictor-from-trace: {model.name} has no trace here to train on (give --trace)")
         tr, info = routing_for(model, trace_path=a.trace, tokens=a.tokens, requests=a.requests, seed=a.seed,
                                fit_trace=a.fit_trace)
         store_dir = a.predictor_dir
@@ -590,7 +585,7 @@ def _main(a, argv) -> int:
                 store_dir = predictor_from_trace(load_trace(info["path"], model), tr, a.work, a.predictor_horizon,
                                                  say=_say)
             except ValueError as e:
-                ap_error(str(e))
+                ap.error(str(e))
             info["predictor"] = store_dir
         pols = all_policies(tr, store_dir) if a.policy == "all" else a.policy.split(",")
         if "on_demand" not in pols:

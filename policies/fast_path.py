@@ -132,9 +132,7 @@ class NextLayerSpeculator:
         if self.source == "transition":
             return urows, self._transition(layer, urows, np.asarray(pos, np.int64) if sel is None
                                            else np.asarray(pos, np.int64)[sel], top)
-        if not self.hidden:                                 # a routing-only learned predictor: no router input
-            x = np.zeros((len(urows), 0), np.float32)
-        else:
+        if self.hidden:                                     # (a routing-only learned predictor reads none)
             x = np.asarray(hidden, np.float32)
             x = x if sel is None else x[sel]                # [n, H]
         if self.learned is None:
@@ -150,10 +148,14 @@ class NextLayerSpeculator:
         if layer == 0:   # a row at its request's first token starts afresh (a prefill: any of its positions is 0)
             self.hist[rows[np.asarray(pos) == 0]] = self._hist0
         # the input layer's pre-activations: this layer's part, its experts' rows, and the history part absorbed
-        # earlier (with the biases). u: the products' input, x - mean where the compression folds in, else z
-        u = x - w["mean"] if self._folded else compress(x, w["mean"], w["proj"])    # [n, H] or [n, R], a new array
-        pre = (u @ self._now_in[layer]).reshape(len(urows), D, U)                     # [n, D, U]
-        pre += self._now_m[layer][top].sum(1) + self.hist[urows, layer]
+        # earlier (with the biases). u: the products' input, x - mean where the compression folds in, else z; None
+        # for a routing-only predictor, whose input layer has no such part
+        if self.hidden:
+            u = x - w["mean"] if self._folded else compress(x, w["mean"], w["proj"])    # [n, H] or [n, R], new
+            pre = (u @ self._now_in[layer]).reshape(len(urows), D, U)                     # [n, D, U]
+            pre += self._now_m[layer][top].sum(1) + self.hist[urows, layer]
+        else:
+            u, pre = None, self._now_m[layer][top].sum(1) + self.hist[urows, layer]
         a = np.maximum(pre, 0.0)
         logit = np.matmul(a.transpose(1, 0, 2), w["w2"][layer, :D]) + w["b2"][layer, :D, None]   # [D, n, E]
         P = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32, copy=False)
@@ -211,7 +213,9 @@ class NextLayerSpeculator:
         m, urows, u, top = self._pending                     # u: the step's product input
         ls, ds, zt, mt, b = self._then[m]
         if len(ls):   # (top-k ids are distinct: the gathered rows sum to the multi-hot's product)
-            part = (u @ zt).reshape(len(urows), len(ls), self.hist.shape[-1]) + mt[top].sum(1)   # [n, pairs, U]
+            part = mt[top].sum(1)                                                             # [n, pairs, U]
+            if u is not None:
+                part = (u @ zt).reshape(len(urows), len(ls), self.hist.shape[-1]) + part
             self.hist[urows[:, None], ls[None, :], ds[None, :]] = part + b
         self._pending = None   # only once all is written: a failure above leaves it to be absorbed again
 
